@@ -16,10 +16,10 @@ if _MP:
     ticks_us = time.ticks_us  # type: ignore[attr-defined]
 else:
     def ticks_ms():  # type: ignore[misc]
-        return time.monotonic_ns() // 1000000
+        return time.monotonic_ns() // 1000000  # type: ignore[attr-defined]
 
     def ticks_us():  # type: ignore[misc]
-        return time.monotonic_ns() // 1000
+        return time.monotonic_ns() // 1000  # type: ignore[attr-defined]
 
     def ticks_diff(a, b):  # type: ignore[misc]
         return a - b
