@@ -1,20 +1,41 @@
-"""`stationctl`: one command line for technicians, operators, test rigs and auditors."""
+"""`stationctl`: one command line for technicians, operators, test rigs and auditors.
+
+Each subcommand lives in its own module exposing `register(subparsers)`, which adds its
+parser and sets `func` (called with the parsed arguments, returning the exit status).
+Exit status (CONTRACT §8): 0 success, 2 bad usage or bad input, 1 other failure.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# module names under agent/ (or tools/) that provide subcommands, in help order
+COMMANDS = ["agent.cmd_demo"]
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: printed as one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stationctl", description="Charging-station firmware, agent and tools.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="stationctl", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="run a broker, virtual stations, the agent and the dashboard")
-    args = p.parse_args(argv)
-    if args.cmd == "demo":
-        print("stationctl demo: not yet (issue 7)", file=sys.stderr)
-        return 1
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"stationctl {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
