@@ -95,7 +95,14 @@ class Reply:
         )
 
     def __repr__(self):
-        return "Reply(%d,%s,%d,%d,%d,%d)" % (self.slot, self.state, self.mv, self.ma, self.t, self.fault)
+        return "Reply(%d,%s,%d,%d,%d,%d)" % (
+            self.slot,
+            self.state,
+            self.mv,
+            self.ma,
+            self.t,
+            self.fault,
+        )
 
 
 def _hexval(b):

@@ -138,5 +138,5 @@ def test_reply_equality_and_repr():
     a = charger.Reply(1, "C", 67200, 15250, 312, 0)
     b = charger.Reply(1, "C", 67200, 15250, 312, 0)
     c = charger.Reply(1, "C", 67200, 15251, 312, 0)
-    assert a == b and not (a == c) and not (a == "x")
+    assert a == b and a != c and a != "x"
     assert repr(a) == "Reply(1,C,67200,15250,312,0)"
