@@ -135,7 +135,8 @@ def decode_bms(regs, out=None):
         r = regs[8 + k]
         sn[2 * k] = r >> 8
         sn[2 * k + 1] = r & 0xFF
-    for c in sn:
+    for k in range(8):  # range loops allocate nothing; iterating the bytearray would
+        c = sn[k]
         if not (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or c == 45):
             return None
     if out is None:
