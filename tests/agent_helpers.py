@@ -1,0 +1,204 @@
+"""A CPython station stand-in for agent tests: builds signed messages per CONTRACT §5.5.
+
+The serializer is `json.dumps(..., separators=(",", ":"))` (insertion order; the contract
+leaves key order free), then `agent.wire.sign`. `Station` keeps boot, seq, uptime and the
+energy registers so that a test can produce a realistic, reproducible stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from agent.wire import sign
+
+T0_MS = 1_764_150_000_000  # 2025-11-26T09:40:00Z, a fixed clock for reproducible streams
+
+
+def key_for(sid: str, kid: int = 1) -> bytes:
+    """A deterministic 32-byte test key."""
+    return hashlib.sha256(f"test-key/{sid}/{kid}".encode()).digest()
+
+
+def compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def signed(obj: dict[str, Any], key: bytes) -> bytes:
+    """Serialize `obj` (which must not hold `sig`) compactly and sign it."""
+    assert "sig" not in obj
+    return sign(compact(obj), key)
+
+
+class Station:
+    """One virtual station: `telemetry()` and `event()` return (kind, payload bytes)."""
+
+    def __init__(
+        self,
+        sid: str,
+        *,
+        kid: int = 1,
+        key: bytes | None = None,
+        boot: int = 1,
+        slots: int = 2,
+        meter: bool = True,
+        t0_ms: int = T0_MS,
+        synced: bool = True,
+    ) -> None:
+        self.sid = sid
+        self.kid = kid
+        self.key = key if key is not None else key_for(sid, kid)
+        self.boot = boot
+        self.seq = 0
+        self.up = 1000
+        self.t0_ms = t0_ms
+        self.synced = synced
+        self.n = slots
+        self.meter = meter
+        self.e_mwh = [0] * slots
+        self.b_mwh = [0] * slots
+        self.e_wh = 1_000_000
+
+    def common(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"v": 1, "sid": self.sid, "kid": self.kid, "boot": self.boot,
+                             "seq": self.seq, "up": self.up}
+        if self.synced:
+            m["ts"] = self.t0_ms + self.up
+        self.seq += 1
+        return m
+
+    def advance(self, ms: int = 10_000, w: int = 1500) -> None:
+        """Charge every slot at `w` watts for `ms` milliseconds (integer mWh)."""
+        self.up += ms
+        for i in range(self.n):
+            self.e_mwh[i] += w * ms // 3600
+        self.e_wh += self.n * w * ms // 3_600_000
+
+    def telemetry(self) -> tuple[str, bytes]:
+        m = self.common()
+        if self.meter:
+            m["meter"] = {"e_wh": self.e_wh, "p_w": 1500 * self.n, "sn": 12345678}
+        m["slots"] = [
+            {"n": i + 1, "st": "C", "mv": 67200, "ma": 15250, "e_mwh": self.e_mwh[i],
+             "b_mwh": self.b_mwh[i]}
+            for i in range(self.n)
+        ]
+        m["err"] = {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0, "ser_cs": 0, "ser_to": 0,
+                    "ser_bad": 0}
+        return "telemetry", signed(m, self.key)
+
+    def event(self, ev: str, **fields: Any) -> tuple[str, bytes]:
+        m = self.common()
+        m["ev"] = ev
+        m.update(fields)
+        return "event", signed(m, self.key)
+
+    def boot_event(self) -> tuple[str, bytes]:
+        restored = {str(i + 1): self.b_mwh[i] for i in range(self.n)}
+        return self.event("boot", fw="test-1.0", reset="power", restored=restored)
+
+    def reboot(self) -> None:
+        """Restart: registers restored from 'flash' as they are now, boot + 1, seq from 0."""
+        self.boot += 1
+        self.seq = 0
+        self.up = 1000
+        self.b_mwh = list(self.e_mwh)
+
+    def topic(self, kind: str, prefix: str = "stations") -> str:
+        return f"{prefix}/{self.sid}/{kind}"
+
+
+# ---- malformed messages: (name, topic, payload, expected reason) ---------------------------
+
+GOOD_SID = "KH-PNH-0001"
+OTHER_SID = "KH-PNH-0002"  # a known station, for topic/payload mismatches
+REVOKED_SID = "KH-PNH-0003"  # a station whose only key is revoked
+UNKNOWN_SID = "KH-ZZZ-9999"  # no key at all
+
+
+def _replace_sig(payload: bytes, new: bytes) -> bytes:
+    i = payload.rfind(b',"sig":"')
+    return payload[:i] + new
+
+
+def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str]]:
+    """Every kind of bad message the agent must quarantine, each with its precise reason.
+    Keys: `key_for(GOOD_SID)` and `key_for(OTHER_SID)` (kid 1) are known, REVOKED_SID's
+    kid 1 is revoked, UNKNOWN_SID has none."""
+    st = Station(GOOD_SID, boot=900)  # boot 900: never collides with the good stream
+    key = st.key
+    t = f"{prefix}/{GOOD_SID}/telemetry"
+    e = f"{prefix}/{GOOD_SID}/event"
+
+    def tel(**over: Any) -> dict[str, Any]:
+        m = {"v": 1, "sid": GOOD_SID, "kid": 1, "boot": 900, "seq": st.seq, "up": 5000,
+             "ts": T0_MS, "slots": [{"n": 1, "e_mwh": 1000, "b_mwh": 0}]}
+        st.seq += 1
+        m.update(over)
+        return {k: v for k, v in m.items() if v is not ...}
+
+    def ev(name: str, **fields: Any) -> dict[str, Any]:
+        m = tel(slots=...)
+        m["ev"] = name
+        m.update(fields)
+        return m
+
+    good = signed(tel(), key)
+    alarm = ev("alarm", code="x", level="warn", msg="caf\u00e9")
+    big = tel(pad="x" * 4100)
+    cases: list[tuple[str, str, bytes, str]] = [
+        ("bad_json", t, sign(b'{"v":1,"sid":"KH-PNH-0001",}', key), "bad_json"),
+        ("not_an_object_inside", t, sign(b'{"v":1,"sid":[1,2}', key), "bad_json"),
+        ("truncated_in_body", t, good[: len(good) // 2], "sig_missing"),
+        ("truncated_in_sig", t, good[:-10], "sig_length"),
+        ("not_ascii", e, sign(json.dumps(alarm, separators=(",", ":"),
+                                         ensure_ascii=False).encode(), key), "not_ascii"),
+        ("too_large", t, signed(big, key), "too_large"),
+        ("duplicate_key", t, sign(compact(tel())[:-1] + b',"up":5000}', key), "duplicate_key"),
+        ("sig_twice", t, sign(compact(tel(sig="00")), key), "duplicate_key"),
+        ("missing_sig", t, compact(tel()), "sig_missing"),
+        ("sig_not_last", t, _replace_sig(good, b',"sig":"' + b"a" * 64 + b'","up":1}'),
+         "sig_not_last"),
+        ("uppercase_hex", t, good[:-66] + good[-66:-2].upper() + b'"}', "sig_hex"),
+        ("non_hex_sig", t, good[:-66] + b"g" * 64 + b'"}', "sig_hex"),
+        ("short_hex", t, good[:-66] + good[-65:-2] + b'"}', "sig_length"),
+        ("long_hex", t, good[:-66] + good[-66:-2] + b'0"}', "sig_length"),
+        ("trailing_bytes", t, signed(tel(), key) + b"\n", "sig_trailing"),
+        ("bad_sig", t, signed(tel(), key_for(GOOD_SID, 2)), "bad_sig"),
+        ("tampered", t, signed(tel(up=5000), key).replace(b'"up":5000', b'"up":5001'), "bad_sig"),
+        ("wrong_kid", t, signed(tel(kid=7), key), "unknown_kid"),
+        ("revoked_key", f"{prefix}/{REVOKED_SID}/telemetry",
+         signed(tel(sid=REVOKED_SID), key_for(REVOKED_SID)), "revoked_key"),
+        ("unknown_station", f"{prefix}/{UNKNOWN_SID}/telemetry",
+         signed(tel(sid=UNKNOWN_SID), key_for(UNKNOWN_SID)), "unknown_station"),
+        ("topic_sid_mismatch", f"{prefix}/{OTHER_SID}/telemetry", signed(tel(), key),
+         "topic_mismatch"),
+        ("bad_topic_sid", f"{prefix}/kh-pnh-0001/telemetry", signed(tel(), key), "bad_topic"),
+        ("float_for_int", t, signed(tel(slots=[{"n": 1, "e_mwh": 1000.5}]), key), "schema"),
+        ("float_integral", t, signed(tel(up=5000.0), key), "schema"),
+        ("bool_for_int", t, signed(tel(slots=[{"n": True, "e_mwh": 1000}]), key), "schema"),
+        ("bool_seq", t, signed(tel(seq=True), key), "bad_header"),
+        ("negative_seq", t, signed(tel(seq=-1), key), "bad_header"),
+        ("negative_energy", t, signed(tel(slots=[{"n": 1, "e_mwh": -5}]), key), "schema"),
+        ("v_2", t, signed(tel(v=2), key), "bad_version"),
+        ("v_string", t, signed(tel(v="1"), key), "bad_version"),
+        ("bad_sid", t, signed(tel(sid="kh-pnh-0001"), key), "bad_sid"),
+        ("unknown_event", e, signed(ev("explode"), key), "unknown_event"),
+        ("no_ev", e, signed(tel(), key), "unknown_event"),
+        ("event_on_telemetry_topic", t,
+         signed(ev("outbox_drop", n=1), key), "schema"),
+        ("missing_slots", t, signed(tel(slots=...), key), "schema"),
+        ("missing_up", t, signed(tel(up=...), key), "schema"),
+        ("missing_seq", t, signed(tel(seq=...), key), "bad_header"),
+        ("missing_event_field", e, signed(ev("session_start", slot=1, bat="B0000001",
+                                               soc=500), key), "schema"),
+        ("slot_out_of_range", t, signed(tel(slots=[{"n": 17, "e_mwh": 1}]), key), "schema"),
+        ("hist_2", t, signed(tel(hist=2), key), "schema"),
+        ("bad_reset_cause", e, signed(ev("boot", fw="1", reset="cosmic", restored={}), key),
+         "schema"),
+        ("non_compact", t, sign(json.dumps(tel()).encode(), key), "not_compact"),
+        ("space_after_colon", t, sign(compact(tel()).replace(b'"up":', b'"up": '), key),
+         "not_compact"),
+    ]
+    return cases

@@ -1,0 +1,237 @@
+"""agent/wire.py: verification per CONTRACT §5.5, decode, schema, golden vectors both ways.
+
+Run `.venv/bin/python -m tests.test_wire` to (re)write tests/vectors/wire_agent.json (CPython-made vectors that the
+firmware's verifier checks on MicroPython: tests/fw/test_wire.py, tests/test_wire_cross.py).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+import pytest
+
+from agent import wire
+from agent.wire import Reason, StaticKeys, WireError
+from tests.agent_helpers import (
+    GOOD_SID,
+    OTHER_SID,
+    REVOKED_SID,
+    Station,
+    compact,
+    key_for,
+    malformed_cases,
+    signed,
+)
+
+VECTORS = pathlib.Path(__file__).parent / "vectors"
+
+
+def ring() -> StaticKeys:
+    return StaticKeys({(GOOD_SID, 1): key_for(GOOD_SID), (OTHER_SID, 1): key_for(OTHER_SID),
+                       (REVOKED_SID, 1): None})
+
+
+def verify_topic(topic: str, payload: bytes, keys: wire.KeyRing) -> wire.Verified:
+    sid, kind = wire.parse_topic(topic, "stations")
+    return wire.verify(kind, sid, payload, keys)
+
+
+def test_good_telemetry_and_events_verify() -> None:
+    st = Station(GOOD_SID, slots=3)
+    st.advance()
+    kind, p = st.telemetry()
+    v = wire.verify(kind, GOOD_SID, p, ring())
+    assert (v.sid, v.kid, v.boot, v.seq, v.kind) == (GOOD_SID, 1, 1, 0, "telemetry")
+    assert v.record == p
+    assert v.body["slots"][2]["e_mwh"] == st.e_mwh[2]
+    assert "sig" not in v.body
+    for kind, p in (st.boot_event(),
+                    st.event("session_start", slot=1, bat="B0012345", e_mwh=5, soc=100),
+                    st.event("session_start", slot=2, bat=None, e_mwh=5, soc=None),
+                    st.event("session_end", slot=1, bat="B0012345", e0_mwh=5, e1_mwh=9, soc0=1,
+                             soc1=2, up0=1, up1=2, why="full", t0=1, t1=2),
+                    st.event("alarm", code="over_temp", level="crit", msg='a "q" \\ \n', slot=3),
+                    st.event("meter_reset", from_wh=10, to_wh=0, sn=None),
+                    st.event("outbox_drop", n=12)):
+        v = wire.verify(kind, GOOD_SID, p, ring())
+        assert v.kind == "event" and v.body["ev"] in wire.EVENTS
+
+
+@pytest.mark.parametrize("case", malformed_cases(), ids=lambda c: c[0])
+def test_malformed_message_has_its_precise_reason(case: tuple[str, str, bytes, str]) -> None:
+    name, topic, payload, reason = case
+    with pytest.raises(WireError) as ei:
+        verify_topic(topic, payload, ring())
+    assert ei.value.reason == Reason(reason), (name, ei.value)
+    assert ei.value.detail  # a human-readable line for quarantine
+
+
+def test_at_least_twenty_kinds_of_malformed_messages() -> None:
+    cases = malformed_cases()
+    assert len({reason for *_, reason in cases}) >= 20
+    assert len(cases) >= 40
+
+
+def test_nothing_after_the_signature_changes_the_meaning() -> None:
+    # the signed bytes are parsed, not the payload: a second object after the sig is refused,
+    # and a valid message parses to what was signed even if the JSON after sig were to differ
+    st = Station(GOOD_SID)
+    _, p = st.telemetry()
+    with pytest.raises(WireError) as ei:
+        wire.verify("telemetry", GOOD_SID, p[:-1] + b',"seq":99}', ring())
+    assert ei.value.reason in (Reason.SIG_NOT_LAST, Reason.SIG_TRAILING)
+
+
+def test_escaped_strings_take_the_slow_path_and_still_verify() -> None:
+    # "\/" and "\u0041" are valid JSON that re-encodes differently: no false duplicate/compact
+    key = key_for(GOOD_SID)
+    b = (b'{"v":1,"sid":"KH-PNH-0001","kid":1,"boot":1,"seq":1,"up":1,"ev":"alarm",'
+         b'"code":"a\\/b","level":"warn","msg":"\\u0041 \\t"}')
+    v = wire.verify("event", GOOD_SID, wire.sign(b, key), ring())
+    assert v.body["code"] == "a/b" and v.body["msg"] == "A \t"
+    # whitespace inside strings is not a separator
+    b2 = b.replace(b'"msg":"\\u0041 \\t"', b'"msg":"x : , y"')
+    assert wire.verify("event", GOOD_SID, wire.sign(b2, key), ring()).body["msg"] == "x : , y"
+
+
+def test_big_integers_are_exact() -> None:
+    st = Station(GOOD_SID, slots=1)
+    st.e_mwh[0] = 2**70 + 1
+    _, p = st.telemetry()
+    assert wire.verify("telemetry", GOOD_SID, p, ring()).body["slots"][0]["e_mwh"] == 2**70 + 1
+
+
+def test_size_limit_is_inclusive() -> None:
+    st = Station(GOOD_SID)
+    m = json.loads(wire.split_signed(st.telemetry()[1])[0])
+    m["seq"] = 5
+    base = len(signed(dict(m, pad=""), st.key))
+    p = signed(dict(m, pad="x" * (4096 - base)), st.key)
+    assert len(p) == 4096
+    wire.verify("telemetry", GOOD_SID, p, ring())
+    p = signed(dict(m, pad="x" * (4097 - base)), st.key)
+    with pytest.raises(WireError, match="too_large"):
+        wire.verify("telemetry", GOOD_SID, p, ring())
+
+
+def test_sign_matches_contract_formula() -> None:
+    import hashlib
+    import hmac
+
+    b = b'{"v":1,"sid":"KH-PNH-0001"}'
+    key = bytes(range(32))
+    mac = hmac.new(key, b, hashlib.sha256).hexdigest().encode()
+    assert wire.sign(b, key) == b'{"v":1,"sid":"KH-PNH-0001","sig":"' + mac + b'"}'
+    with pytest.raises(ValueError):
+        wire.sign(b"{}", key)
+    with pytest.raises(ValueError):
+        wire.sign(b"[1]", key)
+
+
+def test_parse_topic() -> None:
+    assert wire.parse_topic("stations/KH-PNH-0001/event", "stations") == (GOOD_SID, "event")
+    assert wire.parse_topic("a/b/KH-1/status", "a/b") == ("KH-1", "status")
+    for bad in ("stations/KH-PNH-0001/cmd", "x/KH-PNH-0001/event", "stations/KH/event",
+                "stations/KH-PNH-0001/event/x", "stations//event"):
+        with pytest.raises(WireError) as ei:
+            wire.parse_topic(bad, "stations")
+        assert ei.value.reason is Reason.BAD_TOPIC
+
+
+def test_decode_record_gives_the_signed_body() -> None:
+    st = Station(GOOD_SID)
+    _, p = st.telemetry()
+    assert wire.decode_record(p) == wire.verify("telemetry", GOOD_SID, p, ring()).body
+
+
+# ---- golden vectors ------------------------------------------------------------------------
+
+
+def test_firmware_vectors_verify_here() -> None:
+    v = json.loads((VECTORS / "wire.json").read_text())
+    key = bytes.fromhex(v["key_hex"])
+    n = 0
+    for t in v["vectors"]:
+        sid, kid = t["wire"]["sid"], t["wire"]["kid"]
+        kind = "event" if "ev" in t["object"] else "telemetry"
+        got = wire.verify(kind, sid, bytes.fromhex(t["signed_hex"]), StaticKeys({(sid, kid): key}))
+        assert got.body == t["object"], t["name"]
+        n += 1
+    assert n >= 10
+
+
+# CPython-made vectors for the firmware side. `expect` is the firmware verifier's code
+# (ok / unsigned / bad_sig / malformed), `reason` the agent's.
+AGENT_KEY = bytes.fromhex("8f" * 8 + "00112233445566778899aabbccddeeff" + "42" * 8)
+AGENT_SID = "KH-PNH-0042"
+
+
+def make_agent_vectors() -> dict[str, Any]:
+    st = Station(AGENT_SID, key=AGENT_KEY, boot=7, slots=2)
+    st.advance(30_000, 2500)
+    items: list[tuple[str, bytes, str, str]] = []
+
+    def good(name: str, kp: tuple[str, bytes]) -> None:
+        items.append((name, kp[1], "ok", "ok"))
+
+    good("telemetry_2_slots", st.telemetry())
+    st.e_mwh[1] = 2**64 + 3
+    good("telemetry_big_int", st.telemetry())
+    good("event_boot", st.boot_event())
+    good("event_session_start", st.event("session_start", slot=1, bat="B0000042", e_mwh=10,
+                                         soc=120))
+    good("event_session_end", st.event("session_end", slot=1, bat="B0000042", e0_mwh=10,
+                                       e1_mwh=99, soc0=120, soc1=1000, up0=5, up1=900, why="full"))
+    good("event_alarm_escapes", st.event("alarm", code="x", level="warn",
+                                         msg='quote " backslash \\ tab \t ctl \x01 slash /'))
+    good("event_meter_reset", st.event("meter_reset", from_wh=100, to_wh=0, sn=7))
+    good("event_outbox_drop", st.event("outbox_drop", n=3))
+    _, p = st.telemetry()
+    items.append(("tampered", p.replace(b'"boot":7', b'"boot":8'), "bad_sig", "bad_sig"))
+    items.append(("uppercase_hex", p[:-66] + p[-66:-2].upper() + b'"}', "bad_sig", "sig_hex"))
+    items.append(("unsigned", compact({"v": 1, "sid": AGENT_SID}), "unsigned", "sig_missing"))
+    items.append(("trailing_newline", p + b"\n", "bad_sig", "sig_trailing"))
+    head = b'{"v":1,"sid":"KH-PNH-0042","kid":1,"boot":7,"seq":99,'
+    dup = wire.sign(head + b'"up":1,"up":1,"slots":[]}', AGENT_KEY)
+    items.append(("duplicate_key", dup, "malformed", "duplicate_key"))
+    flt = wire.sign(head + b'"up":1.5,"slots":[]}', AGENT_KEY)
+    items.append(("float", flt, "malformed", "schema"))
+    sp = wire.sign(head + b'"up":1, "slots":[]}', AGENT_KEY)
+    items.append(("space", sp, "malformed", "not_compact"))
+    out = []
+    for name, payload, expect, reason in items:
+        t: dict[str, Any] = {"name": name, "expect": expect, "reason": reason,
+                             "signed_hex": payload.hex()}
+        if expect == "ok":
+            t["object"] = wire.decode_record(payload)
+        out.append(t)
+    return {"generator": "tests/test_wire.py (agent/wire.py on CPython)", "sid": AGENT_SID,
+            "kid": 1, "key_hex": AGENT_KEY.hex(), "vectors": out}
+
+
+def render_vectors(v: dict[str, Any]) -> str:
+    return json.dumps(v, indent=1) + "\n"
+
+
+def test_agent_vectors_are_current_and_check_out_here() -> None:
+    v = make_agent_vectors()
+    assert (VECTORS / "wire_agent.json").read_text() == render_vectors(v), (
+        "run: .venv/bin/python tests/test_wire.py")
+    keys = StaticKeys({(AGENT_SID, 1): AGENT_KEY})
+    for t in v["vectors"]:
+        p = bytes.fromhex(t["signed_hex"])
+        kind = "event" if t["name"].startswith("event") else "telemetry"
+        if t["expect"] == "ok":
+            assert wire.verify(kind, AGENT_SID, p, keys).body == t["object"]
+        else:
+            with pytest.raises(WireError) as ei:
+                wire.verify(kind, AGENT_SID, p, keys)
+            assert ei.value.reason == Reason(t["reason"]), t["name"]
+
+
+if __name__ == "__main__":
+    (VECTORS / "wire_agent.json").write_text(render_vectors(make_agent_vectors()))
+    print("wrote", VECTORS / "wire_agent.json", file=sys.stderr)
