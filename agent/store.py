@@ -1,0 +1,305 @@
+"""The agent's database: raw messages, quarantine, alarms, status, records and station keys.
+
+SQLite in WAL mode is the embedded default (`sqlite:///relative.db`, `sqlite:////abs.db`
+or a plain path). The SQL is kept portable so that a PostgreSQL backend can follow: only
+`INSERT … ON CONFLICT`, `SAVEPOINT`, BIGINT/TEXT/BLOB columns (BYTEA there) and `?`
+placeholders (translated to `%s` there). Nothing here depends on the order of rows in a
+table: every read that matters has an ORDER BY.
+
+The raw table is append-only and keyed by (sid, boot, seq). Each stored row holds the
+exact payload bytes received (the signed record). A repeat of a key with the same bytes is a
+duplicate (counted, nothing written); with other bytes it is a conflict: the first copy
+stands, the later one goes to quarantine and an alarm is raised, in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final, NamedTuple, Self
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+
+# One statement per table; types chosen to map 1:1 onto PostgreSQL.
+DDL: Final = (
+    "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS raw (
+        id INTEGER PRIMARY KEY,
+        sid TEXT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
+        kind TEXT NOT NULL, topic TEXT NOT NULL, recv_ms BIGINT NOT NULL, kid BIGINT NOT NULL,
+        record BLOB NOT NULL,
+        UNIQUE (sid, boot, seq))""",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        id INTEGER PRIMARY KEY,
+        recv_ms BIGINT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
+        detail TEXT NOT NULL, sid TEXT, record BLOB NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS quarantine_reason ON quarantine (reason, id)",
+    """CREATE TABLE IF NOT EXISTS alarms (
+        id INTEGER PRIMARY KEY,
+        ts_ms BIGINT NOT NULL, sid TEXT, code TEXT NOT NULL, level TEXT NOT NULL,
+        detail TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS status (
+        sid TEXT PRIMARY KEY, recv_ms BIGINT NOT NULL, record BLOB NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS records (
+        sid TEXT NOT NULL, kind TEXT NOT NULL, slot BIGINT NOT NULL,
+        start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
+        mwh BIGINT NOT NULL, held_mwh BIGINT NOT NULL, flags TEXT NOT NULL,
+        from_boot BIGINT NOT NULL, from_seq BIGINT NOT NULL,
+        to_boot BIGINT NOT NULL, to_seq BIGINT NOT NULL,
+        e_from BIGINT, e_to BIGINT, version TEXT NOT NULL, extra TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS records_sid ON records (sid, kind, slot, start_ms)",
+    "CREATE INDEX IF NOT EXISTS records_time ON records (kind, start_ms)",
+    """CREATE TABLE IF NOT EXISTS keys (
+        sid TEXT NOT NULL, kid BIGINT NOT NULL, key BLOB NOT NULL, state TEXT NOT NULL,
+        created_ms BIGINT NOT NULL, retired_ms BIGINT, revoked_ms BIGINT,
+        PRIMARY KEY (sid, kid))""",
+)
+
+RECORD_COLUMNS: Final = (
+    "sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags, from_boot, from_seq, "
+    "to_boot, to_seq, e_from, e_to, version, extra"
+)
+RecordRow = tuple[str, str, int, int, int, int, int, str, int, int, int, int,
+                  int | None, int | None, str, str]
+
+_INSERT_RAW: Final = (
+    "INSERT INTO raw (sid, boot, seq, kind, topic, recv_ms, kid, record) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sid, boot, seq) DO NOTHING"
+)
+_INSERT_Q: Final = (
+    "INSERT INTO quarantine (recv_ms, topic, reason, detail, sid, record) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_ALARM: Final = "INSERT INTO alarms (ts_ms, sid, code, level, detail) VALUES (?, ?, ?, ?, ?)"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RawRow(NamedTuple):
+    sid: str
+    boot: int
+    seq: int
+    kind: str
+    topic: str
+    recv_ms: int
+    kid: int
+    record: bytes
+
+
+class QuarantineRow(NamedTuple):
+    recv_ms: int
+    topic: str
+    reason: str
+    detail: str
+    sid: str | None
+    record: bytes
+
+
+class BatchResult(NamedTuple):
+    new: list[int]  # indexes into the batch's raw rows that were stored now
+    duplicates: int  # same key, same bytes as a stored row (or an earlier row of the batch)
+    conflicts: int  # same key, other bytes: quarantined and alarmed
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///rel/path`, `sqlite:////abs/path` or a plain path → a filesystem path."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+    elif "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme.startswith("postgres"):
+            raise ValueError("the PostgreSQL store is not built yet: use sqlite:///PATH")
+        raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH")
+    else:
+        path = url
+    if not path:
+        raise ValueError("empty database path")
+    return path
+
+
+class Store:
+    """One connection to the agent database. Not shared between threads."""
+
+    def __init__(self, url: str, *, synchronous: str = "full", create: bool = True) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        if not create and not os.path.exists(self.path):
+            raise FileNotFoundError(f"no database at {self.path}")
+        if synchronous.lower() not in ("full", "normal", "off", "extra"):
+            raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
+        # autocommit mode: transactions are explicit (BEGIN … COMMIT) below
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA busy_timeout = 10000")
+        if create:
+            self.db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed batch survives a power cut, not only a crash (ack follows commit)
+        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        if create:
+            self._create()
+
+    def _create(self) -> None:
+        with self.transaction():
+            for stmt in DDL:
+                self.db.execute(stmt)
+            self.db.execute(
+                "INSERT INTO meta (k, v) VALUES ('schema', ?) ON CONFLICT (k) DO NOTHING",
+                (str(SCHEMA_VERSION),),
+            )
+        row = self.db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            raise ValueError(f"database schema {row and row[0]} is not {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE: take the write lock up front, so a busy database waits (busy_timeout)
+        # instead of failing half-way through a batch
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ---- ingest ---------------------------------------------------------------------------
+
+    def write_batch(
+        self, rows: Sequence[RawRow], quarantine: Sequence[QuarantineRow] = ()
+    ) -> BatchResult:
+        """Store a batch of verified messages and rejected ones in one transaction."""
+        with self.transaction() as db:
+            result = self._insert_raw(db, rows)
+            if quarantine:
+                db.executemany(_INSERT_Q, quarantine)
+        return result
+
+    def _insert_raw(self, db: sqlite3.Connection, rows: Sequence[RawRow]) -> BatchResult:
+        if not rows:
+            return BatchResult([], 0, 0)
+        db.execute("SAVEPOINT batch")
+        cur = db.executemany(_INSERT_RAW, rows)
+        if cur.rowcount == len(rows):  # the usual case: every key is new
+            db.execute("RELEASE batch")
+            return BatchResult(list(range(len(rows))), 0, 0)
+        # Some key repeats: redo row by row to tell new, duplicate and conflict apart.
+        db.execute("ROLLBACK TO batch")
+        new: list[int] = []
+        dups = conflicts = 0
+        for i, r in enumerate(rows):
+            if db.execute(_INSERT_RAW, r).rowcount == 1:
+                new.append(i)
+                continue
+            stored = db.execute(
+                "SELECT record FROM raw WHERE sid = ? AND boot = ? AND seq = ?",
+                (r.sid, r.boot, r.seq),
+            ).fetchone()
+            if stored is not None and bytes(stored[0]) == r.record:
+                dups += 1
+                continue
+            conflicts += 1
+            detail = f"({r.sid}, {r.boot}, {r.seq}) already stored with other bytes"
+            db.execute(_INSERT_Q, (r.recv_ms, r.topic, "conflict", detail, r.sid, r.record))
+            db.execute(_INSERT_ALARM, (r.recv_ms, r.sid, "conflict", "crit", detail))
+            log.warning("conflict: %s", detail)
+        db.execute("RELEASE batch")
+        return BatchResult(new, dups, conflicts)
+
+    def put_status(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+        """Last status (birth / last will, unsigned, informational) per station."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO status (sid, recv_ms, record) VALUES (?, ?, ?) ON CONFLICT (sid) "
+                "DO UPDATE SET recv_ms = excluded.recv_ms, record = excluded.record",
+                list(items),
+            )
+
+    def add_alarm(self, sid: str | None, code: str, level: str, detail: str) -> None:
+        with self.transaction() as db:
+            db.execute(_INSERT_ALARM, (now_ms(), sid, code, level, detail))
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def iter_raw(self, sid: str | None = None, batch: int = 5000) -> Iterator[list[RawRow]]:
+        """Every stored raw row in id order (arrival order), in lists of up to `batch`."""
+        last = 0
+        q = "SELECT id, sid, boot, seq, kind, topic, recv_ms, kid, record FROM raw WHERE id > ?"
+        args: tuple[Any, ...] = ()
+        if sid is not None:
+            q += " AND sid = ?"
+            args = (sid,)
+        q += " ORDER BY id LIMIT ?"
+        while True:
+            got = self.db.execute(q, (last, *args, batch)).fetchall()
+            if not got:
+                return
+            last = got[-1][0]
+            yield [RawRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8])) for r in got]
+
+    def raw_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM raw").fetchone()[0])
+
+    def quarantine_rows(self) -> list[QuarantineRow]:
+        rows = self.db.execute(
+            "SELECT recv_ms, topic, reason, detail, sid, record FROM quarantine ORDER BY id"
+        ).fetchall()
+        return [QuarantineRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def alarms(self) -> list[tuple[int, str | None, str, str, str]]:
+        return [
+            (r[0], r[1], r[2], r[3], r[4])
+            for r in self.db.execute(
+                "SELECT ts_ms, sid, code, level, detail FROM alarms ORDER BY id"
+            ).fetchall()
+        ]
+
+    def max_boot(self, sid: str) -> int | None:
+        row = self.db.execute("SELECT MAX(boot) FROM raw WHERE sid = ?", (sid,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    # ---- records ----------------------------------------------------------------------------
+
+    def replace_records(self, by_sid: dict[str, list[RecordRow]]) -> None:
+        """Replace each station's records with its current metering output, atomically."""
+        with self.transaction() as db:
+            for sid, rows in by_sid.items():
+                db.execute("DELETE FROM records WHERE sid = ?", (sid,))
+                db.executemany(
+                    f"INSERT INTO records ({RECORD_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+    def record_rows(
+        self, kind: str | None = None, start_ms: int | None = None, end_ms: int | None = None
+    ) -> list[RecordRow]:
+        """Records (optionally of one kind, touching [start_ms, end_ms)) in a fixed order;
+        a superset of what an export window needs (render() applies the exact bounds)."""
+        q = f"SELECT {RECORD_COLUMNS} FROM records WHERE 1 = 1"
+        args: list[Any] = []
+        if kind is not None:
+            q += " AND kind = ?"
+            args.append(kind)
+        if start_ms is not None:
+            q += " AND end_ms >= ?"
+            args.append(start_ms)
+        if end_ms is not None:
+            q += " AND start_ms < ?"
+            args.append(end_ms)
+        q += " ORDER BY sid, slot, start_ms, kind, end_ms, from_boot, from_seq"
+        return [tuple(r) for r in self.db.execute(q, args).fetchall()]

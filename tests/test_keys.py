@@ -1,0 +1,109 @@
+"""agent/keys.py: station keys in the agent database (add, rotate, revoke, lookups)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import pytest
+
+from agent.keys import KeyStore
+from agent.store import RawRow, Store
+from agent.wire import Reason, StaticKeys, WireError, verify
+from tests.agent_helpers import Station, key_for
+
+SID = "KH-PNH-0001"
+
+
+def test_add_rotate_revoke_and_lookup(tmp_path: pathlib.Path) -> None:
+    ks = KeyStore(f"sqlite:///{tmp_path}/a.db")
+    k1 = key_for(SID)
+    assert ks.add(SID, k1) == 1
+    assert ks.get(SID, 1) == k1
+    assert ks.current(SID) == (1, k1)
+    kid2, k2 = ks.rotate(SID)
+    assert kid2 == 2 and len(k2) == 32 and k2 != k1
+    # the old key still verifies what it signed until revoked
+    assert ks.get(SID, 1) == k1 and ks.get(SID, 2) == k2
+    assert ks.current(SID) == (2, k2)
+    assert [(i.kid, i.state) for i in ks.list(SID)] == [(1, "retired"), (2, "active")]
+    assert ks.revoke(SID, 1) == 1
+    assert ks.get(SID, 1) is None and ks.get(SID, 2) == k2
+    assert ks.revoke(SID, 1) == 0  # already revoked
+    assert ks.revoke(SID) == 1  # the rest
+    assert ks.get(SID, 2) is None and ks.current(SID) is None
+    info = ks.list()
+    assert [(i.sid, i.kid, i.state) for i in info] == [(SID, 1, "revoked"), (SID, 2, "revoked")]
+    assert all(i.revoked_ms is not None and i.created_ms > 0 for i in info)
+    ks.close()
+
+
+def test_add_rejects_bad_input(tmp_path: pathlib.Path) -> None:
+    with KeyStore(str(tmp_path / "a.db")) as ks:
+        with pytest.raises(ValueError):
+            ks.add("bad sid", key_for(SID))
+        with pytest.raises(ValueError):
+            ks.add(SID, b"short")
+        ks.add(SID, key_for(SID), kid=5)
+        with pytest.raises(ValueError):
+            ks.add(SID, key_for(SID, 2), kid=5)
+        assert ks.add(SID, key_for(SID, 6)) == 6  # next after the highest
+        # an older kid added later (import of an old key) does not become active
+        assert ks.add(SID, key_for(SID, 3), kid=3) == 3
+        assert ks.current(SID) == (6, key_for(SID, 6))
+        assert {i.kid: i.state for i in ks.list(SID)} == {3: "retired", 5: "retired", 6: "active"}
+
+
+def test_max_boot_comes_from_raw(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/a.db"
+    with KeyStore(url) as ks:
+        assert ks.max_boot(SID) is None
+        with Store(url) as st:
+            st.write_batch([RawRow(SID, b, 0, "telemetry", "t", 1, 1, b"x%d" % b) for b in (3, 9, 4)])
+        assert ks.max_boot(SID) == 9
+        assert ks.max_boot("KH-PNH-0002") is None
+
+
+def test_cached_ring_sees_changes_from_another_connection(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/a.db"
+    agent = KeyStore(url)
+    ring = agent.ring(min_reload_s=0.0)
+    st = Station(SID)
+    kind, p = st.telemetry()
+    with pytest.raises(WireError) as ei:
+        verify(kind, SID, p, ring)
+    assert ei.value.reason is Reason.UNKNOWN_STATION
+    tool = KeyStore(url)  # e.g. the flashing tool in another process
+    tool.add(SID, st.key)
+    assert verify(kind, SID, p, ring).seq == 0  # reloaded on the miss
+    tool.revoke(SID, 1)
+    ring.reload()  # the service reloads every few seconds
+    with pytest.raises(WireError) as ei:
+        verify(kind, SID, p, ring)
+    assert ei.value.reason is Reason.REVOKED_KEY
+    st2 = Station(SID, kid=2)
+    with pytest.raises(WireError) as ei:
+        verify("telemetry", SID, st2.telemetry()[1], ring)
+    assert ei.value.reason is Reason.UNKNOWN_KID
+    assert "key" not in repr(ring).replace("keys", "")
+    tool.close()
+    agent.close()
+
+
+def test_keys_never_reach_logs(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    k = key_for(SID)
+    with KeyStore(str(tmp_path / "a.db")) as ks:
+        ks.add(SID, k)
+        kid, k2 = ks.rotate(SID)
+        ks.revoke(SID, 1)
+        text = caplog.text + repr(ks.list())
+    for key in (k, k2):
+        assert key.hex() not in text and repr(key) not in text
+
+
+def test_static_keys_reasons() -> None:
+    ring = StaticKeys({(SID, 1): None})
+    with pytest.raises(WireError) as ei:
+        ring.key(SID, 1)
+    assert ei.value.reason is Reason.REVOKED_KEY

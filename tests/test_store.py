@@ -1,0 +1,115 @@
+"""agent/store.py: SQLite WAL schema, append-only raw with duplicate/conflict rules."""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+
+import pytest
+
+from agent.store import QuarantineRow, RawRow, Store, sqlite_path
+
+SID = "KH-PNH-0001"
+
+
+def row(seq: int, record: bytes | None = None, boot: int = 1, sid: str = SID) -> RawRow:
+    return RawRow(sid, boot, seq, "telemetry", f"stations/{sid}/telemetry", 1000 + seq, 1,
+                  record if record is not None else b"rec-%d-%d" % (boot, seq))
+
+
+def test_urls() -> None:
+    assert sqlite_path("sqlite:///rel/a.db") == "rel/a.db"
+    assert sqlite_path("sqlite:////abs/a.db") == "/abs/a.db"
+    assert sqlite_path("/plain/a.db") == "/plain/a.db"
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        sqlite_path("postgresql://u@h/db")
+    with pytest.raises(ValueError):
+        sqlite_path("mysql://x")
+
+
+def test_wal_mode_and_schema(tmp_path: pathlib.Path) -> None:
+    with Store(f"sqlite:///{tmp_path}/a.db") as st:
+        assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        names = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"raw", "quarantine", "alarms", "records", "keys", "status", "meta"} <= names
+    with Store(str(tmp_path / "a.db"), synchronous="normal") as st:  # reopen: idempotent
+        assert st.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(FileNotFoundError):
+        Store(str(tmp_path / "missing.db"), create=False)
+
+
+def test_new_duplicate_and_conflict(tmp_path: pathlib.Path) -> None:
+    with Store(str(tmp_path / "a.db")) as st:
+        r = st.write_batch([row(0), row(1), row(2)])
+        assert r.new == [0, 1, 2] and r.duplicates == 0 and r.conflicts == 0
+        # a batch mixing new keys, a byte-identical repeat, a conflict and a repeat within the batch
+        r = st.write_batch([row(3), row(1), row(2, b"other bytes"), row(4), row(4)],
+                           [QuarantineRow(5, "t", "bad_sig", "HMAC mismatch", SID, b"zz")])
+        assert r.new == [0, 3] and r.duplicates == 2 and r.conflicts == 1
+        assert st.raw_count() == 5
+        # the first copy stands
+        got = {(x.boot, x.seq): x.record for b in st.iter_raw() for x in b}
+        assert got[(1, 2)] == b"rec-1-2"
+        q = st.quarantine_rows()
+        assert [(x.reason, x.record) for x in q] == [("conflict", b"other bytes"),
+                                                    ("bad_sig", b"zz")]
+        assert "(KH-PNH-0001, 1, 2)" in q[0].detail
+        alarms = st.alarms()
+        assert len(alarms) == 1 and alarms[0][1:4] == (SID, "conflict", "crit")
+
+
+def test_failed_batch_rolls_back_whole(tmp_path: pathlib.Path) -> None:
+    with Store(str(tmp_path / "a.db")) as st:
+        bad = RawRow(SID, 1, 9, "telemetry", "t", 1, 1, None)  # type: ignore[arg-type]
+        with pytest.raises(sqlite3.IntegrityError):
+            st.write_batch([row(0), bad])
+        assert st.raw_count() == 0
+        st.write_batch([row(0)])
+        assert st.raw_count() == 1
+
+
+def test_iter_raw_pages_in_arrival_order(tmp_path: pathlib.Path) -> None:
+    with Store(str(tmp_path / "a.db")) as st:
+        st.write_batch([row(s, boot=2) for s in range(7)] + [row(0, boot=1)])
+        pages = list(st.iter_raw(batch=3))
+        assert [len(p) for p in pages] == [3, 3, 2]
+        assert [(r.boot, r.seq) for p in pages for r in p][-2:] == [(2, 6), (1, 0)]
+        assert st.max_boot(SID) == 2
+        assert list(st.iter_raw(sid="KH-OTHER-1")) == []
+
+
+def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
+    def rec(sid: str, slot: int, start: int, mwh: int) -> tuple:  # type: ignore[type-arg]
+        return (sid, "interval", slot, start, start + 900_000, mwh, 0, "", 1, 0, 1, 5, 0, mwh,
+                "1", "{}")
+
+    with Store(str(tmp_path / "a.db")) as st:
+        st.replace_records({"A-01": [rec("A-01", 1, 0, 5), rec("A-01", 0, 0, 7)],
+                            "B-01": [rec("B-01", 1, 0, 9)]})
+        st.replace_records({"A-01": [rec("A-01", 1, 0, 6)]})
+        rows = st.record_rows()
+        assert [(r[0], r[2], r[5]) for r in rows] == [("A-01", 1, 6), ("B-01", 1, 9)]
+        assert st.record_rows(kind="session") == []
+        assert st.record_rows(start_ms=900_001) == []
+        assert len(st.record_rows(start_ms=0, end_ms=1)) == 2
+
+
+def test_status_upsert(tmp_path: pathlib.Path) -> None:
+    with Store(str(tmp_path / "a.db")) as st:
+        st.put_status([(SID, 1, b'{"state":"online"}')])
+        st.put_status([(SID, 2, b'{"state":"offline"}')])
+        assert st.db.execute("SELECT recv_ms, record FROM status").fetchall() == [
+            (2, b'{"state":"offline"}')]
+
+
+def test_two_connections_share_the_database(tmp_path: pathlib.Path) -> None:
+    # the agent writes while a CLI (export, keys) reads and writes through its own connection
+    a = Store(str(tmp_path / "a.db"))
+    b = Store(str(tmp_path / "a.db"))
+    a.write_batch([row(0)])
+    assert b.raw_count() == 1
+    b.write_batch([row(1)])
+    assert a.raw_count() == 2
+    a.close()
+    b.close()
