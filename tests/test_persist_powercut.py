@@ -100,6 +100,6 @@ def test_sigkill_during_saves_never_loses_a_reported_save(tmp_path: Path) -> Non
     assert last_saved <= final <= last_saved + 1
     assert last_saved > KILLS  # the writer did make progress between kills
     print(
-        "kills=%d last_saved=%d final=%d damaged slot files seen after a kill=%d"
-        % (KILLS, last_saved, final, invalid_seen)
+        f"kills={KILLS} last_saved={last_saved} final={final}"
+        f" damaged slot files seen after a kill={invalid_seen}"
     )
