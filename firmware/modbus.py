@@ -140,7 +140,10 @@ def pack_write_multiple(buf, unit, addr, values):
     """Write a 16 request into buf (at least 9 + 2*len(values) bytes); return its length."""
     _check_unit(unit)
     _check_u16("addr", addr)
-    n = len(values)
+    try:
+        n = len(values)
+    except TypeError:
+        raise ValueError("values must be a list of ints") from None
     if not 1 <= n <= _MAX_WRITE or addr + n > 0x10000:
         raise ValueError("1..123 values within the address space")
     for v in values:  # all checked before the buffer is touched
@@ -173,9 +176,7 @@ def write_single_request(unit, addr, value):
 
 
 def write_multiple_request(unit, addr, values):
-    if not isinstance(values, (list, tuple)):
-        raise ValueError("values must be a list")
-    buf = bytearray(9 + 2 * len(values))
+    buf = bytearray(9 + 2 * _MAX_WRITE)  # pack_write_multiple checks values
     n = pack_write_multiple(buf, unit, addr, values)
     return bytes(buf[:n])
 

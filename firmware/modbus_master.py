@@ -51,7 +51,10 @@ class ModbusMaster:
         self._rx = bytearray(_RX)
         self._rxv = memoryview(self._rx)
         self._resp = modbus.Response()
-        self._lock = asyncio.Lock()
+        self._busy = False
+        # asyncio.sleep_ms allocates nothing on MicroPython; the timebase wrapper would
+        sleep = getattr(asyncio, "sleep_ms", None) if clock is None else None
+        self._sleep_ms = sleep if sleep is not None else self._clk.asleep_ms
         self._last = self._clk.ticks_ms()  # last activity seen on the line
         self.ok = 0
         self.err = {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0}
@@ -60,93 +63,100 @@ class ModbusMaster:
         """Milliseconds the line takes to carry n characters (rounded up)."""
         return (n * self._bits * 1000 + self.baud - 1) // self.baud
 
-    async def read_holding(self, unit, addr, count, count_timeout=True):
-        return await self._read(unit, 3, addr, count, count_timeout)
+    # The public methods are plain functions returning the transaction's coroutine (await
+    # them as usual): one coroutine object less per call on the per-sample path.
+    def read_holding(self, unit, addr, count, count_timeout=True):
+        """-> list of `count` ints (function 03)."""
+        return self._txn(unit, 3, addr, count, count_timeout)
 
-    async def read_input(self, unit, addr, count, count_timeout=True):
-        return await self._read(unit, 4, addr, count, count_timeout)
+    def read_input(self, unit, addr, count, count_timeout=True):
+        """-> list of `count` ints (function 04)."""
+        return self._txn(unit, 4, addr, count, count_timeout)
 
-    async def write_single(self, unit, addr, value):
-        async with self._lock:
-            n = modbus.pack_write_single(self._tx, unit, addr, value)
-            await self._write(n, unit, 6, 1)
+    def write_single(self, unit, addr, value):
+        """-> None once the unit echoed the write (function 06)."""
+        return self._txn(unit, 6, addr, value, True)
 
-    async def write_multiple(self, unit, addr, values):
-        async with self._lock:
-            n = modbus.pack_write_multiple(self._tx, unit, addr, values)
-            await self._write(n, unit, 16, len(values))
+    def write_multiple(self, unit, addr, values):
+        """-> None once the unit confirmed the write (function 16)."""
+        return self._txn(unit, 16, addr, values, True)
 
-    async def _write(self, n, unit, fn, count):
+    async def _txn(self, unit, fn, addr, arg, count_timeout):
+        # One coroutine for the whole transaction, retries included (each coroutine frame
+        # is a few hundred bytes of heap on MicroPython).
+        # One transaction at a time on the bus: a flag and a 1 ms poll rather than an
+        # asyncio.Lock, which allocates ~0.5 KB per acquisition on MicroPython.
+        sleep_ms = self._sleep_ms
+        while self._busy:
+            await sleep_ms(1)
+        self._busy = True
         try:
-            await self._once(n, unit, fn, count)
-        except modbus.ModbusError as e:
-            self.err[e.key] += 1
-            raise
-        self.ok += 1
-
-    async def _read(self, unit, fn, addr, count, count_timeout):
-        async with self._lock:
-            n = modbus.pack_read(self._tx, unit, fn, addr, count)  # ValueError: not counted
-            tries = 0
+            clk = self._clk
+            s = self._s
+            rx = self._rx
+            resp = self._resp
+            tx = self._tx
+            if fn == 3 or fn == 4:
+                n = modbus.pack_read(tx, unit, fn, addr, arg)  # ValueError: not counted
+                count = arg
+                tries = self.retries
+            elif fn == 6:
+                n = modbus.pack_write_single(tx, unit, addr, arg)
+                count = 1
+                tries = 0  # writes are never retried
+            else:
+                n = modbus.pack_write_multiple(tx, unit, addr, arg)
+                count = len(arg)
+                tries = 0
+            reply_ms = self.timeout_ms + self.chars_ms(modbus.reply_len(fn, count))
             while True:
+                # Drop stale input and wait until the line has been silent for 3.5
+                # characters. ms ticks are coarse: a difference of d ticks is more than
+                # d - 1 ms, hence ">". Bounded by timeout_ms on a bus that never falls
+                # silent (then send anyway).
+                start = clk.ticks_ms()
+                while True:
+                    got = False
+                    for _ in range(_DRAIN):
+                        if not s.readinto(rx):
+                            break
+                        got = True
+                    now = clk.ticks_ms()
+                    if got:
+                        self._last = now
+                    if clk.ticks_diff(now, self._last) > self.silence_ms:
+                        break
+                    if clk.ticks_diff(now, start) > self.timeout_ms:
+                        break
+                    await sleep_ms(1)
+                resp.reset(unit, fn, count, tx)
+                s.write(self._txv[:n])
+                end_tx = clk.ticks_add(clk.ticks_ms(), self.chars_ms(n))
+                self._last = end_tx
+                deadline = clk.ticks_add(end_tx, reply_ms)
                 try:
-                    regs = await self._once(n, unit, fn, count)
+                    r = None
+                    while r is None:
+                        k = s.readinto(rx)
+                        now = clk.ticks_ms()
+                        if k:
+                            self._last = now
+                            r = resp.feed(self._rxv[:k])  # raises CrcError, AddrError, ...
+                            if r is not None:
+                                break
+                        if clk.ticks_diff(now, deadline) >= 0:
+                            raise resp.expired()
+                        if not k:
+                            await sleep_ms(1)
                 except modbus.ModbusError as e:
                     quiet = not count_timeout and isinstance(e, modbus.Timeout)
-                    if (tries < self.retries and not quiet
-                            and not isinstance(e, modbus.ExceptionReply)):
-                        tries += 1
+                    if tries > 0 and not quiet and not isinstance(e, modbus.ExceptionReply):
+                        tries -= 1
                         continue
                     if not quiet:
                         self.err[e.key] += 1
                     raise
                 self.ok += 1
-                return regs
-
-    async def _quiet(self):
-        # Drop stale input and wait until the line has been silent for 3.5 characters.
-        # ms ticks are coarse: a difference of d ticks is more than d - 1 ms, hence ">".
-        # Bounded by timeout_ms on a bus that never falls silent (then send anyway).
-        clk = self._clk
-        s = self._s
-        rx = self._rx
-        start = clk.ticks_ms()
-        while True:
-            got = False
-            for _ in range(_DRAIN):
-                if not s.readinto(rx):
-                    break
-                got = True
-            now = clk.ticks_ms()
-            if got:
-                self._last = now
-            if clk.ticks_diff(now, self._last) > self.silence_ms:
-                return
-            if clk.ticks_diff(now, start) > self.timeout_ms:
-                return
-            await clk.asleep_ms(1)
-
-    async def _once(self, n, unit, fn, count):
-        clk = self._clk
-        s = self._s
-        rx = self._rx
-        rxv = self._rxv
-        resp = self._resp
-        await self._quiet()
-        resp.reset(unit, fn, count, self._tx)
-        s.write(self._txv[:n])
-        end_tx = clk.ticks_add(clk.ticks_ms(), self.chars_ms(n))
-        self._last = end_tx
-        deadline = clk.ticks_add(end_tx, self.timeout_ms + self.chars_ms(modbus.reply_len(fn, count)))
-        while True:
-            k = s.readinto(rx)
-            now = clk.ticks_ms()
-            if k:
-                self._last = now
-                r = resp.feed(rxv[:k])  # raises CrcError / AddrError / ExceptionReply
-                if r is not None:
-                    return r
-            if clk.ticks_diff(now, deadline) >= 0:
-                raise resp.expired()
-            if not k:
-                await clk.asleep_ms(1)
+                return r if fn == 3 or fn == 4 else None
+        finally:
+            self._busy = False

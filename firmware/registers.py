@@ -88,8 +88,8 @@ async def read_meter(master, unit, model, out=None):
     (into out when given, to save the allocation). Raises ModbusError from the bus and
     ValueError for a bad float (NaN, inf, negative energy)."""
     p, e = meter_map(model)
-    lo = p if p < e else e
-    span = (p if p > e else e) + 2 - lo
+    lo = min(p, e)
+    span = max(p, e) + 2 - lo
     if span <= _MERGE_SPAN:
         regs = await master.read_input(unit, lo, span)
         ew = f32_kwh_to_wh(regs[e - lo], regs[e - lo + 1])

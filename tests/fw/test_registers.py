@@ -128,7 +128,7 @@ def put_f32(regs, addr, hexbits):
 
 def meter_regs(energy_hex, power_hex, power_at=0x34):
     inp = {}
-    for a in range(0, 0x50):
+    for a in range(0x50):
         inp[a] = 0
     put_f32(inp, 0x48, energy_hex)
     put_f32(inp, power_at, power_hex)
