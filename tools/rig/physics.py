@@ -9,7 +9,7 @@ The trajectory depends only on the inputs and the event times, never on when or 
 it is sampled.
 
 Charge cycle: W (handshake, `start_delay_s`) → soft-start ramp of the current over
-`ramp_s` → C (constant current, I = power_w / V_cv) → V (constant voltage, the current
+`ramp_s` (raised cosine) → C (constant current, I = power_w / V_cv) → V (constant voltage, the current
 tapers as the open-circuit voltage rises) → below `term_frac` of the CC current the
 current ramps to zero over `stop_ramp_s` → F. A charger fault (E) ramps the current down
 the same way.
@@ -105,6 +105,14 @@ class _Node:
         return n
 
 
+def _smooth(x: float) -> float:
+    """0 → 1 over x in 0..1 with zero slope at both ends (raised cosine): a 1 Hz
+    sampler's trapezoid error over a ramp is then of fourth order, not second."""
+    if x >= 1.0:
+        return 1.0
+    return 0.5 - 0.5 * math.cos(math.pi * x) if x > 0.0 else 0.0
+
+
 def segment_j(v0: float, i0: float, v1: float, i1: float, span: float, tau: float) -> float:
     """∫₀^tau v(s)·i(s) ds for v, i linear from (v0, i0) at 0 to (v1, i1) at span."""
     if span <= 0.0 or tau <= 0.0:
@@ -128,6 +136,7 @@ class Channel:
         self._prof = ChargeProfile()
         self._q = 1.0  # capacity, A·s
         self._icc = 0.0
+        self._r = 0.1
         self._e_insert = 0.0
         self._fault_code = 0
         self._fault_active = False
@@ -150,6 +159,7 @@ class Channel:
         self._bat, self._spec, self._prof = battery, spec, profile
         self._q = battery.capacity_wh * 3600.0 / spec.nominal_v
         self._icc = profile.power_w / spec.cv_v
+        self._r = spec.ir_frac * spec.cv_v / self._icc
         self._e_insert = n.e
         self._fault_active = False
         self._fault_code = 0
@@ -327,7 +337,7 @@ class Channel:
         if spec is None or ph == EMPTY:
             b.v = b.i = 0.0
         else:
-            r = spec.r_ohm
+            r = self._r
             q = self._q
             if ph == WAIT:
                 b.i, b.v = 0.0, spec.ocv(a.soc)
@@ -335,7 +345,7 @@ class Channel:
                     b.phase, b.timer, b.cv = CHARGE, 0.0, False
             elif ph == CHARGE:
                 icc = self._icc
-                i_set = icc * min(1.0, b.timer / prof.ramp_s) if prof.ramp_s > 0 else icc
+                i_set = icc * _smooth(b.timer / prof.ramp_s) if prof.ramp_s > 0 else icc
                 cv_v = spec.cv_v
                 i_cv = (cv_v - spec.ocv(a.soc + a.i * dt / q)) / r
                 cv = i_cv < i_set
@@ -347,8 +357,8 @@ class Channel:
                 if cv and b.timer >= prof.ramp_s and i <= prof.term_frac * icc:
                     b.phase, b.timer, b.i0 = STOP_FULL, 0.0, i
             elif ph == STOP_FULL or ph == STOP_FAULT:
-                frac = 1.0 - b.timer / prof.stop_ramp_s if prof.stop_ramp_s > 0 else 0.0
-                i = a.i0 * frac if frac > 0.0 else 0.0
+                x = b.timer / prof.stop_ramp_s if prof.stop_ramp_s > 0 else 1.0
+                i = a.i0 * (1.0 - _smooth(x)) if x < 1.0 else 0.0
                 soc = min(1.0, a.soc + (a.i + i) * 0.5 * dt / q)
                 b.i, b.soc, b.v = i, soc, spec.ocv(soc) + i * r
                 if i <= 0.0:
