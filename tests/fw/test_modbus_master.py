@@ -275,3 +275,65 @@ def test_recovers_after_garbage_reply():
     # first try: noise then silence -> (a header of ours began) CRC error -> retry -> good
     assert run(m.read_holding(11, 0, 14)) == rh["regs"]
     assert m.err == ZERO and len(bus.writes) == 2
+
+
+class VirtualClock:
+    """Injected clock: time moves only when the master sleeps, so waits are exact."""
+
+    def __init__(self):
+        self.t = 1000
+
+    def ticks_ms(self):
+        return self.t
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    def ticks_add(self, a, b):
+        return a + b
+
+    async def asleep_ms(self, ms):
+        self.t += ms
+        await asyncio.sleep(0)
+
+
+class ClockedBus(FakeBus):
+    def __init__(self, clock, script):
+        FakeBus.__init__(self, script)
+        self.clock = clock
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        self.write_ticks.append(self.clock.t)
+        item = self.script.pop(0) if self.script else None
+        if item is not None:
+            self._due = self.clock.t + item[0]
+            self._out = item[1]
+        return len(data)
+
+    def readinto(self, buf):
+        if not self._out or self.clock.t < self._due:
+            return 0
+        n = len(self._out)
+        for i in range(n):
+            buf[i] = self._out[i]
+        self._out = b""
+        return n
+
+
+def test_injected_clock_exact_deadlines():
+    clk = VirtualClock()
+    rh = V["responses"][1]
+    # 9600 baud: request 9 ms, 33-byte reply 35 ms, timeout 100 ms: deadline 144 ms
+    bus = ClockedBus(clk, [None, (144, h(rh["hex"])), (145, h(rh["hex"]))])
+    m = ModbusMaster(bus, baud=9600, timeout_ms=100, retries=0, clock=clk)
+    e = run(_call(m.read_holding(11, 0, 14)))
+    assert isinstance(e, modbus.Timeout)
+    assert clk.t - bus.write_ticks[0] == 144  # gave up exactly at the deadline
+    assert run(m.read_holding(11, 0, 14)) == rh["regs"]  # in time at the deadline
+    assert clk.t - bus.write_ticks[1] == 144
+    # the next request waited for 3.5 characters of silence after the reply (4 ms ticks
+    # mean more than 3.65 ms): a ms tick difference must exceed silence_ms
+    assert isinstance(run(_call(m.read_holding(11, 0, 14))), modbus.Timeout)  # 1 ms late
+    assert bus.write_ticks[2] - (bus.write_ticks[1] + 144) == m.silence_ms + 1
+    assert m.err["mb_to"] == 2 and m.ok == 1
