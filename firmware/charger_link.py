@@ -65,7 +65,7 @@ class ChargerLink:
         while True:
             # read before checking the clock, so bytes that came in before the deadline
             # count even when this task was scheduled late
-            n = self.stream.readinto(buf)
+            n = self.stream.readinto(buf) or 0  # a raw machine.UART gives None
             for i in range(n):
                 r = parser.push(mv[i])
                 if r is None:
