@@ -4,7 +4,7 @@
 # Reply framing rule (RTU has no start marker; its frames are delimited by silence, which
 # a parser without a clock cannot see, so frames are found by content):
 #   A frame may start at any byte. A start is a unit address 1..247 followed by a
-#   function code whose reply length is known: 0x81..0xFF (exception, 5 bytes),
+#   function code whose reply length is known: 0x80..0xFF (exception, 5 bytes),
 #   1..4 (5 + byte count, count 1..250), 5/6/15/16 (8 bytes). Positions are tried in
 #   order; a candidate is checked once all its bytes are in (CRC over the whole frame,
 #   CRC included, is 0). The first candidate whose CRC checks is the reply: leading

@@ -6,6 +6,7 @@ float32 conversions to struct + Fraction, so neither depends on the firmware's c
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -176,7 +177,7 @@ def test_parser_finds_pymodbus_reply_however_fed(
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     p = modbus.Response(unit, 3, len(regs))
     got = None
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         assert got is None
         got = p.feed(data[a:b])
     assert got == regs
