@@ -1,0 +1,152 @@
+"""An independent, deliberately plain reference of CONTRACT §6: total credited and total
+held mWh per register stream. Slow on purpose; written from the contract text (and the
+decisions recorded in docs/metering.md), not from agent/metering.py. No time, no
+intervals: only how much energy each stream credits and holds.
+
+Decisions it shares with the real implementation (docs/metering.md):
+- r(b) of a slot: the boot event's `restored` (lowest-seq boot event) when it names the
+  slot, else `b_mwh` of the lowest-seq telemetry of the boot that carries it.
+- Rule 6: a reading equal to the mark refreshes the uptime the power limit counts from.
+- A meter serial change across a reboot is a swap like any other: new baseline, no credit.
+- A meter_reset event before any meter reading starts the baseline at `to_wh`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def reference_totals(
+    msgs: list[Any], max_power_w_slot: int = 3000, max_power_w_meter: int = 50_000
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """{(sid, slot): (credited mWh, held mWh)} for slot 0 (meter) and every slot."""
+    # one copy per key
+    unique = {}
+    for m in msgs:
+        unique.setdefault((m.sid, m.boot, m.seq), m)
+    result: dict[tuple[str, int], tuple[int, int]] = {}
+    for sid in sorted({k[0] for k in unique}):
+        keys = sorted(k for k in unique if k[0] == sid)
+        station = [unique[k] for k in keys]
+        restored = restored_values(station)
+        # every stream's items in (boot, seq) order
+        streams: dict[int, list[dict[str, Any]]] = {}
+        for m in station:
+            b = m.body
+            if b.get("ev") == "meter_reset":
+                streams.setdefault(0, []).append({
+                    "what": "reset", "boot": m.boot, "up": b["up"],
+                    "from": b["from_wh"] * 1000, "to": b["to_wh"] * 1000, "sn": b.get("sn"),
+                })
+            elif "ev" not in b:
+                if "meter" in b and "e_wh" in b["meter"]:
+                    streams.setdefault(0, []).append({
+                        "what": "reading", "boot": m.boot, "up": b["up"],
+                        "value": b["meter"]["e_wh"] * 1000, "sn": b["meter"].get("sn"),
+                    })
+                seen = set()
+                for s in b.get("slots", []):
+                    if s["n"] in seen:
+                        continue
+                    seen.add(s["n"])
+                    streams.setdefault(s["n"], []).append({
+                        "what": "reading", "boot": m.boot, "up": b["up"], "value": s["e_mwh"],
+                        "sn": None,
+                    })
+        for slot, items in streams.items():
+            limit_w = max_power_w_meter if slot == 0 else max_power_w_slot
+            result[(sid, slot)] = walk(items, slot, restored, limit_w)
+    return result
+
+
+def restored_values(station: list[Any]) -> dict[tuple[int, int], int]:
+    """{(boot, slot): r} following the order of preference above."""
+    r: dict[tuple[int, int], int] = {}
+    from_event: set[tuple[int, int]] = set()
+    boots_with_event: set[int] = set()
+    for m in station:  # in (boot, seq) order: the first one found is the lowest seq
+        b = m.body
+        if b.get("ev") == "boot" and m.boot not in boots_with_event:
+            boots_with_event.add(m.boot)
+            for k, v in b.get("restored", {}).items():
+                r[(m.boot, int(k))] = v
+                from_event.add((m.boot, int(k)))
+    for m in station:
+        b = m.body
+        if "ev" in b:
+            continue
+        for s in b.get("slots", []):
+            if "b_mwh" in s and (m.boot, s["n"]) not in r:
+                r[(m.boot, s["n"])] = s["b_mwh"]
+    return r
+
+
+def walk(items: list[dict[str, Any]], slot: int, restored: dict[tuple[int, int], int],
+         limit_w: int) -> tuple[int, int]:
+    credited = 0
+    held = 0
+    started = False
+    mark = 0
+    mark_up = 0
+    boot = None
+    sn = None
+    pending = None  # (value, up) of a held reading waiting for the next one
+
+    def limit(elapsed_ms: int) -> int:
+        return limit_w * max(0, elapsed_ms) // 3600
+
+    for it in items:
+        if it["what"] == "reset":
+            if started:
+                credited += max(0, it["from"] - mark)
+            started = True
+            mark = it["to"]
+            mark_up = it["up"]
+            pending = None
+            sn = it["sn"]
+            boot = it["boot"]
+            continue
+
+        value = it["value"]
+        if not started:
+            r = restored.get((it["boot"], slot)) if slot != 0 else None
+            if r is not None:
+                credited += max(0, value - r)
+            mark = value
+            mark_up = it["up"]
+            started = True
+        elif it["sn"] is not None and sn is not None and it["sn"] != sn:
+            mark = value
+            mark_up = it["up"]
+            pending = None
+        elif it["boot"] != boot:
+            r = restored.get((it["boot"], slot)) if slot != 0 else None
+            if r is not None:
+                credited += max(0, r - mark) + max(0, value - r)
+            else:
+                credited += max(0, value - mark)
+            mark = value
+            mark_up = it["up"]
+            pending = None
+        else:
+            up = it["up"]
+            if pending is not None:
+                p_value, p_up = pending
+                pending = None
+                too_far = value - mark > limit(up - mark_up)
+                plausible_from_held = value - p_value <= limit(up - p_up)
+                if too_far and plausible_from_held:
+                    mark = p_value
+                    mark_up = p_up
+            gain = value - mark
+            if gain > 0 and gain > limit(up - mark_up):
+                held += gain
+                pending = (value, up)
+            elif gain >= 0:
+                credited += gain
+                mark = value
+                mark_up = up
+        if it["sn"] is not None:
+            sn = it["sn"]
+        boot = it["boot"]
+    return credited, held
