@@ -100,6 +100,33 @@ def _str(mv, p, s):
     return p + 1
 
 
+_orders = {}  # type: dict
+_ORDERS = const(24)
+
+
+def _sorted_keys(o):
+    """sorted(o), without allocating for a key set seen before: telemetry repeats the same
+    few key sets (message, meter, slot, bat, err) every period. The cache is looked up by an
+    order-free sum of key hashes and checked key by key, so a collision only costs a sort."""
+    h = len(o)
+    for k in o:
+        if type(k) is not str:
+            raise ValueError("object key %r is not a str" % (k,))
+        h = (h + hash(k)) & 0xFFFFFFF
+    ks = _orders.get(h)
+    if ks is not None and len(ks) == len(o):
+        for k in ks:
+            if k not in o:
+                break
+        else:
+            return ks
+    ks = tuple(sorted(o))
+    if len(_orders) >= _ORDERS:
+        _orders.clear()
+    _orders[h] = ks
+    return ks
+
+
 def _lit(mv, p, b):
     e = p + len(b)
     if e > len(mv):
@@ -127,10 +154,7 @@ def _val(mv, p, o, depth):
             mv[p] = 123  # {
             p += 1
             first = True
-            for k in o:
-                if type(k) is not str:
-                    raise ValueError("object key %r is not a str" % (k,))
-            for k in sorted(o):
+            for k in _sorted_keys(o):
                 if first:
                     first = False
                 else:

@@ -87,6 +87,22 @@ def test_encode_rejects_what_the_wire_forbids():
     assert len(wire.encode("x" * 4094)) == 4096
 
 
+def test_key_order_cache_never_changes_the_bytes():
+    assert wire.encode({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
+    assert wire.encode({"a": 1, "c": 2}) == b'{"a":1,"c":2}'
+    assert wire.encode({"c": 1, "a": 2}) == b'{"a":2,"c":1}'
+    # a planted collision: the cached order names other keys, so it is sorted afresh
+    o = {"x": 1, "y": 2}
+    h = len(o)
+    for k in o:
+        h = (h + hash(k)) & 0xFFFFFFF
+    wire._orders[h] = ("x", "z")
+    assert wire.encode(o) == b'{"x":1,"y":2}'
+    for i in range(60):  # many key sets: the cache stays bounded
+        assert wire.encode({"k%d" % i: i, "a": 0}) == ('{"a":0,"k%d":%d}' % (i, i)).encode()
+    assert len(wire._orders) <= 24
+
+
 def test_encode_after_an_error_is_clean():
     raises(ValueError, wire.encode, {"a": "x" * 5000})
     assert wire.encode({"a": 1}) == b'{"a":1}'
