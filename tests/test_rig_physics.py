@@ -3,6 +3,7 @@ determinism, removal, batteries carried between slots, meter energy, BMS registe
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 
@@ -30,7 +31,7 @@ def bat(**kw: object) -> Battery:
 
 def run(ch: Channel, t0: float, t1: float, step: float) -> list[tuple[float, str, float, float, float]]:
     out = []
-    n = int(round((t1 - t0) / step))
+    n = round((t1 - t0) / step)
     for k in range(n + 1):
         t = t0 + k * step
         s = ch.sample(t)
@@ -43,7 +44,7 @@ def test_pack_cv_voltages_and_ocv() -> None:
     assert PACKS["72V"].cv_v == pytest.approx(84.0)
     assert cell_ocv(1.0) == pytest.approx(4.2)  # the taper ends at full
     vals = [cell_ocv(k / 100) for k in range(101)]
-    assert all(b > a for a, b in zip(vals, vals[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(vals))
 
 
 def test_battery_validation() -> None:
@@ -76,7 +77,7 @@ def test_full_charge_goes_w_c_v_f(pack: str) -> None:
     v_phase = [s for s in samples if s[1] == "V"]
     assert all(abs(s[2] - cv) < 0.05 for s in v_phase[:-60])  # constant voltage (then stop ramp)
     currents = [s[3] for s in v_phase]
-    assert all(b <= a + 1e-12 for a, b in zip(currents, currents[1:], strict=False))  # tapers
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(currents))  # tapers
     assert max(s[4] for s in samples) <= 1000.0 + 1e-6
     f = [s for s in samples if s[1] == "F"]
     assert f and all(s[3] == 0.0 for s in f)
@@ -89,7 +90,7 @@ def test_soft_start_ramp_and_power_continuity() -> None:
     ch.insert(0.0, bat(soc=0.4, capacity_wh=3.0), ChargeProfile(power_w=1500, ramp_s=1.5))
     samples = run(ch, 0.0, 30.0, 0.001)
     p = [s[4] for s in samples]
-    jumps = [abs(b - a) for a, b in zip(p, p[1:], strict=False)]
+    jumps = [abs(b - a) for a, b in itertools.pairwise(p)]
     assert max(jumps) < 5.0  # W per ms at 1.5 kW: no step anywhere, ramps only
     # the raised-cosine ramp lasts 1.5 s: a quarter of the CC current after 0.5 s
     k = next(k for k, s in enumerate(samples) if s[1] == "C")
@@ -101,7 +102,7 @@ def test_ground_truth_is_the_exact_integral_of_the_sampled_curve() -> None:
     ch = Channel(1, t=0.0, dt_s=0.01)
     ch.insert(0.2, bat(soc=0.6, capacity_wh=2.0), ChargeProfile(power_w=800))
     fine = run(ch, 0.0, 15.0, 0.0005)
-    trap = sum((a[4] + b[4]) / 2 * 0.0005 for a, b in zip(fine, fine[1:], strict=False))
+    trap = sum((a[4] + b[4]) / 2 * 0.0005 for a, b in itertools.pairwise(fine))
     truth = ch.energy_j(15.0)
     assert truth > 1000.0
     assert abs(trap - truth) < 1e-4 * truth
@@ -113,7 +114,7 @@ def test_one_hertz_sampler_error_is_small() -> None:
         ch.insert(0.2, bat(soc=0.3, capacity_wh=10.0), ChargeProfile(power_w=1000))
         pts = [ch.sample(phase + k) for k in range(60)]
         assert pts[-1].state == "F"
-        e = sum((a.p_w + b.p_w) / 2 * (b.t - a.t) for a, b in zip(pts, pts[1:], strict=False))
+        e = sum((a.p_w + b.p_w) / 2 * (b.t - a.t) for a, b in itertools.pairwise(pts))
         truth = ch.energy_j(phase + 59)
         assert abs(e - truth) < 0.003 * truth
 

@@ -95,7 +95,7 @@ def test_bus_mangling_produces_the_symptom_of_its_counter() -> None:
     for _ in range(100):
         out = f.mangle("crc", REQ, REPLY)
         assert len(out) == len(REPLY) and out[:3] == REPLY[:3] and not rtu.crc_ok(out)
-        assert sum(bin(a ^ b).count("1") for a, b in zip(out, REPLY, strict=True)) == 1
+        assert sum((a ^ b).bit_count() for a, b in zip(out, REPLY, strict=True)) == 1
         out = f.mangle("garbage", REQ, REPLY)
         assert len(out) == len(REPLY) and out[:3] == REPLY[:3] and not rtu.crc_ok(out)
     exc = f.mangle("exception", REQ, REPLY)
