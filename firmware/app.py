@@ -42,27 +42,37 @@ def build(cfg, root="."):
     return station.Station(cfg, link, master, store, timebase.Uptime(), FW_VERSION, board.reset_cause())
 
 
+def print_trace(st):
+    import json
+
+    up = st.uptime.ms()
+    for ev in st.take_events():
+        print(json.dumps({"trace": "event", "boot": st.boot, "up": up, "body": ev}))
+    print(json.dumps({"trace": "telemetry", "boot": st.boot, "up": up, "cycles": st.cycles,
+                      "cycle_us": st.last_cycle_us, "body": st.snapshot()}))
+
+
 async def trace(st, period_ms):
     """Unix port, STATION_TRACE=1: print the telemetry body and events as JSON lines, so
     rigs and tests can watch a station that has no broker."""
-    import json
-
     while True:
         await timebase.asleep_ms(period_ms)
-        up = st.uptime.ms()
-        for ev in st.take_events():
-            print(json.dumps({"trace": "event", "boot": st.boot, "up": up, "body": ev}))
-        print(json.dumps({"trace": "telemetry", "boot": st.boot, "up": up, "cycles": st.cycles,
-                          "cycle_us": st.last_cycle_us, "body": st.snapshot()}))
+        print_trace(st)
 
 
 async def run(cfg):
     st = build(cfg)
     st.start()
-    tasks = [asyncio.create_task(st.run())]
-    if board.PLATFORM == "unix" and os.getenv("STATION_TRACE"):
-        tasks.append(asyncio.create_task(trace(st, int(os.getenv("STATION_TRACE_MS") or cfg["telemetry_s"] * 1000))))
-    await asyncio.gather(*tasks)
+    tracing = board.PLATFORM == "unix" and os.getenv("STATION_TRACE")
+    # STATION_CYCLES=N (unix port): sample N cycles, print a final trace, persist, exit
+    cycles = int(os.getenv("STATION_CYCLES") or 0) if board.PLATFORM == "unix" else 0
+    t = None
+    if tracing:
+        t = asyncio.create_task(trace(st, int(os.getenv("STATION_TRACE_MS") or cfg["telemetry_s"] * 1000)))
+    await st.run(cycles or None)
+    st.persist_now()
+    if tracing:
+        print_trace(st)
 
 
 def load_config(path="config.json"):

@@ -37,8 +37,8 @@ def micropython_bin() -> str:
 
 def station_config(
     sid: str,
-    charger: str,
-    bus: str,
+    charger_path: str,
+    bus_path: str,
     *,
     slots: int,
     key_hex: str = "00" * 32,
@@ -56,8 +56,8 @@ def station_config(
                    "password": "", "prefix": "stations"},
         "net": {"kind": "host"},
         "slots": slots,
-        "charger": {"uart": charger, "baud": 115200, "timeout_ms": 200},
-        "bus": {"uart": bus, "baud": 9600, "parity": None, "stop": 1, "timeout_ms": 150, "retries": 1},
+        "charger": {"uart": charger_path, "baud": 115200, "timeout_ms": 200},
+        "bus": {"uart": bus_path, "baud": 9600, "parity": None, "stop": 1, "timeout_ms": 150, "retries": 1},
         "meter": {"unit": 1, "model": "sdm630"},
         "bms": {"unit_base": 10, "per_cycle": 2},
         "sample_ms": 1000,
