@@ -18,9 +18,14 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple, Self
+
+import msgspec
+
+from agent.metering import Record, record_id
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +52,14 @@ DDL: Final = (
     """CREATE TABLE IF NOT EXISTS status (
         sid TEXT PRIMARY KEY, recv_ms BIGINT NOT NULL, record BLOB NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS records (
+        rid TEXT PRIMARY KEY,
         sid TEXT NOT NULL, kind TEXT NOT NULL, slot BIGINT NOT NULL,
         start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
         mwh BIGINT NOT NULL, held_mwh BIGINT NOT NULL, flags TEXT NOT NULL,
         from_boot BIGINT NOT NULL, from_seq BIGINT NOT NULL,
         to_boot BIGINT NOT NULL, to_seq BIGINT NOT NULL,
-        e_from BIGINT, e_to BIGINT, version TEXT NOT NULL, extra TEXT NOT NULL)""",
+        e_from BIGINT NOT NULL, e_to BIGINT NOT NULL, version TEXT NOT NULL,
+        extra TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS records_sid ON records (sid, kind, slot, start_ms)",
     "CREATE INDEX IF NOT EXISTS records_time ON records (kind, start_ms)",
     """CREATE TABLE IF NOT EXISTS keys (
@@ -62,11 +69,19 @@ DDL: Final = (
 )
 
 RECORD_COLUMNS: Final = (
-    "sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags, from_boot, from_seq, "
+    "rid, sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags, from_boot, from_seq, "
     "to_boot, to_seq, e_from, e_to, version, extra"
 )
-RecordRow = tuple[str, str, int, int, int, int, int, str, int, int, int, int,
-                  int | None, int | None, str, str]
+# rid (metering.record_id), sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags ("|"-joined),
+# from_boot, from_seq, to_boot, to_seq, e_from, e_to, version, extra (JSON text)
+RecordRow = tuple[str, str, str, int, int, int, int, int, str, int, int, int, int, int, int, str, str]
+_INSERT_RECORD: Final = (
+    f"INSERT INTO records ({RECORD_COLUMNS}) VALUES "
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_RECORD: Final = _INSERT_RECORD + " ON CONFLICT (rid) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in RECORD_COLUMNS.split(", ")[1:]
+)
 
 _INSERT_RAW: Final = (
     "INSERT INTO raw (sid, boot, seq, kind, topic, recv_ms, kid, record) "
@@ -127,15 +142,22 @@ def sqlite_path(url: str) -> str:
 class Store:
     """One connection to the agent database. Not shared between threads."""
 
-    def __init__(self, url: str, *, synchronous: str = "full", create: bool = True) -> None:
+    def __init__(self, url: str, *, synchronous: str = "full", create: bool = True,
+                 readonly: bool = False) -> None:
         self.url = url
         self.path = sqlite_path(url)
+        create = create and not readonly
         if not create and not os.path.exists(self.path):
             raise FileNotFoundError(f"no database at {self.path}")
         if synchronous.lower() not in ("full", "normal", "off", "extra"):
             raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
         # autocommit mode: transactions are explicit (BEGIN … COMMIT) below
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if readonly:
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                      check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA busy_timeout = 10000")
         if create:
             self.db.execute("PRAGMA journal_mode = WAL")
@@ -274,16 +296,25 @@ class Store:
 
     # ---- records ----------------------------------------------------------------------------
 
-    def replace_records(self, by_sid: dict[str, list[RecordRow]]) -> None:
-        """Replace each station's records with its current metering output, atomically."""
+    def replace_records(self, by_sid: dict[str, list[RecordRow]], *, everything: bool = False
+                        ) -> None:
+        """Replace each station's records (or, with `everything`, the whole table) with the
+        current metering output, atomically."""
         with self.transaction() as db:
+            if everything:
+                db.execute("DELETE FROM records")
             for sid, rows in by_sid.items():
-                db.execute("DELETE FROM records WHERE sid = ?", (sid,))
-                db.executemany(
-                    f"INSERT INTO records ({RECORD_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                if not everything:
+                    db.execute("DELETE FROM records WHERE sid = ?", (sid,))
+                db.executemany(_INSERT_RECORD, rows)
+
+    def apply_records(self, upserts: Sequence[RecordRow], deletes: Sequence[str]) -> None:
+        """Metering changes: records created or changed (by rid) and rids that are gone."""
+        with self.transaction() as db:
+            if deletes:
+                db.executemany("DELETE FROM records WHERE rid = ?", [(r,) for r in deletes])
+            if upserts:
+                db.executemany(_UPSERT_RECORD, upserts)
 
     def record_rows(
         self, kind: str | None = None, start_ms: int | None = None, end_ms: int | None = None
@@ -301,5 +332,30 @@ class Store:
         if end_ms is not None:
             q += " AND start_ms < ?"
             args.append(end_ms)
-        q += " ORDER BY sid, slot, start_ms, kind, end_ms, from_boot, from_seq"
+        q += " ORDER BY sid, slot, start_ms, kind, rid"
         return [tuple(r) for r in self.db.execute(q, args).fetchall()]
+
+
+# ---- records <-> rows ----------------------------------------------------------------------
+
+def record_to_row(r: Record) -> RecordRow:
+    return (
+        record_id(r), r.sid, r.kind, r.slot, r.start_ms, r.end_ms, r.mwh, r.held_mwh,
+        "|".join(r.flags), r.from_key[0], r.from_key[1], r.to_key[0], r.to_key[1], r.e_from,
+        r.e_to, r.version, _encode_sorted(dict(r.extra)).decode(),
+    )
+
+
+def row_to_record(row: Sequence[Any]) -> Record:
+    (_rid, sid, kind, slot, start_ms, end_ms, mwh, held, flags, fb, fs, tb, ts, e_from, e_to,
+     version, extra) = row
+    return Record(
+        kind=kind, sid=sid, slot=slot, start_ms=start_ms, end_ms=end_ms, mwh=mwh,
+        held_mwh=held, flags=tuple(flags.split("|")) if flags else (), from_key=(fb, fs),
+        to_key=(tb, ts), e_from=e_from, e_to=e_to, version=version,
+        extra=msgspec.json.decode(extra),
+    )
+
+
+def _encode_sorted(obj: Any) -> bytes:
+    return msgspec.json.encode(obj, order="sorted")

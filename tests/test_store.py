@@ -81,18 +81,37 @@ def test_iter_raw_pages_in_arrival_order(tmp_path: pathlib.Path) -> None:
 
 def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
     def rec(sid: str, slot: int, start: int, mwh: int) -> tuple:  # type: ignore[type-arg]
-        return (sid, "interval", slot, start, start + 900_000, mwh, 0, "", 1, 0, 1, 5, 0, mwh,
-                "1", "{}")
+        return (f"interval/{sid}/{slot}/{start}", sid, "interval", slot, start, start + 900_000,
+                mwh, 0, "", 1, 0, 1, 5, 0, mwh, "1", "{}")
 
     with Store(str(tmp_path / "a.db")) as st:
         st.replace_records({"A-01": [rec("A-01", 1, 0, 5), rec("A-01", 0, 0, 7)],
                             "B-01": [rec("B-01", 1, 0, 9)]})
         st.replace_records({"A-01": [rec("A-01", 1, 0, 6)]})
         rows = st.record_rows()
-        assert [(r[0], r[2], r[5]) for r in rows] == [("A-01", 1, 6), ("B-01", 1, 9)]
+        assert [(r[1], r[3], r[6]) for r in rows] == [("A-01", 1, 6), ("B-01", 1, 9)]
         assert st.record_rows(kind="session") == []
         assert st.record_rows(start_ms=900_001) == []
         assert len(st.record_rows(start_ms=0, end_ms=1)) == 2
+        # incremental: upsert by rid, delete gone rids
+        st.apply_records([rec("A-01", 1, 0, 8), rec("A-01", 2, 0, 1)], ["interval/B-01/1/0"])
+        rows = st.record_rows()
+        assert [(r[1], r[3], r[6]) for r in rows] == [("A-01", 1, 8), ("A-01", 2, 1)]
+        st.replace_records({"C-01": [rec("C-01", 1, 0, 3)]}, everything=True)
+        assert [r[1] for r in st.record_rows()] == ["C-01"]
+
+
+def test_record_round_trip(tmp_path: pathlib.Path) -> None:
+    from agent.metering import Record
+    from agent.store import record_to_row, row_to_record
+
+    r = Record(kind="session", sid="A-01", slot=3, start_ms=5, end_ms=9, mwh=4, held_mwh=1,
+               flags=("hist", "reboot"), from_key=(1, 2), to_key=(3, -1), e_from=10, e_to=14,
+               version="m1", extra={"why": "full", "bat": None, "reg_mwh": 4})
+    with Store(str(tmp_path / "a.db")) as st:
+        st.apply_records([record_to_row(r)], [])
+        (row,) = st.record_rows()
+    assert row_to_record(row) == r
 
 
 def test_status_upsert(tmp_path: pathlib.Path) -> None:

@@ -1,0 +1,65 @@
+"""`stationctl export --db URL [--from ISO] [--to ISO] [--by interval|session|day]
+--format csv|json` (CONTRACT §8): the records the agent stored, to stdout.
+
+The bytes depend only on the database contents and the arguments: records are read in a
+fixed order and rendered by agent/export.py, which sorts them itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sqlite3
+import sys
+from typing import Any
+
+from agent.cli import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="metering records as CSV or JSON Lines (CONTRACT §8)")
+    p.add_argument("--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database")
+    p.add_argument("--from", dest="start", metavar="ISO",
+                   help="inclusive start, UTC unless the time says otherwise (e.g. 2025-11-01)")
+    p.add_argument("--to", dest="end", metavar="ISO", help="exclusive end")
+    p.add_argument("--by", choices=["interval", "session", "day"], default="interval")
+    p.add_argument("--format", required=True, choices=["csv", "json"])
+    p.set_defaults(func=run)
+
+
+def parse_iso_ms(text: str, what: str) -> int:
+    """ISO 8601 date or date-time → Unix ms; no zone means UTC."""
+    try:
+        t = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an ISO 8601 date or time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    delta = t - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.export import render
+    from agent.store import Store, row_to_record
+
+    start = parse_iso_ms(args.start, "--from") if args.start else None
+    end = parse_iso_ms(args.end, "--to") if args.end else None
+    if start is not None and end is not None and end < start:
+        raise UsageError("--to is before --from")
+    try:
+        store = Store(args.db, readonly=True)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, sqlite3.Error) as e:
+        raise UsageError(f"database {args.db}: {e}") from None
+    try:
+        rows = store.record_rows(kind=args.by, start_ms=start, end_ms=end)
+    except sqlite3.DatabaseError as e:
+        raise UsageError(f"{args.db} is not an agent database ({e})") from None
+    finally:
+        store.close()
+    out = render([row_to_record(r) for r in rows], args.format, start, end, args.by)
+    sys.stdout.buffer.write(out)
+    sys.stdout.buffer.flush()
+    return 0

@@ -1,0 +1,399 @@
+"""The agent service: MQTT → verify → raw store / quarantine → PUBACK → metering → records.
+
+Threads: the asyncio loop thread runs paho (agent/ingest.py), verification and metering;
+one database thread runs every write, so a commit (an fsync with synchronous=FULL) never
+stalls the network. Batches form by themselves (group commit): while one batch commits,
+the next accumulates, so a quiet agent commits each message at once and a busy one
+commits thousands at a time. Acknowledgements go out only after the commit.
+
+Failure policy: bad input is quarantined with its reason and counted, never raised; a
+database error keeps the batch, unacknowledged, and retries it (the broker keeps
+redelivering meanwhile); a metering error is logged and counted (raw is already safe
+and the records can be recomputed from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import pathlib
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import msgspec
+
+from agent import wire
+from agent.ingest import BrokerConfig, Delivery, MqttSource
+from agent.keys import CachedKeys, KeyStore
+from agent.metering import IncrementalMeter, MeterParams, RawMsg
+from agent.store import QuarantineRow, RawRow, RecordRow, Store, now_ms, record_to_row
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A bad agent configuration: the message names the key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DbConfig:
+    url: str = "sqlite:///agent.db"
+    synchronous: str = "full"  # sqlite: full (survives power loss) | normal (survives crashes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    batch_max: int = 5000  # most messages in one commit
+    max_pending: int = 50_000  # stop reading the socket beyond this many uncommitted
+    records_interval_ms: int = 500  # how often changed records are written
+    key_reload_s: float = 2.0  # how soon a revocation takes effect
+    stats_interval_s: float = 60.0  # counters to the log
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    db: DbConfig = field(default_factory=DbConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    metering: MeterParams = field(default_factory=MeterParams)
+    carbon_params: str | None = None  # path of the carbon parameters file (agent/carbon.py)
+
+
+def _section(cls: Any, table: Any, name: str, base: pathlib.Path | None = None,
+             paths: tuple[str, ...] = ()) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    kw: dict[str, Any] = {}
+    for k, v in table.items():
+        if k not in known:
+            raise ConfigError(f"unknown key {name}.{k}")
+        want = known[k].type
+        want_s = want if isinstance(want, str) else getattr(want, "__name__", str(want))
+        ok = {
+            "str": isinstance(v, str),
+            "str | None": isinstance(v, str),
+            "int": type(v) is int,
+            "int | None": type(v) is int,
+            "float": type(v) in (int, float),
+            "bool": type(v) is bool,
+        }.get(want_s, True)
+        if not ok:
+            raise ConfigError(f"{name}.{k} must be {want_s.replace(' | None', '')}, got {v!r}")
+        if k in paths and base is not None and v and not os.path.isabs(v):
+            v = str(base / v)
+        kw[k] = v
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{name}]: {e}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read the agent's TOML file (see agent/config.example.toml). Relative paths in it
+    (sqlite database, TLS files, carbon parameters) are taken from the file's folder."""
+    p = pathlib.Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    base = p.resolve().parent
+    for k in data:
+        if k not in ("db", "broker", "ingest", "metering", "carbon"):
+            raise ConfigError(f"unknown section or key {k!r}")
+    db = _section(DbConfig, data.get("db", {}), "db")
+    if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
+        db = DbConfig(url="sqlite:///" + str(base / db.url[len("sqlite:///"):]),
+                      synchronous=db.synchronous)
+    elif "://" not in db.url and not os.path.isabs(db.url):
+        db = DbConfig(url=str(base / db.url), synchronous=db.synchronous)
+    broker_t = dict(data.get("broker", {}))
+    pw_file = broker_t.pop("password_file", None)
+    if pw_file is not None:
+        if "password" in broker_t:
+            raise ConfigError("broker.password and broker.password_file are exclusive")
+        pwp = base / pw_file
+        try:
+            broker_t["password"] = pwp.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"broker.password_file {pwp}: {e.strerror}") from None
+    broker = _section(BrokerConfig, broker_t, "broker", base, ("tls_ca", "tls_cert", "tls_key"))
+    if not broker.prefix or "+" in broker.prefix or "#" in broker.prefix:
+        raise ConfigError(f"broker.prefix {broker.prefix!r} is not a topic prefix")
+    ingest = _section(IngestConfig, data.get("ingest", {}), "ingest")
+    metering = _section(MeterParams, data.get("metering", {}), "metering")
+    carbon = data.get("carbon", {})
+    if not isinstance(carbon, dict) or set(carbon) - {"params"}:
+        raise ConfigError("[carbon] takes one key: params")
+    cp = carbon.get("params")
+    if cp is not None:
+        if not isinstance(cp, str):
+            raise ConfigError("carbon.params must be a path")
+        cp = str(base / cp)
+        if not os.path.exists(cp):
+            raise ConfigError(f"carbon.params: no file {cp}")
+    return AgentConfig(db=db, broker=broker, ingest=ingest, metering=metering, carbon_params=cp)
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+class _Batch:
+    __slots__ = ("bodies", "deliveries", "quarantine", "rows", "status")
+
+    def __init__(self) -> None:
+        self.rows: list[RawRow] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.quarantine: list[QuarantineRow] = []
+        self.status: list[tuple[str, int, bytes]] = []
+        self.deliveries: list[Delivery] = []
+
+
+OnCommit = Callable[[list[RawRow]], None]
+
+
+class Service:
+    """Run with `await Service(cfg).run(stop_event)`. `counters` holds every count
+    (received, stored, duplicate, conflict, quarantined, `q.<reason>`, …)."""
+
+    def __init__(self, cfg: AgentConfig, *, on_commit: OnCommit | None = None) -> None:
+        self.cfg = cfg
+        self.counters: Counter[str] = Counter()
+        self._on_commit = on_commit
+        self.store = Store(cfg.db.url, synchronous=cfg.db.synchronous)  # used by the db thread
+        self._keystore = KeyStore(Store(cfg.db.url, synchronous=cfg.db.synchronous))
+        self.keys: CachedKeys = self._keystore.ring()
+        self.meter = IncrementalMeter(cfg.metering)
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
+        self._batch = _Batch()
+        self._wake = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._committing = False
+        self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
+        self._prefix = cfg.broker.prefix
+        self.ready = asyncio.Event()  # set once raw is replayed and the broker is connected
+
+    # ---- loop thread: each message as paho delivers it -----------------------------------
+
+    def _message(self, topic: str, payload: bytes, d: Delivery) -> None:
+        b = self._batch
+        b.deliveries.append(d)
+        recv = now_ms()
+        try:
+            sid, kind = wire.parse_topic(topic, self._prefix)
+            if kind == "status":
+                self._status(b, sid, topic, payload, recv)
+            else:
+                v = wire.verify(kind, sid, payload, self.keys)
+                b.rows.append(RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload))
+                b.bodies.append(v.body)
+        except wire.WireError as e:
+            b.quarantine.append(QuarantineRow(recv, topic, e.reason.value, e.detail,
+                                              _sid_of(topic, self._prefix), payload))
+        except Exception as e:  # a bug must not stop ingest: keep the bytes, say why
+            log.exception("unexpected error on %s", topic)
+            b.quarantine.append(QuarantineRow(recv, topic, "internal", repr(e)[:300],
+                                              _sid_of(topic, self._prefix), payload))
+        if len(b.deliveries) >= self.cfg.ingest.batch_max:
+            self._wake.set()
+            if len(b.deliveries) >= self.cfg.ingest.max_pending:
+                self.source.pause()
+
+    def _status(self, b: _Batch, sid: str, topic: str, payload: bytes, recv: int) -> None:
+        # unsigned birth / last will: informational, kept as the station's last status
+        try:
+            obj = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise wire.WireError(wire.Reason.BAD_STATUS, "status is not a JSON object")
+        if obj.get("sid") not in (None, sid):
+            raise wire.WireError(wire.Reason.TOPIC_MISMATCH, f"status of {obj.get('sid')!r}")
+        b.status.append((sid, recv, payload))
+
+    # ---- the committer ---------------------------------------------------------------------
+
+    def _write(self, b: _Batch) -> tuple[list[int], int, int]:
+        """db thread: one transaction for raw, quarantine and status of a batch."""
+        res = self.store.write_batch(b.rows, b.quarantine)
+        if b.status:
+            self.store.put_status(b.status)
+        return res.new, res.duplicates, res.conflicts
+
+    async def _committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            b = self._batch
+            if not b.deliveries:
+                continue
+            self._batch = _Batch()
+            self._committing = True
+            delay = 0.05
+            while True:
+                try:
+                    new, dups, conflicts = await loop.run_in_executor(self._db, self._write, b)
+                    break
+                except Exception:
+                    log.exception("database write failed; retrying in %.2fs (not acknowledged)",
+                                  delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self.source.ack(b.deliveries)
+            self._committing = False
+            self.source.resume()
+            c = self.counters
+            c["received"] += len(b.deliveries)
+            c["commits"] += 1
+            c["stored"] += len(new)
+            c["duplicate"] += dups
+            c["conflict"] += conflicts
+            c["status"] += len(b.status)
+            if b.quarantine or conflicts:
+                c["quarantined"] += len(b.quarantine) + conflicts
+                for q in b.quarantine:
+                    c["q." + q.reason] += 1
+                c["q.conflict"] += conflicts
+            if new:
+                rows = [b.rows[i] for i in new]
+                if self._on_commit is not None:
+                    self._on_commit(rows)
+                self._meter(rows, [b.bodies[i] for i in new])
+            if self._batch.deliveries:
+                self._wake.set()
+
+    def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
+        msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms, body=body)
+                for r, body in zip(rows, bodies)]
+        try:
+            self._dirty |= self.meter.add(msgs)
+        except Exception:
+            self.counters["meter_errors"] += 1
+            log.exception("metering failed on a batch of %d messages (raw is stored)", len(msgs))
+
+    def _changes(self) -> tuple[list[RecordRow], list[str]]:
+        dirty, self._dirty = self._dirty, set()
+        ups: list[RecordRow] = []
+        gone: list[str] = []
+        for sid in sorted(dirty):
+            try:
+                changed, removed = self.meter.changes(sid)
+            except Exception:
+                self.counters["meter_errors"] += 1
+                log.exception("metering changes failed for %s", sid)
+                continue
+            ups.extend(record_to_row(r) for r in changed)
+            gone.extend(removed)
+        return ups, gone
+
+    async def flush_records(self) -> None:
+        if not self._dirty:
+            return
+        ups, gone = self._changes()
+        if ups or gone:
+            await asyncio.get_running_loop().run_in_executor(
+                self._db, self.store.apply_records, ups, gone)
+            self.counters["records_written"] += len(ups)
+
+    async def _recorder(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ingest.records_interval_ms / 1000)
+            try:
+                await self.flush_records()
+            except Exception:
+                log.exception("writing records failed (retried with the next changes)")
+
+    async def _housekeeping(self) -> None:
+        last_stats = time.monotonic()
+        while True:
+            await asyncio.sleep(self.cfg.ingest.key_reload_s)
+            try:
+                self.keys.reload()
+            except Exception:
+                log.exception("reloading keys failed")
+            if time.monotonic() - last_stats >= self.cfg.ingest.stats_interval_s:
+                last_stats = time.monotonic()
+                log.info("counters: %s", dict(sorted(self.counters.items())))
+
+    # ---- start-up and the whole run ---------------------------------------------------------
+
+    def replay(self) -> int:
+        """Rebuild the metering state from the raw table and rewrite every record (what a
+        crash may have left stale). Returns the number of raw messages replayed."""
+        n = 0
+        for rows in self.store.iter_raw():
+            msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms,
+                           body=wire.decode_record(r.record)) for r in rows]
+            self.meter.add(msgs)
+            n += len(msgs)
+        by_sid: dict[str, list[RecordRow]] = {}
+        for sid in self.meter.sids():
+            changed, _ = self.meter.changes(sid)
+            by_sid[sid] = [record_to_row(r) for r in changed]
+        self.store.replace_records(by_sid, everything=True)
+        return n
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        n = await loop.run_in_executor(self._db, self.replay)
+        log.info("replayed %d raw messages into metering in %.1fs", n, time.monotonic() - t0)
+        tasks = [asyncio.create_task(x) for x in
+                 (self.source.run(), self._committer(), self._recorder(), self._housekeeping())]
+
+        async def _ready() -> None:
+            await self.source.connected.wait()
+            self.ready.set()
+
+        ready = asyncio.create_task(_ready())
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            for t in done:
+                if t is not waiter:  # a task of the service ended: a bug, say so loudly
+                    exc = t.exception()
+                    raise RuntimeError(f"agent task ended: {t!r}") from exc
+        finally:
+            ready.cancel()
+            await self._shutdown(tasks)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        # stop reading, commit and acknowledge what was read, then say goodbye
+        self.source.pause()
+        committer = tasks[1]
+        for _ in range(500):
+            if (not self._batch.deliveries and not self._committing) or committer.done():
+                break
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        self.source.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.flush_records()
+        except Exception:
+            log.exception("final records flush failed (replay rebuilds them at start)")
+        self._db.shutdown(wait=True)
+        self.store.close()
+        self._keystore.store.close()
+        log.info("stopped; counters: %s", dict(sorted(self.counters.items())))
+
+
+def _sid_of(topic: str, prefix: str) -> str | None:
+    parts = topic.split("/")
+    n = len(prefix.split("/"))
+    if len(parts) == n + 2 and wire.SID_RE.fullmatch(parts[n]):
+        return parts[n]
+    return None
