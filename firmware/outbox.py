@@ -30,7 +30,10 @@
 # when no telemetry is left, and then only for a new event or boot record; boot records
 # never go. A new telemetry record that cannot fit after that is itself dropped (append
 # returns None). A boot record is always stored, even over the bound. Drops are counted in
-# `dropped` (since start) and reported once through take_dropped(), for an outbox_drop event.
+# `dropped` (since start) and reported once through take_dropped(), for an outbox_drop event
+# (a count not yet taken is lost with a restart; the agent still sees the seq gap).
+# Edge case: when boot records alone nearly fill the bound, a new event first pushes out the
+# older events and may then not fit either (the bound does not know live bytes per kind).
 #
 # RAM: one byte per record id in the live segments (its kind while pending, 0 once gone),
 # a small ack set, one copy buffer. Payloads stay on flash until pending() reads them.
@@ -215,8 +218,13 @@ class Outbox:
                 f.write(h)
                 f.write(payload)
         except OSError:
-            seg.closed = True  # a partial record may be there: start a new segment next time
-            self._resize(seg)
+            # a partial record may be there: never append to this file again
+            if seg.kinds:
+                seg.closed = True
+                self._resize(seg)
+            else:  # a segment this append created: its name is reused by the next one
+                _remove(self._path(seg))
+                self._segs.pop()
             raise
         seg.kinds.append(k)
         seg.size += need

@@ -215,6 +215,19 @@ def test_stale_compaction_file_is_removed():
     assert "c.tmp" not in os.listdir(root) and [r[2] for r in ob2.pending(5)] == [b"x"]
 
 
+def test_a_failed_write_leaves_the_outbox_consistent():
+    root = tmpdir("ob-fail")
+    ob = outbox.Outbox(root, 100000, seg_bytes=1024)
+    assert ob.append("t", payload(0, 1100)) == 0
+    os.mkdir(root + "/s1")  # the next segment cannot be opened
+    raises(OSError, ob.append, "t", b"lost")
+    assert len(ob) == 1 and ob.bytes_used == 1112
+    os.rmdir(root + "/s1")
+    assert ob.append("e", b"next") == 1
+    assert [(r[0], r[2]) for r in outbox.Outbox(root, 100000, seg_bytes=1024).pending(5)] == [
+        (0, payload(0, 1100)), (1, b"next")]
+
+
 def test_bad_arguments():
     ob = outbox.Outbox(tmpdir("ob-bad"), 100000)
     raises(ValueError, ob.append, "x", b"1")
