@@ -215,7 +215,8 @@ class RigModel:
         """Input registers 0x0000..0x0049 (float32 big-endian, high word first)."""
         v, a, w, kwh = self.meter_values()
         regs = [0] * METER_INPUT_REGS
-        for addr, x in ((0x0000, v), (0x0006, a), (0x0034, w), (0x0048, kwh)):
+        # 0x000C is phase 1 power (SDM630; total power on an SDM120): the load is on phase 1
+        for addr, x in ((0x0000, v), (0x0006, a), (0x000C, w), (0x0034, w), (0x0048, kwh)):
             regs[addr], regs[addr + 1] = _f32_regs(x)
         return regs
 

@@ -122,6 +122,7 @@ class Rig:
         meter_start_kwh: float | None = None,
         meter_serial: int | None = None,
         turnaround_chars: float = 3.5,
+        bus_char_bits: int = 10,
         host: RigHost | None = None,
         name: str = "rig",
     ) -> None:
@@ -133,6 +134,9 @@ class Rig:
         self.charger_baud = charger_baud
         self.pace = pace
         self.turnaround_chars = turnaround_chars
+        if bus_char_bits not in (10, 11, 12):
+            raise ValueError("bus_char_bits must be 10 (8N1), 11 (8E1, 8N2) or 12 (8E2)")
+        self.bus_char_bits = bus_char_bits
         self.rates = faults if faults is not None else FaultRates()
         self.workdir = pathlib.Path(workdir) if workdir is not None else None
         self.model = RigModel(slots=slots, meter=meter, seed=seed, dt_s=dt_s,
@@ -196,7 +200,8 @@ class Rig:
             self._bus_relay = BusRelay(
                 loop=loop, model=self.model, station=bus, server=server_side,
                 baud=self.bus_baud, faults=BusFaults(self.rates, self.log, self.seed),
-                pace=self.pace, turnaround_chars=self.turnaround_chars)
+                pace=self.pace, char_bits=self.bus_char_bits,
+                turnaround_chars=self.turnaround_chars)
             self._charger_relay = ChargerRelay(
                 loop=loop, model=self.model, station=charger, baud=self.charger_baud,
                 faults=ChargerFaults(self.rates, self.log, self.seed), pace=self.pace)
