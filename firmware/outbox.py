@@ -234,8 +234,10 @@ class Outbox:
         self._next = rid + 1
         return rid
 
-    def pending(self, limit):
-        """Up to limit pending records, oldest first: a list of (id, kind, payload)."""
+    def pending(self, limit=8):
+        """Up to limit pending records, oldest first: a list of (id, kind, payload). Reads
+        the payloads from flash on each call; kind "t" goes to the telemetry topic, "e" and
+        "b" to the event topic."""
         out = []  # type: list
         for seg in self._segs:
             if len(out) >= limit:
