@@ -48,7 +48,7 @@ class MQTTError(Exception):
     """The broker refused the connection (CONNACK return code in .rc)."""
 
     def __init__(self, rc):
-        Exception.__init__(self, "connection refused, return code %d" % rc)
+        super().__init__("connection refused, return code %d" % rc)
         self.rc = rc
 
 
@@ -60,8 +60,8 @@ class MQTTClient:
       on_connect(session_present)    after every successful (re)connect, once the
                                      retransmissions are out (publish a birth from a task)
     Counters (ints, for status and telemetry): attempts, connects, reconnects,
-    proto_errors, timeouts, io_errors, refused, retransmits, acked, dup_acks,
-    sub_errors, cb_errors; see counters()."""
+    proto_errors, timeouts, io_errors, refused, internal_errors, retransmits, acked,
+    dup_acks, sub_errors, cb_errors; see counters()."""
 
     def __init__(
         self,
@@ -112,11 +112,11 @@ class MQTTClient:
         self.attempts = self.connects = self.reconnects = 0
         self.proto_errors = self.timeouts = self.io_errors = self.refused = 0
         self.retransmits = self.acked = self.dup_acks = 0
-        self.sub_errors = self.cb_errors = 0
+        self.sub_errors = self.cb_errors = self.internal_errors = 0
         self._dec = mc.Decoder(max_packet)
         self._rbuf = bytearray(512)
         self._fl = []  # in flight, oldest first: [pid, packet bytearray, ref]; len <= window
-        self._subs = []  # (topic filter, qos), resubscribed when the broker has no session
+        self._subs = []  # [topic filter, qos, sent]: at most 8; resent when the session is gone
         self._pid = 0
         self._lock = asyncio.Lock()  # one writer at a time (MicroPython allows one per socket)
         self._change = asyncio.Event()  # a window slot freed or the link came up
@@ -148,6 +148,7 @@ class MQTTClient:
             "dup_acks": self.dup_acks,
             "sub_errors": self.sub_errors,
             "cb_errors": self.cb_errors,
+            "internal_errors": self.internal_errors,
             "inflight": len(self._fl),
         }
 
@@ -250,12 +251,31 @@ class MQTTClient:
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
         mc.subscribe(1, topic, qos)  # validates the filter
-        if (topic, qos) not in self._subs:
+        for e in self._subs:
+            if e[0] == topic:
+                if e[1] != qos:
+                    e[1] = qos
+                    e[2] = False
+                break
+        else:
             if len(self._subs) >= 8:
                 raise ValueError("too many subscriptions")
-            self._subs.append((topic, qos))
+            self._subs.append([topic, qos, False])
         if self.connected:
-            await self._send(mc.subscribe(self._next_pid(), topic, qos))
+            await self._send_subs()
+
+    async def _send_subs(self):
+        async with self._lock:
+            await self._write_subs()
+
+    async def _write_subs(self):
+        """SUBSCRIBE every filter the broker's session lacks (lock held)."""
+        for e in self._subs:
+            if not e[2]:
+                if not await self._write(mc.subscribe(self._next_pid(), e[0], e[1])):
+                    return False
+                e[2] = True
+        return True
 
     async def ping(self, timeout_ms=5000):
         """PINGREQ and wait for the PINGRESP: the round trip in ms, or -1."""
@@ -329,9 +349,10 @@ class MQTTClient:
         lock so that no new publish can slip in between."""
         async with self._lock:
             if not session_present:
-                for topic, qos in self._subs:
-                    if not await self._write(mc.subscribe(self._next_pid(), topic, qos)):
-                        raise OSError("SUBSCRIBE not sent")
+                for e in self._subs:
+                    e[2] = False
+            if not await self._write_subs():
+                raise OSError("SUBSCRIBE not sent")
             for e in list(self._fl):  # a copy: PUBACKs may remove entries meanwhile
                 if e not in self._fl:
                     continue
@@ -354,6 +375,17 @@ class MQTTClient:
         self._tasks = []
         s, w = self._sock, self._w
         self._r = self._w = self._sock = None
+        if s is None and w is None:
+            return
+        # Close only once no writer is inside drain() on this socket: a task left waiting
+        # on a closed socket's descriptor could be woken by the next socket given the
+        # same number. Writers give up within io_timeout_ms.
+        locked = False
+        try:
+            await _wait_ms(self._lock.acquire(), self._ito + 1000)
+            locked = True
+        except Exception:
+            pass
         try:
             if s is not None:
                 s.close()
@@ -362,6 +394,9 @@ class MQTTClient:
                 await _wait_ms(w.wait_closed(), 1000)
         except Exception:  # closing a dead socket may complain; it is closed either way
             pass
+        finally:
+            if locked:
+                self._lock.release()
 
     def _kill(self):
         """Mark the current connection dead and wake whoever waits on it."""
@@ -379,8 +414,10 @@ class MQTTClient:
             self.timeouts += 1
         elif isinstance(e, MQTTError):
             self.refused += 1
-        else:
+        elif isinstance(e, (OSError, EOFError)):
             self.io_errors += 1
+        else:  # a bug of ours or of a library: counted apart, and recovered from all the same
+            self.internal_errors += 1
         self.last_error = "%s: %s" % (type(e).__name__, e)
         self._kill()
 
@@ -396,7 +433,8 @@ class MQTTClient:
             await _wait_ms(w.drain(), self._ito)
             return True
         except Exception as e:
-            self._fail(e)
+            if self._w is w:  # else the connection was replaced meanwhile: not its fault
+                self._fail(e)
             return False
 
     async def _send(self, pkt, handshake=False):

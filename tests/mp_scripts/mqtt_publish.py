@@ -70,20 +70,24 @@ async def main(o):
     topic = o.get("topic", "test/mp")
     t0 = timebase.ticks_ms()
     deadline = o.get("deadline_ms", 60000)
-    for i in range(n):
-        p = b"%06d|" % i
-        p += b"x" * (size - len(p))
-        await c.publish(topic, p, 1, False, i)
-        if o.get("gap_ms"):
-            await timebase.asleep_ms(o["gap_ms"])
+
+    async def publish_all():
+        for i in range(n):
+            p = b"%06d|" % i
+            p += b"x" * (size - len(p))
+            await c.publish(topic, p, 1, False, i)
+            if o.get("gap_ms"):
+                await timebase.asleep_ms(o["gap_ms"])
+
+    pub = asyncio.create_task(publish_all())
     while (acked[1] < n or o.get("hold")) and timebase.ticks_diff(
         timebase.ticks_ms(), t0
     ) < deadline:
         await timebase.asleep_ms(20)
     ev = "done" if acked[1] >= n else "timeout"
-    if o.get("disconnect", True):
-        await c.disconnect()
-        await runner
+    pub.cancel()
+    await c.disconnect()
+    await runner
     out({"ev": ev, "acked": acked[0], "refs": acked[1], "c": c.counters(), "err": c.last_error})
 
 
