@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import tty
@@ -144,7 +145,7 @@ async def paced_write(
         if char_s <= 0:
             upto = n
         else:
-            upto = min(n, int((now + 2 * burst_s - start) / char_s) + 1)
+            upto = min(n, math.floor((now + 2 * burst_s - start) / char_s) + 1)
         if upto > sent:
             try:
                 w = os.write(fd, data[sent:upto])
