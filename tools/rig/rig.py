@@ -208,10 +208,18 @@ class Rig:
             self._tasks = [
                 loop.create_task(self._bus_relay.run(), name=f"{self.name}-bus"),
                 loop.create_task(self._charger_relay.run(), name=f"{self.name}-charger"),
+                loop.create_task(self._tick(), name=f"{self.name}-tick"),
             ]
         except BaseException:
             await self._astop()
             raise
+
+    async def _tick(self) -> None:
+        """Keep the physics caught up even when nobody polls, so that no later reading
+        has to integrate a long stretch while holding the model's lock."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.model.ground_truth_mwh()
 
     async def _astop(self) -> None:
         for t in self._tasks:
