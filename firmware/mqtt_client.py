@@ -44,6 +44,14 @@ async def _wait_ms(aw, ms):
     return await asyncio.wait_for(aw, ms / 1000)
 
 
+def _io(e):
+    """Whatever the socket or TLS layer raised is an I/O failure: MicroPython's TLS, for
+    one, reports a certificate it cannot verify as ValueError."""
+    if isinstance(e, (OSError, EOFError, asyncio.TimeoutError)):
+        return e
+    return OSError("%s: %s" % (type(e).__name__, e))
+
+
 class MQTTError(Exception):
     """The broker refused the connection (CONNACK return code in .rc)."""
 
@@ -98,7 +106,6 @@ class MQTTClient:
         self._ka = keepalive_s * 1000
         self._window = window
         self._tls = tls
-        self._max_packet = max_packet
         self._cto = connect_timeout_ms
         self._ito = io_timeout_ms
         self._bmin = backoff_min_ms
@@ -169,6 +176,13 @@ class MQTTClient:
         minimum after a connection that lasted stable_ms), repeat. Never raises."""
         self._running = True
         self._stop.clear()
+        try:
+            await self._run()
+        finally:  # also when the caller cancels run(): leave no socket or task behind
+            self._running = False
+            self._abort()
+
+    async def _run(self):
         backoff = self._bmin
         first = True
         while self._running:
@@ -398,6 +412,23 @@ class MQTTClient:
             if locked:
                 self._lock.release()
 
+    def _abort(self):
+        """_close() without waiting: for a cancelled run()."""
+        self.connected = False
+        self._down = True
+        for t in self._tasks:
+            t.cancel()
+        self._tasks = []
+        s, w = self._sock, self._w
+        self._r = self._w = self._sock = None
+        try:
+            if s is not None:
+                s.close()
+            elif w is not None:
+                w.close()
+        except Exception:
+            pass
+
     def _kill(self):
         """Mark the current connection dead and wake whoever waits on it."""
         self.connected = False
@@ -434,7 +465,7 @@ class MQTTClient:
             return True
         except Exception as e:
             if self._w is w:  # else the connection was replaced meanwhile: not its fault
-                self._fail(e)
+                self._fail(_io(e))
             return False
 
     async def _send(self, pkt, handshake=False):
@@ -450,14 +481,18 @@ class MQTTClient:
         dec = self._dec
         try:
             while True:
-                if _MP:
-                    n = await r.readinto(buf)  # type: ignore[union-attr]
-                    if n is None:  # spurious wake-up (EAGAIN)
-                        continue
-                    data = mv[:n]
-                else:
-                    data = await r.read(len(buf))  # type: ignore[union-attr]
-                    n = len(data)
+                try:
+                    if _MP:
+                        n = await r.readinto(buf)  # type: ignore[union-attr]
+                        if n is None:  # spurious wake-up (EAGAIN)
+                            continue
+                        data = mv[:n]
+                    else:
+                        data = await r.read(len(buf))  # type: ignore[union-attr]
+                        n = len(data)
+                except Exception as e:
+                    self._fail(_io(e))
+                    return
                 if not n:
                     raise OSError("connection closed by broker")
                 self._last_rx = timebase.ticks_ms()

@@ -12,9 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import os
 import queue
+import shutil
 import signal
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +27,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from tests.fake_broker import FakeBroker, RecordingProxy
-from tests.helpers import micropython_bin
-from tools.mosquitto import Mosquitto
+from tests.helpers import free_port, micropython_bin
+from tools.mosquitto import Mosquitto, find_mosquitto
 
 SCRIPT = pathlib.Path(__file__).parent / "mp_scripts" / "mqtt_publish.py"
 
@@ -369,3 +374,112 @@ async def test_backoff_doubles_with_jitter_and_caps(mp_procs: Any) -> None:
         assert len({round(g, 2) for g in gaps[3:]}) > 1, gaps  # jittered, not in lockstep
     finally:
         await broker.stop()
+
+
+# ---- TLS ------------------------------------------------------------------------------
+
+
+def _make_ca(d: pathlib.Path, name: str) -> None:
+    def ssl_(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl_(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
+    ssl_("x509", "-in", f"{name}.pem", "-outform", "DER", "-out", f"{name}.der")
+
+
+@pytest.fixture
+def tls_broker(tmp_path: pathlib.Path) -> Iterator[tuple[int, pathlib.Path]]:
+    """Mosquitto with a TLS listener whose certificate test-ca signed (also for 127.0.0.1)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    _make_ca(tmp_path, "test-ca")
+    _make_ca(tmp_path, "other-ca")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "test-ca.pem",
+        "-CAkey",
+        "test-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
+    port = free_port()
+    conf = [
+        f"listener {port} 127.0.0.1",
+        f"cafile {tmp_path}/test-ca.pem",
+        f"certfile {tmp_path}/server.pem",
+        f"keyfile {tmp_path}/server.key",
+        "allow_anonymous true",
+    ]
+    if os.geteuid() == 0:
+        conf.append("user root")
+    (tmp_path / "tls.conf").write_text("\n".join(conf) + "\n")
+    proc = subprocess.Popen(
+        [find_mosquitto(), "-c", str(tmp_path / "tls.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no TLS broker"
+                time.sleep(0.05)
+        yield port, tmp_path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_tls_verified_broker(tls_broker: tuple[int, pathlib.Path], mp_procs: Any) -> None:
+    port, d = tls_broker
+    mp = await mp_procs(port=port, n=20, size=600, tls_ca=str(d / "test-ca.der"))
+    done = await mp.finish()
+    assert done["ev"] == "done" and done["refs"] == 20, done
+    assert done["c"]["connects"] == 1
+
+
+async def test_tls_wrong_ca_never_connects(
+    tls_broker: tuple[int, pathlib.Path], mp_procs: Any
+) -> None:
+    port, d = tls_broker
+    mp = await mp_procs(
+        port=port,
+        n=1,
+        tls_ca=str(d / "other-ca.der"),
+        deadline_ms=2000,
+        backoff_min_ms=100,
+        backoff_max_ms=200,
+    )
+    done = await mp.finish()
+    c = done["c"]
+    assert done["ev"] == "timeout" and c["connects"] == 0 and c["attempts"] >= 2, done
+    assert c["io_errors"] == c["attempts"] and c["internal_errors"] == 0, done

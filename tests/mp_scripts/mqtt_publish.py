@@ -28,6 +28,14 @@ async def main(o):
     if o.get("will"):
         w = o["will"]
         will = (w[0], w[1].encode(), w[2], w[3])
+    tls = False
+    if o.get("tls_ca"):  # verify the broker against this CA (DER file)
+        import ssl
+
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.verify_mode = ssl.CERT_REQUIRED
+        with open(o["tls_ca"], "rb") as f:
+            tls.load_verify_locations(cadata=f.read())
     c = mqtt_client.MQTTClient(
         o.get("host", "127.0.0.1"),
         o["port"],
@@ -41,6 +49,7 @@ async def main(o):
         io_timeout_ms=o.get("io_timeout_ms", 5000),
         backoff_min_ms=o.get("backoff_min_ms", 100),
         backoff_max_ms=o.get("backoff_max_ms", 1000),
+        tls=tls,
     )
     n = o.get("n", 0)
     acked = [0, 0]  # PUBACKs, distinct refs acked
