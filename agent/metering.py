@@ -124,6 +124,25 @@ class Record:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+_new = object.__new__
+
+
+def _record(
+    kind: str, sid: str, slot: int, start_ms: int, end_ms: int, mwh: int, held_mwh: int,
+    flags: tuple[str, ...], from_key: tuple[int, int], to_key: tuple[int, int], e_from: int,
+    e_to: int,
+) -> Record:
+    """Record(...) without the frozen dataclass __init__ (field by field object.__setattr__):
+    2.5x cheaper, and materializing records is most of the per-message cost."""
+    r: Record = _new(Record)
+    r.__dict__.update(
+        kind=kind, sid=sid, slot=slot, start_ms=start_ms, end_ms=end_ms, mwh=mwh,
+        held_mwh=held_mwh, flags=flags, from_key=from_key, to_key=to_key, e_from=e_from,
+        e_to=e_to, version=PROCESSING_VERSION, extra={},
+    )
+    return r
+
+
 def record_sort_key(r: Record) -> tuple[Any, ...]:
     return (r.kind, r.sid, r.slot, r.start_ms, r.end_ms, r.from_key, r.to_key, r.flags)
 
@@ -166,15 +185,15 @@ def _spread(c: int, t0: int, t1: int, iv: int) -> list[list[int]]:
 
 
 class _Acc:
-    """One stream's contributions to one interval from one boot's processing."""
+    """One stream's contributions to one interval from one part's processing."""
 
-    __slots__ = ("boot", "fkey", "flags", "fval", "held", "mwh", "tkey", "tval")
+    __slots__ = ("fkey", "flags", "fval", "held", "mwh", "part", "tkey", "tval")
 
     def __init__(
-        self, boot: int, mwh: int, held: int, flags: int,
+        self, part: int, mwh: int, held: int, flags: int,
         fkey: tuple[int, int], fval: int, tkey: tuple[int, int], tval: int,
     ) -> None:
-        self.boot = boot
+        self.part = part
         self.mwh = mwh
         self.held = held
         self.flags = flags
@@ -210,7 +229,7 @@ class _Stream:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.iv: dict[int, list[_Acc]] = {}  # interval index -> contributions, boot order
+        self.iv: dict[int, list[_Acc]] = {}  # interval index -> contributions, part order
         self.dirty: set[int] = set()  # intervals changed since the last materialization
         self.lsum = 0  # credited / held in locked intervals (rule 8 adjustments)
         self.lheld = 0
@@ -237,24 +256,31 @@ class _Stream:
          self.hv, self.hup, self.sn) = s
 
 
+PART_MSGS = 256  # messages per checkpoint: a late message re-runs at most this many + later
+
+
+class _Part:
+    """A run of at most PART_MSGS consecutive messages of one boot, processed together:
+    the stream states before it (to go back to) and what it contributed (to take back)."""
+
+    __slots__ = ("acc", "boot", "id", "rsnap", "snap", "start")
+
+    def __init__(self, pid: int, boot: int, start: int, snap: dict[int, _Snap],
+                 rsnap: dict[int, tuple[int, int]]) -> None:
+        self.id = pid  # increasing in processing order within a station
+        self.boot = boot
+        self.start = start  # position of its first message in the boot
+        self.snap = snap
+        self.rsnap = rsnap  # boot.ranges before it: slot -> (len, hi of the last range)
+        self.acc: dict[int, dict[int, _Acc]] = {}  # stream -> interval -> contribution
+
+
 class _Boot:
     """One boot of one station: its messages in seq order and what the rules need of it."""
 
     __slots__ = (
-        "bm",
-        "done",
-        "est_off",
-        "ev_seq",
-        "msgs",
-        "no",
-        "parts",
-        "r_used",
-        "ranges",
-        "restored",
-        "seqs",
-        "snap",
-        "sync_off",
-        "sync_seq",
+        "bm", "done", "est_off", "ev_seq", "msgs", "no", "parts", "r_used", "ranges",
+        "restored", "seen", "seqs", "sync_off", "sync_seq",
     )
 
     def __init__(self, no: int) -> None:
@@ -269,11 +295,11 @@ class _Boot:
         self.bm: dict[int, tuple[int, int]] = {}  # slot -> (seq, b_mwh) lowest seq
         self.r_used: set[int] = set()  # slots whose r(b) the processing consulted
         self.done = 0  # messages processed (a prefix of msgs)
-        self.snap: dict[int, _Snap] | None = None  # stream states before this boot
-        self.parts: dict[int, dict[int, _Acc]] = {}  # stream -> interval -> contribution
-        # stream -> credited register ranges [lo, hi) made while processing this boot
-        # (for the session cross-check)
+        self.parts: list[_Part] = []
+        # slot -> register ranges [lo, hi] credited while processing this boot, ascending
+        # and disjoint (the mark only rises within a boot): the session cross-check
         self.ranges: dict[int, list[list[int]]] = {}
+        self.seen: set[int] = set()  # streams with readings in this boot
 
     def offset(self) -> tuple[int, bool]:
         """(offset, estimated) per rule 5."""
@@ -292,17 +318,8 @@ class _Boot:
 
 class _Station:
     __slots__ = (
-        "boots",
-        "end_keys",
-        "ends",
-        "lb",
-        "order",
-        "sess_new",
-        "sess_pending",
-        "sess_rerun",
-        "sid",
-        "starts",
-        "streams",
+        "boots", "end_keys", "ends", "ends_by_sig", "lb", "order", "pid", "sess_new",
+        "sess_pending", "sess_rerun", "sid", "starts", "streams",
     )
 
     def __init__(self, sid: str) -> None:
@@ -311,15 +328,22 @@ class _Station:
         self.order: list[int] = []  # boot numbers, ascending
         self.streams: dict[int, _Stream] = {}
         self.lb: int | None = None  # last boot processed (all boots before it are done)
+        self.pid = 0  # next part id
         self.ends: dict[tuple[int, int], RawMsg] = {}  # session_end events by key
         self.end_keys: list[tuple[int, int]] = []  # sorted
-        self.starts: dict[tuple[Any, Any, Any], list[tuple[int, int]]] = {}
-        # session records to make again: those whose end event was just processed, all
-        # those ending in boots >= sess_rerun, and those whose check was not "ok" yet
-        # (only more readings can make it "ok" while processing simply continues)
+        self.starts: dict[_Sig, list[tuple[int, int]]] = {}  # session_start keys, sorted
+        self.ends_by_sig: dict[_Sig, list[tuple[int, int]]] = {}
+        # session records to make again: those whose end event was just processed (or
+        # whose start event arrived), those a re-run may have changed (sess_rerun: from
+        # this boot on; in the boot itself only above these marks, None: all), and those
+        # whose check was not "ok" yet (more readings may still make it "ok")
         self.sess_new: set[tuple[int, int]] = set()
-        self.sess_rerun: int | None = None
+        self.sess_rerun: tuple[int, dict[int, int] | None] | None = None
         self.sess_pending: set[tuple[int, int]] = set()
+
+
+_Sig = tuple[Any, Any, Any]  # (slot, bat, register at the start) of a session
+_CONTINUE = (-1, -1)  # _insert: processing can simply go on
 
 
 def _int(x: Any) -> int | None:
@@ -350,28 +374,29 @@ class _Engine:
             st = self.stations.get(sid)
             if st is None:
                 st = self.stations[sid] = _Station(sid)
-            lst.sort(key=lambda m: (m.boot, m.seq))
-            rerun: int | None = None
+            if len(lst) > 1:
+                lst.sort(key=lambda m: (m.boot, m.seq))
+            rerun: tuple[int, int] | None = None
             new = False
             for m in lst:
                 res = self._insert(st, m)
                 if res is None:
                     continue
                 new = True
-                if res >= 0 and (rerun is None or res < rerun):
+                if res is not _CONTINUE and (rerun is None or res < rerun):
                     rerun = res
             if not new:
                 continue
             changed.add(sid)
             if rerun is not None:
-                self._rerun(st, rerun)
+                self._rerun(st, rerun[0], rerun[1])
             else:
-                self._run(st)
+                self._run(st, 0 if st.lb is None else bisect.bisect_left(st.order, st.lb))
         return changed
 
-    def _insert(self, st: _Station, m: RawMsg) -> int | None:
-        """Store m. None: nothing new. Else the boot to re-run from, or -1 when the message
-        only extends the processed data (processing can simply continue)."""
+    def _insert(self, st: _Station, m: RawMsg) -> tuple[int, int] | None:
+        """Store m. None: nothing new. Else _CONTINUE when the message only extends the
+        processed data, or the (boot, position) processing must go back to."""
         bno = m.boot
         seq = m.seq
         body = m.body
@@ -390,12 +415,14 @@ class _Engine:
         tail = not seqs or seq > seqs[-1]
         if tail:
             pos = len(seqs)
+            seqs.append(seq)
+            b.msgs.append(m)
         else:
             pos = bisect.bisect_left(seqs, seq)
             if pos < len(seqs) and seqs[pos] == seq:
-                return self._duplicate(st, b, pos, m)
-        seqs.insert(pos, seq)
-        b.msgs.insert(pos, m)
+                return self._duplicate(b, pos, m)
+            seqs.insert(pos, seq)
+            b.msgs.insert(pos, m)
         old = b.offset()
         rchg = False
         ts = body.get("ts")
@@ -441,18 +468,24 @@ class _Engine:
             key = (bno, seq)
             st.ends[key] = m
             bisect.insort(st.end_keys, key)
+            sig = (body.get("slot"), body.get("bat"), body.get("e0_mwh"))
+            bisect.insort(st.ends_by_sig.setdefault(sig, []), key)
         elif ev == "session_start":
-            sk = (body.get("slot"), body.get("bat"), body.get("e_mwh"))
-            bisect.insort(st.starts.setdefault(sk, []), (bno, seq))
+            key = (bno, seq)
+            sig = (body.get("slot"), body.get("bat"), body.get("e_mwh"))
+            bisect.insort(st.starts.setdefault(sig, []), key)
+            for k in st.ends_by_sig.get(sig, ()):
+                if k > key:
+                    st.sess_new.add(k)  # may now match this start
         if st.lb is None:
-            return -1
-        if bno < st.lb or pos < b.done:
-            return bno  # before data already processed
+            return _CONTINUE
         if b.done and (rchg or b.offset() != old):
-            return bno  # boot-level facts the processed readings used have changed
-        return -1
+            return (bno, 0)  # boot-level facts the processed readings used have changed
+        if bno < st.lb or pos < b.done:
+            return (bno, pos)  # before data already processed
+        return _CONTINUE
 
-    def _duplicate(self, st: _Station, b: _Boot, pos: int, m: RawMsg) -> int | None:
+    def _duplicate(self, b: _Boot, pos: int, m: RawMsg) -> tuple[int, int] | None:
         old = b.msgs[pos]
         if old.body != m.body:
             self.conflicts += 1
@@ -468,42 +501,83 @@ class _Engine:
         if b.est_off is None or e < b.est_off:
             b.est_off = e
         if b.done and b.offset() != before:
-            return b.no
-        return -1
+            return (b.no, 0)
+        return _CONTINUE
 
     # ---- processing -------------------------------------------------------------------
 
-    def _rerun(self, st: _Station, bno: int) -> None:
-        """Drop everything produced from boot bno on and process again from there."""
-        i = bisect.bisect_left(st.order, bno)
-        # the first processed boot at or after bno holds the stream states to go back to
-        y = None
-        for b_no in st.order[i:]:
-            if st.boots[b_no].snap is not None:
-                y = st.boots[b_no]
-                break
-        if y is not None:
-            assert y.snap is not None
-            snap = y.snap
-            for b_no in reversed(st.order[bisect.bisect_left(st.order, y.no):]):
-                self._drop(st, st.boots[b_no])
+    def _rerun(self, st: _Station, bno: int, pos: int) -> None:
+        """Take back everything produced from (boot bno, position pos) on and process
+        again from the last checkpoint before it."""
+        order = st.order
+        i = bisect.bisect_left(order, bno)
+        b = st.boots[bno]
+        target = None
+        if b.parts:
+            for p in reversed(b.parts):
+                if p.start <= pos:
+                    target = p
+                    break
+        else:  # a boot not processed yet, before processed ones
+            for b_no in order[i + 1:]:
+                if st.boots[b_no].parts:
+                    target = st.boots[b_no].parts[0]
+                    break
+        marks: dict[int, int] | None = None
+        if target is not None:
+            tb = st.boots[target.boot]
+            for b_no in reversed(order[bisect.bisect_left(order, tb.no):]):
+                bb = st.boots[b_no]
+                parts = bb.parts
+                while parts and parts[-1].id >= target.id:
+                    self._drop(st, parts.pop())
+                if bb is not tb:
+                    bb.done = 0
+                    bb.ranges = {}
+                    bb.r_used = set()
+            tb.done = target.start
+            if target.start == 0:
+                tb.ranges = {}
+                tb.r_used = set()
+            else:
+                for n in list(tb.ranges):
+                    x = target.rsnap.get(n)
+                    if x is None:
+                        del tb.ranges[n]
+                    else:
+                        rs = tb.ranges[n]
+                        del rs[x[0]:]
+                        rs[-1][1] = x[1]
+                if tb is b:
+                    # sessions of this boot can only change above the marks of then
+                    marks = {n: x[1] for n, x in target.snap.items() if x[0] == tb.no}
             for s in st.streams.values():
-                x = snap.get(s.n)
+                x = target.snap.get(s.n)
                 if x is None:
                     s.reset()
                 else:
                     s.restore(x)
-        prev = i - 1
-        st.lb = st.order[prev] if prev >= 0 else None
-        if st.sess_rerun is None or bno < st.sess_rerun:
-            st.sess_rerun = bno
-        self._run(st)
+        self._sess_rerun(st, bno, marks)
+        st.lb = order[i - 1] if i else None
+        self._run(st, i)
 
-    def _drop(self, st: _Station, b: _Boot) -> None:
+    @staticmethod
+    def _sess_rerun(st: _Station, bno: int, marks: dict[int, int] | None) -> None:
+        cur = st.sess_rerun
+        if cur is None or bno < cur[0]:
+            st.sess_rerun = (bno, marks)
+        elif bno == cur[0]:
+            old = cur[1]
+            if old is None or marks is None:
+                st.sess_rerun = (bno, None)
+            else:
+                st.sess_rerun = (bno, {n: min(old[n], marks[n]) for n in old.keys() & marks})
+
+    def _drop(self, st: _Station, part: _Part) -> None:
         klock = self.klock
-        for n, part in b.parts.items():
+        for n, acc_by_k in part.acc.items():
             s = st.streams[n]
-            for k, acc in part.items():
+            for k, acc in acc_by_k.items():
                 lst = s.iv[k]
                 for j in range(len(lst) - 1, -1, -1):
                     if lst[j] is acc:
@@ -515,29 +589,27 @@ class _Engine:
                 if klock is not None and k < klock:
                     s.lsum -= acc.mwh
                     s.lheld -= acc.held
-        b.parts = {}
-        b.ranges = {}
-        b.r_used = set()
-        b.done = 0
-        b.snap = None
 
-    def _run(self, st: _Station) -> None:
-        """Process every message not yet processed, in (boot, seq) order."""
-        order = st.order
-        i = 0 if st.lb is None else bisect.bisect_left(order, st.lb)
-        for b_no in order[i:]:
+    def _run(self, st: _Station, i: int) -> None:
+        """Process every message not processed yet, in (boot, seq) order, from st.order[i]."""
+        for b_no in st.order[i:]:
             b = st.boots[b_no]
-            if b.done == len(b.msgs):
-                continue
-            if b.done == 0:
-                b.snap = {s.n: s.snap() for s in st.streams.values()}
             msgs = b.msgs
-            for j in range(b.done, len(msgs)):
-                self._apply(st, b, j, msgs[j])
-            b.done = len(msgs)
+            n = len(msgs)
+            if b.done == n:
+                continue
+            part = b.parts[-1] if b.done and b.parts else None
+            for j in range(b.done, n):
+                if part is None or j - part.start >= PART_MSGS:
+                    part = _Part(st.pid, b_no, j, {s.n: s.snap() for s in st.streams.values()},
+                                 {k: (len(rs), rs[-1][1]) for k, rs in b.ranges.items()})
+                    st.pid += 1
+                    b.parts.append(part)
+                self._apply(st, b, part, j, msgs[j])
+            b.done = n
             st.lb = b_no
 
-    def _apply(self, st: _Station, b: _Boot, i: int, m: RawMsg) -> None:
+    def _apply(self, st: _Station, b: _Boot, part: _Part, i: int, m: RawMsg) -> None:
         body = m.body
         ev = body.get("ev")
         if ev is not None and ev != "meter_reset":
@@ -552,26 +624,20 @@ class _Engine:
         t = off + up
         key = (b.no, m.seq)
         if ev is not None:
-            self._reset(st, b, i, key, body, up, t, base)
+            self._reset(st, b, part, i, key, body, up, t, base)
             return
         meter = body.get("meter")
         if meter:
             e = meter.get("e_wh")
             if type(e) is int:
-                self._reading(st, b, i, key, 0, e * 1000, up, t, base, meter.get("sn"))
+                self._reading(st, b, part, i, key, 0, e * 1000, up, t, base, meter.get("sn"))
         slots = body.get("slots")
         if slots:
             for sl in slots:
                 n = sl.get("n")
                 e = sl.get("e_mwh")
                 if type(e) is int and type(n) is int and n > 0:
-                    self._reading(st, b, i, key, n, e, up, t, base, None)
-
-    def _stream(self, st: _Station, n: int) -> _Stream:
-        s = st.streams.get(n)
-        if s is None:
-            s = st.streams[n] = _Stream(n)
-        return s
+                    self._reading(st, b, part, i, key, n, e, up, t, base, None)
 
     def _cross_flags(self, st: _Station, s: _Stream, b: _Boot, i: int) -> int:
         """Flags of a segment from the last point of an earlier boot to position i of b."""
@@ -587,8 +653,8 @@ class _Engine:
         return fl
 
     def _reading(
-        self, st: _Station, b: _Boot, i: int, key: tuple[int, int], n: int, v: int,
-        up: int, t: int, base: int, sn: Any,
+        self, st: _Station, b: _Boot, part: _Part, i: int, key: tuple[int, int], n: int,
+        v: int, up: int, t: int, base: int, sn: Any,
     ) -> None:
         s = st.streams.get(n)
         if s is None:
@@ -604,7 +670,7 @@ class _Engine:
                 fl |= F_GAP
             if n == 0 and sn is not None and s.sn is not None and sn != s.sn:
                 # rule 4: serial changed without a meter_reset event
-                self._emit(st, s, b, 0, 0, fl | F_METER_RESET, s.lt, t, s.lkey, s.lval, key, v)
+                self._emit(s, part, 0, 0, fl | F_METER_RESET, s.lt, t, s.lkey, s.lval, key, v)
                 s.mark = v
                 s.mark_up = up
                 s.hv = None
@@ -613,8 +679,10 @@ class _Engine:
                 hv = s.hv
                 if hv is not None:
                     s.hv = None
-                    if v - s.mark > maxp * max(0, up - s.mark_up) // 3600 and \
-                            v - hv <= maxp * max(0, up - s.hup) // 3600:
+                    e_mark = up - s.mark_up
+                    e_held = up - s.hup
+                    if v - s.mark > maxp * (e_mark if e_mark > 0 else 0) // 3600 and \
+                            v - hv <= maxp * (e_held if e_held > 0 else 0) // 3600:
                         # the level shift is confirmed: the mark moves to the held
                         # reading (whose amount stays held) and crediting goes on from there
                         s.mark = hv
@@ -622,23 +690,30 @@ class _Engine:
                         fl |= F_HELD
                 d = v - s.mark
                 if d > 0:
-                    if d > maxp * max(0, up - s.mark_up) // 3600:
+                    el = up - s.mark_up
+                    if d > maxp * (el if el > 0 else 0) // 3600:
                         s.hv = v
                         s.hup = up
-                        self._emit(st, s, b, 0, d, fl | F_HELD, s.lt, t, s.lkey, s.lval, key, v)
+                        self._emit(s, part, 0, d, fl | F_HELD, s.lt, t, s.lkey, s.lval, key, v)
                     else:
-                        self._emit(st, s, b, d, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
-                        self._range(b, n, s.mark, v)
+                        self._emit(s, part, d, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
+                        if n:
+                            rs = b.ranges.get(n)
+                            if rs is not None and rs[-1][1] == s.mark:
+                                rs[-1][1] = v
+                            else:
+                                self._range(b, n, s.mark, v)
                         s.mark = v
                         s.mark_up = up
                 elif d == 0:
-                    self._emit(st, s, b, 0, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
+                    self._emit(s, part, 0, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
                     s.mark_up = up
                 else:
-                    self._emit(st, s, b, 0, 0, fl | F_ANOMALY_DOWN, s.lt, t, s.lkey, s.lval,
+                    self._emit(s, part, 0, 0, fl | F_ANOMALY_DOWN, s.lt, t, s.lkey, s.lval,
                                key, v)
         elif sboot is None:
             # ---- rule 0: baseline
+            b.seen.add(n)
             r = None
             if n:
                 b.r_used.add(n)
@@ -649,19 +724,20 @@ class _Engine:
                 if c < 0:
                     c = 0
                     fl |= F_ANOMALY_DOWN
-                self._emit(st, s, b, c, 0, fl, t - up, t, (b.no, -1), r, key, v)
+                self._emit(s, part, c, 0, fl, t - up, t, (b.no, -1), r, key, v)
                 if c:
                     self._range(b, n, r, v)
             else:
-                self._emit(st, s, b, 0, 0, base | F_BASELINE, t, t, key, v, key, v)
+                self._emit(s, part, 0, 0, base | F_BASELINE, t, t, key, v, key, v)
             s.mark = v
             s.mark_up = up
             s.hv = None
         else:
             # ---- rule 3: the first reading of a later boot
+            b.seen.add(n)
             fl = base | self._cross_flags(st, s, b, i)
             if n == 0 and sn is not None and s.sn is not None and sn != s.sn:
-                self._emit(st, s, b, 0, 0, (fl & ~F_TIME_EST) | base | F_METER_RESET,
+                self._emit(s, part, 0, 0, (fl & ~F_TIME_EST) | base | F_METER_RESET,
                            s.lt, t, s.lkey, s.lval, key, v)
             else:
                 r = None
@@ -672,8 +748,8 @@ class _Engine:
                     p1 = r - s.mark
                     if p1 > 0:
                         # persisted before the restart, not yet sent: the interval holding
-                        # the last reading of the earlier boot
-                        self._emit(st, s, b, p1, 0, fl & ~base | (fl & F_GAP), s.lt, s.lt,
+                        # the last reading of the earlier boot, flagged with its time
+                        self._emit(s, part, p1, 0, fl & ~base | (fl & F_GAP), s.lt, s.lt,
                                    s.lkey, s.lval, (b.no, -1), r)
                         self._range(b, n, s.mark, r)
                     p2 = v - r
@@ -681,7 +757,7 @@ class _Engine:
                     if p2 < 0:
                         p2 = 0
                         fl2 |= F_ANOMALY_DOWN
-                    self._emit(st, s, b, p2, 0, fl2, t - up, t, (b.no, -1), r, key, v)
+                    self._emit(s, part, p2, 0, fl2, t - up, t, (b.no, -1), r, key, v)
                     if p2:
                         self._range(b, n, r, v)
                 else:
@@ -691,7 +767,7 @@ class _Engine:
                     if c < 0:
                         c = 0
                         fl |= F_ANOMALY_DOWN
-                    self._emit(st, s, b, c, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
+                    self._emit(s, part, c, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
                     if c:
                         self._range(b, n, s.mark, v)
             s.mark = v
@@ -706,8 +782,8 @@ class _Engine:
         s.lpos = i
 
     def _reset(
-        self, st: _Station, b: _Boot, i: int, key: tuple[int, int], body: Mapping[str, Any],
-        up: int, t: int, base: int,
+        self, st: _Station, b: _Boot, part: _Part, i: int, key: tuple[int, int],
+        body: Mapping[str, Any], up: int, t: int, base: int,
     ) -> None:
         """Rule 4: a meter_reset event credits max(0, from - mark), then a new baseline."""
         fw = _int(body.get("from_wh"))
@@ -718,9 +794,11 @@ class _Engine:
             return
         fv = fw * 1000
         tv = tw * 1000
-        s = self._stream(st, 0)
+        s = st.streams.get(0)
+        if s is None:
+            s = st.streams[0] = _Stream(0)
         if s.boot is None:
-            self._emit(st, s, b, 0, 0, base | F_BASELINE | F_METER_RESET, t, t, key, tv, key, tv)
+            self._emit(s, part, 0, 0, base | F_BASELINE | F_METER_RESET, t, t, key, tv, key, tv)
         else:
             if s.boot == b.no:
                 fl = base | F_METER_RESET
@@ -729,8 +807,7 @@ class _Engine:
             else:
                 fl = base | F_METER_RESET | self._cross_flags(st, s, b, i)
             c = fv - s.mark
-            c = max(c, 0)
-            self._emit(st, s, b, c, 0, fl, s.lt, t, s.lkey, s.lval, key, fv)
+            self._emit(s, part, c if c > 0 else 0, 0, fl, s.lt, t, s.lkey, s.lval, key, fv)
         s.mark = tv
         s.mark_up = up
         s.hv = None
@@ -741,8 +818,9 @@ class _Engine:
         s.lval = tv
         s.lpos = i
 
-    def _range(self, b: _Boot, n: int, lo: int, hi: int) -> None:
-        """Remember that register range [lo, hi) of slot n was credited in this boot."""
+    @staticmethod
+    def _range(b: _Boot, n: int, lo: int, hi: int) -> None:
+        """Remember that register range [lo, hi] of slot n was credited in this boot."""
         if not n:
             return
         rs = b.ranges.get(n)
@@ -754,34 +832,52 @@ class _Engine:
             rs.append([lo, hi])
 
     def _emit(
-        self, st: _Station, s: _Stream, b: _Boot, c: int, h: int, fl: int, t0: int, t1: int,
+        self, s: _Stream, part: _Part, c: int, h: int, fl: int, t0: int, t1: int,
         fkey: tuple[int, int], fval: int, tkey: tuple[int, int], tval: int,
     ) -> None:
-        """Attribute one segment: credit c spread over [t0, t1], held h and the flags on
-        the interval of the segment's end (its home)."""
+        """Attribute one segment: credit c spread over [t0, t1]; the held amount h and the
+        segment's end point go to its home interval (the last one it overlaps)."""
         iv = self.iv
-        part = b.parts.get(s.n)
-        if part is None:
-            part = b.parts[s.n] = {}
+        accs = part.acc.get(s.n)
+        if accs is None:
+            accs = part.acc[s.n] = {}
         if t1 > t0:
             home = (t1 - 1) // iv
             if c and t0 // iv != home:
                 for k, share in _spread(c, t0, t1, iv):
-                    if k != home and share:
-                        self._add(s, part, b.no, k, share, 0, fl, fkey, fval, tkey, tval)
-                    elif k == home:
+                    if k == home:
                         c = share
+                    elif share:
+                        self._add(s, accs, part.id, k, share, 0, fl, fkey, fval, tkey, tval)
         else:
             home = t1 // iv
-        self._add(s, part, b.no, home, c, h, fl, fkey, fval, tkey, tval)
+        # _add inlined: this is the per-reading path
+        acc = accs.get(home)
+        if acc is None:
+            acc = accs[home] = _Acc(part.id, c, h, fl, fkey, fval, tkey, tval)
+            lst = s.iv.get(home)
+            if lst is None:
+                s.iv[home] = [acc]
+            else:
+                lst.append(acc)
+        else:
+            acc.mwh += c
+            acc.held += h
+            acc.flags |= fl
+            acc.tkey = tkey
+            acc.tval = tval
+        s.dirty.add(home)
+        if self.klock is not None and home < self.klock:
+            s.lsum += c
+            s.lheld += h
 
     def _add(
-        self, s: _Stream, part: dict[int, _Acc], bno: int, k: int, c: int, h: int, fl: int,
+        self, s: _Stream, accs: dict[int, _Acc], pid: int, k: int, c: int, h: int, fl: int,
         fkey: tuple[int, int], fval: int, tkey: tuple[int, int], tval: int,
     ) -> None:
-        acc = part.get(k)
+        acc = accs.get(k)
         if acc is None:
-            acc = part[k] = _Acc(bno, c, h, fl, fkey, fval, tkey, tval)
+            acc = accs[k] = _Acc(pid, c, h, fl, fkey, fval, tkey, tval)
             lst = s.iv.get(k)
             if lst is None:
                 s.iv[k] = [acc]
@@ -812,7 +908,7 @@ class _Engine:
         eb = st.boots[key[0]]
         # the matching session_start: same slot, battery and start register, latest before
         skey = None
-        cand = st.starts.get((n, bat, e0))
+        cand = st.starts.get((body.get("slot"), bat, body.get("e0_mwh")))
         if cand:
             j = bisect.bisect_left(cand, key)
             if j:
@@ -848,20 +944,22 @@ class _Engine:
         if mwh < 0:
             mwh = 0
             fl |= F_ANOMALY_DOWN
-        # cross-check: the credited register ranges of the slot in the session's boots
+        # cross-check: the register ranges of the slot credited in the session's boots
         reg = 0
         seen = False
         lo_i = bisect.bisect_left(st.order, sb.no)
         hi_i = bisect.bisect_right(st.order, eb.no)
         for b_no in st.order[lo_i:hi_i]:
             bb = st.boots[b_no]
-            if n in bb.parts:
+            if n in bb.seen:
                 seen = True
-            for lo, hi in bb.ranges.get(n, ()):
-                a = max(e0, lo)
-                z = min(e1, hi)
-                if z > a:
-                    reg += z - a
+            rs = bb.ranges.get(n)
+            if rs:
+                j = bisect.bisect_right(rs, e0, key=_hi)  # the first range above e0
+                while j < len(rs) and rs[j][0] < e1:
+                    lo, hi = rs[j]
+                    reg += (hi if hi < e1 else e1) - (lo if lo > e0 else e0)
+                    j += 1
         check = "ok" if reg == e1 - e0 else ("mismatch" if seen else "no_readings")
         rec = Record(
             kind="session", sid=st.sid, slot=n, start_ms=t0, end_ms=t1, mwh=mwh, held_mwh=0,
@@ -871,6 +969,10 @@ class _Engine:
                    "reg_mwh": reg, "reg_check": check},
         )
         return rec, check == "ok"
+
+
+def _hi(r: list[int]) -> int:
+    return r[1]
 
 
 def _merge(s: _Stream, k: int, iv: int, sid: str) -> Record | None:
@@ -888,11 +990,8 @@ def _merge(s: _Stream, k: int, iv: int, sid: str) -> Record | None:
             held += a.held
             fl |= a.flags
         z = lst[-1]
-    return Record(
-        kind="interval", sid=sid, slot=s.n, start_ms=k * iv, end_ms=k * iv + iv, mwh=mwh,
-        held_mwh=held, flags=flag_names(fl), from_key=a0.fkey, to_key=z.tkey, e_from=a0.fval,
-        e_to=z.tval, version=PROCESSING_VERSION,
-    )
+    return _record("interval", sid, s.n, k * iv, k * iv + iv, mwh, held, flag_names(fl),
+                   a0.fkey, z.tkey, a0.fval, z.tval)
 
 
 _CacheKey = tuple[Any, ...]
@@ -1017,7 +1116,7 @@ class IncrementalMeter:
     ) -> None:
         ck = ("interval", n, k, adj)
         old = v.cache.get(ck)
-        if old == r:
+        if old is None and r is None:
             return
         dk = (n, k // self._per_day)
         ddays.add(dk)
@@ -1066,20 +1165,26 @@ class IncrementalMeter:
             return None
         a = v.cache[("interval", n, da.lo >> 1, da.lo & 1)]
         z = v.cache[("interval", n, da.hi >> 1, da.hi & 1)]
-        return Record(
-            kind="day", sid=sid, slot=n, start_ms=d * DAY_MS, end_ms=d * DAY_MS + DAY_MS,
-            mwh=da.mwh, held_mwh=da.held, flags=tuple(sorted(da.fl)), from_key=a.from_key,
-            to_key=z.to_key, e_from=a.e_from, e_to=z.e_to, version=PROCESSING_VERSION,
-        )
+        return _record("day", sid, n, d * DAY_MS, d * DAY_MS + DAY_MS, da.mwh, da.held,
+                       tuple(sorted(da.fl)), a.from_key, z.to_key, a.e_from, z.e_to)
 
     def _sessions(self, st: _Station, v: _View, up: dict[_CacheKey, Record]) -> None:
         keys = set(st.sess_new)
         st.sess_new.clear()
-        if st.sess_rerun is not None:
-            j = bisect.bisect_left(st.end_keys, (st.sess_rerun, -1))
-            keys.update(st.end_keys[j:])
-            st.sess_rerun = None
         keys.update(st.sess_pending)  # few: sessions not (yet) matching their readings
+        if st.sess_rerun is not None:
+            bno, marks = st.sess_rerun
+            st.sess_rerun = None
+            j = bisect.bisect_left(st.end_keys, (bno, -1))
+            for key in st.end_keys[j:]:
+                if key[0] > bno or marks is None:
+                    keys.add(key)
+                    continue
+                body = st.ends[key].body
+                th = marks.get(body.get("slot"))  # type: ignore[arg-type]
+                e1 = body.get("e1_mwh")
+                if th is None or type(e1) is not int or e1 > th:
+                    keys.add(key)
         for key in keys:
             r, ok = self._full.session_record(st, key)
             if ok:
