@@ -1,4 +1,4 @@
-"""firmware/mqtt_client.py on the real MicroPython interpreter, against a real Mosquitto
+"""firmware/mqtt_client.py on the real MicroPython interpreter (two tests on CPython too),
 (fixture `mosquitto`) checked by a paho subscriber, and against tests/fake_broker.py for
 what a real broker will not do on demand (lost PUBACKs, malformed and hostile replies).
 
@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,11 +43,10 @@ class MP:
         self.stderr = b""
 
     @classmethod
-    async def start(cls, **opts: Any) -> MP:
+    async def start(cls, cpython: bool = False, **opts: Any) -> MP:
+        interp = [sys.executable] if cpython else [micropython_bin(), "-X", "heapsize=256k"]
         proc = await asyncio.create_subprocess_exec(
-            micropython_bin(),
-            "-X",
-            "heapsize=256k",
+            *interp,
             str(SCRIPT),
             json.dumps(opts),
             stdout=asyncio.subprocess.PIPE,
@@ -82,8 +82,8 @@ class MP:
 async def mp_procs() -> Any:
     procs: list[MP] = []
 
-    async def start(**opts: Any) -> MP:
-        p = await MP.start(**opts)
+    async def start(cpython: bool = False, **opts: Any) -> MP:
+        p = await MP.start(cpython, **opts)
         procs.append(p)
         return p
 
@@ -148,12 +148,13 @@ def index(m: mqtt.MQTTMessage) -> int:
 # ---- against Mosquitto ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cpython", [False, True], ids=["micropython", "cpython"])
 async def test_publish_n_qos1_all_arrive_all_acked(
-    mosquitto: Mosquitto, subscriber: Any, mp_procs: Any
+    mosquitto: Mosquitto, subscriber: Any, mp_procs: Any, cpython: bool
 ) -> None:
     sub = subscriber("test/mp")
     n = 300
-    mp = await mp_procs(port=mosquitto.port, n=n, size=600, topic="test/mp")
+    mp = await mp_procs(cpython, port=mosquitto.port, n=n, size=600, topic="test/mp")
     done = await mp.finish()
     assert done["ev"] == "done", done
     assert done["acked"] == n and done["refs"] == n
@@ -245,8 +246,11 @@ async def test_no_will_after_a_clean_disconnect(
 
 
 async def test_subscribed_message_arrives_and_is_acked(mosquitto: Mosquitto, mp_procs: Any) -> None:
-    mp = await mp_procs(port=mosquitto.port, client_id="st3", sub="test/cmd/st3", hold=True)
+    mp = await mp_procs(
+        port=mosquitto.port, client_id="st3", sub="test/cmd/st3", hold=True, ping=True
+    )
     await mp.next("connect")
+    assert (await mp.next("ping"))["ms"] >= 0  # a PINGRESP came back
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="operator")
     pub.connect("127.0.0.1", mosquitto.port)
     pub.loop_start()
@@ -264,11 +268,14 @@ async def test_subscribed_message_arrives_and_is_acked(mosquitto: Mosquitto, mp_
 # ---- against the fake broker ----------------------------------------------------------
 
 
-async def test_lost_puback_resent_with_dup_same_pid_same_bytes(mp_procs: Any) -> None:
+@pytest.mark.parametrize("cpython", [False, True], ids=["micropython", "cpython"])
+async def test_lost_puback_resent_with_dup_same_pid_same_bytes(
+    mp_procs: Any, cpython: bool
+) -> None:
     broker = FakeBroker(["drop_puback"])
     await broker.start()
     try:
-        mp = await mp_procs(port=broker.port, n=3, size=100, topic="test/lost")
+        mp = await mp_procs(cpython, port=broker.port, n=3, size=100, topic="test/lost")
         done = await mp.finish()
         assert done["ev"] == "done" and done["refs"] == 3, done
         first, second = broker.conns[0], broker.conns[1]

@@ -4,6 +4,7 @@
 # waits for every PUBACK, prints one JSON line per event on stdout:
 #   {"ev":"connect","sp":0|1,"c":{counters}}   on every (re)connect
 #   {"ev":"msg","topic":..,"payload":..}        a subscribed message
+#   {"ev":"ping","ms":rtt}                      with "ping": true, once connected
 #   {"ev":"done","acked":N,"refs":N distinct,"c":{counters}}  then exits 0
 #   {"ev":"timeout",...}                        gave up after `deadline_ms`
 # With "hold": true it publishes nothing and idles after connecting (will tests).
@@ -88,6 +89,10 @@ async def main(o):
             if o.get("gap_ms"):
                 await timebase.asleep_ms(o["gap_ms"])
 
+    if o.get("ping"):
+        while not c.connected:
+            await timebase.asleep_ms(10)
+        out({"ev": "ping", "ms": await c.ping()})
     pub = asyncio.create_task(publish_all())
     while (acked[1] < n or o.get("hold")) and timebase.ticks_diff(
         timebase.ticks_ms(), t0
