@@ -1,6 +1,7 @@
-"""firmware/mqtt_client.py on the real MicroPython interpreter (two tests on CPython too),
-(fixture `mosquitto`) checked by a paho subscriber, and against tests/fake_broker.py for
-what a real broker will not do on demand (lost PUBACKs, malformed and hostile replies).
+"""firmware/mqtt_client.py on the real MicroPython interpreter (two tests on CPython too)
+against a real Mosquitto (fixture `mosquitto`) checked by a paho subscriber, and against
+tests/fake_broker.py for what a real broker will not do on demand (lost PUBACKs,
+malformed and hostile replies).
 
 Each test runs tests/mp_scripts/mqtt_publish.py (options as one JSON argument), which
 prints one JSON line per event: "connect" (every (re)connect), "msg", and a final
