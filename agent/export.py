@@ -1,0 +1,115 @@
+"""Record export (CONTRACT §8): JSON Lines or CSV, byte-for-byte deterministic.
+
+Same records, same arguments: the same bytes. Columns, in order: sid, slot, start, end,
+mwh, held_mwh, flags, from, to, e_from, e_to, version, extra; CSV adds kwh (6 decimals).
+Lines end in "\\n" (both formats); CSV quotes only where needed (csv.QUOTE_MINIMAL).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from agent.metering import Record
+
+FORMATS = ("csv", "json")
+KINDS = ("interval", "session", "day")
+COLUMNS = ("sid", "slot", "start", "end", "mwh", "held_mwh", "flags", "from", "to",
+           "e_from", "e_to", "version", "extra")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def iso_ms(ms: int) -> str:
+    """Unix ms -> YYYY-MM-DDTHH:MM:SS.sssZ (UTC)."""
+    s, frac = divmod(ms, 1000)
+    return (_EPOCH + timedelta(seconds=s)).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:03d}Z"
+
+
+_ISO = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?)?"
+    r"(Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def parse_time(text: str) -> int:
+    """ISO 8601 date or date-time -> Unix ms. No zone means UTC (days are UTC).
+    Raises ValueError with a one-line reason."""
+    m = _ISO.match(text.strip())
+    if not m:
+        raise ValueError(f"not an ISO date or date-time: {text!r}")
+    y, mo, d, hh, mi, ss, frac, zone = m.groups()
+    try:
+        dt = datetime(int(y), int(mo), int(d), int(hh or 0), int(mi or 0), int(ss or 0),
+                      tzinfo=timezone.utc)
+    except ValueError as e:
+        raise ValueError(f"bad date {text!r}: {e}") from None
+    ms = (dt - _EPOCH) // timedelta(milliseconds=1)
+    if frac:
+        ms += int(frac.ljust(6, "0")) // 1000
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "+" else 1  # 10:00+07:00 is 03:00Z
+        z = zone[1:].replace(":", "")
+        ms += sign * (int(z[:2]) * 60 + int(z[2:])) * 60_000
+    return ms
+
+
+def kwh(mwh: int) -> str:
+    """mWh -> kWh with exactly 6 decimals, without floats."""
+    sign = "-" if mwh < 0 else ""
+    q, r = divmod(abs(mwh), 1_000_000)
+    return f"{sign}{q}.{r:06d}"
+
+
+def select(records: Iterable[Record], start_ms: int | None, end_ms: int | None,
+           by: str) -> list[Record]:
+    """The records of one kind whose start is in [start_ms, end_ms), in export order."""
+    if by not in KINDS:
+        raise ValueError(f"--by must be one of {', '.join(KINDS)}, got {by!r}")
+    out = [r for r in records
+           if r.kind == by and (start_ms is None or r.start_ms >= start_ms)
+           and (end_ms is None or r.start_ms < end_ms)]
+    out.sort(key=lambda r: (r.sid, r.slot, r.start_ms, "adjustment" in r.flags, r.end_ms,
+                            r.from_key, r.to_key, r.flags))
+    return out
+
+
+def _extra(r: Record) -> dict[str, Any]:
+    return {k: r.extra[k] for k in sorted(r.extra)}
+
+
+def _obj(r: Record) -> dict[str, Any]:
+    return {
+        "sid": r.sid, "slot": r.slot, "start": iso_ms(r.start_ms), "end": iso_ms(r.end_ms),
+        "mwh": r.mwh, "held_mwh": r.held_mwh, "flags": list(r.flags),
+        "from": list(r.from_key), "to": list(r.to_key), "e_from": r.e_from, "e_to": r.e_to,
+        "version": r.version, "extra": _extra(r),
+    }
+
+
+def render(records: Iterable[Record], fmt: str, start_ms: int | None = None,
+           end_ms: int | None = None, by: str = "interval") -> bytes:
+    """Export records per CONTRACT §8. fmt: "csv" | "json" (JSON Lines)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be csv or json, got {fmt!r}")
+    rows = select(records, start_ms, end_ms, by)
+    if fmt == "json":
+        return b"".join(
+            json.dumps(_obj(r), separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+            for r in rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow((*COLUMNS, "kwh"))
+    for r in rows:
+        w.writerow((
+            r.sid, r.slot, iso_ms(r.start_ms), iso_ms(r.end_ms), r.mwh, r.held_mwh,
+            "|".join(r.flags), f"{r.from_key[0]}:{r.from_key[1]}",
+            f"{r.to_key[0]}:{r.to_key[1]}", r.e_from, r.e_to, r.version,
+            json.dumps(_extra(r), separators=(",", ":"), ensure_ascii=True), kwh(r.mwh),
+        ))
+    return buf.getvalue().encode("utf-8")
