@@ -99,12 +99,16 @@ class ABStore:
         self._loaded = False
 
     def _raw(self, i):
+        # size first: read(max_bytes + 1) would ask a ~100 KB heap for a block that large
         try:
+            size = os.stat(self.paths[i])[6]
+            if size > self.max_bytes:
+                return None
             with open(self.paths[i], "rb") as f:
-                data = f.read(self.max_bytes + 1)
+                data = f.read(size)
         except OSError:  # missing (or not a file)
             return None
-        return data if len(data) <= self.max_bytes else None
+        return data
 
     def load(self):
         best = None

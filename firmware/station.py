@@ -58,6 +58,9 @@ class Station:
         self.bat_up = [None] * n
         self.meter = None
         self.meter_up = None
+        # reused reading dicts (a failed read raises before writing into them)
+        self._meter_buf = {}
+        self._bat_buf = [{} for _ in range(n)]
         self.meter_sn = saved.get("meter_sn")
         self.meter_wh = saved.get("meter_wh")
         self._bms_next = 0
@@ -71,6 +74,7 @@ class Station:
 
     # -- persistence -------------------------------------------------------------------
     def _save(self, up=None):
+        gc.collect()  # the encoded state needs one contiguous ~1 KB block
         self.store.save({
             "boot": self.boot,
             "regs": [s.mwh for s in self.slots],
@@ -178,7 +182,9 @@ class Station:
                     self.emit({"ev": "meter_reset", "from_wh": self.meter_wh or 0, "to_wh": 0, "sn": sn})
                     self.meter_wh = None
                 self.meter_sn = sn
-            reading = await registers.read_meter(self.master, m["unit"], m["model"])
+            # into the same dict every cycle: long-lived small objects scattered by
+            # replacement fragment a 100 KB heap until a 1 KB save no longer fits
+            reading = await registers.read_meter(self.master, m["unit"], m["model"], self._meter_buf)
         except (modbus.ModbusError, ValueError):
             up = self.uptime.ms()
             if self.meter_up is not None and up - self.meter_up > self.stale_ms:
@@ -209,7 +215,7 @@ class Station:
                 self.bat[i] = None
                 continue
             try:
-                b = await registers.read_bms(self.master, base + i + 1, True)
+                b = await registers.read_bms(self.master, base + i + 1, True, self._bat_buf[i])
             except (modbus.ModbusError, ValueError):
                 b = None
             up = self.uptime.ms()
