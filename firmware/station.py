@@ -60,7 +60,7 @@ class Station:
         self.meter_up = None
         # reused reading dicts (a failed read raises before writing into them)
         self._meter_buf = {}
-        self._bat_buf = [{} for _ in range(n)]
+        self._bat_buf = [{} for _ in range(n)]  # type: list
         self.meter_sn = saved.get("meter_sn")
         self.meter_wh = saved.get("meter_wh")
         self._bms_next = 0

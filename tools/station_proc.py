@@ -114,8 +114,8 @@ class StationProcess:
         fw = fwbuild.build()  # bytecode, as on the board: compiling source would eat the heap
         self.proc = subprocess.Popen(
             [micropython_bin(), "-X", f"heapsize={self.heap}", str(fw / "main.py")],
+            # not a session leader: opening a pty must not make it our controlling terminal
             cwd=self.flash, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
