@@ -12,7 +12,7 @@ import io
 import json
 import re
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.metering import Record
@@ -22,7 +22,7 @@ KINDS = ("interval", "session", "day")
 COLUMNS = ("sid", "slot", "start", "end", "mwh", "held_mwh", "flags", "from", "to",
            "e_from", "e_to", "version", "extra")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def iso_ms(ms: int) -> str:
@@ -46,7 +46,7 @@ def parse_time(text: str) -> int:
     y, mo, d, hh, mi, ss, frac, zone = m.groups()
     try:
         dt = datetime(int(y), int(mo), int(d), int(hh or 0), int(mi or 0), int(ss or 0),
-                      tzinfo=timezone.utc)
+                      tzinfo=UTC)
     except ValueError as e:
         raise ValueError(f"bad date {text!r}: {e}") from None
     ms = (dt - _EPOCH) // timedelta(milliseconds=1)

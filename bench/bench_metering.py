@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.metering import IncrementalMeter, RawMsg, compute  # noqa: E402
+from agent.metering import IncrementalMeter, RawMsg, compute
 
 T0 = 1_767_225_600_000
 
@@ -31,15 +31,14 @@ def fleet(stations: int, minutes: int, slots: int, seed: int = 1) -> list[RawMsg
         sid = f"KH-B-{i:04d}"
         reg = [rnd.randint(0, 10**9) for _ in range(slots)]
         wh = rnd.randint(0, 10**7)
-        seq = 0
         out.append(RawMsg(sid=sid, boot=1, seq=0, recv_ms=T0 + 100, body={
             "v": 1, "sid": sid, "kid": 1, "boot": 1, "seq": 0, "up": 100, "ts": T0 + 100,
             "ev": "boot", "fw": "1", "reset": "power",
             "restored": {str(n + 1): reg[n] for n in range(slots)}}))
         b = list(reg)
         for k in range(minutes * 6):
-            seq += 1
-            up = 10_000 * (k + 1)
+            seq = k + 1
+            up = 10_000 * seq
             for n in range(slots):
                 reg[n] += rnd.randint(0, 8000)
             wh += rnd.randint(0, 20)

@@ -51,7 +51,6 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
         restored = dict(persisted)
         reg = dict(restored)
         synced_from = rnd.choice([0, 0, 3, 10**9])  # seq from which ts is sent
-        seq = 0
         msgs: list[dict[str, Any]] = []
         if rnd.random() < 0.75:
             msgs.append({"ev": "boot", "fw": "1", "reset": "power", "up": up,
@@ -118,9 +117,8 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
             body["slots"] = slots
             msgs.append(body)
         u = up
-        for body in msgs:
+        for seq, body in enumerate(msgs):
             body.update({"v": 1, "sid": sid, "kid": 1, "boot": boot, "seq": seq})
-            seq += 1
             u = body["up"]
             if body["seq"] >= synced_from:
                 body["ts"] = offset + u
