@@ -735,9 +735,11 @@ class _Engine:
         else:
             # ---- rule 3: the first reading of a later boot
             b.seen.add(n)
-            fl = base | self._cross_flags(st, s, b, i)
+            cross = self._cross_flags(st, s, b, i)
+            fl = base | cross
             if n == 0 and sn is not None and s.sn is not None and sn != s.sn:
-                self._emit(s, part, 0, 0, (fl & ~F_TIME_EST) | base | F_METER_RESET,
+                # a swap: nothing credited across, a point at this reading
+                self._emit(s, part, 0, 0, base | (cross & ~F_TIME_EST) | F_METER_RESET,
                            s.lt, t, s.lkey, s.lval, key, v)
             else:
                 r = None
@@ -749,11 +751,11 @@ class _Engine:
                     if p1 > 0:
                         # persisted before the restart, not yet sent: the interval holding
                         # the last reading of the earlier boot, flagged with its time
-                        self._emit(s, part, p1, 0, fl & ~base | (fl & F_GAP), s.lt, s.lt,
-                                   s.lkey, s.lval, (b.no, -1), r)
+                        self._emit(s, part, p1, 0, cross, s.lt, s.lt, s.lkey, s.lval,
+                                   (b.no, -1), r)
                         self._range(b, n, s.mark, r)
                     p2 = v - r
-                    fl2 = base | F_REBOOT | (fl & F_GAP)
+                    fl2 = base | F_REBOOT | (cross & F_GAP)
                     if p2 < 0:
                         p2 = 0
                         fl2 |= F_ANOMALY_DOWN
@@ -1017,6 +1019,7 @@ class _View:
     def __init__(self) -> None:
         self.cache: dict[_CacheKey, Record] = {}
         self.days: dict[tuple[int, int], _DayAcc] = {}
+        self.ddays: set[tuple[int, int]] = set()  # (slot, day) whose record is out of date
 
 
 class IncrementalMeter:
@@ -1054,6 +1057,14 @@ class IncrementalMeter:
                 changed |= self._locked.add(early)
         return changed
 
+    def evict(self, sid: str) -> None:
+        """Forget a station (its messages, rule state and records) to free memory. Adding
+        its messages again (from the raw store) rebuilds it exactly."""
+        self._full.stations.pop(sid, None)
+        if self._locked is not None:
+            self._locked.stations.pop(sid, None)
+        self._views.pop(sid, None)
+
     def records(self, sid: str) -> list[Record]:
         """All records of one station, sorted as compute() sorts them."""
         if sid not in self._full.stations:
@@ -1061,9 +1072,11 @@ class IncrementalMeter:
         self.changes(sid)
         return sorted(self._views[sid].cache.values(), key=record_sort_key)
 
-    def changes(self, sid: str) -> tuple[list[Record], list[str]]:
+    def changes(self, sid: str, *, days: bool = True) -> tuple[list[Record], list[str]]:
         """Records of sid created or changed since the last call for sid, and the
-        record_id()s of records that no longer exist. Costs the changed records only."""
+        record_id()s of records that no longer exist. Costs the changed records only.
+        days=False leaves the day roll-ups pending until a call with days=True (a day
+        record changes with every reading: deferring it halves the cost per message)."""
         st = self._full.stations.get(sid)
         if st is None:
             return [], []
@@ -1073,16 +1086,17 @@ class IncrementalMeter:
         iv = self.params.interval_ms
         up: dict[_CacheKey, Record] = {}
         gone: dict[_CacheKey, None] = {}
-        ddays: set[tuple[int, int]] = set()
+        ddays = v.ddays
         klock = self._full.klock
         adj: set[int] = set()
+        put = self._put
         for n, s in st.streams.items():
             if s.dirty:
                 for k in s.dirty:
                     if klock is not None and k < klock:
                         adj.add(n)  # locked intervals come from the locked view
                     else:
-                        self._put(v, n, k, 0, _merge(s, k, iv, sid), up, gone, ddays)
+                        put(v, n, k, 0, _merge(s, k, iv, sid), up, gone)
                 s.dirty.clear()
         if self._locked is not None and klock is not None:
             lst = self._locked.stations.get(sid)
@@ -1092,34 +1106,36 @@ class IncrementalMeter:
                         for k in s.dirty:
                             if k < klock:
                                 adj.add(n)
-                                self._put(v, n, k, 0, _merge(s, k, iv, sid), up, gone, ddays)
+                                put(v, n, k, 0, _merge(s, k, iv, sid), up, gone)
                         s.dirty.clear()
             for n in adj:
-                self._put(v, n, klock, 1, self._adjustment(sid, n), up, gone, ddays)
-        for n, d in ddays:
-            ck = ("day", n, d)
-            r = self._day(v, sid, n, d)
-            if r is None:
-                if v.cache.pop(ck, None) is not None:
-                    gone[ck] = None
-                    up.pop(ck, None)
-            else:
-                v.cache[ck] = r
-                up[ck] = r
-                gone.pop(ck, None)
+                put(v, n, klock, 1, self._adjustment(sid, n), up, gone)
+        if days and ddays:
+            cache = v.cache
+            for dk in ddays:
+                ck = ("day", *dk)
+                r = self._day(v, sid, dk)
+                if r is None:
+                    if cache.pop(ck, None) is not None:
+                        gone[ck] = None
+                else:
+                    cache[ck] = r
+                    up[ck] = r
+            ddays.clear()
         self._sessions(st, v, up)
         return list(up.values()), [self._cid(sid, ck) for ck in gone]
 
     def _put(
         self, v: _View, n: int, k: int, adj: int, r: Record | None, up: dict[_CacheKey, Record],
-        gone: dict[_CacheKey, None], ddays: set[tuple[int, int]],
+        gone: dict[_CacheKey, None],
     ) -> None:
         ck = ("interval", n, k, adj)
-        old = v.cache.get(ck)
+        cache = v.cache
+        old = cache.get(ck)
         if old is None and r is None:
             return
         dk = (n, k // self._per_day)
-        ddays.add(dk)
+        v.ddays.add(dk)
         da = v.days.get(dk)
         if da is None:
             da = v.days[dk] = _DayAcc()
@@ -1135,7 +1151,7 @@ class IncrementalMeter:
                 else:
                     del fl[f]
         if r is None:
-            del v.cache[ck]
+            del cache[ck]
             up.pop(ck, None)
             gone[ck] = None
             da.pos.discard(pos)
@@ -1143,30 +1159,34 @@ class IncrementalMeter:
                 da.lo = min(da.pos)
                 da.hi = max(da.pos)
         else:
-            v.cache[ck] = r
+            cache[ck] = r
             up[ck] = r
-            gone.pop(ck, None)
+            if gone:
+                gone.pop(ck, None)
             da.mwh += r.mwh
             da.held += r.held_mwh
             for f in r.flags:
                 fl[f] = fl.get(f, 0) + 1
-            if not da.pos:
-                da.lo = da.hi = pos
-            elif pos < da.lo:
-                da.lo = pos
-            elif pos > da.hi:
-                da.hi = pos
-            da.pos.add(pos)
+            if old is None:
+                if not da.pos:
+                    da.lo = da.hi = pos
+                elif pos < da.lo:
+                    da.lo = pos
+                elif pos > da.hi:
+                    da.hi = pos
+                da.pos.add(pos)
 
-    def _day(self, v: _View, sid: str, n: int, d: int) -> Record | None:
-        da = v.days.get((n, d))
+    def _day(self, v: _View, sid: str, dk: tuple[int, int]) -> Record | None:
+        da = v.days.get(dk)
         if da is None or not da.pos:
-            v.days.pop((n, d), None)
+            v.days.pop(dk, None)
             return None
+        n, d = dk
         a = v.cache[("interval", n, da.lo >> 1, da.lo & 1)]
         z = v.cache[("interval", n, da.hi >> 1, da.hi & 1)]
         return _record("day", sid, n, d * DAY_MS, d * DAY_MS + DAY_MS, da.mwh, da.held,
-                       tuple(sorted(da.fl)), a.from_key, z.to_key, a.e_from, z.e_to)
+                       tuple(sorted(da.fl)) if da.fl else (), a.from_key, z.to_key, a.e_from,
+                       z.e_to)
 
     def _sessions(self, st: _Station, v: _View, up: dict[_CacheKey, Record]) -> None:
         keys = set(st.sess_new)

@@ -125,6 +125,20 @@ def test_reboot_with_restore_above_mark_counts_unsent_energy_once() -> None:
     assert "reboot" in second.flags and "no_restore" not in second.flags
 
 
+def test_unsent_energy_keeps_the_earlier_boots_time_flag() -> None:
+    # both boots unsynced: the 1000 credited at boot 1's last reading is time_est too
+    recs = compute([tel(1, 0, 1 * MIN, slots={1: 1000}, off=None),
+                    tel(1, 1, 2 * MIN, slots={1: 5000}, off=None),
+                    tel(2, 0, 1 * MIN, slots={1: 6500}, b={1: 6000}, off=None,
+                        recv=T0 + 40 * MIN)])
+    first = ivs(recs, 1)[0]
+    assert first.mwh == 5000 and {"reboot", "time_est"} <= set(first.flags)
+    synced1 = compute([tel(1, 0, 1 * MIN, slots={1: 1000}), tel(1, 1, 2 * MIN, slots={1: 5000}),
+                       tel(2, 0, 1 * MIN, slots={1: 6500}, b={1: 6000}, off=None,
+                           recv=T0 + 40 * MIN)])
+    assert "time_est" not in ivs(synced1, 1)[0].flags  # boot 1's times are synced
+
+
 def test_reboot_with_restore_below_mark_does_not_count_sent_energy_again() -> None:
     off2 = T0 + 40 * MIN
     recs = compute(boot1() + [
@@ -400,6 +414,17 @@ def test_params_validation() -> None:
         MeterParams(interval_ms=7 * MIN)
     with pytest.raises(ValueError):
         MeterParams(max_power_w_slot=0)
+
+
+def test_evicted_station_rebuilds_from_its_messages() -> None:
+    msgs = boot1()
+    im = IncrementalMeter()
+    im.add(msgs)
+    want = im.records(SID)
+    im.evict(SID)
+    assert im.records(SID) == [] and im.sids() == []
+    im.add(msgs)
+    assert im.records(SID) == want
 
 
 def test_conflicting_copy_is_ignored_and_counted() -> None:
