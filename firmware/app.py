@@ -48,8 +48,18 @@ def print_trace(st):
     up = st.uptime.ms()
     for ev in st.take_events():
         print(json.dumps({"trace": "event", "boot": st.boot, "up": up, "body": ev}))
-    print(json.dumps({"trace": "telemetry", "boot": st.boot, "up": up, "cycles": st.cycles,
-                      "cycle_us": st.last_cycle_us, "body": st.snapshot()}))
+    line = {"trace": "telemetry", "boot": st.boot, "up": up, "cycles": st.cycles,
+            "cycle_us": st.last_cycle_us, "body": st.snapshot()}
+    u = st.uplink
+    if u is not None:
+        line["link"] = u.client.counters()
+        line["outbox"] = {"pending": len(u.outbox), "bytes": u.outbox.bytes_used, "made": u.made,
+                          "sent": u.sent, "acked": u.acked, "lost": u.lost}
+        line["link"]["connected"] = u.client.connected
+        line["link"]["last_error"] = u.client.last_error
+    line["heap_free"] = gc.mem_free()  # type: ignore[attr-defined]
+    line["task_failures"] = st.task_failures
+    print(json.dumps(line))
 
 
 async def trace(st, period_ms):
@@ -60,16 +70,119 @@ async def trace(st, period_ms):
         print_trace(st)
 
 
+class Clock:
+    """Unix ms while synced (NTP, the unix port's host clock, or a `time` command), else None."""
+
+    def __init__(self, uptime):
+        self.uptime = uptime
+        self.offset = None
+
+    def now_ms(self):
+        return None if self.offset is None else self.offset + self.uptime.ms()
+
+    def set_ms(self, unix_ms):
+        self.offset = unix_ms - self.uptime.ms()
+
+
+async def sync_clock(clock, host):
+    """NTP at start and every 6 h; a failure leaves the clock as it was (ts stays absent
+    until the first success)."""
+    while True:
+        try:
+            board.ntp_sync(host)
+            clock.set_ms(board.unix_ms())
+            wait = 6 * 3600 * 1000
+        except Exception:  # noqa: BLE001  (network errors vary by port)
+            wait = 60 * 1000
+        await timebase.asleep_ms(wait)
+
+
+async def watchdog(st, up, period_ms=5000):
+    """Feed the hardware watchdog only while sampling, persistence and the link task all
+    make progress: a hung task reboots the board instead of sampling nothing forever."""
+    wdt = board.Watchdog(30000) if board.PLATFORM == "esp32" else None  # type: ignore[attr-defined]
+    last = (-1, -1)
+    while True:
+        await timebase.asleep_ms(period_ms)
+        now = (st.cycles, up.beat)
+        if wdt is not None and now[0] != last[0] and now[1] != last[1] and st.persist_ok:
+            wdt.feed()
+        last = now
+
+
+async def supervise(st, name, fn):
+    """Run a task forever: a failure (a MemoryError on a fragmented heap, a flash error) is
+    counted and raised as an alarm, and the task starts again after a second. The sampling
+    loop must never lose its uplink, nor the uplink its sampling, to one bad moment."""
+    while True:
+        try:
+            await fn()
+            return
+        except Exception as e:  # noqa: BLE001
+            st.task_failures += 1
+            gc.collect()
+            try:
+                st.alarm("task_failed", "crit", "%s: %s %s" % (name, type(e).__name__, e))
+            except Exception:  # noqa: BLE001
+                pass
+        await timebase.asleep_ms(1000)
+
+
+def config_hash(path="config.json"):
+    import binascii
+    import hashlib
+
+    with open(path, "rb") as f:
+        return binascii.hexlify(hashlib.sha256(f.read()).digest()).decode()[:12]
+
+
+def build_uplink(cfg, st, clock):
+    import commands
+    import mqtt_client
+    import outbox
+    import uplink
+    import wire
+
+    b = cfg["broker"]
+    status = b["prefix"] + "/" + cfg["sid"] + "/status"
+    will = ('{"v":1,"sid":"%s","boot":%d,"state":"offline"}' % (cfg["sid"], st.boot)).encode()
+    client = mqtt_client.MQTTClient(
+        b["host"], b["port"], cfg["sid"], user=b["user"], password=b["password"] or None,
+        keepalive_s=30, will=(status, will, 1, True), clean_session=False, window=16, tls=b["tls"],
+        connect_timeout_ms=5000, backoff_min_ms=250, backoff_max_ms=10000,
+    )
+    return uplink.Uplink(
+        cfg, st, wire.Wire(cfg["sid"], cfg["kid"], cfg["key_bytes"], st.boot),
+        outbox.Outbox(".", cfg["outbox"]["max_bytes"]), client,
+        commands.CommandGate(cfg["sid"], cfg["kid"], cfg["key_bytes"], "."), clock,
+        config_hash(), FW_VERSION, on_reboot=board.reboot,
+    )
+
+
 async def run(cfg):
     st = build(cfg)
     st.start()
     tracing = board.PLATFORM == "unix" and os.getenv("STATION_TRACE")
     # STATION_CYCLES=N (unix port): sample N cycles, print a final trace, persist, exit
     cycles = int(os.getenv("STATION_CYCLES") or 0) if board.PLATFORM == "unix" else 0
-    t = None
+    tasks = []
     if tracing:
-        t = asyncio.create_task(trace(st, int(os.getenv("STATION_TRACE_MS") or cfg["telemetry_s"] * 1000)))
-    await st.run(cycles or None)
+        tasks.append(asyncio.create_task(
+            trace(st, int(os.getenv("STATION_TRACE_MS") or cfg["telemetry_s"] * 1000))))
+    if board.PLATFORM != "unix" or not os.getenv("STATION_NO_UPLINK"):
+        clock = Clock(st.uptime)
+        if cfg["ntp"] is not None:
+            tasks.append(asyncio.create_task(sync_clock(clock, cfg["ntp"])))
+        if board.PLATFORM == "esp32" and not board.net_up(cfg["net"]):  # type: ignore[attr-defined]
+            print("station: network not up yet; the link keeps retrying")
+        up = build_uplink(cfg, st, clock)
+        st.uplink = up
+        gc.collect()
+        tasks.append(asyncio.create_task(up.client.run()))
+        tasks.append(asyncio.create_task(supervise(st, "produce", up.produce)))
+        tasks.append(asyncio.create_task(supervise(st, "drain", up.drain)))
+        tasks.append(asyncio.create_task(watchdog(st, up)))
+    await supervise(st, "sampling", lambda: st.run(cycles or None))
     st.persist_now()
     if tracing:
         print_trace(st)

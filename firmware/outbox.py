@@ -234,16 +234,17 @@ class Outbox:
         self._next = rid + 1
         return rid
 
-    def pending(self, limit=8):
-        """Up to limit pending records, oldest first: a list of (id, kind, payload). Reads
-        the payloads from flash on each call; kind "t" goes to the telemetry topic, "e" and
-        "b" to the event topic."""
+    def pending(self, limit=8, after=-1):
+        """Up to limit pending records with an id above `after`, oldest first: a list of
+        (id, kind, payload). Reads the payloads from flash on each call (those at or below
+        `after`, already in flight, are skipped unread); kind "t" goes to the telemetry
+        topic, "e" and "b" to the event topic."""
         out = []  # type: list
         for seg in self._segs:
             if len(out) >= limit:
                 break
-            if seg.live:
-                self._read(seg, limit, out)
+            if seg.live and seg.end() - 1 > after:
+                self._read(seg, limit, out, after)
         return out
 
     def ack(self, rid):
@@ -401,7 +402,7 @@ class Outbox:
         # (ids stay above them after a restart), and rewritten with the next ack.
         self._advance()
 
-    def _read(self, seg, limit, out):
+    def _read(self, seg, limit, out, after=-1):
         kinds = seg.kinds
         h = self._hdr
         last = seg.pos_id - 1  # the last record id framed in this pass
@@ -423,10 +424,10 @@ class Outbox:
                     break
                 last = rid
                 nxt = pos + _HDR + ln
-                if kinds[rid - seg.first]:
-                    if lead:
-                        seg.pos, seg.pos_id = pos, rid
-                        lead = False
+                if kinds[rid - seg.first] and lead:
+                    seg.pos, seg.pos_id = pos, rid
+                    lead = False
+                if kinds[rid - seg.first] and rid > after:
                     payload = f.read(ln)
                     if len(payload) == ln and _crc(h, payload) == crc:
                         out.append((rid, chr(kind), payload))

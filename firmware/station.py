@@ -68,6 +68,9 @@ class Station:
         self.ts_offset = None  # Unix ms − uptime ms, once the clock is synced
         self.cycles = 0
         self.last_cycle_us = 0
+        self.persist_ok = True
+        self.task_failures = 0
+        self.uplink = None  # set by the app when the station has one (for status and tracing)
         self._saved_mwh = sum(self.restored)
         self._saved_up = 0
         self._save()  # the boot counter is on flash before anything else happens
@@ -94,7 +97,14 @@ class Station:
 
     def persist_if_due(self, up):
         if self.policy.due(self.total_mwh() - self._saved_mwh, up - self._saved_up):
-            self._save(up)
+            try:
+                self._save(up)
+                self.persist_ok = True
+            except OSError as e:
+                # flash full or failing: keep sampling (the registers live on in RAM and in
+                # telemetry), say so, and let the watchdog see it
+                self.persist_ok = False
+                self.alarm("persist_failed", "crit", "cannot save registers: %s" % e)
 
     def persist_now(self):
         """Before a deliberate reboot or stop."""

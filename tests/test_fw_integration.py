@@ -32,7 +32,7 @@ def test_charge_of_several_batteries_matches_ground_truth(tmp_path: pathlib.Path
     with Rig(slots=4, seed=11, workdir=tmp_path / "rig") as rig:
         cfg = station_config(SID, rig.charger_path, rig.bus_path, slots=4, sample_ms=500, stale_s=3,
                              bms={"per_cycle": 2})
-        st = StationProcess(tmp_path / "flash", cfg, heap="100k", trace_ms=500)
+        st = StationProcess(tmp_path / "flash", cfg, heap="100k", trace_ms=500, uplink=False)
         st.start()
         try:
             st.wait_for(lambda: bool(st.telemetry()), 20, "first telemetry")
@@ -86,7 +86,7 @@ def test_injected_faults_equal_error_counters(tmp_path: pathlib.Path) -> None:
                 rig.insert(3, pack="72V", power_w=1500, capacity_wh=20, soc=0.3)]
         ids = {b.serial for b in bats}
         st = StationProcess(tmp_path / "flash", cfg, heap="100k", trace_ms=1000,
-                            env={"STATION_CYCLES": "80"})
+                            env={"STATION_CYCLES": "80"}, uplink=False)
         st.start()
         assert st.proc is not None
         st.proc.wait(120)
@@ -125,7 +125,7 @@ def test_power_cuts_never_lower_a_register_and_boot_grows(tmp_path: pathlib.Path
                              persist={"every_mwh": 20, "every_s": 1}, boot_base=40)
         rig.insert(1, pack="72V", power_w=1500, capacity_wh=60, soc=0.2)
         rig.insert(2, pack="60V", power_w=1000, capacity_wh=60, soc=0.2)
-        st = StationProcess(flash, cfg, heap="100k", trace_ms=200)
+        st = StationProcess(flash, cfg, heap="100k", trace_ms=200, uplink=False)
         last_boot = -1
         persisted: list[int] = [0, 0]
         kills = 0

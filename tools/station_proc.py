@@ -87,6 +87,7 @@ class StationProcess:
         trace_ms: int | None = None,
         env: dict[str, str] | None = None,
         on_line: Callable[[dict[str, Any]], None] | None = None,
+        uplink: bool = True,
     ) -> None:
         self.flash = pathlib.Path(flash)
         self.flash.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,7 @@ class StationProcess:
         self.trace_ms = trace_ms
         self.env = env or {}
         self.on_line = on_line
+        self.uplink = uplink  # False: sampling only (part 1's rig runs), no MQTT stack loaded
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[dict[str, Any]] = []  # parsed trace lines of the current process
         self.output: list[str] = []  # everything else it printed
@@ -107,6 +109,8 @@ class StationProcess:
         if self.trace_ms is not None:
             env["STATION_TRACE"] = "1"
             env["STATION_TRACE_MS"] = str(self.trace_ms)
+        if not self.uplink:
+            env["STATION_NO_UPLINK"] = "1"
         env.update(self.env)
         with self._lock:
             self.lines = []

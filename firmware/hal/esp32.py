@@ -87,6 +87,14 @@ def set_time_ms(unix_ms):
     machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], (unix_ms % 1000) * 1000))
 
 
+def unix_ms():
+    """Unix time in ms from the RTC (older ports count from 2000-01-01)."""
+    ms = time.time_ns() // 1000000
+    if time.gmtime(0)[0] == 2000:
+        ms += 946684800000
+    return ms
+
+
 def ntp_sync(host):
     import ntptime
 

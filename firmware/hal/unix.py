@@ -93,3 +93,24 @@ def reset_cause():
 
 def flash_root():
     return "."
+
+
+def unix_ms():
+    """Unix time in ms from the host clock (which the host keeps synced)."""
+    import time
+
+    if hasattr(time, "time_ns"):
+        return time.time_ns() // 1000000
+    return int(time.time() * 1000)  # pragma: no cover
+
+
+def ntp_sync(host):
+    """The host keeps its own clock: nothing to do (the station trusts it when ntp is set)."""
+    return True
+
+
+def reboot():
+    """A deliberate reboot on the unix port: exit with status 3 so a supervisor restarts it."""
+    import sys
+
+    sys.exit(3)
