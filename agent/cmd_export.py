@@ -8,7 +8,6 @@ fixed order and rendered by agent/export.py, which sorts them itself.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sqlite3
 import sys
 from typing import Any
@@ -27,24 +26,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def parse_iso_ms(text: str, what: str) -> int:
-    """ISO 8601 date or date-time → Unix ms; no zone means UTC."""
+def _time(text: str, what: str) -> int:
+    from agent.export import parse_time
+
     try:
-        t = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not an ISO 8601 date or time") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=datetime.UTC)
-    delta = t - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+        return parse_time(text)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from agent.export import render
     from agent.store import Store, row_to_record
 
-    start = parse_iso_ms(args.start, "--from") if args.start else None
-    end = parse_iso_ms(args.end, "--to") if args.end else None
+    start = _time(args.start, "--from") if args.start is not None else None
+    end = _time(args.end, "--to") if args.end is not None else None
     if start is not None and end is not None and end < start:
         raise UsageError("--to is before --from")
     try:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 
 log = logging.getLogger(__name__)
 
@@ -57,40 +58,125 @@ class BrokerConfig:
         return t
 
 
-class _BufferedClient(mqtt.Client):
-    """paho Client whose socket reads go through a 64 KB buffer (see module doc)."""
+_PUBLISH = 0x30
+_NO_MSG = (lambda topic, payload, mid, qos: None)
+
+
+class _FastClient(mqtt.Client):
+    """paho Client with a lean read path for MQTT 3.1.1 (see the module doc).
+
+    `_packet_read` takes whole packets from a 64 KB receive buffer; a PUBLISH goes straight
+    to `deliver(topic, payload, mid, qos)` (no MQTTMessage, no topic matcher, no locks);
+    every other packet is handed to paho's own `_packet_handle`, so connect, subscribe,
+    ping and disconnect keep paho's logic. QoS 2 publishes (never subscribed to here) also
+    take paho's path."""
 
     _rbuf: bytes = b""
     _rpos: int = 0
     would_block: bool = False
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        buf = self._rbuf
-        pos = self._rpos
-        if pos >= len(buf):
-            sock = self._sock
-            if sock is None:
-                raise ConnectionError("socket is None")
-            try:
-                buf = sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError) as e:
-                self.would_block = True
-                raise BlockingIOError() from e
-            except ssl.SSLWantWriteError as e:
-                self.would_block = True
-                self._call_socket_register_write()
-                raise BlockingIOError() from e
-            if not buf:
-                return buf  # connection closed
-            self._rbuf = buf
-            pos = 0
-        end = pos + bufsize
-        self._rpos = end
-        return buf[pos:end]
+    deliver: Callable[[bytes, bytes, int, int], None] = staticmethod(_NO_MSG)
 
     def reset_buffer(self) -> None:
         self._rbuf = b""
         self._rpos = 0
+
+    def _fill(self) -> int:
+        """Append what the socket has to the unread rest; 0 ok, else a paho error code."""
+        sock = self._sock
+        if sock is None:
+            return int(mqtt.MQTT_ERR_NO_CONN)
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            self.would_block = True
+            return int(mqtt.MQTT_ERR_AGAIN)
+        except ssl.SSLWantWriteError:
+            self.would_block = True
+            self._call_socket_register_write()
+            return int(mqtt.MQTT_ERR_AGAIN)
+        except OSError as e:
+            log.warning("socket read failed: %s", e)
+            return int(mqtt.MQTT_ERR_CONN_LOST)
+        if not data:
+            return int(mqtt.MQTT_ERR_CONN_LOST)
+        rest = self._rbuf[self._rpos :]
+        self._rbuf = rest + data if rest else data
+        self._rpos = 0
+        with self._msgtime_mutex:
+            self._last_bytes_received = time.monotonic()
+        return 0
+
+    def _packet_read(self) -> MQTTErrorCode:
+        while True:
+            buf = self._rbuf
+            pos = self._rpos
+            n = len(buf)
+            # fixed header: command byte, remaining length (1..4 bytes, 7 bits each)
+            if n - pos >= 2:
+                rl = 0
+                shift = 0
+                i = pos + 1
+                while i < n:
+                    b = buf[i]
+                    rl |= (b & 127) << shift
+                    i += 1
+                    if not b & 128:
+                        break
+                    shift += 7
+                    if shift > 21:
+                        return mqtt.MQTT_ERR_PROTOCOL
+                else:
+                    i = -1  # length incomplete
+                if i > 0 and i + rl <= n:
+                    break
+            rc = self._fill()
+            if rc:
+                return MQTTErrorCode(rc)
+        end = i + rl
+        self._rpos = end
+        cmd = buf[pos]
+        if cmd & 0xF0 == _PUBLISH and cmd & 0x06 != 0x04 and self._protocol != mqtt.MQTTv5:
+            # topic length, topic, packet id when QoS > 0, payload
+            if rl < 2:
+                return mqtt.MQTT_ERR_PROTOCOL
+            tl = (buf[i] << 8) | buf[i + 1]
+            p = i + 2 + tl
+            qos = (cmd & 0x06) >> 1
+            if tl == 0 or p + (2 if qos else 0) > end:
+                return mqtt.MQTT_ERR_PROTOCOL
+            mid = 0
+            if qos:
+                mid = (buf[p] << 8) | buf[p + 1]
+                p += 2
+            self.deliver(buf[i + 2 : i + 2 + tl], buf[p:end], mid, qos)
+            return mqtt.MQTT_ERR_SUCCESS
+        # anything else: paho's handlers, fed the way its own reader would
+        self._in_packet = {
+            "command": cmd,
+            "have_remaining": 1,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": rl,
+            "packet": bytearray(buf[i:end]),
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            log.warning("malformed packet from the broker: %s", exc)
+            rc = mqtt.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        return rc
 
 
 class Delivery:
@@ -124,8 +210,9 @@ class MqttSource:
         self._stopping = False
         self._paused = False
         self._fd = -1
+        self.drain_max = 500
         self.counters = {"connects": 0, "disconnects": 0, "stale_acks": 0}
-        c = _BufferedClient(
+        c = _FastClient(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=False,
@@ -139,7 +226,8 @@ class MqttSource:
             if cfg.tls_insecure:
                 c.tls_insecure_set(True)
         c.on_connect = self._connected
-        c.on_message = self._message
+        c.on_message = self._message  # QoS 2 or MQTT 5 only (paho's own path)
+        c.deliver = self._deliver
         c.on_socket_open = self._sock_open
         c.on_socket_close = self._sock_close
         c.on_socket_register_write = self._want_write
@@ -218,12 +306,28 @@ class MqttSource:
             topic = m._topic.decode("ascii", "replace")
         self._on_message(topic, bytes(m.payload), Delivery(m.mid, m.qos, self.conn))
 
+    def _deliver(self, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
+        try:
+            t = topic.decode()
+        except UnicodeDecodeError:
+            t = topic.decode("utf-8", "replace")
+        self._on_message(t, payload, Delivery(mid, qos, self.conn))
+
     def _readable(self) -> None:
+        # Read until the socket is empty, but hand over every `drain_max` packets (the
+        # committer then starts on what is here while we read on): bounded latency under
+        # a burst, and commits overlap reading.
         c = self.client
         c.would_block = False
+        k = 0
         try:
             while not c.would_block and not self._paused:
-                if c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                if c.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                k += 1
+                if k >= self.drain_max:
+                    assert self._loop is not None
+                    self._loop.call_soon(self._readable)  # the buffer may hold more
                     break
         finally:
             self._on_drained()
@@ -252,12 +356,19 @@ class MqttSource:
         c = self.client
         conn = self.conn
         stale = 0
+        pubacks = []
         for d in deliveries:
-            if d.conn == conn and d.qos:
-                c.ack(d.mid, d.qos)
+            if d.conn != conn:
+                stale += d.qos > 0
+            elif d.qos == 1:
+                pubacks.append(d.mid)
             elif d.qos:
-                stale += 1
+                c.ack(d.mid, d.qos)
         self.counters["stale_acks"] += stale
+        if pubacks and self._fd >= 0:
+            # one write for all of them: PUBACK is 0x40 0x02 <packet id>
+            data = b"".join([b"\x40\x02" + m.to_bytes(2, "big") for m in pubacks])
+            c._packet_queue(mqtt.PUBACK, data, 0, 0)
         if c.want_write():
             c.loop_write()
 

@@ -15,7 +15,9 @@ and the records can be recomputed from it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import gc
 import logging
 import os
 import pathlib
@@ -49,11 +51,16 @@ class DbConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class IngestConfig:
-    batch_max: int = 5000  # most messages in one commit
+    batch_max: int = 5000  # most messages in one commit (batches form by themselves)
     max_pending: int = 50_000  # stop reading the socket beyond this many uncommitted
     records_interval_ms: int = 500  # how often changed records are written
+    records_sids_per_commit: int = 64  # stations whose records ride along one commit
     key_reload_s: float = 2.0  # how soon a revocation takes effect
     stats_interval_s: float = 60.0  # counters to the log
+    # Python's full (oldest-generation) garbage collection walks every object, and the
+    # metering state is large: left automatic it stalls the loop ~0.1 s at unpredictable
+    # times. The agent runs it itself every gc_full_s instead (0: leave it automatic).
+    gc_full_s: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,10 +180,14 @@ class Service:
         self.keys: CachedKeys = self._keystore.ring()
         self.meter = IncrementalMeter(cfg.metering)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
-        self._batch = _Batch()
+        self._batch = _Batch()  # filling
+        self._sealed: collections.deque[_Batch] = collections.deque()  # full, to commit
         self._wake = asyncio.Event()
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # stations whose records changed and are not written
+        self._records_due = 0.0  # monotonic time after which they are written
         self._committing = False
+        self._stopping = False
+        self._idle = asyncio.Event()  # set after each commit cycle
         self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
         self._prefix = cfg.broker.prefix
         self.ready = asyncio.Event()  # set once raw is replayed and the broker is connected
@@ -203,8 +214,10 @@ class Service:
             b.quarantine.append(QuarantineRow(recv, topic, "internal", repr(e)[:300],
                                               _sid_of(topic, self._prefix), payload))
         if len(b.deliveries) >= self.cfg.ingest.batch_max:
+            self._sealed.append(b)  # full: the committer takes it as one transaction
+            self._batch = _Batch()
             self._wake.set()
-            if len(b.deliveries) >= self.cfg.ingest.max_pending:
+            if len(self._sealed) * self.cfg.ingest.batch_max >= self.cfg.ingest.max_pending:
                 self.source.pause()
 
     def _status(self, b: _Batch, sid: str, topic: str, payload: bytes, recv: int) -> None:
@@ -221,11 +234,10 @@ class Service:
 
     # ---- the committer ---------------------------------------------------------------------
 
-    def _write(self, b: _Batch) -> tuple[list[int], int, int]:
-        """db thread: one transaction for raw, quarantine and status of a batch."""
-        res = self.store.write_batch(b.rows, b.quarantine)
-        if b.status:
-            self.store.put_status(b.status)
+    def _write(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> tuple[list[int], int, int]:
+        """db thread: one transaction for a batch and the record changes that are due."""
+        res = self.store.write_batch(b.rows, b.quarantine, status=b.status, records=ups,
+                                     records_gone=gone)
         return res.new, res.duplicates, res.conflicts
 
     async def _committer(self) -> None:
@@ -233,15 +245,21 @@ class Service:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            b = self._batch
-            if not b.deliveries:
+            records_due = bool(self._dirty) and time.monotonic() >= self._records_due
+            if self._sealed:
+                b = self._sealed.popleft()
+            elif self._batch.deliveries or records_due:
+                b, self._batch = self._batch, _Batch()
+            else:
+                self._idle.set()
                 continue
-            self._batch = _Batch()
             self._committing = True
+            ups, gone = self._changes() if records_due else ([], [])
             delay = 0.05
             while True:
                 try:
-                    new, dups, conflicts = await loop.run_in_executor(self._db, self._write, b)
+                    new, dups, conflicts = await loop.run_in_executor(
+                        self._db, self._write, b, ups, gone)
                     break
                 except Exception:
                     log.exception("database write failed; retrying in %.2fs (not acknowledged)",
@@ -250,14 +268,18 @@ class Service:
                     delay = min(delay * 2, 5.0)
             self.source.ack(b.deliveries)
             self._committing = False
-            self.source.resume()
+            if not self._stopping and (
+                    len(self._sealed) * self.cfg.ingest.batch_max < self.cfg.ingest.max_pending):
+                self.source.resume()
             c = self.counters
-            c["received"] += len(b.deliveries)
             c["commits"] += 1
-            c["stored"] += len(new)
-            c["duplicate"] += dups
-            c["conflict"] += conflicts
-            c["status"] += len(b.status)
+            c["records_written"] += len(ups)
+            if b.deliveries:
+                c["received"] += len(b.deliveries)
+                c["stored"] += len(new)
+                c["duplicate"] += dups
+                c["conflict"] += conflicts
+                c["status"] += len(b.status)
             if b.quarantine or conflicts:
                 c["quarantined"] += len(b.quarantine) + conflicts
                 for q in b.quarantine:
@@ -268,8 +290,10 @@ class Service:
                 if self._on_commit is not None:
                     self._on_commit(rows)
                 self._meter(rows, [b.bodies[i] for i in new])
-            if self._batch.deliveries:
+            if (self._sealed or self._batch.deliveries
+                    or (self._dirty and self._records_due <= time.monotonic())):
                 self._wake.set()
+            self._idle.set()
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
         msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms, body=body)
@@ -281,10 +305,16 @@ class Service:
             log.exception("metering failed on a batch of %d messages (raw is stored)", len(msgs))
 
     def _changes(self) -> tuple[list[RecordRow], list[str]]:
-        dirty, self._dirty = self._dirty, set()
+        """Record changes of up to `records_sids_per_commit` stations (the rest stay due,
+        so that one commit never waits for a whole fleet's records)."""
+        dirty = sorted(self._dirty)
+        take = dirty[: self.cfg.ingest.records_sids_per_commit]
+        self._dirty.difference_update(take)
+        if not self._dirty:
+            self._records_due = time.monotonic() + self.cfg.ingest.records_interval_ms / 1000
         ups: list[RecordRow] = []
         gone: list[str] = []
-        for sid in sorted(dirty):
+        for sid in take:
             try:
                 changed, removed = self.meter.changes(sid)
             except Exception:
@@ -295,33 +325,39 @@ class Service:
             gone.extend(removed)
         return ups, gone
 
-    async def flush_records(self) -> None:
-        if not self._dirty:
-            return
-        ups, gone = self._changes()
-        if ups or gone:
-            await asyncio.get_running_loop().run_in_executor(
-                self._db, self.store.apply_records, ups, gone)
-            self.counters["records_written"] += len(ups)
+    async def flush(self) -> None:
+        """Commit (and acknowledge) every message read so far and write every pending
+        record change now (shutdown, tests, benchmarks)."""
+        self._records_due = 0.0
+        while self._sealed or self._batch.deliveries or self._dirty or self._committing:
+            self._idle.clear()
+            self._wake.set()
+            await self._idle.wait()
+
+    flush_records = flush
 
     async def _recorder(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.ingest.records_interval_ms / 1000)
-            try:
-                await self.flush_records()
-            except Exception:
-                log.exception("writing records failed (retried with the next changes)")
+            if self._dirty:
+                self._wake.set()
 
     async def _housekeeping(self) -> None:
-        last_stats = time.monotonic()
+        last_stats = last_gc = time.monotonic()
+        ing = self.cfg.ingest
         while True:
-            await asyncio.sleep(self.cfg.ingest.key_reload_s)
+            await asyncio.sleep(min(ing.key_reload_s, ing.gc_full_s or ing.key_reload_s))
             try:
                 self.keys.reload()
             except Exception:
                 log.exception("reloading keys failed")
-            if time.monotonic() - last_stats >= self.cfg.ingest.stats_interval_s:
-                last_stats = time.monotonic()
+            now = time.monotonic()
+            if ing.gc_full_s and now - last_gc >= ing.gc_full_s:
+                last_gc = now
+                gc.collect()
+                log.debug("full garbage collection took %.0f ms", (time.monotonic() - now) * 1e3)
+            if now - last_stats >= ing.stats_interval_s:
+                last_stats = now
                 log.info("counters: %s", dict(sorted(self.counters.items())))
 
     # ---- start-up and the whole run ---------------------------------------------------------
@@ -348,6 +384,10 @@ class Service:
         t0 = time.monotonic()
         n = await loop.run_in_executor(self._db, self.replay)
         log.info("replayed %d raw messages into metering in %.1fs", n, time.monotonic() - t0)
+        gc_was = gc.get_threshold()
+        if self.cfg.ingest.gc_full_s:
+            gc.collect()
+            gc.set_threshold(gc_was[0], gc_was[1], 1 << 30)  # no automatic full collection
         tasks = [asyncio.create_task(x) for x in
                  (self.source.run(), self._committer(), self._recorder(), self._housekeeping())]
 
@@ -367,24 +407,22 @@ class Service:
         finally:
             ready.cancel()
             await self._shutdown(tasks)
+            gc.set_threshold(*gc_was)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
-        # stop reading, commit and acknowledge what was read, then say goodbye
+        # stop reading; commit, acknowledge and meter what was read; then say goodbye
+        self._stopping = True
         self.source.pause()
-        committer = tasks[1]
-        for _ in range(500):
-            if (not self._batch.deliveries and not self._committing) or committer.done():
-                break
-            self._wake.set()
-            await asyncio.sleep(0.01)
+        if not tasks[1].done():  # the committer
+            try:
+                await asyncio.wait_for(self.flush(), 15.0)
+            except TimeoutError:
+                log.warning("could not commit everything before stopping (the broker keeps "
+                            "what was not acknowledged)")
         self.source.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            await self.flush_records()
-        except Exception:
-            log.exception("final records flush failed (replay rebuilds them at start)")
         self._db.shutdown(wait=True)
         self.store.close()
         self._keystore.store.close()

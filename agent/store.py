@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple, Self
 
@@ -89,6 +89,10 @@ _INSERT_RAW: Final = (
 )
 _INSERT_Q: Final = (
     "INSERT INTO quarantine (recv_ms, topic, reason, detail, sid, record) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STATUS: Final = (
+    "INSERT INTO status (sid, recv_ms, record) VALUES (?, ?, ?) ON CONFLICT (sid) "
+    "DO UPDATE SET recv_ms = excluded.recv_ms, record = excluded.record"
 )
 _INSERT_ALARM: Final = "INSERT INTO alarms (ts_ms, sid, code, level, detail) VALUES (?, ?, ?, ?, ?)"
 
@@ -202,13 +206,26 @@ class Store:
     # ---- ingest ---------------------------------------------------------------------------
 
     def write_batch(
-        self, rows: Sequence[RawRow], quarantine: Sequence[QuarantineRow] = ()
+        self,
+        rows: Sequence[RawRow],
+        quarantine: Sequence[QuarantineRow] = (),
+        *,
+        status: Sequence[tuple[str, int, bytes]] = (),
+        records: Sequence[RecordRow] = (),
+        records_gone: Sequence[str] = (),
     ) -> BatchResult:
-        """Store a batch of verified messages and rejected ones in one transaction."""
+        """Store a batch in one transaction (one fsync): verified messages, rejected ones,
+        station status, and the metering changes that are due."""
         with self.transaction() as db:
             result = self._insert_raw(db, rows)
             if quarantine:
                 db.executemany(_INSERT_Q, quarantine)
+            if status:
+                db.executemany(_UPSERT_STATUS, status)
+            if records_gone:
+                db.executemany("DELETE FROM records WHERE rid = ?", [(r,) for r in records_gone])
+            if records:
+                db.executemany(_UPSERT_RECORD, records)
         return result
 
     def _insert_raw(self, db: sqlite3.Connection, rows: Sequence[RawRow]) -> BatchResult:
@@ -242,14 +259,10 @@ class Store:
         db.execute("RELEASE batch")
         return BatchResult(new, dups, conflicts)
 
-    def put_status(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+    def put_status(self, items: Sequence[tuple[str, int, bytes]]) -> None:
         """Last status (birth / last will, unsigned, informational) per station."""
         with self.transaction() as db:
-            db.executemany(
-                "INSERT INTO status (sid, recv_ms, record) VALUES (?, ?, ?) ON CONFLICT (sid) "
-                "DO UPDATE SET recv_ms = excluded.recv_ms, record = excluded.record",
-                list(items),
-            )
+            db.executemany(_UPSERT_STATUS, items)
 
     def add_alarm(self, sid: str | None, code: str, level: str, detail: str) -> None:
         with self.transaction() as db:
@@ -310,11 +323,7 @@ class Store:
 
     def apply_records(self, upserts: Sequence[RecordRow], deletes: Sequence[str]) -> None:
         """Metering changes: records created or changed (by rid) and rids that are gone."""
-        with self.transaction() as db:
-            if deletes:
-                db.executemany("DELETE FROM records WHERE rid = ?", [(r,) for r in deletes])
-            if upserts:
-                db.executemany(_UPSERT_RECORD, upserts)
+        self.write_batch((), records=upserts, records_gone=deletes)
 
     def record_rows(
         self, kind: str | None = None, start_ms: int | None = None, end_ms: int | None = None

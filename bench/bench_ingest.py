@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import pathlib
@@ -35,15 +36,15 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.ingest import BrokerConfig  # noqa: E402
-from agent.keys import KeyStore  # noqa: E402
-from agent.service import AgentConfig, DbConfig, IngestConfig, Service  # noqa: E402
-from agent.store import RawRow, Store  # noqa: E402
-from tests.agent_helpers import Station, key_for  # noqa: E402
-from tools.mosquitto import Mosquitto  # noqa: E402
+from agent.ingest import BrokerConfig
+from agent.keys import KeyStore
+from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.store import RawRow, Store
+from tests.agent_helpers import Station, key_for
+from tools.mosquitto import Mosquitto
 
 AGENT_CPU = {0}
 OTHER_CPU = {1} if (os.cpu_count() or 1) > 1 else {0}
@@ -88,7 +89,7 @@ def publish_main(args: argparse.Namespace) -> None:
         msgs = messages(args.stations, total)
         # each message gets a fresh boot so that it never repeats the drain phase's keys
         times: list[tuple[str, int, float]] = []
-        infos = []
+        sent: list[mqtt.MQTTMessageInfo] = []
         t0 = time.perf_counter()
         step = 1.0 / args.rate
         for i, (topic, payload) in enumerate(msgs):
@@ -97,13 +98,18 @@ def publish_main(args: argparse.Namespace) -> None:
             if d > 0.0005:
                 time.sleep(d)
             times.append((topic.split("/")[1], i // args.stations, time.time()))
-            infos.append(c.publish(topic, payload, qos=1))
-        for inf in infos:
+            sent.append(c.publish(topic, payload, qos=1))
+        for inf in sent:
             inf.wait_for_publish(30)
         pathlib.Path(args.times).write_text(json.dumps(times))
     else:
         msgs = messages(args.stations, args.n)
-        infos = [c.publish(t, p, qos=1) for t, p in msgs]
+        # a window: paho mixes up QoS 1 messages beyond 65,535 outstanding (DESIGN.md)
+        infos: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+        for t, p in msgs:
+            infos.append(c.publish(t, p, qos=1))
+            if len(infos) > 20_000:
+                infos.popleft().wait_for_publish(60)
         for inf in infos:
             inf.wait_for_publish(60)
     c.disconnect()
@@ -141,6 +147,8 @@ def bare_drain(port: int, n: int) -> float:
     t0 = time.perf_counter()
     c.connect("127.0.0.1", port)
     c.loop_forever()
+    if count < n:
+        raise RuntimeError(f"bare subscriber got {count} of {n}")
     return n / (time.perf_counter() - t0)
 
 
@@ -150,7 +158,7 @@ def bare_drain(port: int, n: int) -> float:
 def agent_cfg(port: int, db: str, sync: str) -> AgentConfig:
     return AgentConfig(db=DbConfig(url=db, synchronous=sync),
                        broker=BrokerConfig(port=port, client_id="bench-agent"),
-                       ingest=IngestConfig(records_interval_ms=200))
+                       ingest=IngestConfig(records_interval_ms=int(os.environ.get("REC_MS", "200"))))
 
 
 async def agent_drain(port: int, db: str, n: int, sync: str) -> tuple[float, float, dict[str, int]]:
@@ -167,10 +175,13 @@ async def agent_drain(port: int, db: str, n: int, sync: str) -> tuple[float, flo
     stop = asyncio.Event()
     t0 = time.perf_counter()
     task = asyncio.create_task(svc.run(stop))
+    deadline = time.monotonic() + 300
     while committed < n:
         await asyncio.sleep(0.005)
         if task.done():
             task.result()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agent committed {committed} of {n}")
     # records: everything metered is written (a periodic flush may be under way: ours
     # queues behind it on the one database thread)
     await svc.flush_records()
@@ -212,6 +223,9 @@ async def agent_live(port: int, db: str, sync: str, rate: int, seconds: int, sta
     if len(lat) != total:
         print(f"  WARNING: {total - len(lat)} of {total} messages not committed")
     to_recv = [recv_t[(sid, seq)] - t for sid, seq, t in sent if (sid, seq) in recv_t]
+    if os.environ.get("LATDUMP"):
+        pathlib.Path(os.environ["LATDUMP"]).write_text(json.dumps(
+            [[t, commit_t.get((sid, seq)), recv_t.get((sid, seq))] for sid, seq, t in sent]))
     print(f"  publish → agent receive (ms clock): p50 {pct(to_recv, 50) * 1000:.1f} ms, "
           f"p99 {pct(to_recv, 99) * 1000:.1f} ms")
     return lat
@@ -240,6 +254,9 @@ def main() -> None:
     rate = args.rate or 5000
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     broker = Mosquitto(tmp / "mq")
+    if os.environ.get("INFLIGHT"):
+        broker.conf.write_text(broker.conf.read_text().replace(
+            "max_inflight_messages 100", f"max_inflight_messages {os.environ['INFLIGHT']}"))
     broker.start()
     assert broker.proc is not None
     pin(broker.proc.pid, OTHER_CPU)

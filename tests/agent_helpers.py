@@ -202,3 +202,68 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
          "not_compact"),
     ]
     return cases
+
+
+# ---- publishing to a real broker -----------------------------------------------------------
+
+
+class Publisher:
+    """A paho publisher for tests: QoS 1, in order, each message confirmed by PUBACK.
+    Survives broker restarts: whatever was not confirmed is published again once the
+    connection is back (a byte-identical resend, which the agent counts as a duplicate)."""
+
+    def __init__(self, port: int, client_id: str = "test-pub", window: int = 50) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.window = window
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.c.reconnect_delay_set(0.05, 0.5)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.resent = 0
+
+    def send(self, items: list[tuple[str, bytes]], timeout: float = 60.0,
+             pace_s: float = 0.0) -> None:
+        import collections
+        import time
+
+        deadline = time.monotonic() + timeout
+        pending: collections.deque[tuple[tuple[str, bytes], Any]] = collections.deque()
+
+        def wait_first() -> None:
+            info = pending[0][1]
+            while True:
+                if info.is_published():
+                    pending.popleft()
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"publishing: {len(pending)} unconfirmed")
+                # wait a little; if the link broke, publish the unconfirmed ones again
+                t0 = time.monotonic()
+                while not info.is_published() and time.monotonic() - t0 < 2.0:
+                    time.sleep(0.005)
+                if not info.is_published():
+                    while not self.c.is_connected() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    again = [it for it, inf in pending if not inf.is_published()]
+                    pending.clear()
+                    for it in again:
+                        pending.append((it, self.c.publish(it[0], it[1], qos=1)))
+                        self.resent += 1
+                    if not pending:
+                        return
+                    info = pending[0][1]
+
+        for item in items:
+            pending.append((item, self.c.publish(item[0], item[1], qos=1)))
+            if pace_s:
+                time.sleep(pace_s)
+            while len(pending) >= self.window:
+                wait_first()
+        while pending:
+            wait_first()
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()

@@ -95,7 +95,7 @@ def test_keys_never_reach_logs(tmp_path: pathlib.Path, caplog: pytest.LogCapture
     k = key_for(SID)
     with KeyStore(str(tmp_path / "a.db")) as ks:
         ks.add(SID, k)
-        kid, k2 = ks.rotate(SID)
+        _, k2 = ks.rotate(SID)
         ks.revoke(SID, 1)
         text = caplog.text + repr(ks.list())
     for key in (k, k2):
