@@ -21,7 +21,8 @@ import logging
 import os
 import pathlib
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -125,6 +126,7 @@ class Rig:
         bus_char_bits: int = 10,
         host: RigHost | None = None,
         name: str = "rig",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if bus_baud <= 0 or charger_baud <= 0:
             raise ValueError("baud rates must be > 0")
@@ -141,8 +143,11 @@ class Rig:
         self.workdir = pathlib.Path(workdir) if workdir is not None else None
         self.model = RigModel(slots=slots, meter=meter, seed=seed, dt_s=dt_s,
                               efficiency=efficiency, idle_w=idle_w,
-                              meter_start_kwh=meter_start_kwh, meter_serial=meter_serial)
-        self.log = FaultLog(t0=self.model.t0)
+                              meter_start_kwh=meter_start_kwh, meter_serial=meter_serial,
+                              # a fleet's accelerated clock (seconds); pacing stays real time
+                              clock=time.monotonic if clock is None else clock)
+        # the fault log is on real time (time.monotonic), whatever the model's clock
+        self.log = FaultLog(t0=self.model.t0 if clock is None else None)
         self._host = host
         self._own_host = host is None
         self._lock = threading.Lock()
