@@ -1,0 +1,486 @@
+"""The board as the flashing tool sees it: a MicroPython raw REPL (through mpremote's serial
+transport, which takes device paths and pyserial URLs such as socket://) and, for writing a
+MicroPython image, the ESP32 ROM bootloader (through esptool).
+
+One connection is held for the whole provisioning of a board (mpremote opens the port with
+an exclusive lock, so no second tool can talk to it meanwhile) and it never soft-resets on
+connect (mpremote's `resume`): a soft reset would end the MicroPython unix port's process
+that test rigs use as a board.
+
+Restart: on an ESP32, a soft reset inside the raw REPL (boot.py runs, main.py does not, so
+the station does not start signing with a key the agent does not know yet); the final
+start after commissioning is a hard reset (machine.reset(): main.py runs). The unix port
+has no reset through its REPL (a soft reset is EOF: the process exits), so there a restart
+drops every loaded module instead and the final start is left to whoever runs main.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import serial
+
+from tools.flash.errors import FlashError
+
+log = logging.getLogger(__name__)
+
+# Oldest MicroPython the firmware supports: 1.23 (mpy v6.3: the version mpy-cross emits;
+# the RTC epoch is 1970 and `ssl.SSLContext`, `json.dumps(separators=)` exist).
+MIN_VERSION = (1, 23, 0)
+MPY_MAJOR = 6
+# sys.implementation._mpy bits 10.. -> mpy-cross -march names (py/persistentcode.h)
+ARCHES = ("", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
+          "xtensa", "xtensawin", "rv32imc", "rv64imc")
+CHIPS = ("esp32", "esp32s2", "esp32s3", "esp32c3", "esp32c6", "unix")
+# where a MicroPython image starts in flash (its bootloader's offset)
+IMAGE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0, "esp32c6": 0x0}
+CHUNK = 1024  # bytes per raw-REPL write: 4x fewer round trips than mpremote's 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoardInfo:
+    platform: str  # sys.platform: esp32, linux, darwin
+    machine: str  # sys.implementation._machine
+    version: tuple[int, int, int]
+    mpy: int  # sys.implementation._mpy (0 when the port does not say)
+    unique_id: str | None  # machine.unique_id() as hex (the ESP32's MAC), None on the unix port
+
+    @property
+    def chip(self) -> str:
+        """esp32, esp32s3, … from the machine string ("… with ESP32S3"), or unix."""
+        if self.platform != "esp32":
+            return "unix"
+        m = re.search(r"with (ESP32\w*)", self.machine)
+        return m.group(1).lower() if m else "esp32"
+
+    @property
+    def mpy_version(self) -> tuple[int, int]:
+        return self.mpy & 0xFF, (self.mpy >> 8) & 3
+
+    @property
+    def arch(self) -> str | None:
+        a = self.mpy >> 10
+        return ARCHES[a] if 0 < a < len(ARCHES) else None
+
+    @property
+    def version_str(self) -> str:
+        return ".".join(str(x) for x in self.version)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"platform": self.platform, "machine": self.machine, "chip": self.chip,
+                "micropython": self.version_str, "mpy": "%d.%d" % self.mpy_version,
+                "arch": self.arch, "unique_id": self.unique_id}
+
+
+def check_chip(info: BoardInfo, want: str) -> None:
+    if info.chip != want:
+        raise FlashError("probe", f"wrong chip: the board is {info.chip} ({info.machine}), "
+                                  f"expected {want} (--chip)")
+
+
+def check_version(info: BoardInfo, emits: tuple[int, int]) -> None:
+    """Refuse a MicroPython the firmware does not support or whose .mpy the compiler cannot make."""
+    need = ".".join(str(x) for x in MIN_VERSION)
+    if info.mpy == 0 or info.mpy_version[0] != emits[0] or info.version < MIN_VERSION:
+        what = f"mpy v{info.mpy_version[0]}.{info.mpy_version[1]}" if info.mpy else "no mpy version"
+        raise FlashError("probe", f"MicroPython {info.version_str} on the board is too old "
+                                  f"({what}): need {need} or newer (mpy v{emits[0]}); "
+                                  "write a newer image with --image")
+
+
+def march_for(info: BoardInfo, emits: tuple[int, int]) -> str | None:
+    """-march for mpy-cross: the board's own architecture when its mpy sub-version is the one
+    mpy-cross emits (then native code would load too), else plain bytecode (loads on any
+    board of the same major mpy version)."""
+    return info.arch if info.mpy_version == emits else None
+
+
+def mpy_cross_emits() -> tuple[int, int]:
+    from tools import fwbuild
+
+    out = subprocess.run([fwbuild.mpy_cross_bin(), "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    m = re.search(r"mpy v(\d+)\.(\d+)", out)
+    if not m:
+        raise FlashError("build", f"cannot tell which mpy version mpy-cross emits: {out.strip()}")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ---- ports ------------------------------------------------------------------------------
+
+
+def check_port(port: str) -> None:
+    """Fail with a clear reason when the port is absent or held by another program (pyserial's
+    exclusive open takes a flock, as mpremote's does)."""
+    if "://" not in port and not os.path.exists(port):
+        raise FlashError("connect", f"port {port} not found (board not plugged in? wrong --port?)")
+    try:
+        s = serial.serial_for_url(port, do_not_open=True, baudrate=115200, exclusive=True)
+        s.open()
+        s.close()
+    except (serial.SerialException, OSError, ValueError) as e:
+        msg = str(e)
+        busy = "exclusively lock" in msg or getattr(e, "errno", None) in (errno.EBUSY, errno.EAGAIN) \
+            or "Errno 16" in msg or "Errno 11" in msg
+        if busy:
+            raise FlashError("connect", f"port {port} is busy: another program holds it "
+                                        "(a serial monitor, mpremote, esptool?)") from None
+        raise FlashError("connect", f"cannot open port {port}: {msg}") from None
+
+
+# ---- on-board code (kept small: it is compiled by the board for every call) -------------
+
+_PROBE = """import sys
+try:
+    import machine, binascii
+    _u = binascii.hexlify(machine.unique_id()).decode()
+except Exception:
+    _u = None
+_i = sys.implementation
+print(repr((sys.platform, getattr(_i, '_machine', ''), tuple(_i.version[:3]), getattr(_i, '_mpy', 0), _u)))
+"""
+
+_LIST = """import os
+def _w(d, o):
+    for e in os.ilistdir(d or '.'):
+        p = d + '/' + e[0] if d else e[0]
+        if e[1] & 0x4000:
+            o.append((p, 1))
+            _w(p, o)
+        else:
+            o.append((p, 0))
+_o = []
+_w('', _o)
+print(repr(_o))
+del _o, _w
+"""
+
+_HASH = """import hashlib, binascii
+def _h(p):
+    h = hashlib.sha256()
+    b = bytearray(512)
+    m = memoryview(b)
+    try:
+        f = open(p, 'rb')
+    except OSError:
+        return None
+    try:
+        while True:
+            n = f.readinto(b)
+            if not n:
+                break
+            h.update(m[:n])
+    except OSError:
+        return None
+    finally:
+        f.close()
+    return binascii.hexlify(h.digest()).decode()
+print(repr([(p, _h(p)) for p in %r]))
+del _h
+"""
+
+_REMOVE = """import os
+for _p in %r:
+    try:
+        os.remove(_p)
+    except OSError:
+        pass
+for _p in %r:
+    try:
+        os.rmdir(_p)
+    except OSError:
+        pass
+"""
+
+_MKDIRS = """import os
+for _p in %r:
+    try:
+        os.mkdir(_p)
+    except OSError:
+        pass
+"""
+
+# the unix port's "restart": forget every module (a soft reset would end the process)
+_PURGE = """import sys, gc
+for _k in list(sys.modules):
+    del sys.modules[_k]
+gc.collect()
+"""
+
+# ESP32: the station's watchdog (30 s) keeps running once its main.py is interrupted; take
+# it over with a long timeout and feed it between steps (a hard reset at the end clears it)
+_KEEPALIVE = """import machine
+try:
+    _wdt
+except NameError:
+    _wdt = machine.WDT(timeout=300000)
+_wdt.feed()
+"""
+
+SELFTEST_MARK = "SELFTEST "
+
+
+class Board:
+    """A MicroPython board on a serial port (or a pyserial URL), through its raw REPL."""
+
+    def __init__(self, port: str, *, baud: int = 115200) -> None:
+        self.port = port
+        self.baud = baud
+        self._t: Any = None
+        self.info: BoardInfo | None = None
+
+    # -- connection --
+
+    def open(self) -> None:
+        check_port(self.port)
+        from mpremote.transport import TransportError
+        from mpremote.transport_serial import SerialTransport
+
+        try:
+            self._t = SerialTransport(self.port, baudrate=self.baud)
+        except TransportError as e:
+            raise FlashError("connect", f"cannot open port {self.port}: {e}") from None
+        try:
+            # Ctrl-C stops whatever runs (the station's main.py) and enters the raw REPL
+            # without a soft reset
+            self._t.enter_raw_repl(soft_reset=False)
+        except (TransportError, OSError, serial.SerialException) as e:
+            self.close()
+            raise FlashError("connect", f"no MicroPython REPL on {self.port}: {e}") from None
+
+    def close(self) -> None:
+        t, self._t = self._t, None
+        if t is None:
+            return
+        try:
+            if t.in_raw_repl:
+                t.exit_raw_repl()
+            t.close()
+        except (OSError, serial.SerialException):
+            pass
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- raw REPL --
+
+    def exec(self, code: str, *, timeout: float = 10.0, stage: str = "board") -> str:
+        """Run code on the board; its stdout. A board-side exception is a FlashError."""
+        from mpremote.transport import TransportError
+
+        if self._t is None:
+            raise FlashError(stage, "not connected to the board")
+        try:
+            out, err = self._t.exec_raw(code, timeout=timeout)
+        except (TransportError, OSError, serial.SerialException) as e:
+            raise FlashError(stage, f"lost the board's REPL on {self.port}: {e}") from None
+        if err:
+            last = err.decode("utf-8", "replace").strip().splitlines()[-1:]
+            raise FlashError(stage, f"the board raised: {last[0] if last else '?'}")
+        return str(out.decode("utf-8", "replace"))
+
+    def _eval(self, code: str, stage: str) -> Any:
+        out = self.exec(code, stage=stage).strip()
+        try:
+            return ast.literal_eval(out.splitlines()[-1])
+        except (ValueError, SyntaxError, IndexError):
+            raise FlashError(stage, f"unexpected answer from the board: {out[-200:]!r}") from None
+
+    def probe(self) -> BoardInfo:
+        plat, mach, ver, mpy, uid = self._eval(_PROBE, "probe")
+        v = tuple(int(x) for x in ver) + (0, 0, 0)
+        self.info = BoardInfo(platform=str(plat), machine=str(mach), version=(v[0], v[1], v[2]),
+                              mpy=int(mpy), unique_id=uid)
+        return self.info
+
+    def keepalive(self) -> None:
+        if self.info is not None and self.info.platform == "esp32":
+            self.exec(_KEEPALIVE, stage="board")
+
+    # -- files (paths relative to the flash root, "/" separated) --
+
+    def listing(self) -> tuple[list[str], list[str]]:
+        """(files, directories) on the board's filesystem, recursively."""
+        items = self._eval(_LIST, "list")
+        files = [str(p) for p, d in items if not d]
+        dirs = [str(p) for p, d in items if d]
+        return files, dirs
+
+    def hashes(self, paths: list[str], *, stage: str = "verify") -> dict[str, str | None]:
+        """sha256 hex of each file, computed on the board (None: no such file)."""
+        out: dict[str, str | None] = {}
+        for i in range(0, len(paths), 32):  # bounded code size per exec
+            got = self._eval(_HASH % (paths[i:i + 32],), stage)
+            out.update({str(p): h for p, h in got})
+        return out
+
+    def read(self, path: str) -> bytes | None:
+        from mpremote.transport import TransportError
+
+        try:
+            return bytes(self._t.fs_readfile(path, chunk_size=CHUNK))
+        except (TransportError, OSError):
+            return None
+
+    def write(self, path: str, data: bytes,
+              progress: Callable[[int, int], None] | None = None) -> None:
+        from mpremote.transport import TransportError
+
+        try:
+            self._t.fs_writefile(path, data, chunk_size=CHUNK, progress_callback=progress)
+        except (TransportError, OSError, serial.SerialException) as e:
+            raise FlashError("copy", f"writing {path} on the board failed: {e}") from None
+
+    def mkdirs(self, dirs: list[str]) -> None:
+        if dirs:
+            self.exec(_MKDIRS % (sorted(dirs, key=len),), stage="copy")
+
+    def remove(self, files: list[str], dirs: list[str] | None = None) -> None:
+        dirs = dirs or []
+        if files or dirs:
+            self.exec(_REMOVE % (list(files), sorted(dirs, key=len, reverse=True)), stage="copy")
+
+    # -- restart, self-test, start --
+
+    def restart(self) -> None:
+        """Fresh interpreter state without starting the station (see the module doc)."""
+        from mpremote.transport import TransportError
+
+        assert self.info is not None
+        if self.info.platform == "esp32":
+            try:
+                self._t.enter_raw_repl(soft_reset=True)
+            except (TransportError, OSError, serial.SerialException) as e:
+                raise FlashError("restart", f"the board did not come back after a soft reset: {e}") \
+                    from None
+        else:
+            self.exec(_PURGE, stage="restart")
+
+    def selftest(self, timeout: float = 90.0) -> dict[str, Any]:
+        out = self.exec("import selftest\nselftest.main()\n", timeout=timeout, stage="selftest")
+        for line in out.splitlines():
+            if line.startswith(SELFTEST_MARK):
+                try:
+                    res = json.loads(line[len(SELFTEST_MARK):])
+                except ValueError:
+                    break
+                if isinstance(res, dict):
+                    return res
+        raise FlashError("selftest", f"the self-test printed no result: {out[-200:]!r}")
+
+    def start(self) -> str:
+        """Let the station run: a hard reset on an ESP32; on the unix port leave the REPL
+        (main.py is started by whoever runs the process). Returns what was done."""
+        assert self.info is not None
+        if self.info.platform == "esp32":
+            try:
+                self._t.exec_raw_no_follow("import machine\nmachine.reset()\n")
+            except Exception:  # noqa: BLE001  (the reset may cut the answer short)
+                pass
+            self._t.in_raw_repl = False
+            return "hard reset: main.py starts the station"
+        self.exec(_PURGE, stage="start")
+        return "unix port: left at the REPL; start main.py in the flash folder"
+
+
+# ---- esptool (ROM bootloader) ------------------------------------------------------------
+
+
+def _esptool_cmd(name: str) -> str:
+    """esptool 5 spells commands and options with dashes, 4.x with underscores."""
+    import esptool
+
+    major = int(str(getattr(esptool, "__version__", "5")).split(".")[0])
+    return name if major >= 5 else name.replace("-", "_")
+
+
+def _no_reset() -> list[str]:
+    return ["--after", _esptool_cmd("no-reset")]
+
+
+def esptool_run(args: list[str], *, stage: str = "image", timeout: float = 600.0) -> str:
+    cmd = [sys.executable, "-m", "esptool", *args]
+    log.debug("esptool %s", " ".join(args))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FlashError(stage, f"esptool {args[-1] if args else ''} timed out") from None
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise FlashError(stage, "esptool: " + _esptool_reason(out))
+    return out
+
+
+def _esptool_reason(out: str) -> str:
+    for pat in (r"A fatal error occurred: (.+)", r"(Could not open port .+)", r"(Failed to connect.+)"):
+        m = re.search(pat, out)
+        if m:
+            return m.group(1).strip()
+    lines = [x for x in out.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageResult:
+    chip: str
+    mac: str | None
+    offset: int
+    size: int
+    sha256: str
+    erased: bool
+    seconds: float
+
+
+def detect_chip(port: str) -> tuple[str, str | None]:
+    """(chip as esptool's --chip names it, MAC) of the chip in its ROM bootloader."""
+    out = esptool_run(["--port", port, *_no_reset(), _esptool_cmd("chip-id")], stage="image")
+    m = re.search(r"Detecting chip type\.*\s*(ESP[\w-]+)", out)
+    if not m:
+        m = re.search(r"Chip (?:is|type:)\s*(ESP[\w-]+)", out)
+    if not m:
+        raise FlashError("image", "esptool did not say which chip answered")
+    chip = m.group(1).lower().replace("-", "")
+    mac = re.search(r"MAC:\s*([0-9a-f:]{17})", out)
+    return chip, mac.group(1) if mac else None
+
+
+def write_image(port: str, chip: str, image: str, *, offset: int | None = None,
+                erase: bool = False, baud: int = 460800) -> ImageResult:
+    """Write a MicroPython image (erasing the whole flash first when asked), then verify it
+    with esptool's verify-flash. The chip must be the one asked for."""
+    import hashlib
+
+    t0 = time.monotonic()
+    if not os.path.isfile(image):
+        raise FlashError("image", f"image {image} not found")
+    found, mac = detect_chip(port)
+    if found != chip:
+        raise FlashError("image", f"wrong chip: esptool found {found} on {port}, expected {chip} "
+                                  "(--chip)")
+    if offset is None:
+        offset = IMAGE_OFFSET.get(chip, 0)
+    base = ["--chip", chip, "--port", port, "--baud", str(baud)]
+    no_reset = _no_reset()
+    if erase:
+        esptool_run(base + no_reset + [_esptool_cmd("erase-flash")])
+    esptool_run(base + no_reset + [_esptool_cmd("write-flash"), hex(offset), image])
+    esptool_run(base + [_esptool_cmd("verify-flash"), hex(offset), image])
+    with open(image, "rb") as f:
+        data = f.read()
+    return ImageResult(chip=chip, mac=mac, offset=offset, size=len(data),
+                       sha256=hashlib.sha256(data).hexdigest(), erased=erase,
+                       seconds=round(time.monotonic() - t0, 2))
