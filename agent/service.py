@@ -48,6 +48,10 @@ class DbConfig:
     url: str = "sqlite:///agent.db"
     synchronous: str = "full"  # sqlite: full (survives power loss) | normal (survives crashes)
 
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be full or normal, not {self.synchronous!r}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class IngestConfig:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from typing import Any
 
 from agent.wire import sign
 
 T0_MS = 1_764_150_000_000  # 2025-11-26T09:40:00Z, a fixed clock for reproducible streams
+
+
+# `stationctl` in a subprocess (what the console script runs; `python -m agent.cli` would
+# load agent.cli twice, and its UsageError would not be the one the commands raise)
+STATIONCTL = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
 
 
 def key_for(sid: str, kid: int = 1) -> bytes:
@@ -99,7 +105,9 @@ class Station:
         return self.event("boot", fw="test-1.0", reset="power", restored=restored)
 
     def reboot(self) -> None:
-        """Restart: registers restored from 'flash' as they are now, boot + 1, seq from 0."""
+        """Restart: registers restored from 'flash' as they are now, boot + 1, seq from 0;
+        the wall clock goes on (2 s for the restart) while uptime starts again."""
+        self.t0_ms += self.up + 2000 - 1000
         self.boot += 1
         self.seq = 0
         self.up = 1000
@@ -231,22 +239,28 @@ class Publisher:
         deadline = time.monotonic() + timeout
         pending: collections.deque[tuple[tuple[str, bytes], Any]] = collections.deque()
 
+        def done(info: Any) -> bool:
+            try:
+                return bool(info.is_published())
+            except (RuntimeError, ValueError):  # published while the link was down
+                return False
+
         def wait_first() -> None:
             info = pending[0][1]
             while True:
-                if info.is_published():
+                if done(info):
                     pending.popleft()
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"publishing: {len(pending)} unconfirmed")
                 # wait a little; if the link broke, publish the unconfirmed ones again
                 t0 = time.monotonic()
-                while not info.is_published() and time.monotonic() - t0 < 2.0:
+                while not done(info) and time.monotonic() - t0 < 2.0:
                     time.sleep(0.005)
-                if not info.is_published():
+                if not done(info):
                     while not self.c.is_connected() and time.monotonic() < deadline:
                         time.sleep(0.05)
-                    again = [it for it, inf in pending if not inf.is_published()]
+                    again = [it for it, inf in pending if not done(inf)]
                     pending.clear()
                     for it in again:
                         pending.append((it, self.c.publish(it[0], it[1], qos=1)))
@@ -267,3 +281,37 @@ class Publisher:
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+
+
+def fleet_stream(stations: int = 6, per_station: int = 300, prefix: str = "stations",
+                 sid_base: str = "KH-TST", step_ms: int = 10_000) -> list[tuple[str, bytes]]:
+    """A reproducible stream of a small fleet, interleaved in time: a boot event, telemetry
+    every 10 s, a charging session per slot, and one reboot (with its boot event and the
+    registers restored from 'flash') half-way. Stations are synced (ts), so that records
+    do not depend on arrival time."""
+    sts = [Station(f"{sid_base}-{i:04d}", slots=2, boot=3 + i) for i in range(stations)]
+    out: list[tuple[str, bytes]] = []
+
+    def put(st: Station, kp: tuple[str, bytes]) -> None:
+        out.append((st.topic(kp[0], prefix), kp[1]))
+
+    for st in sts:
+        put(st, st.boot_event())
+    for k in range(per_station):
+        for j, st in enumerate(sts):
+            if k == per_station // 2:
+                st.advance(5000, 1200 + 100 * j)  # energy made but not sent before the restart
+                st.reboot()
+                put(st, st.boot_event())
+            if k == per_station // 2 + 5:
+                put(st, st.event("session_start", slot=1, bat=f"B{j:07d}", e_mwh=st.e_mwh[0],
+                                 soc=200))
+                st.s0 = (st.e_mwh[0], st.up)  # type: ignore[attr-defined]
+            st.advance(step_ms, 1200 + 100 * j)
+            put(st, st.telemetry())
+            if k == per_station - 20:
+                e0, up0 = st.s0  # type: ignore[attr-defined]
+                put(st, st.event("session_end", slot=1, bat=f"B{j:07d}", e0_mwh=e0,
+                                 e1_mwh=st.e_mwh[0], soc0=200, soc1=900, up0=up0, up1=st.up,
+                                 why="full"))
+    return out

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import subprocess
 
 import pytest
 
 from agent.keys import KeyStore
 from agent.store import RawRow, Store
 from agent.wire import Reason, StaticKeys, WireError, verify
-from tests.agent_helpers import Station, key_for
+from tests.agent_helpers import STATIONCTL, Station, key_for
+from tests.helpers import ROOT
 
 SID = "KH-PNH-0001"
 
@@ -107,3 +110,55 @@ def test_static_keys_reasons() -> None:
     with pytest.raises(WireError) as ei:
         ring.key(SID, 1)
     assert ei.value.reason is Reason.REVOKED_KEY
+
+
+# ---- stationctl keys ------------------------------------------------------------------------
+
+
+def keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STATIONCTL, "keys", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path) -> None:
+    db = f"sqlite:///{tmp_path}/a.db"
+    kf = tmp_path / "k1.hex"
+    kf.write_text(key_for(SID).hex() + "\n")
+    r = keys_cli("add", "--db", db, SID, "--key-file", str(kf))
+    assert r.returncode == 0 and "kid 1 added" in r.stdout
+    r = keys_cli("rotate", "--db", db, SID, "--key-out", str(tmp_path / "k2.hex"))
+    assert r.returncode == 0 and "kid 2" in r.stdout
+    k2 = bytes.fromhex((tmp_path / "k2.hex").read_text())
+    assert os.stat(tmp_path / "k2.hex").st_mode & 0o777 == 0o600
+    r = keys_cli("add", "--db", db, "KH-PNH-0002", "--generate", str(tmp_path / "k3.hex"))
+    assert r.returncode == 0
+    k3 = bytes.fromhex((tmp_path / "k3.hex").read_text())
+    with KeyStore(db) as ks:
+        assert ks.get(SID, 2) == k2 and ks.get("KH-PNH-0002", 1) == k3
+    r = keys_cli("revoke", "--db", db, SID, "--kid", "1")
+    assert r.returncode == 0 and "1 key(s) revoked" in r.stdout
+    r = keys_cli("list", "--db", db)
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split("\t")[:3] == ["sid", "kid", "state"]
+    assert [tuple(x.split("\t")[:3]) for x in lines[1:]] == [
+        (SID, "1", "revoked"), (SID, "2", "active"), ("KH-PNH-0002", "1", "active")]
+    out = "".join(keys_cli(*a).stdout + keys_cli(*a).stderr for a in (("list", "--db", db),))
+    for k in (key_for(SID), k2, k3):
+        assert k.hex() not in out + r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["add", SID, "--key-file", "/nonexistent"], "cannot read key file"),
+    (["add", "bad sid", "--generate", "NEWFILE"], "bad station id"),
+    (["revoke", "KH-PNH-0009"], "no unrevoked"),
+    (["rotate", SID, "--key-out", "EXISTING"], "cannot create key file"),
+])
+def test_keys_cli_bad_input_exits_2(tmp_path: pathlib.Path, args: list[str], needle: str) -> None:
+    db = f"sqlite:///{tmp_path}/a.db"
+    (tmp_path / "EXISTING").write_text("x")
+    args = [str(tmp_path / a) if a in ("NEWFILE", "EXISTING") else a for a in args]
+    r = keys_cli(args[0], "--db", db, *args[1:])
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "NEWFILE").exists()  # no key file for a refused key
+    assert (tmp_path / "EXISTING").read_text() == "x"

@@ -1,0 +1,122 @@
+"""`stationctl export` (CONTRACT §8): stdout bytes, filters, determinism, exit status."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from agent import wire
+from agent.export import render
+from agent.metering import RawMsg, compute
+from agent.store import RawRow, Store, record_to_row
+from tests.agent_helpers import STATIONCTL, fleet_stream
+from tests.helpers import ROOT
+
+
+def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*STATIONCTL, *args], cwd=ROOT,
+                          capture_output=True, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:  # type: ignore[type-arg]
+    """A database holding a small fleet's raw messages and their records."""
+    path = tmp_path_factory.mktemp("export") / "agent.db"
+    url = f"sqlite:///{path}"
+    rows = []
+    msgs = []
+    for i, (topic, payload) in enumerate(fleet_stream(3, 120, sid_base="KH-EXP", step_ms=60_000)):
+        body = wire.decode_record(payload)
+        rows.append(RawRow(body["sid"], body["boot"], body["seq"], topic.rsplit("/", 1)[1],
+                           topic, 1_764_150_000_000 + i, body["kid"], payload))
+        msgs.append(RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"],
+                           recv_ms=1_764_150_000_000 + i, body=body))
+    records = compute(msgs)
+    with Store(url) as st:
+        st.write_batch(rows)
+        st.replace_records({"": [record_to_row(r) for r in records]}, everything=True)
+    return url, records
+
+
+@pytest.mark.parametrize("by", ["interval", "session", "day"])
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_export_is_render_of_the_stored_records(db: tuple[str, list], by: str,  # type: ignore[type-arg]
+                                                fmt: str) -> None:
+    url, records = db
+    r = stationctl("export", "--db", url, "--by", by, "--format", fmt)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == render(records, fmt, None, None, by)
+    assert r.stdout.count(b"\n") > 2
+    assert stationctl("export", "--db", url, "--by", by, "--format", fmt).stdout == r.stdout
+
+
+def test_default_is_interval_and_json_lines_shape(db: tuple[str, list]) -> None:  # type: ignore[type-arg]
+    url, _ = db
+    r = stationctl("export", "--db", url, "--format", "json")
+    lines = r.stdout.decode().splitlines()
+    objs = [json.loads(x) for x in lines]
+    assert all(o["start"].endswith("Z") and len(o["start"]) == 24 for o in objs)
+    keys = list(objs[0])
+    assert keys[:10] == ["sid", "slot", "start", "end", "mwh", "held_mwh", "flags", "from", "to",
+                         "e_from"]
+    order = [(o["sid"], o["slot"], o["start"]) for o in objs]
+    assert order == sorted(order)
+    assert {o["slot"] for o in objs} == {0, 1, 2}
+    assert sum(o["mwh"] for o in objs if o["slot"] == 1) > 0
+
+
+def test_from_inclusive_to_exclusive(db: tuple[str, list]) -> None:  # type: ignore[type-arg]
+    url, records = db
+    starts = sorted({r.start_ms for r in records if r.kind == "interval"})
+    a, b = starts[2], starts[5]
+    from agent.export import iso_ms
+
+    r = stationctl("export", "--db", url, "--from", iso_ms(a), "--to", iso_ms(b), "--format",
+                   "json")
+    assert r.returncode == 0, r.stderr
+    got = {json.loads(x)["start"] for x in r.stdout.decode().splitlines()}
+    assert got == {iso_ms(s) for s in starts[2:5]}
+    # a date means midnight UTC; an offset is honoured
+    day = iso_ms(a)[:10]
+    r1 = stationctl("export", "--db", url, "--from", day, "--format", "csv")
+    r2 = stationctl("export", "--db", url, "--from", day + "T07:00:00+07:00", "--format", "csv")
+    assert r1.returncode == 0 and r1.stdout == r2.stdout
+    empty = stationctl("export", "--db", url, "--from", "2100-01-01", "--format", "csv")
+    assert empty.returncode == 0 and empty.stdout.count(b"\n") == 1  # the header only
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--format", "xml"], b"invalid choice"),
+    (["--by", "week", "--format", "csv"], b"invalid choice"),
+    (["--format", "csv", "--from", "yesterday"], b"--from"),
+    (["--format", "csv", "--from", "2025-02-30"], b"--from"),
+    (["--format", "csv", "--from", "2025-02-02", "--to", "2025-02-01"], b"before"),
+    ([], b"--format"),
+])
+def test_bad_usage_exits_2(db: tuple[str, list], args: list[str], needle: bytes) -> None:  # type: ignore[type-arg]
+    url, _ = db
+    r = stationctl("export", "--db", url, *args)
+    assert r.returncode == 2 and r.stdout == b""
+    assert needle in r.stderr
+
+
+def test_bad_database_exits_2(tmp_path: pathlib.Path) -> None:
+    r = stationctl("export", "--db", f"sqlite:///{tmp_path}/none.db", "--format", "csv")
+    assert r.returncode == 2 and b"no database" in r.stderr
+    assert not (tmp_path / "none.db").exists()  # an export never creates a database
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite at all" * 100)
+    r = stationctl("export", "--db", str(junk), "--format", "csv")
+    assert r.returncode == 2 and b"not a database" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    other = tmp_path / "other.db"
+    import sqlite3
+
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    r = stationctl("export", "--db", f"sqlite:///{other}", "--format", "json")
+    assert r.returncode == 2 and b"not an agent database" in r.stderr
+    r = stationctl("export", "--db", "postgresql://x/y", "--format", "csv")
+    assert r.returncode == 2 and b"PostgreSQL" in r.stderr
