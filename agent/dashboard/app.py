@@ -1,0 +1,122 @@
+"""The dashboard's Starlette application: pages, static files, the JSON API and live updates.
+
+    app = make_app("sqlite:///agent.db")          # serve with uvicorn, or:
+    server = DashboardServer(app, "127.0.0.1", 8080); await server.start(); …; await server.stop()
+
+The app reads the agent's database only (read-only connection); its poller thread starts
+and stops with the app's lifespan. Pages are plain HTML, CSS and JavaScript from
+agent/dashboard/static (no build step, no CDN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import api
+from .live import Live
+from .state import ViewConfig
+
+log = logging.getLogger(__name__)
+
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+
+
+def _page(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def make_app(db_url: str, *, cfg: ViewConfig | None = None, carbon_params: str | None = None,
+             poll_s: float = 1.0, live: Live | None = None) -> Starlette:
+    """The dashboard over the agent database at `db_url` (sqlite:///PATH or a path).
+    `app.state.live` is the `Live` poller (call `.nudge()` after a commit)."""
+    lv = live or Live(db_url, cfg, carbon_params=carbon_params, poll_s=poll_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        lv.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            lv.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/", _page, methods=["GET"]),
+            Route("/stations/{sid}", _page, methods=["GET"]),
+            Route("/alarms", _page, methods=["GET"]),
+            *api.routes(),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.live = lv
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside someone else's event loop: the host program owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class DashboardServer:
+    """Serve an app on host:port (0: a free port) in the running event loop."""
+
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 8080) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=3, access_log=False)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what went wrong
+                raise RuntimeError("dashboard server stopped during start-up")
+            await asyncio.sleep(0.02)
+        log.info("dashboard on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        live: Live = self.app.state.live
+        live.hub.close()  # ends every live stream, so no connection holds the shutdown
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, 10)
+        except TimeoutError:
+            self._task.cancel()
+        self._server = None
+        self._task = None

@@ -1,0 +1,262 @@
+// stationctl dashboard: three pages (fleet, station, alarms) over the JSON API, kept live
+// by Server-Sent Events (/api/live). Plain JavaScript, no build step.
+"use strict";
+
+const $ = (sel, root) => (root || document).querySelector(sel);
+const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const COLORS = { slots: "#3b6fd6", meter: "#e07b00", grid: "#8a5cd6" };
+
+// ---- formatting (the API speaks the contract's integer units) ----------------------------
+function fmtW(w) {
+  if (w === null || w === undefined) return "–";
+  return Math.abs(w) >= 1000 ? (w / 1000).toFixed(2) + " kW" : Math.round(w) + " W";
+}
+const kwh = mwh => (mwh / 1e6).toFixed(mwh >= 1e8 ? 1 : 2);
+const fmtKwh = mwh => mwh === null || mwh === undefined ? "–" : kwh(mwh) + " kWh";
+const pct = p => p === null || p === undefined ? "–" : (p / 10).toFixed(1) + " %";
+const degC = t => t === null || t === undefined ? "–" : (t / 10).toFixed(1) + " °C";
+const volts = mv => mv === null || mv === undefined ? "–" : (mv / 1000).toFixed(1) + " V";
+const amps = ma => ma === null || ma === undefined ? "–" : (ma / 1000).toFixed(1) + " A";
+function ago(ms, now) {
+  if (!ms) return "never";
+  const s = Math.max(0, Math.round((now - ms) / 1000));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.floor(s / 60) + " min ago";
+  if (s < 86400) return Math.floor(s / 3600) + " h ago";
+  return Math.floor(s / 86400) + " d ago";
+}
+const clock = t => new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+const dayLabel = t => new Date(t).toISOString().slice(5, 10);
+
+async function getJSON(url) {
+  const r = await fetch(url, { cache: "no-store" });
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  return r.json();
+}
+
+// ---- live updates ---------------------------------------------------------------------
+function live(topic, onData) {
+  const conn = $("#conn");
+  const es = new EventSource("/api/live?topic=" + encodeURIComponent(topic));
+  es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
+  es.onerror = () => { conn.textContent = "reconnecting…"; conn.className = "conn wait"; };
+  es.onmessage = ev => {
+    conn.textContent = "live"; conn.className = "conn live";
+    try { onData(JSON.parse(ev.data)); } catch (e) { console.error(e); }
+  };
+  return es;
+}
+
+function setBadge(alarms) {
+  const b = $("#alarm-badge");
+  const n = alarms.filter(a => a.level === "crit").length;
+  b.hidden = n === 0;
+  b.textContent = n;
+}
+
+// ---- power history kept in the page, fed by the live payload's "point" -------------------
+class PowerSeries {
+  constructor(minutes) { this.minutes = minutes; this.points = []; }
+  load(points) { this.points = points.slice(); }
+  add(p) {
+    if (!p) return;
+    const last = this.points[this.points.length - 1];
+    if (last && last[0] === p[0]) this.points[this.points.length - 1] = p;
+    else if (!last || last[0] < p[0]) this.points.push(p);
+    const cut = p[0] - this.minutes * 60000;
+    while (this.points.length && this.points[0][0] < cut) this.points.shift();
+  }
+  draw(container, now, bucketS) {
+    const slots = this.points.map(p => [p[0], p[1]]);
+    const meter = this.points.filter(p => p[2] !== null).map(p => [p[0], p[2]]);
+    const series = [{ name: "slots (charger output)", color: COLORS.slots, points: slots }];
+    if (meter.length) series.push({ name: "grid meter", color: COLORS.meter, points: meter });
+    Chart.line(container, series, { t0: now - this.minutes * 60000, t1: now, yfmt: fmtW, gap: Math.max(60000, bucketS * 4000) });
+  }
+}
+
+// rows: [[start ms, slots mWh, grid mWh]]: two metering points of the same energy, side by side
+const ENERGY_SERIES = [{ name: "slots (battery side)", color: COLORS.slots }, { name: "grid meter", color: COLORS.grid }];
+function drawEnergy(container, rows) {
+  Chart.bars(container, rows, ENERGY_SERIES, { label: Chart.hhmm, yfmt: v => kwh(v) + " kWh" });
+}
+function drawDaily(container, rows) {
+  Chart.bars(container, rows, ENERGY_SERIES, { label: dayLabel, yfmt: v => kwh(v) + " kWh" });
+}
+
+function alarmItem(a, now, withSid) {
+  const where = (withSid && a.sid ? `<a href="/stations/${esc(a.sid)}">${esc(a.sid)}</a> · ` : "") + (a.slot ? `slot ${a.slot} · ` : "");
+  return `<li class="${esc(a.level)}" data-alarm-id="${esc(a.id)}"><span class="when">since ${esc(clock(a.since_ms))}</span>` +
+    `<b>${esc(a.code)}</b> · ${where}${esc(a.msg)}</li>`;
+}
+
+function alarmList(alarms, now, withSid) {
+  if (!alarms.length) return `<li class="none">No active alarm</li>`;
+  return alarms.map(a => alarmItem(a, now, withSid)).join("");
+}
+
+function eventList(events, withSid) {
+  if (!events.length) return `<li class="none">Nothing reported</li>`;
+  return events.map(e => `<li class="${esc(e.level === "crit" ? "crit" : e.level === "info" ? "info" : "warn")}">` +
+    `<span class="when">${esc(new Date(e.t).toLocaleString())}</span><b>${esc(e.code)}</b> · ` +
+    (withSid && e.sid ? `<a href="/stations/${esc(e.sid)}">${esc(e.sid)}</a> · ` : "") +
+    (e.slot ? `slot ${e.slot} · ` : "") + `${esc(e.msg)} <span class="muted">(${esc(e.source)})</span></li>`).join("");
+}
+
+// ---- fleet page -------------------------------------------------------------------------
+function fleetPage(main) {
+  main.innerHTML = `
+    <section class="cards" id="totals"></section>
+    <section class="panel"><h2>Stations</h2><div class="table-wrap"><table id="stations">
+      <thead><tr><th>Station</th><th>State</th><th class="opt">Last seen</th><th class="num">Power</th>
+      <th class="num">Charging</th><th class="num">Today</th><th class="num opt">CO₂e today</th><th class="num">Alarms</th></tr></thead>
+      <tbody></tbody></table></div></section>
+    <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
+    <section class="grid3 charts">
+      <div class="panel"><h2>Fleet power, last hour</h2><div class="chart" id="chart-power"></div></div>
+      <div class="panel"><h2>Energy per interval</h2><div class="chart" id="chart-energy"></div></div>
+      <div class="panel"><h2>Energy per day</h2><div class="chart" id="chart-daily"></div></div>
+    </section>
+    <p class="note" id="carbon-note"></p>`;
+  const power = new PowerSeries(60);
+  let last = null, bucket = 5;
+  getJSON("/api/power?minutes=60").then(d => { bucket = d.bucket_s; power.load(d.points); if (last) power.draw($("#chart-power"), last.now, bucket); });
+  const charts = () => {
+    getJSON("/api/energy").then(d => drawEnergy($("#chart-energy"), d.points));
+    getJSON("/api/daily").then(d => drawDaily($("#chart-daily"), d.points));
+  };
+  charts();
+  setInterval(charts, 30000);
+  live("fleet", d => {
+    last = d;
+    const t = d.totals;
+    const crit = d.alarms.filter(a => a.level === "crit").length, warn = d.alarms.length - crit;
+    $("#totals").innerHTML = `
+      <div class="card"><div class="k">Stations online</div><div class="v" id="t-online">${t.online}<small> / ${t.stations}</small></div></div>
+      <div class="card"><div class="k">Charging now</div><div class="v" id="t-power" data-value="${t.power_w}">${fmtW(t.power_w)}</div></div>
+      <div class="card"><div class="k">Slots charging</div><div class="v">${t.charging}<small> / ${t.slots}</small></div></div>
+      <div class="card"><div class="k">Energy today (UTC)</div><div class="v">${fmtKwh(t.today_mwh)}</div></div>
+      <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${esc(t.co2e_today_kg)}<small> kg</small></div></div>
+      <div class="card"><div class="k">Active alarms</div><div class="v" id="t-alarms">${crit}<small> crit · ${warn} warn</small></div></div>`;
+    $("#stations tbody").innerHTML = d.stations.map(s => `
+      <tr data-sid="${esc(s.sid)}" class="state-${esc(s.state)}">
+        <td><a href="/stations/${esc(s.sid)}">${esc(s.sid)}</a></td>
+        <td><span class="pill ${esc(s.state)}">${esc(s.state)}</span></td>
+        <td class="opt" data-field="last-seen">${esc(ago(s.last_seen_ms, d.now))}</td>
+        <td class="num" data-field="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</td>
+        <td class="num">${s.charging} / ${s.slots}</td>
+        <td class="num">${fmtKwh(s.today_mwh)}</td>
+        <td class="num opt">${s.co2e_today_kg === null ? "–" : esc(s.co2e_today_kg) + " kg"}</td>
+        <td class="num">${s.alarms.crit ? `<span class="pill crit">${s.alarms.crit}</span>` : ""}${s.alarms.warn ? ` <span class="pill warn">${s.alarms.warn}</span>` : ""}</td>
+      </tr>`).join("") || `<tr><td colspan="8" class="muted">No station has reported yet.</td></tr>`;
+    $("#alarms").innerHTML = alarmList(d.alarms, d.now, true);
+    setBadge(d.alarms);
+    power.add(d.point);
+    power.draw($("#chart-power"), d.now, bucket);
+    if (d.carbon) $("#carbon-note").textContent = `CO₂e from parameter set ${d.carbon.id} v${d.carbon.version}` +
+      (d.carbon.placeholders.length ? ` (placeholders: ${d.carbon.placeholders.join(", ")})` : "") + `. ${d.carbon.notice}` +
+      (d.carbon.error ? ` Error: ${d.carbon.error}` : "");
+  });
+}
+
+// ---- station page -----------------------------------------------------------------------
+function slotCard(s) {
+  const b = s.bat, ses = s.session;
+  const cls = s.st ? "st-" + s.st : "st-stale";
+  return `<div class="slot ${esc(cls)}" data-slot="${s.n}" data-state="${esc(s.st || "")}">
+    <div class="head"><span>Slot ${s.n}</span><span class="state">${esc(s.state)}</span></div>
+    <div class="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</div>
+    ${b ? `<div class="soc" title="state of charge"><div style="width:${Math.min(100, b.soc / 10)}%"></div></div>` : ""}
+    <dl>
+      <dt>Charger</dt><dd>${volts(s.mv)} · ${amps(s.ma)}</dd>
+      ${b ? `<dt>Battery</dt><dd>${esc(b.id)}</dd>
+      <dt>SoC / SoH</dt><dd>${pct(b.soc)} / ${pct(b.soh)}</dd>
+      <dt>Temp</dt><dd>${degC(b.t)} max · ${degC(b.tmin)} min</dd>
+      <dt>Cycles</dt><dd>${b.cyc}${b.flt ? ` · <span class="pill crit">fault ${b.flt}</span>` : ""}</dd>` :
+      (s.st && "WCVFE".includes(s.st) ? `<dt>Battery</dt><dd class="muted">BMS not answering</dd>` : "")}
+      <dt>Register</dt><dd>${fmtKwh(s.e_mwh)}</dd>
+    </dl>
+    ${ses ? `<div class="session">Session since ${esc(clock(ses.since_ms))} · ${ses.mwh === null ? "–" : kwh(ses.mwh) + " kWh"}` +
+      `${ses.soc0 !== null && b ? ` · SoC ${pct(ses.soc0)} → ${pct(b.soc)}` : ""}</div>` : ""}
+  </div>`;
+}
+
+function stationPage(main, sid) {
+  main.innerHTML = `
+    <h1><span>${esc(sid)}</span><span id="st-state" class="pill">…</span></h1>
+    <p class="sub" id="st-sub"></p>
+    <section class="cards" id="st-cards"></section>
+    <section class="slots" id="slots"></section>
+    <section class="grid3 charts">
+      <div class="panel"><h2>Power, last hour</h2><div class="chart" id="chart-power"></div></div>
+      <div class="panel"><h2>Energy per interval</h2><div class="chart" id="chart-energy"></div></div>
+      <div class="panel"><h2>Energy per day</h2><div class="chart" id="chart-daily"></div></div>
+    </section>
+    <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
+    <section class="panel"><h2>Recent events</h2><ul class="alarms" id="events"></ul></section>
+    <section class="panel"><h2>Link error counters (this boot)</h2><div class="table-wrap"><table id="errs"></table></div></section>`;
+  const base = "/api/stations/" + encodeURIComponent(sid);
+  const power = new PowerSeries(60);
+  let last = null, bucket = 5;
+  getJSON(base + "/power?minutes=60").then(d => { bucket = d.bucket_s; power.load(d.points); if (last) power.draw($("#chart-power"), last.now, bucket); })
+    .catch(() => { $("#st-sub").textContent = "No such station (yet)."; });
+  const charts = () => {
+    getJSON(base + "/energy").then(d => drawEnergy($("#chart-energy"), d.points)).catch(() => {});
+    getJSON(base + "/daily").then(d => drawDaily($("#chart-daily"), d.points)).catch(() => {});
+  };
+  charts();
+  setInterval(charts, 30000);
+  live("station:" + sid, d => {
+    last = d;
+    document.title = `${sid} · stationctl`;
+    const pill = $("#st-state");
+    pill.textContent = d.state; pill.className = "pill " + d.state;
+    const tel = d.telemetry;
+    $("#st-sub").textContent = [d.fw ? "firmware " + d.fw : null, d.boot !== null ? "boot " + d.boot : null,
+      "last seen " + ago(d.last_seen_ms, d.now), tel && tel.period_ms ? `telemetry every ${(tel.period_ms / 1000).toFixed(0)} s` : null,
+      tel && tel.hist ? "newest reading is from the outbox backlog" : null].filter(Boolean).join(" · ");
+    const m = d.meter;
+    $("#st-cards").innerHTML = `
+      <div class="card"><div class="k">Slots power</div><div class="v" id="st-power" data-value="${d.power_w ?? ""}">${fmtW(d.power_w)}</div></div>
+      <div class="card"><div class="k">Grid meter power</div><div class="v">${fmtW(d.meter_w)}</div></div>
+      <div class="card"><div class="k">Today, slots (UTC)</div><div class="v">${fmtKwh(d.today_mwh)}</div></div>
+      <div class="card"><div class="k">Today, grid meter</div><div class="v">${fmtKwh(d.today_grid_mwh)}</div></div>
+      <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${d.co2e_today_kg === null ? "–" : esc(d.co2e_today_kg)}<small> kg${d.co2e_point ? " (" + esc(d.co2e_point) + ")" : ""}</small></div></div>
+      <div class="card"><div class="k">Meter register</div><div class="v">${m ? (m.e_wh / 1000).toFixed(1) : "–"}<small> kWh</small></div></div>`;
+    $("#slots").innerHTML = d.slot_list.map(slotCard).join("") || `<p class="muted">No telemetry yet.</p>`;
+    $("#alarms").innerHTML = alarmList(d.alarm_list, d.now, false);
+    $("#events").innerHTML = eventList(d.events, false);
+    const keys = Object.keys(d.err);
+    $("#errs").innerHTML = keys.length ? `<tr>${keys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr>` +
+      `<tr>${keys.map(k => `<td class="num">${d.err[k]}</td>`).join("")}</tr>` : `<tr><td class="muted">none reported</td></tr>`;
+    power.add(d.point);
+    power.draw($("#chart-power"), d.now, bucket);
+  });
+}
+
+// ---- alarms page ------------------------------------------------------------------------
+function alarmsPage(main) {
+  main.innerHTML = `
+    <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
+    <section class="panel"><h2>Quarantined messages since the dashboard started</h2><div id="quarantine"></div></section>
+    <section class="panel"><h2>Events (newest first)</h2><ul class="alarms" id="events"></ul></section>`;
+  live("alarms", d => {
+    $("#alarms").innerHTML = alarmList(d.active, d.now, true);
+    setBadge(d.active);
+    const q = Object.entries(d.quarantine_total);
+    $("#quarantine").innerHTML = q.length ? `<table><tr><th>Reason</th><th class="num">Messages</th></tr>` +
+      q.map(([r, n]) => `<tr><td>${esc(r)}</td><td class="num">${n}</td></tr>`).join("") + `</table>` : `<p class="muted">None.</p>`;
+    $("#events").innerHTML = eventList(d.events, true);
+  });
+}
+
+// ---- router -----------------------------------------------------------------------------
+(function route() {
+  const main = $("#main");
+  const path = location.pathname;
+  const m = path.match(/^\/stations\/([A-Z0-9][A-Z0-9-]{2,31})\/?$/);
+  if (m) { stationPage(main, m[1]); return; }
+  if (path.startsWith("/alarms")) { $("#nav-alarms").classList.add("here"); alarmsPage(main); return; }
+  $("#nav-fleet").classList.add("here");
+  fleetPage(main);
+})();

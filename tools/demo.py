@@ -1,0 +1,301 @@
+"""`stationctl demo`: a private broker, a fleet of virtual stations running the real firmware
+on MicroPython against the rig simulators, the agent on SQLite and the dashboard, in one
+process tree; Ctrl-C stops it all and leaves the database consistent.
+
+    demo = Demo(DemoConfig(stations=3, slots=4, workdir=tmp, port=0))
+    demo.start()          # returns when the dashboard answers; demo.url, demo.db_url
+    demo.fleet.offline(sid); demo.fleet.online(sid); demo.fleet.station(sid).rig.remove(1)
+    demo.stop()           # stations, agent (flushes, closes), dashboard, broker
+
+Threads: one asyncio loop runs the agent (agent/service.py) and the dashboard (uvicorn in
+the same loop, as inside `stationctl agent`); the fleet (tools/fleet.py) runs each station
+as a MicroPython process against its own rig (one RigHost thread for all), riders swapping
+batteries, and restarts a firmware that exits.
+
+Time acceleration is the fleet's: the rigs' physics and the stations' uptime run `accel`
+times faster, and the fleet sets each station's clock to the simulated time, so records,
+"today" and the energy charts follow the simulated days (accel 60: a day in 24 minutes)
+while the live view follows the real clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import secrets
+import shutil
+import sqlite3
+import threading
+import urllib.parse
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.dashboard import DashboardServer, Live, make_app
+from agent.ingest import BrokerConfig
+from agent.keys import KeyStore
+from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from tools.fleet import Fleet
+from tools.mosquitto import Mosquitto, find_mosquitto
+
+log = logging.getLogger(__name__)
+
+
+class DemoError(Exception):
+    """The demo cannot start: a one-line reason for the user."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    stations: int = 8
+    slots: int = 8
+    accel: float = 60.0
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: any free port (also taken when this one is busy)
+    workdir: pathlib.Path = pathlib.Path("var/demo")
+    broker: str | None = None  # mqtt://host:port of a broker to use instead of our own
+    telemetry_s: int = 1
+    seed: int = 1
+    fault_rate: float = 0.0  # per link transaction, spread over the rig's fault kinds
+    fresh: bool = False  # wipe the workdir first
+    sid_prefix: str = "KH-DEMO"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stations <= 500:
+            raise ValueError("stations must be 1..500")
+        if not 1 <= self.slots <= 16:
+            raise ValueError("slots must be 1..16 (CONTRACT §1)")
+        if not 1 <= self.accel <= 10_000:
+            raise ValueError("accel must be 1..10000")
+        if not 1 <= self.telemetry_s <= 3600:
+            raise ValueError("telemetry_s must be 1..3600")
+        if not 0 <= self.fault_rate < 1:
+            raise ValueError("fault_rate must be in [0, 1)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("bad port")
+
+
+def parse_broker(url: str) -> tuple[str, int]:
+    u = urllib.parse.urlsplit(url if "://" in url else "mqtt://" + url)
+    if u.scheme not in ("mqtt", "tcp") or not u.hostname:
+        raise ValueError(f"broker URL must be mqtt://HOST[:PORT], not {url!r}")
+    return u.hostname, u.port or 1883
+
+
+def _read_json(p: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# ---- the whole demo -------------------------------------------------------------------------
+
+
+class Demo:
+    """Broker, fleet, agent and dashboard. `start()` blocks until all run; `stop()` too."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        self.cfg = cfg
+        self.workdir = cfg.workdir.resolve()
+        self.db_path = self.workdir / "agent.db"
+        self.db_url = "sqlite:///" + str(self.db_path)
+        self.url = ""
+        self.broker_url = ""
+        self.broker_note = ""
+        self.fleet: Fleet | None = None
+        self._keys: KeyStore | None = None
+        self.service: Service | None = None
+        self.summary: dict[str, Any] = {}
+        self._mosq: Mosquitto | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_ev: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.port_note = ""
+
+    # ---- control (any thread) -------------------------------------------------------------
+
+    def start(self, timeout: float = 180.0) -> None:
+        self._prepare()
+        self._thread = threading.Thread(target=self._thread_main, name="demo-loop", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise DemoError(f"the demo did not start within {timeout:.0f} s")
+        if self._error is not None:
+            self._thread.join(60)
+            err = self._error
+            raise err if isinstance(err, DemoError) else DemoError(f"{type(err).__name__}: {err}")
+
+    def stop(self) -> None:
+        """Stop everything (idempotent). The fleet first, so its last words are stored."""
+        loop, ev = self._loop, self._stop_ev
+        if loop is not None and ev is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:
+                pass
+        if self._thread is not None:
+            self._thread.join(120)
+            self._thread = None
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        c = self.cfg
+        if c.fresh and self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        layout = {"stations": c.stations, "slots": c.slots, "sid_prefix": c.sid_prefix}
+        meta = self.workdir / "demo.json"
+        old = _read_json(meta)
+        if old is not None and old.get("layout") != layout:
+            raise DemoError(
+                f"{self.workdir} holds a demo of {old.get('layout')}; use --fresh to start "
+                f"over or another --workdir")
+        meta.write_text(json.dumps({"layout": layout, "config": asdict(c) | {
+            "workdir": str(self.workdir)}}, indent=1, default=str) + "\n")
+
+    def _broker(self) -> tuple[str, int]:
+        if self.cfg.broker:
+            host, port = parse_broker(self.cfg.broker)
+            self.broker_note = "given"
+            return host, port
+        try:
+            find_mosquitto()
+        except RuntimeError:
+            raise DemoError(
+                "mosquitto is not installed: run `make setup` (Debian package mosquitto), "
+                "or pass --broker mqtt://HOST:PORT") from None
+        self._mosq = Mosquitto(self.workdir / "mosquitto")
+        self._mosq.start()
+        self.broker_note = "private Mosquitto"
+        return "127.0.0.1", self._mosq.port
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:  # reported to start() or logged
+            if not self._ready.is_set():
+                self._error = e
+            else:
+                log.exception("demo loop failed")
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop_ev = asyncio.Event()
+        c = self.cfg
+        server: DashboardServer | None = None
+        svc_task: asyncio.Task[None] | None = None
+        svc_stop = asyncio.Event()
+        try:
+            host, port = await loop.run_in_executor(None, self._broker)
+            self.broker_url = f"mqtt://{host}:{port}"
+            acfg = AgentConfig(
+                db=DbConfig(url=self.db_url, synchronous="normal"),
+                broker=BrokerConfig(host=host, port=port,
+                                    client_id=f"stationctl-demo-{secrets.token_hex(3)}"
+                                    if c.broker else "stationctl-demo"),
+                ingest=IngestConfig(stats_interval_s=600.0))
+            live = Live(self.db_url)
+            self.service = svc = Service(acfg, on_commit=lambda rows: live.nudge())
+            svc_task = asyncio.create_task(svc.run(svc_stop))
+            server = await self._serve(make_app(self.db_url, live=live))
+            self.url = server.url
+            self._keys = KeyStore(self.db_url)
+            self.fleet = Fleet(
+                c.stations, c.slots, host, port, self.workdir / "fleet", keys=self._keys,
+                accel=c.accel, fault_rate=c.fault_rate, seed=c.seed,
+                telemetry_s=c.telemetry_s, sid_prefix=c.sid_prefix + "-")
+            await loop.run_in_executor(None, self.fleet.start)
+            self._ready.set()
+            done, _ = await asyncio.wait(
+                [asyncio.create_task(self._stop_ev.wait()), svc_task],
+                return_when=asyncio.FIRST_COMPLETED)
+            if svc_task in done:
+                svc_task.result()
+        finally:
+            await self._shutdown(server, svc_task, svc_stop)
+
+    async def _serve(self, app: Any) -> DashboardServer:
+        server = DashboardServer(app, self.cfg.host, self.cfg.port)
+        try:
+            await server.start()
+        except OSError as e:
+            if self.cfg.port == 0:
+                raise DemoError(f"cannot listen on {self.cfg.host}: {e}") from None
+            self.port_note = f"port {self.cfg.port} is busy ({e.strerror}); took a free one"
+            server = DashboardServer(app, self.cfg.host, 0)
+            await server.start()
+        return server
+
+    async def _shutdown(self, server: DashboardServer | None,
+                        svc_task: asyncio.Task[None] | None, svc_stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        if self.fleet is not None:
+            await loop.run_in_executor(None, self.fleet.stop)
+            await asyncio.sleep(0.5)  # the last wills and messages reach the agent
+        if self._keys is not None:
+            self._keys.close()
+        if server is not None:
+            await server.stop()
+        if svc_task is not None:
+            svc_stop.set()
+            try:
+                await asyncio.wait_for(svc_task, 60)  # commits, acknowledges, closes
+            except Exception:
+                log.exception("agent stopped with an error")
+        if self._mosq is not None:
+            await loop.run_in_executor(None, self._mosq.stop)
+        self.summary = await loop.run_in_executor(None, self._check_db)
+
+    def _check_db(self) -> dict[str, Any]:
+        if not self.db_path.exists():
+            return {}
+        db = sqlite3.connect(self.db_path)
+        try:
+            ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+            n = {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                 for t in ("raw", "records", "quarantine", "status")}
+        finally:
+            db.close()
+        return {"integrity": ok, **n}
+
+    def banner(self) -> str:
+        c = self.cfg
+        day_min = 24 * 60 / c.accel
+        lines = [
+            (f"stationctl demo: {c.stations} stations × {c.slots} slots running the real "
+             f"firmware on MicroPython (accel ×{c.accel:g}: a day of charging in "
+             f"{day_min:.0f} min)"),
+            f"  dashboard  {self.url}",
+            f"  broker     {self.broker_url} ({self.broker_note})",
+            f"  database   {self.db_url}",
+            f"  terminal   stationctl watch --db {self.db_url}",
+            f"  workdir    {self.workdir}",
+        ]
+        if self.port_note:
+            lines.insert(1, f"  note       {self.port_note}")
+        lines.append("Ctrl-C stops everything.")
+        return "\n".join(lines)
+
+
+def demo_env_ok() -> str | None:
+    """Why the demo cannot run here, or None."""
+    from tools.station_proc import micropython_bin
+
+    try:
+        micropython_bin()
+    except RuntimeError as e:
+        return str(e)
+    if not os.path.exists("/dev/ptmx"):
+        return "no pseudo-terminals (/dev/ptmx) for the rig's serial links"
+    return None
