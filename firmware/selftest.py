@@ -9,7 +9,8 @@
 #   meter    the grid meter answers its serial number and energy (when one is configured)
 #   net      the network link comes up (ESP32; the unix port uses the host's)
 #   broker   the broker accepts the station's user and password (CONNACK 0) and lets it
-#            subscribe to its own command topic
+#            subscribe to its own command topic (Mosquitto 2.0 grants even a subscription its
+#            ACL forbids and then delivers nothing: only a refusal, 0x80, is conclusive)
 #   clock    NTP answers when configured; the board's clock in Unix ms is reported
 #   storage  the flash has room for the outbox
 # and prints one line `SELFTEST {json}` (ASCII, compact). Each check is bounded in time.

@@ -458,16 +458,18 @@ def detect_chip(port: str) -> tuple[str, str | None]:
     return chip, mac.group(1) if mac else None
 
 
-def write_image(port: str, chip: str, image: str, *, offset: int | None = None,
+def write_image(port: str, chip: str | None, image: str, *, offset: int | None = None,
                 erase: bool = False, baud: int = 460800) -> ImageResult:
     """Write a MicroPython image (erasing the whole flash first when asked), then verify it
-    with esptool's verify-flash. The chip must be the one asked for."""
+    with esptool's verify-flash. The chip must be the one asked for (None: any)."""
     import hashlib
 
     t0 = time.monotonic()
     if not os.path.isfile(image):
         raise FlashError("image", f"image {image} not found")
     found, mac = detect_chip(port)
+    if chip is None:
+        chip = found
     if found != chip:
         raise FlashError("image", f"wrong chip: esptool found {found} on {port}, expected {chip} "
                                   "(--chip)")
