@@ -65,6 +65,7 @@ class IngestConfig:
     # metering state is large: left automatic it stalls the loop ~0.1 s at unpredictable
     # times. The agent runs it itself every gc_full_s instead (0: leave it automatic).
     gc_full_s: float = 300.0
+    checkpoint_s: float = 1.0  # WAL checkpoints, off the commit path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +180,12 @@ class Service:
         self.cfg = cfg
         self.counters: Counter[str] = Counter()
         self._on_commit = on_commit
-        self.store = Store(cfg.db.url, synchronous=cfg.db.synchronous)  # used by the db thread
+        # the writer connection (used by the db thread only); WAL checkpoints run from a
+        # connection of their own in another thread, off the commit path
+        self.store = Store(cfg.db.url, synchronous=cfg.db.synchronous, autocheckpoint=100_000)
+        self._ckpt_store = Store(cfg.db.url, synchronous=cfg.db.synchronous, create=False)
+        self._ckpt = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-ckpt")
+        self._ckpt_busy = False
         self._keystore = KeyStore(Store(cfg.db.url, synchronous=cfg.db.synchronous))
         self.keys: CachedKeys = self._keystore.ring()
         self.meter = IncrementalMeter(cfg.metering)
@@ -226,6 +232,9 @@ class Service:
 
     def _status(self, b: _Batch, sid: str, topic: str, payload: bytes, recv: int) -> None:
         # unsigned birth / last will: informational, kept as the station's last status
+        if not payload:  # an empty retained message clears the status: nothing to keep
+            self.counters["status_cleared"] += 1
+            return
         try:
             obj = msgspec.json.decode(payload)
         except msgspec.DecodeError:
@@ -347,15 +356,23 @@ class Service:
                 self._wake.set()
 
     async def _housekeeping(self) -> None:
-        last_stats = last_gc = time.monotonic()
         ing = self.cfg.ingest
+        last_keys = last_stats = last_gc = last_ckpt = time.monotonic()
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(ing.key_reload_s, ing.gc_full_s or ing.key_reload_s))
-            try:
-                self.keys.reload()
-            except Exception:
-                log.exception("reloading keys failed")
+            await asyncio.sleep(0.1)
             now = time.monotonic()
+            if now - last_ckpt >= ing.checkpoint_s and not self._ckpt_busy:
+                last_ckpt = now
+                self._ckpt_busy = True
+                fut = loop.run_in_executor(self._ckpt, self._checkpoint)
+                fut.add_done_callback(lambda f: setattr(self, "_ckpt_busy", False))
+            if now - last_keys >= ing.key_reload_s:
+                last_keys = now
+                try:
+                    self.keys.reload()
+                except Exception:
+                    log.exception("reloading keys failed")
             if ing.gc_full_s and now - last_gc >= ing.gc_full_s:
                 last_gc = now
                 gc.collect()
@@ -363,6 +380,12 @@ class Service:
             if now - last_stats >= ing.stats_interval_s:
                 last_stats = now
                 log.info("counters: %s", dict(sorted(self.counters.items())))
+
+    def _checkpoint(self) -> None:
+        try:
+            self._ckpt_store.checkpoint()
+        except Exception:  # the writer's autocheckpoint is the safety net
+            log.exception("WAL checkpoint failed")
 
     # ---- start-up and the whole run ---------------------------------------------------------
 
@@ -428,6 +451,8 @@ class Service:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._db.shutdown(wait=True)
+        self._ckpt.shutdown(wait=True)
+        self._ckpt_store.close()
         self.store.close()
         self._keystore.store.close()
         log.info("stopped; counters: %s", dict(sorted(self.counters.items())))

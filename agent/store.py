@@ -147,7 +147,7 @@ class Store:
     """One connection to the agent database. Not shared between threads."""
 
     def __init__(self, url: str, *, synchronous: str = "full", create: bool = True,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, autocheckpoint: int | None = None) -> None:
         self.url = url
         self.path = sqlite_path(url)
         create = create and not readonly
@@ -167,6 +167,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode = WAL")
         # FULL: a committed batch survives a power cut, not only a crash (ack follows commit)
         self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        if autocheckpoint is not None:
+            # the agent checkpoints from another connection and thread (checkpoint()), so
+            # that a commit never pays for copying the WAL; this is only a safety net
+            self.db.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
         if create:
             self._create()
 
@@ -184,6 +188,12 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy committed WAL pages into the database without blocking writers (PASSIVE);
+        returns (busy, WAL pages, pages checkpointed)."""
+        row = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def __enter__(self) -> Self:
         return self

@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,9 +148,15 @@ def bare_drain(port: int, n: int) -> float:
     t0 = time.perf_counter()
     c.connect("127.0.0.1", port)
     c.loop_forever()
+    rate = n / (time.perf_counter() - t0)
     if count < n:
         raise RuntimeError(f"bare subscriber got {count} of {n}")
-    return n / (time.perf_counter() - t0)
+    # end the session: else the broker queues (and saves every second) all later traffic
+    # for it, which stalls the broker during the latency run
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", clean_session=True)
+    c.connect("127.0.0.1", port)
+    c.disconnect()
+    return rate
 
 
 # ---- agent ---------------------------------------------------------------------------------
@@ -252,6 +259,7 @@ def main() -> None:
         publish_main(args)
         return
     rate = args.rate or 5000
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # so that `finally` stops the broker
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     broker = Mosquitto(tmp / "mq")
     if os.environ.get("INFLIGHT"):
