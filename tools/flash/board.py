@@ -45,7 +45,7 @@ ARCHES = ("", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp",
 CHIPS = ("esp32", "esp32s2", "esp32s3", "esp32c3", "esp32c6", "unix")
 # where a MicroPython image starts in flash (its bootloader's offset)
 IMAGE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0, "esp32c6": 0x0}
-CHUNK = 1024  # bytes per raw-REPL write: 4x fewer round trips than mpremote's 256
+CHUNK = 1536  # bytes per raw-REPL write (2 KB of base64): 6x fewer round trips than mpremote's 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,12 +338,28 @@ class Board:
 
     def write(self, path: str, data: bytes,
               progress: Callable[[int, int], None] | None = None) -> None:
-        from mpremote.transport import TransportError
+        """Write a file through the raw REPL, base64 in chunks: 1.33 bytes on the line per
+        byte, where mpremote's bytes literals average 2.3 for .mpy files."""
+        import base64
 
+        q = repr(path)
+        self.exec(f"import binascii\n_f = open({q}, 'wb')\n_w = _f.write\n_d = binascii.a2b_base64",
+                  stage="copy")
         try:
-            self._t.fs_writefile(path, data, chunk_size=CHUNK, progress_callback=progress)
-        except (TransportError, OSError, serial.SerialException) as e:
-            raise FlashError("copy", f"writing {path} on the board failed: {e}") from None
+            for i in range(0, len(data), CHUNK):
+                b64 = base64.b64encode(data[i:i + CHUNK]).decode()
+                self.exec(f"_w(_d('{b64}'))", stage="copy")
+                if progress is not None:
+                    progress(min(i + CHUNK, len(data)), len(data))
+        except FlashError as e:
+            try:
+                self.exec("_f.close()", stage="copy")
+            except FlashError:
+                pass
+            raise FlashError("copy", f"writing {path} on the board failed: {e.message}") from None
+        self.exec("_f.close()\ndel _f, _w, _d", stage="copy")
+        if not data and progress is not None:
+            progress(0, 0)
 
     def mkdirs(self, dirs: list[str]) -> None:
         if dirs:

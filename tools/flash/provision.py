@@ -469,7 +469,7 @@ class _Run:
         self.rep["result"] = result
         self.rep["elapsed_s"] = round(time.monotonic() - self.t0, 2)
         paths = None
-        if not self.req.dry_run:
+        if not self.req.dry_run and code != 2:  # bad input touched nothing: nothing to report
             try:
                 paths = reports.write(self.req.reports, self.rep)
             except OSError as e:
