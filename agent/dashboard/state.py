@@ -49,6 +49,9 @@ SIG_REASONS: Final = frozenset({"bad_sig", "unknown_kid", "revoked_key", "unknow
 STATE_NAMES: Final = {"I": "empty", "W": "waiting", "C": "charging CC", "V": "charging CV",
                       "F": "full", "E": "fault", "X": "no channel"}
 CHARGING: Final = frozenset("CV")
+# conditions that are normal for a moment (a BMS is read a few slots per cycle, so a new
+# battery shows without BMS data for a cycle or two): active only once they last
+DEBOUNCED: Final = frozenset({"bms_stale", "charger_stale", "meter_stale"})
 BATTERY_IN: Final = frozenset("WCVFE")
 
 
@@ -57,6 +60,7 @@ class ViewConfig:
     history_s: int = 3600  # power history kept in memory (and read back at start)
     bucket_s: int = 5  # power history resolution
     offline_after_s: float = 60.0  # silence (>= 3 telemetry periods too) that means offline
+    debounce_s: float = 15.0  # a stale source must stay stale this long to raise an alarm
     recent_s: int = 3600  # rejections within this window raise an active alarm
     events_kept: int = 300
     energy_hours: int = 12  # interval records shown
@@ -66,8 +70,8 @@ class ViewConfig:
     def __post_init__(self) -> None:
         if self.bucket_s < 1 or self.history_s < self.bucket_s:
             raise ValueError("history_s must be >= bucket_s >= 1")
-        if self.offline_after_s <= 0 or self.recent_s <= 0:
-            raise ValueError("offline_after_s and recent_s must be > 0")
+        if self.offline_after_s <= 0 or self.recent_s <= 0 or self.debounce_s < 0:
+            raise ValueError("offline_after_s and recent_s must be > 0, debounce_s >= 0")
 
 
 def _int(x: Any) -> int | None:
@@ -120,6 +124,7 @@ class FleetState:
         self.quarantine_total: Counter[str] = Counter()  # reason -> count since start
         self._active: dict[str, dict[str, Any]] = {}
         self._since: dict[str, int] = {}
+        self._pending: dict[str, int] = {}  # debounced candidates: id -> first seen
         # records: sid -> {start_ms: [battery mWh, grid mWh]}
         self.days: dict[str, dict[int, list[int]]] = {}
         self.intervals: dict[str, dict[int, list[int]]] = {}
@@ -310,20 +315,22 @@ class FleetState:
             self._rejects.popleft()
         active: dict[str, dict[str, Any]] = {}
 
-        def add(sid: str | None, code: str, level: str, msg: str, slot: int | None = None
-                ) -> None:
+        def add(sid: str | None, code: str, level: str, msg: str, slot: int | None = None,
+                since: int | None = None) -> None:
             aid = f"{sid or '-'}:{code}" + (f":{slot}" if slot is not None else "")
             active[aid] = {"id": aid, "sid": sid, "slot": slot, "code": code, "level": level,
-                           "msg": msg}
+                           "msg": msg, "since": since}
 
         for sid in sorted(self.stations):
             st = self.stations[sid]
             c = self.conn(st, now)
             if c == "offline":
-                add(sid, "offline", "crit", "offline (the broker published its last will)")
+                add(sid, "offline", "crit", "offline (the broker published its last will)",
+                    since=st.status_ms)
             elif c == "silent":
-                add(sid, "offline", "crit",
-                    f"no message for {(now - max(st.last_ms, st.status_ms)) // 1000} s")
+                seen = max(st.last_ms, st.status_ms)
+                add(sid, "offline", "crit", f"no message for {(now - seen) // 1000} s",
+                    since=seen)
             tel = st.tel
             if tel is None or c != "online":
                 continue
@@ -362,12 +369,20 @@ class FleetState:
                 add(rsid, "quarantine", "warn", f"quarantined in {mins} min: {what}")
             else:
                 add(rsid, "agent_alarm", "crit", f"agent alarms in {mins} min: {what}")
+        pending = {}
+        for aid, a in list(active.items()):
+            if a["code"] in DEBOUNCED and aid not in self._active:
+                first = pending[aid] = self._pending.get(aid, now)
+                if now - first < self.cfg.debounce_s * 1000:
+                    del active[aid]
+        self._pending = pending
         changed = active.keys() != self._active.keys()
         for aid, a in active.items():
             if aid not in self._since:
-                self._since[aid] = now
+                self._since[aid] = a.pop("since") or now
                 self._log(now, a["sid"], "dashboard", "raised:" + a["code"], a["level"],
                           a["msg"], a["slot"])
+            a.pop("since", None)
             a["since_ms"] = self._since[aid]
         for aid in self._active.keys() - active.keys():
             a = self._active[aid]
@@ -398,17 +413,19 @@ class FleetState:
         co2 = self.co2e.get(st.sid)
         alarms = self.active(st.sid)
         status = st.status or {}
+        conn = self.conn(st, now)
+        live = conn == "online" and st.tel is not None  # else the figures are the last known
         return {
             "sid": st.sid,
-            "state": self.conn(st, now),
+            "state": conn,
             "last_seen_ms": max(st.last_ms, st.status_ms) or None,
             "boot": status.get("boot", st.tel_key[0] if st.tel else None),
             "fw": status.get("fw") or (st.boot_ev or {}).get("fw"),
             "slots": len(slots),
-            "charging": sum(1 for s in slots if s.get("st") in CHARGING),
-            "occupied": sum(1 for s in slots if s.get("st") in BATTERY_IN),
-            "power_w": power if st.tel else None,
-            "meter_w": _int(meter.get("p_w")) if meter else None,
+            "charging": sum(1 for s in slots if s.get("st") in CHARGING) if live else 0,
+            "occupied": sum(1 for s in slots if s.get("st") in BATTERY_IN) if live else 0,
+            "power_w": power if live else None,
+            "meter_w": _int(meter.get("p_w")) if meter and live else None,
             "today_mwh": bat_mwh,
             "today_grid_mwh": grid_mwh,
             "co2e_today_kg": carbon.fmt(co2[0] * 1000, 3) if co2 else None,

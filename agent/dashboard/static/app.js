@@ -12,6 +12,13 @@ function fmtW(w) {
   return Math.abs(w) >= 1000 ? (w / 1000).toFixed(2) + " kW" : Math.round(w) + " W";
 }
 const kwh = mwh => (mwh / 1e6).toFixed(mwh >= 1e8 ? 1 : 2);
+// short axis labels
+const axisW = w => w >= 1000 ? +(w / 1000).toFixed(1) + " kW" : Math.round(w) + " W";
+const axisKwh = mwh => +(mwh / 1e6).toPrecision(3) + " kWh";
+function dur(ms) {
+  const m = Math.max(0, Math.round(ms / 60000));
+  return m < 60 ? m + " min" : Math.floor(m / 60) + " h " + String(m % 60).padStart(2, "0") + " min";
+}
 const fmtKwh = mwh => mwh === null || mwh === undefined ? "–" : kwh(mwh) + " kWh";
 const pct = p => p === null || p === undefined ? "–" : (p / 10).toFixed(1) + " %";
 const degC = t => t === null || t === undefined ? "–" : (t / 10).toFixed(1) + " °C";
@@ -71,17 +78,17 @@ class PowerSeries {
     const meter = this.points.filter(p => p[2] !== null).map(p => [p[0], p[2]]);
     const series = [{ name: "slots (charger output)", color: COLORS.slots, points: slots }];
     if (meter.length) series.push({ name: "grid meter", color: COLORS.meter, points: meter });
-    Chart.line(container, series, { t0: now - this.minutes * 60000, t1: now, yfmt: fmtW, gap: Math.max(60000, bucketS * 4000) });
+    Chart.line(container, series, { t0: now - this.minutes * 60000, t1: now, yfmt: axisW, gap: Math.max(60000, bucketS * 4000) });
   }
 }
 
 // rows: [[start ms, slots mWh, grid mWh]]: two metering points of the same energy, side by side
 const ENERGY_SERIES = [{ name: "slots (battery side)", color: COLORS.slots }, { name: "grid meter", color: COLORS.grid }];
 function drawEnergy(container, rows) {
-  Chart.bars(container, rows, ENERGY_SERIES, { label: Chart.hhmm, yfmt: v => kwh(v) + " kWh" });
+  Chart.bars(container, rows, ENERGY_SERIES, { label: Chart.hhmm, yfmt: axisKwh });
 }
 function drawDaily(container, rows) {
-  Chart.bars(container, rows, ENERGY_SERIES, { label: dayLabel, yfmt: v => kwh(v) + " kWh" });
+  Chart.bars(container, rows, ENERGY_SERIES, { label: dayLabel, yfmt: axisKwh });
 }
 
 function alarmItem(a, now, withSid) {
@@ -109,7 +116,7 @@ function fleetPage(main) {
     <section class="cards" id="totals"></section>
     <section class="panel"><h2>Stations</h2><div class="table-wrap"><table id="stations">
       <thead><tr><th>Station</th><th>State</th><th class="opt">Last seen</th><th class="num">Power</th>
-      <th class="num">Charging</th><th class="num">Today</th><th class="num opt">CO₂e today</th><th class="num">Alarms</th></tr></thead>
+      <th class="num opt">Charging</th><th class="num">Today</th><th class="num opt">CO₂e today</th><th class="num">Alarms</th></tr></thead>
       <tbody></tbody></table></div></section>
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
     <section class="grid3 charts">
@@ -144,7 +151,7 @@ function fleetPage(main) {
         <td><span class="pill ${esc(s.state)}">${esc(s.state)}</span></td>
         <td class="opt" data-field="last-seen">${esc(ago(s.last_seen_ms, d.now))}</td>
         <td class="num" data-field="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</td>
-        <td class="num">${s.charging} / ${s.slots}</td>
+        <td class="num opt">${s.charging} / ${s.slots}</td>
         <td class="num">${fmtKwh(s.today_mwh)}</td>
         <td class="num opt">${s.co2e_today_kg === null ? "–" : esc(s.co2e_today_kg) + " kg"}</td>
         <td class="num">${s.alarms.crit ? `<span class="pill crit">${s.alarms.crit}</span>` : ""}${s.alarms.warn ? ` <span class="pill warn">${s.alarms.warn}</span>` : ""}</td>
@@ -160,7 +167,7 @@ function fleetPage(main) {
 }
 
 // ---- station page -----------------------------------------------------------------------
-function slotCard(s) {
+function slotCard(s, clockMs) {
   const b = s.bat, ses = s.session;
   const cls = s.st ? "st-" + s.st : "st-stale";
   return `<div class="slot ${esc(cls)}" data-slot="${s.n}" data-state="${esc(s.st || "")}">
@@ -171,12 +178,12 @@ function slotCard(s) {
       <dt>Charger</dt><dd>${volts(s.mv)} · ${amps(s.ma)}</dd>
       ${b ? `<dt>Battery</dt><dd>${esc(b.id)}</dd>
       <dt>SoC / SoH</dt><dd>${pct(b.soc)} / ${pct(b.soh)}</dd>
-      <dt>Temp</dt><dd>${degC(b.t)} max · ${degC(b.tmin)} min</dd>
+      <dt>Temp</dt><dd title="hottest / coolest cell">${(b.t / 10).toFixed(1)} / ${degC(b.tmin)}</dd>
       <dt>Cycles</dt><dd>${b.cyc}${b.flt ? ` · <span class="pill crit">fault ${b.flt}</span>` : ""}</dd>` :
       (s.st && "WCVFE".includes(s.st) ? `<dt>Battery</dt><dd class="muted">BMS not answering</dd>` : "")}
       <dt>Register</dt><dd>${fmtKwh(s.e_mwh)}</dd>
     </dl>
-    ${ses ? `<div class="session">Session since ${esc(clock(ses.since_ms))} · ${ses.mwh === null ? "–" : kwh(ses.mwh) + " kWh"}` +
+    ${ses ? `<div class="session">Session ${ses.since_ms && clockMs ? "for " + dur(clockMs - ses.since_ms) : "in progress"} · ${ses.mwh === null ? "–" : kwh(ses.mwh) + " kWh"}` +
       `${ses.soc0 !== null && b ? ` · SoC ${pct(ses.soc0)} → ${pct(b.soc)}` : ""}</div>` : ""}
   </div>`;
 }
@@ -223,7 +230,10 @@ function stationPage(main, sid) {
       <div class="card"><div class="k">Today, grid meter</div><div class="v">${fmtKwh(d.today_grid_mwh)}</div></div>
       <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${d.co2e_today_kg === null ? "–" : esc(d.co2e_today_kg)}<small> kg${d.co2e_point ? " (" + esc(d.co2e_point) + ")" : ""}</small></div></div>
       <div class="card"><div class="k">Meter register</div><div class="v">${m ? (m.e_wh / 1000).toFixed(1) : "–"}<small> kWh</small></div></div>`;
-    $("#slots").innerHTML = d.slot_list.map(slotCard).join("") || `<p class="muted">No telemetry yet.</p>`;
+    const slotsEl = $("#slots");
+    slotsEl.classList.toggle("stale-view", d.state !== "online");
+    slotsEl.dataset.note = d.state !== "online" ? `${d.state}: the last reading, ${ago(d.telemetry ? d.telemetry.recv_ms : null, d.now)}` : "";
+    slotsEl.innerHTML = d.slot_list.map(s => slotCard(s, d.clock_ms)).join("") || `<p class="muted">No telemetry yet.</p>`;
     $("#alarms").innerHTML = alarmList(d.alarm_list, d.now, false);
     $("#events").innerHTML = eventList(d.events, false);
     const keys = Object.keys(d.err);

@@ -3,7 +3,7 @@
 
 const Chart = (() => {
   const NS = "http://www.w3.org/2000/svg";
-  const H = 170, PAD_L = 46, PAD_R = 8, PAD_T = 8, PAD_B = 20;
+  const H = 170, PAD_L = 52, PAD_R = 8, PAD_T = 8, PAD_B = 20;
 
   function el(name, attrs, text) {
     const e = document.createElementNS(NS, name);
@@ -24,6 +24,7 @@ const Chart = (() => {
     return 10 * p;
   }
 
+  // axis labels: as few digits as the scale needs ("7.5 kW", "200 W", "1.5 kWh")
   function frame(container, ymax, yfmt) {
     const W = Math.max(260, container.clientWidth || 300);
     const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" });

@@ -1,0 +1,108 @@
+"""`stationctl watch` (terminal view) and `stationctl dashboard` (standalone server), run
+as a user runs them: the console script in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from agent.store import Store
+from tests.test_dashboard_api import SID, SID2, Served, db, status  # noqa: F401  (fixture)
+from tests.test_dashboard_state import Sim
+
+STATIONCTL = [str(pathlib.Path(sys.executable).parent / "stationctl")]
+ENV = {**os.environ, "COLUMNS": "160", "TERM": "dumb"}
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STATIONCTL, *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+def test_watch_db_once_shows_every_station_and_the_alarms(db: tuple[str, Store, Sim, Sim]) -> None:
+    url = db[0]
+    r = run("watch", "--db", url, "--once")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert SID in out and SID2 in out and "online" in out
+    assert "840 W" in out  # KH-PNH-0001 charging at 84 V × 10 A
+    assert "signature" in out and "crit" in out  # the quarantined bad signature
+
+
+def test_watch_one_station_slot_by_slot(db: tuple[str, Store, Sim, Sim]) -> None:
+    r = run("watch", "--db", db[0], "--station", SID, "--once")
+    assert r.returncode == 0, r.stderr
+    assert "charging CC" in r.stdout and "B0012345" in r.stdout and "empty" in r.stdout
+    r = run("watch", "--db", db[0], "--station", "KH-NOPE-0001", "--once")
+    assert r.returncode == 0 and "no station KH-NOPE-0001" in r.stdout
+
+
+def test_watch_api_once(db: tuple[str, Store, Sim, Sim]) -> None:
+    s = Served(db[0])
+    try:
+        deadline = time.monotonic() + 10
+        while not s.get("/api/health")[1]["ok"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = run("watch", "--api", s.base, "--once")
+        assert r.returncode == 0, r.stderr
+        assert SID in r.stdout and SID2 in r.stdout
+        r = run("watch", "--api", s.base, "--station", SID, "--once")
+        assert r.returncode == 0 and "B0012345" in r.stdout
+    finally:
+        s.stop()
+
+
+def test_watch_bad_usage_and_unreachable(tmp_path: pathlib.Path) -> None:
+    r = run("watch", "--once")
+    assert r.returncode == 2
+    r = run("watch", "--db", f"sqlite:///{tmp_path}/none.db", "--once")
+    assert r.returncode == 2 and "cannot read an agent database" in r.stderr
+    r = run("watch", "--db", "postgresql://x/y", "--once")
+    assert r.returncode == 2
+    r = run("watch", "--db", f"sqlite:///{tmp_path}/none.db", "--station", "bad id", "--once")
+    assert r.returncode == 2 and "bad station id" in r.stderr
+    r = run("watch", "--api", "http://127.0.0.1:9/", "--once")
+    assert r.returncode == 1 and "cannot read" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_watch_live_refreshes_until_interrupted(db: tuple[str, Store, Sim, Sim]) -> None:
+    p = subprocess.Popen([*STATIONCTL, "watch", "--db", db[0], "--interval", "0.2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(2.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert SID in out and "stationctl watch" in out  # (no terminal: rich prints the last frame)
+
+
+@pytest.fixture
+def dashboard_proc(db: tuple[str, Store, Sim, Sim]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    p = subprocess.Popen([*STATIONCTL, "dashboard", "--db", db[0], "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line.startswith("dashboard: http://"), (line, p.stderr.read() if p.poll() else "")
+    yield p, line.split()[1]
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def test_dashboard_command_serves_and_stops_on_sigterm(
+        dashboard_proc: tuple[subprocess.Popen[str], str]) -> None:
+    p, url = dashboard_proc
+    with urllib.request.urlopen(url + "api/fleet", timeout=10) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert b"/static/app.js" in r.read()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0
