@@ -205,7 +205,7 @@ class MqttSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self.conn = 0  # connection number: bumped on every new socket
-        self.connected = asyncio.Event()
+        self.connected = asyncio.Event()  # connected and subscribed
         self._closed = asyncio.Event()
         self._stopping = False
         self._paused = False
@@ -226,6 +226,7 @@ class MqttSource:
             if cfg.tls_insecure:
                 c.tls_insecure_set(True)
         c.on_connect = self._connected
+        c.on_subscribe = self._subscribed
         c.on_message = self._message  # QoS 2 or MQTT 5 only (paho's own path)
         c.deliver = self._deliver
         c.on_socket_open = self._sock_open
@@ -297,6 +298,14 @@ class MqttSource:
         log.info("connected to %s:%d as %s (session present: %s)", self.cfg.host, self.cfg.port,
                  self.cfg.client_id, bool(flags.session_present))
         self.client.subscribe(self.cfg.topics())
+
+    def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any,
+                    props: Any) -> None:
+        bad = [str(c) for c in codes if c.is_failure]
+        if bad:
+            log.error("broker refused subscriptions: %s", ", ".join(bad))
+            return
+        log.info("subscribed to %s", ", ".join(t for t, _ in self.cfg.topics()))
         self.connected.set()
 
     def _message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:

@@ -200,7 +200,7 @@ class Service:
         self._idle = asyncio.Event()  # set after each commit cycle
         self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
         self._prefix = cfg.broker.prefix
-        self.ready = asyncio.Event()  # set once raw is replayed and the broker is connected
+        self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
 
     # ---- loop thread: each message as paho delivers it -----------------------------------
 

@@ -45,6 +45,16 @@ def start_agent(cfg: pathlib.Path) -> subprocess.Popen[bytes]:
         )
 
 
+def wait_subscribed(d: pathlib.Path, n: int = 1, timeout: float = 30.0) -> None:
+    """Until the agent's log says it subscribed (the n-th time): what is published from
+    then on waits in its session."""
+    end = time.monotonic() + timeout
+    while (d / "agent.log").read_text().count("subscribed to") < n:
+        if time.monotonic() > end:
+            raise AssertionError((d / "agent.log").read_text()[-3000:])
+        time.sleep(0.05)
+
+
 def raw_count(d: pathlib.Path) -> int:
     try:
         with sqlite3.connect(f"file:{d}/agent.db?mode=ro", uri=True, timeout=10) as c:
@@ -93,7 +103,7 @@ def test_sigkill_and_broker_restart_give_the_clean_export(
         clean = tmp_path / "clean"
         agent = start_agent(write_config(clean, clean_broker.port, "clean-agent"))
         try:
-            time.sleep(1.0)  # subscribed (and the session exists) before publishing
+            wait_subscribed(clean)
             pub = Publisher(clean_broker.port, "clean-pub", window=200)
             pub.send(stream)
             pub.close()
@@ -109,7 +119,7 @@ def test_sigkill_and_broker_restart_give_the_clean_export(
     chaos = tmp_path / "chaos"
     cfg = write_config(chaos, mosquitto.port, "chaos-agent")
     agent = start_agent(cfg)
-    time.sleep(1.0)
+    wait_subscribed(chaos)
     pub = Publisher(mosquitto.port, "chaos-pub", window=50)
     err: list[BaseException] = []
 

@@ -17,7 +17,7 @@ from agent.metering import MeterParams, RawMsg, compute
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
 from agent.store import Store, record_to_row
 from tests.agent_helpers import Publisher, Station, fleet_stream, key_for
-from tests.test_ingest_restart import raw_count, start_agent, write_config
+from tests.test_ingest_restart import raw_count, start_agent, wait_subscribed, write_config
 from tools.mosquitto import Mosquitto
 
 
@@ -122,7 +122,7 @@ def test_no_acknowledgement_before_commit(mosquitto: Mosquitto, tmp_path: pathli
     d = tmp_path / "a"
     cfg = write_config(d, mosquitto.port, "ack-agent")
     agent = start_agent(cfg)
-    time.sleep(1.0)
+    wait_subscribed(d)
     st = Station("KH-TST-0000", key=key_for("KH-TST-0000"))
     items = []
     for _ in range(20):
