@@ -42,5 +42,8 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await svc.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigError as e:  # found only once running (the dashboard's port is taken)
+        raise UsageError(str(e)) from None
     return 0

@@ -69,12 +69,21 @@ class IngestConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DashboardConfig:
+    """[dashboard]: serve the operator dashboard (agent/dashboard) from the agent's loop."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     db: DbConfig = field(default_factory=DbConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     metering: MeterParams = field(default_factory=MeterParams)
     carbon_params: str | None = None  # path of the carbon parameters file (agent/carbon.py)
+    dashboard: DashboardConfig | None = None  # None: no dashboard
 
 
 def _section(cls: Any, table: Any, name: str, base: pathlib.Path | None = None,
@@ -119,7 +128,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         raise ConfigError(f"{p}: {e}") from None
     base = p.resolve().parent
     for k in data:
-        if k not in ("db", "broker", "ingest", "metering", "carbon"):
+        if k not in ("db", "broker", "ingest", "metering", "carbon", "dashboard"):
             raise ConfigError(f"unknown section or key {k!r}")
     db = _section(DbConfig, data.get("db", {}), "db")
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
@@ -152,7 +161,10 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         cp = str(base / cp)
         if not os.path.exists(cp):
             raise ConfigError(f"carbon.params: no file {cp}")
-    return AgentConfig(db=db, broker=broker, ingest=ingest, metering=metering, carbon_params=cp)
+    dash = _section(DashboardConfig, data["dashboard"], "dashboard") \
+        if "dashboard" in data else None
+    return AgentConfig(db=db, broker=broker, ingest=ingest, metering=metering, carbon_params=cp,
+                       dashboard=dash)
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
@@ -415,6 +427,7 @@ class Service:
         if self.cfg.ingest.gc_full_s:
             gc.collect()
             gc.set_threshold(gc_was[0], gc_was[1], 1 << 30)  # no automatic full collection
+        dashboard = await self._dashboard()
         tasks = [asyncio.create_task(x) for x in
                  (self.source.run(), self._committer(), self._recorder(), self._housekeeping())]
 
@@ -433,8 +446,36 @@ class Service:
                     raise RuntimeError(f"agent task ended: {t!r}") from exc
         finally:
             ready.cancel()
+            if dashboard is not None:
+                await dashboard.stop()
             await self._shutdown(tasks)
             gc.set_threshold(*gc_was)
+
+    async def _dashboard(self) -> Any:
+        """The dashboard in this loop when configured: it reads the database on its own
+        read-only connection and thread, and polls at once after each commit."""
+        dc = self.cfg.dashboard
+        if dc is None:
+            return None
+        from agent.dashboard import DashboardServer, Live, make_app
+
+        live = Live(self.cfg.db.url, carbon_params=self.cfg.carbon_params)
+        server = DashboardServer(make_app(self.cfg.db.url, live=live), dc.host, dc.port)
+        try:
+            await server.start()
+        except OSError as e:
+            raise ConfigError(f"dashboard: cannot listen on {dc.host}:{dc.port}: "
+                              f"{e.strerror}") from None
+        prev = self._on_commit
+
+        def on_commit(rows: list[RawRow]) -> None:
+            live.nudge()
+            if prev is not None:
+                prev(rows)
+
+        self._on_commit = on_commit
+        log.info("dashboard on %s", server.url)
+        return server
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         # stop reading; commit, acknowledge and meter what was read; then say goodbye

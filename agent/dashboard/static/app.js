@@ -12,14 +12,16 @@ function fmtW(w) {
   return Math.abs(w) >= 1000 ? (w / 1000).toFixed(2) + " kW" : Math.round(w) + " W";
 }
 const kwh = mwh => (mwh / 1e6).toFixed(mwh >= 1e8 ? 1 : 2);
+// energy with a unit that suits it: Wh below 1 kWh (a demo's first minutes, one session)
+const energy = mwh => Math.abs(mwh) < 1e6 ? Math.round(mwh / 1000) + " Wh" : kwh(mwh) + " kWh";
 // short axis labels
 const axisW = w => w >= 1000 ? +(w / 1000).toFixed(1) + " kW" : Math.round(w) + " W";
-const axisKwh = mwh => +(mwh / 1e6).toPrecision(3) + " kWh";
+const axisKwh = mwh => mwh >= 1e6 ? +(mwh / 1e6).toPrecision(3) + " kWh" : +(mwh / 1000).toPrecision(3) + " Wh";
 function dur(ms) {
   const m = Math.max(0, Math.round(ms / 60000));
   return m < 60 ? m + " min" : Math.floor(m / 60) + " h " + String(m % 60).padStart(2, "0") + " min";
 }
-const fmtKwh = mwh => mwh === null || mwh === undefined ? "–" : kwh(mwh) + " kWh";
+const fmtKwh = mwh => mwh === null || mwh === undefined ? "–" : energy(mwh);
 const pct = p => p === null || p === undefined ? "–" : (p / 10).toFixed(1) + " %";
 const degC = t => t === null || t === undefined ? "–" : (t / 10).toFixed(1) + " °C";
 const volts = mv => mv === null || mv === undefined ? "–" : (mv / 1000).toFixed(1) + " V";
@@ -78,7 +80,10 @@ class PowerSeries {
     const meter = this.points.filter(p => p[2] !== null).map(p => [p[0], p[2]]);
     const series = [{ name: "slots (charger output)", color: COLORS.slots, points: slots }];
     if (meter.length) series.push({ name: "grid meter", color: COLORS.meter, points: meter });
-    Chart.line(container, series, { t0: now - this.minutes * 60000, t1: now, yfmt: axisW, gap: Math.max(60000, bucketS * 4000) });
+    // the window grows from 5 min to the whole span as history accumulates
+    const first = this.points.length ? this.points[0][0] : now;
+    const t0 = Math.max(now - this.minutes * 60000, Math.min(first, now - 5 * 60000));
+    Chart.line(container, series, { t0, t1: now, yfmt: axisW, gap: Math.max(60000, bucketS * 4000) });
   }
 }
 
@@ -183,7 +188,7 @@ function slotCard(s, clockMs) {
       (s.st && "WCVFE".includes(s.st) ? `<dt>Battery</dt><dd class="muted">BMS not answering</dd>` : "")}
       <dt>Register</dt><dd>${fmtKwh(s.e_mwh)}</dd>
     </dl>
-    ${ses ? `<div class="session">Session ${ses.since_ms && clockMs ? "for " + dur(clockMs - ses.since_ms) : "in progress"} · ${ses.mwh === null ? "–" : kwh(ses.mwh) + " kWh"}` +
+    ${ses ? `<div class="session">Session ${ses.since_ms && clockMs ? "for " + dur(clockMs - ses.since_ms) : "in progress"} · ${ses.mwh === null ? "–" : energy(ses.mwh)}` +
       `${ses.soc0 !== null && b ? ` · SoC ${pct(ses.soc0)} → ${pct(b.soc)}` : ""}</div>` : ""}
   </div>`;
 }

@@ -3,7 +3,7 @@
 
 const Chart = (() => {
   const NS = "http://www.w3.org/2000/svg";
-  const H = 170, PAD_L = 52, PAD_R = 8, PAD_T = 8, PAD_B = 20;
+  const H = 170, PAD_L = 58, PAD_R = 8, PAD_T = 8, PAD_B = 20;
 
   function el(name, attrs, text) {
     const e = document.createElementNS(NS, name);
