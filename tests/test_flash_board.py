@@ -535,3 +535,26 @@ def test_dry_run_needs_no_board(bench: Bench, capsys: pytest.CaptureFixture[str]
     assert not re.search(r'"key": "[0-9a-f]{64}"', out)
     _nothing_done(bench, None)
     assert not bench.reports.exists()
+
+
+def test_selftest_that_hangs_times_out_and_rolls_back(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    """A broker that accepts the connection and never answers: the self-test outlives
+    --selftest-timeout, the tool gets the REPL back and still rolls back."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # the kernel completes the handshake; nobody ever answers
+    board = bench.board()
+    try:
+        code, _out, err = flash(capsys, *bench.args(board, "--selftest-timeout", "2",
+                                                     "--set", f"broker.port={silent.getsockname()[1]}"))
+        assert code == 1
+        assert "did not answer within 2 s" in one_line_error(err)
+        rep = last_report(bench)
+        assert rep["stage"] == "selftest" and rep["rollback"] == [
+            f"broker credentials in {bench.pw}: put back", "board config.json: put back"]
+        _nothing_done(bench, board)
+    finally:
+        board.stop()
+        silent.close()

@@ -243,13 +243,16 @@ class Board:
     # -- connection --
 
     def open(self) -> None:
-        check_port(self.port)
         from mpremote.transport import TransportError
         from mpremote.transport_serial import SerialTransport
 
+        if "://" not in self.port and not os.path.exists(self.port):
+            check_port(self.port)  # raises "not found"
         try:
+            # opened once (an open toggles DTR/RTS, which is the reset line on many boards)
             self._t = SerialTransport(self.port, baudrate=self.baud)
         except TransportError as e:
+            check_port(self.port)  # mpremote says only "failed to access": find out why
             raise FlashError("connect", f"cannot open port {self.port}: {e}") from None
         try:
             # Ctrl-C stops whatever runs (the station's main.py) and enters the raw REPL
@@ -287,11 +290,27 @@ class Board:
         try:
             out, err = self._t.exec_raw(code, timeout=timeout)
         except (TransportError, OSError, serial.SerialException) as e:
+            if "timeout" in str(e) and self._interrupt():
+                raise FlashError(stage, f"the board did not answer within {timeout:g} s "
+                                        "(interrupted)") from None
             raise FlashError(stage, f"lost the board's REPL on {self.port}: {e}") from None
         if err:
             last = err.decode("utf-8", "replace").strip().splitlines()[-1:]
             raise FlashError(stage, f"the board raised: {last[0] if last else '?'}")
         return str(out.decode("utf-8", "replace"))
+
+    def _interrupt(self) -> bool:
+        """Ctrl-C whatever still runs and get the raw REPL back (so a rollback can still
+        talk to the board); False when the board does not come back."""
+        from mpremote.transport import TransportError
+
+        try:
+            self._t.serial.write(b"\r\x03\x03")
+            time.sleep(0.2)
+            self._t.enter_raw_repl(soft_reset=False)
+            return True
+        except (TransportError, OSError, serial.SerialException):
+            return False
 
     def _eval(self, code: str, stage: str) -> Any:
         out = self.exec(code, stage=stage).strip()
