@@ -225,3 +225,19 @@ def test_cli_dry_run_json(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.
                                        "user": "KH-A-0001", "password": ""}
     assert rep["config"]["key"] == plan.REDACTED and rep["config"]["slots"] == 2
     assert "selftest.mpy" in rep["files"] and "main.py" in rep["files"]
+
+
+def test_cli_agent_config_gives_the_database(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agent.db'}"
+    with Store(url) as st:
+        st.write_batch([RawRow("KH-A-0001", 6, 0, "event", "t", 0, 1, b"{}")])
+        KeyStore(st).add("KH-A-0001", bytes(32))
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[db]\nurl = "{url}"\n')
+    code, out, err = _cli(capsys, "--station", "KH-A-0001", "--dry-run", "--json", "--agent-config", str(conf),
+                          "--broker", "mq", "--slots", "1", "--set", "net.kind=lan")
+    assert code == 0, err
+    rep = json.loads(out.splitlines()[0])
+    assert rep["agent"]["answered"] and rep["agent"]["known"] and rep["kid"] == 2 and rep["boot_base"] == 7
+    code, _out, err = _cli(capsys, "--station", "KH-A-0001", "--dry-run", "--agent-config", str(tmp_path / "no.toml"))
+    assert code == 2 and "no.toml" in err

@@ -76,7 +76,10 @@ def text(rep: dict[str, Any]) -> str:
         lines.append(f"removed:   {', '.join(rep['removed'])}")
     v = rep.get("verify")
     if v:
-        lines.append(f"verify:    {'all ' + str(v['files']) + ' files match (sha256 on the board)' if v['ok'] else 'MISMATCH ' + ', '.join(v['mismatch'])}")
+        if v["ok"]:
+            lines.append(f"verify:    all {v['files']} files match (sha256 on the board)")
+        else:
+            lines.append(f"verify:    MISMATCH {', '.join(v['mismatch'])}")
     st = rep.get("selftest")
     if st:
         lines.append(f"self-test: {'PASS' if st.get('ok') else 'FAIL'}"
