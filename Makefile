@@ -7,6 +7,8 @@ setup:
 demo: setup
 	.venv/bin/stationctl demo $(ARGS)
 
+# the browser tests need Debian's chromium and chromium-driver: the test set-up installs them
+test: export WITH_BROWSER = 1
 test: setup compile typecheck
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
