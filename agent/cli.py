@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # module names under agent/ (or tools/) that provide subcommands, in help order
-COMMANDS = ["agent.cmd_demo", "agent.cmd_agent", "agent.cmd_export", "agent.cmd_keys", "agent.cmd_flash", "agent.cmd_watch"]
+COMMANDS = ["agent.cmd_demo", "agent.cmd_agent", "agent.cmd_export", "agent.cmd_keys", "agent.cmd_flash", "agent.cmd_sim", "agent.cmd_watch"]
 
 
 class UsageError(Exception):

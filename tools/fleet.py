@@ -157,6 +157,7 @@ class Fleet:
         stale_samples: int = 5,
         bus_timeout_ms: int = 150,
         charger_timeout_ms: int = 200,
+        persist_s: int = 60,
         on_action: Callable[[str, Action], None] | None = None,
     ) -> None:
         if not 1 <= n_stations <= 9999:
@@ -198,7 +199,9 @@ class Fleet:
         self.start_delay_s = max(self.params.start_delay_s, 1.5 * self.dt_v)
         self.ramp_s = max(self.params.ramp_s, 2 * self.dt_v)
         self.physics_dt = min(0.5, max(0.01, 0.01 * self.accel))
-        self.persist_every_s = 60  # simulated seconds, as on a board
+        if persist_s < 1:
+            raise ValueError("persist_s must be >= 1")
+        self.persist_every_s = persist_s  # simulated seconds (60 on a board)
         sids = [f"{sid_prefix}{i + 1:04d}" for i in range(n_stations)]
         for sid in sids:
             if not SID_RE.match(sid):
@@ -217,9 +220,9 @@ class Fleet:
         self.time_commands = 0
 
     # -- set-up ---------------------------------------------------------------------------
-    def _provision(self, sid: str) -> tuple[bytes, int, int]:
-        """(key, kid, boot_base) for sid: what its flash already has, else a fresh key
-        registered in the key store (boot_base after the agent's highest boot)."""
+    def _provision(self, sid: str) -> tuple[bytes, int, int, bool]:
+        """(key, kid, boot_base, registered now) for sid: what its flash already has, else a
+        fresh key registered in the key store (boot_base after the agent's highest boot)."""
         flash = self.workdir / sid / "flash"
         cfg_path = flash / "config.json"
         key: bytes | None = None
@@ -232,16 +235,17 @@ class Fleet:
                 have = self.keys.get(sid, kid)
                 if have is None:
                     self.keys.add(sid, key, kid)
-                elif have != key:
+                    return key, kid, boot_base, True
+                if have != key:
                     raise ValueError(f"{sid}: the key store's key {kid} is not the one in "
                                      f"{cfg_path} (use a fresh workdir or agent database)")
-            return key, kid, boot_base
+            return key, kid, boot_base, False
         key = secrets.token_bytes(32)
         if self.keys is not None:
             kid = self.keys.add(sid, key)
             top = self.keys.max_boot(sid)
             boot_base = 0 if top is None else top + 1
-        return key, kid, boot_base
+        return key, kid, boot_base, self.keys is not None
 
     def _config(self, sid: str, rig: Rig, key: bytes, kid: int, boot_base: int) -> dict[str, Any]:
         return station_config(
@@ -264,13 +268,15 @@ class Fleet:
         rates = FaultRates.uniform(self.fault_rate, bus_timeout_s=self.bus_timeout_ms / 1000,
                                    charger_timeout_s=self.charger_timeout_ms / 1000)
         env = {} if self.accel == 1.0 else {"STATION_TIME_SCALE": repr(self.accel)}
+        added = False
         try:
             for i, sid in enumerate(self._sids):
                 rig = Rig(slots=self.slots, faults=rates, seed=self.seed * 100_003 + i,
                           workdir=self.workdir / sid / "rig", host=self.host, name=sid,
                           clock=self.clock.now, dt_s=self.physics_dt)
                 rig.start()
-                key, kid, boot_base = self._provision(sid)
+                key, kid, boot_base, new_key = self._provision(sid)
+                added |= new_key
                 flash = self.workdir / sid / "flash"
                 cfg = self._config(sid, rig, key, kid, boot_base)
                 proc = StationProcess(flash, cfg, heap=self.heap, env=env)
@@ -283,6 +289,10 @@ class Fleet:
                 self._by_sid[sid] = st
             self._monitor = _Monitor(self)
             self._monitor.start()
+            if added:
+                # an agent re-reads its keys on a miss at most once a second: a first message
+                # sooner than that after the key was added could be quarantined as unknown
+                time.sleep(1.2)
             t_start = time.time_ns()
             for st in self.stations:
                 self._launch(st)
@@ -467,30 +477,52 @@ class Fleet:
         return {st.sid: st.rig.grid_mwh() for st in self.stations}
 
     def integration_bound(self, rel: float = 0.005, abs_mwh: int = 100) -> dict[str, dict[int, int]]:
-        """How far a station's register may honestly be from the ground truth, per slot, mWh.
-
-        A trapezoid over samples `dt` (simulated s) apart is exact to `rel` of the energy on
-        smooth power (ramps are two periods long); an abrupt change is not: a battery taken
-        out or a charger fault is off by at most p × dt / 2 (p × dt allowed: a missed sample
-        doubles the span); a power cut loses what was integrated since the last save
-        (every `persist_every_s`) and what flowed after the last sample: p × (persist + 2 dt).
-        """
+        """How far each slot's register may honestly be from the ground truth, mWh
+        (see `integration_bound` below)."""
         truth = {st.sid: st.rig.ground_truth_mwh() for st in self.stations}
-        out = {sid: {s: abs_mwh + int(rel * v) for s, v in m.items()} for sid, m in truth.items()}
-        dt = self.dt_v
         with self._actions_lock:
             acts = list(self.actions)
-        for sid, a in acts:
-            if a.slot == 0 or a.p_w <= 0 or sid not in out:
-                continue
-            if a.what in ("take", "remove", "fault"):
-                span = dt
-            elif a.what in ("cut", "offline"):
-                span = self.persist_every_s + 2 * dt
-            else:
-                continue
-            out[sid][a.slot] += math.ceil(a.p_w * span / 3.6)
-        return out
+        return integration_bound(truth, acts, self.dt_v, self.persist_every_s, rel, abs_mwh)
+
+    # -- hands on one station (tests, the demo) ---------------------------------------------
+    def insert(self, sid: str, slot: int, pack: str = "72V", power_w: float = 1000.0,
+               capacity_wh: float = 20.0, soc: float = 0.2, *, start_delay_s: float | None = None,
+               ramp_s: float | None = None) -> Battery:
+        """Put a battery into a slot by hand (logged like the scenario's)."""
+        st = self.station(sid)
+        with st.lock:
+            b = st.rig.insert(slot, pack=pack, power_w=power_w, capacity_wh=capacity_wh, soc=soc,
+                              start_delay_s=self.start_delay_s if start_delay_s is None
+                              else start_delay_s,
+                              ramp_s=self.ramp_s if ramp_s is None else ramp_s)
+            st.scenario.state[slot].power_w = power_w
+            self._log(sid, [Action(t_v=self.clock.elapsed(), what="insert", slot=slot, soc=soc,
+                                   battery=b.serial)])
+        return b
+
+    def remove(self, sid: str, slot: int) -> Battery | None:
+        """Take a battery out by hand (mid-charge allowed; counts in the bound)."""
+        st = self.station(sid)
+        with st.lock:
+            s = st.rig.model.sample(slot)
+            b = st.rig.remove(slot)
+            self._log(sid, [Action(t_v=self.clock.elapsed(), what="remove", slot=slot, p_w=s.p_w,
+                                   soc=s.battery.soc if s.battery else None,
+                                   battery=b.serial if b else None)])
+        return b
+
+    def set_fault(self, sid: str, slot: int, code: int) -> None:
+        st = self.station(sid)
+        with st.lock:
+            p = st.rig.model.sample(slot).p_w
+            st.rig.set_fault(slot, code)
+            self._log(sid, [Action(t_v=self.clock.elapsed(), what="fault", slot=slot, p_w=p)])
+
+    def clear_fault(self, sid: str, slot: int) -> None:
+        st = self.station(sid)
+        with st.lock:
+            st.rig.clear_fault(slot)
+            self._log(sid, [Action(t_v=self.clock.elapsed(), what="clear", slot=slot)])
 
     def stats(self) -> dict[str, Any]:
         """Counters and CPU per station (firmware processes), for benches and the CLI."""
@@ -612,6 +644,31 @@ class Fleet:
         body = {"v": 1, "sid": sid, "kid": st.kid, "cmd": "time", "now_ms": now,
                 "exp": exp, "nonce": secrets.token_hex(8)}
         return wire.sign(json.dumps(body, separators=(",", ":")).encode(), st.key)
+
+
+def integration_bound(truth: dict[str, dict[int, int]], actions: list[tuple[str, Action]],
+                      dt_s: float, persist_s: float, rel: float = 0.005,
+                      abs_mwh: int = 100) -> dict[str, dict[int, int]]:
+    """How far a station's register may honestly be from the ground truth, per slot, mWh.
+
+    A trapezoid over samples `dt_s` (simulated s) apart is exact to `rel` of the energy on
+    smooth power (ramps last two periods); an abrupt change is not: a battery taken out or a
+    charger fault is off by at most p × dt / 2 (p × dt allowed: a missed sample doubles the
+    span); a power cut loses what was integrated since the last save (every `persist_s`)
+    and what flowed after the last sample: p × (persist + 2 dt).
+    """
+    out = {sid: {s: abs_mwh + int(rel * v) for s, v in m.items()} for sid, m in truth.items()}
+    for sid, a in actions:
+        if a.slot == 0 or a.p_w <= 0 or sid not in out or a.slot not in out[sid]:
+            continue
+        if a.what in ("take", "remove", "fault"):
+            span = dt_s
+        elif a.what in ("cut", "offline"):
+            span = persist_s + 2 * dt_s
+        else:
+            continue
+        out[sid][a.slot] += math.ceil(a.p_w * span / 3.6)
+    return out
 
 
 class _Monitor:
