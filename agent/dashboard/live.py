@@ -31,6 +31,7 @@ from .state import FleetState, ViewConfig
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S: Final = 15.0
+HEARTBEAT_S: Final = 5.0  # an unchanged topic is sent again this often ("last seen" ages)
 T = TypeVar("T")
 _encode = msgspec.json.Encoder().encode
 
@@ -128,6 +129,7 @@ class Live:
         self._status: dict[str, bytes] = {}
         self._records_at = 0.0
         self._backfilled = False
+        self._sent_at: dict[str, tuple[Any, float]] = {}  # topic -> (version, monotonic time)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -268,16 +270,37 @@ class Live:
                 return None if v is None else _encode(v)
         return None
 
+    def _version(self, topic: str) -> Any:
+        s = self.state
+        if topic == "fleet":
+            return s.version
+        if topic == "alarms":
+            return s.alarm_version
+        st = s.stations.get(topic[len("station:"):])
+        return (st.version if st else None, s.alarm_version)
+
     def _publish(self) -> None:
+        """Build each subscribed topic whose content changed (or whose heartbeat is due)
+        once, and hand the bytes to the hub."""
         loop = self._loop
         topics = self.hub.topics()
         if loop is None or not topics:
             return
         out = {}
-        for t in topics:
-            p = self.payload(t)
+        t = time.monotonic()
+        for topic in topics:
+            with self.lock:
+                v = self._version(topic)
+            last = self._sent_at.get(topic)
+            if last is not None and last[0] == v and t - last[1] < HEARTBEAT_S:
+                continue
+            p = self.payload(topic)
             if p is not None:
-                out[t] = p
+                out[topic] = p
+                self._sent_at[topic] = (v, t)
+        for topic in list(self._sent_at):
+            if topic not in topics:
+                del self._sent_at[topic]
         if out:
             try:
                 loop.call_soon_threadsafe(self.hub.publish, out)

@@ -87,7 +87,7 @@ class Station:
 
     __slots__ = ("boot_ev", "err", "events", "had_meter", "hist", "last_live_ms", "last_ms",
                  "offset_ms", "period_ms", "sess_key", "sessions", "sid", "status",
-                 "status_ms", "tel", "tel_key", "tel_ms", "tel_recv_ms")
+                 "status_ms", "tel", "tel_key", "tel_ms", "tel_recv_ms", "version")
 
     def __init__(self, sid: str, hist_len: int) -> None:
         self.sid = sid
@@ -109,6 +109,7 @@ class Station:
         # [bucket start ms, slots W, meter W or None], oldest first
         self.hist: deque[list[Any]] = deque(maxlen=hist_len)
         self.events = 0
+        self.version = 0  # bumped by every change of this station's data
 
 
 class FleetState:
@@ -131,6 +132,9 @@ class FleetState:
         self.co2e: dict[str, tuple[Fraction, str]] = {}  # sid -> (tCO2e today, point)
         self.co2e_error: str | None = None
         self.rows = 0  # raw rows applied
+        # change counters: live updates go out when what a page shows has changed
+        self.version = 0  # anything
+        self.alarm_version = 0  # active alarms or the event log
 
     # ---- input ----------------------------------------------------------------------------
 
@@ -144,7 +148,9 @@ class FleetState:
     def add_raw(self, sid: str, kind: str, recv_ms: int, body: Mapping[str, Any]) -> None:
         """One stored raw message (a verified telemetry or event body)."""
         self.rows += 1
+        self.version += 1
         st = self._st(sid)
+        st.version += 1
         st.last_ms = max(st.last_ms, recv_ms)
         if kind == "telemetry":
             self._telemetry(st, recv_ms, body)
@@ -229,6 +235,8 @@ class FleetState:
         if recv_ms >= st.status_ms:
             st.status = dict(obj)
             st.status_ms = recv_ms
+            st.version += 1
+            self.version += 1
 
     def add_quarantine(self, recv_ms: int, sid: str | None, reason: str, detail: str,
                        topic: str) -> None:
@@ -248,6 +256,7 @@ class FleetState:
         """Day records (in full: CO2e needs them) and interval records as
         (sid, slot, start_ms, mwh), of the windows `records_since` names."""
         days = list(days)
+        self.version += 1
         self.days = _by_start((r.sid, r.slot, r.start_ms, r.mwh) for r in days)
         self.intervals = _by_start(intervals)
         self._carbon(days, now)
@@ -291,6 +300,8 @@ class FleetState:
 
     def _log(self, t: int, sid: str | None, source: str, code: str, level: str, msg: str,
              slot: int | None) -> None:
+        self.version += 1
+        self.alarm_version += 1
         self.events.appendleft({"t": t, "sid": sid, "source": source, "code": code,
                                 "level": level, "msg": msg, "slot": slot})
 
@@ -377,6 +388,9 @@ class FleetState:
                     del active[aid]
         self._pending = pending
         changed = active.keys() != self._active.keys()
+        if changed:
+            self.version += 1
+            self.alarm_version += 1
         for aid, a in active.items():
             if aid not in self._since:
                 self._since[aid] = a.pop("since") or now
