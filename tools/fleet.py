@@ -42,6 +42,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -117,6 +118,22 @@ class SimStation:
     cpu_seen_s: float = 0.0  # the running process's CPU when last looked at
     started_mono: float = 0.0
     clock_sent: set[int] = field(default_factory=set)  # boots whose clock the fleet set
+    # (virtual s, mWh per slot) snapshots of the ground truth, every half sampling period:
+    # what a power cut may have taken from the station before it could save or send it
+    history: deque[tuple[float, tuple[int, ...]]] = field(
+        default_factory=lambda: deque(maxlen=400))
+
+    def energy_since(self, t_v: float, now: dict[int, int]) -> dict[int, int]:
+        """Energy per slot since virtual time t_v (from the newest snapshot at or before it;
+        the oldest one kept when the history is shorter)."""
+        base: tuple[int, ...] | None = None
+        for t, snap in self.history:
+            if t > t_v and base is not None:
+                break
+            base = snap
+        if base is None:
+            return {k: 0 for k in now}
+        return {k: v - base[k - 1] for k, v in now.items()}
 
     def look_cpu(self) -> float:
         p = self.proc.proc
@@ -199,6 +216,9 @@ class Fleet:
         self.start_delay_s = max(self.params.start_delay_s, 1.5 * self.dt_v)
         self.ramp_s = max(self.params.ramp_s, 2 * self.dt_v)
         self.physics_dt = min(0.5, max(0.01, 0.01 * self.accel))
+        # a cut loses what the station integrated since it last saved its registers or made
+        # a telemetry message (both survive on flash), and what flowed after its last sample
+        self.cut_window_s = min(float(persist_s), telemetry_s * self.accel) + 3 * self.dt_v
         if persist_s < 1:
             raise ValueError("persist_s must be >= 1")
         self.persist_every_s = persist_s  # simulated seconds (60 on a board)
@@ -335,14 +355,20 @@ class Fleet:
     # -- the scenario thread -----------------------------------------------------------
     def _run(self) -> None:
         tick = min(0.2, self.sample_ms / 4000)
-        next_cpu = 0.0
+        next_cpu = next_snap = 0.0
         while not self._stop.wait(tick):
             t = self.clock.elapsed()
             if time.monotonic() >= next_cpu:  # a crashed process's CPU is gone with it
                 next_cpu = time.monotonic() + 2.0
                 for st in self.stations:
                     st.look_cpu()
+            snap = time.monotonic() >= next_snap
+            if snap:
+                next_snap = time.monotonic() + self.sample_ms / 2000
             for st in self.stations:
+                if snap:
+                    g = st.rig.ground_truth_mwh()
+                    st.history.append((t, tuple(g[k] for k in sorted(g))))
                 with st.lock:
                     if not st.powered or st.busy:
                         continue
@@ -396,15 +422,19 @@ class Fleet:
         """Cabinet off: chargers stop (batteries held out), firmware killed or stopped."""
         t = self.clock.elapsed()
         acts = []
+        recent = st.energy_since(t - self.cut_window_s, st.rig.ground_truth_mwh())
         for slot in range(1, self.slots + 1):
             s = st.rig.model.sample(slot)
-            if s.battery is None:
+            if s.battery is None and recent.get(slot, 0) <= 0:
                 continue
-            b = st.rig.remove(slot)
-            if b is not None:
-                st.held[slot] = b
-            acts.append(Action(t_v=t, what=what, slot=slot, p_w=s.p_w, soc=s.battery.soc,
-                               battery=s.battery.serial))
+            if s.battery is not None:
+                b = st.rig.remove(slot)
+                if b is not None:
+                    st.held[slot] = b
+            acts.append(Action(t_v=t, what=what, slot=slot, p_w=s.p_w,
+                               soc=s.battery.soc if s.battery else None,
+                               battery=s.battery.serial if s.battery else None,
+                               e_mwh=max(0, recent.get(slot, 0))))
         if not acts:
             acts.append(Action(t_v=t, what=what))
         st.look_cpu()
@@ -649,25 +679,25 @@ class Fleet:
 def integration_bound(truth: dict[str, dict[int, int]], actions: list[tuple[str, Action]],
                       dt_s: float, persist_s: float, rel: float = 0.005,
                       abs_mwh: int = 100) -> dict[str, dict[int, int]]:
-    """How far a station's register may honestly be from the ground truth, per slot, mWh.
+    """How far a slot's credited energy may honestly be from the ground truth, mWh.
 
     A trapezoid over samples `dt_s` (simulated s) apart is exact to `rel` of the energy on
     smooth power (ramps last two periods); an abrupt change is not: a battery taken out or a
     charger fault is off by at most p × dt / 2 (p × dt allowed: a missed sample doubles the
-    span); a power cut loses what was integrated since the last save (every `persist_s`)
-    and what flowed after the last sample: p × (persist + 2 dt).
+    span). A power cut loses what the station integrated after its last save or telemetry
+    message and what flowed after its last sample: the energy the slot took in the window
+    before the cut (`Action.e_mwh`, measured by the fleet) when known, else
+    p × (persist + 2 dt).
     """
     out = {sid: {s: abs_mwh + int(rel * v) for s, v in m.items()} for sid, m in truth.items()}
     for sid, a in actions:
-        if a.slot == 0 or a.p_w <= 0 or sid not in out or a.slot not in out[sid]:
+        if a.slot == 0 or sid not in out or a.slot not in out[sid]:
             continue
         if a.what in ("take", "remove", "fault"):
-            span = dt_s
+            out[sid][a.slot] += math.ceil(a.p_w * dt_s / 3.6)
         elif a.what in ("cut", "offline"):
-            span = persist_s + 2 * dt_s
-        else:
-            continue
-        out[sid][a.slot] += math.ceil(a.p_w * span / 3.6)
+            lost = a.e_mwh if a.e_mwh else math.ceil(a.p_w * (persist_s + 2 * dt_s) / 3.6)
+            out[sid][a.slot] += lost + math.ceil(a.p_w * dt_s / 3.6)
     return out
 
 

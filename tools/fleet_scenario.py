@@ -2,7 +2,8 @@
 
 A rider puts a depleted battery into an empty slot (it charges CC/CV) and takes the
 fullest battery out: a full one when there is one, else the fullest still charging if it is
-at least `take_min_soc` (a removal mid-charge), else nothing. Now and then a technician
+at least `take_min_soc` (a removal mid-charge), else nothing. With every slot occupied the
+charged battery comes out first and the depleted one goes into its slot. Now and then a technician
 pulls a battery at random, and a charger channel faults and recovers. Everything is on the
 fleet's virtual clock (seconds) and drawn from one seeded RNG per station, so a run is
 reproducible for the same seed and the same timing of steps.
@@ -57,14 +58,17 @@ class ScenarioParams:
 @dataclass(frozen=True, kw_only=True)
 class Action:
     """One thing the scenario (or the fleet) did to a rig. `p_w`: the slot's power just
-    before it (what a sampler can mis-integrate across an abrupt change)."""
+    before it (what a sampler can mis-integrate across an abrupt change); `e_mwh`, for a
+    power cut: the energy the slot took in the window before it that the station may not
+    have saved or sent yet."""
 
     t_v: float  # virtual seconds since the fleet's clock started
-    what: str  # insert | take | remove | fault | clear | cut | restore | leave
+    what: str  # insert | take | remove | fault | clear | cut | offline | restore | leave | exit
     slot: int = 0
     p_w: float = 0.0
     soc: float | None = None
     battery: str | None = None
+    e_mwh: int = 0
 
 
 @dataclass
@@ -156,19 +160,26 @@ class StationScenario:
         return out
 
     def _arrive(self, rig: Rig, t: float) -> list[Action]:
+        """A rider with a depleted battery: into an empty slot, then out with the fullest one.
+        With no slot empty, the cabinet first releases a charged battery and takes the
+        depleted one in its place; with nothing charged enough either, the rider leaves."""
         samples = {s: rig.model.sample(s) for s in self.state}
         empty = [s for s, x in samples.items() if x.battery is None]
-        if not empty:
+        full = [s for s, x in samples.items() if x.state == "F"]
+        socs = {s: x.battery.soc for s, x in samples.items() if x.battery is not None}
+        take: int | None = None
+        if full:
+            take = self.rng.choice(full)
+        elif socs:
+            best = max(socs, key=lambda s: socs[s])
+            take = best if socs[best] >= self.params.take_min_soc else None
+        soc_in = round(self._u(self.params.arrive_soc), 3)
+        if empty:
+            out = [self._insert(rig, t, self.rng.choice(empty), soc_in)]
+            if take is not None:
+                out.append(self._remove(rig, t, take, "take"))
+            return out
+        if take is None:
             self.turned_away += 1
             return [Action(t_v=t, what="leave")]
-        out = [self._insert(rig, t, self.rng.choice(empty), round(self._u(self.params.arrive_soc), 3))]
-        full = [s for s, x in samples.items() if x.state == "F"]
-        if full:
-            out.append(self._remove(rig, t, self.rng.choice(full), "take"))
-            return out
-        socs = {s: x.battery.soc for s, x in samples.items() if x.battery is not None}
-        if socs:
-            best = max(socs, key=lambda s: socs[s])
-            if socs[best] >= self.params.take_min_soc:
-                out.append(self._remove(rig, t, best, "take"))
-        return out
+        return [self._remove(rig, t, take, "take"), self._insert(rig, t, take, soc_in)]
