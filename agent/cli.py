@@ -11,12 +11,13 @@ import argparse
 import importlib
 import sys
 
+from agent.errors import UsageError
+
 # module names under agent/ (or tools/) that provide subcommands, in help order
 COMMANDS = ["agent.cmd_demo", "agent.cmd_agent", "agent.cmd_export", "agent.cmd_keys", "agent.cmd_flash", "agent.cmd_sim", "agent.cmd_watch"]
 
 
-class UsageError(Exception):
-    """Bad usage or bad input: printed as one line on stderr, exit status 2."""
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]  # UsageError: agent/errors.py
 
 
 def build_parser() -> argparse.ArgumentParser:
