@@ -24,8 +24,8 @@ def test_python_m_agent_cli_bad_usage_exits_2(tmp_path: pathlib.Path) -> None:
          str(tmp_path / "k.hex")],
     ]
     for args in cases:
-        r = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                           text=True, timeout=60, cwd=ROOT)
+        r = subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False,
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
