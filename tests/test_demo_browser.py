@@ -74,6 +74,7 @@ def browser(demo: Demo) -> Iterator[Any]:
               "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
               "--window-size=1280,1200"):
         opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     drv.set_page_load_timeout(30)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,12 @@ def shot(drv: Any, name: str) -> None:
     drv.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
+def no_script_errors(drv: Any) -> None:
+    """Nothing went wrong in the page's JavaScript (an exception, a failed fetch)."""
+    bad = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not bad, bad
+
+
 def js(drv: Any, script: str) -> Any:
     return drv.execute_script(script)
 
@@ -129,6 +136,7 @@ def test_fleet_page_lists_every_station(demo: Demo, browser: Any) -> None:
     time.sleep(1.5)
     shot(browser, "fleet-phone")
     browser.set_window_size(1280, 1200)
+    no_script_errors(browser)
 
 
 def test_station_page_shows_a_power_change_within_3s(demo: Demo, browser: Any) -> None:
@@ -158,6 +166,7 @@ def test_station_page_shows_a_power_change_within_3s(demo: Demo, browser: Any) -
         if bat is not None:
             with st.lock:
                 st.rig.insert(n, battery=bat, power_w=1000.0)
+    no_script_errors(browser)
     print(f"power change on the page {took:.2f} s after the rig's change")
     assert took < 3.0, f"the page showed the change after {took:.2f} s"
 
@@ -190,4 +199,5 @@ def test_offline_alarm_appears_and_clears(demo: Demo, browser: Any) -> None:
     text = wait(lambda: browser.find_element("id", "events").text, 20, "events")
     assert f"raised:offline" in text or "cleared:offline" in text
     shot(browser, "alarms")
+    no_script_errors(browser)
     assert pathlib.Path(ARTIFACTS / "alarm-offline.png").stat().st_size > 10_000

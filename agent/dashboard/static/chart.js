@@ -89,9 +89,10 @@ const Chart = (() => {
         svg.appendChild(rect);
       });
     });
+    // at most ~6 labels, the last one only when it does not crowd the one before
     const every = Math.ceil(n / 6);
     rows.forEach((r, i) => {
-      if (i % every === 0 || i === n - 1)
+      if (i % every === 0 || (i === n - 1 && i % every >= every / 2 + 1))
         svg.appendChild(el("text", { x: PAD_L + (i + 0.5) * bw, y: H - 5, "text-anchor": "middle" }, opts.label(r[0])));
     });
     container.innerHTML = "";
