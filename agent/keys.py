@@ -133,13 +133,18 @@ class KeyStore:
 class CachedKeys:
     """The ingest path's `wire.KeyRing`: all keys in memory, reloaded on `reload()` (the
     service calls it every few seconds, so revocations take effect) and on a miss (at most
-    once per `min_reload_s`, so a flood of unknown stations costs one query a second)."""
+    once per `min_reload_s`, so a flood of unknown stations costs one query a second).
+
+    Every load notes the stations that gained a usable key (all of them on the first
+    load); `take_learned()` hands them over, so that the service re-verifies what was
+    quarantined for want of that key."""
 
     def __init__(self, keystore: KeyStore, min_reload_s: float = 1.0) -> None:
         self._ks = keystore
         self._min = min_reload_s
         self._keys: dict[tuple[str, int], bytes | None] = {}
         self._sids: set[str] = set()
+        self._learned: set[str] = set()
         self._loaded = 0.0
         self.reload()
 
@@ -148,9 +153,17 @@ class CachedKeys:
 
     def reload(self) -> None:
         rows = self._ks.store.db.execute("SELECT sid, kid, key, state FROM keys").fetchall()
-        self._keys = {(r[0], int(r[1])): None if r[3] == "revoked" else bytes(r[2]) for r in rows}
+        keys = {(r[0], int(r[1])): None if r[3] == "revoked" else bytes(r[2]) for r in rows}
+        old = self._keys
+        self._learned.update(sk[0] for sk, k in keys.items() if k is not None and old.get(sk) is None)
+        self._keys = keys
         self._sids = {r[0] for r in rows}
         self._loaded = time.monotonic()
+
+    def take_learned(self) -> set[str]:
+        """Stations that gained a usable (sid, kid) since the last call (cleared)."""
+        got, self._learned = self._learned, set()
+        return got
 
     def key(self, sid: str, kid: int) -> bytes:
         k = self._keys.get((sid, kid), b"")

@@ -10,6 +10,15 @@ Failure policy: bad input is quarantined with its reason and counted, never rais
 database error keeps the batch, unacknowledged, and retries it (the broker keeps
 redelivering meanwhile); a metering error is logged and counted (raw is already safe
 and the records can be recomputed from it).
+
+Late keys: a station may publish a moment before the agent has loaded its new key (it was
+just provisioned by `stationctl flash` or `stationctl keys add`, another process). Those
+messages are quarantined (`unknown_station` / `unknown_kid`, and acknowledged: the station
+will not send them again). When the key ring learns a key (at start, on its periodic
+reload or on a miss), the committer re-verifies that station's such rows from their stored
+bytes, after every batch read before the key was learned has committed, and ingests the
+ones that now verify like any arrival (duplicate/conflict rules, metering); their
+quarantine rows stay, marked resolved. Counted as `rekey.*`. It runs only when keys change.
 """
 
 from __future__ import annotations
@@ -34,7 +43,19 @@ from agent import wire
 from agent.ingest import BrokerConfig, Delivery, MqttSource
 from agent.keys import CachedKeys, KeyStore
 from agent.metering import IncrementalMeter, MeterParams, RawMsg
-from agent.store import QuarantineRow, RawRow, RecordRow, Store, now_ms, record_to_row
+from agent.store import (
+    CONFLICT,
+    DUPLICATE,
+    STORED,
+    BatchResult,
+    QuarantineEntry,
+    QuarantineRow,
+    RawRow,
+    RecordRow,
+    Store,
+    now_ms,
+    record_to_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +191,15 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
 # ---- the pipeline ---------------------------------------------------------------------------
 
 
+# reasons that mean "no key for it yet": worth re-verifying once the station's key is known
+REKEY_REASONS = (wire.Reason.UNKNOWN_STATION.value, wire.Reason.UNKNOWN_KID.value)
+_REKEY_PAGE = 1000  # quarantine rows verified per step (bounds the loop's stall: ~6 ms)
+_REKEY_RETRY_S = 5.0  # after a failed re-verification (database error)
+_FIRST = " (first quarantined as "  # how a re-verified row's detail keeps its first reason
+
+
 class _Batch:
-    __slots__ = ("bodies", "deliveries", "quarantine", "rows", "status")
+    __slots__ = ("bodies", "deliveries", "quarantine", "rekey", "rows", "status")
 
     def __init__(self) -> None:
         self.rows: list[RawRow] = []
@@ -179,6 +207,9 @@ class _Batch:
         self.quarantine: list[QuarantineRow] = []
         self.status: list[tuple[str, int, bytes]] = []
         self.deliveries: list[Delivery] = []
+        # stations whose quarantine to re-verify once this batch (and so every message
+        # verified before their key was learned) has committed
+        self.rekey: set[str] = set()
 
 
 OnCommit = Callable[[list[RawRow]], None]
@@ -210,6 +241,8 @@ class Service:
         self._committing = False
         self._stopping = False
         self._idle = asyncio.Event()  # set after each commit cycle
+        self._rekey_retry: set[str] = set()  # re-verifications that failed, retried later
+        self._rekey_retry_at = 0.0
         self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
         self._prefix = cfg.broker.prefix
         self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
@@ -273,7 +306,7 @@ class Service:
             records_due = bool(self._dirty) and time.monotonic() >= self._records_due
             if self._sealed:
                 b = self._sealed.popleft()
-            elif self._batch.deliveries or records_due:
+            elif self._batch.deliveries or records_due or self._batch.rekey:
                 b, self._batch = self._batch, _Batch()
             else:
                 self._idle.set()
@@ -315,10 +348,93 @@ class Service:
                 if self._on_commit is not None:
                     self._on_commit(rows)
                 self._meter(rows, [b.bodies[i] for i in new])
+            if b.rekey:
+                self._committing = True
+                await self._rekey(b.rekey)
+                self._committing = False
             if (self._sealed or self._batch.deliveries
                     or (self._dirty and self._records_due <= time.monotonic())):
                 self._wake.set()
             self._idle.set()
+
+    async def _rekey(self, sids: set[str]) -> None:
+        """Re-verify the unresolved `unknown_station` / `unknown_kid` quarantine rows of
+        `sids` with the current keys (exact stored bytes, topic and arrival time) and ingest
+        those that verify, page by page (committer only, so ordered with the batches)."""
+        loop = asyncio.get_running_loop()
+        c = self.counters
+        try:
+            if len(sids) > 64:  # at start: every keyed station; ask which have such rows
+                have = await loop.run_in_executor(self._db, self.store.quarantined_sids,
+                                                  REKEY_REASONS)
+                todo = sorted(sids.intersection(have))
+            else:
+                todo = sorted(sids)
+            for sid in todo:
+                after = 0
+                while True:
+                    page = await loop.run_in_executor(self._db, self.store.open_quarantine, sid,
+                                                      REKEY_REASONS, after, _REKEY_PAGE)
+                    if not page:
+                        break
+                    after = page[-1].id
+                    await self._rekey_page(sid, page)
+        except Exception:
+            c["rekey.errors"] += 1
+            log.exception("re-verifying quarantined messages of %d station(s) failed; retry in "
+                          "%.0fs", len(sids), _REKEY_RETRY_S)
+            self._rekey_retry |= sids
+            self._rekey_retry_at = time.monotonic() + _REKEY_RETRY_S
+
+    async def _rekey_page(self, sid: str, page: list[QuarantineEntry]) -> None:
+        loop = asyncio.get_running_loop()
+        c = self.counters
+        rows: list[RawRow] = []
+        bodies: list[dict[str, Any]] = []
+        qids: list[int] = []
+        rejected: list[tuple[int, str, str]] = []
+        waiting = final = 0
+        for q in page:
+            kind = q.topic.rsplit("/", 1)[-1]
+            try:
+                v = wire.verify(kind, sid, q.record, self.keys)
+            except wire.WireError as e:
+                # still no key for it (it stays for the next one), or a final verdict now
+                # that the key is known (e.g. bad_sig): stays in quarantine, with the reason
+                # that holds now and the first one in the detail
+                if e.reason.value in REKEY_REASONS:
+                    waiting += 1
+                else:
+                    final += 1
+                if e.reason.value != q.reason:
+                    i = q.detail.find(_FIRST)
+                    first = q.detail[i:] if i >= 0 else f"{_FIRST}{q.reason}: {q.detail})"
+                    rejected.append((q.id, e.reason.value, (e.detail + first)[:1000]))
+                continue
+            rows.append(RawRow(sid, v.boot, v.seq, kind, q.topic, q.recv_ms, v.kid, q.record))
+            bodies.append(v.body)
+            qids.append(q.id)
+        if rows or rejected:
+            res, outcomes = await loop.run_in_executor(self._db, self.store.resolve_quarantine,
+                                                       rows, qids, rejected)
+        else:
+            res, outcomes = BatchResult([], 0, 0), []
+        n = Counter(outcomes)
+        c["rekey.checked"] += len(page)
+        c["rekey.waiting"] += waiting
+        c["rekey.rejected"] += final
+        c["rekey.stored"] += n[STORED]
+        c["rekey.duplicate"] += n[DUPLICATE]
+        c["rekey.conflict"] += n[CONFLICT]
+        if rows:
+            log.info("%s: %d quarantined message(s) verify with the key now known: %d stored, "
+                     "%d duplicate, %d conflict", sid, len(rows), n[STORED], n[DUPLICATE],
+                     n[CONFLICT])
+        if res.new:
+            new_rows = [rows[i] for i in res.new]
+            if self._on_commit is not None:
+                self._on_commit(new_rows)
+            self._meter(new_rows, [bodies[i] for i in res.new])
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
         msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms, body=body)
@@ -354,7 +470,8 @@ class Service:
         """Commit (and acknowledge) every message read so far and write every pending
         record change now (shutdown, tests, benchmarks)."""
         self._records_due = 0.0
-        while self._sealed or self._batch.deliveries or self._dirty or self._committing:
+        while (self._sealed or self._batch.deliveries or self._dirty or self._committing
+               or self._batch.rekey):
             self._idle.clear()
             self._wake.set()
             await self._idle.wait()
@@ -385,6 +502,15 @@ class Service:
                     self.keys.reload()
                 except Exception:
                     log.exception("reloading keys failed")
+            # keys learned by that reload or by a miss on the hot path: re-verify what was
+            # quarantined for want of them, after the batch now filling has committed
+            learned = self.keys.take_learned()
+            if self._rekey_retry and now >= self._rekey_retry_at:
+                learned |= self._rekey_retry
+                self._rekey_retry = set()
+            if learned:
+                self._batch.rekey |= learned
+                self._wake.set()
             if ing.gc_full_s and now - last_gc >= ing.gc_full_s:
                 last_gc = now
                 gc.collect()
@@ -428,6 +554,10 @@ class Service:
             gc.collect()
             gc.set_threshold(gc_was[0], gc_was[1], 1 << 30)  # no automatic full collection
         dashboard = await self._dashboard()
+        # every station with a key: what was quarantined before its key was added while
+        # the agent was down (or before a crash) is re-verified first
+        self._batch.rekey |= self.keys.take_learned()
+        self._wake.set()
         tasks = [asyncio.create_task(x) for x in
                  (self.source.run(), self._committer(), self._recorder(), self._housekeeping())]
 

@@ -10,6 +10,12 @@ The raw table is append-only and keyed by (sid, boot, seq). Each stored row hold
 exact payload bytes received (the signed record). A repeat of a key with the same bytes is a
 duplicate (counted, nothing written); with other bytes it is a conflict: the first copy
 stands, the later one goes to quarantine and an alarm is raised, in the same transaction.
+
+A quarantined message that failed only for want of its key (`unknown_station`,
+`unknown_kid`: a station that published a moment before the agent loaded its new key)
+is re-verified when the key arrives (agent/service.py); one that now verifies is
+ingested and its quarantine row kept, marked `resolved_ms` / `resolved_to` (stored,
+duplicate or conflict), for the audit trail.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from agent.metering import Record, record_id
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: quarantine.resolved_ms, resolved_to (migrated in place)
 
 # One statement per table; types chosen to map 1:1 onto PostgreSQL.
 DDL: Final = (
@@ -43,8 +49,10 @@ DDL: Final = (
     """CREATE TABLE IF NOT EXISTS quarantine (
         id INTEGER PRIMARY KEY,
         recv_ms BIGINT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
-        detail TEXT NOT NULL, sid TEXT, record BLOB NOT NULL)""",
+        detail TEXT NOT NULL, sid TEXT, record BLOB NOT NULL,
+        resolved_ms BIGINT, resolved_to TEXT)""",
     "CREATE INDEX IF NOT EXISTS quarantine_reason ON quarantine (reason, id)",
+    "CREATE INDEX IF NOT EXISTS quarantine_sid ON quarantine (sid, reason, id)",
     """CREATE TABLE IF NOT EXISTS alarms (
         id INTEGER PRIMARY KEY,
         ts_ms BIGINT NOT NULL, sid TEXT, code TEXT NOT NULL, level TEXT NOT NULL,
@@ -121,6 +129,24 @@ class QuarantineRow(NamedTuple):
     record: bytes
 
 
+class QuarantineEntry(NamedTuple):
+    """A stored quarantine row with its id (what re-verification reads)."""
+
+    id: int
+    recv_ms: int
+    topic: str
+    reason: str
+    detail: str
+    sid: str | None
+    record: bytes
+
+
+# a raw row's outcome in a batch (also a resolved quarantine row's `resolved_to`)
+STORED: Final = "stored"
+DUPLICATE: Final = "duplicate"
+CONFLICT: Final = "conflict"
+
+
 class BatchResult(NamedTuple):
     new: list[int]  # indexes into the batch's raw rows that were stored now
     duplicates: int  # same key, same bytes as a stored row (or an earlier row of the batch)
@@ -175,16 +201,23 @@ class Store:
             self._create()
 
     def _create(self) -> None:
-        with self.transaction():
+        # one write transaction: two processes opening an old database at once migrate it once
+        with self.transaction() as db:
             for stmt in DDL:
-                self.db.execute(stmt)
-            self.db.execute(
-                "INSERT INTO meta (k, v) VALUES ('schema', ?) ON CONFLICT (k) DO NOTHING",
-                (str(SCHEMA_VERSION),),
-            )
-        row = self.db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
-        if row is None or int(row[0]) != SCHEMA_VERSION:
-            raise ValueError(f"database schema {row and row[0]} is not {SCHEMA_VERSION}")
+                db.execute(stmt)
+            row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+            have = None if row is None else str(row[0])
+            if have is not None and (not have.isdigit() or int(have) > SCHEMA_VERSION):
+                raise ValueError(f"database schema {have} is not {SCHEMA_VERSION} (a newer agent's?)")
+            if have is None or int(have) < SCHEMA_VERSION:
+                _migrate(db)
+                db.execute(
+                    "INSERT INTO meta (k, v) VALUES ('schema', ?) "
+                    "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    (str(SCHEMA_VERSION),),
+                )
+                if have is not None:
+                    log.info("database schema migrated from %s to %d", have, SCHEMA_VERSION)
 
     def close(self) -> None:
         self.db.close()
@@ -238,21 +271,28 @@ class Store:
                 db.executemany(_UPSERT_RECORD, records)
         return result
 
-    def _insert_raw(self, db: sqlite3.Connection, rows: Sequence[RawRow]) -> BatchResult:
+    def _insert_raw(self, db: sqlite3.Connection, rows: Sequence[RawRow],
+                    outcomes: list[str] | None = None) -> BatchResult:
+        """Insert raw rows under the duplicate/conflict rules; `outcomes`, when given, gets
+        each row's STORED, DUPLICATE or CONFLICT in order."""
         if not rows:
             return BatchResult([], 0, 0)
         db.execute("SAVEPOINT batch")
         cur = db.executemany(_INSERT_RAW, rows)
         if cur.rowcount == len(rows):  # the usual case: every key is new
             db.execute("RELEASE batch")
+            if outcomes is not None:
+                outcomes.extend([STORED] * len(rows))
             return BatchResult(list(range(len(rows))), 0, 0)
         # Some key repeats: redo row by row to tell new, duplicate and conflict apart.
         db.execute("ROLLBACK TO batch")
         new: list[int] = []
         dups = conflicts = 0
+        out = outcomes if outcomes is not None else []
         for i, r in enumerate(rows):
             if db.execute(_INSERT_RAW, r).rowcount == 1:
                 new.append(i)
+                out.append(STORED)
                 continue
             stored = db.execute(
                 "SELECT record FROM raw WHERE sid = ? AND boot = ? AND seq = ?",
@@ -260,14 +300,47 @@ class Store:
             ).fetchone()
             if stored is not None and bytes(stored[0]) == r.record:
                 dups += 1
+                out.append(DUPLICATE)
                 continue
             conflicts += 1
+            out.append(CONFLICT)
             detail = f"({r.sid}, {r.boot}, {r.seq}) already stored with other bytes"
             db.execute(_INSERT_Q, (r.recv_ms, r.topic, "conflict", detail, r.sid, r.record))
             db.execute(_INSERT_ALARM, (r.recv_ms, r.sid, "conflict", "crit", detail))
             log.warning("conflict: %s", detail)
         db.execute("RELEASE batch")
         return BatchResult(new, dups, conflicts)
+
+    def resolve_quarantine(
+        self,
+        rows: Sequence[RawRow],
+        qids: Sequence[int],
+        rejected: Sequence[tuple[int, str, str]] = (),
+        *,
+        at_ms: int | None = None,
+    ) -> tuple[BatchResult, list[str]]:
+        """Ingest quarantined messages that now verify, in one transaction: `rows[i]` (the
+        quarantine row `qids[i]`'s exact bytes) goes through the duplicate/conflict rules of
+        `write_batch`, and its quarantine row is kept and marked resolved (`resolved_ms`,
+        `resolved_to` = stored | duplicate | conflict; a conflict also gets its own
+        quarantine row and alarm, as on arrival). `rejected` holds (qid, reason, detail) of
+        rows that failed again for another reason (e.g. bad_sig): their reason and detail
+        are updated; they stay in quarantine. Returns the batch result and each row's
+        outcome."""
+        if len(rows) != len(qids):
+            raise ValueError("one quarantine id per row")
+        t = now_ms() if at_ms is None else at_ms
+        outcomes: list[str] = []
+        with self.transaction() as db:
+            result = self._insert_raw(db, rows, outcomes)
+            db.executemany(
+                "UPDATE quarantine SET resolved_ms = ?, resolved_to = ? WHERE id = ?",
+                [(t, o, q) for q, o in zip(qids, outcomes)],
+            )
+            if rejected:
+                db.executemany("UPDATE quarantine SET reason = ?, detail = ? WHERE id = ?",
+                               [(reason, detail, q) for q, reason, detail in rejected])
+        return result, outcomes
 
     def put_status(self, items: Sequence[tuple[str, int, bytes]]) -> None:
         """Last status (birth / last will, unsigned, informational) per station."""
@@ -299,11 +372,36 @@ class Store:
     def raw_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM raw").fetchone()[0])
 
-    def quarantine_rows(self) -> list[QuarantineRow]:
-        rows = self.db.execute(
-            "SELECT recv_ms, topic, reason, detail, sid, record FROM quarantine ORDER BY id"
-        ).fetchall()
+    def quarantine_rows(self, *, include_resolved: bool = False) -> list[QuarantineRow]:
+        """What is in quarantine, in arrival order; with `include_resolved`, also the rows
+        that were re-ingested once their key was known (see `resolve_quarantine`)."""
+        q = "SELECT recv_ms, topic, reason, detail, sid, record FROM quarantine"
+        if not include_resolved:
+            q += " WHERE resolved_ms IS NULL"
+        rows = self.db.execute(q + " ORDER BY id").fetchall()
         return [QuarantineRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def quarantined_sids(self, reasons: Sequence[str]) -> list[str]:
+        """Stations with unresolved quarantine rows of one of `reasons`."""
+        marks = ", ".join("?" * len(reasons))
+        rows = self.db.execute(
+            f"SELECT DISTINCT sid FROM quarantine WHERE reason IN ({marks}) "
+            "AND resolved_ms IS NULL AND sid IS NOT NULL ORDER BY sid", tuple(reasons)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def open_quarantine(self, sid: str, reasons: Sequence[str], after_id: int = 0,
+                        limit: int = 1000) -> list[QuarantineEntry]:
+        """Unresolved quarantine rows of `sid` with one of `reasons` and an id above
+        `after_id`, in id order, at most `limit` (page on with the last id)."""
+        marks = ", ".join("?" * len(reasons))
+        rows = self.db.execute(
+            "SELECT id, recv_ms, topic, reason, detail, sid, record FROM quarantine "
+            f"WHERE sid = ? AND reason IN ({marks}) AND id > ? AND resolved_ms IS NULL "
+            "ORDER BY id LIMIT ?", (sid, *reasons, after_id, limit)
+        ).fetchall()
+        return [QuarantineEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
+                for r in rows]
 
     def alarms(self) -> list[tuple[int, str | None, str, str, str]]:
         return [
@@ -353,6 +451,15 @@ class Store:
             args.append(end_ms)
         q += " ORDER BY sid, slot, start_ms, kind, rid"
         return [tuple(r) for r in self.db.execute(q, args).fetchall()]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older database's tables up to SCHEMA_VERSION (idempotent: a fresh database
+    already has every column from DDL)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(quarantine)").fetchall()}
+    for col, typ in (("resolved_ms", "BIGINT"), ("resolved_to", "TEXT")):  # 1 -> 2
+        if col not in have:
+            db.execute(f"ALTER TABLE quarantine ADD COLUMN {col} {typ}")
 
 
 # ---- records <-> rows ----------------------------------------------------------------------
