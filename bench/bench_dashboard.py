@@ -29,13 +29,14 @@ import urllib.request
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import wire  # noqa: E402
-from agent.keys import KeyStore  # noqa: E402
-from tools.mosquitto import Mosquitto  # noqa: E402
+from agent import wire
+from agent.keys import KeyStore
+from tools.mosquitto import Mosquitto
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -65,7 +66,7 @@ class Publisher(threading.Thread):
         super().__init__(daemon=True)
         self.sids, self.keys, self.slots = sids, keys, slots
         self.stop = threading.Event()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-stations")
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-stations")
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         self.sent = 0

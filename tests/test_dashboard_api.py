@@ -73,8 +73,8 @@ def status(sid: str, state: str, recv: int) -> tuple[str, int, bytes]:
                                    "fw": "0.1.0", "cfg": "abcdef012345"}).encode())
 
 
-@pytest.fixture
-def db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
+def make_db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
+    """Two stations' messages, a quarantined forgery, statuses and records in a real store."""
     url = f"sqlite:///{tmp_path}/agent.db"
     store = Store(url, synchronous="normal")
     t = now_ms()
@@ -93,6 +93,11 @@ def db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
                         [])
     yield url, store, a, b
     store.close()
+
+
+@pytest.fixture
+def db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
+    yield from make_db(tmp_path)
 
 
 @pytest.fixture
@@ -254,6 +259,7 @@ def test_backfill_reads_the_recent_past_and_each_stations_newest(tmp_path: pathl
     now = now_ms()
     assert len(live.state.power(SID, now, 60)) == 1
     assert not live.state.power(SID2, now, 60)  # two hours ago: not in the last hour
-    assert st[SID2].tel is not None and st[SID2].tel["slots"][0]["ma"] == 3000  # its newest
+    newest = st[SID2].tel
+    assert newest is not None and newest["slots"][0]["ma"] == 3000  # its newest
     assert live.counters["rows"] == 4
     live.stop()

@@ -112,11 +112,11 @@ def test_demo_refuses_another_layout_in_the_same_folder(tmp_path: pathlib.Path) 
                                                            "sid_prefix": "KH-DEMO"}}))
     r = subprocess.run([*STATIONCTL, "demo", "--stations", "2", "--slots", "2", "--workdir",
                         str(work), "--port", "0"], capture_output=True, text=True, timeout=60,
-                       env=ENV)
+                       env=ENV, check=False)
     assert r.returncode == 2 and "--fresh" in r.stderr
     r = subprocess.run([*STATIONCTL, "demo", "--slots", "17"], capture_output=True, text=True,
-                       timeout=60, env=ENV)
+                       timeout=60, env=ENV, check=False)
     assert r.returncode == 2 and "slots" in r.stderr
     r = subprocess.run([*STATIONCTL, "demo", "--broker", "http://x"], capture_output=True,
-                       text=True, timeout=60, env=ENV)
+                       text=True, timeout=60, env=ENV, check=False)
     assert r.returncode == 2 and "mqtt://" in r.stderr

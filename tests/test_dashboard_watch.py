@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.store import Store
-from tests.test_dashboard_api import SID, SID2, Served, db, status  # noqa: F401  (fixture)
+from tests.test_dashboard_api import SID, SID2, Served, make_db
 from tests.test_dashboard_state import Sim
 
 STATIONCTL = [str(pathlib.Path(sys.executable).parent / "stationctl")]
@@ -24,7 +24,12 @@ ENV = {**os.environ, "COLUMNS": "160", "TERM": "dumb"}
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*STATIONCTL, *args], capture_output=True, text=True, timeout=timeout,
-                          env=ENV)
+                          env=ENV, check=False)
+
+
+@pytest.fixture
+def db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
+    yield from make_db(tmp_path)
 
 
 def test_watch_db_once_shows_every_station_and_the_alarms(db: tuple[str, Store, Sim, Sim]) -> None:
@@ -90,7 +95,7 @@ def dashboard_proc(db: tuple[str, Store, Sim, Sim]) -> Iterator[tuple[subprocess
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     assert p.stdout is not None
     line = p.stdout.readline()
-    assert line.startswith("dashboard: http://"), (line, p.stderr.read() if p.poll() else "")
+    assert line.startswith("dashboard: http://"), (line, p.poll())
     yield p, line.split()[1]
     if p.poll() is None:
         p.kill()

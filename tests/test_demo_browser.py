@@ -197,7 +197,7 @@ def test_offline_alarm_appears_and_clears(demo: Demo, browser: Any) -> None:
     # the alarms page keeps the story
     browser.get(demo.url + "alarms")
     text = wait(lambda: browser.find_element("id", "events").text, 20, "events")
-    assert f"raised:offline" in text or "cleared:offline" in text
+    assert "raised:offline" in text or "cleared:offline" in text
     shot(browser, "alarms")
     no_script_errors(browser)
     assert pathlib.Path(ARTIFACTS / "alarm-offline.png").stat().st_size > 10_000
