@@ -69,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 
+    demo = Demo(cfg)
+
     def on_signal(sig: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            return
+        demo.halt()  # first of all: no station restarts from now on
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    demo = Demo(cfg)
     print("stationctl demo: starting (the first start compiles the firmware)…", flush=True)
     try:
         try:

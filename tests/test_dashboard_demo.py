@@ -21,7 +21,8 @@ from tests.test_dashboard_watch import ENV, STATIONCTL
 def start(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     p = subprocess.Popen([*STATIONCTL, "demo", "--stations", "2", "--slots", "2", "--port", "0",
                           "--workdir", str(workdir), "--accel", "10", *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                         start_new_session=True)  # its own process group, as in a terminal
     assert p.stdout is not None
     lines = []
     deadline = time.monotonic() + 120
@@ -43,7 +44,9 @@ def fleet(url: str) -> Any:
 
 
 def stop(p: subprocess.Popen[str]) -> str:
-    p.send_signal(signal.SIGINT)
+    """Ctrl-C in a terminal: SIGINT to the whole foreground process group (the firmware
+    processes too)."""
+    os.killpg(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=90)
     return out
 

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import sqlite3
 import threading
+import time
 import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -134,6 +135,7 @@ class Demo:
 
     def stop(self) -> None:
         """Stop everything (idempotent). The fleet first, so its last words are stored."""
+        self.halt()
         loop, ev = self._loop, self._stop_ev
         if loop is not None and ev is not None and not loop.is_closed():
             try:
@@ -143,6 +145,14 @@ class Demo:
         if self._thread is not None:
             self._thread.join(120)
             self._thread = None
+
+    def halt(self) -> None:
+        """No more riders and no more restarts, at once (safe from a signal handler).
+        Ctrl-C in a terminal reaches the stations too (they share our process group):
+        the fleet must not restart them while the demo stops."""
+        stop = getattr(self.fleet, "_stop", None)  # tools/fleet.py's scenario/supervisor flag
+        if isinstance(stop, threading.Event):
+            stop.set()
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -243,6 +253,7 @@ class Demo:
         if self.fleet is not None:
             await loop.run_in_executor(None, self.fleet.stop)
             await asyncio.sleep(0.5)  # the last wills and messages reach the agent
+            await loop.run_in_executor(None, self._sweep)
         if self._keys is not None:
             self._keys.close()
         if server is not None:
@@ -256,6 +267,18 @@ class Demo:
         if self._mosq is not None:
             await loop.run_in_executor(None, self._mosq.stop)
         self.summary = await loop.run_in_executor(None, self._check_db)
+
+    def _sweep(self) -> None:
+        """A firmware the fleet relaunched in the last instant (a restart already under
+        way when the stop came) is stopped too: nothing outlives the demo."""
+        if self.fleet is None:
+            return
+        for _ in range(2):
+            for st in self.fleet.stations:
+                if st.proc.alive:
+                    log.warning("%s: stopping a firmware started during shutdown", st.sid)
+                    st.proc.stop()
+            time.sleep(0.5)
 
     def _check_db(self) -> dict[str, Any]:
         if not self.db_path.exists():
