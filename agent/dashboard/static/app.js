@@ -126,8 +126,8 @@ function fleetPage(main) {
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
     <section class="grid3 charts">
       <div class="panel"><h2>Fleet power, last hour</h2><div class="chart" id="chart-power"></div></div>
-      <div class="panel"><h2>Energy per interval</h2><div class="chart" id="chart-energy"></div></div>
-      <div class="panel"><h2>Energy per day</h2><div class="chart" id="chart-daily"></div></div>
+      <div class="panel"><h2>Energy per interval · station clock</h2><div class="chart" id="chart-energy"></div></div>
+      <div class="panel"><h2>Energy per UTC day · station clock</h2><div class="chart" id="chart-daily"></div></div>
     </section>
     <p class="note" id="carbon-note"></p>`;
   const power = new PowerSeries(60);
@@ -201,8 +201,8 @@ function stationPage(main, sid) {
     <section class="slots" id="slots"></section>
     <section class="grid3 charts">
       <div class="panel"><h2>Power, last hour</h2><div class="chart" id="chart-power"></div></div>
-      <div class="panel"><h2>Energy per interval</h2><div class="chart" id="chart-energy"></div></div>
-      <div class="panel"><h2>Energy per day</h2><div class="chart" id="chart-daily"></div></div>
+      <div class="panel"><h2>Energy per interval · station clock</h2><div class="chart" id="chart-energy"></div></div>
+      <div class="panel"><h2>Energy per UTC day · station clock</h2><div class="chart" id="chart-daily"></div></div>
     </section>
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
     <section class="panel"><h2>Recent events</h2><ul class="alarms" id="events"></ul></section>
