@@ -14,7 +14,7 @@ import sys
 from agent.errors import UsageError
 
 # module names under agent/ (or tools/) that provide subcommands, in help order
-COMMANDS = ["agent.cmd_demo", "agent.cmd_agent", "agent.cmd_export", "agent.cmd_keys", "agent.cmd_flash", "agent.cmd_sim", "agent.cmd_watch"]
+COMMANDS = ["agent.cmd_demo", "agent.cmd_agent", "agent.cmd_export", "agent.cmd_keys", "agent.cmd_flash", "agent.cmd_sim", "agent.cmd_watch", "agent.cmd_verify"]
 
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]  # UsageError: agent/errors.py
