@@ -63,6 +63,7 @@ class Station:
         self._bat_buf = [{} for _ in range(n)]  # type: list
         self.meter_sn = saved.get("meter_sn")
         self.meter_wh = saved.get("meter_wh")
+        self._meter_swapped = False
         self._bms_next = 0
         self._stale_alarmed = {}
         self.ts_offset = None  # Unix ms − uptime ms, once the clock is synced
@@ -189,8 +190,7 @@ class Station:
                 # at start and after every bus recovery (a swapped meter changes its serial)
                 sn = await registers.read_meter_sn(self.master, m["unit"])
                 if self.meter_sn is not None and sn != self.meter_sn:
-                    self.emit({"ev": "meter_reset", "from_wh": self.meter_wh or 0, "to_wh": 0, "sn": sn})
-                    self.meter_wh = None
+                    self._meter_swapped = True  # reported with the new meter's first reading
                 self.meter_sn = sn
             # into the same dict every cycle: long-lived small objects scattered by
             # replacement fragment a 100 KB heap until a 1 KB save no longer fits
@@ -205,8 +205,10 @@ class Station:
             return
         up = self.uptime.ms()
         wh = reading["e_wh"]
-        if self.meter_wh is not None and wh < self.meter_wh:
+        if self.meter_wh is not None and (self._meter_swapped or wh < self.meter_wh):
+            # CONTRACT §6 rule 4: the agent credits up to from_wh, then a new baseline at to_wh
             self.emit({"ev": "meter_reset", "from_wh": self.meter_wh, "to_wh": wh, "sn": self.meter_sn})
+        self._meter_swapped = False
         self.meter_wh = wh
         self.meter = reading
         self.meter_up = up

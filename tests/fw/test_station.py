@@ -1,0 +1,153 @@
+# The sampling loop's logic with the charger and the bus replaced by scripted objects of the
+# same duck type (the real drivers run against the rig in tests/test_fw_integration.py).
+import struct
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio  # type: ignore
+
+import charger
+import config
+import modbus
+import persist
+import station
+from fwtest import tmpdir
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0
+
+    def ms(self):
+        return self.t
+
+
+class Link:
+    def __init__(self):
+        self.err = {"ser_to": 0, "ser_cs": 0, "ser_bad": 0}
+        self.state = {}  # slot -> (state, mv, ma) or None for silence
+
+    async def poll(self, slot):
+        s = self.state.get(slot, ("I", 0, 0))
+        if s is None:
+            self.err["ser_to"] += 1
+            return None
+        return charger.Reply(slot, s[0], s[1], s[2], 250, 0)
+
+
+def f32(x):
+    b = struct.pack(">f", x)
+    return [(b[0] << 8) | b[1], (b[2] << 8) | b[3]]
+
+
+class Bus:
+    def __init__(self):
+        self.err = {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0}
+        self.kwh = 100.0
+        self.sn = 1234
+        self.silent = False
+
+    async def read_input(self, unit, addr, count, count_timeout=True):
+        if self.silent:
+            self.err["mb_to"] += 1
+            raise modbus.Timeout()
+        return f32(self.kwh if addr == 0x48 else 500.0)
+
+    async def read_holding(self, unit, addr, count, count_timeout=True):
+        if self.silent or addr != 0xFC00:
+            raise modbus.Timeout()  # no BMS on this bus
+        return [self.sn >> 16, self.sn & 0xFFFF]
+
+
+def make(root, link=None, bus=None, clock=None, **over):
+    cfg = config.example(slots=2)
+    cfg.update({"stale_s": 3, "boot_base": 5})
+    cfg.update(over)
+    cfg = config.validate(cfg)
+    st = station.Station(cfg, link or Link(), bus or Bus(), persist.ABStore(root, "state", 4096),
+                         clock or Clock())
+    st.start()
+    return st
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def evs(st, name):
+    return [e for e in st.take_events() if e["ev"] == name]
+
+
+def test_boot_counter_grows_from_boot_base_and_is_saved_first():
+    d = tmpdir("st-boot")
+    assert make(d).boot == 5
+    assert persist.ABStore(d, "state", 4096).load()["boot"] == 5
+    assert make(d).boot == 6
+    assert make(d, boot_base=40).boot == 40  # a re-flashed board continues above the agent's
+
+
+def test_registers_restored_and_reported_as_b_mwh():
+    d = tmpdir("st-regs")
+    link, clock = Link(), Clock()
+    st = make(d, link, clock=clock)
+    link.state[1] = ("C", 72000, 10000)  # 720 W
+    for _ in range(11):
+        run(st.cycle())
+        clock.t += 1000
+    assert st.slots[0].mwh == 2000  # 720 W for 10 s
+    st.persist_now()
+    st2 = make(d)
+    assert st2.restored == [2000, 0]
+    boot = [e for e in st2.take_events() if e["ev"] == "boot"][0]
+    assert boot["restored"] == {"1": 2000, "2": 0}
+    snap = st2.snapshot()
+    assert snap["slots"][0]["e_mwh"] == 2000 and snap["slots"][0]["b_mwh"] == 2000
+
+
+def test_meter_swap_and_register_down_raise_meter_reset():
+    d = tmpdir("st-meter")
+    bus, clock = Bus(), Clock()
+    st = make(d, bus=bus, clock=clock)
+    run(st.cycle())
+    assert st.snapshot()["meter"] == {"e_wh": 100000, "p_w": 500, "sn": 1234}
+    st.take_events()
+    bus.silent = True  # the bus goes quiet past the stale window, and a new meter answers
+    for _ in range(4):
+        clock.t += 1000
+        run(st.cycle())
+    assert "meter" not in st.snapshot()
+    assert [e["code"] for e in evs(st, "alarm")] == ["meter_stale"]
+    bus.silent, bus.sn, bus.kwh = False, 999, 3.25
+    clock.t += 1000
+    run(st.cycle())
+    assert evs(st, "meter_reset") == [{"ev": "meter_reset", "from_wh": 100000, "to_wh": 3250, "sn": 999}]
+    bus.kwh = 2.0  # the same meter's register goes down
+    clock.t += 1000
+    run(st.cycle())
+    assert evs(st, "meter_reset") == [{"ev": "meter_reset", "from_wh": 3250, "to_wh": 2000, "sn": 999}]
+
+
+def test_stale_charger_is_omitted_and_a_long_gap_is_not_integrated():
+    d = tmpdir("st-stale")
+    link, clock = Link(), Clock()
+    st = make(d, link, clock=clock)
+    link.state[1] = ("C", 72000, 10000)
+    run(st.cycle())
+    clock.t += 1000
+    run(st.cycle())
+    assert st.slots[0].mwh == 200
+    link.state[1] = None  # silent for 10 s: longer than the 3 s stale window
+    for _ in range(10):
+        clock.t += 1000
+        run(st.cycle())
+    s = st.snapshot()["slots"][0]
+    assert "st" not in s and "mv" not in s and s["e_mwh"] == 200
+    assert [e["code"] for e in evs(st, "alarm")] == ["charger_stale"]
+    link.state[1] = ("C", 72000, 10000)
+    clock.t += 1000
+    run(st.cycle())
+    assert st.slots[0].mwh == 200  # the gap is not bridged
+    alarms = evs(st, "alarm")
+    assert [a["code"] for a in alarms] == ["unmetered"] and "11000 ms" in alarms[0]["msg"]
+    assert st.errors()["ser_to"] == 10
