@@ -216,6 +216,20 @@ def test_offline_alarm_appears_and_clears(db: tuple[str, Store, Sim, Sim], serve
     assert "raised:offline" in ev and "cleared:offline" in ev
 
 
+def test_a_resolved_quarantine_row_clears_its_alarm(db: tuple[str, Store, Sim, Sim],
+                                                   served: Served) -> None:
+    """The agent ingests a quarantined message once its key arrives (Store.resolve_quarantine):
+    the dashboard notices within its records refresh and drops the signature alarm."""
+    _url, store, _a, b = db
+    assert any(x["id"] == f"{SID2}:signature" for x in served.get("/api/alarms")[1]["active"])
+    [(qid,)] = store.db.execute("SELECT id FROM quarantine").fetchall()
+    body = b.tel([slot(1, "F", 84000, 50)])
+    store.resolve_quarantine([raw(b, "telemetry", body, now_ms())], [qid])
+    wait(lambda: not any(x["id"] == f"{SID2}:signature"
+                         for x in served.get("/api/alarms")[1]["active"]), 10, "alarm cleared")
+    assert "resolved:bad_sig" in [e["code"] for e in served.get("/api/alarms")[1]["events"]]
+
+
 def test_the_dashboard_only_reads(served: Served) -> None:
     db = served.live.reader.db
     with pytest.raises(sqlite3.OperationalError, match="readonly"):

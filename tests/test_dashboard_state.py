@@ -224,6 +224,27 @@ def test_rejected_messages_raise_alarms_for_a_while() -> None:
     assert not fs.active()
 
 
+def test_quarantined_messages_the_agent_resolved_later_stop_alarming() -> None:
+    """A station's key that arrives late: the agent ingests its quarantined messages after
+    all (schema 2 marks the rows resolved); the alarm goes, the story stays in the log."""
+    fs = FleetState()
+    fs.add_quarantine(T0, "KH-PNH-0001", "unknown_station", "no key", "t", qid=7)
+    fs.add_quarantine(T0 + 1, "KH-PNH-0001", "unknown_station", "no key", "t", qid=8)
+    fs.add_quarantine(T0 + 2, "KH-PNH-0002", "unknown_station", "no key", "t", qid=9,
+                      resolved_to="stored")  # already resolved when first read
+    fs.tick(T0 + 10)
+    assert ids(fs) == {"KH-PNH-0001:signature"} and fs.first_reject_id() == 7
+    fs.resolve([(7, "stored")])
+    fs.tick(T0 + 20)
+    assert ids(fs) == {"KH-PNH-0001:signature"}  # 8 still unresolved
+    fs.resolve([(8, "duplicate")])
+    fs.tick(T0 + 30)
+    assert not ids(fs) and fs.first_reject_id() is None
+    codes = [e["code"] for e in fs.events]
+    assert codes.count("resolved:unknown_station") == 2
+    assert next(e for e in fs.events if e["sid"] == "KH-PNH-0002")["level"] == "info"
+
+
 def test_sessions_in_progress_follow_events_by_key() -> None:
     fs = FleetState()
     a = Sim("KH-PNH-0001")

@@ -198,15 +198,19 @@ class Live:
                         continue
                     if isinstance(obj, dict):
                         self.state.set_status(sid, recv, obj)
-            for qid, recv, topic, reason, detail, qsid in r.quarantine_after(self._last["quarantine"]):
+            for qid, recv, topic, reason, detail, qsid, res in r.quarantine_after(
+                    self._last["quarantine"]):
                 self._last["quarantine"] = qid
-                self.state.add_quarantine(recv, qsid, reason, detail, topic)
+                self.state.add_quarantine(recv, qsid, reason, detail, topic, qid, res)
             for aid, ts, asid, code, level, detail in r.alarms_after(self._last["alarms"]):
                 self._last["alarms"] = aid
                 self.state.add_agent_alarm(ts, asid, code, level, detail)
             if time.monotonic() - self._records_at >= self.records_s:
                 self._records_at = time.monotonic()
                 self._records(now)
+                first = self.state.first_reject_id()
+                if first is not None:
+                    self.state.resolve(r.resolved_from(first))
             self.state.tick(now)
         self.counters["polls"] += 1
         self.poll_ms = (time.monotonic() - t0) * 1000

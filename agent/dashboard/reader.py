@@ -121,11 +121,29 @@ class Reader:
                 for r in self.db.execute("SELECT sid, recv_ms, record FROM status").fetchall()]
 
     def quarantine_after(self, last_id: int, limit: int = 10_000
-                         ) -> list[tuple[int, int, str, str, str, str | None]]:
-        """(id, recv_ms, topic, reason, detail, sid) rows; the record bytes are not read."""
-        return [tuple(r) for r in self.db.execute(
-            "SELECT id, recv_ms, topic, reason, detail, sid FROM quarantine WHERE id > ? "
-            "ORDER BY id LIMIT ?", (last_id, limit)).fetchall()]
+                         ) -> list[tuple[int, int, str, str, str, str | None, str | None]]:
+        """(id, recv_ms, topic, reason, detail, sid, resolved_to) rows; the record bytes are
+        not read. `resolved_to` (schema 2): the agent ingested the message after all (its
+        key arrived late), else None."""
+        try:
+            rows = self.db.execute(
+                "SELECT id, recv_ms, topic, reason, detail, sid, resolved_to FROM quarantine "
+                "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
+        except sqlite3.OperationalError:  # schema 1: nothing is ever resolved
+            rows = [(*r, None) for r in self.db.execute(
+                "SELECT id, recv_ms, topic, reason, detail, sid FROM quarantine "
+                "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()]
+        return [tuple(r) for r in rows]
+
+    def resolved_from(self, first_id: int) -> list[tuple[int, str]]:
+        """(id, resolved_to) of quarantine rows from first_id on that were resolved (a range
+        of the primary key: the dashboard asks only about its recent window)."""
+        try:
+            return [(int(r[0]), str(r[1])) for r in self.db.execute(
+                "SELECT id, resolved_to FROM quarantine WHERE id >= ? "
+                "AND resolved_ms IS NOT NULL", (first_id,)).fetchall()]
+        except sqlite3.OperationalError:
+            return []
 
     def alarms_after(self, last_id: int, limit: int = 10_000
                      ) -> list[tuple[int, int, str | None, str, str, str]]:

@@ -121,7 +121,8 @@ class FleetState:
         self.params = params
         self.stations: dict[str, Station] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=self.cfg.events_kept)
-        self._rejects: deque[tuple[int, str | None, str, str]] = deque()  # (ms, sid, kind, reason)
+        # (ms, sid, kind, reason, quarantine id or -1), oldest first
+        self._rejects: deque[tuple[int, str | None, str, str, int]] = deque()
         self.quarantine_total: Counter[str] = Counter()  # reason -> count since start
         self._active: dict[str, dict[str, Any]] = {}
         self._since: dict[str, int] = {}
@@ -239,16 +240,40 @@ class FleetState:
             self.version += 1
 
     def add_quarantine(self, recv_ms: int, sid: str | None, reason: str, detail: str,
-                       topic: str) -> None:
+                       topic: str, qid: int = -1, resolved_to: str | None = None) -> None:
+        """A quarantine row. One the agent has resolved (ingested once its key arrived)
+        is logged, not alarmed."""
         self.quarantine_total[reason] += 1
         kind = "signature" if reason in SIG_REASONS else "quarantine"
-        self._rejects.append((recv_ms, sid, kind, reason))
+        if resolved_to is None:
+            self._rejects.append((recv_ms, sid, kind, reason, qid))
         self._log(recv_ms, sid, "agent", f"quarantine:{reason}",
-                  "crit" if kind == "signature" else "warn", f"{topic}: {detail}"[:300], None)
+                  "info" if resolved_to else "crit" if kind == "signature" else "warn",
+                  (f"{topic}: {detail}" + (f" (resolved: {resolved_to})" if resolved_to
+                                            else ""))[:300], None)
+
+    def first_reject_id(self) -> int | None:
+        """The lowest quarantine id still counted in an alarm (None: none)."""
+        ids = [r[4] for r in self._rejects if r[4] >= 0]
+        return min(ids) if ids else None
+
+    def resolve(self, resolved: Iterable[tuple[int, str]]) -> None:
+        """Quarantine rows the agent has since ingested: they no longer count as rejections."""
+        done = dict(resolved)
+        if not done:
+            return
+        keep = deque(r for r in self._rejects if r[4] not in done)
+        if len(keep) != len(self._rejects):
+            for r in self._rejects:
+                if r[4] in done:
+                    self._log(r[0], r[1], "agent", f"resolved:{r[3]}", "info",
+                              f"quarantined message ingested after all ({done[r[4]]})", None)
+            self._rejects = keep
+            self.version += 1
 
     def add_agent_alarm(self, ts_ms: int, sid: str | None, code: str, level: str,
                         detail: str) -> None:
-        self._rejects.append((ts_ms, sid, "agent_alarm", code))
+        self._rejects.append((ts_ms, sid, "agent_alarm", code, -1))
         self._log(ts_ms, sid, "agent", code, level, detail[:300], None)
 
     def set_records(self, days: Iterable[Record], intervals: Iterable[tuple[str, int, int, int]],
@@ -369,7 +394,7 @@ class FleetState:
                     if flt:
                         add(sid, "bms_fault", "crit", f"slot {n}: BMS fault bits {flt:#06x}", n)
         rej: dict[tuple[str | None, str], Counter[str]] = {}
-        for _t, rsid, kind, reason in self._rejects:
+        for _t, rsid, kind, reason, _q in self._rejects:
             rej.setdefault((rsid, kind), Counter())[reason] += 1
         for (rsid, kind), reasons in sorted(rej.items(), key=lambda x: (x[0][0] or "", x[0][1])):
             what = ", ".join(f"{r} ×{k}" for r, k in sorted(reasons.items()))
