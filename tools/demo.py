@@ -313,7 +313,7 @@ class Demo:
 
 def demo_env_ok() -> str | None:
     """Why the demo cannot run here, or None."""
-    from tools.station_proc import micropython_bin
+    from tools.fwbuild import micropython_bin
 
     try:
         micropython_bin()

