@@ -1,5 +1,5 @@
 # The two commands of the README, and the pieces they are made of.
-.PHONY: setup demo test test-fw typecheck compile bench clean
+.PHONY: setup demo test typecheck compile bench chaos clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,11 @@ typecheck: setup
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; .venv/bin/python $$b || exit 1; done
+
+# 50 stations for a simulated day under broker restarts, agent SIGKILLs, power cuts and bus
+# faults; the books must balance (bench/chaos.py). Outside the default test run: ~20 minutes.
+chaos: setup
+	.venv/bin/python bench/chaos.py $(ARGS)
 
 clean:
 	rm -rf .venv .stubs .pytest_cache .mypy_cache
