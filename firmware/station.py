@@ -98,14 +98,17 @@ class Station:
 
     def persist_if_due(self, up):
         if self.policy.due(self.total_mwh() - self._saved_mwh, up - self._saved_up):
-            try:
-                self._save(up)
-                self.persist_ok = True
-            except OSError as e:
-                # flash full or failing: keep sampling (the registers live on in RAM and in
-                # telemetry), say so, and let the watchdog see it
-                self.persist_ok = False
-                self.alarm("persist_failed", "crit", "cannot save registers: %s" % e)
+            self.try_save(up)
+
+    def try_save(self, up):
+        try:
+            self._save(up)
+            self.persist_ok = True
+        except OSError as e:
+            # flash full or failing: keep sampling (the registers live on in RAM and in
+            # telemetry), say so, and let the watchdog see it
+            self.persist_ok = False
+            self.alarm("persist_failed", "crit", "cannot save registers: %s" % e)
 
     def persist_now(self):
         """Before a deliberate reboot or stop."""
@@ -252,7 +255,9 @@ class Station:
             self.meter = None
 
     def track_sessions(self, up):
+        """Session events for this cycle; True when a session opened or closed."""
         ts = self.ts(up)
+        changed = False
         for i in range(self.n):
             r = self.chg[i]
             if r is None:
@@ -261,6 +266,8 @@ class Station:
             for ev in self.sessions.update(i + 1, r.state, b["id"] if b else None, self.slots[i].mwh,
                                            b["soc"] if b else None, up, ts):
                 self.emit(ev)
+                changed = True
+        return changed
 
     async def cycle(self):
         t0 = timebase.ticks_us()
@@ -269,8 +276,12 @@ class Station:
         await self.poll_bms()
         up = self.uptime.ms()
         self.expire(up)
-        self.track_sessions(up)
-        self.persist_if_due(up)
+        if self.track_sessions(up):
+            # an open session is persisted with the registers, so that a power cut closes it
+            # as `reboot` after the restart instead of forgetting it
+            self.try_save(up)
+        else:
+            self.persist_if_due(up)
         self.cycles += 1
         self.last_cycle_us = timebase.ticks_diff(timebase.ticks_us(), t0)
 

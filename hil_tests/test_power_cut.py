@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
 
 from hil_tests.checks import check_energy, settle
 from hil_tests.conftest import Bench
@@ -56,9 +55,6 @@ def test_power_cut(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-d
     check_energy(dut, agent)
 
 
-@pytest.mark.xfail(strict=True, reason="firmware: a session is not saved when it opens "
-                   "(persist.PersistPolicy says callers save then), so a cut before the next "
-                   "periodic save loses the session (not its energy)")
 def test_power_cut_right_after_a_session_opens(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-def]
     agent = bench.agent
     dut = make_dut()  # the board's default: save every 60 s or 10 Wh

@@ -151,3 +151,26 @@ def test_stale_charger_is_omitted_and_a_long_gap_is_not_integrated():
     alarms = evs(st, "alarm")
     assert [a["code"] for a in alarms] == ["unmetered"] and "11000 ms" in alarms[0]["msg"]
     assert st.errors()["ser_to"] == 10
+
+
+def test_a_session_is_saved_when_it_opens_and_closed_as_reboot_after_a_cut():
+    d = tmpdir("st-sess")
+
+    class Bms(Bus):
+        async def read_holding(self, unit, addr, count, count_timeout=True):
+            if addr == 0xFC00:
+                return [0, 1234]
+            # 8 ASCII chars "B0000042" in registers 8..11
+            return [500, 990, 7200, 1000, 250, 240, 3, 0, 0x4230, 0x3030, 0x3030, 0x3432, 0, 7]
+
+    link, clock = Link(), Clock()
+    st = make(d, link, Bms(), clock, persist={"every_mwh": 10**9, "every_s": 3600})
+    link.state[1] = ("C", 72000, 10000)
+    for _ in range(3):
+        run(st.cycle())
+        clock.t += 1000
+    assert [e["ev"] for e in st.take_events() if e["ev"].startswith("session")] == ["session_start"]
+    # power cut now: no periodic save was due, yet the open session is on flash
+    st2 = make(d)
+    ends = [e for e in st2.take_events() if e["ev"] == "session_end"]
+    assert len(ends) == 1 and ends[0]["why"] == "reboot" and ends[0]["bat"] == "B0000042"
