@@ -39,6 +39,8 @@ from agent.ingest import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
 from tools.fleet import Fleet
+from tools import embedded_broker
+from tools.embedded_broker import EmbeddedBroker
 from tools.mosquitto import Mosquitto, find_mosquitto
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class Demo:
         self._keys: KeyStore | None = None
         self.service: Service | None = None
         self.summary: dict[str, Any] = {}
-        self._mosq: Mosquitto | None = None
+        self._mosq: Mosquitto | EmbeddedBroker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_ev: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -177,11 +179,21 @@ class Demo:
             self.broker_note = "given"
             return host, port
         try:
+            if os.environ.get("STATIONCTL_NO_MOSQUITTO"):  # tests of the fallback
+                raise RuntimeError("told not to use Mosquitto")
             find_mosquitto()
         except RuntimeError:
-            raise DemoError(
-                "mosquitto is not installed: run `make setup` (Debian package mosquitto), "
-                "or pass --broker mqtt://HOST:PORT") from None
+            if not embedded_broker.available():
+                raise DemoError(
+                    "mosquitto is not installed: run `make setup` (Debian package mosquitto), "
+                    "or pass --broker mqtt://HOST:PORT") from None
+            # only where Mosquitto cannot be had, and said out loud
+            log.warning("Mosquitto not found: falling back to the embedded pure-Python broker "
+                        "(amqtt; slow, and it has lost QoS 0 backlogs). Run `make setup` for Mosquitto.")
+            self._mosq = embedded_broker.EmbeddedBroker(self.workdir / "amqtt")
+            self._mosq.start()
+            self.broker_note = "embedded amqtt fallback: Mosquitto not found, install it with `make setup`"
+            return "127.0.0.1", self._mosq.port
         self._mosq = Mosquitto(self.workdir / "mosquitto")
         self._mosq.start()
         self.broker_note = "private Mosquitto"
