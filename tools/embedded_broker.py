@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-from tools.mosquitto import free_port
+from tools.mosquitto import free_port, stop_process, wait_listening
 
 
 def available() -> bool:
@@ -45,23 +43,8 @@ class EmbeddedBroker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.conf)],
                 stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"amqtt exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"amqtt did not listen on {self.port}")
+        wait_listening(self.proc, self.port, self.log, "amqtt", timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT)  # amqtt shuts down on KeyboardInterrupt
         self.proc = None
