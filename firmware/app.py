@@ -99,12 +99,16 @@ async def sync_clock(clock, host):
 
 async def watchdog(st, up, period_ms=5000):
     """Feed the hardware watchdog only while sampling, persistence and the link task all
-    make progress: a hung task reboots the board instead of sampling nothing forever."""
+    make progress: a hung task reboots the board instead of sampling nothing forever. The
+    link progresses when the drain loop turns, a PUBACK arrives or a (re)connect is tried:
+    a drain waiting out a broker outage is not hung (the client retries at least every
+    backoff_max_ms, well inside the watchdog's 30 s)."""
     wdt = board.Watchdog(30000) if board.PLATFORM == "esp32" else None  # type: ignore[attr-defined]
+    c = up.client
     last = (-1, -1)
     while True:
         await timebase.asleep_ms(period_ms)
-        now = (st.cycles, up.beat)
+        now = (st.cycles, up.beat + c.acked + c.attempts)
         if wdt is not None and now[0] != last[0] and now[1] != last[1] and st.persist_ok:
             wdt.feed()
         last = now
