@@ -73,6 +73,11 @@ class SlotEnergy:
         return self._hi * _LO_MAX + self._lo if self._hi else self._lo
 
     @property
+    def powered(self):
+        """True when the last good sample drew power (so a gap after it may hide energy)."""
+        return self._pm > 0 or self._pu > 0
+
+    @property
     def rem(self):
         """Energy carried below 1 mWh, in half-uW.ms: 0 <= rem < 7.2e9."""
         return self._rh * 1000 + self._rl

@@ -157,8 +157,11 @@ class Station:
             if r is None:
                 self._check_stale_charger(i, up)
                 continue
-            gap = self.slots[i].sample(up, r.mv, r.ma)
-            if gap:
+            e = self.slots[i]
+            was_powered = e.powered
+            gap = e.sample(up, r.mv, r.ma)
+            if gap and (was_powered or e.powered):
+                # an idle slot on both sides of the gap had nothing to meter: no alarm noise
                 self._unmetered(i, gap)
             self.chg[i] = r
             self.chg_up[i] = up

@@ -174,3 +174,19 @@ def test_a_session_is_saved_when_it_opens_and_closed_as_reboot_after_a_cut():
     st2 = make(d)
     ends = [e for e in st2.take_events() if e["ev"] == "session_end"]
     assert len(ends) == 1 and ends[0]["why"] == "reboot" and ends[0]["bat"] == "B0000042"
+
+
+def test_an_idle_slot_raises_no_unmetered_alarm_after_a_gap():
+    d = tmpdir("st-idle")
+    link, clock = Link(), Clock()
+    st = make(d, link, clock=clock)
+    run(st.cycle())
+    link.state[2] = None  # an empty slot's channel goes quiet, then answers again
+    for _ in range(6):
+        clock.t += 1000
+        run(st.cycle())
+    link.state[2] = ("I", 0, 0)
+    clock.t += 1000
+    run(st.cycle())
+    codes = [(a["code"], a.get("slot")) for a in evs(st, "alarm")]
+    assert codes == [("charger_stale", 2)]  # stale said once; no unmetered for an idle slot
