@@ -105,6 +105,17 @@ def _check_u16(name, v):
         raise ValueError(name + " must be 0..65535")
 
 
+def _pack6(buf, unit, fn, a, b):
+    """unit, function and two big-endian u16 (the shape of 03/04/06 requests) + CRC."""
+    buf[0] = unit
+    buf[1] = fn
+    buf[2] = a >> 8
+    buf[3] = a & 0xFF
+    buf[4] = b >> 8
+    buf[5] = b & 0xFF
+    return _put_crc(buf, 6)
+
+
 def pack_read(buf, unit, fn, addr, count):
     """Write a 03/04 request into buf (at least 8 bytes); return its length."""
     _check_unit(unit)
@@ -113,13 +124,7 @@ def pack_read(buf, unit, fn, addr, count):
     _check_u16("addr", addr)
     if not isinstance(count, int) or not 1 <= count <= _MAX_READ or addr + count > 0x10000:
         raise ValueError("count must be 1..125 within the address space")
-    buf[0] = unit
-    buf[1] = fn
-    buf[2] = addr >> 8
-    buf[3] = addr & 0xFF
-    buf[4] = count >> 8
-    buf[5] = count & 0xFF
-    return _put_crc(buf, 6)
+    return _pack6(buf, unit, fn, addr, count)
 
 
 def pack_write_single(buf, unit, addr, value):
@@ -127,13 +132,7 @@ def pack_write_single(buf, unit, addr, value):
     _check_unit(unit)
     _check_u16("addr", addr)
     _check_u16("value", value)
-    buf[0] = unit
-    buf[1] = 6
-    buf[2] = addr >> 8
-    buf[3] = addr & 0xFF
-    buf[4] = value >> 8
-    buf[5] = value & 0xFF
-    return _put_crc(buf, 6)
+    return _pack6(buf, unit, 6, addr, value)
 
 
 def pack_write_multiple(buf, unit, addr, values):

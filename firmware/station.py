@@ -65,7 +65,7 @@ class Station:
         self.meter_wh = saved.get("meter_wh")
         self._meter_swapped = False
         self._bms_next = 0
-        self._stale_alarmed = {}
+        self._raised = {}  # alarms raised and not yet cleared: stale sources, conditions
         self.ts_offset = None  # Unix ms − uptime ms, once the clock is synced
         self.cycles = 0
         self.last_cycle_us = 0
@@ -165,7 +165,7 @@ class Station:
                 self._unmetered(i, gap)
             self.chg[i] = r
             self.chg_up[i] = up
-            self._stale_alarmed.pop(("chg", i), None)
+            self._raised.pop(("chg", i), None)
             self._condition("charger_fault", i, r.state == "E", "crit", "charger fault %d" % r.fault)
 
     def _unmetered(self, i, gap_ms):
@@ -173,17 +173,17 @@ class Station:
 
     def _check_stale_charger(self, i, up):
         last = self.chg_up[i]
-        if last is not None and up - last > self.stale_ms and ("chg", i) not in self._stale_alarmed:
-            self._stale_alarmed[("chg", i)] = up
+        if last is not None and up - last > self.stale_ms and ("chg", i) not in self._raised:
+            self._raised[("chg", i)] = up
             self.alarm("charger_stale", "warn", "slot %d charger silent for %d ms" % (i + 1, up - last), i + 1)
 
     def _condition(self, code, i, active, level, msg):
         """Alarm once when a condition starts; re-armed when it clears."""
         key = (code, i)
         if not active:
-            self._stale_alarmed.pop(key, None)
-        elif key not in self._stale_alarmed:
-            self._stale_alarmed[key] = 1
+            self._raised.pop(key, None)
+        elif key not in self._raised:
+            self._raised[key] = 1
             self.alarm(code, level, msg, i + 1)
 
     async def poll_meter(self):
@@ -205,8 +205,8 @@ class Station:
             up = self.uptime.ms()
             if self.meter_up is not None and up - self.meter_up > self.stale_ms:
                 self.meter = None
-                if "meter" not in self._stale_alarmed:
-                    self._stale_alarmed["meter"] = up
+                if "meter" not in self._raised:
+                    self._raised["meter"] = up
                     self.alarm("meter_stale", "warn", "grid meter silent for %d ms" % (up - self.meter_up))
             return
         up = self.uptime.ms()
@@ -218,7 +218,7 @@ class Station:
         self.meter_wh = wh
         self.meter = reading
         self.meter_up = up
-        self._stale_alarmed.pop("meter", None)
+        self._raised.pop("meter", None)
 
     async def poll_bms(self):
         if self.master is None:

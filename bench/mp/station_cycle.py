@@ -17,7 +17,22 @@ CYCLES = int(sys.argv[2]) if len(sys.argv) > 2 else 10000
 ROOT = sys.argv[3] if len(sys.argv) > 3 else "/tmp"
 
 
-class ChargerStream:
+class Answering:
+    """Hands the prepared answer to the next readinto(), once."""
+
+    out = None
+
+    def readinto(self, buf):
+        o = self.out
+        if not o:
+            return 0
+        n = len(o)
+        buf[:n] = o
+        self.out = None
+        return n
+
+
+class ChargerStream(Answering):
     """Answers each $Q poll with a charging reply for that slot."""
 
     def __init__(self):
@@ -31,22 +46,13 @@ class ChargerStream:
         self.out = self.replies[slot]
         return len(data)
 
-    def readinto(self, buf):
-        o = self.out
-        if not o:
-            return 0
-        n = len(o)
-        buf[:n] = o
-        self.out = None
-        return n
-
 
 def frame(body):
     crc = modbus.crc16(body)
     return bytes(body) + bytes((crc & 0xFF, crc >> 8))
 
 
-class BusStream:
+class BusStream(Answering):
     """A meter on unit 1 and a BMS on every unit 11..26, from fixed register images."""
 
     char_bits = 10
@@ -66,15 +72,6 @@ class BusStream:
             body = bytes([unit, 4, 2 * count]) + bytes((0x44, 0x9A, 0x50, 0x00)) * (count // 2)
         self.out = frame(body)
         return len(data)
-
-    def readinto(self, buf):
-        o = self.out
-        if not o:
-            return 0
-        n = len(o)
-        buf[:n] = o
-        self.out = None
-        return n
 
 
 def config():
