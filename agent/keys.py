@@ -1,4 +1,4 @@
-"""Station keys in the agent database (the `keys` table of agent/store.py).
+"""Station keys in the agent database (the `keys` table of agent/store/).
 
 Each station has one or more 32-byte HMAC keys, numbered by `kid` (CONTRACT §5.1). The
 newest is `active` (what the station signs with); adding or rotating makes the previous

@@ -1,6 +1,6 @@
 """The agent service: MQTT → verify → raw store / quarantine → PUBACK → metering → records.
 
-Threads: the asyncio loop thread runs paho (agent/ingest.py), verification and metering;
+Threads: the asyncio loop thread runs paho (agent/sources/mqtt.py), verification and metering;
 one database thread runs every write, so a commit (an fsync with synchronous=FULL) never
 stalls the network. Batches form by themselves (group commit): while one batch commits,
 the next accumulates, so a quiet agent commits each message at once and a busy one
@@ -40,9 +40,9 @@ from typing import Any
 import msgspec
 
 from agent import wire
-from agent.ingest import BrokerConfig, Delivery, MqttSource
+from agent.sources.mqtt import BrokerConfig, Delivery, MqttSource
 from agent.keys import CachedKeys, KeyStore
-from agent.metering import IncrementalMeter, MeterParams, RawMsg
+from agent.ledger.metering import IncrementalMeter, MeterParams, RawMsg
 from agent.store import (
     CONFLICT,
     DUPLICATE,
@@ -103,7 +103,7 @@ class AgentConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     metering: MeterParams = field(default_factory=MeterParams)
-    carbon_params: str | None = None  # path of the carbon parameters file (agent/carbon.py)
+    carbon_params: str | None = None  # path of the carbon parameters file (agent/ledger/carbon.py)
     dashboard: DashboardConfig | None = None  # None: no dashboard
 
 

@@ -200,7 +200,7 @@ def main() -> None:
         f'[db]\nurl = "sqlite:///agent.db"\nsynchronous = "normal"\n'
         f'[broker]\nport = {broker.port}\nclient_id = "bench-dashboard"\n'
         f'[dashboard]\nport = {http}\n')
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config",
+    agent = subprocess.Popen([sys.executable, "-m", "stationctl", "agent", "--config",
                               str(tmp / "agent.toml"), "--log-level", "warning"], cwd=ROOT)
     pub: Publisher | None = None
     try:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.ingest import BrokerConfig
+from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
 from agent.store import RawRow, Store

@@ -53,7 +53,7 @@ from tools.fleet import Fleet, proc_cpu_s
 from tools.mosquitto import Mosquitto
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STATIONCTL = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
+STATIONCTL = [sys.executable, "-m", "stationctl"]
 
 
 class Msg:

@@ -47,7 +47,7 @@ def stationctl() -> list[str]:
     exe = pathlib.Path(sys.executable).parent / "stationctl"
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
+    return [sys.executable, "-m", "stationctl"]
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:

@@ -50,7 +50,7 @@ def test_power_cut(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-d
     assert tel[-1].boot == last["boot"]
     assert {s["n"]: s["b_mwh"] for s in tel[-1].body["slots"]} == {
         int(k): v for k, v in last["restored"].items()}
-    flags = {f for r in agent.export("interval") if r["sid"] == dut.sid for f in r["flags"]}
+    flags = {f for r in agent.ledger.export("interval") if r["sid"] == dut.sid for f in r["flags"]}
     assert "reboot" in flags
     check_energy(dut, agent)
 

@@ -17,9 +17,7 @@ from agent.wire import sign
 T0_MS = 1_764_150_000_000  # 2025-11-26T09:40:00Z, a fixed clock for reproducible streams
 
 
-# `stationctl` in a subprocess (what the console script runs; `python -m agent.cli` would
-# load agent.cli twice, and its UsageError would not be the one the commands raise)
-STATIONCTL = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
+STATIONCTL = [sys.executable, "-m", "stationctl"]
 
 
 def key_for(sid: str, kid: int = 1) -> bytes:

@@ -1,6 +1,6 @@
 """An independent, deliberately plain reference of CONTRACT §6: total credited and total
 held mWh per register stream. Slow on purpose; written from the contract text (and the
-decisions recorded in docs/metering.md), not from agent/metering.py. No time, no
+decisions recorded in docs/metering.md), not from agent/ledger/metering.py. No time, no
 intervals: only how much energy each stream credits and holds.
 
 Decisions it shares with the real implementation (docs/metering.md):

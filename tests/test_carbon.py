@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.carbon import (
+from agent.ledger.carbon import (
     CarbonParamsError,
     aggregate,
     as_dict,
@@ -18,7 +18,7 @@ from agent.carbon import (
     parse_params,
     reductions,
 )
-from agent.metering import Record
+from agent.ledger.metering import Record
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 YEAR_MS = 365 * 86_400_000

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from agent import wire
-from agent.export import render
-from agent.metering import RawMsg, compute
+from agent.ledger.export import render
+from agent.ledger.metering import RawMsg, compute
 from agent.store import RawRow, Store, record_to_row
 from tests.agent_helpers import STATIONCTL, fleet_stream
 from tests.helpers import ROOT
@@ -72,7 +72,7 @@ def test_from_inclusive_to_exclusive(db: tuple[str, list]) -> None:  # type: ign
     url, records = db
     starts = sorted({r.start_ms for r in records if r.kind == "interval"})
     a, b = starts[2], starts[5]
-    from agent.export import iso_ms
+    from agent.ledger.export import iso_ms
 
     r = stationctl("export", "--db", url, "--from", iso_ms(a), "--to", iso_ms(b), "--format",
                    "json")

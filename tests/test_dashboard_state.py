@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from agent import carbon, wire
+from agent import wire
+from agent.ledger import carbon
 from agent.dashboard.state import DAY_MS, FleetState, ViewConfig
-from agent.metering import Record
+from agent.ledger.metering import Record
 
 T0 = 1_764_150_000_000  # 2025-11-26T09:40:00Z
 KEY = bytes(range(32))

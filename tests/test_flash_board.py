@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 import serial
 
-from agent import cmd_flash
-from agent.cli import UsageError
+from stationctl import flash as cmd_flash
+from stationctl.cli import UsageError
 from agent.keys import KeyStore
 from agent.store import Store
 from agent.wire import verify

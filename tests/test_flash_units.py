@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from agent import cmd_flash
-from agent.cli import UsageError
+from stationctl import flash as cmd_flash
+from stationctl.cli import UsageError
 from agent.keys import KeyStore
 from agent.store import RawRow, Store
 from tools.flash import agentdb, bulk, plan, report

@@ -24,7 +24,7 @@ from tools.fleet_scenario import Action, ScenarioParams, StationScenario
 from tools.mosquitto import Mosquitto, free_port
 from tools.rig import Rig
 
-STATIONCTL = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
+STATIONCTL = [sys.executable, "-m", "stationctl"]
 
 
 class FakeClock:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.metering import (
+from agent.ledger.metering import (
     PROCESSING_VERSION,
     IncrementalMeter,
     MeterParams,

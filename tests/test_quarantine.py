@@ -8,7 +8,7 @@ import asyncio
 import pathlib
 from collections import Counter
 
-from agent.ingest import BrokerConfig
+from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
 from agent.store import Store

@@ -13,8 +13,8 @@ import sqlite3
 import subprocess
 from typing import Any
 
-from agent.export import render
-from agent.ingest import BrokerConfig
+from agent.ledger.export import render
+from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
 from agent.store import QuarantineRow, RawRow, Store, row_to_record

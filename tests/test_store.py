@@ -1,4 +1,4 @@
-"""agent/store.py: SQLite WAL schema, append-only raw with duplicate/conflict rules."""
+"""agent/store/: SQLite WAL schema, append-only raw with duplicate/conflict rules."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
 
 
 def test_record_round_trip(tmp_path: pathlib.Path) -> None:
-    from agent.metering import Record
+    from agent.ledger.metering import Record
     from agent.store import record_to_row, row_to_record
 
     r = Record(kind="session", sid="A-01", slot=3, start_ms=5, end_ms=9, mwh=4, held_mwh=1,

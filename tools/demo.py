@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.dashboard import DashboardServer, Live, make_app
-from agent.ingest import BrokerConfig
+from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
 from tools.fleet import Fleet

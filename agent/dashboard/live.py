@@ -22,7 +22,8 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from agent import carbon, wire
+from agent import wire
+from agent.ledger import carbon
 from agent.store import now_ms
 
 from .reader import Raw, Reader

@@ -1,4 +1,4 @@
-"""Read-only access to the agent's store for the dashboard (agent/store.py schema).
+"""Read-only access to the agent's store for the dashboard (agent/store/ schema).
 
 One read-only SQLite connection (WAL lets it read beside the agent's writer). Every query
 is a short autocommit read, so the dashboard never holds a snapshot that would keep the
@@ -17,7 +17,7 @@ import logging
 import sqlite3
 from typing import Any, Final, NamedTuple
 
-from agent.metering import Record
+from agent.ledger.metering import Record
 from agent.store import RECORD_COLUMNS, Store, row_to_record
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Reader:
             (kind, since_ms)).fetchall()]
 
     def day_records(self, since_ms: int) -> list[Record]:
-        """Day records from since_ms on, in full (what agent.carbon needs)."""
+        """Day records from since_ms on, in full (what agent.ledger.carbon needs)."""
         return [row_to_record(r) for r in self.db.execute(
             f"SELECT {RECORD_COLUMNS} FROM records WHERE kind = 'day' AND start_ms >= ?",
             (since_ms,)).fetchall()]

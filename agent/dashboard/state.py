@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final
 
-from agent import carbon
-from agent.metering import Record
+from agent.ledger import carbon
+from agent.ledger.metering import Record
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:

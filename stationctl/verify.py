@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from typing import Any
 
-from agent.errors import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent.keys import KeyStore
-    from agent.metering import MeterParams, RawMsg, compute
+    from agent.ledger.metering import MeterParams, RawMsg, compute
     from agent.store import Store, record_to_row
     from agent.wire import WireError, verify
 

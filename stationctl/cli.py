@@ -11,13 +11,23 @@ import argparse
 import importlib
 import sys
 
-from agent.errors import UsageError
+from stationctl.errors import UsageError
 
-# module names under agent/ (or tools/) that provide subcommands, in help order
-COMMANDS = ["agent.cmd_demo", "agent.cmd_agent", "agent.cmd_export", "agent.cmd_keys", "agent.cmd_flash", "agent.cmd_sim", "agent.cmd_watch", "agent.cmd_verify"]
+# the modules of stationctl/ that provide subcommands, in help order (one per user task)
+COMMANDS = [
+    "stationctl.demo",
+    "stationctl.agent",
+    "stationctl.export",
+    "stationctl.verify",
+    "stationctl.keys",
+    "stationctl.flash",
+    "stationctl.sim",
+    "stationctl.watch",
+    "stationctl.dashboard",
+]
 
 
-__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]  # UsageError: agent/errors.py
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:

@@ -2,7 +2,7 @@
 --format csv|json` (CONTRACT §8): the records the agent stored, to stdout.
 
 The bytes depend only on the database contents and the arguments: records are read in a
-fixed order and rendered by agent/export.py, which sorts them itself.
+fixed order and rendered by agent/ledger/export.py, which sorts them itself.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlite3
 import sys
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
 
 
 def _time(text: str, what: str) -> int:
-    from agent.export import parse_time
+    from agent.ledger.export import parse_time
 
     try:
         return parse_time(text)
@@ -36,7 +36,7 @@ def _time(text: str, what: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.export import render
+    from agent.ledger.export import render
     from agent.store import Store, row_to_record
 
     start = _time(args.start, "--from") if args.start is not None else None

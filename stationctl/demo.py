@@ -12,7 +12,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:

@@ -1,11 +1,9 @@
-"""`stationctl watch`: the dashboard's live picture in a terminal (rich), and
-`stationctl dashboard`: the web dashboard as its own server beside an agent.
+"""`stationctl watch`: the dashboard's live picture in a terminal (rich).
 
     stationctl watch --db sqlite:///agent.db            # read the agent's database
     stationctl watch --api http://127.0.0.1:8080/        # or ask a running dashboard
     stationctl watch --db … --station KH-PNH-0001        # one station, slot by slot
     stationctl watch --db … --once                       # one frame, then exit
-    stationctl dashboard --db sqlite:///agent.db --port 8080
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 from agent.wire import SID_RE
 
 
@@ -38,12 +36,6 @@ def register(sub: Any) -> None:
     p.add_argument("--carbon-params", metavar="FILE", help="carbon parameter file (--db only)")
     p.set_defaults(func=run_watch)
 
-    d = sub.add_parser("dashboard", help="serve the web dashboard over an agent database")
-    d.add_argument("--db", metavar="URL", required=True, help="agent database (sqlite:///PATH)")
-    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free)")
-    d.add_argument("--carbon-params", metavar="FILE", help="carbon parameter file")
-    d.set_defaults(func=run_dashboard)
 
 
 # ---- data sources ----------------------------------------------------------------------------
@@ -222,36 +214,3 @@ def run_watch(args: argparse.Namespace) -> int:
                 lv.update(frame())
     except KeyboardInterrupt:
         return 0
-
-
-def run_dashboard(args: argparse.Namespace) -> int:
-    import logging
-
-    from agent.dashboard import DashboardServer, make_app
-    from agent.store import sqlite_path
-
-    try:
-        sqlite_path(args.db)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"bad port {args.port}")
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    async def main() -> None:
-        server = DashboardServer(make_app(args.db, carbon_params=args.carbon_params),
-                                 args.host, args.port)
-        try:
-            await server.start()
-        except OSError as e:
-            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-        print(f"dashboard: {server.url}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(s, stop.set)
-        await stop.wait()
-        await server.stop()
-
-    asyncio.run(main())
-    return 0

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:

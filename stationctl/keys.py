@@ -12,7 +12,7 @@ import os
 import sqlite3
 from typing import Any
 
-from agent.cli import UsageError
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
