@@ -1,5 +1,5 @@
 # The two commands of the README, and the pieces they are made of.
-.PHONY: setup demo test typecheck compile bench chaos clean
+.PHONY: setup demo test lint typecheck compile bench chaos clean
 
 setup:
 	@bash scripts/setup.sh
@@ -9,8 +9,13 @@ demo: setup
 
 # the browser tests need Debian's chromium and chromium-driver: the test set-up installs them
 test: export WITH_BROWSER = 1
-test: setup compile typecheck
+test: setup lint compile typecheck
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff: lint and format, configured in pyproject.toml
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 # Every firmware file must compile with mpy-cross (rejects syntax MicroPython lacks).
 compile: setup

@@ -155,7 +155,9 @@ class CachedKeys:
         rows = self._ks.store.db.execute("SELECT sid, kid, key, state FROM keys").fetchall()
         keys = {(r[0], int(r[1])): None if r[3] == "revoked" else bytes(r[2]) for r in rows}
         old = self._keys
-        self._learned.update(sk[0] for sk, k in keys.items() if k is not None and old.get(sk) is None)
+        self._learned.update(
+            sk[0] for sk, k in keys.items() if k is not None and old.get(sk) is None
+        )
         self._keys = keys
         self._sids = {r[0] for r in rows}
         self._loaded = time.monotonic()

@@ -40,9 +40,9 @@ from typing import Any
 import msgspec
 
 from agent import wire
-from agent.sources.mqtt import BrokerConfig, Delivery, MqttSource
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.metering import IncrementalMeter, MeterParams, RawMsg
+from agent.sources.mqtt import BrokerConfig, Delivery, MqttSource
 from agent.store import (
     CONFLICT,
     DUPLICATE,
@@ -107,8 +107,9 @@ class AgentConfig:
     dashboard: DashboardConfig | None = None  # None: no dashboard
 
 
-def _section(cls: Any, table: Any, name: str, base: pathlib.Path | None = None,
-             paths: tuple[str, ...] = ()) -> Any:
+def _section(
+    cls: Any, table: Any, name: str, base: pathlib.Path | None = None, paths: tuple[str, ...] = ()
+) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] must be a table")
     known = {f.name: f for f in fields(cls)}
@@ -153,8 +154,9 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
             raise ConfigError(f"unknown section or key {k!r}")
     db = _section(DbConfig, data.get("db", {}), "db")
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
-        db = DbConfig(url="sqlite:///" + str(base / db.url[len("sqlite:///"):]),
-                      synchronous=db.synchronous)
+        db = DbConfig(
+            url="sqlite:///" + str(base / db.url[len("sqlite:///") :]), synchronous=db.synchronous
+        )
     elif "://" not in db.url and not os.path.isabs(db.url):
         db = DbConfig(url=str(base / db.url), synchronous=db.synchronous)
     broker_t = dict(data.get("broker", {}))
@@ -182,10 +184,12 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         cp = str(base / cp)
         if not os.path.exists(cp):
             raise ConfigError(f"carbon.params: no file {cp}")
-    dash = _section(DashboardConfig, data["dashboard"], "dashboard") \
-        if "dashboard" in data else None
-    return AgentConfig(db=db, broker=broker, ingest=ingest, metering=metering, carbon_params=cp,
-                       dashboard=dash)
+    dash = (
+        _section(DashboardConfig, data["dashboard"], "dashboard") if "dashboard" in data else None
+    )
+    return AgentConfig(
+        db=db, broker=broker, ingest=ingest, metering=metering, carbon_params=cp, dashboard=dash
+    )
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
@@ -262,12 +266,18 @@ class Service:
                 b.rows.append(RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload))
                 b.bodies.append(v.body)
         except wire.WireError as e:
-            b.quarantine.append(QuarantineRow(recv, topic, e.reason.value, e.detail,
-                                              _sid_of(topic, self._prefix), payload))
+            b.quarantine.append(
+                QuarantineRow(
+                    recv, topic, e.reason.value, e.detail, _sid_of(topic, self._prefix), payload
+                )
+            )
         except Exception as e:  # a bug must not stop ingest: keep the bytes, say why
             log.exception("unexpected error on %s", topic)
-            b.quarantine.append(QuarantineRow(recv, topic, "internal", repr(e)[:300],
-                                              _sid_of(topic, self._prefix), payload))
+            b.quarantine.append(
+                QuarantineRow(
+                    recv, topic, "internal", repr(e)[:300], _sid_of(topic, self._prefix), payload
+                )
+            )
         if len(b.deliveries) >= self.cfg.ingest.batch_max:
             self._sealed.append(b)  # full: the committer takes it as one transaction
             self._batch = _Batch()
@@ -292,10 +302,13 @@ class Service:
 
     # ---- the committer ---------------------------------------------------------------------
 
-    def _write(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> tuple[list[int], int, int]:
+    def _write(
+        self, b: _Batch, ups: list[RecordRow], gone: list[str]
+    ) -> tuple[list[int], int, int]:
         """db thread: one transaction for a batch and the record changes that are due."""
-        res = self.store.write_batch(b.rows, b.quarantine, status=b.status, records=ups,
-                                     records_gone=gone)
+        res = self.store.write_batch(
+            b.rows, b.quarantine, status=b.status, records=ups, records_gone=gone
+        )
         return res.new, res.duplicates, res.conflicts
 
     async def _committer(self) -> None:
@@ -317,17 +330,20 @@ class Service:
             while True:
                 try:
                     new, dups, conflicts = await loop.run_in_executor(
-                        self._db, self._write, b, ups, gone)
+                        self._db, self._write, b, ups, gone
+                    )
                     break
                 except Exception:
-                    log.exception("database write failed; retrying in %.2fs (not acknowledged)",
-                                  delay)
+                    log.exception(
+                        "database write failed; retrying in %.2fs (not acknowledged)", delay
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             self.source.ack(b.deliveries)
             self._committing = False
             if not self._stopping and (
-                    len(self._sealed) * self.cfg.ingest.batch_max < self.cfg.ingest.max_pending):
+                len(self._sealed) * self.cfg.ingest.batch_max < self.cfg.ingest.max_pending
+            ):
                 self.source.resume()
             c = self.counters
             c["commits"] += 1
@@ -352,8 +368,11 @@ class Service:
                 self._committing = True
                 await self._rekey(b.rekey)
                 self._committing = False
-            if (self._sealed or self._batch.deliveries
-                    or (self._dirty and self._records_due <= time.monotonic())):
+            if (
+                self._sealed
+                or self._batch.deliveries
+                or (self._dirty and self._records_due <= time.monotonic())
+            ):
                 self._wake.set()
             self._idle.set()
 
@@ -365,24 +384,29 @@ class Service:
         c = self.counters
         try:
             if len(sids) > 64:  # at start: every keyed station; ask which have such rows
-                have = await loop.run_in_executor(self._db, self.store.quarantined_sids,
-                                                  REKEY_REASONS)
+                have = await loop.run_in_executor(
+                    self._db, self.store.quarantined_sids, REKEY_REASONS
+                )
                 todo = sorted(sids.intersection(have))
             else:
                 todo = sorted(sids)
             for sid in todo:
                 after = 0
                 while True:
-                    page = await loop.run_in_executor(self._db, self.store.open_quarantine, sid,
-                                                      REKEY_REASONS, after, _REKEY_PAGE)
+                    page = await loop.run_in_executor(
+                        self._db, self.store.open_quarantine, sid, REKEY_REASONS, after, _REKEY_PAGE
+                    )
                     if not page:
                         break
                     after = page[-1].id
                     await self._rekey_page(sid, page)
         except Exception:
             c["rekey.errors"] += 1
-            log.exception("re-verifying quarantined messages of %d station(s) failed; retry in "
-                          "%.0fs", len(sids), _REKEY_RETRY_S)
+            log.exception(
+                "re-verifying quarantined messages of %d station(s) failed; retry in %.0fs",
+                len(sids),
+                _REKEY_RETRY_S,
+            )
             self._rekey_retry |= sids
             self._rekey_retry_at = time.monotonic() + _REKEY_RETRY_S
 
@@ -415,8 +439,9 @@ class Service:
             bodies.append(v.body)
             qids.append(q.id)
         if rows or rejected:
-            res, outcomes = await loop.run_in_executor(self._db, self.store.resolve_quarantine,
-                                                       rows, qids, rejected)
+            res, outcomes = await loop.run_in_executor(
+                self._db, self.store.resolve_quarantine, rows, qids, rejected
+            )
         else:
             res, outcomes = BatchResult([], 0, 0), []
         n = Counter(outcomes)
@@ -427,9 +452,15 @@ class Service:
         c["rekey.duplicate"] += n[DUPLICATE]
         c["rekey.conflict"] += n[CONFLICT]
         if rows:
-            log.info("%s: %d quarantined message(s) verify with the key now known: %d stored, "
-                     "%d duplicate, %d conflict", sid, len(rows), n[STORED], n[DUPLICATE],
-                     n[CONFLICT])
+            log.info(
+                "%s: %d quarantined message(s) verify with the key now known: %d stored, "
+                "%d duplicate, %d conflict",
+                sid,
+                len(rows),
+                n[STORED],
+                n[DUPLICATE],
+                n[CONFLICT],
+            )
         if res.new:
             new_rows = [rows[i] for i in res.new]
             if self._on_commit is not None:
@@ -437,8 +468,10 @@ class Service:
             self._meter(new_rows, [bodies[i] for i in res.new])
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
-        msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms, body=body)
-                for r, body in zip(rows, bodies)]
+        msgs = [
+            RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms, body=body)
+            for r, body in zip(rows, bodies, strict=False)
+        ]
         try:
             self._dirty |= self.meter.add(msgs)
         except Exception:
@@ -470,8 +503,13 @@ class Service:
         """Commit (and acknowledge) every message read so far and write every pending
         record change now (shutdown, tests, benchmarks)."""
         self._records_due = 0.0
-        while (self._sealed or self._batch.deliveries or self._dirty or self._committing
-               or self._batch.rekey):
+        while (
+            self._sealed
+            or self._batch.deliveries
+            or self._dirty
+            or self._committing
+            or self._batch.rekey
+        ):
             self._idle.clear()
             self._wake.set()
             await self._idle.wait()
@@ -532,8 +570,16 @@ class Service:
         crash may have left stale). Returns the number of raw messages replayed."""
         n = 0
         for rows in self.store.iter_raw():
-            msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms,
-                           body=wire.decode_record(r.record)) for r in rows]
+            msgs = [
+                RawMsg(
+                    sid=r.sid,
+                    boot=r.boot,
+                    seq=r.seq,
+                    recv_ms=r.recv_ms,
+                    body=wire.decode_record(r.record),
+                )
+                for r in rows
+            ]
             self.meter.add(msgs)
             n += len(msgs)
         by_sid: dict[str, list[RecordRow]] = {}
@@ -558,8 +604,10 @@ class Service:
         # the agent was down (or before a crash) is re-verified first
         self._batch.rekey |= self.keys.take_learned()
         self._wake.set()
-        tasks = [asyncio.create_task(x) for x in
-                 (self.source.run(), self._committer(), self._recorder(), self._housekeeping())]
+        tasks = [
+            asyncio.create_task(x)
+            for x in (self.source.run(), self._committer(), self._recorder(), self._housekeeping())
+        ]
 
         async def _ready() -> None:
             await self.source.connected.wait()
@@ -594,8 +642,9 @@ class Service:
         try:
             await server.start()
         except OSError as e:
-            raise ConfigError(f"dashboard: cannot listen on {dc.host}:{dc.port}: "
-                              f"{e.strerror}") from None
+            raise ConfigError(
+                f"dashboard: cannot listen on {dc.host}:{dc.port}: {e.strerror}"
+            ) from None
         prev = self._on_commit
 
         def on_commit(rows: list[RawRow]) -> None:
@@ -615,8 +664,10 @@ class Service:
             try:
                 await asyncio.wait_for(self.flush(), 15.0)
             except TimeoutError:
-                log.warning("could not commit everything before stopping (the broker keeps "
-                            "what was not acknowledged)")
+                log.warning(
+                    "could not commit everything before stopping (the broker keeps "
+                    "what was not acknowledged)"
+                )
         self.source.stop()
         for t in tasks:
             t.cancel()

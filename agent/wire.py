@@ -313,7 +313,9 @@ def decode_signed(signed: bytes) -> dict[str, Any]:
 def _header_int(body: Mapping[str, Any], name: str) -> int:
     x = body.get(name)
     if type(x) is not int or x < 0:
-        raise WireError(Reason.BAD_HEADER, f"{name} must be a non-negative integer, got {x!r}"[:200])
+        raise WireError(
+            Reason.BAD_HEADER, f"{name} must be a non-negative integer, got {x!r}"[:200]
+        )
     return x
 
 
@@ -374,4 +376,3 @@ def decode_record(record: bytes) -> dict[str, Any]:
     obj = _generic.decode(record[:i] + b"}")
     assert isinstance(obj, dict)
     return obj
-

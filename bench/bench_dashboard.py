@@ -76,8 +76,14 @@ class Publisher(threading.Thread):
         seq = {s: 0 for s in self.sids}
         e = {s: [0] * self.slots for s in self.sids}
         for sid in self.sids:
-            birth = {"v": 1, "sid": sid, "boot": 1, "state": "online", "fw": "bench",
-                     "cfg": "0" * 12}
+            birth = {
+                "v": 1,
+                "sid": sid,
+                "boot": 1,
+                "state": "online",
+                "fw": "bench",
+                "cfg": "0" * 12,
+            }
             self.c.publish(f"stations/{sid}/status", json.dumps(birth), qos=1, retain=True)
         k = 0
         while not self.stop.is_set():
@@ -88,20 +94,52 @@ class Publisher(threading.Thread):
                 for n in range(1, self.slots + 1):
                     ma = 10_000 + 500 * ((k + n + i) % 10)  # power changes every second
                     e[sid][n - 1] += 84 * ma // 3600
-                    slots.append({"n": n, "st": "C", "mv": 84000, "ma": ma,
-                                  "e_mwh": e[sid][n - 1], "b_mwh": 0,
-                                  "bat": {"id": f"B{i:03d}{n:04d}", "soc": 500, "soh": 990,
-                                          "mv": 83900, "ma": ma, "t": 300, "tmin": 280,
-                                          "cyc": 10, "flt": 0, "life_wh": 1000}})
-                body = {"v": 1, "sid": sid, "kid": 1, "boot": 1, "seq": seq[sid], "up": up,
-                        "ts": int(time.time() * 1000),
-                        "meter": {"e_wh": 100_000 + k, "p_w": 9000, "sn": 1234},
-                        "slots": slots,
-                        "err": {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0,
-                                "ser_cs": 0, "ser_to": 0, "ser_bad": 0}}
+                    slots.append(
+                        {
+                            "n": n,
+                            "st": "C",
+                            "mv": 84000,
+                            "ma": ma,
+                            "e_mwh": e[sid][n - 1],
+                            "b_mwh": 0,
+                            "bat": {
+                                "id": f"B{i:03d}{n:04d}",
+                                "soc": 500,
+                                "soh": 990,
+                                "mv": 83900,
+                                "ma": ma,
+                                "t": 300,
+                                "tmin": 280,
+                                "cyc": 10,
+                                "flt": 0,
+                                "life_wh": 1000,
+                            },
+                        }
+                    )
+                body = {
+                    "v": 1,
+                    "sid": sid,
+                    "kid": 1,
+                    "boot": 1,
+                    "seq": seq[sid],
+                    "up": up,
+                    "ts": int(time.time() * 1000),
+                    "meter": {"e_wh": 100_000 + k, "p_w": 9000, "sn": 1234},
+                    "slots": slots,
+                    "err": {
+                        "mb_to": 0,
+                        "mb_crc": 0,
+                        "mb_exc": 0,
+                        "mb_addr": 0,
+                        "ser_cs": 0,
+                        "ser_to": 0,
+                        "ser_bad": 0,
+                    },
+                }
                 seq[sid] += 1
-                payload = wire.sign(json.dumps(body, separators=(",", ":")).encode(),
-                                    self.keys[sid])
+                payload = wire.sign(
+                    json.dumps(body, separators=(",", ":")).encode(), self.keys[sid]
+                )
                 self.c.publish(f"stations/{sid}/telemetry", payload, qos=1)
                 self.sent += 1
             k += 1
@@ -124,8 +162,10 @@ async def sse_client(port: int, topic: str, st: Clients, stop: asyncio.Event) ->
     except OSError:
         st.errors += 1
         return
-    w.write(f"GET /api/live?topic={topic} HTTP/1.1\r\nHost: bench\r\n"
-            "Accept: text/event-stream\r\n\r\n".encode())
+    w.write(
+        f"GET /api/live?topic={topic} HTTP/1.1\r\nHost: bench\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
     await w.drain()
     status = await r.readline()
     if b" 200 " not in status:
@@ -175,9 +215,14 @@ async def phase(port: int, topics: list[str], seconds: float, pid: int) -> dict[
     c1, t1 = proc_cpu_s(pid), time.monotonic()
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {"cpu_pct": 100 * (c1 - c0) / (t1 - t0), "rss_kb": statistics.median(rss),
-            "msgs_per_client_s": st.msgs / max(1, len(topics)) / (t1 - t0) if topics else 0.0,
-            "delays": sorted(st.delays), "connected": st.connected, "errors": st.errors}
+    return {
+        "cpu_pct": 100 * (c1 - c0) / (t1 - t0),
+        "rss_kb": statistics.median(rss),
+        "msgs_per_client_s": st.msgs / max(1, len(topics)) / (t1 - t0) if topics else 0.0,
+        "delays": sorted(st.delays),
+        "connected": st.connected,
+        "errors": st.errors,
+    }
 
 
 def main() -> None:
@@ -199,9 +244,21 @@ def main() -> None:
     (tmp / "agent.toml").write_text(
         f'[db]\nurl = "sqlite:///agent.db"\nsynchronous = "normal"\n'
         f'[broker]\nport = {broker.port}\nclient_id = "bench-dashboard"\n'
-        f'[dashboard]\nport = {http}\n')
-    agent = subprocess.Popen([sys.executable, "-m", "stationctl", "agent", "--config",
-                              str(tmp / "agent.toml"), "--log-level", "warning"], cwd=ROOT)
+        f"[dashboard]\nport = {http}\n"
+    )
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stationctl",
+            "agent",
+            "--config",
+            str(tmp / "agent.toml"),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
     pub: Publisher | None = None
     try:
         deadline = time.monotonic() + 30
@@ -218,32 +275,45 @@ def main() -> None:
         pub = Publisher(broker.port, sids, keys, a.slots)
         pub.start()
         time.sleep(5)
-        print(f"agent pid {agent.pid}: {a.stations} stations × {a.slots} slots = "
-              f"{a.stations * a.slots} slots, telemetry every second per station; "
-              f"{a.seconds:.0f} s per phase; 2 cores shared with the clients and the broker")
+        print(
+            f"agent pid {agent.pid}: {a.stations} stations × {a.slots} slots = "
+            f"{a.stations * a.slots} slots, telemetry every second per station; "
+            f"{a.seconds:.0f} s per phase; 2 cores shared with the clients and the broker"
+        )
         base = asyncio.run(phase(http, [], a.seconds, agent.pid))
         station_topics = [f"station:{sids[i % len(sids)]}" for i in range(a.clients)]
         pages = asyncio.run(phase(http, station_topics, a.seconds, agent.pid))
         fleet = asyncio.run(phase(http, ["fleet"] * a.clients, a.seconds, agent.pid))
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/health", timeout=5) as r:
             health = json.load(r)
-        print(f"{'phase':<28}{'agent CPU %':>12}{'RSS MB':>9}{'msg/client/s':>15}"
-              f"{'CPU/client':>13}{'RSS/client':>12}")
+        print(
+            f"{'phase':<28}{'agent CPU %':>12}{'RSS MB':>9}{'msg/client/s':>15}"
+            f"{'CPU/client':>13}{'RSS/client':>12}"
+        )
         print(f"{'0 clients':<28}{base['cpu_pct']:>12.1f}{base['rss_kb'] / 1024:>9.1f}")
-        for name, ph in ((f"{a.clients} station pages", pages), (f"{a.clients} fleet pages", fleet)):
+        for name, ph in (
+            (f"{a.clients} station pages", pages),
+            (f"{a.clients} fleet pages", fleet),
+        ):
             per_cpu = (ph["cpu_pct"] - base["cpu_pct"]) / a.clients
             per_rss = (ph["rss_kb"] - base["rss_kb"]) / a.clients
-            print(f"{name:<28}{ph['cpu_pct']:>12.1f}{ph['rss_kb'] / 1024:>9.1f}"
-                  f"{ph['msgs_per_client_s']:>15.2f}{per_cpu:>12.3f}%{per_rss:>9.1f} KB")
+            print(
+                f"{name:<28}{ph['cpu_pct']:>12.1f}{ph['rss_kb'] / 1024:>9.1f}"
+                f"{ph['msgs_per_client_s']:>15.2f}{per_cpu:>12.3f}%{per_rss:>9.1f} KB"
+            )
             if ph["errors"]:
                 print(f"  {ph['errors']} clients could not connect")
         d = pages["delays"]
         if d:
-            print(f"station timestamp → SSE receipt (station pages): p50 {d[len(d) // 2]:.0f} ms, "
-                  f"p95 {d[int(len(d) * 0.95)]:.0f} ms, max {d[-1]:.0f} ms over {len(d)} readings")
-        print(f"dashboard poll {health['poll_ms']} ms; {health['polls']} polls, "
-              f"{health['rows']} rows read, {health['sent']} SSE messages written; "
-              f"published {pub.sent}")
+            print(
+                f"station timestamp → SSE receipt (station pages): p50 {d[len(d) // 2]:.0f} ms, "
+                f"p95 {d[int(len(d) * 0.95)]:.0f} ms, max {d[-1]:.0f} ms over {len(d)} readings"
+            )
+        print(
+            f"dashboard poll {health['poll_ms']} ms; {health['polls']} polls, "
+            f"{health['rows']} rows read, {health['sent']} SSE messages written; "
+            f"published {pub.sent}"
+        )
     finally:
         if pub is not None:
             pub.stop.set()

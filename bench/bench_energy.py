@@ -60,7 +60,7 @@ def trace_cpython():
     for name in ("add", "sub", "mul", "floordiv", "mod"):
         for pre in ("__", "__r"):
             op = getattr(int, pre + name + "__")
-            setattr(T, pre + name + "__", (lambda op: lambda s, o: s._t(o, op(s, o)))(op))
+            setattr(T, pre + name + "__", (lambda op: lambda s, o: s._t(o, op(s, o)))(op))  # noqa: B023
 
     print("CPython trace: largest intermediate per sample (ESP32 boxes ints beyond 2**30)")
     for label, make, up0, mv, ma in CASES:

@@ -34,13 +34,20 @@ def main() -> None:
     passwd.set_password(pw, "agent", "x")
     db = f"sqlite:///{w / 'agent.db'}"
     Store(db).close()
-    with Mosquitto(w / "m", password_file=str(pw), acl_file=str(broker.ACL)) as m, \
-            Rig(slots=8, seed=1, workdir=w / "rig") as rig:
+    with (
+        Mosquitto(w / "m", password_file=str(pw), acl_file=str(broker.ACL)) as m,
+        Rig(slots=8, seed=1, workdir=w / "rig") as rig,
+    ):
         for s in (1, 4, 7):
             rig.insert(s, pack="72V", power_w=1000, capacity_wh=20, soc=0.3)
-        site = {"broker": {"host": "127.0.0.1", "port": m.port}, "net": {"kind": "host"}, "slots": 8,
-                "ntp": "host", "charger": {"uart": rig.charger_path},
-                "bus": {"uart": rig.bus_path, "timeout_ms": 150}}
+        site = {
+            "broker": {"host": "127.0.0.1", "port": m.port},
+            "net": {"kind": "host"},
+            "slots": 8,
+            "ntp": "host",
+            "charger": {"uart": rig.charger_path},
+            "bus": {"uart": rig.bus_path, "timeout_ms": 150},
+        }
         rows: dict[str, list[dict[str, float]]] = {"fresh": [], "reflash": []}
         totals: dict[str, list[float]] = {"fresh": [], "reflash": []}
         extra: list[dict[str, object]] = []
@@ -48,9 +55,16 @@ def main() -> None:
             sid = f"KH-BEN-{i:04d}"
             with UnixBoard(w / f"flash{i}", heap="100k") as board:
                 for kind in ("fresh", "reflash"):
-                    req = Request(sid=sid, port=board.port, chip="unix", agent_db=db, site=site,
-                                  broker_passwd=str(pw), broker_reload=f"kill -HUP {m.proc.pid}",
-                                  reports=str(w / "reports"))
+                    req = Request(
+                        sid=sid,
+                        port=board.port,
+                        chip="unix",
+                        agent_db=db,
+                        site=site,
+                        broker_passwd=str(pw),
+                        broker_reload=f"kill -HUP {m.proc.pid}",
+                        reports=str(w / "reports"),
+                    )
                     t0 = time.monotonic()
                     out = provision(req)
                     totals[kind].append(time.monotonic() - t0)
@@ -59,10 +73,17 @@ def main() -> None:
                     rows[kind].append(out.report["stages"])
                     if kind == "fresh":
                         fw = out.report["firmware"]
-                        extra.append({"bytes": fw["bytes"], "copy_s": out.report["stages"]["copy"],
-                                      "selftest_ms": out.report["selftest"]["ms"],
-                                      "heap_free": out.report["selftest"].get("heap_free")})
-    print(f"provisioning one board, median of {RUNS} (unix port REPL on a pty, heap 100k, 8 slots):")
+                        extra.append(
+                            {
+                                "bytes": fw["bytes"],
+                                "copy_s": out.report["stages"]["copy"],
+                                "selftest_ms": out.report["selftest"]["ms"],
+                                "heap_free": out.report["selftest"].get("heap_free"),
+                            }
+                        )
+    print(
+        f"provisioning one board, median of {RUNS} (unix port REPL on a pty, heap 100k, 8 slots):"
+    )
     for kind in ("fresh", "reflash"):
         stages = rows[kind][0].keys()
         med = {s: statistics.median(r.get(s, 0.0) for r in rows[kind]) for s in stages}
@@ -76,16 +97,28 @@ def main() -> None:
     files = plan.firmware_files(None)
     # what crosses the line: each chunk as base64 in a `_w(_d('...'))` call, plus raw-paste framing;
     # mpremote's own fs cp sends 256-byte chunks as bytes literals
-    wire = sum(len(d[i:i + CHUNK]) * 4 // 3 + 16 for d in files.values() for i in range(0, len(d), CHUNK))
-    lit = sum(len(repr(d[i:i + 256])) + 8 for d in files.values() for i in range(0, len(d), 256))
-    print(f"  firmware {b} bytes ({wire} bytes on the line as base64, x{wire / b:.2f}; mpremote's "
-          f"bytes literals would be {lit}, x{lit / b:.2f}); copy "
-          f"stage {c:.2f} s -> {b / c / 1024:.0f} KiB/s through the raw REPL on a pty; a real UART at "
-          f"115200 baud (11.5 KB/s) needs ~{wire / 11520:.0f} s for it")
-    print(f"  self-test on the board: {statistics.median(int(str(e['selftest_ms'])) for e in extra)} ms, "
-          f"heap left {statistics.median(int(str(e['heap_free'])) for e in extra)} bytes of 100k")
-    print(json.dumps({"fresh_s": round(statistics.median(totals["fresh"]), 2),
-                      "reflash_s": round(statistics.median(totals["reflash"]), 2)}))
+    wire = sum(
+        len(d[i : i + CHUNK]) * 4 // 3 + 16 for d in files.values() for i in range(0, len(d), CHUNK)
+    )
+    lit = sum(len(repr(d[i : i + 256])) + 8 for d in files.values() for i in range(0, len(d), 256))
+    print(
+        f"  firmware {b} bytes ({wire} bytes on the line as base64, x{wire / b:.2f}; mpremote's "
+        f"bytes literals would be {lit}, x{lit / b:.2f}); copy "
+        f"stage {c:.2f} s -> {b / c / 1024:.0f} KiB/s through the raw REPL on a pty; a real UART at "
+        f"115200 baud (11.5 KB/s) needs ~{wire / 11520:.0f} s for it"
+    )
+    print(
+        f"  self-test on the board: {statistics.median(int(str(e['selftest_ms'])) for e in extra)} ms, "
+        f"heap left {statistics.median(int(str(e['heap_free'])) for e in extra)} bytes of 100k"
+    )
+    print(
+        json.dumps(
+            {
+                "fresh_s": round(statistics.median(totals["fresh"]), 2),
+                "reflash_s": round(statistics.median(totals["reflash"]), 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

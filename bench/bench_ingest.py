@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.sources.mqtt import BrokerConfig
 from agent.store import RawRow, Store
 from tests.agent_helpers import Station, key_for
 from tools.mosquitto import Mosquitto
@@ -163,9 +163,11 @@ def bare_drain(port: int, n: int) -> float:
 
 
 def agent_cfg(port: int, db: str, sync: str) -> AgentConfig:
-    return AgentConfig(db=DbConfig(url=db, synchronous=sync),
-                       broker=BrokerConfig(port=port, client_id="bench-agent"),
-                       ingest=IngestConfig(records_interval_ms=int(os.environ.get("REC_MS", "200"))))
+    return AgentConfig(
+        db=DbConfig(url=db, synchronous=sync),
+        broker=BrokerConfig(port=port, client_id="bench-agent"),
+        ingest=IngestConfig(records_interval_ms=int(os.environ.get("REC_MS", "200"))),
+    )
 
 
 async def agent_drain(port: int, db: str, n: int, sync: str) -> tuple[float, float, dict[str, int]]:
@@ -198,8 +200,9 @@ async def agent_drain(port: int, db: str, n: int, sync: str) -> tuple[float, flo
     return n / (t_raw - t0), n / (t_rec - t0), dict(svc.counters)
 
 
-async def agent_live(port: int, db: str, sync: str, rate: int, seconds: int, stations: int,
-                     tmp: pathlib.Path) -> list[float]:
+async def agent_live(
+    port: int, db: str, sync: str, rate: int, seconds: int, stations: int, tmp: pathlib.Path
+) -> list[float]:
     commit_t: dict[tuple[str, int], float] = {}
     recv_t: dict[tuple[str, int], float] = {}
 
@@ -215,8 +218,19 @@ async def agent_live(port: int, db: str, sync: str, rate: int, seconds: int, sta
     await svc.ready.wait()
     await asyncio.sleep(0.5)
     times = tmp / "times.json"
-    pub = run_publisher(port, ["--rate", str(rate), "--seconds", str(seconds), "--stations",
-                               str(stations), "--times", str(times)])
+    pub = run_publisher(
+        port,
+        [
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--stations",
+            str(stations),
+            "--times",
+            str(times),
+        ],
+    )
     while pub.poll() is None:
         await asyncio.sleep(0.05)
     total = rate * seconds
@@ -231,10 +245,15 @@ async def agent_live(port: int, db: str, sync: str, rate: int, seconds: int, sta
         print(f"  WARNING: {total - len(lat)} of {total} messages not committed")
     to_recv = [recv_t[(sid, seq)] - t for sid, seq, t in sent if (sid, seq) in recv_t]
     if os.environ.get("LATDUMP"):
-        pathlib.Path(os.environ["LATDUMP"]).write_text(json.dumps(
-            [[t, commit_t.get((sid, seq)), recv_t.get((sid, seq))] for sid, seq, t in sent]))
-    print(f"  publish → agent receive (ms clock): p50 {pct(to_recv, 50) * 1000:.1f} ms, "
-          f"p99 {pct(to_recv, 99) * 1000:.1f} ms")
+        pathlib.Path(os.environ["LATDUMP"]).write_text(
+            json.dumps(
+                [[t, commit_t.get((sid, seq)), recv_t.get((sid, seq))] for sid, seq, t in sent]
+            )
+        )
+    print(
+        f"  publish → agent receive (ms clock): p50 {pct(to_recv, 50) * 1000:.1f} ms, "
+        f"p99 {pct(to_recv, 99) * 1000:.1f} ms"
+    )
     return lat
 
 
@@ -263,8 +282,11 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     broker = Mosquitto(tmp / "mq")
     if os.environ.get("INFLIGHT"):
-        broker.conf.write_text(broker.conf.read_text().replace(
-            "max_inflight_messages 100", f"max_inflight_messages {os.environ['INFLIGHT']}"))
+        broker.conf.write_text(
+            broker.conf.read_text().replace(
+                "max_inflight_messages 100", f"max_inflight_messages {os.environ['INFLIGHT']}"
+            )
+        )
     broker.start()
     assert broker.proc is not None
     pin(broker.proc.pid, OTHER_CPU)
@@ -282,8 +304,10 @@ def main() -> None:
         t0 = time.perf_counter()
         pub = run_publisher(broker.port, ["--n", str(args.n), "--stations", str(args.stations)])
         pub.wait()
-        print(f"backlog: {args.n} messages ({args.stations} stations) published in "
-              f"{time.perf_counter() - t0:.1f}s")
+        print(
+            f"backlog: {args.n} messages ({args.stations} stations) published in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
         time.sleep(1.0)
         bare = bare_drain(broker.port, args.n)
         if args.profile:
@@ -303,15 +327,22 @@ def main() -> None:
         print(f"drain, one core, synchronous={args.sync}:")
         print(f"  bare paho subscriber (count only) {bare:10,.0f} msg/s")
         print(f"  agent: raw committed + acked      {raw_rate:10,.0f} msg/s")
-        print(f"  agent: raw + records committed    {rec_rate:10,.0f} msg/s   "
-              f"ratio to bare {rec_rate / bare:.2f}")
-        print(f"  raw rows {nraw}, records {nrec}, commits {counters.get('commits')}, "
-              f"mean batch {counters.get('received', 0) / max(1, counters.get('commits', 1)):.0f}")
-        lat = asyncio.run(agent_live(broker.port, live_db, args.sync, rate,
-                                     args.seconds, args.stations, tmp))
-        print(f"latency at {rate} msg/s paced for {args.seconds}s ({len(lat)} messages): "
-              f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms, "
-              f"max {max(lat) * 1000:.1f} ms")
+        print(
+            f"  agent: raw + records committed    {rec_rate:10,.0f} msg/s   "
+            f"ratio to bare {rec_rate / bare:.2f}"
+        )
+        print(
+            f"  raw rows {nraw}, records {nrec}, commits {counters.get('commits')}, "
+            f"mean batch {counters.get('received', 0) / max(1, counters.get('commits', 1)):.0f}"
+        )
+        lat = asyncio.run(
+            agent_live(broker.port, live_db, args.sync, rate, args.seconds, args.stations, tmp)
+        )
+        print(
+            f"latency at {rate} msg/s paced for {args.seconds}s ({len(lat)} messages): "
+            f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms, "
+            f"max {max(lat) * 1000:.1f} ms"
+        )
     finally:
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)

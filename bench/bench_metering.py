@@ -31,10 +31,27 @@ def fleet(stations: int, minutes: int, slots: int, seed: int = 1) -> list[RawMsg
         sid = f"KH-B-{i:04d}"
         reg = [rnd.randint(0, 10**9) for _ in range(slots)]
         wh = rnd.randint(0, 10**7)
-        out.append(RawMsg(sid=sid, boot=1, seq=0, recv_ms=T0 + 100, body={
-            "v": 1, "sid": sid, "kid": 1, "boot": 1, "seq": 0, "up": 100, "ts": T0 + 100,
-            "ev": "boot", "fw": "1", "reset": "power",
-            "restored": {str(n + 1): reg[n] for n in range(slots)}}))
+        out.append(
+            RawMsg(
+                sid=sid,
+                boot=1,
+                seq=0,
+                recv_ms=T0 + 100,
+                body={
+                    "v": 1,
+                    "sid": sid,
+                    "kid": 1,
+                    "boot": 1,
+                    "seq": 0,
+                    "up": 100,
+                    "ts": T0 + 100,
+                    "ev": "boot",
+                    "fw": "1",
+                    "reset": "power",
+                    "restored": {str(n + 1): reg[n] for n in range(slots)},
+                },
+            )
+        )
         b = list(reg)
         for k in range(minutes * 6):
             seq = k + 1
@@ -43,10 +60,25 @@ def fleet(stations: int, minutes: int, slots: int, seed: int = 1) -> list[RawMsg
                 reg[n] += rnd.randint(0, 8000)
             wh += rnd.randint(0, 20)
             body: dict[str, Any] = {
-                "v": 1, "sid": sid, "kid": 1, "boot": 1, "seq": seq, "up": up, "ts": T0 + up,
+                "v": 1,
+                "sid": sid,
+                "kid": 1,
+                "boot": 1,
+                "seq": seq,
+                "up": up,
+                "ts": T0 + up,
                 "meter": {"e_wh": wh, "p_w": 2150, "sn": 12345678},
-                "slots": [{"n": n + 1, "st": "C", "mv": 67200, "ma": 15250, "e_mwh": reg[n],
-                           "b_mwh": b[n]} for n in range(slots)],
+                "slots": [
+                    {
+                        "n": n + 1,
+                        "st": "C",
+                        "mv": 67200,
+                        "ma": 15250,
+                        "e_mwh": reg[n],
+                        "b_mwh": b[n],
+                    }
+                    for n in range(slots)
+                ],
             }
             out.append(RawMsg(sid=sid, boot=1, seq=seq, recv_ms=T0 + up + 50, body=body))
     # interleave stations by time, as they arrive at the broker
@@ -54,15 +86,16 @@ def fleet(stations: int, minutes: int, slots: int, seed: int = 1) -> list[RawMsg
     return out
 
 
-def run(msgs: list[RawMsg], batch: int, with_changes: bool,
-        days_every: int = 1) -> tuple[float, int]:
+def run(
+    msgs: list[RawMsg], batch: int, with_changes: bool, days_every: int = 1
+) -> tuple[float, int]:
     """add() per batch, then changes() for the stations it touched; day roll-ups every
     days_every batches (and once at the end)."""
     im = IncrementalMeter()
     nrec = 0
     t = time.perf_counter()
     for j, i in enumerate(range(0, len(msgs), batch)):
-        sids = im.add(msgs[i:i + batch])
+        sids = im.add(msgs[i : i + batch])
         if with_changes:
             days = j % days_every == 0
             for sid in sids:
@@ -84,8 +117,10 @@ def main() -> None:
     a = ap.parse_args()
     msgs = fleet(a.stations, a.minutes, a.slots)
     n = len(msgs)
-    print(f"{n} messages, {a.stations} stations, {a.slots} slots + meter, batches of {a.batch}"
-          f" (best of {a.repeat})")
+    print(
+        f"{n} messages, {a.stations} stations, {a.slots} slots + meter, batches of {a.batch}"
+        f" (best of {a.repeat})"
+    )
 
     def show(label: str, secs: float, extra: str = "") -> None:
         print(f"  {label:<46} {secs / n * 1e6:8.1f} µs/message {extra}", flush=True)
@@ -100,8 +135,7 @@ def main() -> None:
     show("in order, add() + changes()", dt, f"({nrec / n:.1f} records/message)")
 
     dt, nrec = best(msgs, a.stations, True)
-    show("live: changes() after each station's message", dt,
-         f"({nrec / n:.1f} records/message)")
+    show("live: changes() after each station's message", dt, f"({nrec / n:.1f} records/message)")
     dt, nrec = best(msgs, a.stations, True, days_every=60)
     show("live, day roll-ups every 60th call", dt, f"({nrec / n:.1f} records/message)")
 

@@ -39,8 +39,11 @@ class Instant:
 
     def __init__(self):
         self.out = b""
-        self.bms = _reply(11, 3, [532, 981, 6710, 1520, 312, 295, 412, 0,
-                                  0x4230, 0x3031, 0x3233, 0x3435, 6, 0x22C1])
+        self.bms = _reply(
+            11,
+            3,
+            [532, 981, 6710, 1520, 312, 295, 412, 0, 0x4230, 0x3031, 0x3233, 0x3435, 6, 0x22C1],
+        )
         self.f32 = _reply(1, 4, [0x4996, 0xB43F])
         self.pos = 0
 
@@ -71,6 +74,7 @@ def per_us(fn, n):
 def heap_per_call(fn, n):
     try:
         import gc
+
         alloc = gc.mem_alloc  # type: ignore[attr-defined]
     except (ImportError, AttributeError):
         return None
@@ -86,8 +90,9 @@ def heap_per_call(fn, n):
 
 
 def main():
-    frame = _reply(11, 3, [532, 981, 6710, 1520, 312, 295, 412, 0,
-                           0x4230, 0x3031, 0x3233, 0x3435, 6, 0x22C1])
+    frame = _reply(
+        11, 3, [532, 981, 6710, 1520, 312, 295, 412, 0, 0x4230, 0x3031, 0x3233, 0x3435, 6, 0x22C1]
+    )
     p = modbus.Response(11, 3, 14)
     mv = memoryview(frame)
 
@@ -101,7 +106,7 @@ def main():
     def bytewise():
         p.reset(11, 3, 14)
         for i in range(len(frame)):
-            p.feed(mv[i:i + 1])
+            p.feed(mv[i : i + 1])
 
     def garbage():
         p.reset(11, 3, 14)
@@ -112,17 +117,20 @@ def main():
         registers.f32_kwh_to_wh(0x4996, 0xB43F)
 
     def decode():
-        registers.decode_bms([532, 981, 6710, 1520, 312, 295, 412, 0,
-                              0x4230, 0x3031, 0x3233, 0x3435, 6, 0x22C1], out)
+        registers.decode_bms(
+            [532, 981, 6710, 1520, 312, 295, 412, 0, 0x4230, 0x3031, 0x3233, 0x3435, 6, 0x22C1], out
+        )
 
     out = {}
     print("%s:" % sys.implementation.name)
-    for name, fn, n in (("crc16, 33-byte frame", crc, 2000),
-                        ("parse BMS reply fed whole", whole, 2000),
-                        ("parse BMS reply byte by byte", bytewise, 300),
-                        ("parse BMS reply behind 6 garbage bytes", garbage, 1000),
-                        ("f32_kwh_to_wh", f32, 5000),
-                        ("decode_bms into a reused dict", decode, 2000)):
+    for name, fn, n in (
+        ("crc16, 33-byte frame", crc, 2000),
+        ("parse BMS reply fed whole", whole, 2000),
+        ("parse BMS reply byte by byte", bytewise, 300),
+        ("parse BMS reply behind 6 garbage bytes", garbage, 1000),
+        ("f32_kwh_to_wh", f32, 5000),
+        ("decode_bms into a reused dict", decode, 2000),
+    ):
         us = per_us(fn, n)
         h = heap_per_call(fn, 20)
         print("  %-42s %8.1f us%s" % (name, us, "" if h is None else "  heap %6.0f B/call" % h))
@@ -142,8 +150,10 @@ def main():
         return timebase.ticks_diff(t1, t0) / n, timebase.ticks_diff(t2, t1) / n
 
     tb, tm = asyncio.run(transactions(50))
-    print("  read_bms transaction (instant device)      %8.2f ms  (3.5-char silence: %d ms)"
-          % (tb, m.silence_ms))
+    print(
+        "  read_bms transaction (instant device)      %8.2f ms  (3.5-char silence: %d ms)"
+        % (tb, m.silence_ms)
+    )
     print("  read_input 2 regs (instant device)         %8.2f ms" % tm)
 
     def one_bms():
@@ -152,8 +162,10 @@ def main():
     def one_meter():
         asyncio.run(registers.read_meter(m, 1, {"power": 0x48, "energy": 0x48}, met))
 
-    for name, fn in (("asyncio.run(read_bms) incl. loop start", one_bms),
-                     ("asyncio.run(read_meter, 1 transaction)", one_meter)):
+    for name, fn in (
+        ("asyncio.run(read_bms) incl. loop start", one_bms),
+        ("asyncio.run(read_meter, 1 transaction)", one_meter),
+    ):
         h = heap_per_call(fn, 20)
         if h is not None:
             print("  %-42s heap %6.0f B/call" % (name, h))
@@ -161,6 +173,7 @@ def main():
 
     async def in_loop(n):
         import gc
+
         gc.collect()
         gc.disable()
         a = gc.mem_alloc()  # type: ignore[attr-defined]
@@ -185,8 +198,9 @@ if not MP:
     import subprocess
 
     mp = sys.executable.rsplit("/", 1)[0] + "/micropython"
-    r = subprocess.run([mp, "-X", "heapsize=100k", __file__], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [mp, "-X", "heapsize=100k", __file__], capture_output=True, text=True, timeout=300
+    )
     print(r.stdout + r.stderr, end="")
     if r.returncode:
         sys.exit(r.returncode)

@@ -27,14 +27,17 @@ def thread_cpu_s(native_id: int) -> float:
 def bench_physics() -> None:
     for dt in (0.01, 0.05):
         ch = Channel(1, t=0.0, dt_s=dt)
-        ch.insert(0.0, Battery(serial="B0000001", capacity_wh=2000, soc=0.2),
-                  ChargeProfile(power_w=1000))
+        ch.insert(
+            0.0, Battery(serial="B0000001", capacity_wh=2000, soc=0.2), ChargeProfile(power_w=1000)
+        )
         t0 = time.perf_counter()
         for k in range(1, 601):
             ch.sample(float(k))
         cpu = time.perf_counter() - t0
-        print(f"physics dt={dt * 1000:.0f} ms: {cpu / 600 * 1e6:.0f} µs CPU per simulated second "
-              f"per charging slot ({cpu / (600 / dt) * 1e6:.2f} µs per step)")
+        print(
+            f"physics dt={dt * 1000:.0f} ms: {cpu / 600 * 1e6:.0f} µs CPU per simulated second "
+            f"per charging slot ({cpu / (600 / dt) * 1e6:.2f} µs per step)"
+        )
     ch = Channel(1, t=0.0)
     t0 = time.perf_counter()
     for k in range(1, 601):
@@ -56,8 +59,10 @@ def bench_exchanges() -> None:
                 times.append(time.monotonic() - t0)
                 assert n == 33
             times.sort()
-            print(f"BMS read (8 + 33 bytes) at 9600: median {times[20] * 1000:.1f} ms, "
-                  f"max {times[-1] * 1000:.1f} ms (a real line: 42.7 ms + turnaround 3.6 ms)")
+            print(
+                f"BMS read (8 + 33 bytes) at 9600: median {times[20] * 1000:.1f} ms, "
+                f"max {times[-1] * 1000:.1f} ms (a real line: 42.7 ms + turnaround 3.6 ms)"
+            )
         with serial.Serial(rig.charger_path, 115200, timeout=0.5) as ch:
             times = []
             for _ in range(100):
@@ -66,8 +71,10 @@ def bench_exchanges() -> None:
                 ch.readline()
                 times.append(time.monotonic() - t0)
             times.sort()
-            print(f"charger query at 115200: median {times[50] * 1000:.2f} ms, "
-                  f"max {times[-1] * 1000:.2f} ms")
+            print(
+                f"charger query at 115200: median {times[50] * 1000:.2f} ms, "
+                f"max {times[-1] * 1000:.2f} ms"
+            )
 
 
 def bench_host(n_rigs: int, slots: int, seconds: float = 5.0) -> None:
@@ -80,8 +87,13 @@ def bench_host(n_rigs: int, slots: int, seconds: float = 5.0) -> None:
         for r in rigs:
             for s in range(1, slots + 1):
                 r.insert(s, capacity_wh=2000, soc=0.3)
-        ports = [(serial.Serial(r.charger_path, 115200, timeout=0.5),
-                  serial.Serial(r.bus_path, 9600, timeout=0.5)) for r in rigs]
+        ports = [
+            (
+                serial.Serial(r.charger_path, 115200, timeout=0.5),
+                serial.Serial(r.bus_path, 9600, timeout=0.5),
+            )
+            for r in rigs
+        ]
         stop = threading.Event()
         done = [0]
 
@@ -119,10 +131,12 @@ def bench_host(n_rigs: int, slots: int, seconds: float = 5.0) -> None:
         for r in rigs:
             r.stop()
         util = (c1 - c0) / (w1 - w0)
-        print(f"RigHost {n_rigs} rigs × {slots} slots charging: start {start_s * 1000 / n_rigs:.0f} ms "
-              f"per rig; host thread {util * 100:.1f} % of a core "
-              f"({util / n_rigs * 100:.2f} % per rig) for {(d1 - d0) / (w1 - w0):.1f} station "
-              f"cycles/s ({slots} charger queries + 2 Modbus reads each)")
+        print(
+            f"RigHost {n_rigs} rigs × {slots} slots charging: start {start_s * 1000 / n_rigs:.0f} ms "
+            f"per rig; host thread {util * 100:.1f} % of a core "
+            f"({util / n_rigs * 100:.2f} % per rig) for {(d1 - d0) / (w1 - w0):.1f} station "
+            f"cycles/s ({slots} charger queries + 2 Modbus reads each)"
+        )
 
 
 if __name__ == "__main__":

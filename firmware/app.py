@@ -25,8 +25,16 @@ class StartError(Exception):
 def open_serial(spec, parity=None, stop=1, de=None):
     if board.PLATFORM == "unix":
         return board.Serial(spec["uart"], spec["baud"], 8, parity, stop)
-    return board.Serial(spec["uart"], spec["baud"], 8, parity, stop,  # type: ignore[call-arg]
-                        spec.get("tx"), spec.get("rx"), de)
+    return board.Serial(
+        spec["uart"],
+        spec["baud"],
+        8,
+        parity,
+        stop,  # type: ignore[call-arg]
+        spec.get("tx"),
+        spec.get("rx"),
+        de,
+    )
 
 
 def build(cfg, root="."):
@@ -39,7 +47,9 @@ def build(cfg, root="."):
         stream = open_serial(bus, bus["parity"], bus["stop"], bus.get("de"))
         master = modbus_master.ModbusMaster(stream, bus["baud"], bus["timeout_ms"], bus["retries"])
     store = persist.ABStore(root, "state", 4096)
-    return station.Station(cfg, link, master, store, timebase.Uptime(), FW_VERSION, board.reset_cause())
+    return station.Station(
+        cfg, link, master, store, timebase.Uptime(), FW_VERSION, board.reset_cause()
+    )
 
 
 def print_trace(st):
@@ -48,13 +58,25 @@ def print_trace(st):
     up = st.uptime.ms()
     for ev in st.take_events():
         print(json.dumps({"trace": "event", "boot": st.boot, "up": up, "body": ev}))
-    line = {"trace": "telemetry", "boot": st.boot, "up": up, "cycles": st.cycles,
-            "cycle_us": st.last_cycle_us, "body": st.snapshot()}
+    line = {
+        "trace": "telemetry",
+        "boot": st.boot,
+        "up": up,
+        "cycles": st.cycles,
+        "cycle_us": st.last_cycle_us,
+        "body": st.snapshot(),
+    }
     u = st.uplink
     if u is not None:
         line["link"] = u.client.counters()
-        line["outbox"] = {"pending": len(u.outbox), "bytes": u.outbox.bytes_used, "made": u.made,
-                          "sent": u.sent, "acked": u.acked, "lost": u.lost}
+        line["outbox"] = {
+            "pending": len(u.outbox),
+            "bytes": u.outbox.bytes_used,
+            "made": u.made,
+            "sent": u.sent,
+            "acked": u.acked,
+            "lost": u.lost,
+        }
         line["link"]["connected"] = u.client.connected
         line["link"]["last_error"] = u.client.last_error
     line["heap_free"] = gc.mem_free()  # type: ignore[attr-defined]
@@ -151,15 +173,31 @@ def build_uplink(cfg, st, clock):
     status = b["prefix"] + "/" + cfg["sid"] + "/status"
     will = ('{"v":1,"sid":"%s","boot":%d,"state":"offline"}' % (cfg["sid"], st.boot)).encode()
     client = mqtt_client.MQTTClient(
-        b["host"], b["port"], cfg["sid"], user=b["user"], password=b["password"] or None,
-        keepalive_s=30, will=(status, will, 1, True), clean_session=False, window=16, tls=b["tls"],
-        connect_timeout_ms=5000, backoff_min_ms=250, backoff_max_ms=10000,
+        b["host"],
+        b["port"],
+        cfg["sid"],
+        user=b["user"],
+        password=b["password"] or None,
+        keepalive_s=30,
+        will=(status, will, 1, True),
+        clean_session=False,
+        window=16,
+        tls=b["tls"],
+        connect_timeout_ms=5000,
+        backoff_min_ms=250,
+        backoff_max_ms=10000,
     )
     return uplink.Uplink(
-        cfg, st, wire.Wire(cfg["sid"], cfg["kid"], cfg["key_bytes"], st.boot),
-        outbox.Outbox(".", cfg["outbox"]["max_bytes"]), client,
-        commands.CommandGate(cfg["sid"], cfg["kid"], cfg["key_bytes"], "."), clock,
-        config_hash(), FW_VERSION, on_reboot=board.reboot,
+        cfg,
+        st,
+        wire.Wire(cfg["sid"], cfg["kid"], cfg["key_bytes"], st.boot),
+        outbox.Outbox(".", cfg["outbox"]["max_bytes"]),
+        client,
+        commands.CommandGate(cfg["sid"], cfg["kid"], cfg["key_bytes"], "."),
+        clock,
+        config_hash(),
+        FW_VERSION,
+        on_reboot=board.reboot,
     )
 
 
@@ -171,8 +209,11 @@ async def run(cfg):
     cycles = int(os.getenv("STATION_CYCLES") or 0) if board.PLATFORM == "unix" else 0
     tasks = []
     if tracing:
-        tasks.append(asyncio.create_task(
-            trace(st, int(os.getenv("STATION_TRACE_MS") or cfg["telemetry_s"] * 1000))))
+        tasks.append(
+            asyncio.create_task(
+                trace(st, int(os.getenv("STATION_TRACE_MS") or cfg["telemetry_s"] * 1000))
+            )
+        )
     if board.PLATFORM != "unix" or not os.getenv("STATION_NO_UPLINK"):
         clock = Clock(st.uptime)
         if cfg["ntp"] is not None:

@@ -20,14 +20,25 @@ from outbox import ABFile
 try:
     from micropython import const
 except ImportError:
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 RING = const(64)
 MAX_AHEAD_MS = const(86400000)  # 24 h
 _NONCE_MAX = const(40)  # characters (fits a UUID); RING of them fit one 4 KB record
 
-CODES = ("unsigned", "bad_sig", "expired", "replay", "wrong_sid", "malformed", "unknown_cmd", "bad_args")
+CODES = (
+    "unsigned",
+    "bad_sig",
+    "expired",
+    "replay",
+    "wrong_sid",
+    "malformed",
+    "unknown_cmd",
+    "bad_args",
+)
 
 # command name -> its argument names (beyond v, sid, kid, cmd, exp, nonce)
 COMMANDS = {"time": ("now_ms",), "config": ("telemetry_s",), "reboot": ()}
@@ -97,17 +108,30 @@ class CommandGate:
         name = obj.get("cmd")
         exp = obj.get("exp")
         nonce = obj.get("nonce")
-        if not _int(kid) or type(obj.get("sid")) is not str or type(name) is not str or not _int(exp):
-            raise CommandError("malformed", "kid, sid, cmd and exp are required (int, str, str, int)")
+        if (
+            not _int(kid)
+            or type(obj.get("sid")) is not str
+            or type(name) is not str
+            or not _int(exp)
+        ):
+            raise CommandError(
+                "malformed", "kid, sid, cmd and exp are required (int, str, str, int)"
+            )
         if not _nonce_ok(nonce):
-            raise CommandError("malformed", "nonce must be 1..%d printable characters or an int" % _NONCE_MAX)
+            raise CommandError(
+                "malformed", "nonce must be 1..%d printable characters or an int" % _NONCE_MAX
+            )
         if kid != self.kid:
             # the MAC matched our key, yet the command names another key version
-            raise CommandError("bad_sig", "kid %d is not this station's key version %d" % (kid, self.kid))
+            raise CommandError(
+                "bad_sig", "kid %d is not this station's key version %d" % (kid, self.kid)
+            )
         if obj["sid"] != self.sid:
             raise CommandError("wrong_sid", "command for %s" % obj["sid"])
         if exp < self.floor_ms:
-            raise CommandError("expired", "exp %d is before a time already seen (%d)" % (exp, self.floor_ms))
+            raise CommandError(
+                "expired", "exp %d is before a time already seen (%d)" % (exp, self.floor_ms)
+            )
         if now_ms is not None:
             if now_ms > exp:
                 raise CommandError("expired", "exp %d is %d ms ago" % (exp, now_ms - exp))

@@ -59,7 +59,9 @@ def _uart(v):
 
 
 def _pin(v):
-    return None if v is None or (type(v) is int and 0 <= v <= 48) else "must be a GPIO number or null"
+    return (
+        None if v is None or (type(v) is int and 0 <= v <= 48) else "must be a GPIO number or null"
+    )
 
 
 def _parity(v):
@@ -99,7 +101,14 @@ BUS = {
 }
 METER = {
     "unit": (_int(1, 247), 1),
-    "model": (lambda v: None if v in ("sdm630", "sdm120") or isinstance(v, dict) else "must be sdm630, sdm120 or a register map", "sdm630"),
+    "model": (
+        lambda v: (
+            None
+            if v in ("sdm630", "sdm120") or isinstance(v, dict)
+            else "must be sdm630, sdm120 or a register map"
+        ),
+        "sdm630",
+    ),
 }
 BMS = {
     "unit_base": (_int(1, 230), 10),
@@ -111,9 +120,20 @@ PERSIST = {
 }
 OUTBOX = {"max_bytes": (_int(4096), 262144)}
 NET_KINDS = {
-    "wifi": {"kind": (_str, _NOTHING), "ssid": (_str, _NOTHING), "password": (lambda v: None if isinstance(v, str) else "must be a string", "")},
+    "wifi": {
+        "kind": (_str, _NOTHING),
+        "ssid": (_str, _NOTHING),
+        "password": (lambda v: None if isinstance(v, str) else "must be a string", ""),
+    },
     "lan": {"kind": (_str, _NOTHING)},
-    "ppp": {"kind": (_str, _NOTHING), "apn": (_str, _NOTHING), "uart": (_uart, 1), "tx": (_pin, None), "rx": (_pin, None), "baud": (_int(1200, 1000000), 115200)},
+    "ppp": {
+        "kind": (_str, _NOTHING),
+        "apn": (_str, _NOTHING),
+        "uart": (_uart, 1),
+        "tx": (_pin, None),
+        "rx": (_pin, None),
+        "baud": (_int(1200, 1000000), 115200),
+    },
     "host": {"kind": (_str, _NOTHING)},
 }
 TOP = {
@@ -206,7 +226,7 @@ def load(path="config.json"):
 def key_bytes(cfg):
     """The 32-byte station key (never logged)."""
     h = cfg["key"]
-    return bytes(int(h[i:i + 2], 16) for i in range(0, 64, 2))
+    return bytes(int(h[i : i + 2], 16) for i in range(0, 64, 2))
 
 
 def example(sid="KH-PNH-0001", charger="/dev/ttyUSB0", bus="/dev/ttyUSB1", slots=8):
@@ -216,11 +236,25 @@ def example(sid="KH-PNH-0001", charger="/dev/ttyUSB0", bus="/dev/ttyUSB1", slots
         "kid": 1,
         "key": "00" * 32,
         "boot_base": 0,
-        "broker": {"host": "127.0.0.1", "port": 1883, "tls": False, "user": sid, "password": "", "prefix": "stations"},
+        "broker": {
+            "host": "127.0.0.1",
+            "port": 1883,
+            "tls": False,
+            "user": sid,
+            "password": "",
+            "prefix": "stations",
+        },
         "net": {"kind": "host"},
         "slots": slots,
         "charger": {"uart": charger, "baud": 115200, "timeout_ms": 200},
-        "bus": {"uart": bus, "baud": 9600, "parity": None, "stop": 1, "timeout_ms": 100, "retries": 1},
+        "bus": {
+            "uart": bus,
+            "baud": 9600,
+            "parity": None,
+            "stop": 1,
+            "timeout_ms": 100,
+            "retries": 1,
+        },
         "meter": {"unit": 1, "model": "sdm630"},
         "bms": {"unit_base": 10, "per_cycle": 2},
         "sample_ms": 1000,

@@ -26,8 +26,10 @@
 try:
     from micropython import const
 except ImportError:  # CPython
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 from array import array
 
@@ -223,9 +225,9 @@ class Response:
                 n = self._n
             take = min(_BUF - n, size - pos)
             if pos == 0 and take == size:
-                buf[n:n + take] = data
+                buf[n : n + take] = data
             else:
-                buf[n:n + take] = data[pos:pos + take]
+                buf[n : n + take] = data[pos : pos + take]
             self._n = n + take
             pos += take
             r = self._scan()
@@ -262,8 +264,12 @@ class Response:
             return buf[i + 2] == 2 * self.count
         e = self._echo
         if e is not None:
-            return (buf[i + 2] == e[2] and buf[i + 3] == e[3]
-                    and buf[i + 4] == e[4] and buf[i + 5] == e[5])
+            return (
+                buf[i + 2] == e[2]
+                and buf[i + 3] == e[3]
+                and buf[i + 4] == e[4]
+                and buf[i + 5] == e[5]
+            )
         if self.fn == 16:
             return buf[i + 4] == 0 and buf[i + 5] == self.count
         return True

@@ -13,8 +13,10 @@
 try:
     from micropython import const
 except ImportError:  # CPython
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 try:
     import asyncio

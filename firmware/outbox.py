@@ -46,8 +46,10 @@ from binascii import crc32
 try:
     from micropython import const
 except ImportError:
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 _MAGIC = const(0xB5)
 _HDR = const(12)
@@ -483,8 +485,13 @@ class Outbox:
                 if f.readinto(h) != _HDR:
                     break
                 magic, kind, ln, rid, crc = struct.unpack_from(_FMT, h, 0)
-                if (magic != _MAGIC or kind not in (_T, _E, _B) or rid <= prev
-                        or (limit is not None and rid >= limit) or rid - seg.first > 1000000):
+                if (
+                    magic != _MAGIC
+                    or kind not in (_T, _E, _B)
+                    or rid <= prev
+                    or (limit is not None and rid >= limit)
+                    or rid - seg.first > 1000000
+                ):
                     break
                 payload = f.read(ln)
                 if len(payload) != ln or _crc(h, payload) != crc:

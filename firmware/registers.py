@@ -4,8 +4,10 @@
 try:
     from micropython import const
 except ImportError:  # CPython
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 # function 04 input registers, float32 big-endian (2 registers each)
 METER_MODELS = {

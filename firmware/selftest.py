@@ -47,8 +47,16 @@ def _result(ok, detail, **extra):
 def _open_serial(spec, parity=None, stop=1, de=None):
     if board.PLATFORM == "unix":
         return board.Serial(spec["uart"], spec["baud"], 8, parity, stop)
-    return board.Serial(spec["uart"], spec["baud"], 8, parity, stop,  # type: ignore[call-arg]
-                        spec.get("tx"), spec.get("rx"), de)
+    return board.Serial(
+        spec["uart"],
+        spec["baud"],
+        8,
+        parity,
+        stop,  # type: ignore[call-arg]
+        spec.get("tx"),
+        spec.get("rx"),
+        de,
+    )
 
 
 def _close(stream):
@@ -136,7 +144,9 @@ async def check_bus(cfg, states):
                 else:
                     slots[str(n)] = "empty" if st == _EMPTY else "no reply"
         if bad:
-            bres = _result(False, "battery present, BMS silent or bad: " + "; ".join(bad), slots=slots)
+            bres = _result(
+                False, "battery present, BMS silent or bad: " + "; ".join(bad), slots=slots
+            )
         else:
             bres = _result(True, "every battery present answers", slots=slots)
         return bres, mres
@@ -183,21 +193,30 @@ def check_broker(cfg):
 
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             s = ctx.wrap_socket(s, server_hostname=b["host"])
-        _send(s, mqtt_codec.connect(cfg["sid"] + "-selftest", 30, True, b["user"], b["password"] or None))
+        _send(
+            s,
+            mqtt_codec.connect(
+                cfg["sid"] + "-selftest", 30, True, b["user"], b["password"] or None
+            ),
+        )
         dec = mqtt_codec.Decoder(512)
         p = _recv_packet(s, dec)
         if p.type != mqtt_codec.CONNACK:
             return _result(False, "%s: no CONNACK (packet type %d)" % (where, p.type))
         if p.rc:
             why = {4: "bad user name or password", 5: "not authorised"}.get(p.rc, "refused")
-            return _result(False, "%s refused the station: %s (CONNACK %d)" % (where, why, p.rc), rc=p.rc)
+            return _result(
+                False, "%s refused the station: %s (CONNACK %d)" % (where, why, p.rc), rc=p.rc
+            )
         topic = b["prefix"] + "/" + cfg["sid"] + "/cmd"
         _send(s, mqtt_codec.subscribe(1, topic, 1))
         p = _recv_packet(s, dec)
         code = p.codes[0] if p.type == mqtt_codec.SUBACK and p.codes else -1
         _send(s, mqtt_codec.disconnect())
         if code == 0x80 or code < 0:
-            return _result(False, "%s: subscribing to %s refused (ACL)" % (where, topic), rc=0, sub=code)
+            return _result(
+                False, "%s: subscribing to %s refused (ACL)" % (where, topic), rc=0, sub=code
+            )
         return _result(True, "%s accepts %s" % (where, b["user"]), rc=0, sub=code)
     except Exception as e:  # noqa: BLE001  (DNS, refused, timeout, TLS)
         return _result(False, "%s: %s %s" % (where, type(e).__name__, e))
@@ -226,8 +245,12 @@ def check_clock(cfg):
             synced = True
             why = "ntp %s answers" % host
         except Exception as e:  # noqa: BLE001
-            return _result(False, "ntp %s: %s %s" % (host, type(e).__name__, e), ms=board.unix_ms(),
-                           synced=False)
+            return _result(
+                False,
+                "ntp %s: %s %s" % (host, type(e).__name__, e),
+                ms=board.unix_ms(),
+                synced=False,
+            )
     ms = board.unix_ms()
     if synced and ms < _MIN_UNIX_MS:
         return _result(False, "clock still before 2024 after ntp", ms=ms, synced=True)
@@ -256,7 +279,9 @@ async def run(path="config.json"):
     except config.ConfigError as e:
         checks["config"] = _result(False, str(e))
         return {"v": VERSION, "ok": False, "checks": checks}
-    checks["config"] = _result(True, "%s kid %d boot_base %d" % (cfg["sid"], cfg["kid"], cfg["boot_base"]))
+    checks["config"] = _result(
+        True, "%s kid %d boot_base %d" % (cfg["sid"], cfg["kid"], cfg["boot_base"])
+    )
     gc.collect()
     res, states = await check_charger(cfg)
     checks["charger"] = res

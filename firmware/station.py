@@ -3,7 +3,6 @@
 # sessions and stale sources, and keeps the current state for the telemetry layer.
 import gc
 
-import charger_link
 import energy
 import modbus
 import registers
@@ -13,8 +12,10 @@ import timebase
 try:
     from micropython import const
 except ImportError:
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 _MAX_EVENTS = const(64)
 _OVER_TEMP = const(600)  # 60.0 °C at the hottest cell: warn (the BMS protects itself higher up)
@@ -43,8 +44,10 @@ class Station:
         # registers restored from flash; a slot added by a config change starts at 0
         self.restored = [int(regs[i]) if i < len(regs) else 0 for i in range(n)]
         rems = saved.get("rems") or []
-        self.slots = [energy.SlotEnergy(self.restored[i], self.stale_ms, int(rems[i]) if i < len(rems) else 0)
-                      for i in range(n)]
+        self.slots = [
+            energy.SlotEnergy(self.restored[i], self.stale_ms, int(rems[i]) if i < len(rems) else 0)
+            for i in range(n)
+        ]
         # boot counter: persisted before any message uses it, never below boot_base
         self.boot = max(int(saved.get("boot", -1)) + 1, cfg["boot_base"])
         self.sessions = sessions.SessionTracker(n)
@@ -79,14 +82,16 @@ class Station:
     # -- persistence -------------------------------------------------------------------
     def _save(self, up=None):
         gc.collect()  # the encoded state needs one contiguous ~1 KB block
-        self.store.save({
-            "boot": self.boot,
-            "regs": [s.mwh for s in self.slots],
-            "rems": [s.rem for s in self.slots],  # below 1 mWh, carried across restarts
-            "sessions": self.sessions.snapshot(),
-            "meter_sn": self.meter_sn,
-            "meter_wh": self.meter_wh,
-        })
+        self.store.save(
+            {
+                "boot": self.boot,
+                "regs": [s.mwh for s in self.slots],
+                "rems": [s.rem for s in self.slots],  # below 1 mWh, carried across restarts
+                "sessions": self.sessions.snapshot(),
+                "meter_sn": self.meter_sn,
+                "meter_wh": self.meter_wh,
+            }
+        )
         self._saved_mwh = self.total_mwh()
         self._saved_up = self.uptime.ms() if up is None else up
 
@@ -166,7 +171,9 @@ class Station:
             self.chg[i] = r
             self.chg_up[i] = up
             self._raised.pop(("chg", i), None)
-            self._condition("charger_fault", i, r.state == "E", "crit", "charger fault %d" % r.fault)
+            self._condition(
+                "charger_fault", i, r.state == "E", "crit", "charger fault %d" % r.fault
+            )
 
     def _unmetered(self, i, gap_ms):
         self.alarm("unmetered", "warn", "slot %d unmetered for %d ms" % (i + 1, gap_ms), i + 1)
@@ -175,7 +182,12 @@ class Station:
         last = self.chg_up[i]
         if last is not None and up - last > self.stale_ms and ("chg", i) not in self._raised:
             self._raised[("chg", i)] = up
-            self.alarm("charger_stale", "warn", "slot %d charger silent for %d ms" % (i + 1, up - last), i + 1)
+            self.alarm(
+                "charger_stale",
+                "warn",
+                "slot %d charger silent for %d ms" % (i + 1, up - last),
+                i + 1,
+            )
 
     def _condition(self, code, i, active, level, msg):
         """Alarm once when a condition starts; re-armed when it clears."""
@@ -192,7 +204,11 @@ class Station:
             return
         up0 = self.uptime.ms()
         try:
-            if self.meter_sn is None or self.meter_up is None or up0 - self.meter_up > self.stale_ms:
+            if (
+                self.meter_sn is None
+                or self.meter_up is None
+                or up0 - self.meter_up > self.stale_ms
+            ):
                 # at start and after every bus recovery (a swapped meter changes its serial)
                 sn = await registers.read_meter_sn(self.master, m["unit"])
                 if self.meter_sn is not None and sn != self.meter_sn:
@@ -200,20 +216,26 @@ class Station:
                 self.meter_sn = sn
             # into the same dict every cycle: long-lived small objects scattered by
             # replacement fragment a 100 KB heap until a 1 KB save no longer fits
-            reading = await registers.read_meter(self.master, m["unit"], m["model"], self._meter_buf)
+            reading = await registers.read_meter(
+                self.master, m["unit"], m["model"], self._meter_buf
+            )
         except (modbus.ModbusError, ValueError):
             up = self.uptime.ms()
             if self.meter_up is not None and up - self.meter_up > self.stale_ms:
                 self.meter = None
                 if "meter" not in self._raised:
                     self._raised["meter"] = up
-                    self.alarm("meter_stale", "warn", "grid meter silent for %d ms" % (up - self.meter_up))
+                    self.alarm(
+                        "meter_stale", "warn", "grid meter silent for %d ms" % (up - self.meter_up)
+                    )
             return
         up = self.uptime.ms()
         wh = reading["e_wh"]
         if self.meter_wh is not None and (self._meter_swapped or wh < self.meter_wh):
             # CONTRACT §6 rule 4: the agent credits up to from_wh, then a new baseline at to_wh
-            self.emit({"ev": "meter_reset", "from_wh": self.meter_wh, "to_wh": wh, "sn": self.meter_sn})
+            self.emit(
+                {"ev": "meter_reset", "from_wh": self.meter_wh, "to_wh": wh, "sn": self.meter_sn}
+            )
         self._meter_swapped = False
         self.meter_wh = wh
         self.meter = reading
@@ -240,10 +262,20 @@ class Station:
             if b is not None:
                 self.bat[i] = b
                 self.bat_up[i] = up
-                self._condition("over_temp", i, b["t"] >= _OVER_TEMP, "crit",
-                                "slot %d battery at %d dC" % (i + 1, b["t"]))
-                self._condition("bms_fault", i, b["flt"] != 0, "crit",
-                                "slot %d BMS fault bits %d" % (i + 1, b["flt"]))
+                self._condition(
+                    "over_temp",
+                    i,
+                    b["t"] >= _OVER_TEMP,
+                    "crit",
+                    "slot %d battery at %d dC" % (i + 1, b["t"]),
+                )
+                self._condition(
+                    "bms_fault",
+                    i,
+                    b["flt"] != 0,
+                    "crit",
+                    "slot %d BMS fault bits %d" % (i + 1, b["flt"]),
+                )
             elif self.bat_up[i] is not None and up - self.bat_up[i] > self.stale_ms:
                 self.bat[i] = None
 
@@ -266,8 +298,15 @@ class Station:
             if r is None:
                 continue
             b = self.bat[i]
-            for ev in self.sessions.update(i + 1, r.state, b["id"] if b else None, self.slots[i].mwh,
-                                           b["soc"] if b else None, up, ts):
+            for ev in self.sessions.update(
+                i + 1,
+                r.state,
+                b["id"] if b else None,
+                self.slots[i].mwh,
+                b["soc"] if b else None,
+                up,
+                ts,
+            ):
                 self.emit(ev)
                 changed = True
         return changed
@@ -318,7 +357,11 @@ class Station:
         self.expire(up)
         body = {}  # type: dict
         if self.meter is not None:
-            body["meter"] = {"e_wh": self.meter["e_wh"], "p_w": self.meter["p_w"], "sn": self.meter_sn}
+            body["meter"] = {
+                "e_wh": self.meter["e_wh"],
+                "p_w": self.meter["p_w"],
+                "sn": self.meter_sn,
+            }
         slots = []
         for i in range(self.n):
             s = {"n": i + 1, "e_mwh": self.slots[i].mwh, "b_mwh": self.restored[i]}

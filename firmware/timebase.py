@@ -15,6 +15,7 @@ if _MP:
     ticks_add = time.ticks_add  # type: ignore[attr-defined]
     ticks_us = time.ticks_us  # type: ignore[attr-defined]
 else:
+
     def ticks_ms():  # type: ignore[misc]
         return time.monotonic_ns() // 1000000  # type: ignore[attr-defined]
 

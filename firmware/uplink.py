@@ -15,8 +15,9 @@ class Uplink:
     `drain()` (outbox → broker). `client` is an MQTTClient, `wire` a Wire for this boot,
     `clock` has `now_ms()` (Unix ms or None when unsynced) and `set_ms(unix_ms)`."""
 
-    def __init__(self, cfg, st, wire, outbox, client, gate, clock, cfg_hash="", fw="0",
-                 on_reboot=None):
+    def __init__(
+        self, cfg, st, wire, outbox, client, gate, clock, cfg_hash="", fw="0", on_reboot=None
+    ):
         self.cfg = cfg
         self.st = st
         self.wire = wire
@@ -30,8 +31,10 @@ class Uplink:
         self.e_topic = prefix + "event"
         self.s_topic = prefix + "status"
         self.c_topic = prefix + "cmd"
-        self.birth = ('{"v":1,"sid":"%s","boot":%d,"state":"online","fw":"%s","cfg":"%s"}'
-                      % (cfg["sid"], st.boot, fw, cfg_hash)).encode()
+        self.birth = (
+            '{"v":1,"sid":"%s","boot":%d,"state":"online","fw":"%s","cfg":"%s"}'
+            % (cfg["sid"], st.boot, fw, cfg_hash)
+        ).encode()
         self.on_reboot = on_reboot
         self._more = asyncio.Event()  # set when something was appended
         self.made = 0  # messages signed and appended

@@ -11,8 +11,10 @@ from hmac_sha256 import Hmac, equal
 try:
     from micropython import const
 except ImportError:
+
     def const(x):  # type: ignore[no-redef,misc]
         return x
+
 
 MAX_BYTES = const(4096)  # a whole signed payload, CONTRACT 5.1
 _SIG_LEN = const(74)  # len(',"sig":"') + 64 hex + len('"}')
@@ -44,6 +46,7 @@ def _buffer():
 
 # ---- encoder: each writer puts one value at mv[p:] and returns the new end. Writing past
 # the buffer raises IndexError, turned into ValueError by _encode (no bound checks inside).
+
 
 def _int(mv, p, n):
     if n < 0:
@@ -255,6 +258,7 @@ def verify(payload, key):
 # ---- strict decoder for verified commands: compact JSON (no whitespace), ASCII only,
 # integers only, no duplicate keys, nothing after the value. MicroPython's json.loads
 # keeps the last of duplicate keys and accepts floats, so it cannot be used here.
+
 
 def _bad(msg, p):
     return WireError("malformed", "%s at byte %d" % (msg, p))

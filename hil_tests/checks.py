@@ -30,8 +30,11 @@ def settle(dut: Dut, agent: Agent, timeout: float = 60.0) -> None:
         return len(tel) >= 2 and all_idle(tel[-1].body) and all_idle(tel[-2].body)
 
     wait_for(idle_twice, timeout, f"{dut.sid}: telemetry with every slot empty at the agent")
-    wait_for(lambda: records_match_reference(dut.sid, agent), timeout,
-             f"{dut.sid}: the agent's records to match the reference over its raw messages")
+    wait_for(
+        lambda: records_match_reference(dut.sid, agent),
+        timeout,
+        f"{dut.sid}: the agent's records to match the reference over its raw messages",
+    )
 
 
 def reference(sid: str, agent: Agent) -> dict[int, tuple[int, int]]:
@@ -44,8 +47,9 @@ def records_match_reference(sid: str, agent: Agent) -> bool:
     return bool(ref) and all(got.get(slot, (0, 0)) == v for slot, v in ref.items())
 
 
-def check_energy(dut: Dut, agent: Agent, *, unmetered: dict[int, int] | None = None,
-                 slack_periods: int = 0) -> dict[int, dict[str, int]]:
+def check_energy(
+    dut: Dut, agent: Agent, *, unmetered: dict[int, int] | None = None, slack_periods: int = 0
+) -> dict[int, dict[str, int]]:
     """After settle(): per slot, credited + held == the reference, nothing held, and the
     credited energy is the ground truth within the integration bound (less what `unmetered`
     says was knowingly not metered, give or take `slack_periods` sampling periods of the
@@ -64,7 +68,8 @@ def check_energy(dut: Dut, agent: Agent, *, unmetered: dict[int, int] | None = N
             bound[slot] += int(slack_periods * dut.dt_s * dut.top_power_w(slot) / 3.6)
         assert abs(credited - expect) <= bound[slot], (
             f"slot {slot}: credited {credited} mWh, ground truth {expect} mWh, "
-            f"bound {bound[slot]} mWh")
+            f"bound {bound[slot]} mWh"
+        )
         out[slot] = {"credited": credited, "truth": truth[slot], "bound": bound[slot]}
     assert not agent.quarantine(dut.sid), agent.quarantine(dut.sid)
     print(f"energy {dut.sid}: {out}")  # the figures, in the HIL log

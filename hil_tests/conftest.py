@@ -23,20 +23,38 @@ from tools.mosquitto import Mosquitto
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("hil", "hardware in the loop")
-    g.addoption("--rig", choices=["virtual", "serial"], default="virtual",
-                help="virtual: firmware on MicroPython, rig on ptys (default); "
-                     "serial: a real ESP32 whose links the rig drives through USB adapters")
+    g.addoption(
+        "--rig",
+        choices=["virtual", "serial"],
+        default="virtual",
+        help="virtual: firmware on MicroPython, rig on ptys (default); "
+        "serial: a real ESP32 whose links the rig drives through USB adapters",
+    )
     g.addoption("--port", default=None, help="serial rig: the board's USB port (REPL, flashing)")
-    g.addoption("--rig-port", default=None, metavar="CHARGER,BUS",
-                help="serial rig: the USB adapters wired to the charger UART and to RS-485")
-    g.addoption("--host-ip", default=None,
-                help="serial rig: this machine's address as the board sees it (broker)")
+    g.addoption(
+        "--rig-port",
+        default=None,
+        metavar="CHARGER,BUS",
+        help="serial rig: the USB adapters wired to the charger UART and to RS-485",
+    )
+    g.addoption(
+        "--host-ip",
+        default=None,
+        help="serial rig: this machine's address as the board sees it (broker)",
+    )
     g.addoption("--site", default=None, help="serial rig: stationctl flash --site template")
-    g.addoption("--reset-cmd", default=None,
-                help="serial rig: command that power-cycles the board (a relay); "
-                     "default: pulse EN through RTS on --port")
-    g.addoption("--flash-arg", action="append", default=[],
-                help="serial rig: extra argument for stationctl flash (repeatable)")
+    g.addoption(
+        "--reset-cmd",
+        default=None,
+        help="serial rig: command that power-cycles the board (a relay); "
+        "default: pulse EN through RTS on --port",
+    )
+    g.addoption(
+        "--flash-arg",
+        action="append",
+        default=[],
+        help="serial rig: extra argument for stationctl flash (repeatable)",
+    )
 
 
 class Bench:
@@ -83,15 +101,23 @@ def _serial_options(config: pytest.Config) -> SerialOptions:
     rig_port = config.getoption("--rig-port")
     host_ip = config.getoption("--host-ip")
     if not port or not os.path.exists(port):
-        pytest.skip(f"--rig serial: no board attached (--port {port or 'not given'} does not exist)")
+        pytest.skip(
+            f"--rig serial: no board attached (--port {port or 'not given'} does not exist)"
+        )
     parts = (rig_port or "").split(",")
     if len(parts) != 2 or not all(os.path.exists(p) for p in parts):
         pytest.skip(f"--rig serial: --rig-port CHARGER,BUS adapters not attached ({rig_port!r})")
     if not host_ip:
         pytest.skip("--rig serial: --host-ip (this machine's address for the board) not given")
-    return SerialOptions(port=port, charger_dev=parts[0], bus_dev=parts[1], host_ip=host_ip,
-                         site=config.getoption("--site"), reset_cmd=config.getoption("--reset-cmd"),
-                         flash_args=list(config.getoption("--flash-arg")))
+    return SerialOptions(
+        port=port,
+        charger_dev=parts[0],
+        bus_dev=parts[1],
+        host_ip=host_ip,
+        site=config.getoption("--site"),
+        reset_cmd=config.getoption("--reset-cmd"),
+        flash_args=list(config.getoption("--flash-arg")),
+    )
 
 
 @pytest.fixture(scope="session")

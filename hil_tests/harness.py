@@ -39,8 +39,14 @@ from tools.rig.battery import Battery
 from tools.rig.faults import _Picker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-IDLE = ScenarioParams(arrival_mean_s=1e12, initial_fill=0.0, random_removal_per_h=0.0,
-                      charger_fault_p=0.0, start_delay_s=0.5, ramp_s=1.5)
+IDLE = ScenarioParams(
+    arrival_mean_s=1e12,
+    initial_fill=0.0,
+    random_removal_per_h=0.0,
+    charger_fault_p=0.0,
+    start_delay_s=0.5,
+    ramp_s=1.5,
+)
 
 
 def stationctl() -> list[str]:
@@ -64,18 +70,21 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 
 
 # ---- broker ---------------------------------------------------------------------------------
 
+
 class LanMosquitto(Mosquitto):
     """A private Mosquitto that a board on the LAN can reach (listens on `bind`)."""
 
     def __init__(self, workdir: pathlib.Path, bind: str = "0.0.0.0") -> None:
         super().__init__(workdir)
-        text = self.conf.read_text().replace(f"listener {self.port} 127.0.0.1",
-                                              f"listener {self.port} {bind}")
+        text = self.conf.read_text().replace(
+            f"listener {self.port} 127.0.0.1", f"listener {self.port} {bind}"
+        )
         self.conf.write_text(text)
 
 
-def retained_status(port: int, sid: str, host: str = "127.0.0.1", prefix: str = "stations",
-                    timeout: float = 10.0) -> dict[str, Any]:
+def retained_status(
+    port: int, sid: str, host: str = "127.0.0.1", prefix: str = "stations", timeout: float = 10.0
+) -> dict[str, Any]:
     """The station's retained status (birth or last will) as a new subscriber gets it."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -96,6 +105,7 @@ def retained_status(port: int, sid: str, host: str = "127.0.0.1", prefix: str = 
 
 # ---- agent ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RawMsg:
     sid: str
@@ -108,8 +118,13 @@ class RawMsg:
 class Agent:
     """`stationctl agent --config` in a subprocess, with its SQLite database."""
 
-    def __init__(self, workdir: pathlib.Path, broker_port: int, broker_host: str = "127.0.0.1",
-                 prefix: str = "stations") -> None:
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        broker_port: int,
+        broker_host: str = "127.0.0.1",
+        prefix: str = "stations",
+    ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.dir / "agent.db"
@@ -119,7 +134,8 @@ class Agent:
             f'[db]\nurl = "{self.db_url}"\nsynchronous = "normal"\n\n'
             f'[broker]\nhost = "{broker_host}"\nport = {broker_port}\nprefix = "{prefix}"\n'
             f'client_id = "hil-agent-{os.getpid()}"\n\n'
-            "[ingest]\nrecords_interval_ms = 200\nkey_reload_s = 1.0\n")
+            "[ingest]\nrecords_interval_ms = 200\nkey_reload_s = 1.0\n"
+        )
         self.log = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         Store(self.db_url).close()  # create the schema before anyone adds keys
@@ -129,7 +145,10 @@ class Agent:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [*stationctl(), "agent", "--config", str(self.config), "--log-level", "info"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -160,8 +179,11 @@ class Agent:
         """Verified messages stored by the agent, in (sid, boot, seq) order."""
         st = Store(self.db_url, readonly=True)
         try:
-            out = [RawMsg(r.sid, r.boot, r.seq, r.kind, decode_record(r.record))
-                   for rows in st.iter_raw(sid) for r in rows]
+            out = [
+                RawMsg(r.sid, r.boot, r.seq, r.kind, decode_record(r.record))
+                for rows in st.iter_raw(sid)
+                for r in rows
+            ]
         finally:
             st.close()
         out.sort(key=lambda m: (m.sid, m.boot, m.seq))
@@ -171,8 +193,11 @@ class Agent:
         return [m for m in self.raw(sid) if m.kind == "telemetry"]
 
     def events(self, sid: str, ev: str | None = None) -> list[dict[str, Any]]:
-        return [m.body for m in self.raw(sid)
-                if m.kind == "event" and (ev is None or m.body.get("ev") == ev)]
+        return [
+            m.body
+            for m in self.raw(sid)
+            if m.kind == "event" and (ev is None or m.body.get("ev") == ev)
+        ]
 
     def alarms(self, sid: str, code: str | None = None) -> list[dict[str, Any]]:
         return [b for b in self.events(sid, "alarm") if code is None or b["code"] == code]
@@ -187,9 +212,13 @@ class Agent:
 
     def export(self, by: str = "interval") -> list[dict[str, Any]]:
         """`stationctl export --by BY --format json` (what an auditor gets)."""
-        r = subprocess.run([*stationctl(), "export", "--db", self.db_url, "--by", by,
-                            "--format", "json"], check=False, capture_output=True, cwd=ROOT,
-                           timeout=60)
+        r = subprocess.run(
+            [*stationctl(), "export", "--db", self.db_url, "--by", by, "--format", "json"],
+            check=False,
+            capture_output=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         if r.returncode != 0:
             raise AssertionError(f"stationctl export failed ({r.returncode}): {r.stderr.decode()}")
         return [json.loads(x) for x in r.stdout.decode().splitlines() if x.strip()]
@@ -206,6 +235,7 @@ class Agent:
 
 # ---- devices under test ----------------------------------------------------------------------
 
+
 class Dut:
     """What every case uses. `sid`, `rig`, `slots`, `dt_s` (sampling period, s), `kid` and
     `key` (the station's current key)."""
@@ -220,8 +250,15 @@ class Dut:
     telemetry_s: float
     real_board: bool = False
 
-    def insert(self, slot: int, *, power_w: float = 1000.0, capacity_wh: float = 2.0,
-               soc: float = 0.6, pack: str = "72V") -> Battery:
+    def insert(
+        self,
+        slot: int,
+        *,
+        power_w: float = 1000.0,
+        capacity_wh: float = 2.0,
+        soc: float = 0.6,
+        pack: str = "72V",
+    ) -> Battery:
         raise NotImplementedError
 
     def remove(self, slot: int) -> Battery | None:
@@ -267,20 +304,43 @@ class Dut:
         else:
             rates = self.rig.rates
             faults._picker = _Picker(
-                rates.charger_rates() if link == "charger" else rates.bus_rates(), faults.rng)
+                rates.charger_rates() if link == "charger" else rates.bus_rates(), faults.rng
+            )
 
 
 class VirtualDut(Dut):
     """The firmware on MicroPython against the rig on ptys (a one-station Fleet)."""
 
-    def __init__(self, name: str, workdir: pathlib.Path, agent: Agent, broker_port: int, *,
-                 slots: int = 2, fault_rate: float = 0.0, sample_ms: int = 500,
-                 telemetry_s: int = 1, seed: int = 7, persist_s: int = 60) -> None:
-        self.fleet = Fleet(n_stations=1, slots=slots, broker_port=broker_port, workdir=workdir,
-                           keys=agent.keys, accel=1.0, fault_rate=fault_rate, seed=seed,
-                           sample_ms=sample_ms, telemetry_s=telemetry_s,
-                           sid_prefix=f"HIL-{name.upper()}-", scenario=IDLE, stale_samples=5,
-                           persist_s=persist_s)
+    def __init__(
+        self,
+        name: str,
+        workdir: pathlib.Path,
+        agent: Agent,
+        broker_port: int,
+        *,
+        slots: int = 2,
+        fault_rate: float = 0.0,
+        sample_ms: int = 500,
+        telemetry_s: int = 1,
+        seed: int = 7,
+        persist_s: int = 60,
+    ) -> None:
+        self.fleet = Fleet(
+            n_stations=1,
+            slots=slots,
+            broker_port=broker_port,
+            workdir=workdir,
+            keys=agent.keys,
+            accel=1.0,
+            fault_rate=fault_rate,
+            seed=seed,
+            sample_ms=sample_ms,
+            telemetry_s=telemetry_s,
+            sid_prefix=f"HIL-{name.upper()}-",
+            scenario=IDLE,
+            stale_samples=5,
+            persist_s=persist_s,
+        )
         self.slots = slots
         self.dt_s = sample_ms / 1000
         self.telemetry_s = telemetry_s
@@ -292,11 +352,26 @@ class VirtualDut(Dut):
         self.kid = self.st.kid
         self.flash = self.st.flash
 
-    def insert(self, slot: int, *, power_w: float = 1000.0, capacity_wh: float = 2.0,
-               soc: float = 0.6, pack: str = "72V") -> Battery:
+    def insert(
+        self,
+        slot: int,
+        *,
+        power_w: float = 1000.0,
+        capacity_wh: float = 2.0,
+        soc: float = 0.6,
+        pack: str = "72V",
+    ) -> Battery:
         self._powers.setdefault(slot, []).append(power_w)
-        return self.fleet.insert(self.sid, slot, pack=pack, power_w=power_w,
-                                 capacity_wh=capacity_wh, soc=soc, start_delay_s=0.5, ramp_s=1.5)
+        return self.fleet.insert(
+            self.sid,
+            slot,
+            pack=pack,
+            power_w=power_w,
+            capacity_wh=capacity_wh,
+            soc=soc,
+            start_delay_s=0.5,
+            ramp_s=1.5,
+        )
 
     def remove(self, slot: int) -> Battery | None:
         return self.fleet.remove(self.sid, slot)
@@ -376,10 +451,21 @@ class SerialDut(Dut):
 
     real_board = True
 
-    def __init__(self, name: str, workdir: pathlib.Path, agent: Agent, broker_port: int,
-                 opts: SerialOptions, *, slots: int = 2, fault_rate: float = 0.0,
-                 sample_ms: int = 1000, telemetry_s: int = 1, seed: int = 7,
-                 persist_s: int = 60) -> None:
+    def __init__(
+        self,
+        name: str,
+        workdir: pathlib.Path,
+        agent: Agent,
+        broker_port: int,
+        opts: SerialOptions,
+        *,
+        slots: int = 2,
+        fault_rate: float = 0.0,
+        sample_ms: int = 1000,
+        telemetry_s: int = 1,
+        seed: int = 7,
+        persist_s: int = 60,
+    ) -> None:
         self.opts = opts
         self.agent = agent
         self.slots = slots
@@ -391,26 +477,49 @@ class SerialDut(Dut):
         self.t0 = time.monotonic()
         rates = FaultRates.uniform(fault_rate, bus_timeout_s=0.15, charger_timeout_s=0.2)
         # the adapters pace the bytes at the real baud: the rig must not pace them again
-        self.rig = Rig(slots=slots, faults=rates, seed=seed, workdir=workdir / "rig", pace=False,
-                       name=self.sid).start()
-        self.bridges = [Bridge(self.rig.charger_path, opts.charger_dev, 115200),
-                        Bridge(self.rig.bus_path, opts.bus_dev, 9600)]
+        self.rig = Rig(
+            slots=slots, faults=rates, seed=seed, workdir=workdir / "rig", pace=False, name=self.sid
+        ).start()
+        self.bridges = [
+            Bridge(self.rig.charger_path, opts.charger_dev, 115200),
+            Bridge(self.rig.bus_path, opts.bus_dev, 9600),
+        ]
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [*stationctl(), "flash", "--port", opts.port, "--station", self.sid,
-               "--agent-db", agent.db_url, "--slots", str(slots),
-               "--broker", f"{opts.host_ip}:{broker_port}",
-               "--set", f"sample_ms={sample_ms}", "--set", f"telemetry_s={telemetry_s}",
-               "--set", f"persist.every_s={persist_s}",
-               "--key-out", str(workdir / "station.key"), "--reports", str(workdir / "reports"),
-               "--force"]
+        cmd = [
+            *stationctl(),
+            "flash",
+            "--port",
+            opts.port,
+            "--station",
+            self.sid,
+            "--agent-db",
+            agent.db_url,
+            "--slots",
+            str(slots),
+            "--broker",
+            f"{opts.host_ip}:{broker_port}",
+            "--set",
+            f"sample_ms={sample_ms}",
+            "--set",
+            f"telemetry_s={telemetry_s}",
+            "--set",
+            f"persist.every_s={persist_s}",
+            "--key-out",
+            str(workdir / "station.key"),
+            "--reports",
+            str(workdir / "reports"),
+            "--force",
+        ]
         if opts.site:
             cmd += ["--site", opts.site]
         cmd += opts.flash_args
         r = subprocess.run(cmd, check=False, capture_output=True, cwd=ROOT, timeout=900)
         if r.returncode != 0:
             self.stop()
-            raise AssertionError(f"stationctl flash failed ({r.returncode}): "
-                                 f"{r.stderr.decode(errors='replace')[-2000:]}")
+            raise AssertionError(
+                f"stationctl flash failed ({r.returncode}): "
+                f"{r.stderr.decode(errors='replace')[-2000:]}"
+            )
         self.key = bytes.fromhex((workdir / "station.key").read_text().strip())
         self.kid = max(k.kid for k in agent.keys.list(self.sid))
         self._wait_boot(0)
@@ -419,15 +528,28 @@ class SerialDut(Dut):
         return [m.boot for m in self.agent.raw(self.sid) if m.body.get("ev") == "boot"]
 
     def _wait_boot(self, after: int) -> int:
-        return int(wait_for(lambda: max([b for b in self._boots() if b >= after], default=None),
-                            120, f"a boot event from {self.sid} (>= {after})"))
+        return int(
+            wait_for(
+                lambda: max([b for b in self._boots() if b >= after], default=None),
+                120,
+                f"a boot event from {self.sid} (>= {after})",
+            )
+        )
 
     def _log(self, what: str, slot: int = 0, p_w: float = 0.0) -> None:
-        self.actions.append((self.sid, Action(t_v=time.monotonic() - self.t0, what=what,
-                                              slot=slot, p_w=p_w)))
+        self.actions.append(
+            (self.sid, Action(t_v=time.monotonic() - self.t0, what=what, slot=slot, p_w=p_w))
+        )
 
-    def insert(self, slot: int, *, power_w: float = 1000.0, capacity_wh: float = 2.0,
-               soc: float = 0.6, pack: str = "72V") -> Battery:
+    def insert(
+        self,
+        slot: int,
+        *,
+        power_w: float = 1000.0,
+        capacity_wh: float = 2.0,
+        soc: float = 0.6,
+        pack: str = "72V",
+    ) -> Battery:
         self._log("insert", slot)
         self._powers.setdefault(slot, []).append(power_w)
         return self.rig.insert(slot, pack=pack, power_w=power_w, capacity_wh=capacity_wh, soc=soc)
@@ -468,8 +590,9 @@ class SerialDut(Dut):
             self.rig.insert(slot, battery=b, start_delay_s=max(2.0, 2 * self.dt_s))
 
     def bound(self) -> dict[int, int]:
-        return integration_bound({self.sid: self.truth()}, self.actions, self.dt_s,
-                                 self.persist_s)[self.sid]
+        return integration_bound({self.sid: self.truth()}, self.actions, self.dt_s, self.persist_s)[
+            self.sid
+        ]
 
     def stop(self) -> None:
         for b in getattr(self, "bridges", []):

@@ -22,12 +22,18 @@ def test_alarms(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-def]
     assert b["level"] == "crit" and b["slot"] == 1
     end = wait_for(lambda: agent.events(dut.sid, "session_end"), 30, "the session to end")[0]
     assert end["why"] == "fault" and end["slot"] == 1
-    tel = wait_for(lambda: [m for m in agent.telemetry(dut.sid)
-                            if m.body["slots"][0].get("st") == "E"], 30, "state E in telemetry")
+    tel = wait_for(
+        lambda: [m for m in agent.telemetry(dut.sid) if m.body["slots"][0].get("st") == "E"],
+        30,
+        "state E in telemetry",
+    )
     assert tel[-1].body["slots"][0].get("bat", {}).get("flt", 1) != 0
     dut.clear_fault(1)
-    wait_for(lambda: len(agent.events(dut.sid, "session_start")) >= 2, 30,
-             "the charge to start again once the fault cleared")
+    wait_for(
+        lambda: len(agent.events(dut.sid, "session_start")) >= 2,
+        30,
+        "the charge to start again once the fault cleared",
+    )
     assert len(agent.alarms(dut.sid, "charger_fault")) == 1  # raised once per occurrence
     settle(dut, agent)
     check_energy(dut, agent)

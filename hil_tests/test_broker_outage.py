@@ -16,18 +16,30 @@ def test_broker_outage(bench: Bench, make_dut) -> None:  # type: ignore[no-untyp
     dut = make_dut()
     wait_for(lambda: agent.telemetry(dut.sid), 60, "first telemetry")
     dut.insert(1, power_w=1000, capacity_wh=20.0, soc=0.3)
-    wait_for(lambda: any(s.get("st") == "C" for s in agent.telemetry(dut.sid)[-1].body["slots"]),
-             30, "slot 1 charging")
+    wait_for(
+        lambda: any(s.get("st") == "C" for s in agent.telemetry(dut.sid)[-1].body["slots"]),
+        30,
+        "slot 1 charging",
+    )
     before = len(agent.raw(dut.sid))
     mark = max((m.boot, m.seq) for m in agent.raw(dut.sid))
     bench.broker.stop()
     time.sleep(6)  # ~6 telemetry periods made offline
     bench.broker.start()
     try:
-        hist = wait_for(lambda: [m for m in agent.raw(dut.sid)
-                                 if m.body.get("hist") == 1 and (m.boot, m.seq) > mark
-                                 and m.kind == "telemetry"] if len(agent.raw(dut.sid)) > before + 6
-                        else None, 60, "the messages made during the outage")
+        hist = wait_for(
+            lambda: (
+                [
+                    m
+                    for m in agent.raw(dut.sid)
+                    if m.body.get("hist") == 1 and (m.boot, m.seq) > mark and m.kind == "telemetry"
+                ]
+                if len(agent.raw(dut.sid)) > before + 6
+                else None
+            ),
+            60,
+            "the messages made during the outage",
+        )
         assert len(hist) >= 3
         assert all(m.kind in ("telemetry", "event") for m in hist)
         settle(dut, agent)

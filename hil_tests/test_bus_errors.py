@@ -30,8 +30,9 @@ def test_bus_errors_counted_and_energy_kept(bench: Bench, make_dut) -> None:  # 
         err = tel[-1].body["err"]
         return err if {k: err[k] for k in before} == before and sum(before.values()) >= 10 else None
 
-    err = wait_for(counters_agree, 90, "the station's error counters to equal the injected faults",
-                   every=0.3)
+    err = wait_for(
+        counters_agree, 90, "the station's error counters to equal the injected faults", every=0.3
+    )
     assert sum(err[k] for k in BUS) > 0 and sum(err[k] for k in CHARGER) > 0
     settle(dut, agent)
     check_energy(dut, agent)

@@ -18,8 +18,11 @@ def test_charger_silence(bench: Bench, make_dut) -> None:  # type: ignore[no-unt
     dut = make_dut()
     wait_for(lambda: agent.telemetry(dut.sid), 60, "first telemetry")
     dut.insert(1, power_w=1000, capacity_wh=20.0, soc=0.3)
-    wait_for(lambda: any(s.get("st") == "C" for s in agent.telemetry(dut.sid)[-1].body["slots"]),
-             30, "slot 1 charging")
+    wait_for(
+        lambda: any(s.get("st") == "C" for s in agent.telemetry(dut.sid)[-1].body["slots"]),
+        30,
+        "slot 1 charging",
+    )
     stale_s = 3  # 5 sampling periods of 0.5 s, rounded up (tools/fleet.py)
     e_on = dut.truth()[1]
     t_on = time.monotonic()
@@ -31,8 +34,11 @@ def test_charger_silence(bench: Bench, make_dut) -> None:  # type: ignore[no-unt
     e_off = dut.truth()[1]
     dut.silence("charger", False)
     # the whole line went quiet: every slot goes stale, but only slot 1 was charging
-    gap = wait_for(lambda: [a for a in agent.alarms(dut.sid, "unmetered") if a.get("slot") == 1],
-                   30, "an unmetered alarm")[0]
+    gap = wait_for(
+        lambda: [a for a in agent.alarms(dut.sid, "unmetered") if a.get("slot") == 1],
+        30,
+        "an unmetered alarm",
+    )[0]
     stale = [a for a in agent.alarms(dut.sid, "charger_stale") if a.get("slot") == 1][0]
     assert stale["slot"] == 1 and stale["level"] == "warn"
     assert gap["slot"] == 1

@@ -25,7 +25,15 @@ def test_commissioning(bench: Bench, make_dut) -> None:  # type: ignore[no-untyp
     assert [s["n"] for s in tel["slots"]] == list(range(1, dut.slots + 1))
     assert all(s.get("st") == "I" and s["e_mwh"] == 0 for s in tel["slots"])
     assert tel["meter"]["sn"] == dut.rig.model.meter_serial
-    assert set(tel["err"]) == {"mb_to", "mb_crc", "mb_exc", "mb_addr", "ser_to", "ser_cs", "ser_bad"}
+    assert set(tel["err"]) == {
+        "mb_to",
+        "mb_crc",
+        "mb_exc",
+        "mb_addr",
+        "ser_to",
+        "ser_cs",
+        "ser_bad",
+    }
 
     st = retained_status(bench.broker.port, dut.sid)
     assert st["state"] == "online" and st["sid"] == dut.sid and st["boot"] == tel["boot"]
@@ -42,12 +50,18 @@ def test_commissioning(bench: Bench, make_dut) -> None:  # type: ignore[no-untyp
     name = dut.sid.split("-")[1]
     new = bench.dut(name, board="b")
     try:
-        b2 = wait_for(lambda: [e for e in agent.events(new.sid, "boot") if e["kid"] != dut.kid],
-                      60, "the replacement board's boot event")[0]
+        b2 = wait_for(
+            lambda: [e for e in agent.events(new.sid, "boot") if e["kid"] != dut.kid],
+            60,
+            "the replacement board's boot event",
+        )[0]
         assert new.sid == dut.sid and new.kid == dut.kid + 1
         assert b2["boot"] > first_boot
-        wait_for(lambda: [m for m in agent.telemetry(new.sid) if m.body["kid"] == new.kid], 60,
-                 "telemetry signed with the new key")
+        wait_for(
+            lambda: [m for m in agent.telemetry(new.sid) if m.body["kid"] == new.kid],
+            60,
+            "telemetry signed with the new key",
+        )
         assert agent.quarantine(new.sid) == []
     finally:
         new.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
 from hil_tests.checks import check_energy, settle
 from hil_tests.conftest import Bench
 from hil_tests.harness import wait_for
@@ -23,6 +22,7 @@ def test_power_cut(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-d
     boots: list[dict[str, Any]] = []
     for _ in range(2):
         n = 2 * (len(boots) + 1)
+
         def started(n: int = n) -> bool:
             return len(agent.events(dut.sid, "session_start")) >= n
 
@@ -30,6 +30,7 @@ def test_power_cut(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-d
         time.sleep(2.5)  # the open sessions are on flash by now
         boot0 = agent.telemetry(dut.sid)[-1].boot
         dut.power_cut(down_s=0.5)
+
         def booted(b: int = boot0) -> list[dict[str, Any]]:
             return [e for e in agent.events(dut.sid, "boot") if e["boot"] > b]
 
@@ -38,6 +39,7 @@ def test_power_cut(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-d
         prev = boots[-1]["restored"] if boots else {k: 0 for k in ev["restored"]}
         assert all(ev["restored"][k] > prev[k] for k in prev)
         boots.append(ev)
+
         def ended(b: int = ev["boot"]) -> list[dict[str, Any]]:
             return [e for e in agent.events(dut.sid, "session_end") if e["boot"] == b]
 
@@ -49,7 +51,8 @@ def test_power_cut(bench: Bench, make_dut) -> None:  # type: ignore[no-untyped-d
     last = boots[-1]
     assert tel[-1].boot == last["boot"]
     assert {s["n"]: s["b_mwh"] for s in tel[-1].body["slots"]} == {
-        int(k): v for k, v in last["restored"].items()}
+        int(k): v for k, v in last["restored"].items()
+    }
     flags = {f for r in agent.ledger.export("interval") if r["sid"] == dut.sid for f in r["flags"]}
     assert "reboot" in flags
     check_energy(dut, agent)
@@ -64,8 +67,11 @@ def test_power_cut_right_after_a_session_opens(bench: Bench, make_dut) -> None: 
     time.sleep(1.5)
     dut.power_cut()
     try:
-        wait_for(lambda: [e for e in agent.events(dut.sid, "session_end") if e["why"] == "reboot"],
-                 10, "the session closed as reboot")
+        wait_for(
+            lambda: [e for e in agent.events(dut.sid, "session_end") if e["why"] == "reboot"],
+            10,
+            "the session closed as reboot",
+        )
     finally:
         settle(dut, agent)
     check_energy(dut, agent)  # the energy itself is whole either way

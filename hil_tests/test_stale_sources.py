@@ -21,21 +21,30 @@ def test_stale_sources(bench: Bench, make_dut) -> None:  # type: ignore[no-untyp
         t = agent.telemetry(dut.sid)
         return t[-1].body if t else {}
 
-    wait_for(lambda: "meter" in newest() and "bat" in newest()["slots"][0], 60,
-             "telemetry with the meter and slot 1's battery")
+    wait_for(
+        lambda: "meter" in newest() and "bat" in newest()["slots"][0],
+        60,
+        "telemetry with the meter and slot 1's battery",
+    )
     sn = newest()["meter"]["sn"]
     t_off = time.monotonic()
     dut.silence("bus", True)
-    wait_for(lambda: "meter" not in newest() and "bat" not in newest()["slots"][0], 30,
-             "telemetry without the meter and the battery")
+    wait_for(
+        lambda: "meter" not in newest() and "bat" not in newest()["slots"][0],
+        30,
+        "telemetry without the meter and the battery",
+    )
     assert time.monotonic() - t_off >= 3 - 1  # not before the stale window (3 s)
     alarm = wait_for(lambda: agent.alarms(dut.sid, "meter_stale"), 30, "a meter_stale alarm")[0]
     assert alarm["level"] == "warn"
     still = newest()["slots"][0]
     assert still.get("st") == "C" and still["ma"] > 0  # the charger still reports
     dut.silence("bus", False)
-    wait_for(lambda: "meter" in newest() and "bat" in newest()["slots"][0], 30,
-             "the meter and the battery back")
+    wait_for(
+        lambda: "meter" in newest() and "bat" in newest()["slots"][0],
+        30,
+        "the meter and the battery back",
+    )
     assert newest()["meter"]["sn"] == sn
     assert agent.events(dut.sid, "meter_reset") == []
     # the bus silence is visible as timeouts, and nothing but timeouts

@@ -14,10 +14,13 @@ from stationctl.errors import UsageError
 
 def register(sub: Any) -> None:
     p = sub.add_parser("agent", help="run the agent: MQTT ingest, raw store, metering records")
-    p.add_argument("--config", required=True, metavar="FILE",
-                   help="TOML configuration (see agent/config.example.toml)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="TOML configuration (see agent/config.example.toml)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
 
@@ -28,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         svc = Service(cfg)
     except (ValueError, sqlite3.Error, OSError) as e:

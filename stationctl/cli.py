@@ -31,7 +31,9 @@ __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stationctl", description="Charging-station firmware, agent and tools.")
+    p = argparse.ArgumentParser(
+        prog="stationctl", description="Charging-station firmware, agent and tools."
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(sub)

@@ -1,6 +1,6 @@
 """`stationctl dashboard`: the web dashboard as its own server beside an agent.
 
-    stationctl dashboard --db sqlite:///agent.db --port 8080
+stationctl dashboard --db sqlite:///agent.db --port 8080
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
-        server = DashboardServer(make_app(args.db, carbon_params=args.carbon_params),
-                                 args.host, args.port)
+        server = DashboardServer(
+            make_app(args.db, carbon_params=args.carbon_params), args.host, args.port
+        )
         try:
             await server.start()
         except OSError as e:

@@ -17,9 +17,15 @@ from stationctl.errors import UsageError
 
 def register(sub: Any) -> None:
     p = sub.add_parser("export", help="metering records as CSV or JSON Lines (CONTRACT §8)")
-    p.add_argument("--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database")
-    p.add_argument("--from", dest="start", metavar="ISO",
-                   help="inclusive start, UTC unless the time says otherwise (e.g. 2025-11-01)")
+    p.add_argument(
+        "--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database"
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        metavar="ISO",
+        help="inclusive start, UTC unless the time says otherwise (e.g. 2025-11-01)",
+    )
     p.add_argument("--to", dest="end", metavar="ISO", help="exclusive end")
     p.add_argument("--by", choices=["interval", "session", "day"], default="interval")
     p.add_argument("--format", required=True, choices=["csv", "json"])

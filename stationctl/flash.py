@@ -20,53 +20,96 @@ from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("flash", help="provision and commission station boards (technicians)",
-                       description="Write MicroPython (esptool), the compiled firmware and the "
-                                   "station's config (mpremote), verify, self-test, register the key.")
+    p = sub.add_parser(
+        "flash",
+        help="provision and commission station boards (technicians)",
+        description="Write MicroPython (esptool), the compiled firmware and the "
+        "station's config (mpremote), verify, self-test, register the key.",
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--station", metavar="SID", help="the station id")
     who.add_argument("--batch", metavar="CSV", help="a CSV of stations (sid,port,… per line)")
     p.add_argument("--port", help="the board's serial port (device path or pyserial URL)")
-    p.add_argument("--chip", default="esp32",
-                   help="esp32 (default), esp32s2, esp32s3, esp32c3, esp32c6, or unix (the "
-                        "MicroPython unix port on a pty, for test rigs)")
+    p.add_argument(
+        "--chip",
+        default="esp32",
+        help="esp32 (default), esp32s2, esp32s3, esp32c3, esp32c6, or unix (the "
+        "MicroPython unix port on a pty, for test rigs)",
+    )
     p.add_argument("--image", metavar="BIN", help="MicroPython image to write with esptool first")
-    p.add_argument("--image-offset", metavar="N", type=lambda s: int(s, 0),
-                   help="flash offset of the image (default: 0x1000 on esp32/s2, 0 on the others)")
+    p.add_argument(
+        "--image-offset",
+        metavar="N",
+        type=lambda s: int(s, 0),
+        help="flash offset of the image (default: 0x1000 on esp32/s2, 0 on the others)",
+    )
     p.add_argument("--erase", action="store_true", help="erase the whole flash before the image")
-    p.add_argument("--esptool-port", metavar="URL",
-                   help="the ROM bootloader's port when it is not --port (e.g. socket://…)")
+    p.add_argument(
+        "--esptool-port",
+        metavar="URL",
+        help="the ROM bootloader's port when it is not --port (e.g. socket://…)",
+    )
     ag = p.add_mutually_exclusive_group()
     ag.add_argument("--agent-db", metavar="URL", help="the agent database (sqlite:///PATH)")
     ag.add_argument("--agent-config", metavar="FILE", help="the agent's TOML (its db.url is used)")
-    p.add_argument("--force", action="store_true",
-                   help="re-provision a known station without the agent's answer, or a board "
-                        "holding another station's config (wiped)")
-    p.add_argument("--site", metavar="FILE", help="site template: config keys as JSON (broker, net, "
-                                                  "slots, charger, bus, …)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-provision a known station without the agent's answer, or a board "
+        "holding another station's config (wiped)",
+    )
+    p.add_argument(
+        "--site",
+        metavar="FILE",
+        help="site template: config keys as JSON (broker, net, slots, charger, bus, …)",
+    )
     p.add_argument("--slots", type=int, help="number of slots (overrides the site)")
     p.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker (overrides the site)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted (e.g. net.ssid=depot, meter=null); repeatable")
-    p.add_argument("--broker-passwd", metavar="FILE",
-                   help="Mosquitto password file: the station's credentials are added (user = sid, "
-                        "a fresh random password in its config)")
-    p.add_argument("--broker-reload", metavar="CMD",
-                   help="command that makes the broker re-read the file (e.g. 'systemctl reload "
-                        "mosquitto')")
-    p.add_argument("--key-out", metavar="FILE",
-                   help="without an agent database: write the key here (0600) for "
-                        "`stationctl keys add --key-file`")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, dotted (e.g. net.ssid=depot, meter=null); repeatable",
+    )
+    p.add_argument(
+        "--broker-passwd",
+        metavar="FILE",
+        help="Mosquitto password file: the station's credentials are added (user = sid, "
+        "a fresh random password in its config)",
+    )
+    p.add_argument(
+        "--broker-reload",
+        metavar="CMD",
+        help="command that makes the broker re-read the file (e.g. 'systemctl reload mosquitto')",
+    )
+    p.add_argument(
+        "--key-out",
+        metavar="FILE",
+        help="without an agent database: write the key here (0600) for "
+        "`stationctl keys add --key-file`",
+    )
     p.add_argument("--kid", type=int, help="key version when the agent is not asked")
-    p.add_argument("--boot-base", type=int, metavar="N", help="lowest boot the board may use (a floor)")
-    p.add_argument("--reports", default="reports", metavar="DIR",
-                   help="folder for commissioning reports (default: ./reports)")
+    p.add_argument(
+        "--boot-base", type=int, metavar="N", help="lowest boot the board may use (a floor)"
+    )
+    p.add_argument(
+        "--reports",
+        default="reports",
+        metavar="DIR",
+        help="folder for commissioning reports (default: ./reports)",
+    )
     p.add_argument("--baud", type=int, default=115200, help="REPL baud rate (default 115200)")
     p.add_argument("--selftest-timeout", type=float, default=90.0, metavar="S")
-    p.add_argument("--dry-run", action="store_true",
-                   help="show what would be written (config with the key redacted, files and "
-                        "hashes); no board needed, nothing changed")
-    p.add_argument("--json", action="store_true", help="print each board's report as JSON on stdout")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be written (config with the key redacted, files and "
+        "hashes); no board needed, nothing changed",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print each board's report as JSON on stdout"
+    )
     p.add_argument("--stop-on-error", action="store_true", help="batch: stop at the first failure")
     p.set_defaults(func=run)
 
@@ -112,12 +155,26 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
         base = Request(
-            sid=args.station or "BATCH", port=args.port, esptool_port=args.esptool_port,
-            chip=args.chip, image=args.image, image_offset=args.image_offset, erase=args.erase,
-            agent_db=_agent_db(args), force=args.force, dry_run=args.dry_run, site=_site(args),
-            broker_passwd=args.broker_passwd, broker_reload=args.broker_reload,
-            key_out=args.key_out, kid=args.kid, boot_base=args.boot_base, reports=args.reports,
-            baud=args.baud, selftest_timeout=args.selftest_timeout)
+            sid=args.station or "BATCH",
+            port=args.port,
+            esptool_port=args.esptool_port,
+            chip=args.chip,
+            image=args.image,
+            image_offset=args.image_offset,
+            erase=args.erase,
+            agent_db=_agent_db(args),
+            force=args.force,
+            dry_run=args.dry_run,
+            site=_site(args),
+            broker_passwd=args.broker_passwd,
+            broker_reload=args.broker_reload,
+            key_out=args.key_out,
+            kid=args.kid,
+            boot_base=args.boot_base,
+            reports=args.reports,
+            baud=args.baud,
+            selftest_timeout=args.selftest_timeout,
+        )
         if args.erase and not args.image:
             raise UsageError("--erase erases the flash before writing --image: give --image")
         if args.batch:
@@ -143,8 +200,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"stationctl flash: {o.sid}: {o.error}{where}", file=sys.stderr)
         elif o.report["result"] == "ok" and not args.batch and not args.json:
             r = o.report
-            print(f"{o.sid}: commissioned, kid {r['kid']}, boot_base {r['boot_base']}; "
-                  f"report {o.paths[1] if o.paths else '-'}")
+            print(
+                f"{o.sid}: commissioned, kid {r['kid']}, boot_base {r['boot_base']}; "
+                f"report {o.paths[1] if o.paths else '-'}"
+            )
     if bad_input and len(bad_input) == len(outs):
         return 2
     return 0 if all(o.ok for o in outs) else 1
@@ -154,17 +213,25 @@ def _print_plan(rep: dict[str, Any]) -> None:
     a = rep.get("agent", {})
     print(f"station {rep['sid']} (dry run: nothing written)")
     if a.get("answered"):
-        print(f"agent: {'known' if a['known'] else 'new'} station, kids {a['kids'] or '-'}, "
-              f"highest boot {a['max_boot']}")
+        print(
+            f"agent: {'known' if a['known'] else 'new'} station, kids {a['kids'] or '-'}, "
+            f"highest boot {a['max_boot']}"
+        )
     else:
         print(f"agent: not asked ({a.get('why')})")
-    print(f"kid {rep['kid']}, boot_base {rep['boot_base']} (the board may raise it from its own "
-          "counter), key: a fresh 32 bytes")
+    print(
+        f"kid {rep['kid']}, boot_base {rep['boot_base']} (the board may raise it from its own "
+        "counter), key: a fresh 32 bytes"
+    )
     if rep.get("broker_user"):
-        print(f"broker credentials: user {rep['broker_user']}, a fresh password, in the password file")
+        print(
+            f"broker credentials: user {rep['broker_user']}, a fresh password, in the password file"
+        )
     fw = rep["firmware"]
-    print(f"firmware {fw['version']} build {fw['build']} (bytecode for mpy-cross's default; the "
-          "board's own mpy version decides on a real run)")
+    print(
+        f"firmware {fw['version']} build {fw['build']} (bytecode for mpy-cross's default; the "
+        "board's own mpy version decides on a real run)"
+    )
     print("files (sha256):")
     for p, h in sorted(rep["files"].items()):
         note = "  (differs on every run: the key)" if p == "config.json" else ""

@@ -29,14 +29,21 @@ def register(sub: Any) -> None:
     a.add_argument("sid")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--key-file", metavar="FILE", help="file holding the key as 64 hex digits")
-    src.add_argument("--generate", metavar="FILE",
-                     help="generate a random key and write it to FILE (must not exist)")
+    src.add_argument(
+        "--generate",
+        metavar="FILE",
+        help="generate a random key and write it to FILE (must not exist)",
+    )
     a.add_argument("--kid", type=int, help="key version (default: next free)")
     r = ks.add_parser("rotate", help="new key with the next kid; old keys stay valid")
     common(r)
     r.add_argument("sid")
-    r.add_argument("--key-out", required=True, metavar="FILE",
-                   help="write the new key (64 hex) to FILE (must not exist)")
+    r.add_argument(
+        "--key-out",
+        required=True,
+        metavar="FILE",
+        help="write the new key (64 hex) to FILE (must not exist)",
+    )
     v = ks.add_parser("revoke", help="revoke one key (--kid) or every key of a station")
     common(v)
     v.add_argument("sid")
@@ -131,8 +138,10 @@ def _do(ks: Any, args: argparse.Namespace) -> int:
         except ValueError:
             os.unlink(args.key_out)
             raise
-        print(f"{args.sid} kid {kid} active; key written to {args.key_out}; older kids stay "
-              "valid until revoked")
+        print(
+            f"{args.sid} kid {kid} active; key written to {args.key_out}; older kids stay "
+            "valid until revoked"
+        )
     elif cmd == "revoke":
         n = ks.revoke(args.sid, args.kid)
         if n == 0:
@@ -142,6 +151,8 @@ def _do(ks: Any, args: argparse.Namespace) -> int:
     else:
         print("sid\tkid\tstate\tcreated\tretired\trevoked")
         for i in ks.list(args.sid):
-            print(f"{i.sid}\t{i.kid}\t{i.state}\t{_iso(i.created_ms)}\t{_iso(i.retired_ms)}\t"
-                  f"{_iso(i.revoked_ms)}")
+            print(
+                f"{i.sid}\t{i.kid}\t{i.state}\t{_iso(i.created_ms)}\t{_iso(i.retired_ms)}\t"
+                f"{_iso(i.revoked_ms)}"
+            )
     return 0

@@ -28,27 +28,57 @@ from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("sim", help="a fleet of virtual stations (real firmware, simulated hardware)")
+    p = sub.add_parser(
+        "sim", help="a fleet of virtual stations (real firmware, simulated hardware)"
+    )
     p.add_argument("--stations", type=int, default=8, metavar="N")
     p.add_argument("--slots", type=int, default=8, metavar="M")
     p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port")
-    p.add_argument("--accel", type=float, default=1.0, metavar="X",
-                   help="time acceleration (60: an hour a minute; 1: real time)")
-    p.add_argument("--fault-rate", type=float, default=0.0, metavar="F",
-                   help="link faults per transaction on each station's charger line and bus")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
-                   help="real seconds to run (default: until Ctrl-C)")
-    p.add_argument("--workdir", default=None, metavar="DIR",
-                   help="flash folders, rig files, ground truth (default: a new temp folder)")
-    p.add_argument("--agent-db", default=None, metavar="URL",
-                   help="register the stations' keys in this agent database")
+    p.add_argument(
+        "--accel",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="time acceleration (60: an hour a minute; 1: real time)",
+    )
+    p.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="link faults per transaction on each station's charger line and bus",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="real seconds to run (default: until Ctrl-C)",
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="flash folders, rig files, ground truth (default: a new temp folder)",
+    )
+    p.add_argument(
+        "--agent-db",
+        default=None,
+        metavar="URL",
+        help="register the stations' keys in this agent database",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prefix", default="stations", help="MQTT topic prefix")
     p.add_argument("--sample-ms", type=int, default=1000, help="sampling period, real ms")
     p.add_argument("--telemetry-s", type=int, default=10, help="telemetry period, real s")
     p.add_argument("--sid-prefix", default="KH-SIM-")
-    p.add_argument("--cut-every", type=float, default=None, metavar="S",
-                   help="cut the power of a random station every S real seconds")
+    p.add_argument(
+        "--cut-every",
+        type=float,
+        default=None,
+        metavar="S",
+        help="cut the power of a random station every S real seconds",
+    )
     p.add_argument("--status-every", type=float, default=10.0, metavar="S")
     p.set_defaults(func=run)
 
@@ -73,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--duration must be > 0")
     if args.cut_every is not None and args.cut_every <= 0:
         raise UsageError("--cut-every must be > 0")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         with socket.create_connection((host, port), timeout=3):
             pass
@@ -88,10 +120,19 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--agent-db {args.agent_db}: {e}") from None
     try:
         fleet = Fleet(
-            n_stations=args.stations, slots=args.slots, broker_host=host, broker_port=port,
-            workdir=args.workdir, keys=keys, accel=args.accel, fault_rate=args.fault_rate,
-            seed=args.seed, prefix=args.prefix, sample_ms=args.sample_ms,
-            telemetry_s=args.telemetry_s, sid_prefix=args.sid_prefix,
+            n_stations=args.stations,
+            slots=args.slots,
+            broker_host=host,
+            broker_port=port,
+            workdir=args.workdir,
+            keys=keys,
+            accel=args.accel,
+            fault_rate=args.fault_rate,
+            seed=args.seed,
+            prefix=args.prefix,
+            sample_ms=args.sample_ms,
+            telemetry_s=args.telemetry_s,
+            sid_prefix=args.sid_prefix,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -101,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
     fleet.start()
-    print(f"stationctl sim: {args.stations} stations × {args.slots} slots on {host}:{port}, "
-          f"accel {args.accel:g}, workdir {fleet.workdir}", flush=True)
+    print(
+        f"stationctl sim: {args.stations} stations × {args.slots} slots on {host}:{port}, "
+        f"accel {args.accel:g}, workdir {fleet.workdir}",
+        flush=True,
+    )
     rng = random.Random(args.seed)
     next_cut = t0 + args.cut_every if args.cut_every else None
     next_status = t0 + args.status_every
@@ -129,8 +173,11 @@ def run(args: argparse.Namespace) -> int:
             keys.close()
     truth = fleet.ground_truth()
     total = sum(sum(m.values()) for m in truth.values())
-    print(f"stationctl sim: delivered {total / 1e6:.3f} kWh into batteries; ground truth in "
-          f"{fleet.workdir / 'ground_truth.json'}", flush=True)
+    print(
+        f"stationctl sim: delivered {total / 1e6:.3f} kWh into batteries; ground truth in "
+        f"{fleet.workdir / 'ground_truth.json'}",
+        flush=True,
+    )
     return 0
 
 
@@ -139,6 +186,8 @@ def _status(fleet: Any) -> str:
     cpu = s["cpu_s"]
     real = max(1e-9, s["virtual_s"] / fleet.accel)
     per = sum(cpu.values()) / max(1, len(cpu)) / real * 100
-    return (f"sim: {s['virtual_s'] / 3600:.2f} h simulated, {s['powered']}/{s['stations']} up, "
-            f"{s['telemetry_seen']} telemetry seen, {s['cuts']} cuts, {s['crashes']} crashes, "
-            f"swaps {s['actions'].get('take', 0)}, firmware CPU {per:.1f} % of a core per station")
+    return (
+        f"sim: {s['virtual_s'] / 3600:.2f} h simulated, {s['powered']}/{s['stations']} up, "
+        f"{s['telemetry_seen']} telemetry seen, {s['cuts']} cuts, {s['crashes']} crashes, "
+        f"swaps {s['actions'].get('take', 0)}, firmware CPU {per:.1f} % of a core per station"
+    )

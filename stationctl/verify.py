@@ -12,16 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 from typing import Any
 
 from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("verify", help="re-verify raw messages and recompute every record (auditors)")
-    p.add_argument("--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database")
-    p.add_argument("--config", metavar="FILE", help="the agent's config (its [metering] parameters)")
+    p = sub.add_parser(
+        "verify", help="re-verify raw messages and recompute every record (auditors)"
+    )
+    p.add_argument(
+        "--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database"
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="the agent's config (its [metering] parameters)"
+    )
     p.add_argument("--sid", help="one station only")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -60,8 +65,12 @@ def run(args: argparse.Namespace) -> int:
                 except WireError as e:
                     bad_sig.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
                     continue
-                msgs.append(RawMsg(sid=v.sid, boot=v.boot, seq=v.seq, recv_ms=row.recv_ms, body=v.body))
-        stored = {r[0]: tuple(r) for r in store.record_rows() if args.sid is None or r[1] == args.sid}
+                msgs.append(
+                    RawMsg(sid=v.sid, boot=v.boot, seq=v.seq, recv_ms=row.recv_ms, body=v.body)
+                )
+        stored = {
+            r[0]: tuple(r) for r in store.record_rows() if args.sid is None or r[1] == args.sid
+        }
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
     finally:
@@ -71,17 +80,24 @@ def run(args: argparse.Namespace) -> int:
     extra = sorted(set(stored) - set(again))
     differ = sorted(k for k in set(again) & set(stored) if again[k] != stored[k])
     summary = {
-        "raw": n_raw, "verified": len(msgs), "bad_signatures": len(bad_sig),
-        "records_stored": len(stored), "records_recomputed": len(again),
-        "missing": len(missing), "extra": len(extra), "different": len(differ),
+        "raw": n_raw,
+        "verified": len(msgs),
+        "bad_signatures": len(bad_sig),
+        "records_stored": len(stored),
+        "records_recomputed": len(again),
+        "missing": len(missing),
+        "extra": len(extra),
+        "different": len(differ),
         "ok": not (bad_sig or missing or extra or differ),
     }
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
         print(f"raw messages {n_raw}, signatures verified {len(msgs)}, failed {len(bad_sig)}")
-        print(f"records stored {len(stored)}, recomputed {len(again)}: "
-              f"{len(missing)} missing, {len(extra)} not reproduced, {len(differ)} different")
+        print(
+            f"records stored {len(stored)}, recomputed {len(again)}: "
+            f"{len(missing)} missing, {len(extra)} not reproduced, {len(differ)} different"
+        )
         for line in bad_sig[:20]:
             print("  bad signature:", line)
         for k in missing[:20]:
@@ -90,5 +106,7 @@ def run(args: argparse.Namespace) -> int:
             print("  stored but not reproduced:", k)
         for k in differ[:20]:
             print("  different:", k, "stored", stored[k][6:8], "recomputed", again[k][6:8])
-        print("OK: every record is reproduced from signed raw messages" if summary["ok"] else "FAILED")
+        print(
+            "OK: every record is reproduced from signed raw messages" if summary["ok"] else "FAILED"
+        )
     return 0 if summary["ok"] else 1

@@ -1,17 +1,15 @@
 """`stationctl watch`: the dashboard's live picture in a terminal (rich).
 
-    stationctl watch --db sqlite:///agent.db            # read the agent's database
-    stationctl watch --api http://127.0.0.1:8080/        # or ask a running dashboard
-    stationctl watch --db … --station KH-PNH-0001        # one station, slot by slot
-    stationctl watch --db … --once                       # one frame, then exit
+stationctl watch --db sqlite:///agent.db            # read the agent's database
+stationctl watch --api http://127.0.0.1:8080/        # or ask a running dashboard
+stationctl watch --db … --station KH-PNH-0001        # one station, slot by slot
+stationctl watch --db … --once                       # one frame, then exit
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 import time
 import urllib.error
@@ -21,21 +19,22 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from stationctl.errors import UsageError
 from agent.wire import SID_RE
+from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("watch", help="live fleet view in the terminal (stations, slots, alarms)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--db", metavar="URL", help="agent database (sqlite:///PATH or a path)")
-    src.add_argument("--api", metavar="URL", help="a running dashboard, e.g. http://127.0.0.1:8080/")
+    src.add_argument(
+        "--api", metavar="URL", help="a running dashboard, e.g. http://127.0.0.1:8080/"
+    )
     p.add_argument("--station", metavar="SID", help="show one station's slots")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--carbon-params", metavar="FILE", help="carbon parameter file (--db only)")
     p.set_defaults(func=run_watch)
-
 
 
 # ---- data sources ----------------------------------------------------------------------------
@@ -89,6 +88,7 @@ def api_source(base: str, sid: str | None) -> Source:
 
 # ---- rendering -----------------------------------------------------------------------------
 
+
 def _w(w: int | None) -> str:
     if w is None:
         return "–"
@@ -124,55 +124,82 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
         ("stationctl watch  ", "bold"),
         f"{t['online']}/{t['stations']} online · charging {_w(t['power_w'])} · "
         f"{t['charging']}/{t['slots']} slots · today {_kwh(t['today_mwh'])} · "
-        f"CO2e avoided today {t['co2e_today_kg']} kg · {_clock(now)}")
+        f"CO2e avoided today {t['co2e_today_kg']} kg · {_clock(now)}",
+    )
     parts: list[Any] = [head]
     if sid is None:
         tab = Table(expand=True, header_style="bold")
-        for col, just in (("Station", "left"), ("State", "left"), ("Last seen", "left"),
-                          ("Power", "right"), ("Charging", "right"), ("Today", "right"),
-                          ("CO2e kg", "right"), ("Alarms", "right")):
+        for col, just in (
+            ("Station", "left"),
+            ("State", "left"),
+            ("Last seen", "left"),
+            ("Power", "right"),
+            ("Charging", "right"),
+            ("Today", "right"),
+            ("CO2e kg", "right"),
+            ("Alarms", "right"),
+        ):
             tab.add_column(col, justify=just)  # type: ignore[arg-type]
         for s in fleet["stations"]:
             a = s["alarms"]
-            tab.add_row(s["sid"], Text(s["state"], style=_STATE_STYLE.get(s["state"], "")),
-                        _ago(s["last_seen_ms"], now), _w(s["power_w"]),
-                        f"{s['charging']}/{s['slots']}", _kwh(s["today_mwh"]),
-                        s["co2e_today_kg"] or "–",
-                        Text(f"{a['crit']} crit", style="red") if a["crit"] else
-                        (Text(f"{a['warn']} warn", style="yellow") if a["warn"] else ""))
+            tab.add_row(
+                s["sid"],
+                Text(s["state"], style=_STATE_STYLE.get(s["state"], "")),
+                _ago(s["last_seen_ms"], now),
+                _w(s["power_w"]),
+                f"{s['charging']}/{s['slots']}",
+                _kwh(s["today_mwh"]),
+                s["co2e_today_kg"] or "–",
+                Text(f"{a['crit']} crit", style="red")
+                if a["crit"]
+                else (Text(f"{a['warn']} warn", style="yellow") if a["warn"] else ""),
+            )
         parts.append(tab)
         alarms = fleet["alarms"]
     elif st is None:
         parts.append(Text(f"no station {sid} in this database (yet)", style="yellow"))
         alarms = []
     else:
-        parts.append(Text(f"{sid}: {st['state']} · last seen {_ago(st['last_seen_ms'], now)} · "
-                          f"slots {_w(st['power_w'])} · meter {_w(st['meter_w'])} · "
-                          f"today {_kwh(st['today_mwh'])}",
-                          style=_STATE_STYLE.get(st["state"], "")))
+        parts.append(
+            Text(
+                f"{sid}: {st['state']} · last seen {_ago(st['last_seen_ms'], now)} · "
+                f"slots {_w(st['power_w'])} · meter {_w(st['meter_w'])} · "
+                f"today {_kwh(st['today_mwh'])}",
+                style=_STATE_STYLE.get(st["state"], ""),
+            )
+        )
         tab = Table(expand=True, header_style="bold")
         for col in ("Slot", "State", "Power", "V", "A", "SoC", "Temp", "Battery", "Session"):
-            tab.add_column(col, justify="right" if col in ("Power", "V", "A", "SoC", "Temp")
-                           else "left")
+            tab.add_column(
+                col, justify="right" if col in ("Power", "V", "A", "SoC", "Temp") else "left"
+            )
         for s in st["slot_list"]:
             b = s["bat"] or {}
             ses = s["session"]
             tab.add_row(
-                str(s["n"]), s["state"], _w(s["power_w"]),
+                str(s["n"]),
+                s["state"],
+                _w(s["power_w"]),
                 "–" if s["mv"] is None else f"{s['mv'] / 1000:.1f}",
                 "–" if s["ma"] is None else f"{s['ma'] / 1000:.1f}",
-                f"{b['soc'] / 10:.1f} %" if b else "–", f"{b['t'] / 10:.1f} °C" if b else "–",
+                f"{b['soc'] / 10:.1f} %" if b else "–",
+                f"{b['t'] / 10:.1f} °C" if b else "–",
                 b.get("id", "–"),
-                f"since {_clock(ses['since_ms'])}, {_kwh(ses['mwh'])}" if ses else "")
+                f"since {_clock(ses['since_ms'])}, {_kwh(ses['mwh'])}" if ses else "",
+            )
         parts.append(tab)
         alarms = st["alarm_list"]
     at = Table(title="Active alarms", expand=True, header_style="bold", title_justify="left")
     for col in ("Level", "Station", "Slot", "Alarm", "Since"):
         at.add_column(col)
     for a in alarms:
-        at.add_row(Text(a["level"], style="red" if a["level"] == "crit" else "yellow"),
-                   a["sid"] or "-", str(a["slot"] or ""), f"{a['code']}: {a['msg']}",
-                   _clock(a["since_ms"]))
+        at.add_row(
+            Text(a["level"], style="red" if a["level"] == "crit" else "yellow"),
+            a["sid"] or "-",
+            str(a["slot"] or ""),
+            f"{a['code']}: {a['msg']}",
+            _clock(a["since_ms"]),
+        )
     if not alarms:
         at.add_row(Text("none", style="green"), "", "", "", "")
     parts.append(at)
@@ -196,6 +223,7 @@ def run_watch(args: argparse.Namespace) -> int:
             fleet, st = get()
         except (OSError, ValueError) as e:  # an unreachable dashboard, a bad answer
             from rich.text import Text
+
             return Text(f"cannot read {args.api or args.db}: {e}", style="red")
         return render(fleet, st, sid)
 

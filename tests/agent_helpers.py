@@ -65,8 +65,14 @@ class Station:
         self.e_wh = 1_000_000
 
     def common(self) -> dict[str, Any]:
-        m: dict[str, Any] = {"v": 1, "sid": self.sid, "kid": self.kid, "boot": self.boot,
-                             "seq": self.seq, "up": self.up}
+        m: dict[str, Any] = {
+            "v": 1,
+            "sid": self.sid,
+            "kid": self.kid,
+            "boot": self.boot,
+            "seq": self.seq,
+            "up": self.up,
+        }
         if self.synced:
             m["ts"] = self.t0_ms + self.up
         self.seq += 1
@@ -84,12 +90,25 @@ class Station:
         if self.meter:
             m["meter"] = {"e_wh": self.e_wh, "p_w": 1500 * self.n, "sn": 12345678}
         m["slots"] = [
-            {"n": i + 1, "st": "C", "mv": 67200, "ma": 15250, "e_mwh": self.e_mwh[i],
-             "b_mwh": self.b_mwh[i]}
+            {
+                "n": i + 1,
+                "st": "C",
+                "mv": 67200,
+                "ma": 15250,
+                "e_mwh": self.e_mwh[i],
+                "b_mwh": self.b_mwh[i],
+            }
             for i in range(self.n)
         ]
-        m["err"] = {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0, "ser_cs": 0, "ser_to": 0,
-                    "ser_bad": 0}
+        m["err"] = {
+            "mb_to": 0,
+            "mb_crc": 0,
+            "mb_exc": 0,
+            "mb_addr": 0,
+            "ser_cs": 0,
+            "ser_to": 0,
+            "ser_bad": 0,
+        }
         return "telemetry", signed(m, self.key)
 
     def event(self, ev: str, **fields: Any) -> tuple[str, bytes]:
@@ -138,8 +157,16 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
     e = f"{prefix}/{GOOD_SID}/event"
 
     def tel(**over: Any) -> dict[str, Any]:
-        m = {"v": 1, "sid": GOOD_SID, "kid": 1, "boot": 900, "seq": st.seq, "up": 5000,
-             "ts": T0_MS, "slots": [{"n": 1, "e_mwh": 1000, "b_mwh": 0}]}
+        m = {
+            "v": 1,
+            "sid": GOOD_SID,
+            "kid": 1,
+            "boot": 900,
+            "seq": st.seq,
+            "up": 5000,
+            "ts": T0_MS,
+            "slots": [{"n": 1, "e_mwh": 1000, "b_mwh": 0}],
+        }
         st.seq += 1
         m.update(over)
         return {k: v for k, v in m.items() if v is not ...}
@@ -158,14 +185,22 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
         ("not_an_object_inside", t, sign(b'{"v":1,"sid":[1,2}', key), "bad_json"),
         ("truncated_in_body", t, good[: len(good) // 2], "sig_missing"),
         ("truncated_in_sig", t, good[:-10], "sig_length"),
-        ("not_ascii", e, sign(json.dumps(alarm, separators=(",", ":"),
-                                         ensure_ascii=False).encode(), key), "not_ascii"),
+        (
+            "not_ascii",
+            e,
+            sign(json.dumps(alarm, separators=(",", ":"), ensure_ascii=False).encode(), key),
+            "not_ascii",
+        ),
         ("too_large", t, signed(big, key), "too_large"),
         ("duplicate_key", t, sign(compact(tel())[:-1] + b',"up":5000}', key), "duplicate_key"),
         ("sig_twice", t, sign(compact(tel(sig="00")), key), "duplicate_key"),
         ("missing_sig", t, compact(tel()), "sig_missing"),
-        ("sig_not_last", t, _replace_sig(good, b',"sig":"' + b"a" * 64 + b'","up":1}'),
-         "sig_not_last"),
+        (
+            "sig_not_last",
+            t,
+            _replace_sig(good, b',"sig":"' + b"a" * 64 + b'","up":1}'),
+            "sig_not_last",
+        ),
         ("uppercase_hex", t, good[:-66] + good[-66:-2].upper() + b'"}', "sig_hex"),
         ("non_hex_sig", t, good[:-66] + b"g" * 64 + b'"}', "sig_hex"),
         ("short_hex", t, good[:-66] + good[-65:-2] + b'"}', "sig_length"),
@@ -174,12 +209,24 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
         ("bad_sig", t, signed(tel(), key_for(GOOD_SID, 2)), "bad_sig"),
         ("tampered", t, signed(tel(up=5000), key).replace(b'"up":5000', b'"up":5001'), "bad_sig"),
         ("wrong_kid", t, signed(tel(kid=7), key), "unknown_kid"),
-        ("revoked_key", f"{prefix}/{REVOKED_SID}/telemetry",
-         signed(tel(sid=REVOKED_SID), key_for(REVOKED_SID)), "revoked_key"),
-        ("unknown_station", f"{prefix}/{UNKNOWN_SID}/telemetry",
-         signed(tel(sid=UNKNOWN_SID), key_for(UNKNOWN_SID)), "unknown_station"),
-        ("topic_sid_mismatch", f"{prefix}/{OTHER_SID}/telemetry", signed(tel(), key),
-         "topic_mismatch"),
+        (
+            "revoked_key",
+            f"{prefix}/{REVOKED_SID}/telemetry",
+            signed(tel(sid=REVOKED_SID), key_for(REVOKED_SID)),
+            "revoked_key",
+        ),
+        (
+            "unknown_station",
+            f"{prefix}/{UNKNOWN_SID}/telemetry",
+            signed(tel(sid=UNKNOWN_SID), key_for(UNKNOWN_SID)),
+            "unknown_station",
+        ),
+        (
+            "topic_sid_mismatch",
+            f"{prefix}/{OTHER_SID}/telemetry",
+            signed(tel(), key),
+            "topic_mismatch",
+        ),
         ("bad_topic_sid", f"{prefix}/kh-pnh-0001/telemetry", signed(tel(), key), "bad_topic"),
         ("float_for_int", t, signed(tel(slots=[{"n": 1, "e_mwh": 1000.5}]), key), "schema"),
         ("float_integral", t, signed(tel(up=5000.0), key), "schema"),
@@ -192,20 +239,31 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
         ("bad_sid", t, signed(tel(sid="kh-pnh-0001"), key), "bad_sid"),
         ("unknown_event", e, signed(ev("explode"), key), "unknown_event"),
         ("no_ev", e, signed(tel(), key), "unknown_event"),
-        ("event_on_telemetry_topic", t,
-         signed(ev("outbox_drop", n=1), key), "schema"),
+        ("event_on_telemetry_topic", t, signed(ev("outbox_drop", n=1), key), "schema"),
         ("missing_slots", t, signed(tel(slots=...), key), "schema"),
         ("missing_up", t, signed(tel(up=...), key), "schema"),
         ("missing_seq", t, signed(tel(seq=...), key), "bad_header"),
-        ("missing_event_field", e, signed(ev("session_start", slot=1, bat="B0000001",
-                                               soc=500), key), "schema"),
+        (
+            "missing_event_field",
+            e,
+            signed(ev("session_start", slot=1, bat="B0000001", soc=500), key),
+            "schema",
+        ),
         ("slot_out_of_range", t, signed(tel(slots=[{"n": 17, "e_mwh": 1}]), key), "schema"),
         ("hist_2", t, signed(tel(hist=2), key), "schema"),
-        ("bad_reset_cause", e, signed(ev("boot", fw="1", reset="cosmic", restored={}), key),
-         "schema"),
+        (
+            "bad_reset_cause",
+            e,
+            signed(ev("boot", fw="1", reset="cosmic", restored={}), key),
+            "schema",
+        ),
         ("non_compact", t, sign(json.dumps(tel()).encode(), key), "not_compact"),
-        ("space_after_colon", t, sign(compact(tel()).replace(b'"up":', b'"up": '), key),
-         "not_compact"),
+        (
+            "space_after_colon",
+            t,
+            sign(compact(tel()).replace(b'"up":', b'"up": '), key),
+            "not_compact",
+        ),
     ]
     return cases
 
@@ -229,8 +287,9 @@ class Publisher:
         self.c.loop_start()
         self.resent = 0
 
-    def send(self, items: list[tuple[str, bytes]], timeout: float = 60.0,
-             pace_s: float = 0.0) -> None:
+    def send(
+        self, items: list[tuple[str, bytes]], timeout: float = 60.0, pace_s: float = 0.0
+    ) -> None:
         import collections
         import time
 
@@ -281,8 +340,13 @@ class Publisher:
         self.c.loop_stop()
 
 
-def fleet_stream(stations: int = 6, per_station: int = 300, prefix: str = "stations",
-                 sid_base: str = "KH-TST", step_ms: int = 10_000) -> list[tuple[str, bytes]]:
+def fleet_stream(
+    stations: int = 6,
+    per_station: int = 300,
+    prefix: str = "stations",
+    sid_base: str = "KH-TST",
+    step_ms: int = 10_000,
+) -> list[tuple[str, bytes]]:
     """A reproducible stream of a small fleet, interleaved in time: a boot event, telemetry
     every 10 s, a charging session per slot, and one reboot (with its boot event and the
     registers restored from 'flash') half-way. Stations are synced (ts), so that records
@@ -302,14 +366,28 @@ def fleet_stream(stations: int = 6, per_station: int = 300, prefix: str = "stati
                 st.reboot()
                 put(st, st.boot_event())
             if k == per_station // 2 + 5:
-                put(st, st.event("session_start", slot=1, bat=f"B{j:07d}", e_mwh=st.e_mwh[0],
-                                 soc=200))
+                put(
+                    st,
+                    st.event("session_start", slot=1, bat=f"B{j:07d}", e_mwh=st.e_mwh[0], soc=200),
+                )
                 st.s0 = (st.e_mwh[0], st.up)  # type: ignore[attr-defined]
             st.advance(step_ms, 1200 + 100 * j)
             put(st, st.telemetry())
             if k == per_station - 20:
                 e0, up0 = st.s0  # type: ignore[attr-defined]
-                put(st, st.event("session_end", slot=1, bat=f"B{j:07d}", e0_mwh=e0,
-                                 e1_mwh=st.e_mwh[0], soc0=200, soc1=900, up0=up0, up1=st.up,
-                                 why="full"))
+                put(
+                    st,
+                    st.event(
+                        "session_end",
+                        slot=1,
+                        bat=f"B{j:07d}",
+                        e0_mwh=e0,
+                        e1_mwh=st.e_mwh[0],
+                        soc0=200,
+                        soc1=900,
+                        up0=up0,
+                        up1=st.up,
+                        why="full",
+                    ),
+                )
     return out

@@ -140,8 +140,9 @@ def exports(trace: list[tuple[str, int, bytes]]) -> dict[str, bytes]:
     msgs = []
     for _topic, recv, payload in trace:
         body = wire.decode_record(payload)
-        msgs.append(RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"], recv_ms=recv,
-                           body=body))
+        msgs.append(
+            RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"], recv_ms=recv, body=body)
+        )
     records = compute(msgs)
     return {f"{by}.{fmt}": render(records, fmt, None, None, by) for by in BYS for fmt in FMTS}
 
@@ -151,8 +152,16 @@ def main(argv: list[str]) -> int:
         HERE.mkdir(exist_ok=True)
         with TRACE.open("w") as f:
             for topic, recv, payload in make_trace():
-                f.write(json.dumps({"topic": topic, "recv_ms": recv,
-                                    "payload": base64.b64encode(payload).decode()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "topic": topic,
+                            "recv_ms": recv,
+                            "payload": base64.b64encode(payload).decode(),
+                        }
+                    )
+                    + "\n"
+                )
     if "--write" in argv or "--write-exports" in argv:
         EXPORTS.mkdir(exist_ok=True)
         for name, data in exports(read_trace()).items():

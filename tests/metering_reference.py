@@ -34,25 +34,41 @@ def reference_totals(
         for m in station:
             b = m.body
             if b.get("ev") == "meter_reset":
-                streams.setdefault(0, []).append({
-                    "what": "reset", "boot": m.boot, "up": b["up"],
-                    "from": b["from_wh"] * 1000, "to": b["to_wh"] * 1000, "sn": b.get("sn"),
-                })
+                streams.setdefault(0, []).append(
+                    {
+                        "what": "reset",
+                        "boot": m.boot,
+                        "up": b["up"],
+                        "from": b["from_wh"] * 1000,
+                        "to": b["to_wh"] * 1000,
+                        "sn": b.get("sn"),
+                    }
+                )
             elif "ev" not in b:
                 if "meter" in b and "e_wh" in b["meter"]:
-                    streams.setdefault(0, []).append({
-                        "what": "reading", "boot": m.boot, "up": b["up"],
-                        "value": b["meter"]["e_wh"] * 1000, "sn": b["meter"].get("sn"),
-                    })
+                    streams.setdefault(0, []).append(
+                        {
+                            "what": "reading",
+                            "boot": m.boot,
+                            "up": b["up"],
+                            "value": b["meter"]["e_wh"] * 1000,
+                            "sn": b["meter"].get("sn"),
+                        }
+                    )
                 seen = set()
                 for s in b.get("slots", []):
                     if s["n"] in seen:
                         continue
                     seen.add(s["n"])
-                    streams.setdefault(s["n"], []).append({
-                        "what": "reading", "boot": m.boot, "up": b["up"], "value": s["e_mwh"],
-                        "sn": None,
-                    })
+                    streams.setdefault(s["n"], []).append(
+                        {
+                            "what": "reading",
+                            "boot": m.boot,
+                            "up": b["up"],
+                            "value": s["e_mwh"],
+                            "sn": None,
+                        }
+                    )
         for slot, items in streams.items():
             limit_w = max_power_w_meter if slot == 0 else max_power_w_slot
             result[(sid, slot)] = walk(items, slot, restored, limit_w)
@@ -81,8 +97,9 @@ def restored_values(station: list[Any]) -> dict[tuple[int, int], int]:
     return r
 
 
-def walk(items: list[dict[str, Any]], slot: int, restored: dict[tuple[int, int], int],
-         limit_w: int) -> tuple[int, int]:
+def walk(
+    items: list[dict[str, Any]], slot: int, restored: dict[tuple[int, int], int], limit_w: int
+) -> tuple[int, int]:
     credited = 0
     held = 0
     started = False

@@ -25,9 +25,21 @@ YEAR_MS = 365 * 86_400_000
 
 
 def rec(slot: int, mwh: int, start: int = T0, sid: str = "KH-A-0001") -> Record:
-    return Record(kind="interval", sid=sid, slot=slot, start_ms=start, end_ms=start + 900_000,
-                  mwh=mwh, held_mwh=0, flags=(), from_key=(1, 0), to_key=(1, 1), e_from=0,
-                  e_to=mwh, version="m1")
+    return Record(
+        kind="interval",
+        sid=sid,
+        slot=slot,
+        start_ms=start,
+        end_ms=start + 900_000,
+        mwh=mwh,
+        held_mwh=0,
+        flags=(),
+        from_key=(1, 0),
+        to_key=(1, 1),
+        e_from=0,
+        e_to=mwh,
+        version="m1",
+    )
 
 
 def test_shipped_parameters_are_labelled_and_sourced() -> None:
@@ -37,8 +49,11 @@ def test_shipped_parameters_are_labelled_and_sourced() -> None:
     for name, values in p.params.items():
         for v in values:
             assert v.source, name
-            assert v.placeholder or "not independently verified" in v.note.lower() or \
-                "not a measured value" in v.note.lower(), name
+            assert (
+                v.placeholder
+                or "not independently verified" in v.note.lower()
+                or "not a measured value" in v.note.lower()
+            ), name
     assert p.value("ef_grid", date(2026, 1, 1)).value == Fraction("0.588")
     assert p.value("tdl", date(2026, 1, 1)).placeholder
 
@@ -67,8 +82,13 @@ def test_grid_side_record_hand_worked() -> None:
 
 def test_aggregates_per_station_vintage_and_point_never_mixing_sides() -> None:
     p = load_params()
-    recs = [rec(1, 500_000), rec(2, 500_000), rec(0, 1_100_000),
-            rec(1, 1_000_000, start=T0 + YEAR_MS), rec(1, 7, sid="KH-B-0002")]
+    recs = [
+        rec(1, 500_000),
+        rec(2, 500_000),
+        rec(0, 1_100_000),
+        rec(1, 1_000_000, start=T0 + YEAR_MS),
+        rec(1, 7, sid="KH-B-0002"),
+    ]
     ag = aggregate(reductions(recs, p))
     assert [(a.sid, a.vintage, a.point, a.records, a.mwh) for a in ag] == [
         ("KH-A-0001", 2026, "battery", 2, 1_000_000),
@@ -84,10 +104,12 @@ def test_aggregates_per_station_vintage_and_point_never_mixing_sides() -> None:
 
 def doc(**over: Any) -> dict[str, Any]:
     def one(value: str, **kw: Any) -> dict[str, Any]:
-        return {"values": [{"value": value, "effective_from": "2020-01-01", "source": "s",
-                            **kw}]}
+        return {"values": [{"value": value, "effective_from": "2020-01-01", "source": "s", **kw}]}
+
     d: dict[str, Any] = {
-        "id": "t", "version": "1", "effective_from": "2020-01-01",
+        "id": "t",
+        "version": "1",
+        "effective_from": "2020-01-01",
         "params": {
             "ef_grid": {"unit": "tCO2/MWh", **one("0.5")},
             "tdl": {"unit": "fraction", **one("0.1")},
@@ -104,8 +126,12 @@ def doc(**over: Any) -> dict[str, Any]:
 def test_values_follow_their_effective_dates() -> None:
     d = doc()
     d["params"]["ef_grid"]["values"] = [
-        {"value": "0.5", "effective_from": "2020-01-01", "effective_to": "2027-01-01",
-         "source": "a"},
+        {
+            "value": "0.5",
+            "effective_from": "2020-01-01",
+            "effective_to": "2027-01-01",
+            "source": "a",
+        },
         {"value": "0.4", "effective_from": "2027-01-01", "source": "b"},
     ]
     p = parse_params(d)
@@ -116,17 +142,24 @@ def test_values_follow_their_effective_dates() -> None:
         reductions([rec(0, 1, start=0)], p)  # 1970: before the set's effective_from
 
 
-@pytest.mark.parametrize("change, msg", [
-    (lambda d: d["params"]["sec"].update(unit="Wh/km"), "unit must be"),
-    (lambda d: d["params"].pop("tdl"), "missing parameter 'tdl'"),
-    (lambda d: d["params"]["sec"]["values"][0].update(value="zero"), "not a decimal"),
-    (lambda d: d["params"]["sec"]["values"][0].pop("source"), "missing 'source'"),
-    (lambda d: d["params"]["charger_efficiency"]["values"][0].update(value="1.2"), "fraction"),
-    (lambda d: d["params"].update(co2={"unit": "t"}), "unknown parameter"),
-    (lambda d: d["params"]["tdl"]["values"].append(
-        {"value": "0.2", "effective_from": "2021-01-01", "source": "x"}), "overlap"),
-    (lambda d: d.pop("version"), "missing 'version'"),
-])
+@pytest.mark.parametrize(
+    "change, msg",
+    [
+        (lambda d: d["params"]["sec"].update(unit="Wh/km"), "unit must be"),
+        (lambda d: d["params"].pop("tdl"), "missing parameter 'tdl'"),
+        (lambda d: d["params"]["sec"]["values"][0].update(value="zero"), "not a decimal"),
+        (lambda d: d["params"]["sec"]["values"][0].pop("source"), "missing 'source'"),
+        (lambda d: d["params"]["charger_efficiency"]["values"][0].update(value="1.2"), "fraction"),
+        (lambda d: d["params"].update(co2={"unit": "t"}), "unknown parameter"),
+        (
+            lambda d: d["params"]["tdl"]["values"].append(
+                {"value": "0.2", "effective_from": "2021-01-01", "source": "x"}
+            ),
+            "overlap",
+        ),
+        (lambda d: d.pop("version"), "missing 'version'"),
+    ],
+)
 def test_bad_parameter_files_are_refused_with_a_reason(change: Any, msg: str) -> None:
     d = doc()
     change(d)
@@ -142,8 +175,9 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(CarbonParamsError, match="not TOML"):
         load_params(bad)
     ok = tmp_path / "ok.toml"
-    ok.write_text(Path(load_params().path).read_text().replace('version = "2026.1"',
-                                                                'version = "2026.2"'))
+    ok.write_text(
+        Path(load_params().path).read_text().replace('version = "2026.1"', 'version = "2026.2"')
+    )
     assert load_params(ok).version == "2026.2"
 
 

@@ -101,7 +101,7 @@ def _pty() -> tuple[int, int, str]:
 
 def _check(results: list[dict[str, Any]]) -> None:
     assert [r["slot"] for r in results] == [c[0] for c in CASES]
-    for r, (slot, what, (reading, to, cs, bad)) in zip(results, CASES):
+    for r, (slot, what, (reading, to, cs, bad)) in zip(results, CASES, strict=False):
         got = (r["reply"] is not None, r["err"]["ser_to"], r["err"]["ser_cs"], r["err"]["ser_bad"])
         assert got == (reading, to, cs, bad), (slot, what, r)
         if reading:

@@ -17,8 +17,9 @@ from tests.helpers import ROOT
 
 
 def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*STATIONCTL, *args], cwd=ROOT,
-                          capture_output=True, timeout=60, check=False)
+    return subprocess.run(
+        [*STATIONCTL, *args], cwd=ROOT, capture_output=True, timeout=60, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,27 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:  # type: i
     msgs = []
     for i, (topic, payload) in enumerate(fleet_stream(3, 120, sid_base="KH-EXP", step_ms=60_000)):
         body = wire.decode_record(payload)
-        rows.append(RawRow(body["sid"], body["boot"], body["seq"], topic.rsplit("/", 1)[1],
-                           topic, 1_764_150_000_000 + i, body["kid"], payload))
-        msgs.append(RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"],
-                           recv_ms=1_764_150_000_000 + i, body=body))
+        rows.append(
+            RawRow(
+                body["sid"],
+                body["boot"],
+                body["seq"],
+                topic.rsplit("/", 1)[1],
+                topic,
+                1_764_150_000_000 + i,
+                body["kid"],
+                payload,
+            )
+        )
+        msgs.append(
+            RawMsg(
+                sid=body["sid"],
+                boot=body["boot"],
+                seq=body["seq"],
+                recv_ms=1_764_150_000_000 + i,
+                body=body,
+            )
+        )
     records = compute(msgs)
     with Store(url) as st:
         st.write_batch(rows)
@@ -43,8 +61,11 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:  # type: i
 
 @pytest.mark.parametrize("by", ["interval", "session", "day"])
 @pytest.mark.parametrize("fmt", ["csv", "json"])
-def test_export_is_render_of_the_stored_records(db: tuple[str, list], by: str,  # type: ignore[type-arg]
-                                                fmt: str) -> None:
+def test_export_is_render_of_the_stored_records(
+    db: tuple[str, list],
+    by: str,  # type: ignore[type-arg]
+    fmt: str,
+) -> None:
     url, records = db
     r = stationctl("export", "--db", url, "--by", by, "--format", fmt)
     assert r.returncode == 0, r.stderr
@@ -60,8 +81,18 @@ def test_default_is_interval_and_json_lines_shape(db: tuple[str, list]) -> None:
     objs = [json.loads(x) for x in lines]
     assert all(o["start"].endswith("Z") and len(o["start"]) == 24 for o in objs)
     keys = list(objs[0])
-    assert keys[:10] == ["sid", "slot", "start", "end", "mwh", "held_mwh", "flags", "from", "to",
-                         "e_from"]
+    assert keys[:10] == [
+        "sid",
+        "slot",
+        "start",
+        "end",
+        "mwh",
+        "held_mwh",
+        "flags",
+        "from",
+        "to",
+        "e_from",
+    ]
     order = [(o["sid"], o["slot"], o["start"]) for o in objs]
     assert order == sorted(order)
     assert {o["slot"] for o in objs} == {0, 1, 2}
@@ -74,8 +105,9 @@ def test_from_inclusive_to_exclusive(db: tuple[str, list]) -> None:  # type: ign
     a, b = starts[2], starts[5]
     from agent.ledger.export import iso_ms
 
-    r = stationctl("export", "--db", url, "--from", iso_ms(a), "--to", iso_ms(b), "--format",
-                   "json")
+    r = stationctl(
+        "export", "--db", url, "--from", iso_ms(a), "--to", iso_ms(b), "--format", "json"
+    )
     assert r.returncode == 0, r.stderr
     got = {json.loads(x)["start"] for x in r.stdout.decode().splitlines()}
     assert got == {iso_ms(s) for s in starts[2:5]}
@@ -88,14 +120,17 @@ def test_from_inclusive_to_exclusive(db: tuple[str, list]) -> None:  # type: ign
     assert empty.returncode == 0 and empty.stdout.count(b"\n") == 1  # the header only
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--format", "xml"], b"invalid choice"),
-    (["--by", "week", "--format", "csv"], b"invalid choice"),
-    (["--format", "csv", "--from", "yesterday"], b"--from"),
-    (["--format", "csv", "--from", "2025-02-30"], b"--from"),
-    (["--format", "csv", "--from", "2025-02-02", "--to", "2025-02-01"], b"before"),
-    ([], b"--format"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--format", "xml"], b"invalid choice"),
+        (["--by", "week", "--format", "csv"], b"invalid choice"),
+        (["--format", "csv", "--from", "yesterday"], b"--from"),
+        (["--format", "csv", "--from", "2025-02-30"], b"--from"),
+        (["--format", "csv", "--from", "2025-02-02", "--to", "2025-02-01"], b"before"),
+        ([], b"--format"),
+    ],
+)
 def test_bad_usage_exits_2(db: tuple[str, list], args: list[str], needle: bytes) -> None:  # type: ignore[type-arg]
     url, _ = db
     r = stationctl("export", "--db", url, *args)

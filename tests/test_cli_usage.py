@@ -24,12 +24,25 @@ def test_usage_error_alias() -> None:
 def test_python_m_bad_usage_exits_2(tmp_path: pathlib.Path, module: str) -> None:
     cases = [
         ["export", "--db", str(tmp_path / "missing.db"), "--format", "json"],  # raised in a command
-        ["keys", "add", "--db", str(tmp_path / "k.db"), "bad sid", "--generate",
-         str(tmp_path / "k.hex")],
+        [
+            "keys",
+            "add",
+            "--db",
+            str(tmp_path / "k.db"),
+            "bad sid",
+            "--generate",
+            str(tmp_path / "k.hex"),
+        ],
     ]
     for args in cases:
-        r = subprocess.run([sys.executable, "-m", module, *args], check=False,
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()

@@ -16,7 +16,9 @@ from tests.helpers import ROOT
 
 
 def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*STATIONCTL, *args], cwd=ROOT, capture_output=True, timeout=120, check=False)
+    return subprocess.run(
+        [*STATIONCTL, *args], cwd=ROOT, capture_output=True, timeout=120, check=False
+    )
 
 
 def build(path: pathlib.Path) -> str:
@@ -25,10 +27,27 @@ def build(path: pathlib.Path) -> str:
     for i, (topic, payload) in enumerate(fleet_stream(2, 80, sid_base="KH-VER", step_ms=60_000)):
         body = wire.decode_record(payload)
         sids.add(body["sid"])
-        rows.append(RawRow(body["sid"], body["boot"], body["seq"], topic.rsplit("/", 1)[1], topic,
-                           1_764_150_000_000 + i, body["kid"], payload))
-        msgs.append(RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"],
-                           recv_ms=1_764_150_000_000 + i, body=body))
+        rows.append(
+            RawRow(
+                body["sid"],
+                body["boot"],
+                body["seq"],
+                topic.rsplit("/", 1)[1],
+                topic,
+                1_764_150_000_000 + i,
+                body["kid"],
+                payload,
+            )
+        )
+        msgs.append(
+            RawMsg(
+                sid=body["sid"],
+                boot=body["boot"],
+                seq=body["seq"],
+                recv_ms=1_764_150_000_000 + i,
+                body=body,
+            )
+        )
     with Store(url) as st:
         st.write_batch(rows)
         st.replace_records({"": [record_to_row(r) for r in compute(msgs)]}, everything=True)
@@ -54,12 +73,16 @@ def test_a_changed_record_or_raw_byte_is_found(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "b.db"
     url = build(path)
     db = sqlite3.connect(path)
-    db.execute("UPDATE records SET mwh = mwh + 1 WHERE rid = (SELECT rid FROM records WHERE mwh > 0 LIMIT 1)")
+    db.execute(
+        "UPDATE records SET mwh = mwh + 1 WHERE rid = (SELECT rid FROM records WHERE mwh > 0 LIMIT 1)"
+    )
     db.commit()
     code, s = summary(url)
     assert code == 1 and s["different"] == 1 and s["bad_signatures"] == 0
     # a raw message whose bytes were altered no longer verifies, and its energy goes missing
-    rid, rec = db.execute("SELECT id, record FROM raw WHERE kind = 'telemetry' LIMIT 1 OFFSET 40").fetchone()
+    rid, rec = db.execute(
+        "SELECT id, record FROM raw WHERE kind = 'telemetry' LIMIT 1 OFFSET 40"
+    ).fetchone()
     forged = bytes(rec).replace(b'"e_mwh":', b'"e_mwh":9', 1)
     db.execute("UPDATE raw SET record = ? WHERE id = ?", (forged, rid))
     db.commit()

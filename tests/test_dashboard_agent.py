@@ -30,9 +30,11 @@ SID = "KH-AGT-0001"
 
 def config(tmp: pathlib.Path, broker_port: int, http_port: int) -> pathlib.Path:
     p = tmp / "agent.toml"
-    p.write_text(f'[db]\nurl = "sqlite:///agent.db"\nsynchronous = "normal"\n'
-                 f'[broker]\nport = {broker_port}\nclient_id = "dash-test-{http_port}"\n'
-                 f'[dashboard]\nhost = "127.0.0.1"\nport = {http_port}\n')
+    p.write_text(
+        f'[db]\nurl = "sqlite:///agent.db"\nsynchronous = "normal"\n'
+        f'[broker]\nport = {broker_port}\nclient_id = "dash-test-{http_port}"\n'
+        f'[dashboard]\nhost = "127.0.0.1"\nport = {http_port}\n'
+    )
     return p
 
 
@@ -55,13 +57,19 @@ def wait(pred: Any, timeout: float, what: str) -> Any:
 
 
 @pytest.fixture
-def agent(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def agent(
+    tmp_path: pathlib.Path, mosquitto: Mosquitto
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     with KeyStore(f"sqlite:///{tmp_path}/agent.db") as ks:
         ks.add(SID, KEY, 1)
     port = free_port()
-    p = subprocess.Popen([*STATIONCTL, "agent", "--config",
-                          str(config(tmp_path, mosquitto.port, port))],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    p = subprocess.Popen(
+        [*STATIONCTL, "agent", "--config", str(config(tmp_path, mosquitto.port, port))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     base = f"http://127.0.0.1:{port}/"
     try:
         wait(lambda: get(base + "api/health")["ok"], 30, "the agent's dashboard")
@@ -72,8 +80,9 @@ def agent(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> Iterator[tuple[subpro
             p.wait()
 
 
-def test_agent_serves_the_dashboard(agent: tuple[subprocess.Popen[str], str],
-                                    mosquitto: Mosquitto) -> None:
+def test_agent_serves_the_dashboard(
+    agent: tuple[subprocess.Popen[str], str], mosquitto: Mosquitto
+) -> None:
     p, base = agent
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dash-test-station")
     c.connect("127.0.0.1", mosquitto.port)
@@ -83,15 +92,21 @@ def test_agent_serves_the_dashboard(agent: tuple[subprocess.Popen[str], str],
     c.publish(f"stations/{SID}/status", json.dumps(status), qos=1, retain=True).wait_for_publish(5)
     body = sim.tel([slot(1, "C", 84000, 10000), slot(2, "I", 0, 0)])
     c.publish(f"stations/{SID}/telemetry", Sim.payload(body), qos=1).wait_for_publish(5)
-    row = wait(lambda: [s for s in get(base + "api/fleet")["stations"] if s["power_w"]], 20,
-               "the station in the API")[0]
+    row = wait(
+        lambda: [s for s in get(base + "api/fleet")["stations"] if s["power_w"]],
+        20,
+        "the station in the API",
+    )[0]
     assert row["sid"] == SID and row["state"] == "online" and row["power_w"] == 840
     # a forged message: quarantined by the agent, an alarm on the dashboard
     good = Sim.payload(sim.tel([slot(1)]))
     forged = good[:-3] + (b"1" if good[-3:-2] != b"1" else b"2") + b'"}'  # one hex digit off
     c.publish(f"stations/{SID}/telemetry", forged, qos=1).wait_for_publish(5)
-    wait(lambda: any(a["id"] == f"{SID}:signature" for a in get(base + "api/alarms")["active"]),
-         20, "the signature alarm")
+    wait(
+        lambda: any(a["id"] == f"{SID}:signature" for a in get(base + "api/alarms")["active"]),
+        20,
+        "the signature alarm",
+    )
     c.loop_stop()
     c.disconnect()
     p.send_signal(signal.SIGTERM)
@@ -104,9 +119,14 @@ def test_a_taken_port_is_a_usage_error(tmp_path: pathlib.Path, mosquitto: Mosqui
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([*STATIONCTL, "agent", "--config",
-                            str(config(tmp_path, mosquitto.port, port))],
-                           capture_output=True, text=True, timeout=60, env=ENV, check=False)
+        r = subprocess.run(
+            [*STATIONCTL, "agent", "--config", str(config(tmp_path, mosquitto.port, port))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+            check=False,
+        )
     assert r.returncode == 2 and "dashboard: cannot listen" in r.stderr
 
 

@@ -64,13 +64,26 @@ def wait(pred: Any, timeout: float, what: str) -> Any:
 
 
 def raw(sim: Sim, kind: str, body: dict[str, Any], recv: int) -> RawRow:
-    return RawRow(sim.sid, body["boot"], body["seq"], kind, f"stations/{sim.sid}/{kind}", recv,
-                  1, Sim.payload(body))
+    return RawRow(
+        sim.sid,
+        body["boot"],
+        body["seq"],
+        kind,
+        f"stations/{sim.sid}/{kind}",
+        recv,
+        1,
+        Sim.payload(body),
+    )
 
 
 def status(sid: str, state: str, recv: int) -> tuple[str, int, bytes]:
-    return (sid, recv, json.dumps({"v": 1, "sid": sid, "boot": 1, "state": state,
-                                   "fw": "0.1.0", "cfg": "abcdef012345"}).encode())
+    return (
+        sid,
+        recv,
+        json.dumps(
+            {"v": 1, "sid": sid, "boot": 1, "state": state, "fw": "0.1.0", "cfg": "abcdef012345"}
+        ).encode(),
+    )
 
 
 def make_db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
@@ -81,16 +94,30 @@ def make_db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
     a, b = Sim(SID, t0=t - 60_000), Sim(SID2, t0=t - 60_000)
     rows = [raw(a, "event", a.ev("session_start", slot=1, bat="B0012345", e_mwh=1000, soc=200), t)]
     for i in range(5):
-        rows.append(raw(a, "telemetry", a.tel([slot(1, "C", 84000, 10000, e=1000 + 100 * i),
-                                               slot(2, "I", 0, 0)], meter=METER), t + i))
+        rows.append(
+            raw(
+                a,
+                "telemetry",
+                a.tel(
+                    [slot(1, "C", 84000, 10000, e=1000 + 100 * i), slot(2, "I", 0, 0)], meter=METER
+                ),
+                t + i,
+            )
+        )
     rows.append(raw(b, "telemetry", b.tel([slot(1, "F", 84000, 50)]), t + 10))
-    store.write_batch(rows, [QuarantineRow(t, f"stations/{SID2}/telemetry", "bad_sig",
-                                           "HMAC mismatch", SID2, b"{}")],
-                      status=[status(SID, "online", t), status(SID2, "online", t)])
+    store.write_batch(
+        rows,
+        [QuarantineRow(t, f"stations/{SID2}/telemetry", "bad_sig", "HMAC mismatch", SID2, b"{}")],
+        status=[status(SID, "online", t), status(SID2, "online", t)],
+    )
     day = t - t % 86_400_000
-    store.apply_records([record_to_row(rec("day", SID, 1, day, 2_000_000)),
-                         record_to_row(rec("interval", SID, 1, t - t % 900_000, 300_000, 900_000))],
-                        [])
+    store.apply_records(
+        [
+            record_to_row(rec("day", SID, 1, day, 2_000_000)),
+            record_to_row(rec("interval", SID, 1, t - t % 900_000, 300_000, 900_000)),
+        ],
+        [],
+    )
     yield url, store, a, b
     store.close()
 
@@ -184,8 +211,16 @@ def test_live_updates_reach_subscribers(db: tuple[str, Store, Sim, Sim], served:
     first = read_events(r, lambda o: True, 5)
     assert first["slot_list"][0]["power_w"] == 840
     t0 = time.monotonic()
-    store.write_batch([raw(a, "telemetry", a.tel([slot(1, "C", 84000, 20000, e=2000),
-                                                  slot(2, "I", 0, 0)], meter=METER), now_ms())])
+    store.write_batch(
+        [
+            raw(
+                a,
+                "telemetry",
+                a.tel([slot(1, "C", 84000, 20000, e=2000), slot(2, "I", 0, 0)], meter=METER),
+                now_ms(),
+            )
+        ]
+    )
     got = read_events(r, lambda o: o["slot_list"][0]["power_w"] == 1680, 10)
     assert got["point"][1] == 1680
     took = time.monotonic() - t0
@@ -205,19 +240,28 @@ def test_live_updates_reach_subscribers(db: tuple[str, Store, Sim, Sim], served:
 def test_offline_alarm_appears_and_clears(db: tuple[str, Store, Sim, Sim], served: Served) -> None:
     _url, store, a, _b = db
     store.put_status([status(SID, "offline", now_ms())])
-    wait(lambda: any(x["id"] == f"{SID}:offline" for x in served.get("/api/alarms")[1]["active"]),
-         10, "offline alarm")
+    wait(
+        lambda: any(x["id"] == f"{SID}:offline" for x in served.get("/api/alarms")[1]["active"]),
+        10,
+        "offline alarm",
+    )
     assert served.get("/api/fleet")[1]["stations"][0]["state"] == "offline"
     store.put_status([status(SID, "online", now_ms())])
     store.write_batch([raw(a, "telemetry", a.tel([slot(1)]), now_ms())])
-    wait(lambda: not any(x["id"] == f"{SID}:offline"
-                         for x in served.get("/api/alarms")[1]["active"]), 10, "alarm cleared")
+    wait(
+        lambda: (
+            not any(x["id"] == f"{SID}:offline" for x in served.get("/api/alarms")[1]["active"])
+        ),
+        10,
+        "alarm cleared",
+    )
     ev = [e["code"] for e in served.get("/api/alarms")[1]["events"]]
     assert "raised:offline" in ev and "cleared:offline" in ev
 
 
-def test_a_resolved_quarantine_row_clears_its_alarm(db: tuple[str, Store, Sim, Sim],
-                                                   served: Served) -> None:
+def test_a_resolved_quarantine_row_clears_its_alarm(
+    db: tuple[str, Store, Sim, Sim], served: Served
+) -> None:
     """The agent ingests a quarantined message once its key arrives (Store.resolve_quarantine):
     the dashboard notices within its records refresh and drops the signature alarm."""
     _url, store, _a, b = db
@@ -225,8 +269,13 @@ def test_a_resolved_quarantine_row_clears_its_alarm(db: tuple[str, Store, Sim, S
     [(qid,)] = store.db.execute("SELECT id FROM quarantine").fetchall()
     body = b.tel([slot(1, "F", 84000, 50)])
     store.resolve_quarantine([raw(b, "telemetry", body, now_ms())], [qid])
-    wait(lambda: not any(x["id"] == f"{SID2}:signature"
-                         for x in served.get("/api/alarms")[1]["active"]), 10, "alarm cleared")
+    wait(
+        lambda: (
+            not any(x["id"] == f"{SID2}:signature" for x in served.get("/api/alarms")[1]["active"])
+        ),
+        10,
+        "alarm cleared",
+    )
     assert "resolved:bad_sig" in [e["code"] for e in served.get("/api/alarms")[1]["events"]]
 
 
@@ -260,10 +309,14 @@ def test_backfill_reads_the_recent_past_and_each_stations_newest(tmp_path: pathl
     t = now_ms()
     old = Sim(SID2, t0=t - 7_200_000)
     recent = Sim(SID, t0=t - 100_000)
-    rows = [raw(old, "telemetry", old.tel([slot(1, "C", 84000, 1000 * (i + 1))]), t - 7_200_000 + i)
-            for i in range(3)]
-    rows += [raw(recent, "telemetry", recent.tel([slot(1, "C", 84000, 10_000)]), t - 60_000 + i)
-             for i in range(3)]
+    rows = [
+        raw(old, "telemetry", old.tel([slot(1, "C", 84000, 1000 * (i + 1))]), t - 7_200_000 + i)
+        for i in range(3)
+    ]
+    rows += [
+        raw(recent, "telemetry", recent.tel([slot(1, "C", 84000, 10_000)]), t - 60_000 + i)
+        for i in range(3)
+    ]
     store.write_batch(rows)
     store.close()
     live = Live(url)

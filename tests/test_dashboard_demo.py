@@ -19,10 +19,28 @@ from tests.test_dashboard_watch import ENV, STATIONCTL
 
 
 def start(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    p = subprocess.Popen([*STATIONCTL, "demo", "--stations", "2", "--slots", "2", "--port", "0",
-                          "--workdir", str(workdir), "--accel", "10", *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                         start_new_session=True)  # its own process group, as in a terminal
+    p = subprocess.Popen(
+        [
+            *STATIONCTL,
+            "demo",
+            "--stations",
+            "2",
+            "--slots",
+            "2",
+            "--port",
+            "0",
+            "--workdir",
+            str(workdir),
+            "--accel",
+            "10",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )  # its own process group, as in a terminal
     assert p.stdout is not None
     lines = []
     deadline = time.monotonic() + 120
@@ -111,15 +129,44 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
 def test_demo_refuses_another_layout_in_the_same_folder(tmp_path: pathlib.Path) -> None:
     work = tmp_path / "demo"
     work.mkdir()
-    (work / "demo.json").write_text(json.dumps({"layout": {"stations": 8, "slots": 8,
-                                                           "sid_prefix": "KH-DEMO"}}))
-    r = subprocess.run([*STATIONCTL, "demo", "--stations", "2", "--slots", "2", "--workdir",
-                        str(work), "--port", "0"], capture_output=True, text=True, timeout=60,
-                       env=ENV, check=False)
+    (work / "demo.json").write_text(
+        json.dumps({"layout": {"stations": 8, "slots": 8, "sid_prefix": "KH-DEMO"}})
+    )
+    r = subprocess.run(
+        [
+            *STATIONCTL,
+            "demo",
+            "--stations",
+            "2",
+            "--slots",
+            "2",
+            "--workdir",
+            str(work),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        check=False,
+    )
     assert r.returncode == 2 and "--fresh" in r.stderr
-    r = subprocess.run([*STATIONCTL, "demo", "--slots", "17"], capture_output=True, text=True,
-                       timeout=60, env=ENV, check=False)
+    r = subprocess.run(
+        [*STATIONCTL, "demo", "--slots", "17"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        check=False,
+    )
     assert r.returncode == 2 and "slots" in r.stderr
-    r = subprocess.run([*STATIONCTL, "demo", "--broker", "http://x"], capture_output=True,
-                       text=True, timeout=60, env=ENV, check=False)
+    r = subprocess.run(
+        [*STATIONCTL, "demo", "--broker", "http://x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        check=False,
+    )
     assert r.returncode == 2 and "mqtt://" in r.stderr

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from agent import wire
-from agent.ledger import carbon
 from agent.dashboard.state import DAY_MS, FleetState, ViewConfig
+from agent.ledger import carbon
 from agent.ledger.metering import Record
 
 T0 = 1_764_150_000_000  # 2025-11-26T09:40:00Z
@@ -33,8 +33,14 @@ class Sim:
         self.synced = synced
 
     def _common(self, hist: bool) -> dict[str, Any]:
-        m: dict[str, Any] = {"v": 1, "sid": self.sid, "kid": 1, "boot": self.boot,
-                             "seq": self.seq, "up": self.up}
+        m: dict[str, Any] = {
+            "v": 1,
+            "sid": self.sid,
+            "kid": 1,
+            "boot": self.boot,
+            "seq": self.seq,
+            "up": self.up,
+        }
         if self.synced:
             m["ts"] = self.t0 + self.up
         if hist:
@@ -42,15 +48,28 @@ class Sim:
         self.seq += 1
         return m
 
-    def tel(self, slots: list[dict[str, Any]], *, meter: dict[str, Any] | None = None,
-            hist: bool = False, step_ms: int = 1000) -> dict[str, Any]:
+    def tel(
+        self,
+        slots: list[dict[str, Any]],
+        *,
+        meter: dict[str, Any] | None = None,
+        hist: bool = False,
+        step_ms: int = 1000,
+    ) -> dict[str, Any]:
         self.up += step_ms
         m = self._common(hist)
         if meter is not None:
             m["meter"] = meter
         m["slots"] = slots
-        m["err"] = {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0, "ser_cs": 0,
-                    "ser_to": 0, "ser_bad": 0}
+        m["err"] = {
+            "mb_to": 0,
+            "mb_crc": 0,
+            "mb_exc": 0,
+            "mb_addr": 0,
+            "ser_cs": 0,
+            "ser_to": 0,
+            "ser_bad": 0,
+        }
         return m
 
     def ev(self, name: str, **fields: Any) -> dict[str, Any]:
@@ -69,14 +88,31 @@ class Sim:
 
 
 def bat(**over: Any) -> dict[str, Any]:
-    b = {"id": "B0012345", "soc": 532, "soh": 981, "mv": 67100, "ma": 15200, "t": 312,
-         "tmin": 295, "cyc": 412, "flt": 0, "life_wh": 402113}
+    b = {
+        "id": "B0012345",
+        "soc": 532,
+        "soh": 981,
+        "mv": 67100,
+        "ma": 15200,
+        "t": 312,
+        "tmin": 295,
+        "cyc": 412,
+        "flt": 0,
+        "life_wh": 402113,
+    }
     b.update(over)
     return b
 
 
-def slot(n: int, st: str | None = "C", mv: int = 67200, ma: int = 15250, e: int = 1000,
-         b: dict[str, Any] | None = None, with_bat: bool = True) -> dict[str, Any]:
+def slot(
+    n: int,
+    st: str | None = "C",
+    mv: int = 67200,
+    ma: int = 15250,
+    e: int = 1000,
+    b: dict[str, Any] | None = None,
+    with_bat: bool = True,
+) -> dict[str, Any]:
     s: dict[str, Any] = {"n": n, "e_mwh": e, "b_mwh": 0}
     if st is not None:
         s.update(st=st, mv=mv, ma=ma)
@@ -89,8 +125,18 @@ METER = {"e_wh": 1_234_567, "p_w": 2150, "sn": 12345678}
 
 
 def online(fs: FleetState, sim: Sim, recv: int) -> None:
-    fs.set_status(sim.sid, recv, {"v": 1, "sid": sim.sid, "boot": sim.boot, "state": "online",
-                                  "fw": "0.1.0", "cfg": "abcdef012345"})
+    fs.set_status(
+        sim.sid,
+        recv,
+        {
+            "v": 1,
+            "sid": sim.sid,
+            "boot": sim.boot,
+            "state": "online",
+            "fw": "0.1.0",
+            "cfg": "abcdef012345",
+        },
+    )
 
 
 def ids(fs: FleetState) -> set[str]:
@@ -101,8 +147,9 @@ def test_fleet_and_station_views_from_newest_telemetry() -> None:
     fs = FleetState(ViewConfig())
     a = Sim("KH-PNH-0001")
     online(fs, a, a.now)
-    body = a.tel([slot(1, "C", 84000, 15000), slot(2, "I", 0, 0), slot(3, "F", 84000, 100)],
-                 meter=METER)
+    body = a.tel(
+        [slot(1, "C", 84000, 15000), slot(2, "I", 0, 0), slot(3, "F", 84000, 100)], meter=METER
+    )
     fs.add_raw(a.sid, "telemetry", a.now + 50, body)
     now = a.now + 1000
     fs.tick(now)
@@ -163,7 +210,10 @@ def test_offline_by_last_will_and_by_silence_and_back() -> None:
     fs.tick(T0 + 33_000)
     assert ids(fs) == {"KH-PNH-0002:offline"}
     codes = [(e["sid"], e["code"]) for e in fs.events]
-    assert ("KH-PNH-0001", "cleared:offline") in codes and ("KH-PNH-0001", "raised:offline") in codes
+    assert ("KH-PNH-0001", "cleared:offline") in codes and (
+        "KH-PNH-0001",
+        "raised:offline",
+    ) in codes
 
 
 def test_conditions_from_telemetry_raise_and_clear() -> None:
@@ -172,13 +222,25 @@ def test_conditions_from_telemetry_raise_and_clear() -> None:
     online(fs, a, T0)
     fs.add_raw(a.sid, "telemetry", T0 + 100, a.tel([slot(1)], meter=METER))
     # the meter stops answering (omitted), and one slot shows each condition
-    bad = a.tel([slot(1, "C", b=bat(t=655)), slot(2, "C", b=bat(flt=4)), slot(3, "E", 71900, 0),
-                 slot(4, None), slot(5, "C", with_bat=False)])
+    bad = a.tel(
+        [
+            slot(1, "C", b=bat(t=655)),
+            slot(2, "C", b=bat(flt=4)),
+            slot(3, "E", 71900, 0),
+            slot(4, None),
+            slot(5, "C", with_bat=False),
+        ]
+    )
     fs.add_raw(a.sid, "telemetry", T0 + 200, bad)
     fs.tick(T0 + 1000)
-    assert ids(fs) == {"KH-PNH-0001:over_temp:1", "KH-PNH-0001:bms_fault:2",
-                       "KH-PNH-0001:charger_fault:3", "KH-PNH-0001:charger_stale:4",
-                       "KH-PNH-0001:bms_stale:5", "KH-PNH-0001:meter_stale"}
+    assert ids(fs) == {
+        "KH-PNH-0001:over_temp:1",
+        "KH-PNH-0001:bms_fault:2",
+        "KH-PNH-0001:charger_fault:3",
+        "KH-PNH-0001:charger_stale:4",
+        "KH-PNH-0001:bms_stale:5",
+        "KH-PNH-0001:meter_stale",
+    }
     levels = {a["code"]: a["level"] for a in fs.active()}
     assert levels["over_temp"] == levels["bms_fault"] == levels["charger_fault"] == "crit"
     assert levels["meter_stale"] == "warn"
@@ -209,10 +271,16 @@ def test_stale_sources_are_debounced() -> None:
 
 def test_rejected_messages_raise_alarms_for_a_while() -> None:
     fs = FleetState(ViewConfig(recent_s=600))
-    fs.add_quarantine(T0, "KH-PNH-0001", "bad_sig", "HMAC mismatch", "stations/KH-PNH-0001/telemetry")
-    fs.add_quarantine(T0 + 1, "KH-PNH-0001", "bad_sig", "HMAC mismatch", "stations/KH-PNH-0001/telemetry")
+    fs.add_quarantine(
+        T0, "KH-PNH-0001", "bad_sig", "HMAC mismatch", "stations/KH-PNH-0001/telemetry"
+    )
+    fs.add_quarantine(
+        T0 + 1, "KH-PNH-0001", "bad_sig", "HMAC mismatch", "stations/KH-PNH-0001/telemetry"
+    )
     fs.add_quarantine(T0 + 2, None, "bad_topic", "x/y", "x/y")
-    fs.add_agent_alarm(T0 + 3, "KH-PNH-0002", "conflict", "crit", "(KH-PNH-0002, 1, 5) already stored")
+    fs.add_agent_alarm(
+        T0 + 3, "KH-PNH-0002", "conflict", "crit", "(KH-PNH-0002, 1, 5) already stored"
+    )
     fs.tick(T0 + 1000)
     act = {a["id"]: a for a in fs.active()}
     assert set(act) == {"KH-PNH-0001:signature", "-:quarantine", "KH-PNH-0002:agent_alarm"}
@@ -231,8 +299,9 @@ def test_quarantined_messages_the_agent_resolved_later_stop_alarming() -> None:
     fs = FleetState()
     fs.add_quarantine(T0, "KH-PNH-0001", "unknown_station", "no key", "t", qid=7)
     fs.add_quarantine(T0 + 1, "KH-PNH-0001", "unknown_station", "no key", "t", qid=8)
-    fs.add_quarantine(T0 + 2, "KH-PNH-0002", "unknown_station", "no key", "t", qid=9,
-                      resolved_to="stored")  # already resolved when first read
+    fs.add_quarantine(
+        T0 + 2, "KH-PNH-0002", "unknown_station", "no key", "t", qid=9, resolved_to="stored"
+    )  # already resolved when first read
     fs.tick(T0 + 10)
     assert ids(fs) == {"KH-PNH-0001:signature"} and fs.first_reject_id() == 7
     fs.resolve([(7, "stored")])
@@ -257,8 +326,18 @@ def test_sessions_in_progress_follow_events_by_key() -> None:
     ses = st["slot_list"][0]["session"]
     assert ses["bat"] == "B0012345" and ses["mwh"] == 500 and ses["soc0"] == 300
     assert ses["since_ms"] == start["ts"]
-    end = a.ev("session_end", slot=1, bat="B0012345", e0_mwh=1000, e1_mwh=1500, soc0=300,
-               soc1=1000, up0=1, up1=2, why="full")
+    end = a.ev(
+        "session_end",
+        slot=1,
+        bat="B0012345",
+        e0_mwh=1000,
+        e1_mwh=1500,
+        soc0=300,
+        soc1=1000,
+        up0=1,
+        up1=2,
+        why="full",
+    )
     fs.add_raw(a.sid, "event", T0 + 3, end)
     fs.add_raw(a.sid, "event", T0 + 4, start)  # a late copy of the older start changes nothing
     st = fs.station(a.sid, T0 + 5)
@@ -268,8 +347,12 @@ def test_sessions_in_progress_follow_events_by_key() -> None:
 def test_station_events_go_to_the_log() -> None:
     fs = FleetState()
     a = Sim("KH-PNH-0001")
-    fs.add_raw(a.sid, "event", T0, a.ev("alarm", code="unmetered", level="warn",
-                                         msg="slot 2 unmetered for 9000 ms", slot=2))
+    fs.add_raw(
+        a.sid,
+        "event",
+        T0,
+        a.ev("alarm", code="unmetered", level="warn", msg="slot 2 unmetered for 9000 ms", slot=2),
+    )
     fs.add_raw(a.sid, "event", T0 + 1, a.ev("outbox_drop", n=17))
     ev = fs.alarms(T0 + 2)["events"]
     assert [(e["code"], e["slot"]) for e in ev] == [("outbox_drop", None), ("unmetered", 2)]
@@ -283,8 +366,9 @@ def test_power_history_per_station_and_fleet_carry_forward() -> None:
     base = T0 - T0 % 5000
     fs.add_raw(a.sid, "telemetry", base + 1000, a.tel([slot(1, "C", 100_000, 10_000)]))  # 1000 W
     fs.add_raw(b.sid, "telemetry", base + 6000, b.tel([slot(1, "C", 100_000, 5_000)]))  # 500 W
-    fs.add_raw(a.sid, "telemetry", base + 11_000, a.tel([slot(1, "C", 100_000, 20_000)],
-                                                        meter=METER))  # 2000 W
+    fs.add_raw(
+        a.sid, "telemetry", base + 11_000, a.tel([slot(1, "C", 100_000, 20_000)], meter=METER)
+    )  # 2000 W
     # a backlog reading is not drawn
     fs.add_raw(a.sid, "telemetry", base + 12_000, a.tel([slot(1, "C", 100_000, 90_000)], hist=True))
     now = base + 14_000
@@ -301,9 +385,21 @@ def test_power_history_per_station_and_fleet_carry_forward() -> None:
 
 
 def rec(kind: str, sid: str, slot: int, start: int, mwh: int, length: int = DAY_MS) -> Record:
-    return Record(kind=kind, sid=sid, slot=slot, start_ms=start, end_ms=start + length, mwh=mwh,
-                  held_mwh=0, flags=(), from_key=(1, 0), to_key=(1, 9), e_from=0, e_to=mwh,
-                  version="m1")
+    return Record(
+        kind=kind,
+        sid=sid,
+        slot=slot,
+        start_ms=start,
+        end_ms=start + length,
+        mwh=mwh,
+        held_mwh=0,
+        flags=(),
+        from_key=(1, 0),
+        to_key=(1, 9),
+        e_from=0,
+        e_to=mwh,
+        version="m1",
+    )
 
 
 def test_today_energy_and_co2e_from_day_records() -> None:
@@ -314,11 +410,22 @@ def test_today_energy_and_co2e_from_day_records() -> None:
     for s in (a, b):
         fs.add_raw(s.sid, "telemetry", now, s.tel([slot(1)]))
     day = now - now % DAY_MS
-    days = [rec("day", a.sid, 0, day, 5_000_000), rec("day", a.sid, 1, day, 2_000_000),
-            rec("day", a.sid, 2, day, 2_500_000), rec("day", b.sid, 1, day, 3_000_000),
-            rec("day", a.sid, 1, day - DAY_MS, 7_000_000)]
-    fs.set_records(days, [(a.sid, 1, day + 900_000, 400), (a.sid, 0, day + 900_000, 1000),
-                          (b.sid, 2, day + 900_000, 50)], now)
+    days = [
+        rec("day", a.sid, 0, day, 5_000_000),
+        rec("day", a.sid, 1, day, 2_000_000),
+        rec("day", a.sid, 2, day, 2_500_000),
+        rec("day", b.sid, 1, day, 3_000_000),
+        rec("day", a.sid, 1, day - DAY_MS, 7_000_000),
+    ]
+    fs.set_records(
+        days,
+        [
+            (a.sid, 1, day + 900_000, 400),
+            (a.sid, 0, day + 900_000, 1000),
+            (b.sid, 2, day + 900_000, 50),
+        ],
+        now,
+    )
     f = fs.fleet(now)
     ra, rb = f["stations"]
     assert (ra["today_mwh"], ra["today_grid_mwh"]) == (4_500_000, 5_000_000)
@@ -344,8 +451,14 @@ def test_today_follows_the_station_clock() -> None:
     fs.add_raw(a.sid, "telemetry", now, a.tel([slot(1)]))
     t = T0 + ahead
     vday = t - t % DAY_MS
-    fs.set_records([rec("day", a.sid, 1, vday, 1_000_000),
-                    rec("day", a.sid, 1, now - now % DAY_MS, 9_000_000)], [], now)
+    fs.set_records(
+        [
+            rec("day", a.sid, 1, vday, 1_000_000),
+            rec("day", a.sid, 1, now - now % DAY_MS, 9_000_000),
+        ],
+        [],
+        now,
+    )
     row = fs.fleet(now)["stations"][0]
     assert row["today_mwh"] == 1_000_000 and row["co2e_today_kg"] is not None
     st = fs.station(a.sid, now)

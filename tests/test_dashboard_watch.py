@@ -23,8 +23,9 @@ ENV = {**os.environ, "COLUMNS": "160", "TERM": "dumb"}
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*STATIONCTL, *args], capture_output=True, text=True, timeout=timeout,
-                          env=ENV, check=False)
+    return subprocess.run(
+        [*STATIONCTL, *args], capture_output=True, text=True, timeout=timeout, env=ENV, check=False
+    )
 
 
 @pytest.fixture
@@ -80,8 +81,13 @@ def test_watch_bad_usage_and_unreachable(tmp_path: pathlib.Path) -> None:
 
 
 def test_watch_live_refreshes_until_interrupted(db: tuple[str, Store, Sim, Sim]) -> None:
-    p = subprocess.Popen([*STATIONCTL, "watch", "--db", db[0], "--interval", "0.2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen(
+        [*STATIONCTL, "watch", "--db", db[0], "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     time.sleep(2.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=20)
@@ -91,8 +97,13 @@ def test_watch_live_refreshes_until_interrupted(db: tuple[str, Store, Sim, Sim])
 
 @pytest.fixture
 def dashboard_proc(db: tuple[str, Store, Sim, Sim]) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    p = subprocess.Popen([*STATIONCTL, "dashboard", "--db", db[0], "--port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen(
+        [*STATIONCTL, "dashboard", "--db", db[0], "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert p.stdout is not None
     line = p.stdout.readline()
     assert line.startswith("dashboard: http://"), (line, p.poll())
@@ -103,7 +114,8 @@ def dashboard_proc(db: tuple[str, Store, Sim, Sim]) -> Iterator[tuple[subprocess
 
 
 def test_dashboard_command_serves_and_stops_on_sigterm(
-        dashboard_proc: tuple[subprocess.Popen[str], str]) -> None:
+    dashboard_proc: tuple[subprocess.Popen[str], str],
+) -> None:
     p, url = dashboard_proc
     with urllib.request.urlopen(url + "api/fleet", timeout=10) as r:
         assert r.status == 200

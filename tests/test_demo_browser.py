@@ -48,12 +48,33 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     _need_browser()
     # accel 4: simulated days (the fleet sets the stations' clocks ahead), and still a rider
     # only every 5 min per station, so the test's own changes are the changes it sees
-    d = Demo(DemoConfig(stations=3, slots=4, accel=4.0, port=0, telemetry_s=1,
-                        workdir=tmp_path_factory.mktemp("demo"), fresh=True))
+    d = Demo(
+        DemoConfig(
+            stations=3,
+            slots=4,
+            accel=4.0,
+            port=0,
+            telemetry_s=1,
+            workdir=tmp_path_factory.mktemp("demo"),
+            fresh=True,
+        )
+    )
     d.start()
     try:
-        wait(lambda: len([s for s in api(d, "api/fleet")["stations"] if s["state"] == "online"
-                          and s["power_w"] is not None]) == 3, 60, "three stations online")
+        wait(
+            lambda: (
+                len(
+                    [
+                        s
+                        for s in api(d, "api/fleet")["stations"]
+                        if s["state"] == "online" and s["power_w"] is not None
+                    ]
+                )
+                == 3
+            ),
+            60,
+            "three stations online",
+        )
         yield d
     finally:
         d.stop()
@@ -69,10 +90,19 @@ def browser(demo: Demo) -> Iterator[Any]:
     opts = Options()
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-quic", "--no-first-run", "--disable-component-update",
-              "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-              "--window-size=1280,1200"):
+    for a in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1200",
+    ):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -120,17 +150,38 @@ def test_fleet_page_lists_every_station(demo: Demo, browser: Any) -> None:
     browser.get(demo.url)
     assert demo.fleet is not None
     sids = [st.sid for st in demo.fleet.stations]
-    rows = wait(lambda: js(browser, "return [...document.querySelectorAll('tr[data-sid]')]"
-                                    ".map(r => [r.dataset.sid, r.className])") or None,
-                20, "station rows")
+    rows = wait(
+        lambda: (
+            js(
+                browser,
+                "return [...document.querySelectorAll('tr[data-sid]')]"
+                ".map(r => [r.dataset.sid, r.className])",
+            )
+            or None
+        ),
+        20,
+        "station rows",
+    )
     assert [r[0] for r in rows] == sids
-    wait(lambda: all(c == "state-online" for _, c in js(
-        browser, "return [...document.querySelectorAll('tr[data-sid]')]"
-                 ".map(r => [r.dataset.sid, r.className])")), 20, "all online")
+    wait(
+        lambda: all(
+            c == "state-online"
+            for _, c in js(
+                browser,
+                "return [...document.querySelectorAll('tr[data-sid]')]"
+                ".map(r => [r.dataset.sid, r.className])",
+            )
+        ),
+        20,
+        "all online",
+    )
     assert "live" in browser.find_element("id", "conn").get_attribute("class")
     # the charts have drawn (SVG), and the page title bar links the other pages
-    wait(lambda: js(browser, "return document.querySelectorAll('#chart-power svg path').length"),
-         20, "power chart")
+    wait(
+        lambda: js(browser, "return document.querySelectorAll('#chart-power svg path').length"),
+        20,
+        "power chart",
+    )
     shot(browser, "fleet")
     browser.set_window_size(390, 1400)  # a phone
     time.sleep(1.5)
@@ -150,16 +201,24 @@ def test_station_page_shows_a_power_change_within_3s(demo: Demo, browser: Any) -
     n = wait(charging, 90, f"a slot charging at {st.sid}", every=0.5)[0]
     browser.get(f"{demo.url}stations/{st.sid}")
     sel = f"#slots .slot[data-slot='{n}'] .power"
-    before = int(wait(lambda: js(browser, f"return document.querySelector(\"{sel}\").dataset.value"),
-                      20, "the slot's power"))
+    before = int(
+        wait(
+            lambda: js(browser, f'return document.querySelector("{sel}").dataset.value'),
+            20,
+            "the slot's power",
+        )
+    )
     assert before > 100
     shot(browser, "station-before")
     with st.lock:  # the battery is taken out: the charger's output drops to 0 W
         bat = st.rig.remove(n)
         t0 = time.monotonic()
     try:
-        wait(lambda: js(browser, f"return document.querySelector(\"{sel}\").dataset.value") == "0",
-             15, "0 W on the page")
+        wait(
+            lambda: js(browser, f'return document.querySelector("{sel}").dataset.value') == "0",
+            15,
+            "0 W on the page",
+        )
         took = time.monotonic() - t0
         shot(browser, "station-after")
     finally:
@@ -176,23 +235,32 @@ def test_offline_alarm_appears_and_clears(demo: Demo, browser: Any) -> None:
     sid = demo.fleet.stations[1].sid
     browser.get(demo.url)
     sel = f"#alarms li[data-alarm-id='{sid}:offline']"
-    wait(lambda: js(browser, "return document.querySelectorAll('tr[data-sid]').length") == 3,
-         20, "fleet page")
-    assert not js(browser, f"return document.querySelector(\"{sel}\")")
+    wait(
+        lambda: js(browser, "return document.querySelectorAll('tr[data-sid]').length") == 3,
+        20,
+        "fleet page",
+    )
+    assert not js(browser, f'return document.querySelector("{sel}")')
     demo.fleet.offline(sid)  # SIGTERM: the broker publishes the station's last will
     try:
-        wait(lambda: js(browser, f"return document.querySelector(\"{sel}\")"), 30,
-             "the offline alarm")
-        assert js(browser, f"return document.querySelector(\"tr[data-sid='{sid}']\").className") \
+        wait(
+            lambda: js(browser, f'return document.querySelector("{sel}")'), 30, "the offline alarm"
+        )
+        assert (
+            js(browser, f"return document.querySelector(\"tr[data-sid='{sid}']\").className")
             == "state-offline"
-        assert "crit" in js(browser, f"return document.querySelector(\"{sel}\").className")
+        )
+        assert "crit" in js(browser, f'return document.querySelector("{sel}").className')
         shot(browser, "alarm-offline")
     finally:
         demo.fleet.online(sid)
-    wait(lambda: not js(browser, f"return document.querySelector(\"{sel}\")"), 60,
-         "the alarm to clear")
-    assert js(browser, f"return document.querySelector(\"tr[data-sid='{sid}']\").className") \
+    wait(
+        lambda: not js(browser, f'return document.querySelector("{sel}")'), 60, "the alarm to clear"
+    )
+    assert (
+        js(browser, f"return document.querySelector(\"tr[data-sid='{sid}']\").className")
         == "state-online"
+    )
     shot(browser, "alarm-cleared")
     # the alarms page keeps the story
     browser.get(demo.url + "alarms")

@@ -13,10 +13,27 @@ from tests.test_dashboard_demo import ENV, STATIONCTL, stop
 
 
 def test_demo_falls_back_to_the_embedded_broker_and_says_so(tmp_path: pathlib.Path) -> None:
-    p = subprocess.Popen([*STATIONCTL, "demo", "--stations", "2", "--slots", "2", "--port", "0",
-                          "--workdir", str(tmp_path / "demo"), "--accel", "10"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**ENV, "STATIONCTL_NO_MOSQUITTO": "1"}, start_new_session=True)
+    p = subprocess.Popen(
+        [
+            *STATIONCTL,
+            "demo",
+            "--stations",
+            "2",
+            "--slots",
+            "2",
+            "--port",
+            "0",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--accel",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**ENV, "STATIONCTL_NO_MOSQUITTO": "1"},
+        start_new_session=True,
+    )
     assert p.stdout is not None
     banner = []
     try:

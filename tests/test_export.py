@@ -16,13 +16,34 @@ from tests.test_metering_rules import T0, tel
 DAY = 86_400_000
 
 
-def rec(sid: str, slot: int, start: int, mwh: int, *, kind: str = "interval",
-        flags: tuple[str, ...] = (), held: int = 0, extra: dict[str, object] | None = None,
-        end: int | None = None) -> Record:
-    return Record(kind=kind, sid=sid, slot=slot, start_ms=start,
-                  end_ms=end if end is not None else start + 900_000, mwh=mwh, held_mwh=held,
-                  flags=flags, from_key=(3, 17), to_key=(4, -1), e_from=1000, e_to=1000 + mwh,
-                  version="m1", extra=extra or {})
+def rec(
+    sid: str,
+    slot: int,
+    start: int,
+    mwh: int,
+    *,
+    kind: str = "interval",
+    flags: tuple[str, ...] = (),
+    held: int = 0,
+    extra: dict[str, object] | None = None,
+    end: int | None = None,
+) -> Record:
+    return Record(
+        kind=kind,
+        sid=sid,
+        slot=slot,
+        start_ms=start,
+        end_ms=end if end is not None else start + 900_000,
+        mwh=mwh,
+        held_mwh=held,
+        flags=flags,
+        from_key=(3, 17),
+        to_key=(4, -1),
+        e_from=1000,
+        e_to=1000 + mwh,
+        version="m1",
+        extra=extra or {},
+    )
 
 
 RECS = [
@@ -30,8 +51,7 @@ RECS = [
     rec("KH-A-0001", 1, T0 + 900_000, 1_234_567, flags=("gap", "reboot"), held=5),
     rec("KH-A-0001", 1, T0, 7),
     rec("KH-A-0001", 0, T0, 0, flags=("baseline",)),
-    rec("KH-A-0001", 1, T0, 3, kind="session", end=T0 + 5000,
-        extra={"why": "full", "bat": "B1"}),
+    rec("KH-A-0001", 1, T0, 3, kind="session", end=T0 + 5000, extra={"why": "full", "bat": "B1"}),
 ]
 
 
@@ -57,14 +77,22 @@ def test_csv_exact_bytes() -> None:
     out = render(RECS, "csv", None, None, "interval")
     assert out.decode().split("\n") == [
         "sid,slot,start,end,mwh,held_mwh,flags,from,to,e_from,e_to,version,extra,kwh",
-        ("KH-A-0001,0,2026-01-01T00:00:00.000Z,2026-01-01T00:15:00.000Z,0,0,baseline,3:17,4:-1,"
-         "1000,1000,m1,{},0.000000"),
-        ("KH-A-0001,1,2026-01-01T00:00:00.000Z,2026-01-01T00:15:00.000Z,7,0,,3:17,4:-1,"
-         "1000,1007,m1,{},0.000007"),
-        ("KH-A-0001,1,2026-01-01T00:15:00.000Z,2026-01-01T00:30:00.000Z,1234567,5,gap|reboot,"
-         "3:17,4:-1,1000,1235567,m1,{},1.234567"),
-        ("KH-B-0002,0,2026-01-01T00:00:00.000Z,2026-01-01T00:15:00.000Z,2000000,0,,3:17,4:-1,"
-         "1000,2001000,m1,{},2.000000"),
+        (
+            "KH-A-0001,0,2026-01-01T00:00:00.000Z,2026-01-01T00:15:00.000Z,0,0,baseline,3:17,4:-1,"
+            "1000,1000,m1,{},0.000000"
+        ),
+        (
+            "KH-A-0001,1,2026-01-01T00:00:00.000Z,2026-01-01T00:15:00.000Z,7,0,,3:17,4:-1,"
+            "1000,1007,m1,{},0.000007"
+        ),
+        (
+            "KH-A-0001,1,2026-01-01T00:15:00.000Z,2026-01-01T00:30:00.000Z,1234567,5,gap|reboot,"
+            "3:17,4:-1,1000,1235567,m1,{},1.234567"
+        ),
+        (
+            "KH-B-0002,0,2026-01-01T00:00:00.000Z,2026-01-01T00:15:00.000Z,2000000,0,,3:17,4:-1,"
+            "1000,2001000,m1,{},2.000000"
+        ),
         "",
     ]
 
@@ -85,12 +113,14 @@ def test_from_inclusive_to_exclusive_on_start() -> None:
     assert [json.loads(x)["mwh"] for x in out.splitlines()] == [0, 7, 2_000_000]
     assert render(RECS, "json", T0 + DAY, None, "interval") == b""
     assert render([], "csv", None, None, "day") == (
-        b"sid,slot,start,end,mwh,held_mwh,flags,from,to,e_from,e_to,version,extra,kwh\n")
+        b"sid,slot,start,end,mwh,held_mwh,flags,from,to,e_from,e_to,version,extra,kwh\n"
+    )
 
 
 def test_same_records_any_order_same_bytes() -> None:
-    msgs = [tel(1, i, (i + 1) * 60_000, meter=100 + i, slots={1: 1000 * i, 2: 7 * i})
-            for i in range(40)]
+    msgs = [
+        tel(1, i, (i + 1) * 60_000, meter=100 + i, slots={1: 1000 * i, 2: 7 * i}) for i in range(40)
+    ]
     recs = compute(msgs, MeterParams())
     for fmt in ("csv", "json"):
         for by in ("interval", "day", "session"):

@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 import serial
 
-from stationctl import flash as cmd_flash
-from stationctl.cli import UsageError
 from agent.keys import KeyStore
 from agent.store import Store
 from agent.wire import verify
+from stationctl import flash as cmd_flash
+from stationctl.cli import UsageError
 from tools.flash import broker, passwd
 from tools.flash.virtual import MockBootloader, UnixBoard, micropython_bin
 from tools.mosquitto import Mosquitto
@@ -55,10 +55,23 @@ class Bench:
     site: pathlib.Path
     reports: pathlib.Path
 
-    def args(self, board: UnixBoard | None, *extra: str, sid: str = SID, agent: bool = True) -> list[str]:
-        a = ["--station", sid, "--chip", "unix", "--site", str(self.site),
-             "--broker-passwd", str(self.pw), "--broker-reload", f"kill -HUP {self.mosq.proc.pid}",
-             "--reports", str(self.reports)]
+    def args(
+        self, board: UnixBoard | None, *extra: str, sid: str = SID, agent: bool = True
+    ) -> list[str]:
+        a = [
+            "--station",
+            sid,
+            "--chip",
+            "unix",
+            "--site",
+            str(self.site),
+            "--broker-passwd",
+            str(self.pw),
+            "--broker-reload",
+            f"kill -HUP {self.mosq.proc.pid}",
+            "--reports",
+            str(self.reports),
+        ]
         if board is not None:
             a += ["--port", board.port]
         if agent:
@@ -88,10 +101,21 @@ def bench(tmp_path: pathlib.Path) -> Iterator[Bench]:
     with Rig(slots=2, seed=5, workdir=tmp_path / "rig") as rig:
         rig.insert(1, pack="72V", power_w=1200, capacity_wh=50, soc=0.4)
         site = tmp_path / "site.json"
-        site.write_text(json.dumps({
-            "broker": {"host": "127.0.0.1", "port": mosq.port}, "net": {"kind": "host"},
-            "slots": 2, "ntp": "host", "sample_ms": 500, "telemetry_s": 1, "stale_s": 3,
-            "charger": {"uart": rig.charger_path}, "bus": {"uart": rig.bus_path, "timeout_ms": 150}}))
+        site.write_text(
+            json.dumps(
+                {
+                    "broker": {"host": "127.0.0.1", "port": mosq.port},
+                    "net": {"kind": "host"},
+                    "slots": 2,
+                    "ntp": "host",
+                    "sample_ms": 500,
+                    "telemetry_s": 1,
+                    "stale_s": 3,
+                    "charger": {"uart": rig.charger_path},
+                    "bus": {"uart": rig.bus_path, "timeout_ms": 150},
+                }
+            )
+        )
         try:
             yield Bench(tmp_path, mosq, pw, rig, db, site, tmp_path / "reports")
         finally:
@@ -153,26 +177,37 @@ def _agent(b: Bench) -> subprocess.Popen[bytes]:
     passwd_file = b.dir / "agent.pass"
     passwd_file.write_text(AGENT_PW + "\n")
     conf = b.dir / "agent.toml"
-    conf.write_text(f'[db]\nurl = "{b.db}"\n\n[broker]\nhost = "127.0.0.1"\nport = {b.mosq.port}\n'
-                    f'user = "agent"\npassword_file = "{passwd_file}"\nclient_id = "agent-test"\n\n'
-                    '[ingest]\nkey_reload_s = 0.5\n')
+    conf.write_text(
+        f'[db]\nurl = "{b.db}"\n\n[broker]\nhost = "127.0.0.1"\nport = {b.mosq.port}\n'
+        f'user = "agent"\npassword_file = "{passwd_file}"\nclient_id = "agent-test"\n\n'
+        "[ingest]\nkey_reload_s = 0.5\n"
+    )
     log = open(b.dir / "agent.log", "ab")
-    return subprocess.Popen([str(pathlib.Path(sys.executable).parent / "stationctl"), "agent",
-                             "--config", str(conf)], stdout=log, stderr=log)
+    return subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "stationctl"), "agent", "--config", str(conf)],
+        stdout=log,
+        stderr=log,
+    )
 
 
 def _run_station(flash_dir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen[bytes]:
     """The copied main.py on MicroPython, in its flash folder: what the board boots."""
     f = open(log, "ab")
-    return subprocess.Popen([micropython_bin(), "-X", "heapsize=256k", "main.py"], cwd=flash_dir,
-                            stdout=f, stderr=f)
+    return subprocess.Popen(
+        [micropython_bin(), "-X", "heapsize=256k", "main.py"], cwd=flash_dir, stdout=f, stderr=f
+    )
 
 
 def _raw(b: Bench, sid: str = SID) -> list[tuple[int, int, int, bytes, str]]:
     db = sqlite3.connect(b.db.removeprefix("sqlite:///"))
     try:
-        return [(int(r[0]), int(r[1]), int(r[2]), bytes(r[3]), str(r[4])) for r in db.execute(
-            "SELECT boot, seq, kid, record, kind FROM raw WHERE sid = ? ORDER BY boot, seq", (sid,))]
+        return [
+            (int(r[0]), int(r[1]), int(r[2]), bytes(r[3]), str(r[4]))
+            for r in db.execute(
+                "SELECT boot, seq, kid, record, kind FROM raw WHERE sid = ? ORDER BY boot, seq",
+                (sid,),
+            )
+        ]
     finally:
         db.close()
 
@@ -206,9 +241,18 @@ def test_acceptance_image_provision_boot_and_replacement(bench: Bench) -> None:
     try:
         with MockBootloader("esp32") as boot_rom:
             r = subprocess.run(
-                [str(pathlib.Path(sys.executable).parent / "stationctl"), "flash",
-                 *b.args(board, "--image", str(image), "--erase", "--esptool-port", boot_rom.url)],
-                capture_output=True, text=True, timeout=120, cwd=b.dir)
+                [
+                    str(pathlib.Path(sys.executable).parent / "stationctl"),
+                    "flash",
+                    *b.args(
+                        board, "--image", str(image), "--erase", "--esptool-port", boot_rom.url
+                    ),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=b.dir,
+            )
         assert r.returncode == 0, r.stderr
         assert f"{SID}: commissioned, kid 1, boot_base 0" in r.stdout
         cfg = board_config(board)
@@ -223,9 +267,13 @@ def test_acceptance_image_provision_boot_and_replacement(bench: Bench) -> None:
         for path, h in rep["files"].items():
             assert hashlib.sha256((board.flash / path).read_bytes()).hexdigest() == h
         # identity: the registered key is the board's key; credentials are the board's
-        assert b.key() == (1, bytes.fromhex(cfg["key"])) and cfg["kid"] == 1 and cfg["boot_base"] == 0
+        assert (
+            b.key() == (1, bytes.fromhex(cfg["key"])) and cfg["kid"] == 1 and cfg["boot_base"] == 0
+        )
         line = passwd.entry(b.pw, SID)
-        assert line is not None and passwd.check_password(cfg["broker"]["password"], line.split(":", 1)[1])
+        assert line is not None and passwd.check_password(
+            cfg["broker"]["password"], line.split(":", 1)[1]
+        )
         assert cfg["broker"]["user"] == SID
         secrets_absent(cfg, r.stdout, r.stderr, all_reports_text(b))
         board.stop()
@@ -233,8 +281,11 @@ def test_acceptance_image_provision_boot_and_replacement(bench: Bench) -> None:
         # the station boots from the copied files; the agent verifies it with the registered key
         time.sleep(KEY_RELOAD_WAIT)
         station = _run_station(board.flash, b.dir / "station1.log")
-        _wait(lambda: sum(1 for x in _raw(b) if x[4] == "telemetry") >= 2, 40,
-              "telemetry stored by the agent")
+        _wait(
+            lambda: sum(1 for x in _raw(b) if x[4] == "telemetry") >= 2,
+            40,
+            "telemetry stored by the agent",
+        )
         _stop(station)
         rows = _raw(b)
         assert rows[0][:2] == (0, 0) and all(x[2] == 1 for x in rows)  # boot 0 (boot_base), kid 1
@@ -249,7 +300,11 @@ def test_acceptance_image_provision_boot_and_replacement(bench: Bench) -> None:
         board2 = b.board("flash2")
         code = subprocess.run(
             [str(pathlib.Path(sys.executable).parent / "stationctl"), "flash", *b.args(board2)],
-            capture_output=True, text=True, timeout=120, cwd=b.dir)
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=b.dir,
+        )
         assert code.returncode == 0, code.stderr
         cfg2 = board_config(board2)
         assert cfg2["kid"] == 2 and cfg2["boot_base"] == top + 1
@@ -262,7 +317,9 @@ def test_acceptance_image_provision_boot_and_replacement(bench: Bench) -> None:
         new = [x for x in _raw(b) if x[2] == 2]
         assert min(x[0] for x in new) == top + 1  # (sid, boot, seq) never repeats
         db = sqlite3.connect(b.db.removeprefix("sqlite:///"))
-        assert db.execute("SELECT COUNT(*) FROM quarantine WHERE sid = ?", (SID,)).fetchone()[0] == 0
+        assert (
+            db.execute("SELECT COUNT(*) FROM quarantine WHERE sid = ?", (SID,)).fetchone()[0] == 0
+        )
         db.close()
     finally:
         if station is not None:
@@ -276,11 +333,18 @@ def test_batch_two_boards_with_summary(bench: Bench, capsys: pytest.CaptureFixtu
     b1, b2 = b.board("f1"), b.board("f2")
     try:
         csv = b.dir / "stations.csv"
-        csv.write_text(f"sid,port,telemetry_s,bms.per_cycle\nKH-FLS-0101,{b1.port},5,\n"
-                       f"KH-FLS-0102,{b2.port},,1\n")
+        csv.write_text(
+            f"sid,port,telemetry_s,bms.per_cycle\nKH-FLS-0101,{b1.port},5,\n"
+            f"KH-FLS-0102,{b2.port},,1\n"
+        )
         code, out, err = flash(capsys, "--batch", str(csv), *b.args(None)[2:])
         assert code == 0, err
-        assert "summary" in out and out.count("ok") >= 2 and "KH-FLS-0101" in out and "KH-FLS-0102" in out
+        assert (
+            "summary" in out
+            and out.count("ok") >= 2
+            and "KH-FLS-0101" in out
+            and "KH-FLS-0102" in out
+        )
         c1, c2 = board_config(b1), board_config(b2)
         assert (c1["sid"], c1["telemetry_s"], c1["bms"]["per_cycle"]) == ("KH-FLS-0101", 5, 2)
         assert (c2["sid"], c2["telemetry_s"], c2["bms"]["per_cycle"]) == ("KH-FLS-0102", 1, 1)
@@ -293,7 +357,9 @@ def test_batch_two_boards_with_summary(bench: Bench, capsys: pytest.CaptureFixtu
         b2.stop()
 
 
-def test_batch_bad_line_is_bad_input_before_any_board(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+def test_batch_bad_line_is_bad_input_before_any_board(
+    bench: Bench, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = bench
     csv = b.dir / "stations.csv"
     csv.write_text("sid,port,slots\nKH-FLS-0201,/dev/null,2\nKH-FLS-0202,/dev/null,99\n")
@@ -337,9 +403,23 @@ def test_wrong_chip_esptool(bench: Bench, capsys: pytest.CaptureFixture[str]) ->
     image = bench.dir / "mp.bin"
     image.write_bytes(b"\xe9" + os.urandom(4095))
     with MockBootloader("esp32s3") as rom:
-        code, _out, err = flash(capsys, "--station", SID, "--chip", "esp32", "--port", rom.url,
-                                "--image", str(image), "--agent-db", bench.db, "--site", str(bench.site),
-                                "--reports", str(bench.reports))
+        code, _out, err = flash(
+            capsys,
+            "--station",
+            SID,
+            "--chip",
+            "esp32",
+            "--port",
+            rom.url,
+            "--image",
+            str(image),
+            "--agent-db",
+            bench.db,
+            "--site",
+            str(bench.site),
+            "--reports",
+            str(bench.reports),
+        )
     assert code == 1
     line = one_line_error(err)
     assert "wrong chip" in line and "esp32s3" in line
@@ -431,7 +511,9 @@ def test_verification_mismatch(bench: Bench, capsys: pytest.CaptureFixture[str])
         board.stop()
 
 
-def test_selftest_failure_rolls_back_a_reprovisioning(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+def test_selftest_failure_rolls_back_a_reprovisioning(
+    bench: Bench, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = bench
     board = b.board()
     try:
@@ -441,13 +523,18 @@ def test_selftest_failure_rolls_back_a_reprovisioning(bench: Bench, capsys: pyte
         pw_before = b.pw.read_bytes()
         keys_before = b.keys()
         # the same station again, but its charger link is dead: the self-test fails
-        code, _out, err = flash(capsys, *b.args(board, "--set", "charger.uart=/dev/nonexistent-tty"))
+        code, _out, err = flash(
+            capsys, *b.args(board, "--set", "charger.uart=/dev/nonexistent-tty")
+        )
         assert code == 1
         line = one_line_error(err)
         assert "self-test failed: charger: cannot use the charger link" in line
         rep = last_report(b)
         assert rep["result"] == "failed" and rep["stage"] == "selftest"
-        assert not rep["selftest"]["checks"]["charger"]["ok"] and rep["selftest"]["checks"]["broker"]["ok"]
+        assert (
+            not rep["selftest"]["checks"]["charger"]["ok"]
+            and rep["selftest"]["checks"]["broker"]["ok"]
+        )
         assert any("put back" in x for x in rep["rollback"])
         # everything as it was: the old key stays the active one, the board has its old config
         # (so it still runs as before), the broker file has the old credentials
@@ -459,7 +546,8 @@ def test_selftest_failure_rolls_back_a_reprovisioning(bench: Bench, capsys: pyte
 
 
 def test_known_station_without_agent_is_refused_unless_forced(
-        bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    bench: Bench, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = bench
     board = b.board()
     try:
@@ -474,8 +562,10 @@ def test_known_station_without_agent_is_refused_unless_forced(
         code, _out, err = flash(capsys, *b.args(board, agent=False))
         assert code == 2 and "--key-out" in err
         # forced: kid from the board's config + 1, the key in a 0600 file, the agent untouched
-        code, out, err = flash(capsys, *b.args(board, "--key-out", str(key_file), "--force",
-                                               "--boot-base", "40", agent=False))
+        code, out, err = flash(
+            capsys,
+            *b.args(board, "--key-out", str(key_file), "--force", "--boot-base", "40", agent=False),
+        )
         assert code == 0, err
         cfg = board_config(board)
         assert cfg["kid"] == 2 and cfg["boot_base"] == 40
@@ -510,7 +600,8 @@ def test_board_of_another_station(bench: Bench, capsys: pytest.CaptureFixture[st
 
 
 def test_reflash_same_station_keeps_data_and_skips_unchanged(
-        bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    bench: Bench, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = bench
     board = b.board()
     try:
@@ -520,7 +611,10 @@ def test_reflash_same_station_keeps_data_and_skips_unchanged(
         code, _out, err = flash(capsys, *b.args(board))
         assert code == 0, err
         rep = last_report(b)
-        assert rep["firmware"]["written"] == 0 and rep["firmware"]["unchanged"] == len(rep["files"]) - 1
+        assert (
+            rep["firmware"]["written"] == 0
+            and rep["firmware"]["unchanged"] == len(rep["files"]) - 1
+        )
         assert rep["removed"] == ["old_module.py"] and not (board.flash / "old_module.py").exists()
         assert (board.flash / "outbox.0").read_bytes() == b"pending"
         assert board_config(board)["kid"] == 2
@@ -539,7 +633,9 @@ def test_dry_run_needs_no_board(bench: Bench, capsys: pytest.CaptureFixture[str]
     assert not bench.reports.exists()
 
 
-def test_selftest_that_hangs_times_out_and_rolls_back(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+def test_selftest_that_hangs_times_out_and_rolls_back(
+    bench: Bench, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A broker that accepts the connection and never answers: the self-test outlives
     --selftest-timeout, the tool gets the REPL back and still rolls back."""
     import socket
@@ -549,13 +645,19 @@ def test_selftest_that_hangs_times_out_and_rolls_back(bench: Bench, capsys: pyte
     silent.listen(4)  # the kernel completes the handshake; nobody ever answers
     board = bench.board()
     try:
-        code, _out, err = flash(capsys, *bench.args(board, "--selftest-timeout", "2",
-                                                     "--set", f"broker.port={silent.getsockname()[1]}"))
+        code, _out, err = flash(
+            capsys,
+            *bench.args(
+                board, "--selftest-timeout", "2", "--set", f"broker.port={silent.getsockname()[1]}"
+            ),
+        )
         assert code == 1
         assert "did not answer within 2 s" in one_line_error(err)
         rep = last_report(bench)
         assert rep["stage"] == "selftest" and rep["rollback"] == [
-            f"broker credentials in {bench.pw}: put back", "board config.json: put back"]
+            f"broker credentials in {bench.pw}: put back",
+            "board config.json: put back",
+        ]
         _nothing_done(bench, board)
     finally:
         board.stop()

@@ -48,7 +48,9 @@ def test_set_password_keeps_other_lines_and_rolls_back(tmp_path: pathlib.Path) -
     assert prev == "KH-B-0002:$7$101$x$y"
     lines = f.read_text().splitlines()
     assert lines[:2] == ["# fleet", "agent:$6$abc$def"]
-    assert lines[2].startswith("KH-B-0002:$7$") and passwd.check_password("p2", lines[2].split(":", 1)[1])
+    assert lines[2].startswith("KH-B-0002:$7$") and passwd.check_password(
+        "p2", lines[2].split(":", 1)[1]
+    )
     assert lines[3].startswith("KH-A-0001:$7$") and len(lines) == 4
     assert stat.S_IMODE(f.stat().st_mode) == 0o640  # the broker's user must still read it
     # rollback: put back what each call returned
@@ -82,11 +84,15 @@ class _Client:
         self.c.loop_start()
         assert self.ev.wait(10)
 
-    def _on_connect(self, _c: object, _u: object, _f: object, rc: object, _p: object = None) -> None:
+    def _on_connect(
+        self, _c: object, _u: object, _f: object, rc: object, _p: object = None
+    ) -> None:
         self.rc = int(getattr(rc, "value", rc))  # type: ignore[call-overload]
         self.ev.set()
 
-    def _on_subscribe(self, _c: object, _u: object, _mid: object, codes: list[object], _p: object) -> None:
+    def _on_subscribe(
+        self, _c: object, _u: object, _mid: object, codes: list[object], _p: object
+    ) -> None:
         self.granted = [int(getattr(x, "value", x)) for x in codes]  # type: ignore[call-overload]
         self.sub_ev.set()
 
@@ -109,14 +115,26 @@ def test_shipped_config_and_acl_on_a_real_broker(tmp_path: pathlib.Path) -> None
     port = free_port()
     (tmp_path / "data").mkdir()
     conf = tmp_path / "stations.conf"
-    conf.write_text(broker.render(
-        stations=50, password_file=str(pw), acl_file=str(broker.ACL), persistence_dir=str(tmp_path / "data"),
-        port=port, bind="127.0.0.1", log_dest=f"file {tmp_path / 'mosq.log'}",
-        extra="user root" if os.geteuid() == 0 else ""))
+    conf.write_text(
+        broker.render(
+            stations=50,
+            password_file=str(pw),
+            acl_file=str(broker.ACL),
+            persistence_dir=str(tmp_path / "data"),
+            port=port,
+            bind="127.0.0.1",
+            log_dest=f"file {tmp_path / 'mosq.log'}",
+            extra="user root" if os.geteuid() == 0 else "",
+        )
+    )
     text = conf.read_text()
-    assert "persistence true" in text and f"max_queued_messages {50 * broker.per_station_day()}" in text
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    assert (
+        "persistence true" in text
+        and f"max_queued_messages {50 * broker.per_station_day()}" in text
+    )
+    proc = subprocess.Popen(
+        [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     clients: list[_Client] = []
     try:
         import socket

@@ -12,28 +12,39 @@ import sys
 
 import pytest
 
-from stationctl import flash as cmd_flash
-from stationctl.cli import UsageError
 from agent.keys import KeyStore
 from agent.store import RawRow, Store
+from stationctl import flash as cmd_flash
+from stationctl.cli import UsageError
 from tools.flash import agentdb, bulk, plan, report
 from tools.flash.board import BoardInfo, check_chip, check_version, march_for
 from tools.flash.errors import BadInput, FlashError
 from tools.flash.provision import Request
 
-SITE = {"broker": {"host": "10.1.2.3", "port": 1883}, "net": {"kind": "wifi", "ssid": "depot",
-                                                            "password": "wifi-secret"}, "slots": 4}
+SITE = {
+    "broker": {"host": "10.1.2.3", "port": 1883},
+    "net": {"kind": "wifi", "ssid": "depot", "password": "wifi-secret"},
+    "slots": 4,
+}
 
 
-def info(platform: str = "esp32", machine: str = "Generic ESP32 module with ESP32",
-         version: tuple[int, int, int] = (1, 24, 1), mpy: int = 6 | (3 << 8) | (10 << 10)) -> BoardInfo:
-    return BoardInfo(platform=platform, machine=machine, version=version, mpy=mpy, unique_id="a4cf12")
+def info(
+    platform: str = "esp32",
+    machine: str = "Generic ESP32 module with ESP32",
+    version: tuple[int, int, int] = (1, 24, 1),
+    mpy: int = 6 | (3 << 8) | (10 << 10),
+) -> BoardInfo:
+    return BoardInfo(
+        platform=platform, machine=machine, version=version, mpy=mpy, unique_id="a4cf12"
+    )
 
 
 def test_board_info_chip_and_mpy() -> None:
     assert info().chip == "esp32" and info().arch == "xtensawin" and info().mpy_version == (6, 3)
     assert info(machine="ESP32S3 module with ESP32S3").chip == "esp32s3"
-    assert info(machine="ESP32C3 module with ESP32C3", mpy=6 | (3 << 8) | (11 << 10)).arch == "rv32imc"
+    assert (
+        info(machine="ESP32C3 module with ESP32C3", mpy=6 | (3 << 8) | (11 << 10)).arch == "rv32imc"
+    )
     unix = info("linux", "linux [GCC 14.2.1] version", (1, 29, 0), 2822)
     assert unix.chip == "unix" and unix.arch == "x64" and unix.mpy_version == (6, 3)
     check_chip(unix, "unix")
@@ -44,8 +55,11 @@ def test_board_info_chip_and_mpy() -> None:
 def test_micropython_version_gate() -> None:
     check_version(info(), (6, 3))
     check_version(info(version=(1, 30, 0), mpy=6 | (4 << 8)), (6, 3))  # newer: plain bytecode loads
-    for old in (info(version=(1, 22, 2), mpy=6 | (2 << 8)), info(version=(1, 18, 0), mpy=5),
-                info(version=(1, 12, 0), mpy=0)):
+    for old in (
+        info(version=(1, 22, 2), mpy=6 | (2 << 8)),
+        info(version=(1, 18, 0), mpy=5),
+        info(version=(1, 12, 0), mpy=0),
+    ):
         with pytest.raises(FlashError, match="too old") as e:
             check_version(old, (6, 3))
         assert "need 1.23.0 or newer" in e.value.message and e.value.stage == "probe"
@@ -68,13 +82,16 @@ def test_station_config_is_the_firmwares_config() -> None:
     assert key.hex() not in json.dumps(red) and cfg["key"] == key.hex()  # the original untouched
 
 
-@pytest.mark.parametrize("site, words", [
-    ({k: v for k, v in SITE.items() if k != "slots"}, ["slots: missing", "--slots"]),
-    ({**SITE, "slots": 17}, ["slots: must be <= 16"]),
-    ({**SITE, "colour": "red"}, ["colour: unknown key"]),
-    ({**SITE, "bus": {"uart": 2, "parity": "E"}}, ["bus.parity"]),
-    ({**SITE, "net": {"kind": "wifi"}}, ["net.ssid: missing"]),
-])
+@pytest.mark.parametrize(
+    "site, words",
+    [
+        ({k: v for k, v in SITE.items() if k != "slots"}, ["slots: missing", "--slots"]),
+        ({**SITE, "slots": 17}, ["slots: must be <= 16"]),
+        ({**SITE, "colour": "red"}, ["colour: unknown key"]),
+        ({**SITE, "bus": {"uart": 2, "parity": "E"}}, ["bus.parity"]),
+        ({**SITE, "net": {"kind": "wifi"}}, ["net.ssid: missing"]),
+    ],
+)
 def test_bad_site_names_the_key(site: dict[str, object], words: list[str]) -> None:
     with pytest.raises(BadInput) as e:
         plan.station_config(site, sid="KH-PNH-0001", kid=1, key=bytes(32), boot_base=0, password="")
@@ -82,10 +99,22 @@ def test_bad_site_names_the_key(site: dict[str, object], words: list[str]) -> No
 
 
 def test_overrides() -> None:
-    over = plan.parse_sets(["slots=8", "meter=null", "net.ssid=depot 2", "bus.parity=0",
-                            "charger={\"uart\": \"/dev/ttyS1\"}"])
-    assert over == {"slots": 8, "meter": None, "net": {"ssid": "depot 2"}, "bus": {"parity": 0},
-                    "charger": {"uart": "/dev/ttyS1"}}
+    over = plan.parse_sets(
+        [
+            "slots=8",
+            "meter=null",
+            "net.ssid=depot 2",
+            "bus.parity=0",
+            'charger={"uart": "/dev/ttyS1"}',
+        ]
+    )
+    assert over == {
+        "slots": 8,
+        "meter": None,
+        "net": {"ssid": "depot 2"},
+        "bus": {"parity": 0},
+        "charger": {"uart": "/dev/ttyS1"},
+    }
     merged = plan.merge(SITE, over)
     assert merged["net"] == {"kind": "wifi", "ssid": "depot 2", "password": "wifi-secret"}
     for bad in (["slots"], ["key=00"], ["broker.user=X"], ["broker.password=x"], ["a..b=1"]):
@@ -117,8 +146,12 @@ def test_agent_answers_and_registration(tmp_path: pathlib.Path) -> None:
         agentdb.ask(url, "KH-A-0001")
     assert not (tmp_path / "agent.db").exists()  # asking never creates a database
     with Store(url) as st:
-        st.write_batch([RawRow("KH-A-0001", b, s, "telemetry", "t", 0, 1, b"{}")
-                        for b, s in ((3, 0), (17, 4), (9, 1))])
+        st.write_batch(
+            [
+                RawRow("KH-A-0001", b, s, "telemetry", "t", 0, 1, b"{}")
+                for b, s in ((3, 0), (17, 4), (9, 1))
+            ]
+        )
         KeyStore(st).add("KH-A-0001", bytes(32))
     a = agentdb.ask(url, "KH-A-0001")
     assert a.known and a.kids == [1] and a.max_boot == 17 and a.next_kid == 2 and a.boot_base == 18
@@ -147,32 +180,58 @@ def test_batch_csv_checks(tmp_path: pathlib.Path) -> None:
 
     bad("port\n/dev/x\n", "no `sid` column")
     bad("sid,port\n", "no stations")
-    bad("sid,port\nKH-A-0001,/dev/a\nKH-A-0001,/dev/b\n", "line 3: station KH-A-0001 again (line 2)")
+    bad(
+        "sid,port\nKH-A-0001,/dev/a\nKH-A-0001,/dev/b\n", "line 3: station KH-A-0001 again (line 2)"
+    )
     bad("sid,port,kid\nKH-A-0001,/dev/a,two\n", "line 2: kid must be an integer")
     bad("sid,port\nKH-A-0001,/dev/a,extra\n", "more cells than columns")
     bad("sid,port\nKH-A-0001,\n", "no port")
     bad("sid,port,broker.user\nKH-A-0001,/dev/a,X\n", "set by the flashing tool")
-    f.write_text("sid,port,slots,net.ssid,esptool_port\nKH-A-0001,/dev/a,2,yard,\n"
-                 "KH-A-0002,/dev/b,,,socket://h:1\n")
+    f.write_text(
+        "sid,port,slots,net.ssid,esptool_port\nKH-A-0001,/dev/a,2,yard,\n"
+        "KH-A-0002,/dev/b,,,socket://h:1\n"
+    )
     reqs = bulk.read_batch(str(f), base)
-    assert [(r.sid, r.port, r.site["slots"], r.site["net"]["ssid"], r.esptool_port) for r in reqs] == [
-        ("KH-A-0001", "/dev/a", 2, "yard", None), ("KH-A-0002", "/dev/b", 4, "depot", "socket://h:1")]
+    assert [
+        (r.sid, r.port, r.site["slots"], r.site["net"]["ssid"], r.esptool_port) for r in reqs
+    ] == [
+        ("KH-A-0001", "/dev/a", 2, "yard", None),
+        ("KH-A-0002", "/dev/b", 4, "depot", "socket://h:1"),
+    ]
 
 
 def test_report_text_has_the_verdict_and_no_secrets() -> None:
-    cfg = plan.station_config(SITE, sid="KH-PNH-0001", kid=2, key=bytes([7] * 32), boot_base=5,
-                              password="brokerpw")
-    rep = {"sid": "KH-PNH-0001", "result": "failed", "stage": "selftest", "error": "self-test failed: x",
-           "started_ms": 1764150000123, "elapsed_s": 3.1, "kid": 2, "boot_base": 5,
-           "config": plan.redacted(cfg), "files": {"config.json": "ab" * 32},
-           "selftest": {"ok": False, "ms": 900, "checks": {"charger": {"ok": False, "detail": "slot 2: ser_to"},
-                                                           "meter": {"ok": True, "detail": "meter 7 answers"}}},
-           "rollback": ["board config.json: put back"]}
+    cfg = plan.station_config(
+        SITE, sid="KH-PNH-0001", kid=2, key=bytes([7] * 32), boot_base=5, password="brokerpw"
+    )
+    rep = {
+        "sid": "KH-PNH-0001",
+        "result": "failed",
+        "stage": "selftest",
+        "error": "self-test failed: x",
+        "started_ms": 1764150000123,
+        "elapsed_s": 3.1,
+        "kid": 2,
+        "boot_base": 5,
+        "config": plan.redacted(cfg),
+        "files": {"config.json": "ab" * 32},
+        "selftest": {
+            "ok": False,
+            "ms": 900,
+            "checks": {
+                "charger": {"ok": False, "detail": "slot 2: ser_to"},
+                "meter": {"ok": True, "detail": "meter 7 answers"},
+            },
+        },
+        "rollback": ["board config.json: put back"],
+    }
     text = report.text(rep)
     assert "result:    FAILED at selftest: self-test failed: x" in text
     assert "FAIL charger  slot 2: ser_to" in text and "ok   meter" in text
     assert "2025-11-26T09:40:00.123Z" in text and "rollback:  board config.json: put back" in text
-    assert bytes([7] * 32).hex() not in text and "brokerpw" not in text and "wifi-secret" not in text
+    assert (
+        bytes([7] * 32).hex() not in text and "brokerpw" not in text and "wifi-secret" not in text
+    )
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -203,8 +262,10 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.
         (["--station", "KH-A-0001"], "--port is required"),
         (["--station", "KH-A-0001", "--dry-run", "--chip", "esp33"], "unknown --chip esp33"),
         (["--station", "KH-A-0001", "--port", str(tmp_path / "tty")], "give --agent-db URL"),
-        (["--station", "KH-A-0001", "--dry-run", "--site", str(tmp_path / "none.json")],
-         "cannot read site file"),
+        (
+            ["--station", "KH-A-0001", "--dry-run", "--site", str(tmp_path / "none.json")],
+            "cannot read site file",
+        ),
     ]
     for argv, words in cases:
         code, _out, err = _cli(capsys, *common, *argv)
@@ -215,29 +276,71 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.
 
 
 def test_cli_dry_run_json(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
-    code, out, err = _cli(capsys, "--station", "KH-A-0001", "--dry-run", "--json", "--broker", "mq.example:8883",
-                          "--slots", "2", "--set", "net.kind=lan", "--set", "broker.tls=true",
-                          "--reports", str(tmp_path / "r"))
+    code, out, err = _cli(
+        capsys,
+        "--station",
+        "KH-A-0001",
+        "--dry-run",
+        "--json",
+        "--broker",
+        "mq.example:8883",
+        "--slots",
+        "2",
+        "--set",
+        "net.kind=lan",
+        "--set",
+        "broker.tls=true",
+        "--reports",
+        str(tmp_path / "r"),
+    )
     assert code == 0, err
     rep = json.loads(out.splitlines()[0])
     assert rep["result"] == "dry-run" and rep["kid"] == 1 and rep["boot_base"] == 0
-    assert rep["config"]["broker"] == {"host": "mq.example", "port": 8883, "tls": True, "prefix": "stations",
-                                       "user": "KH-A-0001", "password": ""}
+    assert rep["config"]["broker"] == {
+        "host": "mq.example",
+        "port": 8883,
+        "tls": True,
+        "prefix": "stations",
+        "user": "KH-A-0001",
+        "password": "",
+    }
     assert rep["config"]["key"] == plan.REDACTED and rep["config"]["slots"] == 2
     assert "selftest.mpy" in rep["files"] and "main.py" in rep["files"]
 
 
-def test_cli_agent_config_gives_the_database(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+def test_cli_agent_config_gives_the_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
     url = f"sqlite:///{tmp_path / 'agent.db'}"
     with Store(url) as st:
         st.write_batch([RawRow("KH-A-0001", 6, 0, "event", "t", 0, 1, b"{}")])
         KeyStore(st).add("KH-A-0001", bytes(32))
     conf = tmp_path / "agent.toml"
     conf.write_text(f'[db]\nurl = "{url}"\n')
-    code, out, err = _cli(capsys, "--station", "KH-A-0001", "--dry-run", "--json", "--agent-config", str(conf),
-                          "--broker", "mq", "--slots", "1", "--set", "net.kind=lan")
+    code, out, err = _cli(
+        capsys,
+        "--station",
+        "KH-A-0001",
+        "--dry-run",
+        "--json",
+        "--agent-config",
+        str(conf),
+        "--broker",
+        "mq",
+        "--slots",
+        "1",
+        "--set",
+        "net.kind=lan",
+    )
     assert code == 0, err
     rep = json.loads(out.splitlines()[0])
-    assert rep["agent"]["answered"] and rep["agent"]["known"] and rep["kid"] == 2 and rep["boot_base"] == 7
-    code, _out, err = _cli(capsys, "--station", "KH-A-0001", "--dry-run", "--agent-config", str(tmp_path / "no.toml"))
+    assert (
+        rep["agent"]["answered"]
+        and rep["agent"]["known"]
+        and rep["kid"] == 2
+        and rep["boot_base"] == 7
+    )
+    code, _out, err = _cli(
+        capsys, "--station", "KH-A-0001", "--dry-run", "--agent-config", str(tmp_path / "no.toml")
+    )
     assert code == 2 and "no.toml" in err

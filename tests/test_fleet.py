@@ -41,9 +41,12 @@ class Collector:
     def __init__(self, port: int) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fleet-test", clean_session=False)
-        self.c.on_connect = lambda c, *_: c.subscribe([("stations/+/telemetry", 1),
-                                                       ("stations/+/event", 1)])
+        self.c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="fleet-test", clean_session=False
+        )
+        self.c.on_connect = lambda c, *_: c.subscribe(
+            [("stations/+/telemetry", 1), ("stations/+/event", 1)]
+        )
         self.c.on_message = self._on
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
@@ -67,7 +70,9 @@ class Collector:
         self.c.disconnect()
 
 
-def run_scenario(seed: int, hours: float = 12.0, **kw: float) -> tuple[list[Action], StationScenario]:
+def run_scenario(
+    seed: int, hours: float = 12.0, **kw: float
+) -> tuple[list[Action], StationScenario]:
     clock = FakeClock()
     rig = Rig(slots=8, seed=seed, clock=clock, dt_s=0.5)  # the model only: no ptys needed
     params = ScenarioParams(**{"arrival_mean_s": 1800.0, **kw})  # type: ignore[arg-type]
@@ -106,10 +111,12 @@ def test_scenario_is_reproducible_and_faults_recover() -> None:
 
 def test_integration_bound_counts_abrupt_changes() -> None:
     truth = {"S-1": {1: 100_000, 2: 0}}
-    acts = [("S-1", Action(t_v=1.0, what="take", slot=1, p_w=1000.0)),
-            ("S-1", Action(t_v=2.0, what="cut", slot=1, p_w=360.0)),
-            ("S-1", Action(t_v=3.0, what="insert", slot=2, p_w=0.0)),
-            ("S-1", Action(t_v=4.0, what="take", slot=2, p_w=0.0))]
+    acts = [
+        ("S-1", Action(t_v=1.0, what="take", slot=1, p_w=1000.0)),
+        ("S-1", Action(t_v=2.0, what="cut", slot=1, p_w=360.0)),
+        ("S-1", Action(t_v=3.0, what="insert", slot=2, p_w=0.0)),
+        ("S-1", Action(t_v=4.0, what="take", slot=2, p_w=0.0)),
+    ]
     b = integration_bound(truth, acts, dt_s=60.0, persist_s=60.0, rel=0.01, abs_mwh=10)
     # 10 + 1 % of 100 Wh + 1000 W × 60 s + 360 W × (60 + 120) s + 360 W × 60 s
     assert b == {"S-1": {1: 10 + 1000 + 16_667 + 18_000 + 6000, 2: 10}}
@@ -133,11 +140,25 @@ def test_virtual_clock() -> None:
 def test_fleet_end_to_end(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
     keys = KeyStore(f"sqlite:///{tmp_path / 'agent.db'}")
     accel = 30.0
-    params = ScenarioParams(arrival_mean_s=240.0, capacity_wh=(60.0, 120.0),
-                            power_w=(800.0, 1200.0), charger_fault_p=0.0)
-    fleet = Fleet(n_stations=2, slots=3, broker_port=mosquitto.port, workdir=tmp_path / "sim",
-                  keys=keys, accel=accel, fault_rate=0.02, seed=4, telemetry_s=1,
-                  sid_prefix="KH-TFL-", scenario=params)
+    params = ScenarioParams(
+        arrival_mean_s=240.0,
+        capacity_wh=(60.0, 120.0),
+        power_w=(800.0, 1200.0),
+        charger_fault_p=0.0,
+    )
+    fleet = Fleet(
+        n_stations=2,
+        slots=3,
+        broker_port=mosquitto.port,
+        workdir=tmp_path / "sim",
+        keys=keys,
+        accel=accel,
+        fault_rate=0.02,
+        seed=4,
+        telemetry_s=1,
+        sid_prefix="KH-TFL-",
+        scenario=params,
+    )
     col = Collector(mosquitto.port)
     t_real = time.monotonic()
     fleet.start()
@@ -164,8 +185,13 @@ def test_fleet_end_to_end(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
             for n in range(1, 4):
                 c, held = credited[(st.sid, n)]
                 assert held == 0 and abs(c - truth[st.sid][n]) <= bound[st.sid][n], (
-                    st.sid, n, c, truth[st.sid][n], bound[st.sid][n],
-                    [a for sid, a in fleet.actions if sid == st.sid and a.slot == n])
+                    st.sid,
+                    n,
+                    c,
+                    truth[st.sid][n],
+                    bound[st.sid][n],
+                    [a for sid, a in fleet.actions if sid == st.sid and a.slot == n],
+                )
             body = fleet.latest(st.sid)
             assert body is not None and body["boot"] == 1  # one restart each
             # the uptime runs on the accelerated clock, and the time command set a virtual ts
@@ -190,11 +216,33 @@ def test_fleet_end_to_end(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
 def test_stationctl_sim(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
     db = f"sqlite:///{tmp_path / 'agent.db'}"
     r = subprocess.run(
-        [*STATIONCTL, "sim", "--stations", "1", "--slots", "2", "--broker",
-         f"mqtt://127.0.0.1:{mosquitto.port}", "--accel", "20", "--duration", "6",
-         "--workdir", str(tmp_path / "sim"), "--agent-db", db, "--sid-prefix", "KH-CLI-",
-         "--status-every", "2"],
-        check=False, capture_output=True, text=True, timeout=120)
+        [
+            *STATIONCTL,
+            "sim",
+            "--stations",
+            "1",
+            "--slots",
+            "2",
+            "--broker",
+            f"mqtt://127.0.0.1:{mosquitto.port}",
+            "--accel",
+            "20",
+            "--duration",
+            "6",
+            "--workdir",
+            str(tmp_path / "sim"),
+            "--agent-db",
+            db,
+            "--sid-prefix",
+            "KH-CLI-",
+            "--status-every",
+            "2",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "simulated" in r.stdout and "ground truth" in r.stdout
     truth = json.loads((tmp_path / "sim" / "ground_truth.json").read_text())
@@ -204,10 +252,26 @@ def test_stationctl_sim(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
 
 
 def test_stationctl_sim_bad_usage(tmp_path: pathlib.Path) -> None:
-    r = subprocess.run([*STATIONCTL, "sim", "--broker", "http://x"], check=False,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*STATIONCTL, "sim", "--broker", "http://x"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "mqtt://" in r.stderr
-    r = subprocess.run([*STATIONCTL, "sim", "--broker", f"mqtt://127.0.0.1:{free_port()}",
-                        "--workdir", str(tmp_path)], check=False, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [
+            *STATIONCTL,
+            "sim",
+            "--broker",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--workdir",
+            str(tmp_path),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "cannot reach the broker" in r.stderr

@@ -30,8 +30,15 @@ def slot_regs(tel: dict[str, Any]) -> dict[int, int]:
 
 def test_charge_of_several_batteries_matches_ground_truth(tmp_path: pathlib.Path) -> None:
     with Rig(slots=4, seed=11, workdir=tmp_path / "rig") as rig:
-        cfg = station_config(SID, rig.charger_path, rig.bus_path, slots=4, sample_ms=500, stale_s=3,
-                             bms={"per_cycle": 2})
+        cfg = station_config(
+            SID,
+            rig.charger_path,
+            rig.bus_path,
+            slots=4,
+            sample_ms=500,
+            stale_s=3,
+            bms={"per_cycle": 2},
+        )
         st = StationProcess(tmp_path / "flash", cfg, heap="100k", trace_ms=500, uplink=False)
         st.start()
         try:
@@ -43,9 +50,12 @@ def test_charge_of_several_batteries_matches_ground_truth(tmp_path: pathlib.Path
             time.sleep(4)
             rig.remove(2)  # taken out mid-charge
             st.wait_for(
-                lambda: (t := st.last_telemetry()) is not None
-                and [s.get("st") for s in t["body"]["slots"]] == ["F", "I", "I", "F"],
-                90, "batteries full",
+                lambda: (
+                    (t := st.last_telemetry()) is not None
+                    and [s.get("st") for s in t["body"]["slots"]] == ["F", "I", "I", "F"]
+                ),
+                90,
+                "batteries full",
             )
             time.sleep(1.5)
             tel = st.last_telemetry()
@@ -79,14 +89,30 @@ def test_charge_of_several_batteries_matches_ground_truth(tmp_path: pathlib.Path
 def test_injected_faults_equal_error_counters(tmp_path: pathlib.Path) -> None:
     rates = FaultRates.uniform(0.05, bus_timeout_s=0.15, charger_timeout_s=0.2)
     with Rig(slots=3, seed=5, faults=rates, workdir=tmp_path / "rig") as rig:
-        cfg = station_config(SID, rig.charger_path, rig.bus_path, slots=3, sample_ms=300, stale_s=3,
-                             bus={"retries": 0, "timeout_ms": 150}, bms={"per_cycle": 3})
-        bats = [rig.insert(1, pack="72V", power_w=1000, capacity_wh=20, soc=0.3),
-                rig.insert(2, pack="60V", power_w=800, capacity_wh=20, soc=0.3),
-                rig.insert(3, pack="72V", power_w=1500, capacity_wh=20, soc=0.3)]
+        cfg = station_config(
+            SID,
+            rig.charger_path,
+            rig.bus_path,
+            slots=3,
+            sample_ms=300,
+            stale_s=3,
+            bus={"retries": 0, "timeout_ms": 150},
+            bms={"per_cycle": 3},
+        )
+        bats = [
+            rig.insert(1, pack="72V", power_w=1000, capacity_wh=20, soc=0.3),
+            rig.insert(2, pack="60V", power_w=800, capacity_wh=20, soc=0.3),
+            rig.insert(3, pack="72V", power_w=1500, capacity_wh=20, soc=0.3),
+        ]
         ids = {b.serial for b in bats}
-        st = StationProcess(tmp_path / "flash", cfg, heap="100k", trace_ms=1000,
-                            env={"STATION_CYCLES": "80"}, uplink=False)
+        st = StationProcess(
+            tmp_path / "flash",
+            cfg,
+            heap="100k",
+            trace_ms=1000,
+            env={"STATION_CYCLES": "80"},
+            uplink=False,
+        )
         st.start()
         assert st.proc is not None
         st.proc.wait(120)
@@ -121,8 +147,16 @@ def test_power_cuts_never_lower_a_register_and_boot_grows(tmp_path: pathlib.Path
     rnd = random.Random(7)
     flash = tmp_path / "flash"
     with Rig(slots=2, seed=3, workdir=tmp_path / "rig") as rig:
-        cfg = station_config(SID, rig.charger_path, rig.bus_path, slots=2, sample_ms=200, stale_s=3,
-                             persist={"every_mwh": 20, "every_s": 1}, boot_base=40)
+        cfg = station_config(
+            SID,
+            rig.charger_path,
+            rig.bus_path,
+            slots=2,
+            sample_ms=200,
+            stale_s=3,
+            persist={"every_mwh": 20, "every_s": 1},
+            boot_base=40,
+        )
         rig.insert(1, pack="72V", power_w=1500, capacity_wh=60, soc=0.2)
         rig.insert(2, pack="60V", power_w=1000, capacity_wh=60, soc=0.2)
         st = StationProcess(flash, cfg, heap="100k", trace_ms=200, uplink=False)

@@ -17,9 +17,25 @@ from tests.helpers import ROOT
 def test_hil_suite_on_the_virtual_rig() -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "hil_tests", "--rig", "virtual", "-q", "-p",
-         "no:cacheprovider", "-o", "addopts=-ra"],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=850, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "hil_tests",
+            "--rig",
+            "virtual",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=-ra",
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=850,
+        env=env,
     )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]

@@ -22,8 +22,11 @@ def test_example_loads_with_defaults_and_relative_paths(tmp_path: pathlib.Path) 
     assert (c.broker.host, c.broker.port, c.broker.prefix) == ("127.0.0.1", 1883, "stations")
     assert c.broker.client_id == "stationctl-agent" and not c.broker.tls
     assert c.metering.interval_ms == 900_000 and c.carbon_params is None
-    assert c.broker.topics() == [("stations/+/telemetry", 1), ("stations/+/event", 1),
-                                 ("stations/+/status", 1)]
+    assert c.broker.topics() == [
+        ("stations/+/telemetry", 1),
+        ("stations/+/event", 1),
+        ("stations/+/status", 1),
+    ]
 
 
 def test_every_key(tmp_path: pathlib.Path) -> None:
@@ -34,10 +37,11 @@ def test_every_key(tmp_path: pathlib.Path) -> None:
         '[broker]\nhost = "b.example"\nport = 8883\nuser = "agent"\npassword_file = "pw"\n'
         'tls = true\ntls_ca = "ca.pem"\ntls_insecure = false\nclient_id = "a1"\n'
         'prefix = "fleet/kh"\nkeepalive = 10\nshare_group = "agents"\n'
-        '[ingest]\nbatch_max = 100\nmax_pending = 1000\nrecords_interval_ms = 2000\n'
-        'key_reload_s = 5\nstats_interval_s = 10\ngc_full_s = 0\n'
-        '[metering]\ninterval_ms = 300000\nmax_power_w_slot = 5000\n'
-        '[carbon]\nparams = "carbon.toml"\n')
+        "[ingest]\nbatch_max = 100\nmax_pending = 1000\nrecords_interval_ms = 2000\n"
+        "key_reload_s = 5\nstats_interval_s = 10\ngc_full_s = 0\n"
+        "[metering]\ninterval_ms = 300000\nmax_power_w_slot = 5000\n"
+        '[carbon]\nparams = "carbon.toml"\n'
+    )
     c = load_config(tmp_path / "agent.toml")
     assert c.db.url == "sqlite:////abs/a.db" and c.broker.password == "s3cret"
     assert c.broker.tls_ca == str(tmp_path / "ca.pem") and c.broker.prefix == "fleet/kh"
@@ -47,18 +51,21 @@ def test_every_key(tmp_path: pathlib.Path) -> None:
     assert c.metering.interval_ms == 300_000 and c.carbon_params == str(tmp_path / "carbon.toml")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[broker]\nprot = 1\n", "broker.prot"),
-    ("[brokr]\n", "'brokr'"),
-    ('[broker]\nport = "1883"\n', "broker.port must be int"),
-    ("[broker]\ntls = 1\n", "broker.tls must be bool"),
-    ('[broker]\nprefix = "a/+"\n', "broker.prefix"),
-    ('[db]\nsynchronous = "sometimes"\n', "synchronous"),
-    ("[metering]\ninterval_ms = 7\n", "interval_ms"),
-    ('[carbon]\nparams = "missing.toml"\n', "carbon.params"),
-    ("[broker\n", "agent.toml"),
-    ('[broker]\npassword = "x"\npassword_file = "pw"\n', "exclusive"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[broker]\nprot = 1\n", "broker.prot"),
+        ("[brokr]\n", "'brokr'"),
+        ('[broker]\nport = "1883"\n', "broker.port must be int"),
+        ("[broker]\ntls = 1\n", "broker.tls must be bool"),
+        ('[broker]\nprefix = "a/+"\n', "broker.prefix"),
+        ('[db]\nsynchronous = "sometimes"\n', "synchronous"),
+        ("[metering]\ninterval_ms = 7\n", "interval_ms"),
+        ('[carbon]\nparams = "missing.toml"\n', "carbon.params"),
+        ("[broker\n", "agent.toml"),
+        ('[broker]\npassword = "x"\npassword_file = "pw"\n', "exclusive"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path: pathlib.Path, text: str, needle: str) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
@@ -71,9 +78,21 @@ def test_bad_config_names_the_key(tmp_path: pathlib.Path, text: str, needle: str
 def test_agent_command_bad_config_exits_2(tmp_path: pathlib.Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text("[broker]\nprot = 1\n")
-    r = subprocess.run([*STATIONCTL, "agent", "--config", str(cfg)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [*STATIONCTL, "agent", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2 and "unknown key broker.prot" in r.stderr
-    r = subprocess.run([*STATIONCTL, "agent", "--config", str(tmp_path / "none.toml")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [*STATIONCTL, "agent", "--config", str(tmp_path / "none.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2 and "cannot read" in r.stderr

@@ -41,7 +41,10 @@ def start_agent(cfg: pathlib.Path) -> subprocess.Popen[bytes]:
     with open(cfg.parent / "agent.log", "ab") as log:
         return subprocess.Popen(
             [*STATIONCTL, "agent", "--config", str(cfg)],
-            cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
 
 
@@ -80,14 +83,20 @@ def stop_agent(p: subprocess.Popen[bytes]) -> None:
 def export(d: pathlib.Path, *args: str) -> bytes:
     r = subprocess.run(
         [*STATIONCTL, "export", "--db", f"sqlite:///{d}/agent.db", *args],
-        cwd=ROOT, capture_output=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
-EXPORTS = [("--by", by, "--format", fmt) for by in ("interval", "session", "day")
-           for fmt in ("csv", "json")]
+EXPORTS = [
+    ("--by", by, "--format", fmt)
+    for by in ("interval", "session", "day")
+    for fmt in ("csv", "json")
+]
 
 
 def test_sigkill_and_broker_restart_give_the_clean_export(

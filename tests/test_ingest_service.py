@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 
 from agent import wire
-from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.ledger.metering import MeterParams, RawMsg, compute
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.sources.mqtt import BrokerConfig
 from agent.store import Store, record_to_row
 from tests.agent_helpers import Publisher, Station, fleet_stream, key_for
 from tests.test_ingest_restart import raw_count, start_agent, wait_subscribed, write_config
@@ -30,9 +30,11 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 def config(db: str, port: int, client_id: str = "svc-agent") -> AgentConfig:
-    return AgentConfig(db=DbConfig(url=db, synchronous="normal"),
-                       broker=BrokerConfig(port=port, client_id=client_id, keepalive=5),
-                       ingest=IngestConfig(records_interval_ms=50, key_reload_s=0.2))
+    return AgentConfig(
+        db=DbConfig(url=db, synchronous="normal"),
+        broker=BrokerConfig(port=port, client_id=client_id, keepalive=5),
+        ingest=IngestConfig(records_interval_ms=50, key_reload_s=0.2),
+    )
 
 
 async def publish(port: int, items: list[tuple[str, bytes]]) -> None:
@@ -76,8 +78,16 @@ async def test_messages_sent_while_the_agent_is_down_arrive_and_records_match_co
     with Store(db) as st:
         raw = [r for page in st.iter_raw() for r in page]
         assert sorted(r.record for r in raw) == sorted(p for _, p in stream)
-        msgs = [RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms,
-                       body=wire.decode_record(r.record)) for r in raw]
+        msgs = [
+            RawMsg(
+                sid=r.sid,
+                boot=r.boot,
+                seq=r.seq,
+                recv_ms=r.recv_ms,
+                body=wire.decode_record(r.record),
+            )
+            for r in raw
+        ]
         want = sorted(record_to_row(r) for r in compute(msgs, MeterParams()))
         got = sorted(st.record_rows())
     assert len(want) > 20

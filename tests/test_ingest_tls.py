@@ -23,28 +23,73 @@ def run(*cmd: str) -> None:
 
 
 def make_certs(d: pathlib.Path) -> None:
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=test-ca", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.pem"),
+    )
+    run(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(d / "server.key"),
+        "-out",
+        str(d / "server.csr"),
+    )
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile",
-        str(d / "ext.cnf"), "-out", str(d / "server.pem"))
+    run(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        str(d / "server.csr"),
+        "-CA",
+        str(d / "ca.pem"),
+        "-CAkey",
+        str(d / "ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(d / "ext.cnf"),
+        "-out",
+        str(d / "server.pem"),
+    )
 
 
-@pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("mosquitto_passwd"),
-                    reason="needs openssl and mosquitto_passwd")
+@pytest.mark.skipif(
+    not shutil.which("openssl") or not shutil.which("mosquitto_passwd"),
+    reason="needs openssl and mosquitto_passwd",
+)
 async def test_tls_and_password(tmp_path: pathlib.Path) -> None:
     make_certs(tmp_path)
     pw = tmp_path / "passwd"
     run("mosquitto_passwd", "-b", "-c", str(pw), "agent", "s3cret")
     run("mosquitto_passwd", "-b", str(pw), "pub", "pubpw")
     broker = Mosquitto(tmp_path / "mq", password_file=str(pw))
-    broker.conf.write_text(broker.conf.read_text().replace(
-        f"listener {broker.port} 127.0.0.1",
-        f"listener {broker.port} 127.0.0.1\ncafile {tmp_path}/ca.pem\n"
-        f"certfile {tmp_path}/server.pem\nkeyfile {tmp_path}/server.key"))
+    broker.conf.write_text(
+        broker.conf.read_text().replace(
+            f"listener {broker.port} 127.0.0.1",
+            f"listener {broker.port} 127.0.0.1\ncafile {tmp_path}/ca.pem\n"
+            f"certfile {tmp_path}/server.pem\nkeyfile {tmp_path}/server.key",
+        )
+    )
     broker.start()
     try:
         (tmp_path / "agent.pass").write_text("s3cret\n")
@@ -52,7 +97,8 @@ async def test_tls_and_password(tmp_path: pathlib.Path) -> None:
         cfg_path.write_text(
             f'[db]\nurl = "sqlite:///agent.db"\nsynchronous = "normal"\n'
             f'[broker]\nport = {broker.port}\nuser = "agent"\npassword_file = "agent.pass"\n'
-            f'tls = true\ntls_ca = "ca.pem"\nclient_id = "tls-agent"\n')
+            f'tls = true\ntls_ca = "ca.pem"\nclient_id = "tls-agent"\n'
+        )
         cfg = load_config(cfg_path)
         st = Station("KH-TLS-0001")
         with KeyStore(cfg.db.url) as ks:
@@ -94,7 +140,8 @@ async def test_wrong_password_is_retried_not_fatal(tmp_path: pathlib.Path) -> No
     try:
         (tmp_path / "agent.toml").write_text(
             f'[db]\nurl = "sqlite:///agent.db"\n[broker]\nport = {broker.port}\n'
-            f'user = "agent"\npassword = "wrong"\nclient_id = "pw-agent"\n')
+            f'user = "agent"\npassword = "wrong"\nclient_id = "pw-agent"\n'
+        )
         svc = Service(load_config(tmp_path / "agent.toml"))
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop))

@@ -62,7 +62,9 @@ def test_max_boot_comes_from_raw(tmp_path: pathlib.Path) -> None:
     with KeyStore(url) as ks:
         assert ks.max_boot(SID) is None
         with Store(url) as st:
-            st.write_batch([RawRow(SID, b, 0, "telemetry", "t", 1, 1, b"x%d" % b) for b in (3, 9, 4)])
+            st.write_batch(
+                [RawRow(SID, b, 0, "telemetry", "t", 1, 1, b"x%d" % b) for b in (3, 9, 4)]
+            )
         assert ks.max_boot(SID) == 9
         assert ks.max_boot("KH-PNH-0002") is None
 
@@ -116,8 +118,14 @@ def test_static_keys_reasons() -> None:
 
 
 def keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*STATIONCTL, "keys", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [*STATIONCTL, "keys", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path) -> None:
@@ -142,18 +150,24 @@ def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path) -> None:
     lines = r.stdout.splitlines()
     assert lines[0].split("\t")[:3] == ["sid", "kid", "state"]
     assert [tuple(x.split("\t")[:3]) for x in lines[1:]] == [
-        (SID, "1", "revoked"), (SID, "2", "active"), ("KH-PNH-0002", "1", "active")]
+        (SID, "1", "revoked"),
+        (SID, "2", "active"),
+        ("KH-PNH-0002", "1", "active"),
+    ]
     out = "".join(keys_cli(*a).stdout + keys_cli(*a).stderr for a in (("list", "--db", db),))
     for k in (key_for(SID), k2, k3):
         assert k.hex() not in out + r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["add", SID, "--key-file", "/nonexistent"], "cannot read key file"),
-    (["add", "bad sid", "--generate", "NEWFILE"], "bad station id"),
-    (["revoke", "KH-PNH-0009"], "no unrevoked"),
-    (["rotate", SID, "--key-out", "EXISTING"], "cannot create key file"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["add", SID, "--key-file", "/nonexistent"], "cannot read key file"),
+        (["add", "bad sid", "--generate", "NEWFILE"], "bad station id"),
+        (["revoke", "KH-PNH-0009"], "no unrevoked"),
+        (["rotate", SID, "--key-out", "EXISTING"], "cannot create key file"),
+    ],
+)
 def test_keys_cli_bad_input_exits_2(tmp_path: pathlib.Path, args: list[str], needle: str) -> None:
     db = f"sqlite:///{tmp_path}/a.db"
     (tmp_path / "EXISTING").write_text("x")

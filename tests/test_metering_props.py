@@ -28,8 +28,11 @@ from agent.ledger.metering import (
 from tests.metering_reference import reference_totals
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
@@ -53,8 +56,15 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
         synced_from = rnd.choice([0, 0, 3, 10**9])  # seq from which ts is sent
         msgs: list[dict[str, Any]] = []
         if rnd.random() < 0.75:
-            msgs.append({"ev": "boot", "fw": "1", "reset": "power", "up": up,
-                         "restored": {str(n): v for n, v in restored.items()}})
+            msgs.append(
+                {
+                    "ev": "boot",
+                    "fw": "1",
+                    "reset": "power",
+                    "up": up,
+                    "restored": {str(n): v for n, v in restored.items()},
+                }
+            )
         open_sess: dict[int, tuple[int, int]] = {}
         for _ in range(rnd.randint(1, 25)):
             dt = rnd.choice([1000, 10_000, 10_000, 10_000, 60_000, 900_000])
@@ -69,8 +79,9 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
             if with_meter and x < 0.05:
                 new_sn = sn + rnd.choice([0, 1])
                 to = rnd.randint(0, 100)
-                msgs.append({"ev": "meter_reset", "from_wh": meter_wh, "to_wh": to, "sn": new_sn,
-                             "up": up})
+                msgs.append(
+                    {"ev": "meter_reset", "from_wh": meter_wh, "to_wh": to, "sn": new_sn, "up": up}
+                )
                 meter_wh, sn = to, new_sn
             elif with_meter and x < 0.08:
                 sn += 1  # swapped without an event
@@ -81,13 +92,33 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
                 n = rnd.choice(list(reg))
                 if n in open_sess:
                     e0, u0 = open_sess.pop(n)
-                    msgs.append({"ev": "session_end", "slot": n, "bat": "B1", "e0_mwh": e0,
-                                 "e1_mwh": reg[n], "soc0": 100, "soc1": 900, "up0": u0,
-                                 "up1": up, "why": "full", "up": up})
+                    msgs.append(
+                        {
+                            "ev": "session_end",
+                            "slot": n,
+                            "bat": "B1",
+                            "e0_mwh": e0,
+                            "e1_mwh": reg[n],
+                            "soc0": 100,
+                            "soc1": 900,
+                            "up0": u0,
+                            "up1": up,
+                            "why": "full",
+                            "up": up,
+                        }
+                    )
                 else:
                     open_sess[n] = (reg[n], up)
-                    msgs.append({"ev": "session_start", "slot": n, "bat": "B1",
-                                 "e_mwh": reg[n], "soc": 100, "up": up})
+                    msgs.append(
+                        {
+                            "ev": "session_start",
+                            "slot": n,
+                            "bat": "B1",
+                            "e_mwh": reg[n],
+                            "soc": 100,
+                            "up": up,
+                        }
+                    )
             body: dict[str, Any] = {"up": up}
             if with_meter and rnd.random() < 0.9:
                 e = meter_wh
@@ -126,8 +157,11 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
                 body["hist"] = 1
             if rnd.random() >= lose:
                 delay = rnd.randint(0, 5000) + (rnd.randint(0, 10**6) if body.get("hist") else 0)
-                out.append(RawMsg(sid=sid, boot=boot, seq=body["seq"], recv_ms=offset + u + delay,
-                                  body=body))
+                out.append(
+                    RawMsg(
+                        sid=sid, boot=boot, seq=body["seq"], recv_ms=offset + u + delay, body=body
+                    )
+                )
         wall = offset + u + rnd.randint(1000, 5 * 3_600_000)
         boot += rnd.randint(1, 2)
     return out
@@ -136,7 +170,12 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
 def gen_fleet(rnd: random.Random) -> list[RawMsg]:
     msgs: list[RawMsg] = []
     for i in range(rnd.randint(1, 3)):
-        msgs.extend(gen_station(rnd, f"KH-T-{i:04d}", ))
+        msgs.extend(
+            gen_station(
+                rnd,
+                f"KH-T-{i:04d}",
+            )
+        )
     return msgs
 
 
@@ -153,8 +192,7 @@ def arrival(rnd: random.Random, msgs: list[RawMsg]) -> list[RawMsg]:
     """A random order with duplicates (some received again later: same bytes)."""
     out = list(msgs)
     for m in rnd.sample(msgs, k=len(msgs) // 5):
-        out.append(RawMsg(sid=m.sid, boot=m.boot, seq=m.seq, recv_ms=m.recv_ms + 1000,
-                          body=m.body))
+        out.append(RawMsg(sid=m.sid, boot=m.boot, seq=m.seq, recv_ms=m.recv_ms + 1000, body=m.body))
         out.append(m)
     rnd.shuffle(out)
     return out
@@ -182,14 +220,18 @@ def test_arrival_order_and_duplicates_do_not_matter(rnd: random.Random) -> None:
     assert compute(list(reversed(msgs))) == want
 
 
-def feed(rnd: random.Random, meter: IncrementalMeter, msgs: list[RawMsg],
-         seen: dict[str, dict[str, Record]]) -> None:
+def feed(
+    rnd: random.Random,
+    meter: IncrementalMeter,
+    msgs: list[RawMsg],
+    seen: dict[str, dict[str, Record]],
+) -> None:
     """Feed msgs in random batches, applying changes() to a mirror after each batch (day
     roll-ups deferred at random)."""
     i = 0
     while i < len(msgs):
         n = rnd.choice([1, 1, 2, 5, 20])
-        batch = msgs[i:i + n]
+        batch = msgs[i : i + n]
         i += n
         for sid in meter.add(batch):
             apply(seen, sid, *meter.changes(sid, days=rnd.random() < 0.5))
@@ -197,8 +239,7 @@ def feed(rnd: random.Random, meter: IncrementalMeter, msgs: list[RawMsg],
         apply(seen, sid, *meter.changes(sid))  # the day roll-ups left pending
 
 
-def apply(seen: dict[str, dict[str, Record]], sid: str, ups: list[Record],
-          gone: list[str]) -> None:
+def apply(seen: dict[str, dict[str, Record]], sid: str, ups: list[Record], gone: list[str]) -> None:
     mirror = seen.setdefault(sid, {})
     for g in gone:
         mirror.pop(g, None)
@@ -258,10 +299,16 @@ def test_interval_shares_conserve_energy(rnd: random.Random) -> None:
     assert totals(locked) == ref  # adjustments carry exactly the revisions
     # a locked interval is what the messages received by the lock gave, nothing later
     early = compute([m for m in msgs if m.recv_ms <= lock_until + 3_600_000])
-    lk = {(r.sid, r.slot, r.start_ms): r for r in early
-          if r.kind == "interval" and r.end_ms <= lock_until}
-    assert {(r.sid, r.slot, r.start_ms): r for r in locked
-            if r.kind == "interval" and r.end_ms <= lock_until} == lk
+    lk = {
+        (r.sid, r.slot, r.start_ms): r
+        for r in early
+        if r.kind == "interval" and r.end_ms <= lock_until
+    }
+    assert {
+        (r.sid, r.slot, r.start_ms): r
+        for r in locked
+        if r.kind == "interval" and r.end_ms <= lock_until
+    } == lk
     # and the incremental meter agrees with the lock too
     im = IncrementalMeter(p)
     feed(rnd, im, arrival(rnd, msgs), {})

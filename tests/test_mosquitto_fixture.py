@@ -3,7 +3,9 @@ import paho.mqtt.client as mqtt
 from tools.mosquitto import Mosquitto
 
 
-def test_private_broker_keeps_port_and_retained_message_across_restart(mosquitto: Mosquitto) -> None:
+def test_private_broker_keeps_port_and_retained_message_across_restart(
+    mosquitto: Mosquitto,
+) -> None:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t1")
     c.connect("127.0.0.1", mosquitto.port)
     c.loop_start()

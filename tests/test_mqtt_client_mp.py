@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pathlib
 import os
+import pathlib
 import queue
 import shutil
 import signal
@@ -371,10 +371,10 @@ async def test_backoff_doubles_with_jitter_and_caps(mp_procs: Any) -> None:
         done = await mp.finish(timeout=30)
         assert done["ev"] == "timeout" and done["c"]["connects"] == 0
         assert done["c"]["io_errors"] == done["c"]["attempts"] == len(broker.conns)
-        gaps = [b.t - a.t for a, b in zip(broker.conns, broker.conns[1:])]
+        gaps = [b.t - a.t for a, b in zip(broker.conns, broker.conns[1:], strict=False)]
         want = [min(100 * 2**i, 400) / 1000 for i in range(len(gaps))]
         # never sooner than the backoff less its jitter (slow scheduling only adds)
-        assert all(g >= 0.75 * w - 0.01 for g, w in zip(gaps, want)), gaps
+        assert all(g >= 0.75 * w - 0.01 for g, w in zip(gaps, want, strict=False)), gaps
         # capped: no gap near the uncapped 800, 1600 ms...
         assert all(g < 0.5 + 0.5 for g in gaps[3:]), gaps
         # 3 s of doubling-then-capped retries: about 9 attempts, not hundreds

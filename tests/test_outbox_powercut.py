@@ -60,16 +60,26 @@ def check_start(m: Model, found: list[tuple[int, str, int, str]], drops: bool) -
     for rid, (kind, p) in m.pending.items():
         if rid in by_id:
             _, k, ln, digest = by_id[rid]
-            assert (k, ln, digest) == (kind, len(p), hashlib.sha256(p).hexdigest()), f"record {rid} changed"
+            assert (k, ln, digest) == (kind, len(p), hashlib.sha256(p).hexdigest()), (
+                f"record {rid} changed"
+            )
         else:
-            assert rid in m.maybe_acked or (drops and kind != "b"), f"appended {kind} record {rid} lost"
+            assert rid in m.maybe_acked or (drops and kind != "b"), (
+                f"appended {kind} record {rid} lost"
+            )
     unknown = [f for f in found if f[0] not in m.pending]
     assert len(unknown) <= 1, f"records nobody appended: {unknown}"
     new: dict[int, tuple[str, bytes]] = {}
     if unknown:
         rid, k, ln, digest = unknown[0]
-        assert m.inflight is not None and rid == max(ids), "an unreported record that was not in flight"
-        assert (k, ln, digest) == (m.inflight[0], len(m.inflight[1]), hashlib.sha256(m.inflight[1]).hexdigest())
+        assert m.inflight is not None and rid == max(ids), (
+            "an unreported record that was not in flight"
+        )
+        assert (k, ln, digest) == (
+            m.inflight[0],
+            len(m.inflight[1]),
+            hashlib.sha256(m.inflight[1]).hexdigest(),
+        )
         new[rid] = m.inflight
         m.torn_found += 1
     # what is gone now was acked (or dropped); what is there stays expected
@@ -116,9 +126,18 @@ def start(
     # stderr to a file: communicate() on two pipes would bypass what readline() buffered
     with err.open("w") as ef:
         proc = subprocess.Popen(
-            [micropython_bin(), str(SCRIPT), str(root), str(run), str(run * 7919 + 1), str(max_bytes),
-             str(seg_bytes)],
-            stdout=subprocess.PIPE, stderr=ef, text=True,
+            [
+                micropython_bin(),
+                str(SCRIPT),
+                str(root),
+                str(run),
+                str(run * 7919 + 1),
+                str(max_bytes),
+                str(seg_bytes),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=ef,
+            text=True,
         )
     assert proc.stdout is not None
     found = []
@@ -134,7 +153,9 @@ def start(
     return proc, found
 
 
-@pytest.mark.parametrize(("mode", "max_bytes", "seg_bytes"), [("keep", 4_000_000, 4096), ("drop", 12_000, 1500)])
+@pytest.mark.parametrize(
+    ("mode", "max_bytes", "seg_bytes"), [("keep", 4_000_000, 4096), ("drop", 12_000, 1500)]
+)
 def test_outbox_survives_sigkill(tmp_path: Path, mode: str, max_bytes: int, seg_bytes: int) -> None:
     rng = random.Random(1234 if mode == "keep" else 5678)
     root = tmp_path / "outbox"

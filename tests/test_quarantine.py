@@ -8,9 +8,9 @@ import asyncio
 import pathlib
 from collections import Counter
 
-from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.sources.mqtt import BrokerConfig
 from agent.store import Store
 from tests.agent_helpers import (
     GOOD_SID,
@@ -43,9 +43,11 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
         ks.add(OTHER_SID, key_for(OTHER_SID))
         ks.add(REVOKED_SID, key_for(REVOKED_SID))
         ks.revoke(REVOKED_SID)
-    cfg = AgentConfig(db=DbConfig(url=db, synchronous="normal"),
-                      broker=BrokerConfig(port=mosquitto.port, client_id="q-agent"),
-                      ingest=IngestConfig(records_interval_ms=50))
+    cfg = AgentConfig(
+        db=DbConfig(url=db, synchronous="normal"),
+        broker=BrokerConfig(port=mosquitto.port, client_id="q-agent"),
+        ingest=IngestConfig(records_interval_ms=50),
+    )
     svc = Service(cfg)
     stop = asyncio.Event()
     task = asyncio.create_task(svc.run(stop))
@@ -55,7 +57,7 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
     bad = malformed_cases()
     items: list[tuple[str, bytes]] = []
     good_payloads: list[bytes] = []
-    for name, topic, payload, reason in bad:  # a good message before each bad one
+    for _name, topic, payload, _reason in bad:  # a good message before each bad one
         good.advance()
         kind, p = good.telemetry()
         items += [(good.topic(kind), p), (topic, payload)]
@@ -67,8 +69,9 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
     conflict = good.telemetry()[1]
     items.append((good.topic("telemetry"), conflict))
     # status: birth (stored as the last status) and a status that is not JSON
-    birth = compact({"v": 1, "sid": GOOD_SID, "boot": 1, "state": "online", "fw": "t",
-                     "cfg": "0" * 12})
+    birth = compact(
+        {"v": 1, "sid": GOOD_SID, "boot": 1, "state": "online", "fw": "t", "cfg": "0" * 12}
+    )
     items += [(f"stations/{GOOD_SID}/status", birth), (f"stations/{OTHER_SID}/status", b"\xff")]
     # a signed event of the good station after all that still goes through
     good.seq = 100
@@ -94,8 +97,9 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
     with Store(db) as st:
         q = st.quarantine_rows()
         # every malformed message, with its reason, its topic and its exact bytes
-        assert [(r.topic, r.record, r.reason) for r in q if r.reason not in (
-            "conflict", "bad_status")] == [(t, p, reason) for _, t, p, reason in bad]
+        assert [
+            (r.topic, r.record, r.reason) for r in q if r.reason not in ("conflict", "bad_status")
+        ] == [(t, p, reason) for _, t, p, reason in bad]
         assert all(r.detail for r in q)
         conf = [r for r in q if r.reason == "conflict"]
         assert len(conf) == 1 and conf[0].record == conflict and conf[0].sid == GOOD_SID

@@ -13,10 +13,10 @@ import sqlite3
 import subprocess
 from typing import Any
 
-from agent.ledger.export import render
-from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
+from agent.ledger.export import render
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.sources.mqtt import BrokerConfig
 from agent.store import QuarantineRow, RawRow, Store, row_to_record
 from tests.agent_helpers import STATIONCTL, Publisher, Station, key_for
 from tests.helpers import ROOT
@@ -67,17 +67,32 @@ def streams(prefix: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes
         add(after, old, old.telemetry())
         new.advance(w=1500 - 20 * i)
         add(after, new, new.telemetry())
-    add(after, new, new.event("session_end", slot=1, bat="B0000001", e0_mwh=0,
-                              e1_mwh=new.e_mwh[0], soc0=200, soc1=800, up0=1000, up1=new.up,
-                              why="full"))
+    add(
+        after,
+        new,
+        new.event(
+            "session_end",
+            slot=1,
+            bat="B0000001",
+            e0_mwh=0,
+            e1_mwh=new.e_mwh[0],
+            soc0=200,
+            soc1=800,
+            up0=1000,
+            up1=new.up,
+            why="full",
+        ),
+    )
     after.append(before[7])  # the station resends an early message: a duplicate
     return before, after, bad, k2
 
 
 def config(db: str, port: int, name: str, prefix: str) -> AgentConfig:
-    return AgentConfig(db=DbConfig(url=db, synchronous="normal"),
-                       broker=BrokerConfig(port=port, client_id=name, prefix=prefix),
-                       ingest=IngestConfig(records_interval_ms=50, key_reload_s=0.3))
+    return AgentConfig(
+        db=DbConfig(url=db, synchronous="normal"),
+        broker=BrokerConfig(port=port, client_id=name, prefix=prefix),
+        ingest=IngestConfig(records_interval_ms=50, key_reload_s=0.3),
+    )
 
 
 async def start(cfg: AgentConfig) -> tuple[Service, asyncio.Event, asyncio.Task[None]]:
@@ -98,8 +113,10 @@ async def publish(port: int, items: list[tuple[str, bytes]], name: str) -> None:
 
 def exports(db: str) -> dict[str, bytes]:
     with Store(db, readonly=True) as st:
-        return {by: render([row_to_record(r) for r in st.record_rows(kind=by)], "json", None,
-                           None, by) for by in ("interval", "session", "day")}
+        return {
+            by: render([row_to_record(r) for r in st.record_rows(kind=by)], "json", None, None, by)
+            for by in ("interval", "session", "day")
+        }
 
 
 def raw_set(db: str) -> set[tuple[str, int, int, str, bytes]]:
@@ -110,8 +127,9 @@ def raw_set(db: str) -> set[tuple[str, int, int, str, bytes]]:
 def open_quarantine(db: str) -> list[tuple[str, str, bytes]]:
     """(kind, reason, bytes) of what is still in quarantine (topic prefix left out)."""
     with Store(db, readonly=True) as st:
-        return sorted((q.topic.rsplit("/", 1)[-1], q.reason, q.record)
-                      for q in st.quarantine_rows())
+        return sorted(
+            (q.topic.rsplit("/", 1)[-1], q.reason, q.record) for q in st.quarantine_rows()
+        )
 
 
 async def test_key_added_while_running_reingests_the_quarantine(
@@ -150,13 +168,21 @@ async def test_key_added_while_running_reingests_the_quarantine(
         kf = tmp_path / "new.key"
         kf.write_text(key_for(NEW).hex() + "\n")
         r = await asyncio.to_thread(
-            subprocess.run, [*STATIONCTL, "keys", "add", "--db", db, NEW, "--key-file", str(kf)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+            subprocess.run,
+            [*STATIONCTL, "keys", "add", "--db", db, NEW, "--key-file", str(kf)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         # everything of NEW but the forged and the kid-2 message: the repeat once stored,
         # once a duplicate
-        await wait_for(lambda: svc.counters["rekey.stored"] + svc.counters["rekey.duplicate"]
-                       >= n_new - 2, what="re-ingest after keys add")
+        await wait_for(
+            lambda: svc.counters["rekey.stored"] + svc.counters["rekey.duplicate"] >= n_new - 2,
+            what="re-ingest after keys add",
+        )
         c = svc.counters
         assert (c["rekey.stored"], c["rekey.duplicate"], c["rekey.conflict"]) == (n_new - 3, 1, 0)
         assert c["rekey.rejected"] == 1 and c["rekey.waiting"] == 1
@@ -172,8 +198,11 @@ async def test_key_added_while_running_reingests_the_quarantine(
         assert NEW.encode() in exports(db)["session"]
         # still in quarantine, with the reason that holds now: the forgery (bad_sig) and the
         # kid-2 message (unknown_kid), exactly as in the reference run
-        assert open_quarantine(db) == open_quarantine(ref_db) == sorted(
-            [("telemetry", "bad_sig", bad), ("event", "unknown_kid", k2)])
+        assert (
+            open_quarantine(db)
+            == open_quarantine(ref_db)
+            == sorted([("telemetry", "bad_sig", bad), ("event", "unknown_kid", k2)])
+        )
         with Store(db, readonly=True) as st:
             q = {x.record: x for x in st.quarantine_rows()}
             assert "first quarantined as unknown_station" in q[bad].detail
@@ -183,11 +212,13 @@ async def test_key_added_while_running_reingests_the_quarantine(
         try:
             resolved = con.execute(
                 "SELECT resolved_to, COUNT(*), MIN(resolved_ms) > MAX(recv_ms) FROM quarantine "
-                "WHERE resolved_ms IS NOT NULL GROUP BY resolved_to ORDER BY 1").fetchall()
+                "WHERE resolved_ms IS NOT NULL GROUP BY resolved_to ORDER BY 1"
+            ).fetchall()
             # raw keeps the arrival time of a re-ingested message, not the re-check's
             recv_raw = dict(con.execute("SELECT record, recv_ms FROM raw WHERE sid = ?", (NEW,)))
-            recv_q = dict(con.execute("SELECT record, MIN(recv_ms) FROM quarantine "
-                                      "GROUP BY record"))
+            recv_q = dict(
+                con.execute("SELECT record, MIN(recv_ms) FROM quarantine GROUP BY record")
+            )
         finally:
             con.close()
         assert resolved == [("duplicate", 1, 1), ("stored", n_new - 3, 1)]
@@ -261,26 +292,42 @@ def _q(seq: int, record: bytes, reason: str = "unknown_station") -> QuarantineRo
 def test_resolve_quarantine_applies_the_raw_rules(tmp_path: pathlib.Path) -> None:
     with Store(str(tmp_path / "a.db")) as st:
         st.write_batch([_raw(0, b"r0")])
-        st.write_batch([], [_q(0, b"r0"), _q(1, b"r1"), _q(1, b"r1"), _q(0, b"other"),
-                            _q(2, b"forged"), _q(3, b"x", "bad_sig")])
+        st.write_batch(
+            [],
+            [
+                _q(0, b"r0"),
+                _q(1, b"r1"),
+                _q(1, b"r1"),
+                _q(0, b"other"),
+                _q(2, b"forged"),
+                _q(3, b"x", "bad_sig"),
+            ],
+        )
         ids = [e.id for e in st.open_quarantine(SID, ("unknown_station", "unknown_kid"))]
         assert len(ids) == 5  # the bad_sig row is not a candidate
         assert st.quarantined_sids(("unknown_station",)) == [SID]
         res, outcomes = st.resolve_quarantine(
-            [_raw(0, b"r0"), _raw(1, b"r1"), _raw(1, b"r1"), _raw(0, b"other")], ids[:4],
-            [(ids[4], "bad_sig", "HMAC mismatch")], at_ms=999)
+            [_raw(0, b"r0"), _raw(1, b"r1"), _raw(1, b"r1"), _raw(0, b"other")],
+            ids[:4],
+            [(ids[4], "bad_sig", "HMAC mismatch")],
+            at_ms=999,
+        )
         assert outcomes == ["duplicate", "stored", "duplicate", "conflict"]
         assert res.new == [1] and res.duplicates == 2 and res.conflicts == 1
         # open: the forged row (now bad_sig), the old bad_sig row, the conflict's own row
         assert [(q.reason, q.record) for q in st.quarantine_rows()] == [
-            ("bad_sig", b"forged"), ("bad_sig", b"x"), ("conflict", b"other")]
+            ("bad_sig", b"forged"),
+            ("bad_sig", b"x"),
+            ("conflict", b"other"),
+        ]
         assert len(st.quarantine_rows(include_resolved=True)) == 7
         assert st.open_quarantine(SID, ("unknown_station",)) == []
         assert st.alarms()[0][2] == "conflict"
-        got = st.db.execute("SELECT resolved_ms, resolved_to FROM quarantine WHERE "
-                            "resolved_ms IS NOT NULL ORDER BY id").fetchall()
-        assert got == [(999, "duplicate"), (999, "stored"), (999, "duplicate"),
-                       (999, "conflict")]
+        got = st.db.execute(
+            "SELECT resolved_ms, resolved_to FROM quarantine WHERE "
+            "resolved_ms IS NOT NULL ORDER BY id"
+        ).fetchall()
+        assert got == [(999, "duplicate"), (999, "stored"), (999, "duplicate"), (999, "conflict")]
 
 
 V1_QUARANTINE = """CREATE TABLE quarantine (
@@ -295,8 +342,11 @@ def test_schema_1_database_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
     con.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
     con.execute("INSERT INTO meta VALUES ('schema', '1')")
     con.execute(V1_QUARANTINE)
-    con.execute("INSERT INTO quarantine (recv_ms, topic, reason, detail, sid, record) VALUES "
-                "(5, 't', 'unknown_station', 'no key', ?, x'01')", (SID,))
+    con.execute(
+        "INSERT INTO quarantine (recv_ms, topic, reason, detail, sid, record) VALUES "
+        "(5, 't', 'unknown_station', 'no key', ?, x'01')",
+        (SID,),
+    )
     con.commit()
     con.close()
     with KeyStore(str(path)) as ks:  # what `stationctl keys add` opens

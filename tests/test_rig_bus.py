@@ -130,14 +130,20 @@ def test_requests_to_units_off_the_bus_are_silent_and_never_faults() -> None:
 N = 6
 
 
-@pytest.mark.parametrize(("kind", "counter"), [
-    ("crc", "mb_crc"), ("silence", "mb_to"), ("garbage", "mb_crc"), ("slow", "mb_to"),
-    ("exception", "mb_exc"), ("wrong_unit", "mb_addr"),
-])
+@pytest.mark.parametrize(
+    ("kind", "counter"),
+    [
+        ("crc", "mb_crc"),
+        ("silence", "mb_to"),
+        ("garbage", "mb_crc"),
+        ("slow", "mb_to"),
+        ("exception", "mb_exc"),
+        ("wrong_unit", "mb_addr"),
+    ],
+)
 def test_each_fault_kind(kind: str, counter: str) -> None:
     # the station's timeout is 0.15 s; a slow reply comes after 0.3 s
-    rates = FaultRates(bus_timeout_s=0.15, slow_factor=2.0, retry_window_s=0,
-                       **{f"mb_{kind}": 1.0})
+    rates = FaultRates(bus_timeout_s=0.15, slow_factor=2.0, retry_window_s=0, **{f"mb_{kind}": 1.0})
     with Rig(slots=1, faults=rates, seed=3) as rig, serial.Serial(rig.bus_path, 9600) as p:
         rig.insert(1)
         # the station gives up after 0.15 s; the other faults answer at once (wait longer
@@ -162,8 +168,14 @@ def test_each_fault_kind(kind: str, counter: str) -> None:
                 assert late == b""
         log = rig.fault_log()
         assert len(log) == N
-        assert all(e["kind"] == kind and e["counter"] == counter and e["link"] == "bus"
-                   and e["unit"] == 11 and e["attempts"] == 1 for e in log)
+        assert all(
+            e["kind"] == kind
+            and e["counter"] == counter
+            and e["link"] == "bus"
+            and e["unit"] == 11
+            and e["attempts"] == 1
+            for e in log
+        )
         totals = rig.fault_totals()
         assert totals[counter] == N and sum(totals.values()) == N
 
@@ -199,5 +211,9 @@ def test_pymodbus_client_sees_each_symptom() -> None:
                     assert r.isError() and r.exception_code == 6
             finally:
                 c.close()
-            assert rig.fault_totals()[{"crc": "mb_crc", "silence": "mb_to",
-                                       "exception": "mb_exc"}[kind]] == 1
+            assert (
+                rig.fault_totals()[
+                    {"crc": "mb_crc", "silence": "mb_to", "exception": "mb_exc"}[kind]
+                ]
+                == 1
+            )

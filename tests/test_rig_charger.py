@@ -38,8 +38,9 @@ def test_replies_per_contract(rig: Rig) -> None:
         assert r4 is not None and (r4.slot, r4.state, r4.mv, r4.ma, r4.t) == (4, "X", 0, 0, 0)
         r16 = parse_reply(query(port, 16))
         assert r16 is not None and r16.state == "X"
-        rig.insert(2, pack="60V", power_w=800, capacity_wh=10, soc=0.4, start_delay_s=0.3,
-                   ramp_s=0.5)
+        rig.insert(
+            2, pack="60V", power_w=800, capacity_wh=10, soc=0.4, start_delay_s=0.3, ramp_s=0.5
+        )
         r2 = parse_reply(query(port, 2))
         assert r2 is not None and r2.state == "W" and r2.ma == 0
         assert r2.mv == round(PACKS["60V"].ocv(0.4) * 1000)  # open-circuit voltage, 16S at 40 %
@@ -81,10 +82,16 @@ def test_paced_at_the_baud_rate() -> None:
 N = 8
 
 
-@pytest.mark.parametrize(("kind", "counter"), [
-    ("checksum", "ser_cs"), ("silence", "ser_to"), ("garbage", "ser_bad"),
-    ("other_slot", "ser_bad"), ("slow", "ser_to"),
-])
+@pytest.mark.parametrize(
+    ("kind", "counter"),
+    [
+        ("checksum", "ser_cs"),
+        ("silence", "ser_to"),
+        ("garbage", "ser_bad"),
+        ("other_slot", "ser_bad"),
+        ("slow", "ser_to"),
+    ],
+)
 def test_each_fault_kind(kind: str, counter: str) -> None:
     rates = FaultRates(charger_timeout_s=0.1, slow_factor=2.5, **{f"ser_{kind}": 1.0})
     # the station gives up after 0.1 s; wait 0.15 s for silence and slow, longer for the
@@ -118,8 +125,14 @@ def test_each_fault_kind(kind: str, counter: str) -> None:
                 assert time.monotonic() - t0 >= 0.2
         log = rig.fault_log()
         assert len(log) == N
-        assert all(e["kind"] == kind and e["counter"] == counter and e["link"] == "charger"
-                   and e["unit"] == 1 and e["attempts"] == 1 for e in log)
+        assert all(
+            e["kind"] == kind
+            and e["counter"] == counter
+            and e["link"] == "charger"
+            and e["unit"] == 1
+            and e["attempts"] == 1
+            for e in log
+        )
         totals = rig.fault_totals()
         assert totals[counter] == N and sum(totals.values()) == N
 

@@ -30,16 +30,49 @@ def wait_for(path: pathlib.Path, timeout: float = 20.0) -> dict[str, object]:
 
 def test_cli_runs_a_scenario_and_writes_its_files(tmp_path: pathlib.Path) -> None:
     script = tmp_path / "scenario.json"
-    script.write_text(json.dumps({"events": [
-        {"t": 0.0, "insert": 1, "pack": "60V", "power_w": 900, "capacity_wh": 5, "soc": 0.4,
-         "serial": "CLI-0001", "start_delay_s": 0.1, "ramp_s": 0.3},
-        {"t": 2.0, "remove": 1},
-    ]}))
+    script.write_text(
+        json.dumps(
+            {
+                "events": [
+                    {
+                        "t": 0.0,
+                        "insert": 1,
+                        "pack": "60V",
+                        "power_w": 900,
+                        "capacity_wh": 5,
+                        "soc": 0.4,
+                        "serial": "CLI-0001",
+                        "start_delay_s": 0.1,
+                        "ramp_s": 0.3,
+                    },
+                    {"t": 2.0, "remove": 1},
+                ]
+            }
+        )
+    )
     work = tmp_path / "work"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.rig", "--slots", "2", "--workdir", str(work), "--seed", "4",
-         "--fault-rate", "1.0", "--script", str(script), "--write-every", "0.3"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tools.rig",
+            "--slots",
+            "2",
+            "--workdir",
+            str(work),
+            "--seed",
+            "4",
+            "--fault-rate",
+            "1.0",
+            "--script",
+            str(script),
+            "--write-every",
+            "0.3",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         info = wait_for(work / "rig.json")
         assert info["slots"] == 2 and info["bus_baud"] == 9600 and info["seed"] == 4
@@ -72,13 +105,41 @@ def test_cli_bad_scenario_exits_2(tmp_path: pathlib.Path) -> None:
     script = tmp_path / "bad.json"
     script.write_text(json.dumps({"events": [{"t": 0, "insert": 9}]}))
     r = subprocess.run(
-        [sys.executable, "-m", "tools.rig", "--slots", "2", "--workdir", str(tmp_path / "w"),
-         "--script", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=30,
-        check=False)
+        [
+            sys.executable,
+            "-m",
+            "tools.rig",
+            "--slots",
+            "2",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--script",
+            str(script),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "slot must be an integer 1..2" in r.stderr
     r = subprocess.run(
-        [sys.executable, "-m", "tools.rig", "--slots", "2", "--workdir", str(tmp_path / "w"),
-         "--fault-rate", "2"], cwd=ROOT, capture_output=True, text=True, timeout=30,
-        check=False)
+        [
+            sys.executable,
+            "-m",
+            "tools.rig",
+            "--slots",
+            "2",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--fault-rate",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 2 and "within 0..1" in r.stderr

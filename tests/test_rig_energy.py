@@ -75,8 +75,13 @@ def test_charge_cycle_truth_and_meter() -> None:
     # 2: ground truth against the station-side trapezoid of mV × mA over the same polls
     for slot in (1, 2):
         pts = polls[slot]
-        trap_mwh = sum((a[1] * a[2] + b[1] * b[2]) / 2e6 * (b[0] - a[0])
-                       for a, b in itertools.pairwise(pts)) / 3.6
+        trap_mwh = (
+            sum(
+                (a[1] * a[2] + b[1] * b[2]) / 2e6 * (b[0] - a[0])
+                for a, b in itertools.pairwise(pts)
+            )
+            / 3.6
+        )
         assert truth[slot] > 300
         gaps = [b[0] - a[0] for a, b in itertools.pairwise(pts)]
         p_max = max(p[1] * p[2] for p in pts) / 1e6

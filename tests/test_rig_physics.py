@@ -23,13 +23,14 @@ class Clock:
 
 
 def bat(**kw: object) -> Battery:
-    args: dict[str, object] = {"serial": "B0000001", "pack": "72V", "capacity_wh": 5.0,
-                               "soc": 0.5}
+    args: dict[str, object] = {"serial": "B0000001", "pack": "72V", "capacity_wh": 5.0, "soc": 0.5}
     args.update(kw)
     return Battery(**args)  # type: ignore[arg-type]
 
 
-def run(ch: Channel, t0: float, t1: float, step: float) -> list[tuple[float, str, float, float, float]]:
+def run(
+    ch: Channel, t0: float, t1: float, step: float
+) -> list[tuple[float, str, float, float, float]]:
     out = []
     n = round((t1 - t0) / step)
     for k in range(n + 1):
@@ -107,6 +108,7 @@ def test_ground_truth_is_the_exact_integral_of_the_sampled_curve() -> None:
     assert truth > 1000.0
     assert abs(trap - truth) < 1e-4 * truth
 
+
 def test_one_hertz_sampler_error_is_small() -> None:
     """A station sampling at 1 Hz, at any phase, over a 45 s charge: within 0.3 %."""
     for phase in (0.0, 0.37, 0.81):
@@ -123,8 +125,11 @@ def test_segment_integral_closed_form() -> None:
     # v, i linear: compare with a fine midpoint sum
     v0, i0, v1, i1, span = 70.0, 2.0, 71.0, 10.0, 0.01
     n = 10000
-    mid = sum((v0 + (v1 - v0) * (k + 0.5) / n) * (i0 + (i1 - i0) * (k + 0.5) / n)
-              for k in range(n)) * span / n
+    mid = (
+        sum((v0 + (v1 - v0) * (k + 0.5) / n) * (i0 + (i1 - i0) * (k + 0.5) / n) for k in range(n))
+        * span
+        / n
+    )
     assert segment_j(v0, i0, v1, i1, span, span) == pytest.approx(mid, rel=1e-9)
     assert segment_j(v0, i0, v1, i1, span, span / 2) < segment_j(v0, i0, v1, i1, span, span)
 
@@ -207,8 +212,15 @@ def test_temperature_rises_with_current() -> None:
 
 def test_model_registers_meter_and_truth() -> None:
     clk = Clock()
-    m = RigModel(slots=3, seed=4, clock=clk, efficiency=0.9, idle_w=20.0, meter_start_kwh=10.0,
-                 meter_serial=12345678)
+    m = RigModel(
+        slots=3,
+        seed=4,
+        clock=clk,
+        efficiency=0.9,
+        idle_w=20.0,
+        meter_start_kwh=10.0,
+        meter_serial=12345678,
+    )
     assert m.bms_registers(1) is None and not m.unit_present(11)
     assert m.unit_present(1) and not m.unit_present(2) and not m.unit_present(14)
     m.insert(1, pack="60V", power_w=1000, capacity_wh=3.0, soc=0.4, serial="AB-12xyz")

@@ -22,11 +22,15 @@ from tools.rig.lines import ChargerReading
 from tools.rig.scenario import ScenarioError, parse
 
 GOLDEN = [
-    (ChargerReading(slot=1, state="C", mv=67200, ma=15250, t=312, fault=0),
-     b"$C,1,C,67200,15250,312,0*31\r\n"),
+    (
+        ChargerReading(slot=1, state="C", mv=67200, ma=15250, t=312, fault=0),
+        b"$C,1,C,67200,15250,312,0*31\r\n",
+    ),
     (ChargerReading(slot=2, state="I", mv=0, ma=0, t=251, fault=0), b"$C,2,I,0,0,251,0*3E\r\n"),
-    (ChargerReading(slot=3, state="E", mv=71900, ma=0, t=655, fault=17),
-     b"$C,3,E,71900,0,655,17*0A\r\n"),
+    (
+        ChargerReading(slot=3, state="E", mv=71900, ma=0, t=655, fault=17),
+        b"$C,3,E,71900,0,655,17*0A\r\n",
+    ),
     (ChargerReading(slot=4, state="X", mv=0, ma=0, t=0, fault=0), b"$C,4,X,0,0,0,0*2F\r\n"),
 ]
 
@@ -45,18 +49,35 @@ def test_charger_golden_query() -> None:
     assert lines.parse_query(lines.format_query(16)) == 16
 
 
-@pytest.mark.parametrize("bad", [
-    b"$Q,1*4D\r\n", b"$Q,01*7C\r\n", b"$Q,0*4D\r\n", b"$Q,17*7B\r\n", b"Q,1*4C\r\n",
-    b"$Q,1*4\r\n", b"$Q, 1*6C\r\n", b"$Q,1\r\n", b"$Q,x*19\r\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"$Q,1*4D\r\n",
+        b"$Q,01*7C\r\n",
+        b"$Q,0*4D\r\n",
+        b"$Q,17*7B\r\n",
+        b"Q,1*4C\r\n",
+        b"$Q,1*4\r\n",
+        b"$Q, 1*6C\r\n",
+        b"$Q,1\r\n",
+        b"$Q,x*19\r\n",
+    ],
+)
 def test_charger_bad_queries(bad: bytes) -> None:
     assert lines.parse_query(bad) is None
 
 
 def test_charger_reply_rules() -> None:
     assert lines.parse_reply(lines.frame("C,1,C,67200,-150,-12,0")) is not None  # signed ma, t
-    for body in ("C,1,C,067200,0,1,0", "C,1,C,1,-0,1,0", "C,1,Q,1,1,1,0", "C,1,C,1,1,1",
-                 "C,1,C,-1,1,1,0", "C,1,C,1,1,1,65536", "C,0,C,1,1,1,0"):
+    for body in (
+        "C,1,C,067200,0,1,0",
+        "C,1,C,1,-0,1,0",
+        "C,1,Q,1,1,1,0",
+        "C,1,C,1,1,1",
+        "C,1,C,-1,1,1,0",
+        "C,1,C,1,1,1,65536",
+        "C,0,C,1,1,1,0",
+    ):
         assert lines.parse_reply(lines.frame(body)) is None, body
 
 
@@ -65,8 +86,9 @@ def test_crc_matches_pymodbus_and_the_spec_example() -> None:
     rnd = random.Random(1)
     for _ in range(200):
         data = rnd.randbytes(rnd.randrange(2, 40))
-        assert rtu.crc16(data) == int.from_bytes(FramerRTU.compute_CRC(data).to_bytes(2, "big"),
-                                                 "little")
+        assert rtu.crc16(data) == int.from_bytes(
+            FramerRTU.compute_CRC(data).to_bytes(2, "big"), "little"
+        )
         assert rtu.crc_ok(rtu.with_crc(data))
 
 
@@ -162,10 +184,18 @@ def test_retries_of_a_faulted_read_fail_alike_and_log_once() -> None:
 
 
 def test_scenario_parse() -> None:
-    sc = parse({"duration_s": 5, "events": [
-        {"t": 2, "remove": 1},
-        {"t": 0.5, "insert": 1, "pack": "60V", "power_w": 800, "soc": 0.5},
-        {"t": 1, "fault": 2, "code": 17}, {"t": 1.5, "clear": 2}]}, slots=2)
+    sc = parse(
+        {
+            "duration_s": 5,
+            "events": [
+                {"t": 2, "remove": 1},
+                {"t": 0.5, "insert": 1, "pack": "60V", "power_w": 800, "soc": 0.5},
+                {"t": 1, "fault": 2, "code": 17},
+                {"t": 1.5, "clear": 2},
+            ],
+        },
+        slots=2,
+    )
     assert [e.action for e in sc.events] == ["insert", "fault", "clear", "remove"]
     assert sc.events[0].args == {"pack": "60V", "power_w": 800, "soc": 0.5}
     assert sc.duration_s == 5

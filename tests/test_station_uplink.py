@@ -33,7 +33,9 @@ class Collector:
     def __init__(self, port: int) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="collector", clean_session=False)
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id="collector", clean_session=False
+        )
         self.c.on_message = self._on
         self.c.on_connect = lambda c, *_: c.subscribe("stations/#", 1)
         self.c.reconnect_delay_set(0.1, 0.5)
@@ -66,10 +68,22 @@ def rig(tmp_path: pathlib.Path) -> Iterator[Rig]:
         yield r
 
 
-def start_station(tmp_path: pathlib.Path, rig: Rig, broker: Mosquitto, **over: Any) -> StationProcess:
-    cfg = station_config(SID, rig.charger_path, rig.bus_path, slots=2, key_hex=KEY.hex(),
-                         broker_port=broker.port, sample_ms=500, stale_s=3, telemetry_s=1,
-                         ntp="host", **over)
+def start_station(
+    tmp_path: pathlib.Path, rig: Rig, broker: Mosquitto, **over: Any
+) -> StationProcess:
+    cfg = station_config(
+        SID,
+        rig.charger_path,
+        rig.bus_path,
+        slots=2,
+        key_hex=KEY.hex(),
+        broker_port=broker.port,
+        sample_ms=500,
+        stale_s=3,
+        telemetry_s=1,
+        ntp="host",
+        **over,
+    )
     st = StationProcess(tmp_path / "flash", cfg, heap=HEAP)
     st.start()
     return st
@@ -88,7 +102,9 @@ def wait(pred: Any, timeout: float, what: str) -> None:
     raise TimeoutError(what)
 
 
-def test_telemetry_verifies_and_validates(tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto) -> None:
+def test_telemetry_verifies_and_validates(
+    tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
+) -> None:
     col = Collector(mosquitto.port)
     rig.insert(1, pack="72V", power_w=1200, capacity_wh=2, soc=0.6)
     st = start_station(tmp_path, rig, mosquitto)
@@ -109,13 +125,14 @@ def test_telemetry_verifies_and_validates(tmp_path: pathlib.Path, rig: Rig, mosq
     # an independent check of §5.5 with the standard library
     for _t, p in col.signed():
         i = p.rindex(b',"sig":"')
-        assert hmac.new(KEY, p[:i] + b"}", hashlib.sha256).hexdigest().encode() == p[i + 8:-2]
+        assert hmac.new(KEY, p[:i] + b"}", hashlib.sha256).hexdigest().encode() == p[i + 8 : -2]
     status = [json.loads(p) for t, p in col.got if t.endswith("/status")]
     assert status[0]["state"] == "online" and len(status[0]["cfg"]) == 12
 
 
 def test_broker_outage_loses_nothing_and_drains_oldest_first(
-        tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto) -> None:
+    tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
+) -> None:
     col = Collector(mosquitto.port)
     rig.insert(1, pack="72V", power_w=1000, capacity_wh=50, soc=0.2)
     st = start_station(tmp_path, rig, mosquitto)
@@ -127,7 +144,9 @@ def test_broker_outage_loses_nothing_and_drains_oldest_first(
         mosquitto.start()
         mark = len(col.signed())
         # the station's backoff reaches 10 s during the outage: allow it a few tries
-        wait(lambda: sum(1 for b in col.bodies() if b.get("hist")) >= outage_s - 5, 60, "the backlog")
+        wait(
+            lambda: sum(1 for b in col.bodies() if b.get("hist")) >= outage_s - 5, 60, "the backlog"
+        )
         time.sleep(3)
         st.stop()
         time.sleep(1)
@@ -141,8 +160,10 @@ def test_broker_outage_loses_nothing_and_drains_oldest_first(
     hist = [b["seq"] for b in bodies if b.get("hist")]
     assert len(hist) >= outage_s - 5
     # the backlog arrives oldest first
-    after = [verify(t.rsplit("/", 1)[1], SID, p, StaticKeys({(SID, 1): KEY})).body["seq"]
-             for t, p in col.signed()[mark:]]
+    after = [
+        verify(t.rsplit("/", 1)[1], SID, p, StaticKeys({(SID, 1): KEY})).body["seq"]
+        for t, p in col.signed()[mark:]
+    ]
     backlog = [s for s in after if s in set(hist)]
     assert backlog == sorted(backlog)
     # every copy of a (boot, seq) is the same bytes (a resend after a lost PUBACK included)
@@ -154,7 +175,8 @@ def test_broker_outage_loses_nothing_and_drains_oldest_first(
 
 
 def test_power_cut_during_outage_keeps_the_backlog(
-        tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto) -> None:
+    tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
+) -> None:
     col = Collector(mosquitto.port)
     rig.insert(1, pack="72V", power_w=1000, capacity_wh=50, soc=0.2)
     st = start_station(tmp_path, rig, mosquitto)
@@ -181,7 +203,8 @@ def test_power_cut_during_outage_keeps_the_backlog(
 
 
 def test_full_outbox_drops_oldest_telemetry_and_keeps_energy(
-        tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto) -> None:
+    tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
+) -> None:
     col = Collector(mosquitto.port)
     rig.insert(1, pack="72V", power_w=1500, capacity_wh=50, soc=0.2)
     st = start_station(tmp_path, rig, mosquitto, outbox={"max_bytes": 8192})
@@ -214,7 +237,9 @@ def sign_cmd(obj: dict[str, Any]) -> bytes:
     return b[:-1] + b',"sig":"' + hmac.new(KEY, b, hashlib.sha256).hexdigest().encode() + b'"}'
 
 
-def test_signed_commands_and_refusals(tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto) -> None:
+def test_signed_commands_and_refusals(
+    tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
+) -> None:
     col = Collector(mosquitto.port)
     st = start_station(tmp_path, rig, mosquitto)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="operator")
@@ -225,7 +250,15 @@ def test_signed_commands_and_refusals(tmp_path: pathlib.Path, rig: Rig, mosquitt
     try:
         wait(lambda: any(t.endswith("/status") for t, _ in col.got), 30, "birth")
         time.sleep(1)
-        good = {"v": 1, "sid": SID, "kid": 1, "cmd": "config", "telemetry_s": 2, "exp": now + 60000, "nonce": "n1"}
+        good = {
+            "v": 1,
+            "sid": SID,
+            "kid": 1,
+            "cmd": "config",
+            "telemetry_s": 2,
+            "exp": now + 60000,
+            "nonce": "n1",
+        }
         pub.publish(topic, sign_cmd(good), qos=1).wait_for_publish(5)
         pub.publish(topic, sign_cmd(good), qos=1).wait_for_publish(5)  # replay
         expired = dict(good, nonce="n2", exp=now - 1000)

@@ -13,8 +13,16 @@ SID = "KH-PNH-0001"
 
 
 def row(seq: int, record: bytes | None = None, boot: int = 1, sid: str = SID) -> RawRow:
-    return RawRow(sid, boot, seq, "telemetry", f"stations/{sid}/telemetry", 1000 + seq, 1,
-                  record if record is not None else b"rec-%d-%d" % (boot, seq))
+    return RawRow(
+        sid,
+        boot,
+        seq,
+        "telemetry",
+        f"stations/{sid}/telemetry",
+        1000 + seq,
+        1,
+        record if record is not None else b"rec-%d-%d" % (boot, seq),
+    )
 
 
 def test_urls() -> None:
@@ -44,16 +52,20 @@ def test_new_duplicate_and_conflict(tmp_path: pathlib.Path) -> None:
         r = st.write_batch([row(0), row(1), row(2)])
         assert r.new == [0, 1, 2] and r.duplicates == 0 and r.conflicts == 0
         # a batch mixing new keys, a byte-identical repeat, a conflict and a repeat within the batch
-        r = st.write_batch([row(3), row(1), row(2, b"other bytes"), row(4), row(4)],
-                           [QuarantineRow(5, "t", "bad_sig", "HMAC mismatch", SID, b"zz")])
+        r = st.write_batch(
+            [row(3), row(1), row(2, b"other bytes"), row(4), row(4)],
+            [QuarantineRow(5, "t", "bad_sig", "HMAC mismatch", SID, b"zz")],
+        )
         assert r.new == [0, 3] and r.duplicates == 2 and r.conflicts == 1
         assert st.raw_count() == 5
         # the first copy stands
         got = {(x.boot, x.seq): x.record for b in st.iter_raw() for x in b}
         assert got[(1, 2)] == b"rec-1-2"
         q = st.quarantine_rows()
-        assert [(x.reason, x.record) for x in q] == [("conflict", b"other bytes"),
-                                                    ("bad_sig", b"zz")]
+        assert [(x.reason, x.record) for x in q] == [
+            ("conflict", b"other bytes"),
+            ("bad_sig", b"zz"),
+        ]
         assert "(KH-PNH-0001, 1, 2)" in q[0].detail
         alarms = st.alarms()
         assert len(alarms) == 1 and alarms[0][1:4] == (SID, "conflict", "crit")
@@ -81,12 +93,30 @@ def test_iter_raw_pages_in_arrival_order(tmp_path: pathlib.Path) -> None:
 
 def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
     def rec(sid: str, slot: int, start: int, mwh: int) -> tuple:  # type: ignore[type-arg]
-        return (f"interval/{sid}/{slot}/{start}", sid, "interval", slot, start, start + 900_000,
-                mwh, 0, "", 1, 0, 1, 5, 0, mwh, "1", "{}")
+        return (
+            f"interval/{sid}/{slot}/{start}",
+            sid,
+            "interval",
+            slot,
+            start,
+            start + 900_000,
+            mwh,
+            0,
+            "",
+            1,
+            0,
+            1,
+            5,
+            0,
+            mwh,
+            "1",
+            "{}",
+        )
 
     with Store(str(tmp_path / "a.db")) as st:
-        st.replace_records({"A-01": [rec("A-01", 1, 0, 5), rec("A-01", 0, 0, 7)],
-                            "B-01": [rec("B-01", 1, 0, 9)]})
+        st.replace_records(
+            {"A-01": [rec("A-01", 1, 0, 5), rec("A-01", 0, 0, 7)], "B-01": [rec("B-01", 1, 0, 9)]}
+        )
         st.replace_records({"A-01": [rec("A-01", 1, 0, 6)]})
         rows = st.record_rows()
         assert [(r[1], r[3], r[6]) for r in rows] == [("A-01", 1, 6), ("B-01", 1, 9)]
@@ -105,9 +135,22 @@ def test_record_round_trip(tmp_path: pathlib.Path) -> None:
     from agent.ledger.metering import Record
     from agent.store import record_to_row, row_to_record
 
-    r = Record(kind="session", sid="A-01", slot=3, start_ms=5, end_ms=9, mwh=4, held_mwh=1,
-               flags=("hist", "reboot"), from_key=(1, 2), to_key=(3, -1), e_from=10, e_to=14,
-               version="m1", extra={"why": "full", "bat": None, "reg_mwh": 4})
+    r = Record(
+        kind="session",
+        sid="A-01",
+        slot=3,
+        start_ms=5,
+        end_ms=9,
+        mwh=4,
+        held_mwh=1,
+        flags=("hist", "reboot"),
+        from_key=(1, 2),
+        to_key=(3, -1),
+        e_from=10,
+        e_to=14,
+        version="m1",
+        extra={"why": "full", "bat": None, "reg_mwh": 4},
+    )
     with Store(str(tmp_path / "a.db")) as st:
         st.apply_records([record_to_row(r)], [])
         (row,) = st.record_rows()
@@ -119,7 +162,8 @@ def test_status_upsert(tmp_path: pathlib.Path) -> None:
         st.put_status([(SID, 1, b'{"state":"online"}')])
         st.put_status([(SID, 2, b'{"state":"offline"}')])
         assert st.db.execute("SELECT recv_ms, record FROM status").fetchall() == [
-            (2, b'{"state":"offline"}')]
+            (2, b'{"state":"offline"}')
+        ]
 
 
 def test_two_connections_share_the_database(tmp_path: pathlib.Path) -> None:

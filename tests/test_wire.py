@@ -30,8 +30,13 @@ VECTORS = pathlib.Path(__file__).parent / "vectors"
 
 
 def ring() -> StaticKeys:
-    return StaticKeys({(GOOD_SID, 1): key_for(GOOD_SID), (OTHER_SID, 1): key_for(OTHER_SID),
-                       (REVOKED_SID, 1): None})
+    return StaticKeys(
+        {
+            (GOOD_SID, 1): key_for(GOOD_SID),
+            (OTHER_SID, 1): key_for(OTHER_SID),
+            (REVOKED_SID, 1): None,
+        }
+    )
 
 
 def verify_topic(topic: str, payload: bytes, keys: wire.KeyRing) -> wire.Verified:
@@ -48,14 +53,28 @@ def test_good_telemetry_and_events_verify() -> None:
     assert v.record == p
     assert v.body["slots"][2]["e_mwh"] == st.e_mwh[2]
     assert "sig" not in v.body
-    for kind, p in (st.boot_event(),
-                    st.event("session_start", slot=1, bat="B0012345", e_mwh=5, soc=100),
-                    st.event("session_start", slot=2, bat=None, e_mwh=5, soc=None),
-                    st.event("session_end", slot=1, bat="B0012345", e0_mwh=5, e1_mwh=9, soc0=1,
-                             soc1=2, up0=1, up1=2, why="full", t0=1, t1=2),
-                    st.event("alarm", code="over_temp", level="crit", msg='a "q" \\ \n', slot=3),
-                    st.event("meter_reset", from_wh=10, to_wh=0, sn=None),
-                    st.event("outbox_drop", n=12)):
+    for kind, p in (
+        st.boot_event(),
+        st.event("session_start", slot=1, bat="B0012345", e_mwh=5, soc=100),
+        st.event("session_start", slot=2, bat=None, e_mwh=5, soc=None),
+        st.event(
+            "session_end",
+            slot=1,
+            bat="B0012345",
+            e0_mwh=5,
+            e1_mwh=9,
+            soc0=1,
+            soc1=2,
+            up0=1,
+            up1=2,
+            why="full",
+            t0=1,
+            t1=2,
+        ),
+        st.event("alarm", code="over_temp", level="crit", msg='a "q" \\ \n', slot=3),
+        st.event("meter_reset", from_wh=10, to_wh=0, sn=None),
+        st.event("outbox_drop", n=12),
+    ):
         v = wire.verify(kind, GOOD_SID, p, ring())
         assert v.kind == "event" and v.body["ev"] in wire.EVENTS
 
@@ -88,8 +107,10 @@ def test_nothing_after_the_signature_changes_the_meaning() -> None:
 def test_escaped_strings_take_the_slow_path_and_still_verify() -> None:
     # "\/" and "\u0041" are valid JSON that re-encodes differently: no false duplicate/compact
     key = key_for(GOOD_SID)
-    b = (b'{"v":1,"sid":"KH-PNH-0001","kid":1,"boot":1,"seq":1,"up":1,"ev":"alarm",'
-         b'"code":"a\\/b","level":"warn","msg":"\\u0041 \\t"}')
+    b = (
+        b'{"v":1,"sid":"KH-PNH-0001","kid":1,"boot":1,"seq":1,"up":1,"ev":"alarm",'
+        b'"code":"a\\/b","level":"warn","msg":"\\u0041 \\t"}'
+    )
     v = wire.verify("event", GOOD_SID, wire.sign(b, key), ring())
     assert v.body["code"] == "a/b" and v.body["msg"] == "A \t"
     # whitespace inside strings is not a separator
@@ -134,8 +155,13 @@ def test_sign_matches_contract_formula() -> None:
 def test_parse_topic() -> None:
     assert wire.parse_topic("stations/KH-PNH-0001/event", "stations") == (GOOD_SID, "event")
     assert wire.parse_topic("a/b/KH-1/status", "a/b") == ("KH-1", "status")
-    for bad in ("stations/KH-PNH-0001/cmd", "x/KH-PNH-0001/event", "stations/KH/event",
-                "stations/KH-PNH-0001/event/x", "stations//event"):
+    for bad in (
+        "stations/KH-PNH-0001/cmd",
+        "x/KH-PNH-0001/event",
+        "stations/KH/event",
+        "stations/KH-PNH-0001/event/x",
+        "stations//event",
+    ):
         with pytest.raises(WireError) as ei:
             wire.parse_topic(bad, "stations")
         assert ei.value.reason is Reason.BAD_TOPIC
@@ -181,12 +207,30 @@ def make_agent_vectors() -> dict[str, Any]:
     st.e_mwh[1] = 2**64 + 3
     good("telemetry_big_int", st.telemetry())
     good("event_boot", st.boot_event())
-    good("event_session_start", st.event("session_start", slot=1, bat="B0000042", e_mwh=10,
-                                         soc=120))
-    good("event_session_end", st.event("session_end", slot=1, bat="B0000042", e0_mwh=10,
-                                       e1_mwh=99, soc0=120, soc1=1000, up0=5, up1=900, why="full"))
-    good("event_alarm_escapes", st.event("alarm", code="x", level="warn",
-                                         msg='quote " backslash \\ tab \t ctl \x01 slash /'))
+    good(
+        "event_session_start", st.event("session_start", slot=1, bat="B0000042", e_mwh=10, soc=120)
+    )
+    good(
+        "event_session_end",
+        st.event(
+            "session_end",
+            slot=1,
+            bat="B0000042",
+            e0_mwh=10,
+            e1_mwh=99,
+            soc0=120,
+            soc1=1000,
+            up0=5,
+            up1=900,
+            why="full",
+        ),
+    )
+    good(
+        "event_alarm_escapes",
+        st.event(
+            "alarm", code="x", level="warn", msg='quote " backslash \\ tab \t ctl \x01 slash /'
+        ),
+    )
     good("event_meter_reset", st.event("meter_reset", from_wh=100, to_wh=0, sn=7))
     good("event_outbox_drop", st.event("outbox_drop", n=3))
     _, p = st.telemetry()
@@ -203,13 +247,22 @@ def make_agent_vectors() -> dict[str, Any]:
     items.append(("space", sp, "malformed", "not_compact"))
     out = []
     for name, payload, expect, reason in items:
-        t: dict[str, Any] = {"name": name, "expect": expect, "reason": reason,
-                             "signed_hex": payload.hex()}
+        t: dict[str, Any] = {
+            "name": name,
+            "expect": expect,
+            "reason": reason,
+            "signed_hex": payload.hex(),
+        }
         if expect == "ok":
             t["object"] = wire.decode_record(payload)
         out.append(t)
-    return {"generator": "tests/test_wire.py (agent/wire.py on CPython)", "sid": AGENT_SID,
-            "kid": 1, "key_hex": AGENT_KEY.hex(), "vectors": out}
+    return {
+        "generator": "tests/test_wire.py (agent/wire.py on CPython)",
+        "sid": AGENT_SID,
+        "kid": 1,
+        "key_hex": AGENT_KEY.hex(),
+        "vectors": out,
+    }
 
 
 def render_vectors(v: dict[str, Any]) -> str:
@@ -219,7 +272,8 @@ def render_vectors(v: dict[str, Any]) -> str:
 def test_agent_vectors_are_current_and_check_out_here() -> None:
     v = make_agent_vectors()
     assert (VECTORS / "wire_agent.json").read_text() == render_vectors(v), (
-        "run: .venv/bin/python tests/test_wire.py")
+        "run: .venv/bin/python tests/test_wire.py"
+    )
     keys = StaticKeys({(AGENT_SID, 1): AGENT_KEY})
     for t in v["vectors"]:
         p = bytes.fromhex(t["signed_hex"])

@@ -49,7 +49,9 @@ def cpython_verify(payload: bytes, key: bytes) -> dict[str, Any]:
     if m is None:
         raise ValueError("no valid sig tail")
     signed = payload[:i] + b"}"
-    if not hmac.compare_digest(hmac.new(key, signed, hashlib.sha256).hexdigest().encode(), m.group(1)):
+    if not hmac.compare_digest(
+        hmac.new(key, signed, hashlib.sha256).hexdigest().encode(), m.group(1)
+    ):
         raise ValueError("bad sig")
     obj = json.loads(signed.decode("ascii"), object_pairs_hook=_no_dups, parse_float=_no_float)
     assert isinstance(obj, dict)
@@ -58,11 +60,15 @@ def cpython_verify(payload: bytes, key: bytes) -> dict[str, Any]:
 
 def cpython_sign(obj: dict[str, Any], key: bytes, **dumps: Any) -> bytes:
     body = json.dumps(obj, separators=(",", ":"), **dumps).encode("ascii")
-    return body[:-1] + b',"sig":"' + hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b'"}'
+    return (
+        body[:-1] + b',"sig":"' + hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b'"}'
+    )
 
 
 def _signed_raw(body: bytes, key: bytes) -> bytes:
-    return body[:-1] + b',"sig":"' + hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b'"}'
+    return (
+        body[:-1] + b',"sig":"' + hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b'"}'
+    )
 
 
 def make_cpython_vectors() -> dict[str, Any]:
@@ -71,17 +77,62 @@ def make_cpython_vectors() -> dict[str, Any]:
     other = hashlib.sha256(b"another key").digest()
     sid = "KH-PNH-0001"
     ok: list[tuple[str, dict[str, Any]]] = [
-        ("cmd_config", {"v": 1, "sid": sid, "kid": 1, "cmd": "config", "telemetry_s": 30,
-                        "exp": 1764150060000, "nonce": "a1b2c3d4e5f60718"}),
-        ("cmd_time", {"v": 1, "sid": sid, "kid": 1, "cmd": "time", "now_ms": 1764150000123,
-                      "exp": 1764150060000, "nonce": "n-0002"}),
-        ("cmd_reboot", {"nonce": "n-0003", "exp": 1764150060000, "cmd": "reboot", "kid": 1, "sid": sid, "v": 1}),
-        ("escapes_and_nesting", {"v": 1, "s": 'caf\u00e9 "q" \\ \n\t\x01\x7f', "a": [1, -2, [], {}, None, True, False],
-                                 "big": 2**70, "neg": -(2**40)}),
+        (
+            "cmd_config",
+            {
+                "v": 1,
+                "sid": sid,
+                "kid": 1,
+                "cmd": "config",
+                "telemetry_s": 30,
+                "exp": 1764150060000,
+                "nonce": "a1b2c3d4e5f60718",
+            },
+        ),
+        (
+            "cmd_time",
+            {
+                "v": 1,
+                "sid": sid,
+                "kid": 1,
+                "cmd": "time",
+                "now_ms": 1764150000123,
+                "exp": 1764150060000,
+                "nonce": "n-0002",
+            },
+        ),
+        (
+            "cmd_reboot",
+            {
+                "nonce": "n-0003",
+                "exp": 1764150060000,
+                "cmd": "reboot",
+                "kid": 1,
+                "sid": sid,
+                "v": 1,
+            },
+        ),
+        (
+            "escapes_and_nesting",
+            {
+                "v": 1,
+                "s": 'caf\u00e9 "q" \\ \n\t\x01\x7f',
+                "a": [1, -2, [], {}, None, True, False],
+                "big": 2**70,
+                "neg": -(2**40),
+            },
+        ),
     ]
     vectors: list[dict[str, Any]] = []
     for name, obj in ok:
-        vectors.append({"name": name, "expect": "ok", "object": obj, "signed_hex": cpython_sign(obj, key).hex()})
+        vectors.append(
+            {
+                "name": name,
+                "expect": "ok",
+                "object": obj,
+                "signed_hex": cpython_sign(obj, key).hex(),
+            }
+        )
     good = cpython_sign(ok[0][1], key)
     bad: list[tuple[str, str, bytes]] = [
         ("unsigned", "unsigned", json.dumps(ok[0][1], separators=(",", ":")).encode()),
@@ -97,7 +148,11 @@ def make_cpython_vectors() -> dict[str, Any]:
     ]
     for name, expect, payload in bad:
         vectors.append({"name": name, "expect": expect, "signed_hex": payload.hex()})
-    return {"generator": "tests/test_wire_cross.py on CPython", "key_hex": key.hex(), "vectors": vectors}
+    return {
+        "generator": "tests/test_wire_cross.py on CPython",
+        "key_hex": key.hex(),
+        "vectors": vectors,
+    }
 
 
 def render(v: dict[str, Any]) -> str:
@@ -107,7 +162,9 @@ def render(v: dict[str, Any]) -> str:
 
 
 def _mp(*args: str) -> str:
-    proc = subprocess.run([micropython_bin(), *args], check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [micropython_bin(), *args], check=False, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -127,17 +184,30 @@ def test_micropython_vectors_verify_with_cpython_hmac_and_json() -> None:
         i = payload.rfind(b',"sig":"')
         assert payload[:i] + b"}" == json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
         # common fields of 5.1
-        assert obj["v"] == 1 and obj["sid"] == "KH-PNH-0001" and obj["kid"] == 1 and obj["boot"] == 17
-        assert ("hist" in obj) == bool(t["call"]["hist"]) and ("ts" in obj) == (t["call"]["ts"] is not None)
+        assert (
+            obj["v"] == 1 and obj["sid"] == "KH-PNH-0001" and obj["kid"] == 1 and obj["boot"] == 17
+        )
+        assert ("hist" in obj) == bool(t["call"]["hist"]) and ("ts" in obj) == (
+            t["call"]["ts"] is not None
+        )
         names.add(t["name"])
     seqs = [t["object"]["seq"] for t in v["vectors"]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # one seq over telemetry and events
-    assert {"telemetry_1_slot", "telemetry_16_slots", "telemetry_hist", "telemetry_no_meter_no_bat_no_ts"} <= names
+    assert {
+        "telemetry_1_slot",
+        "telemetry_16_slots",
+        "telemetry_hist",
+        "telemetry_no_meter_no_bat_no_ts",
+    } <= names
 
 
 def test_micropython_vectors_are_current() -> None:
-    out = subprocess.run([micropython_bin(), str(MP_SCRIPTS / "wire_gen.py"), "/dev/stdout"],
-                         check=False, capture_output=True, timeout=60)
+    out = subprocess.run(
+        [micropython_bin(), str(MP_SCRIPTS / "wire_gen.py"), "/dev/stdout"],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == (VECTORS / "wire.json").read_bytes()
 
@@ -148,9 +218,11 @@ def test_cpython_vectors_are_current() -> None:
 
 def test_firmware_on_micropython_verifies_cpython_vectors() -> None:
     v = make_cpython_vectors()
-    lines = _mp(str(MP_SCRIPTS / "wire_check.py"), "verify", str(VECTORS / "wire_cpython.json")).splitlines()
+    lines = _mp(
+        str(MP_SCRIPTS / "wire_check.py"), "verify", str(VECTORS / "wire_cpython.json")
+    ).splitlines()
     assert len(lines) == len(v["vectors"])
-    for t, line in zip(v["vectors"], lines):
+    for t, line in zip(v["vectors"], lines, strict=False):
         name, result, *rest = line.split(" ", 2)
         assert name == t["name"] and result == t["expect"], line
         if result == "ok":
@@ -164,7 +236,7 @@ def test_firmware_on_micropython_verifies_agent_vectors() -> None:
     v = json.loads(path.read_text())
     lines = _mp(str(MP_SCRIPTS / "wire_check.py"), "verify", str(path)).splitlines()
     assert len(lines) == len(v["vectors"]) > 0
-    for t, line in zip(v["vectors"], lines):
+    for t, line in zip(v["vectors"], lines, strict=False):
         name, result, *rest = line.split(" ", 2)
         assert name == t["name"] and result == t["expect"], line
         if result == "ok":
@@ -178,7 +250,7 @@ def _random_value(rng: random.Random, depth: int) -> Any:
         if kind == 0:
             return rng.choice([0, 1, -1, 2**30 - 1, 2**30, -(2**31), 10**12 + 7, 2**64 + 3])
         if kind == 1:
-            return rng.randrange(-10**6, 10**6)
+            return rng.randrange(-(10**6), 10**6)
         if kind == 2:
             return "".join(chr(rng.randrange(0, 128)) for _ in range(rng.randrange(0, 12)))
         if kind == 3:
@@ -188,8 +260,12 @@ def _random_value(rng: random.Random, depth: int) -> Any:
         return ""
     if r < 0.7:
         return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
-    return {"".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(1, 6))): _random_value(rng, depth + 1)
-            for _ in range(rng.randrange(0, 5))}
+    return {
+        "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(1, 6))): _random_value(
+            rng, depth + 1
+        )
+        for _ in range(rng.randrange(0, 5))
+    }
 
 
 def _expected(o: Any) -> bytes | None:
@@ -217,7 +293,7 @@ def test_encoder_on_micropython_matches_cpython_json(tmp_path: pathlib.Path) -> 
     lines = _mp(str(MP_SCRIPTS / "wire_check.py"), "encode", str(path)).splitlines()
     assert len(lines) == len(items)
     refused = 0
-    for o, line in zip(items, lines):
+    for o, line in zip(items, lines, strict=False):
         want = _expected(o)
         if want is None:
             assert line == "ValueError", (o, line)

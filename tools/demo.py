@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.dashboard import DashboardServer, Live, make_app
-from agent.sources.mqtt import BrokerConfig
 from agent.keys import KeyStore
 from agent.service import AgentConfig, DbConfig, IngestConfig, Service
-from tools.fleet import Fleet
+from agent.sources.mqtt import BrokerConfig
 from tools import embedded_broker
 from tools.embedded_broker import EmbeddedBroker
+from tools.fleet import Fleet
 from tools.mosquitto import Mosquitto, find_mosquitto
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,16 @@ class Demo:
         if old is not None and old.get("layout") != layout:
             raise DemoError(
                 f"{self.workdir} holds a demo of {old.get('layout')}; use --fresh to start "
-                f"over or another --workdir")
-        meta.write_text(json.dumps({"layout": layout, "config": asdict(c) | {
-            "workdir": str(self.workdir)}}, indent=1, default=str) + "\n")
+                f"over or another --workdir"
+            )
+        meta.write_text(
+            json.dumps(
+                {"layout": layout, "config": asdict(c) | {"workdir": str(self.workdir)}},
+                indent=1,
+                default=str,
+            )
+            + "\n"
+        )
 
     def _broker(self) -> tuple[str, int]:
         if self.cfg.broker:
@@ -186,13 +193,18 @@ class Demo:
             if not embedded_broker.available():
                 raise DemoError(
                     "mosquitto is not installed: run `make setup` (Debian package mosquitto), "
-                    "or pass --broker mqtt://HOST:PORT") from None
+                    "or pass --broker mqtt://HOST:PORT"
+                ) from None
             # only where Mosquitto cannot be had, and said out loud
-            log.warning("Mosquitto not found: falling back to the embedded pure-Python broker "
-                        "(amqtt; slow, and it has lost QoS 0 backlogs). Run `make setup` for Mosquitto.")
+            log.warning(
+                "Mosquitto not found: falling back to the embedded pure-Python broker "
+                "(amqtt; slow, and it has lost QoS 0 backlogs). Run `make setup` for Mosquitto."
+            )
             self._mosq = embedded_broker.EmbeddedBroker(self.workdir / "amqtt")
             self._mosq.start()
-            self.broker_note = "embedded amqtt fallback: Mosquitto not found, install it with `make setup`"
+            self.broker_note = (
+                "embedded amqtt fallback: Mosquitto not found, install it with `make setup`"
+            )
             return "127.0.0.1", self._mosq.port
         self._mosq = Mosquitto(self.workdir / "mosquitto")
         self._mosq.start()
@@ -223,10 +235,15 @@ class Demo:
             self.broker_url = f"mqtt://{host}:{port}"
             acfg = AgentConfig(
                 db=DbConfig(url=self.db_url, synchronous="normal"),
-                broker=BrokerConfig(host=host, port=port,
-                                    client_id=f"stationctl-demo-{secrets.token_hex(3)}"
-                                    if c.broker else "stationctl-demo"),
-                ingest=IngestConfig(stats_interval_s=600.0))
+                broker=BrokerConfig(
+                    host=host,
+                    port=port,
+                    client_id=f"stationctl-demo-{secrets.token_hex(3)}"
+                    if c.broker
+                    else "stationctl-demo",
+                ),
+                ingest=IngestConfig(stats_interval_s=600.0),
+            )
             live = Live(self.db_url)
             self.service = svc = Service(acfg, on_commit=lambda rows: live.nudge())
             svc_task = asyncio.create_task(svc.run(svc_stop))
@@ -234,14 +251,24 @@ class Demo:
             self.url = server.url
             self._keys = KeyStore(self.db_url)
             self.fleet = Fleet(
-                c.stations, c.slots, host, port, self.workdir / "fleet", keys=self._keys,
-                accel=c.accel, fault_rate=c.fault_rate, seed=c.seed,
-                telemetry_s=c.telemetry_s, sid_prefix=c.sid_prefix + "-")
+                c.stations,
+                c.slots,
+                host,
+                port,
+                self.workdir / "fleet",
+                keys=self._keys,
+                accel=c.accel,
+                fault_rate=c.fault_rate,
+                seed=c.seed,
+                telemetry_s=c.telemetry_s,
+                sid_prefix=c.sid_prefix + "-",
+            )
             await loop.run_in_executor(None, self.fleet.start)
             self._ready.set()
             done, _ = await asyncio.wait(
                 [asyncio.create_task(self._stop_ev.wait()), svc_task],
-                return_when=asyncio.FIRST_COMPLETED)
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if svc_task in done:
                 svc_task.result()
         finally:
@@ -259,8 +286,12 @@ class Demo:
             await server.start()
         return server
 
-    async def _shutdown(self, server: DashboardServer | None,
-                        svc_task: asyncio.Task[None] | None, svc_stop: asyncio.Event) -> None:
+    async def _shutdown(
+        self,
+        server: DashboardServer | None,
+        svc_task: asyncio.Task[None] | None,
+        svc_stop: asyncio.Event,
+    ) -> None:
         loop = asyncio.get_running_loop()
         if self.fleet is not None:
             await loop.run_in_executor(None, self.fleet.stop)
@@ -298,8 +329,10 @@ class Demo:
         db = sqlite3.connect(self.db_path)
         try:
             ok = db.execute("PRAGMA integrity_check").fetchone()[0]
-            n = {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                 for t in ("raw", "records", "quarantine", "status")}
+            n = {
+                t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("raw", "records", "quarantine", "status")
+            }
         finally:
             db.close()
         return {"integrity": ok, **n}
@@ -308,9 +341,11 @@ class Demo:
         c = self.cfg
         day_min = 24 * 60 / c.accel
         lines = [
-            (f"stationctl demo: {c.stations} stations × {c.slots} slots running the real "
-             f"firmware on MicroPython (accel ×{c.accel:g}: a day of charging in "
-             f"{day_min:.0f} min)"),
+            (
+                f"stationctl demo: {c.stations} stations × {c.slots} slots running the real "
+                f"firmware on MicroPython (accel ×{c.accel:g}: a day of charging in "
+                f"{day_min:.0f} min)"
+            ),
             f"  dashboard  {self.url}",
             f"  broker     {self.broker_url} ({self.broker_note})",
             f"  database   {self.db_url}",

@@ -42,7 +42,10 @@ class EmbeddedBroker:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.conf)],
-                stdout=log, stderr=log, start_new_session=True)
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         wait_listening(self.proc, self.port, self.log, "amqtt", timeout)
 
     def stop(self) -> None:

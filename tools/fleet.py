@@ -120,8 +120,7 @@ class SimStation:
     clock_sent: set[int] = field(default_factory=set)  # boots whose clock the fleet set
     # (virtual s, mWh per slot) snapshots of the ground truth, every half sampling period:
     # what a power cut may have taken from the station before it could save or send it
-    history: deque[tuple[float, tuple[int, ...]]] = field(
-        default_factory=lambda: deque(maxlen=400))
+    history: deque[tuple[float, tuple[int, ...]]] = field(default_factory=lambda: deque(maxlen=400))
 
     def energy_since(self, t_v: float, now: dict[int, int]) -> dict[int, int]:
         """Energy per slot since virtual time t_v (from the newest snapshot at or before it;
@@ -192,8 +191,11 @@ class Fleet:
         self.slots = slots
         self.broker_host = broker_host
         self.broker_port = broker_port
-        self.workdir = pathlib.Path(workdir) if workdir is not None else pathlib.Path(
-            tempfile.mkdtemp(prefix="fleet-"))
+        self.workdir = (
+            pathlib.Path(workdir)
+            if workdir is not None
+            else pathlib.Path(tempfile.mkdtemp(prefix="fleet-"))
+        )
         self.keys = keys
         self.accel = self.clock_accel
         self.fault_rate = fault_rate
@@ -211,8 +213,10 @@ class Fleet:
         self.dt_v = sample_ms / 1000 * self.accel
         self.stale_s = max(math.ceil(stale_samples * self.dt_v), math.ceil(2 * sample_ms / 1000))
         if self.stale_s > 3600:
-            raise ValueError(f"accel {accel} × sample_ms {sample_ms}: a stale window of "
-                             f"{stale_samples} samples ({self.stale_s} s) exceeds 3600 s")
+            raise ValueError(
+                f"accel {accel} × sample_ms {sample_ms}: a stale window of "
+                f"{stale_samples} samples ({self.stale_s} s) exceeds 3600 s"
+            )
         self.start_delay_s = max(self.params.start_delay_s, 1.5 * self.dt_v)
         self.ramp_s = max(self.params.ramp_s, 2 * self.dt_v)
         self.physics_dt = min(0.5, max(0.01, 0.01 * self.accel))
@@ -257,8 +261,10 @@ class Fleet:
                     self.keys.add(sid, key, kid)
                     return key, kid, boot_base, True
                 if have != key:
-                    raise ValueError(f"{sid}: the key store's key {kid} is not the one in "
-                                     f"{cfg_path} (use a fresh workdir or agent database)")
+                    raise ValueError(
+                        f"{sid}: the key store's key {kid} is not the one in "
+                        f"{cfg_path} (use a fresh workdir or agent database)"
+                    )
             return key, kid, boot_base, False
         key = secrets.token_bytes(32)
         if self.keys is not None:
@@ -269,10 +275,19 @@ class Fleet:
 
     def _config(self, sid: str, rig: Rig, key: bytes, kid: int, boot_base: int) -> dict[str, Any]:
         return station_config(
-            sid, rig.charger_path, rig.bus_path, slots=self.slots, key_hex=key.hex(), kid=kid,
-            broker_port=self.broker_port, broker={"host": self.broker_host, "prefix": self.prefix},
-            boot_base=boot_base, sample_ms=self.sample_ms, telemetry_s=self.telemetry_s,
-            stale_s=self.stale_s, bus={"timeout_ms": self.bus_timeout_ms},
+            sid,
+            rig.charger_path,
+            rig.bus_path,
+            slots=self.slots,
+            key_hex=key.hex(),
+            kid=kid,
+            broker_port=self.broker_port,
+            broker={"host": self.broker_host, "prefix": self.prefix},
+            boot_base=boot_base,
+            sample_ms=self.sample_ms,
+            telemetry_s=self.telemetry_s,
+            stale_s=self.stale_s,
+            bus={"timeout_ms": self.bus_timeout_ms},
             charger={"timeout_ms": self.charger_timeout_ms},
             persist={"every_mwh": 10000, "every_s": self.persist_every_s},
             ntp="host" if self.accel == 1.0 else None,
@@ -285,15 +300,25 @@ class Fleet:
         fwbuild.build()  # fail early (and once) if the firmware does not compile
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host.start()
-        rates = FaultRates.uniform(self.fault_rate, bus_timeout_s=self.bus_timeout_ms / 1000,
-                                   charger_timeout_s=self.charger_timeout_ms / 1000)
+        rates = FaultRates.uniform(
+            self.fault_rate,
+            bus_timeout_s=self.bus_timeout_ms / 1000,
+            charger_timeout_s=self.charger_timeout_ms / 1000,
+        )
         env = {} if self.accel == 1.0 else {"STATION_TIME_SCALE": repr(self.accel)}
         added = False
         try:
             for i, sid in enumerate(self._sids):
-                rig = Rig(slots=self.slots, faults=rates, seed=self.seed * 100_003 + i,
-                          workdir=self.workdir / sid / "rig", host=self.host, name=sid,
-                          clock=self.clock.now, dt_s=self.physics_dt)
+                rig = Rig(
+                    slots=self.slots,
+                    faults=rates,
+                    seed=self.seed * 100_003 + i,
+                    workdir=self.workdir / sid / "rig",
+                    host=self.host,
+                    name=sid,
+                    clock=self.clock.now,
+                    dt_s=self.physics_dt,
+                )
                 rig.start()
                 key, kid, boot_base, new_key = self._provision(sid)
                 added |= new_key
@@ -301,10 +326,16 @@ class Fleet:
                 cfg = self._config(sid, rig, key, kid, boot_base)
                 proc = StationProcess(flash, cfg, heap=self.heap, env=env)
                 rng = random.Random(f"{self.seed}:{sid}")
-                sc = StationScenario(self.slots, rng, self.params, start_delay_s=self.start_delay_s,
-                                     ramp_s=self.ramp_s)
-                st = SimStation(sid=sid, index=i, rig=rig, proc=proc, flash=flash, key=key,
-                                kid=kid, scenario=sc)
+                sc = StationScenario(
+                    self.slots,
+                    rng,
+                    self.params,
+                    start_delay_s=self.start_delay_s,
+                    ramp_s=self.ramp_s,
+                )
+                st = SimStation(
+                    sid=sid, index=i, rig=rig, proc=proc, flash=flash, key=key, kid=kid, scenario=sc
+                )
                 self.stations.append(st)
                 self._by_sid[sid] = st
             self._monitor = _Monitor(self)
@@ -326,8 +357,13 @@ class Fleet:
         except BaseException:
             self.stop()
             raise
-        log.info("fleet: %d stations × %d slots, accel %g, workdir %s", self.n_stations,
-                 self.slots, self.accel, self.workdir)
+        log.info(
+            "fleet: %d stations × %d slots, accel %g, workdir %s",
+            self.n_stations,
+            self.slots,
+            self.accel,
+            self.workdir,
+        )
         return self
 
     def _launch(self, st: SimStation) -> None:
@@ -393,8 +429,9 @@ class Fleet:
             if code != 3:
                 st.crashes += 1
                 log.warning("%s: firmware exited with %s: %s", st.sid, code, out)
-            self._log(st.sid, [Action(t_v=self.clock.elapsed(), what="exit",
-                                      soc=None, battery=str(code))])
+            self._log(
+                st.sid, [Action(t_v=self.clock.elapsed(), what="exit", soc=None, battery=str(code))]
+            )
         t = time.time_ns()
         self._launch(st)
         self._wait_ready(st, t)
@@ -431,10 +468,17 @@ class Fleet:
                 b = st.rig.remove(slot)
                 if b is not None:
                     st.held[slot] = b
-            acts.append(Action(t_v=t, what=what, slot=slot, p_w=s.p_w,
-                               soc=s.battery.soc if s.battery else None,
-                               battery=s.battery.serial if s.battery else None,
-                               e_mwh=max(0, recent.get(slot, 0))))
+            acts.append(
+                Action(
+                    t_v=t,
+                    what=what,
+                    slot=slot,
+                    p_w=s.p_w,
+                    soc=s.battery.soc if s.battery else None,
+                    battery=s.battery.serial if s.battery else None,
+                    e_mwh=max(0, recent.get(slot, 0)),
+                )
+            )
         if not acts:
             acts.append(Action(t_v=t, what=what))
         st.look_cpu()
@@ -455,8 +499,13 @@ class Fleet:
             t = self.clock.elapsed()
             acts = []
             for slot, b in sorted(st.held.items()):
-                st.rig.insert(slot, battery=b, power_w=st.scenario.power_of(slot) or 1000.0,
-                              start_delay_s=self.start_delay_s, ramp_s=self.ramp_s)
+                st.rig.insert(
+                    slot,
+                    battery=b,
+                    power_w=st.scenario.power_of(slot) or 1000.0,
+                    start_delay_s=self.start_delay_s,
+                    ramp_s=self.ramp_s,
+                )
                 acts.append(Action(t_v=t, what="restore", slot=slot, soc=b.soc, battery=b.serial))
             st.held.clear()
             st.powered = True
@@ -498,15 +547,19 @@ class Fleet:
         """Energy delivered into batteries per station and slot since this run started,
         mWh (exact, from the rig's physics); also written to workdir/ground_truth.json."""
         truth = {st.sid: st.rig.ground_truth_mwh() for st in self.stations}
-        write_json_atomic(self.workdir / TRUTH_FILE,
-                          {sid: {str(k): v for k, v in m.items()} for sid, m in truth.items()})
+        write_json_atomic(
+            self.workdir / TRUTH_FILE,
+            {sid: {str(k): v for k, v in m.items()} for sid, m in truth.items()},
+        )
         return truth
 
     def grid_truth(self) -> dict[str, int]:
         """Grid energy per station since this run started (the meter's increase), mWh."""
         return {st.sid: st.rig.grid_mwh() for st in self.stations}
 
-    def integration_bound(self, rel: float = 0.005, abs_mwh: int = 100) -> dict[str, dict[int, int]]:
+    def integration_bound(
+        self, rel: float = 0.005, abs_mwh: int = 100
+    ) -> dict[str, dict[int, int]]:
         """How far each slot's register may honestly be from the ground truth, mWh
         (see `integration_bound` below)."""
         truth = {st.sid: st.rig.ground_truth_mwh() for st in self.stations}
@@ -515,19 +568,43 @@ class Fleet:
         return integration_bound(truth, acts, self.dt_v, self.persist_every_s, rel, abs_mwh)
 
     # -- hands on one station (tests, the demo) ---------------------------------------------
-    def insert(self, sid: str, slot: int, pack: str = "72V", power_w: float = 1000.0,
-               capacity_wh: float = 20.0, soc: float = 0.2, *, start_delay_s: float | None = None,
-               ramp_s: float | None = None) -> Battery:
+    def insert(
+        self,
+        sid: str,
+        slot: int,
+        pack: str = "72V",
+        power_w: float = 1000.0,
+        capacity_wh: float = 20.0,
+        soc: float = 0.2,
+        *,
+        start_delay_s: float | None = None,
+        ramp_s: float | None = None,
+    ) -> Battery:
         """Put a battery into a slot by hand (logged like the scenario's)."""
         st = self.station(sid)
         with st.lock:
-            b = st.rig.insert(slot, pack=pack, power_w=power_w, capacity_wh=capacity_wh, soc=soc,
-                              start_delay_s=self.start_delay_s if start_delay_s is None
-                              else start_delay_s,
-                              ramp_s=self.ramp_s if ramp_s is None else ramp_s)
+            b = st.rig.insert(
+                slot,
+                pack=pack,
+                power_w=power_w,
+                capacity_wh=capacity_wh,
+                soc=soc,
+                start_delay_s=self.start_delay_s if start_delay_s is None else start_delay_s,
+                ramp_s=self.ramp_s if ramp_s is None else ramp_s,
+            )
             st.scenario.state[slot].power_w = power_w
-            self._log(sid, [Action(t_v=self.clock.elapsed(), what="insert", slot=slot, soc=soc,
-                                   battery=b.serial)])
+            self._log(
+                sid,
+                [
+                    Action(
+                        t_v=self.clock.elapsed(),
+                        what="insert",
+                        slot=slot,
+                        soc=soc,
+                        battery=b.serial,
+                    )
+                ],
+            )
         return b
 
     def remove(self, sid: str, slot: int) -> Battery | None:
@@ -536,9 +613,19 @@ class Fleet:
         with st.lock:
             s = st.rig.model.sample(slot)
             b = st.rig.remove(slot)
-            self._log(sid, [Action(t_v=self.clock.elapsed(), what="remove", slot=slot, p_w=s.p_w,
-                                   soc=s.battery.soc if s.battery else None,
-                                   battery=b.serial if b else None)])
+            self._log(
+                sid,
+                [
+                    Action(
+                        t_v=self.clock.elapsed(),
+                        what="remove",
+                        slot=slot,
+                        p_w=s.p_w,
+                        soc=s.battery.soc if s.battery else None,
+                        battery=b.serial if b else None,
+                    )
+                ],
+            )
         return b
 
     def set_fault(self, sid: str, slot: int, code: int) -> None:
@@ -586,7 +673,9 @@ class Fleet:
     def write_actions(self) -> pathlib.Path:
         path = self.workdir / ACTIONS_FILE
         with self._actions_lock:
-            lines = [json.dumps({"sid": sid, **a.__dict__}, sort_keys=True) for sid, a in self.actions]
+            lines = [
+                json.dumps({"sid": sid, **a.__dict__}, sort_keys=True) for sid, a in self.actions
+            ]
         path.write_text("".join(x + "\n" for x in lines))
         return path
 
@@ -613,8 +702,16 @@ class Fleet:
                     s = st.rig.model.sample(slot)
                     if s.battery is not None:
                         st.rig.remove(slot)
-                        acts.append(Action(t_v=t, what="remove", slot=slot, p_w=s.p_w,
-                                           soc=s.battery.soc, battery=s.battery.serial))
+                        acts.append(
+                            Action(
+                                t_v=t,
+                                what="remove",
+                                slot=slot,
+                                p_w=s.p_w,
+                                soc=s.battery.soc,
+                                battery=s.battery.serial,
+                            )
+                        )
                 self._log(st.sid, acts)
                 last = self.latest(st.sid)
                 marks[st.sid] = (last["boot"], last["up"]) if last else (-1, -1)
@@ -625,8 +722,11 @@ class Fleet:
             waiting = []
             for sid, (boot, up) in marks.items():
                 b = self.latest(sid)
-                if b is None or (b["boot"], b["up"]) <= (boot, up + margin) or any(
-                        s.get("st", "I") not in "I" for s in b.get("slots", [])):
+                if (
+                    b is None
+                    or (b["boot"], b["up"]) <= (boot, up + margin)
+                    or any(s.get("st", "I") not in "I" for s in b.get("slots", []))
+                ):
                     waiting.append(sid)
             if not waiting:
                 return True
@@ -671,14 +771,26 @@ class Fleet:
         now = self.clock.unix_ms()
         # short-lived (5 s of real time): a copy queued through an outage expires
         exp = now + max(60_000, int(5000 * self.accel))
-        body = {"v": 1, "sid": sid, "kid": st.kid, "cmd": "time", "now_ms": now,
-                "exp": exp, "nonce": secrets.token_hex(8)}
+        body = {
+            "v": 1,
+            "sid": sid,
+            "kid": st.kid,
+            "cmd": "time",
+            "now_ms": now,
+            "exp": exp,
+            "nonce": secrets.token_hex(8),
+        }
         return wire.sign(json.dumps(body, separators=(",", ":")).encode(), st.key)
 
 
-def integration_bound(truth: dict[str, dict[int, int]], actions: list[tuple[str, Action]],
-                      dt_s: float, persist_s: float, rel: float = 0.005,
-                      abs_mwh: int = 100) -> dict[str, dict[int, int]]:
+def integration_bound(
+    truth: dict[str, dict[int, int]],
+    actions: list[tuple[str, Action]],
+    dt_s: float,
+    persist_s: float,
+    rel: float = 0.005,
+    abs_mwh: int = 100,
+) -> dict[str, dict[int, int]]:
     """How far a slot's credited energy may honestly be from the ground truth, mWh.
 
     A trapezoid over samples `dt_s` (simulated s) apart is exact to `rel` of the energy on
@@ -749,8 +861,12 @@ class _Monitor:
                 obj = json.loads(bytes(m.payload))
                 sim = self.fleet._by_sid[sid]
                 boot = obj.get("boot")
-                if (obj.get("state") == "online" and type(boot) is int and sim.starts > 0
-                        and boot not in sim.clock_sent):
+                if (
+                    obj.get("state") == "online"
+                    and type(boot) is int
+                    and sim.starts > 0
+                    and boot not in sim.clock_sent
+                ):
                     sim.clock_sent.add(boot)
                     c.publish(f"{self.fleet.prefix}/{sid}/cmd", self.fleet.time_command(sid), qos=1)
                     self.fleet.time_commands += 1

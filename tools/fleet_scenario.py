@@ -100,9 +100,15 @@ class StationScenario:
     def _insert(self, rig: Rig, t: float, slot: int, soc: float) -> Action:
         p = self.params
         power = round(self._u(p.power_w))
-        b = rig.insert(slot, pack=self.rng.choice(p.packs), power_w=power,
-                       capacity_wh=round(self._u(p.capacity_wh)), soc=soc,
-                       start_delay_s=self.start_delay_s, ramp_s=self.ramp_s)
+        b = rig.insert(
+            slot,
+            pack=self.rng.choice(p.packs),
+            power_w=power,
+            capacity_wh=round(self._u(p.capacity_wh)),
+            soc=soc,
+            start_delay_s=self.start_delay_s,
+            ramp_s=self.ramp_s,
+        )
         st = self.state[slot]
         st.power_w = power
         st.fault_at = st.clear_at = None
@@ -115,9 +121,14 @@ class StationScenario:
         b = rig.remove(slot)
         st = self.state[slot]
         st.fault_at = st.clear_at = None
-        return Action(t_v=t, what=what, slot=slot, p_w=s.p_w,
-                      soc=s.battery.soc if s.battery is not None else None,
-                      battery=b.serial if b is not None else None)
+        return Action(
+            t_v=t,
+            what=what,
+            slot=slot,
+            p_w=s.p_w,
+            soc=s.battery.soc if s.battery is not None else None,
+            battery=b.serial if b is not None else None,
+        )
 
     def power_of(self, slot: int) -> float:
         return self.state[slot].power_w

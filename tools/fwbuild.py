@@ -67,11 +67,16 @@ def digest(src: pathlib.Path = FIRMWARE) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out: pathlib.Path | None = None, src: pathlib.Path = FIRMWARE, march: str | None = None) -> pathlib.Path:
+def build(
+    out: pathlib.Path | None = None, src: pathlib.Path = FIRMWARE, march: str | None = None
+) -> pathlib.Path:
     """Compile into `out` (default: a cache folder keyed by the sources' hash); returns it.
     Files: every module as .mpy in the same layout, main.py as source."""
     if out is None:
-        out = pathlib.Path(tempfile.gettempdir()) / f"station-fw-{digest(src)}{'-' + march if march else ''}"
+        out = (
+            pathlib.Path(tempfile.gettempdir())
+            / f"station-fw-{digest(src)}{'-' + march if march else ''}"
+        )
         if (out / "main.py").exists():
             return out
     tmp = out.with_name(out.name + ".part")

@@ -30,8 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int, log: pathlib.Path, what: str,
-                   timeout: float) -> None:
+def wait_listening(
+    proc: subprocess.Popen[bytes], port: int, log: pathlib.Path, what: str, timeout: float
+) -> None:
     """Until a broker process accepts connections on its port; its log tail if it dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

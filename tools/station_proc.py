@@ -38,7 +38,9 @@ def station_config(
     """A CONTRACT §9 configuration for the unix port (the firmware's own example), with
     the station's key and broker port; keyword arguments override top-level keys (a dict
     value merges into the section)."""
-    cfg: dict[str, Any] = fwbuild.firmware_module("config").example(sid, charger_path, bus_path, slots)
+    cfg: dict[str, Any] = fwbuild.firmware_module("config").example(
+        sid, charger_path, bus_path, slots
+    )
     cfg.update({"kid": kid, "key": key_hex})
     cfg["broker"]["port"] = broker_port
     cfg["bus"]["timeout_ms"] = 150
@@ -94,7 +96,10 @@ class StationProcess:
         self.proc = subprocess.Popen(
             [micropython_bin(), "-X", f"heapsize={self.heap}", str(fw / "main.py")],
             # not a session leader: opening a pty must not make it our controlling terminal
-            cwd=self.flash, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=self.flash,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
@@ -139,8 +144,10 @@ class StationProcess:
             if pred():
                 return
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"station exited ({self.proc.returncode}) waiting for {what}: "
-                                   + "\n".join(self.output[-30:]))
+                raise RuntimeError(
+                    f"station exited ({self.proc.returncode}) waiting for {what}: "
+                    + "\n".join(self.output[-30:])
+                )
             time.sleep(0.05)
         raise TimeoutError(f"timed out waiting for {what}: " + "\n".join(self.output[-30:]))
 

@@ -27,8 +27,9 @@ class BadRequest(Exception):
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(_encode(obj), status_code=status, media_type="application/json",
-                    headers=_HEADERS)
+    return Response(
+        _encode(obj), status_code=status, media_type="application/json", headers=_HEADERS
+    )
 
 
 def error(status: int, msg: str) -> Response:
@@ -133,15 +134,19 @@ async def live_stream(request: Request) -> Response:
     live = _live(request)
     topic = request.query_params.get("topic", "fleet")
     if topic not in ("fleet", "alarms") and not (
-            topic.startswith("station:") and SID_RE.fullmatch(topic[8:])):
+        topic.startswith("station:") and SID_RE.fullmatch(topic[8:])
+    ):
         return error(400, "topic must be fleet, alarms or station:<SID>")
     if live.hub.closed:
         return error(503, "shutting down")
     first = await run_in_threadpool(live.payload, topic)
     if first is None:
         return error(404, f"no station {topic[8:]}")
-    return StreamingResponse(live.hub.stream(topic, first), media_type="text/event-stream",
-                             headers={**_HEADERS, "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        live.hub.stream(topic, first),
+        media_type="text/event-stream",
+        headers={**_HEADERS, "X-Accel-Buffering": "no"},
+    )
 
 
 def routes() -> list[Route]:

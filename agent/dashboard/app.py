@@ -37,8 +37,14 @@ def _page(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def make_app(db_url: str, *, cfg: ViewConfig | None = None, carbon_params: str | None = None,
-             poll_s: float = 1.0, live: Live | None = None) -> Starlette:
+def make_app(
+    db_url: str,
+    *,
+    cfg: ViewConfig | None = None,
+    carbon_params: str | None = None,
+    poll_s: float = 1.0,
+    live: Live | None = None,
+) -> Starlette:
     """The dashboard over the agent database at `db_url` (sqlite:///PATH or a path).
     `app.state.live` is the `Live` poller (call `.nudge()` after a commit)."""
     lv = live or Live(db_url, cfg, carbon_params=carbon_params, poll_s=poll_s)
@@ -97,8 +103,13 @@ class DashboardServer:
             sock.close()
             raise
         self.port = int(sock.getsockname()[1])
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=3, access_log=False)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=3,
+            access_log=False,
+        )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:

@@ -105,10 +105,17 @@ class Hub:
 class Live:
     """The dashboard's data: `start(loop)`, `stop()`, `nudge()`, `view(fn, *args)`."""
 
-    def __init__(self, db_url: str, cfg: ViewConfig | None = None, *,
-                 carbon_params: str | None = None, poll_s: float = 1.0,
-                 records_s: float = 5.0, min_poll_s: float = 0.2,
-                 clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        cfg: ViewConfig | None = None,
+        *,
+        carbon_params: str | None = None,
+        poll_s: float = 1.0,
+        records_s: float = 5.0,
+        min_poll_s: float = 0.2,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
         self.cfg = cfg or ViewConfig()
         try:
             params: carbon.CarbonParams | None = carbon.load_params(carbon_params)
@@ -200,7 +207,8 @@ class Live:
                     if isinstance(obj, dict):
                         self.state.set_status(sid, recv, obj)
             for qid, recv, topic, reason, detail, qsid, res in r.quarantine_after(
-                    self._last["quarantine"]):
+                self._last["quarantine"]
+            ):
                 self._last["quarantine"] = qid
                 self.state.add_quarantine(recv, qsid, reason, detail, topic, qid, res)
             for aid, ts, asid, code, level, detail in r.alarms_after(self._last["alarms"]):
@@ -240,8 +248,11 @@ class Live:
         self._last["quarantine"] = r.first_id_since("quarantine", "recv_ms", since) - 1
         self._last["alarms"] = r.first_id_since("alarms", "ts_ms", since) - 1
         self._backfilled = True
-        log.info("dashboard: read back %d raw rows, %d stations", self.counters["rows"],
-                 len(self.state.stations))
+        log.info(
+            "dashboard: read back %d raw rows, %d stations",
+            self.counters["rows"],
+            len(self.state.stations),
+        )
 
     def _apply(self, rows: list[Raw], advance: bool = True) -> None:
         for row in rows:
@@ -257,8 +268,9 @@ class Live:
 
     def _records(self, now: int) -> None:
         days_from, intervals_from = self.state.records_since(now)
-        self.state.set_records(self.reader.day_records(days_from),
-                               self.reader.records("interval", intervals_from), now)
+        self.state.set_records(
+            self.reader.day_records(days_from), self.reader.records("interval", intervals_from), now
+        )
 
     # ---- payloads -------------------------------------------------------------------------
 
@@ -271,7 +283,7 @@ class Live:
             if topic == "alarms":
                 return _encode(self.state.alarms(now))
             if topic.startswith("station:"):
-                v = self.state.station(topic[len("station:"):], now)
+                v = self.state.station(topic[len("station:") :], now)
                 return None if v is None else _encode(v)
         return None
 
@@ -281,7 +293,7 @@ class Live:
             return s.version
         if topic == "alarms":
             return s.alarm_version
-        st = s.stations.get(topic[len("station:"):])
+        st = s.stations.get(topic[len("station:") :])
         return (st.version if st else None, s.alarm_version)
 
     def _publish(self) -> None:
@@ -318,7 +330,13 @@ class Live:
             return fn(self.state, self.clock())
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self.reader.store is not None and self.last_poll > 0,
-                "db": self.reader.url, "last_poll_ms": self.last_poll or None,
-                "poll_ms": round(self.poll_ms, 2), "stations": len(self.state.stations),
-                "clients": self.hub.clients, "sent": self.hub.sent, **self.counters}
+        return {
+            "ok": self.reader.store is not None and self.last_poll > 0,
+            "db": self.reader.url,
+            "last_poll_ms": self.last_poll or None,
+            "poll_ms": round(self.poll_ms, 2),
+            "stations": len(self.state.stations),
+            "clients": self.hub.clients,
+            "sent": self.hub.sent,
+            **self.counters,
+        }

@@ -110,56 +110,86 @@ class Reader:
     def latest_telemetry(self, sid: str) -> Raw | None:
         row = self.db.execute(
             f"SELECT {_RAW_COLS} FROM raw WHERE sid = ? AND kind = 'telemetry' "
-            "ORDER BY boot DESC, seq DESC LIMIT 1", (sid,)
+            "ORDER BY boot DESC, seq DESC LIMIT 1",
+            (sid,),
         ).fetchone()
         return _raw(row) if row else None
 
     # ---- the rest -------------------------------------------------------------------------
 
     def status(self) -> list[tuple[str, int, bytes]]:
-        return [(str(r[0]), int(r[1]), bytes(r[2]))
-                for r in self.db.execute("SELECT sid, recv_ms, record FROM status").fetchall()]
+        return [
+            (str(r[0]), int(r[1]), bytes(r[2]))
+            for r in self.db.execute("SELECT sid, recv_ms, record FROM status").fetchall()
+        ]
 
-    def quarantine_after(self, last_id: int, limit: int = 10_000
-                         ) -> list[tuple[int, int, str, str, str, str | None, str | None]]:
+    def quarantine_after(
+        self, last_id: int, limit: int = 10_000
+    ) -> list[tuple[int, int, str, str, str, str | None, str | None]]:
         """(id, recv_ms, topic, reason, detail, sid, resolved_to) rows; the record bytes are
         not read. `resolved_to` (schema 2): the agent ingested the message after all (its
         key arrived late), else None."""
         try:
             rows = self.db.execute(
                 "SELECT id, recv_ms, topic, reason, detail, sid, resolved_to FROM quarantine "
-                "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (last_id, limit),
+            ).fetchall()
         except sqlite3.OperationalError:  # schema 1: nothing is ever resolved
-            rows = [(*r, None) for r in self.db.execute(
-                "SELECT id, recv_ms, topic, reason, detail, sid FROM quarantine "
-                "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()]
+            rows = [
+                (*r, None)
+                for r in self.db.execute(
+                    "SELECT id, recv_ms, topic, reason, detail, sid FROM quarantine "
+                    "WHERE id > ? ORDER BY id LIMIT ?",
+                    (last_id, limit),
+                ).fetchall()
+            ]
         return [tuple(r) for r in rows]
 
     def resolved_from(self, first_id: int) -> list[tuple[int, str]]:
         """(id, resolved_to) of quarantine rows from first_id on that were resolved (a range
         of the primary key: the dashboard asks only about its recent window)."""
         try:
-            return [(int(r[0]), str(r[1])) for r in self.db.execute(
-                "SELECT id, resolved_to FROM quarantine WHERE id >= ? "
-                "AND resolved_ms IS NOT NULL", (first_id,)).fetchall()]
+            return [
+                (int(r[0]), str(r[1]))
+                for r in self.db.execute(
+                    "SELECT id, resolved_to FROM quarantine WHERE id >= ? "
+                    "AND resolved_ms IS NOT NULL",
+                    (first_id,),
+                ).fetchall()
+            ]
         except sqlite3.OperationalError:
             return []
 
-    def alarms_after(self, last_id: int, limit: int = 10_000
-                     ) -> list[tuple[int, int, str | None, str, str, str]]:
+    def alarms_after(
+        self, last_id: int, limit: int = 10_000
+    ) -> list[tuple[int, int, str | None, str, str, str]]:
         """(id, ts_ms, sid, code, level, detail) rows of the agent's alarms table."""
-        return [tuple(r) for r in self.db.execute(
-            "SELECT id, ts_ms, sid, code, level, detail FROM alarms WHERE id > ? "
-            "ORDER BY id LIMIT ?", (last_id, limit)).fetchall()]
+        return [
+            tuple(r)
+            for r in self.db.execute(
+                "SELECT id, ts_ms, sid, code, level, detail FROM alarms WHERE id > ? "
+                "ORDER BY id LIMIT ?",
+                (last_id, limit),
+            ).fetchall()
+        ]
 
     def records(self, kind: str, since_ms: int) -> list[tuple[str, int, int, int]]:
         """(sid, slot, start_ms, mwh) of records of `kind` starting at or after since_ms."""
-        return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in self.db.execute(
-            "SELECT sid, slot, start_ms, mwh FROM records WHERE kind = ? AND start_ms >= ?",
-            (kind, since_ms)).fetchall()]
+        return [
+            (str(r[0]), int(r[1]), int(r[2]), int(r[3]))
+            for r in self.db.execute(
+                "SELECT sid, slot, start_ms, mwh FROM records WHERE kind = ? AND start_ms >= ?",
+                (kind, since_ms),
+            ).fetchall()
+        ]
 
     def day_records(self, since_ms: int) -> list[Record]:
         """Day records from since_ms on, in full (what agent.ledger.carbon needs)."""
-        return [row_to_record(r) for r in self.db.execute(
-            f"SELECT {RECORD_COLUMNS} FROM records WHERE kind = 'day' AND start_ms >= ?",
-            (since_ms,)).fetchall()]
+        return [
+            row_to_record(r)
+            for r in self.db.execute(
+                f"SELECT {RECORD_COLUMNS} FROM records WHERE kind = 'day' AND start_ms >= ?",
+                (since_ms,),
+            ).fetchall()
+        ]

@@ -11,7 +11,7 @@ browser formats them. Power of a slot is the charger's output, mV × mA / 10⁶ 
 Two clocks: the live view (last seen, silence, power history, alarm times) runs on the
 agent's clock (receive times), so a station with a wrong clock still shows up live; what
 comes from records (today's kWh and CO2e, energy per interval and per day, sessions) runs
-on station time, as metering does (CONTRACT §6.5). A station's clock offset is the `ts − 
+on station time, as metering does (CONTRACT §6.5). A station's clock offset is the `ts −
 receive time` of its newest live reading; "today" for a station is the UTC day of its own
 clock, and the fleet's charts use the median offset (a simulated fleet runs days ahead).
 
@@ -43,11 +43,28 @@ log = logging.getLogger(__name__)
 DAY_MS: Final = 86_400_000
 OVER_TEMP_DC: Final = 600  # 60.0 °C at the hottest cell (the firmware's over_temp threshold)
 # quarantine reasons that mean "the signature or the key did not check out"
-SIG_REASONS: Final = frozenset({"bad_sig", "unknown_kid", "revoked_key", "unknown_station",
-                                "sig_missing", "sig_length", "sig_hex", "sig_not_last",
-                                "sig_trailing"})
-STATE_NAMES: Final = {"I": "empty", "W": "waiting", "C": "charging CC", "V": "charging CV",
-                      "F": "full", "E": "fault", "X": "no channel"}
+SIG_REASONS: Final = frozenset(
+    {
+        "bad_sig",
+        "unknown_kid",
+        "revoked_key",
+        "unknown_station",
+        "sig_missing",
+        "sig_length",
+        "sig_hex",
+        "sig_not_last",
+        "sig_trailing",
+    }
+)
+STATE_NAMES: Final = {
+    "I": "empty",
+    "W": "waiting",
+    "C": "charging CC",
+    "V": "charging CV",
+    "F": "full",
+    "E": "fault",
+    "X": "no channel",
+}
 CHARGING: Final = frozenset("CV")
 # conditions that are normal for a moment (a BMS is read a few slots per cycle, so a new
 # battery shows without BMS data for a cycle or two): active only once they last
@@ -85,9 +102,27 @@ def _key(body: Mapping[str, Any]) -> tuple[int, int]:
 class Station:
     """What the dashboard knows of one station."""
 
-    __slots__ = ("boot_ev", "err", "events", "had_meter", "hist", "last_live_ms", "last_ms",
-                 "offset_ms", "period_ms", "sess_key", "sessions", "sid", "status",
-                 "status_ms", "tel", "tel_key", "tel_ms", "tel_recv_ms", "version")
+    __slots__ = (
+        "boot_ev",
+        "err",
+        "events",
+        "had_meter",
+        "hist",
+        "last_live_ms",
+        "last_ms",
+        "offset_ms",
+        "period_ms",
+        "sess_key",
+        "sessions",
+        "sid",
+        "status",
+        "status_ms",
+        "tel",
+        "tel_key",
+        "tel_ms",
+        "tel_recv_ms",
+        "version",
+    )
 
     def __init__(self, sid: str, hist_len: int) -> None:
         self.sid = sid
@@ -115,8 +150,9 @@ class Station:
 class FleetState:
     """The whole picture; not thread-safe (the caller holds a lock)."""
 
-    def __init__(self, cfg: ViewConfig | None = None,
-                 params: carbon.CarbonParams | None = None) -> None:
+    def __init__(
+        self, cfg: ViewConfig | None = None, params: carbon.CarbonParams | None = None
+    ) -> None:
         self.cfg = cfg or ViewConfig()
         self.params = params
         self.stations: dict[str, Station] = {}
@@ -175,8 +211,9 @@ class FleetState:
             if isinstance(body.get("meter"), dict):
                 st.had_meter = True
             err = body.get("err")
-            st.err = {k: v for k, v in err.items() if type(v) is int} \
-                if isinstance(err, dict) else {}
+            st.err = (
+                {k: v for k, v in err.items() if type(v) is int} if isinstance(err, dict) else {}
+            )
         if not live:
             return  # a backlog from the outbox: in the records, not in the live line
         if st.last_live_ms and recv_ms > st.last_live_ms:
@@ -213,23 +250,48 @@ class FleetState:
             st.sess_key[slot] = key
             if ev == "session_start":
                 # since_ms: station time (absent before its clock is set)
-                st.sessions[slot] = {"bat": body.get("bat"), "e0_mwh": body.get("e_mwh"),
-                                     "soc0": body.get("soc"), "since_ms": _int(body.get("ts")),
-                                     "up0": _int(body.get("up")), "boot": key[0],
-                                     "seq": key[1]}
+                st.sessions[slot] = {
+                    "bat": body.get("bat"),
+                    "e0_mwh": body.get("e_mwh"),
+                    "soc0": body.get("soc"),
+                    "since_ms": _int(body.get("ts")),
+                    "up0": _int(body.get("up")),
+                    "boot": key[0],
+                    "seq": key[1],
+                }
             else:
                 st.sessions.pop(slot, None)
         elif ev == "alarm":
-            self._log(t, st.sid, "station", str(body.get("code")),
-                      str(body.get("level", "warn")), str(body.get("msg", "")),
-                      _int(body.get("slot")))
+            self._log(
+                t,
+                st.sid,
+                "station",
+                str(body.get("code")),
+                str(body.get("level", "warn")),
+                str(body.get("msg", "")),
+                _int(body.get("slot")),
+            )
         elif ev == "outbox_drop":
-            self._log(t, st.sid, "station", "outbox_drop", "warn",
-                      f"{body.get('n')} messages dropped from a full outbox", None)
+            self._log(
+                t,
+                st.sid,
+                "station",
+                "outbox_drop",
+                "warn",
+                f"{body.get('n')} messages dropped from a full outbox",
+                None,
+            )
         elif ev == "meter_reset":
-            self._log(t, st.sid, "station", "meter_reset", "info",
-                      f"meter register {body.get('from_wh')} Wh -> {body.get('to_wh')} Wh"
-                      f" (serial {body.get('sn')})", None)
+            self._log(
+                t,
+                st.sid,
+                "station",
+                "meter_reset",
+                "info",
+                f"meter register {body.get('from_wh')} Wh -> {body.get('to_wh')} Wh"
+                f" (serial {body.get('sn')})",
+                None,
+            )
 
     def set_status(self, sid: str, recv_ms: int, obj: Mapping[str, Any]) -> None:
         st = self._st(sid)
@@ -239,18 +301,31 @@ class FleetState:
             st.version += 1
             self.version += 1
 
-    def add_quarantine(self, recv_ms: int, sid: str | None, reason: str, detail: str,
-                       topic: str, qid: int = -1, resolved_to: str | None = None) -> None:
+    def add_quarantine(
+        self,
+        recv_ms: int,
+        sid: str | None,
+        reason: str,
+        detail: str,
+        topic: str,
+        qid: int = -1,
+        resolved_to: str | None = None,
+    ) -> None:
         """A quarantine row. One the agent has resolved (ingested once its key arrived)
         is logged, not alarmed."""
         self.quarantine_total[reason] += 1
         kind = "signature" if reason in SIG_REASONS else "quarantine"
         if resolved_to is None:
             self._rejects.append((recv_ms, sid, kind, reason, qid))
-        self._log(recv_ms, sid, "agent", f"quarantine:{reason}",
-                  "info" if resolved_to else "crit" if kind == "signature" else "warn",
-                  (f"{topic}: {detail}" + (f" (resolved: {resolved_to})" if resolved_to
-                                            else ""))[:300], None)
+        self._log(
+            recv_ms,
+            sid,
+            "agent",
+            f"quarantine:{reason}",
+            "info" if resolved_to else "crit" if kind == "signature" else "warn",
+            (f"{topic}: {detail}" + (f" (resolved: {resolved_to})" if resolved_to else ""))[:300],
+            None,
+        )
 
     def first_reject_id(self) -> int | None:
         """The lowest quarantine id still counted in an alarm (None: none)."""
@@ -266,18 +341,27 @@ class FleetState:
         if len(keep) != len(self._rejects):
             for r in self._rejects:
                 if r[4] in done:
-                    self._log(r[0], r[1], "agent", f"resolved:{r[3]}", "info",
-                              f"quarantined message ingested after all ({done[r[4]]})", None)
+                    self._log(
+                        r[0],
+                        r[1],
+                        "agent",
+                        f"resolved:{r[3]}",
+                        "info",
+                        f"quarantined message ingested after all ({done[r[4]]})",
+                        None,
+                    )
             self._rejects = keep
             self.version += 1
 
-    def add_agent_alarm(self, ts_ms: int, sid: str | None, code: str, level: str,
-                        detail: str) -> None:
+    def add_agent_alarm(
+        self, ts_ms: int, sid: str | None, code: str, level: str, detail: str
+    ) -> None:
         self._rejects.append((ts_ms, sid, "agent_alarm", code, -1))
         self._log(ts_ms, sid, "agent", code, level, detail[:300], None)
 
-    def set_records(self, days: Iterable[Record], intervals: Iterable[tuple[str, int, int, int]],
-                    now: int) -> None:
+    def set_records(
+        self, days: Iterable[Record], intervals: Iterable[tuple[str, int, int, int]], now: int
+    ) -> None:
         """Day records (in full: CO2e needs them) and interval records as
         (sid, slot, start_ms, mwh), of the windows `records_since` names."""
         days = list(days)
@@ -298,8 +382,10 @@ class FleetState:
         """(first day start, first interval start) worth reading from the records table."""
         offs = [st.offset_ms for st in self.stations.values() if st.offset_ms is not None]
         ref = now + (min(offs) if offs else 0)
-        return (ref - ref % DAY_MS - (self.cfg.days - 1) * DAY_MS,
-                ref - self.cfg.energy_hours * 3_600_000)
+        return (
+            ref - ref % DAY_MS - (self.cfg.days - 1) * DAY_MS,
+            ref - self.cfg.energy_hours * 3_600_000,
+        )
 
     def _carbon(self, days: Iterable[Record], now: int) -> None:
         """CO2e avoided today per station (CONTRACT §7), from the grid meter's records when
@@ -323,12 +409,29 @@ class FleetState:
                 continue
             self.co2e[sid] = (er, point)
 
-    def _log(self, t: int, sid: str | None, source: str, code: str, level: str, msg: str,
-             slot: int | None) -> None:
+    def _log(
+        self,
+        t: int,
+        sid: str | None,
+        source: str,
+        code: str,
+        level: str,
+        msg: str,
+        slot: int | None,
+    ) -> None:
         self.version += 1
         self.alarm_version += 1
-        self.events.appendleft({"t": t, "sid": sid, "source": source, "code": code,
-                                "level": level, "msg": msg, "slot": slot})
+        self.events.appendleft(
+            {
+                "t": t,
+                "sid": sid,
+                "source": source,
+                "code": code,
+                "level": level,
+                "msg": msg,
+                "slot": slot,
+            }
+        )
 
     # ---- derived --------------------------------------------------------------------------
 
@@ -351,22 +454,39 @@ class FleetState:
             self._rejects.popleft()
         active: dict[str, dict[str, Any]] = {}
 
-        def add(sid: str | None, code: str, level: str, msg: str, slot: int | None = None,
-                since: int | None = None) -> None:
+        def add(
+            sid: str | None,
+            code: str,
+            level: str,
+            msg: str,
+            slot: int | None = None,
+            since: int | None = None,
+        ) -> None:
             aid = f"{sid or '-'}:{code}" + (f":{slot}" if slot is not None else "")
-            active[aid] = {"id": aid, "sid": sid, "slot": slot, "code": code, "level": level,
-                           "msg": msg, "since": since}
+            active[aid] = {
+                "id": aid,
+                "sid": sid,
+                "slot": slot,
+                "code": code,
+                "level": level,
+                "msg": msg,
+                "since": since,
+            }
 
         for sid in sorted(self.stations):
             st = self.stations[sid]
             c = self.conn(st, now)
             if c == "offline":
-                add(sid, "offline", "crit", "offline (the broker published its last will)",
-                    since=st.status_ms)
+                add(
+                    sid,
+                    "offline",
+                    "crit",
+                    "offline (the broker published its last will)",
+                    since=st.status_ms,
+                )
             elif c == "silent":
                 seen = max(st.last_ms, st.status_ms)
-                add(sid, "offline", "crit", f"no message for {(now - seen) // 1000} s",
-                    since=seen)
+                add(sid, "offline", "crit", f"no message for {(now - seen) // 1000} s", since=seen)
             tel = st.tel
             if tel is None or c != "online":
                 continue
@@ -388,8 +508,7 @@ class FleetState:
                 if isinstance(bat, dict):
                     t = _int(bat.get("t"))
                     if t is not None and t >= OVER_TEMP_DC:
-                        add(sid, "over_temp", "crit",
-                            f"slot {n}: battery at {t / 10:.1f} °C", n)
+                        add(sid, "over_temp", "crit", f"slot {n}: battery at {t / 10:.1f} °C", n)
                     flt = _int(bat.get("flt"))
                     if flt:
                         add(sid, "bms_fault", "crit", f"slot {n}: BMS fault bits {flt:#06x}", n)
@@ -419,15 +538,23 @@ class FleetState:
         for aid, a in active.items():
             if aid not in self._since:
                 self._since[aid] = a.pop("since") or now
-                self._log(now, a["sid"], "dashboard", "raised:" + a["code"], a["level"],
-                          a["msg"], a["slot"])
+                self._log(
+                    now,
+                    a["sid"],
+                    "dashboard",
+                    "raised:" + a["code"],
+                    a["level"],
+                    a["msg"],
+                    a["slot"],
+                )
             a.pop("since", None)
             a["since_ms"] = self._since[aid]
         for aid in self._active.keys() - active.keys():
             a = self._active[aid]
             self._since.pop(aid, None)
-            self._log(now, a["sid"], "dashboard", "cleared:" + a["code"], "info", a["msg"],
-                      a["slot"])
+            self._log(
+                now, a["sid"], "dashboard", "cleared:" + a["code"], "info", a["msg"], a["slot"]
+            )
         self._active = active
         return changed
 
@@ -469,8 +596,10 @@ class FleetState:
             "today_grid_mwh": grid_mwh,
             "co2e_today_kg": carbon.fmt(co2[0] * 1000, 3) if co2 else None,
             "co2e_point": co2[1] if co2 else None,
-            "alarms": {"crit": sum(a["level"] == "crit" for a in alarms),
-                       "warn": sum(a["level"] == "warn" for a in alarms)},
+            "alarms": {
+                "crit": sum(a["level"] == "crit" for a in alarms),
+                "warn": sum(a["level"] == "warn" for a in alarms),
+            },
         }
 
     def fleet(self, now: int) -> dict[str, Any]:
@@ -500,9 +629,15 @@ class FleetState:
         p = self.params
         if p is None:
             return None
-        return {"id": p.id, "version": p.version, "notice": p.notice, "error": self.co2e_error,
-                "placeholders": sorted(k for k, vs in p.params.items()
-                                       if any(v.placeholder for v in vs))}
+        return {
+            "id": p.id,
+            "version": p.version,
+            "notice": p.notice,
+            "error": self.co2e_error,
+            "placeholders": sorted(
+                k for k, vs in p.params.items() if any(v.placeholder for v in vs)
+            ),
+        }
 
     def station(self, sid: str, now: int) -> dict[str, Any] | None:
         st = self.stations.get(sid)
@@ -521,23 +656,38 @@ class FleetState:
             if sess is not None:
                 e0 = _int(sess.get("e0_mwh"))
                 sess = {**sess, "mwh": e - e0 if e is not None and e0 is not None else None}
-            slots.append({
-                "n": n, "st": code, "state": STATE_NAMES.get(code, "unknown") if code else "stale",
-                "mv": _int(s.get("mv")), "ma": _int(s.get("ma")),
-                "power_w": _power(s) if code is not None else None,
-                "e_mwh": e, "bat": bat, "session": sess,
-            })
+            slots.append(
+                {
+                    "n": n,
+                    "st": code,
+                    "state": STATE_NAMES.get(code, "unknown") if code else "stale",
+                    "mv": _int(s.get("mv")),
+                    "ma": _int(s.get("ma")),
+                    "power_w": _power(s) if code is not None else None,
+                    "e_mwh": e,
+                    "bat": bat,
+                    "session": sess,
+                }
+            )
         meter = tel.get("meter") if isinstance(tel.get("meter"), dict) else None
         return {
             "now": now,
             **self._summary(st, now),
             "status": st.status,
-            "telemetry": {"boot": st.tel_key[0], "seq": st.tel_key[1], "t_ms": st.tel_ms,
-                          "recv_ms": st.tel_recv_ms, "period_ms": st.period_ms,
-                          "hist": bool(tel.get("hist"))} if st.tel else None,
+            "telemetry": {
+                "boot": st.tel_key[0],
+                "seq": st.tel_key[1],
+                "t_ms": st.tel_ms,
+                "recv_ms": st.tel_recv_ms,
+                "period_ms": st.period_ms,
+                "hist": bool(tel.get("hist")),
+            }
+            if st.tel
+            else None,
             "clock_ms": now + st.offset_ms if st.offset_ms is not None else None,
             "boot_event": {k: st.boot_ev.get(k) for k in ("boot", "fw", "reset", "ts")}
-            if st.boot_ev else None,
+            if st.boot_ev
+            else None,
             "meter": meter,
             "err": st.err,
             "slot_list": slots,
@@ -547,8 +697,12 @@ class FleetState:
         }
 
     def alarms(self, now: int) -> dict[str, Any]:
-        return {"now": now, "active": self.active(), "events": list(self.events)[:200],
-                "quarantine_total": dict(sorted(self.quarantine_total.items()))}
+        return {
+            "now": now,
+            "active": self.active(),
+            "events": list(self.events)[:200],
+            "quarantine_total": dict(sorted(self.quarantine_total.items())),
+        }
 
     # ---- series ---------------------------------------------------------------------------
 
@@ -583,8 +737,11 @@ class FleetState:
                     if p[2] is not None:
                         meter_w[k] += p[2]
                         has_meter[k] = True
-        return [[first + k * bms, slots_w[k], meter_w[k] if has_meter[k] else None]
-                for k in range(nb) if seen[k]]
+        return [
+            [first + k * bms, slots_w[k], meter_w[k] if has_meter[k] else None]
+            for k in range(nb)
+            if seen[k]
+        ]
 
     def _fleet_point(self, now: int) -> list[Any] | None:
         if not self.stations:
@@ -631,8 +788,7 @@ def _by_start(rows: Iterable[tuple[str, int, int, int]]) -> dict[str, dict[int, 
     return out
 
 
-def _series(data: dict[str, dict[int, list[int]]], sid: str | None, start: int
-            ) -> list[list[int]]:
+def _series(data: dict[str, dict[int, list[int]]], sid: str | None, start: int) -> list[list[int]]:
     acc: dict[int, list[int]] = {}
     for s, by in data.items():
         if sid is not None and s != sid:

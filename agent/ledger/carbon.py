@@ -81,12 +81,17 @@ class CarbonParams:
                 return v
         if name == "le_t_per_mwh":
             return _NO_LEAKAGE
-        raise ValueError(f"no {name} in effect on {day} in parameter set {self.id} "
-                         f"v{self.version}")
+        raise ValueError(f"no {name} in effect on {day} in parameter set {self.id} v{self.version}")
 
 
-_NO_LEAKAGE = ParamValue(value=Fraction(0), text="0", effective_from=date.min,
-                         effective_to=None, source="not configured", note="no leakage")
+_NO_LEAKAGE = ParamValue(
+    value=Fraction(0),
+    text="0",
+    effective_from=date.min,
+    effective_to=None,
+    source="not configured",
+    note="no leakage",
+)
 
 
 def _date(x: Any, what: str) -> date:
@@ -132,8 +137,9 @@ def parse_params(doc: Mapping[str, Any], where: str = "<params>") -> CarbonParam
     pid = str(need(doc, "id", "parameter set"))
     version = str(need(doc, "version", "parameter set"))
     eff_from = _date(need(doc, "effective_from", "parameter set"), f"{where}: effective_from")
-    eff_to = _date(doc["effective_to"], f"{where}: effective_to") \
-        if doc.get("effective_to") else None
+    eff_to = (
+        _date(doc["effective_to"], f"{where}: effective_to") if doc.get("effective_to") else None
+    )
     raw = doc.get("params")
     if not isinstance(raw, Mapping):
         raise CarbonParamsError(f"{where}: no [params] table")
@@ -157,8 +163,7 @@ def parse_params(doc: Mapping[str, Any], where: str = "<params>") -> CarbonParam
                 raise CarbonParamsError(f"{w}: not a table")
             num, text = _dec(need(v, "value", w), w)
             f0 = _date(need(v, "effective_from", w), f"{w}: effective_from")
-            f1 = _date(v["effective_to"], f"{w}: effective_to") if v.get("effective_to") \
-                else None
+            f1 = _date(v["effective_to"], f"{w}: effective_to") if v.get("effective_to") else None
             if f1 is not None and f1 <= f0:
                 raise CarbonParamsError(f"{w}: effective_to must be after effective_from")
             if name in ("sec", "charger_efficiency") and num <= 0:
@@ -167,9 +172,17 @@ def parse_params(doc: Mapping[str, Any], where: str = "<params>") -> CarbonParam
                 raise CarbonParamsError(f"{w}: charger_efficiency is a fraction (0..1]")
             if num < 0:
                 raise CarbonParamsError(f"{w}: must not be negative")
-            out.append(ParamValue(value=num, text=text, effective_from=f0, effective_to=f1,
-                                  source=str(need(v, "source", w)), note=str(v.get("note", "")),
-                                  placeholder=bool(v.get("placeholder", False))))
+            out.append(
+                ParamValue(
+                    value=num,
+                    text=text,
+                    effective_from=f0,
+                    effective_to=f1,
+                    source=str(need(v, "source", w)),
+                    note=str(v.get("note", "")),
+                    placeholder=bool(v.get("placeholder", False)),
+                )
+            )
         out.sort(key=lambda x: x.effective_from)
         for a, b in pairwise(out):
             if a.effective_to is None or a.effective_to > b.effective_from:
@@ -178,9 +191,16 @@ def parse_params(doc: Mapping[str, Any], where: str = "<params>") -> CarbonParam
     for name in REQUIRED:
         if name not in params:
             raise CarbonParamsError(f"{where}: missing parameter {name!r}")
-    return CarbonParams(id=pid, version=version, title=str(doc.get("title", "")),
-                        effective_from=eff_from, effective_to=eff_to,
-                        notice=str(doc.get("notice", "")), params=params, path=where)
+    return CarbonParams(
+        id=pid,
+        version=version,
+        title=str(doc.get("title", "")),
+        effective_from=eff_from,
+        effective_to=eff_to,
+        notice=str(doc.get("notice", "")),
+        params=params,
+        path=where,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,10 +270,24 @@ def reduction(r: Record, params: CarbonParams) -> Reduction:
     be = ec_batt / v["sec"].value * ef_km
     le = ec_batt / 1000 * v["le_t_per_mwh"].value
     return Reduction(
-        kind=r.kind, sid=r.sid, slot=r.slot, start_ms=r.start_ms, end_ms=r.end_ms,
-        vintage=day.year, point=point, mwh=r.mwh, ec_grid_mwh=ec_grid, ec_batt_kwh=ec_batt,
-        derived=derived, be=be, pe=pe, le=le, er=be - pe - le, params_id=params.id,
-        params_version=params.version, values={k: x.text for k, x in v.items()},
+        kind=r.kind,
+        sid=r.sid,
+        slot=r.slot,
+        start_ms=r.start_ms,
+        end_ms=r.end_ms,
+        vintage=day.year,
+        point=point,
+        mwh=r.mwh,
+        ec_grid_mwh=ec_grid,
+        ec_batt_kwh=ec_batt,
+        derived=derived,
+        be=be,
+        pe=pe,
+        le=le,
+        er=be - pe - le,
+        params_id=params.id,
+        params_version=params.version,
+        values={k: x.text for k, x in v.items()},
         placeholders=tuple(sorted(k for k, x in v.items() if x.placeholder)),
     )
 
@@ -280,9 +314,21 @@ def aggregate(results: Iterable[Reduction]) -> list[Aggregate]:
         a[4] += x.le
         a[5].update(x.placeholders)
     return [
-        Aggregate(sid=k[0], vintage=k[1], point=k[2], kind=k[3], records=a[0], mwh=a[1],
-                  be=a[2], pe=a[3], le=a[4], er=a[2] - a[3] - a[4], params_id=k[4],
-                  params_version=k[5], placeholders=tuple(sorted(a[5])))
+        Aggregate(
+            sid=k[0],
+            vintage=k[1],
+            point=k[2],
+            kind=k[3],
+            records=a[0],
+            mwh=a[1],
+            be=a[2],
+            pe=a[3],
+            le=a[4],
+            er=a[2] - a[3] - a[4],
+            params_id=k[4],
+            params_version=k[5],
+            placeholders=tuple(sorted(a[5])),
+        )
         for k, a in sorted(acc.items())
     ]
 

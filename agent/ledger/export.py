@@ -19,8 +19,21 @@ from agent.ledger.metering import Record
 
 FORMATS = ("csv", "json")
 KINDS = ("interval", "session", "day")
-COLUMNS = ("sid", "slot", "start", "end", "mwh", "held_mwh", "flags", "from", "to",
-           "e_from", "e_to", "version", "extra")
+COLUMNS = (
+    "sid",
+    "slot",
+    "start",
+    "end",
+    "mwh",
+    "held_mwh",
+    "flags",
+    "from",
+    "to",
+    "e_from",
+    "e_to",
+    "version",
+    "extra",
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -45,8 +58,7 @@ def parse_time(text: str) -> int:
         raise ValueError(f"not an ISO date or date-time: {text!r}")
     y, mo, d, hh, mi, ss, frac, zone = m.groups()
     try:
-        dt = datetime(int(y), int(mo), int(d), int(hh or 0), int(mi or 0), int(ss or 0),
-                      tzinfo=UTC)
+        dt = datetime(int(y), int(mo), int(d), int(hh or 0), int(mi or 0), int(ss or 0), tzinfo=UTC)
     except ValueError as e:
         raise ValueError(f"bad date {text!r}: {e}") from None
     ms = (dt - _EPOCH) // timedelta(milliseconds=1)
@@ -66,16 +78,31 @@ def kwh(mwh: int) -> str:
     return f"{sign}{q}.{r:06d}"
 
 
-def select(records: Iterable[Record], start_ms: int | None, end_ms: int | None,
-           by: str) -> list[Record]:
+def select(
+    records: Iterable[Record], start_ms: int | None, end_ms: int | None, by: str
+) -> list[Record]:
     """The records of one kind whose start is in [start_ms, end_ms), in export order."""
     if by not in KINDS:
         raise ValueError(f"--by must be one of {', '.join(KINDS)}, got {by!r}")
-    out = [r for r in records
-           if r.kind == by and (start_ms is None or r.start_ms >= start_ms)
-           and (end_ms is None or r.start_ms < end_ms)]
-    out.sort(key=lambda r: (r.sid, r.slot, r.start_ms, "adjustment" in r.flags, r.end_ms,
-                            r.from_key, r.to_key, r.flags))
+    out = [
+        r
+        for r in records
+        if r.kind == by
+        and (start_ms is None or r.start_ms >= start_ms)
+        and (end_ms is None or r.start_ms < end_ms)
+    ]
+    out.sort(
+        key=lambda r: (
+            r.sid,
+            r.slot,
+            r.start_ms,
+            "adjustment" in r.flags,
+            r.end_ms,
+            r.from_key,
+            r.to_key,
+            r.flags,
+        )
+    )
     return out
 
 
@@ -85,15 +112,29 @@ def _extra(r: Record) -> dict[str, Any]:
 
 def _obj(r: Record) -> dict[str, Any]:
     return {
-        "sid": r.sid, "slot": r.slot, "start": iso_ms(r.start_ms), "end": iso_ms(r.end_ms),
-        "mwh": r.mwh, "held_mwh": r.held_mwh, "flags": list(r.flags),
-        "from": list(r.from_key), "to": list(r.to_key), "e_from": r.e_from, "e_to": r.e_to,
-        "version": r.version, "extra": _extra(r),
+        "sid": r.sid,
+        "slot": r.slot,
+        "start": iso_ms(r.start_ms),
+        "end": iso_ms(r.end_ms),
+        "mwh": r.mwh,
+        "held_mwh": r.held_mwh,
+        "flags": list(r.flags),
+        "from": list(r.from_key),
+        "to": list(r.to_key),
+        "e_from": r.e_from,
+        "e_to": r.e_to,
+        "version": r.version,
+        "extra": _extra(r),
     }
 
 
-def render(records: Iterable[Record], fmt: str, start_ms: int | None = None,
-           end_ms: int | None = None, by: str = "interval") -> bytes:
+def render(
+    records: Iterable[Record],
+    fmt: str,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    by: str = "interval",
+) -> bytes:
     """Export records per CONTRACT §8. fmt: "csv" | "json" (JSON Lines)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be csv or json, got {fmt!r}")
@@ -101,15 +142,28 @@ def render(records: Iterable[Record], fmt: str, start_ms: int | None = None,
     if fmt == "json":
         return b"".join(
             json.dumps(_obj(r), separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
-            for r in rows)
+            for r in rows
+        )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow((*COLUMNS, "kwh"))
     for r in rows:
-        w.writerow((
-            r.sid, r.slot, iso_ms(r.start_ms), iso_ms(r.end_ms), r.mwh, r.held_mwh,
-            "|".join(r.flags), f"{r.from_key[0]}:{r.from_key[1]}",
-            f"{r.to_key[0]}:{r.to_key[1]}", r.e_from, r.e_to, r.version,
-            json.dumps(_extra(r), separators=(",", ":"), ensure_ascii=True), kwh(r.mwh),
-        ))
+        w.writerow(
+            (
+                r.sid,
+                r.slot,
+                iso_ms(r.start_ms),
+                iso_ms(r.end_ms),
+                r.mwh,
+                r.held_mwh,
+                "|".join(r.flags),
+                f"{r.from_key[0]}:{r.from_key[1]}",
+                f"{r.to_key[0]}:{r.to_key[1]}",
+                r.e_from,
+                r.e_to,
+                r.version,
+                json.dumps(_extra(r), separators=(",", ":"), ensure_ascii=True),
+                kwh(r.mwh),
+            )
+        )
     return buf.getvalue().encode("utf-8")

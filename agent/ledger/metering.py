@@ -128,17 +128,37 @@ _new = object.__new__
 
 
 def _record(
-    kind: str, sid: str, slot: int, start_ms: int, end_ms: int, mwh: int, held_mwh: int,
-    flags: tuple[str, ...], from_key: tuple[int, int], to_key: tuple[int, int], e_from: int,
+    kind: str,
+    sid: str,
+    slot: int,
+    start_ms: int,
+    end_ms: int,
+    mwh: int,
+    held_mwh: int,
+    flags: tuple[str, ...],
+    from_key: tuple[int, int],
+    to_key: tuple[int, int],
+    e_from: int,
     e_to: int,
 ) -> Record:
     """Record(...) without the frozen dataclass __init__ (field by field object.__setattr__):
     2.5x cheaper, and materializing records is most of the per-message cost."""
     r: Record = _new(Record)
     r.__dict__.update(
-        kind=kind, sid=sid, slot=slot, start_ms=start_ms, end_ms=end_ms, mwh=mwh,
-        held_mwh=held_mwh, flags=flags, from_key=from_key, to_key=to_key, e_from=e_from,
-        e_to=e_to, version=PROCESSING_VERSION, extra={},
+        kind=kind,
+        sid=sid,
+        slot=slot,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        mwh=mwh,
+        held_mwh=held_mwh,
+        flags=flags,
+        from_key=from_key,
+        to_key=to_key,
+        e_from=e_from,
+        e_to=e_to,
+        version=PROCESSING_VERSION,
+        extra={},
     )
     return r
 
@@ -190,8 +210,15 @@ class _Acc:
     __slots__ = ("fkey", "flags", "fval", "held", "mwh", "part", "tkey", "tval")
 
     def __init__(
-        self, part: int, mwh: int, held: int, flags: int,
-        fkey: tuple[int, int], fval: int, tkey: tuple[int, int], tval: int,
+        self,
+        part: int,
+        mwh: int,
+        held: int,
+        flags: int,
+        fkey: tuple[int, int],
+        fval: int,
+        tkey: tuple[int, int],
+        tval: int,
     ) -> None:
         self.part = part
         self.mwh = mwh
@@ -248,12 +275,32 @@ class _Stream:
         self.sn: Any = None  # meter serial number last seen
 
     def snap(self) -> _Snap:
-        return (self.boot, self.mark, self.mark_up, self.lt, self.lkey, self.lval, self.lpos,
-                self.hv, self.hup, self.sn)
+        return (
+            self.boot,
+            self.mark,
+            self.mark_up,
+            self.lt,
+            self.lkey,
+            self.lval,
+            self.lpos,
+            self.hv,
+            self.hup,
+            self.sn,
+        )
 
     def restore(self, s: _Snap) -> None:
-        (self.boot, self.mark, self.mark_up, self.lt, self.lkey, self.lval, self.lpos,
-         self.hv, self.hup, self.sn) = s
+        (
+            self.boot,
+            self.mark,
+            self.mark_up,
+            self.lt,
+            self.lkey,
+            self.lval,
+            self.lpos,
+            self.hv,
+            self.hup,
+            self.sn,
+        ) = s
 
 
 PART_MSGS = 256  # messages per checkpoint: a late message re-runs at most this many + later
@@ -265,8 +312,14 @@ class _Part:
 
     __slots__ = ("acc", "boot", "id", "rsnap", "snap", "start")
 
-    def __init__(self, pid: int, boot: int, start: int, snap: dict[int, _Snap],
-                 rsnap: dict[int, tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        pid: int,
+        boot: int,
+        start: int,
+        snap: dict[int, _Snap],
+        rsnap: dict[int, tuple[int, int]],
+    ) -> None:
         self.id = pid  # increasing in processing order within a station
         self.boot = boot
         self.start = start  # position of its first message in the boot
@@ -279,8 +332,20 @@ class _Boot:
     """One boot of one station: its messages in seq order and what the rules need of it."""
 
     __slots__ = (
-        "bm", "done", "est_off", "ev_seq", "msgs", "no", "parts", "r_used", "ranges",
-        "restored", "seen", "seqs", "sync_off", "sync_seq",
+        "bm",
+        "done",
+        "est_off",
+        "ev_seq",
+        "msgs",
+        "no",
+        "parts",
+        "r_used",
+        "ranges",
+        "restored",
+        "seen",
+        "seqs",
+        "sync_off",
+        "sync_seq",
     )
 
     def __init__(self, no: int) -> None:
@@ -318,8 +383,19 @@ class _Boot:
 
 class _Station:
     __slots__ = (
-        "boots", "end_keys", "ends", "ends_by_sig", "lb", "order", "pid", "sess_new",
-        "sess_pending", "sess_rerun", "sid", "starts", "streams",
+        "boots",
+        "end_keys",
+        "ends",
+        "ends_by_sig",
+        "lb",
+        "order",
+        "pid",
+        "sess_new",
+        "sess_pending",
+        "sess_rerun",
+        "sid",
+        "starts",
+        "streams",
     )
 
     def __init__(self, sid: str) -> None:
@@ -489,8 +565,9 @@ class _Engine:
         old = b.msgs[pos]
         if old.body != m.body:
             self.conflicts += 1
-            log.warning("metering: conflicting copies of %s/%d/%d, keeping the first",
-                        m.sid, m.boot, m.seq)
+            log.warning(
+                "metering: conflicting copies of %s/%d/%d, keeping the first", m.sid, m.boot, m.seq
+            )
             return None
         if m.recv_ms >= old.recv_ms:
             return None
@@ -519,14 +596,14 @@ class _Engine:
                     target = p
                     break
         else:  # a boot not processed yet, before processed ones
-            for b_no in order[i + 1:]:
+            for b_no in order[i + 1 :]:
                 if st.boots[b_no].parts:
                     target = st.boots[b_no].parts[0]
                     break
         marks: dict[int, int] | None = None
         if target is not None:
             tb = st.boots[target.boot]
-            for b_no in reversed(order[bisect.bisect_left(order, tb.no):]):
+            for b_no in reversed(order[bisect.bisect_left(order, tb.no) :]):
                 bb = st.boots[b_no]
                 parts = bb.parts
                 while parts and parts[-1].id >= target.id:
@@ -546,7 +623,7 @@ class _Engine:
                         del tb.ranges[n]
                     else:
                         rs = tb.ranges[n]
-                        del rs[x[0]:]
+                        del rs[x[0] :]
                         rs[-1][1] = x[1]
                 if tb is b:
                     # sessions of this boot can only change above the marks of then
@@ -601,8 +678,13 @@ class _Engine:
             part = b.parts[-1] if b.done and b.parts else None
             for j in range(b.done, n):
                 if part is None or j - part.start >= PART_MSGS:
-                    part = _Part(st.pid, b_no, j, {s.n: s.snap() for s in st.streams.values()},
-                                 {k: (len(rs), rs[-1][1]) for k, rs in b.ranges.items()})
+                    part = _Part(
+                        st.pid,
+                        b_no,
+                        j,
+                        {s.n: s.snap() for s in st.streams.values()},
+                        {k: (len(rs), rs[-1][1]) for k, rs in b.ranges.items()},
+                    )
                     st.pid += 1
                     b.parts.append(part)
                 self._apply(st, b, part, j, msgs[j])
@@ -653,8 +735,18 @@ class _Engine:
         return fl
 
     def _reading(
-        self, st: _Station, b: _Boot, part: _Part, i: int, key: tuple[int, int], n: int,
-        v: int, up: int, t: int, base: int, sn: Any,
+        self,
+        st: _Station,
+        b: _Boot,
+        part: _Part,
+        i: int,
+        key: tuple[int, int],
+        n: int,
+        v: int,
+        up: int,
+        t: int,
+        base: int,
+        sn: Any,
     ) -> None:
         s = st.streams.get(n)
         if s is None:
@@ -681,8 +773,10 @@ class _Engine:
                     s.hv = None
                     e_mark = up - s.mark_up
                     e_held = up - s.hup
-                    if v - s.mark > maxp * (e_mark if e_mark > 0 else 0) // 3600 and \
-                            v - hv <= maxp * (e_held if e_held > 0 else 0) // 3600:
+                    if (
+                        v - s.mark > maxp * (e_mark if e_mark > 0 else 0) // 3600
+                        and v - hv <= maxp * (e_held if e_held > 0 else 0) // 3600
+                    ):
                         # the level shift is confirmed: the mark moves to the held
                         # reading (whose amount stays held) and crediting goes on from there
                         s.mark = hv
@@ -709,8 +803,7 @@ class _Engine:
                     self._emit(s, part, 0, 0, fl, s.lt, t, s.lkey, s.lval, key, v)
                     s.mark_up = up
                 else:
-                    self._emit(s, part, 0, 0, fl | F_ANOMALY_DOWN, s.lt, t, s.lkey, s.lval,
-                               key, v)
+                    self._emit(s, part, 0, 0, fl | F_ANOMALY_DOWN, s.lt, t, s.lkey, s.lval, key, v)
         elif sboot is None:
             # ---- rule 0: baseline
             b.seen.add(n)
@@ -739,8 +832,19 @@ class _Engine:
             fl = base | cross
             if n == 0 and sn is not None and s.sn is not None and sn != s.sn:
                 # a swap: nothing credited across, a point at this reading
-                self._emit(s, part, 0, 0, base | (cross & ~F_TIME_EST) | F_METER_RESET,
-                           s.lt, t, s.lkey, s.lval, key, v)
+                self._emit(
+                    s,
+                    part,
+                    0,
+                    0,
+                    base | (cross & ~F_TIME_EST) | F_METER_RESET,
+                    s.lt,
+                    t,
+                    s.lkey,
+                    s.lval,
+                    key,
+                    v,
+                )
             else:
                 r = None
                 if n:
@@ -751,8 +855,7 @@ class _Engine:
                     if p1 > 0:
                         # persisted before the restart, not yet sent: the interval holding
                         # the last reading of the earlier boot, flagged with its time
-                        self._emit(s, part, p1, 0, cross, s.lt, s.lt, s.lkey, s.lval,
-                                   (b.no, -1), r)
+                        self._emit(s, part, p1, 0, cross, s.lt, s.lt, s.lkey, s.lval, (b.no, -1), r)
                         self._range(b, n, s.mark, r)
                     p2 = v - r
                     fl2 = base | F_REBOOT | (cross & F_GAP)
@@ -784,15 +887,27 @@ class _Engine:
         s.lpos = i
 
     def _reset(
-        self, st: _Station, b: _Boot, part: _Part, i: int, key: tuple[int, int],
-        body: Mapping[str, Any], up: int, t: int, base: int,
+        self,
+        st: _Station,
+        b: _Boot,
+        part: _Part,
+        i: int,
+        key: tuple[int, int],
+        body: Mapping[str, Any],
+        up: int,
+        t: int,
+        base: int,
     ) -> None:
         """Rule 4: a meter_reset event credits max(0, from - mark), then a new baseline."""
         fw = _int(body.get("from_wh"))
         tw = _int(body.get("to_wh"))
         if fw is None or tw is None:
-            log.warning("metering: meter_reset %s/%d/%d without from_wh/to_wh ignored",
-                        st.sid, key[0], key[1])
+            log.warning(
+                "metering: meter_reset %s/%d/%d without from_wh/to_wh ignored",
+                st.sid,
+                key[0],
+                key[1],
+            )
             return
         fv = fw * 1000
         tv = tw * 1000
@@ -834,8 +949,18 @@ class _Engine:
             rs.append([lo, hi])
 
     def _emit(
-        self, s: _Stream, part: _Part, c: int, h: int, fl: int, t0: int, t1: int,
-        fkey: tuple[int, int], fval: int, tkey: tuple[int, int], tval: int,
+        self,
+        s: _Stream,
+        part: _Part,
+        c: int,
+        h: int,
+        fl: int,
+        t0: int,
+        t1: int,
+        fkey: tuple[int, int],
+        fval: int,
+        tkey: tuple[int, int],
+        tval: int,
     ) -> None:
         """Attribute one segment: credit c spread over [t0, t1]; the held amount h and the
         segment's end point go to its home interval (the last one it overlaps)."""
@@ -874,8 +999,18 @@ class _Engine:
             s.lheld += h
 
     def _add(
-        self, s: _Stream, accs: dict[int, _Acc], pid: int, k: int, c: int, h: int, fl: int,
-        fkey: tuple[int, int], fval: int, tkey: tuple[int, int], tval: int,
+        self,
+        s: _Stream,
+        accs: dict[int, _Acc],
+        pid: int,
+        k: int,
+        c: int,
+        h: int,
+        fl: int,
+        fkey: tuple[int, int],
+        fval: int,
+        tkey: tuple[int, int],
+        tval: int,
     ) -> None:
         acc = accs.get(k)
         if acc is None:
@@ -964,11 +1099,27 @@ class _Engine:
                     j += 1
         check = "ok" if reg == e1 - e0 else ("mismatch" if seen else "no_readings")
         rec = Record(
-            kind="session", sid=st.sid, slot=n, start_ms=t0, end_ms=t1, mwh=mwh, held_mwh=0,
-            flags=flag_names(fl), from_key=skey if skey is not None else key, to_key=key,
-            e_from=e0, e_to=e1, version=PROCESSING_VERSION,
-            extra={"bat": bat, "soc0": body.get("soc0"), "soc1": body.get("soc1"), "why": why,
-                   "reg_mwh": reg, "reg_check": check},
+            kind="session",
+            sid=st.sid,
+            slot=n,
+            start_ms=t0,
+            end_ms=t1,
+            mwh=mwh,
+            held_mwh=0,
+            flags=flag_names(fl),
+            from_key=skey if skey is not None else key,
+            to_key=key,
+            e_from=e0,
+            e_to=e1,
+            version=PROCESSING_VERSION,
+            extra={
+                "bat": bat,
+                "soc0": body.get("soc0"),
+                "soc1": body.get("soc1"),
+                "why": why,
+                "reg_mwh": reg,
+                "reg_check": check,
+            },
         )
         return rec, check == "ok"
 
@@ -992,8 +1143,20 @@ def _merge(s: _Stream, k: int, iv: int, sid: str) -> Record | None:
             held += a.held
             fl |= a.flags
         z = lst[-1]
-    return _record("interval", sid, s.n, k * iv, k * iv + iv, mwh, held, flag_names(fl),
-                   a0.fkey, z.tkey, a0.fval, z.tval)
+    return _record(
+        "interval",
+        sid,
+        s.n,
+        k * iv,
+        k * iv + iv,
+        mwh,
+        held,
+        flag_names(fl),
+        a0.fkey,
+        z.tkey,
+        a0.fval,
+        z.tval,
+    )
 
 
 _CacheKey = tuple[Any, ...]
@@ -1032,8 +1195,9 @@ class IncrementalMeter:
         self._locked_at = 0
         if params.locked_until_ms is not None:
             self._locked = _Engine(params)
-            self._locked_at = (params.locked_at_ms if params.locked_at_ms is not None
-                               else params.locked_until_ms)
+            self._locked_at = (
+                params.locked_at_ms if params.locked_at_ms is not None else params.locked_until_ms
+            )
         self._views: dict[str, _View] = {}
         self._per_day = DAY_MS // params.interval_ms
 
@@ -1126,7 +1290,13 @@ class IncrementalMeter:
         return list(up.values()), [self._cid(sid, ck) for ck in gone]
 
     def _put(
-        self, v: _View, n: int, k: int, adj: int, r: Record | None, up: dict[_CacheKey, Record],
+        self,
+        v: _View,
+        n: int,
+        k: int,
+        adj: int,
+        r: Record | None,
+        up: dict[_CacheKey, Record],
         gone: dict[_CacheKey, None],
     ) -> None:
         ck = ("interval", n, k, adj)
@@ -1184,9 +1354,20 @@ class IncrementalMeter:
         n, d = dk
         a = v.cache[("interval", n, da.lo >> 1, da.lo & 1)]
         z = v.cache[("interval", n, da.hi >> 1, da.hi & 1)]
-        return _record("day", sid, n, d * DAY_MS, d * DAY_MS + DAY_MS, da.mwh, da.held,
-                       tuple(sorted(da.fl)) if da.fl else (), a.from_key, z.to_key, a.e_from,
-                       z.e_to)
+        return _record(
+            "day",
+            sid,
+            n,
+            d * DAY_MS,
+            d * DAY_MS + DAY_MS,
+            da.mwh,
+            da.held,
+            tuple(sorted(da.fl)) if da.fl else (),
+            a.from_key,
+            z.to_key,
+            a.e_from,
+            z.e_to,
+        )
 
     def _sessions(self, st: _Station, v: _View, up: dict[_CacheKey, Record]) -> None:
         keys = set(st.sess_new)
@@ -1222,7 +1403,8 @@ class IncrementalMeter:
         if ck[0] == "day":
             return f"day/{sid}/{ck[1]}/{ck[2] * DAY_MS}"
         return f"interval/{sid}/{ck[1]}/{ck[2] * self.params.interval_ms}" + (
-            "/adj" if ck[3] else "")
+            "/adj" if ck[3] else ""
+        )
 
     def _adjustment(self, sid: str, n: int) -> Record | None:
         full = self._full
@@ -1242,13 +1424,26 @@ class IncrementalMeter:
         first = _merge(fs, min(ks), iv, sid) if ks else None
         last = _merge(fs, max(ks), iv, sid) if ks else None
         return Record(
-            kind="interval", sid=sid, slot=n, start_ms=klock * iv, end_ms=klock * iv + iv,
-            mwh=f_sum - l_sum, held_mwh=f_held - l_held, flags=flag_names(F_ADJUSTMENT),
-            from_key=first.from_key if first else (0, 0), to_key=last.to_key if last else (0, 0),
-            e_from=first.e_from if first else 0, e_to=last.e_to if last else 0,
+            kind="interval",
+            sid=sid,
+            slot=n,
+            start_ms=klock * iv,
+            end_ms=klock * iv + iv,
+            mwh=f_sum - l_sum,
+            held_mwh=f_held - l_held,
+            flags=flag_names(F_ADJUSTMENT),
+            from_key=first.from_key if first else (0, 0),
+            to_key=last.to_key if last else (0, 0),
+            e_from=first.e_from if first else 0,
+            e_to=last.e_to if last else 0,
             version=PROCESSING_VERSION,
-            extra={"locked_until_ms": self.params.locked_until_ms, "locked_mwh": l_sum,
-                   "revised_mwh": f_sum, "locked_held_mwh": l_held, "revised_held_mwh": f_held},
+            extra={
+                "locked_until_ms": self.params.locked_until_ms,
+                "locked_mwh": l_sum,
+                "revised_mwh": f_sum,
+                "locked_held_mwh": l_held,
+                "revised_held_mwh": f_held,
+            },
         )
 
 

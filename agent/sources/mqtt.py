@@ -59,7 +59,7 @@ class BrokerConfig:
 
 
 _PUBLISH = 0x30
-_NO_MSG = (lambda topic, payload, mid, qos: None)
+_NO_MSG = lambda topic, payload, mid, qos: None
 
 
 class _FastClient(mqtt.Client):
@@ -197,8 +197,13 @@ class MqttSource:
     """Connects, subscribes, reconnects; hands each message to `on_message(topic, payload,
     delivery)` in the loop thread and acknowledges deliveries when told (`ack`)."""
 
-    def __init__(self, cfg: BrokerConfig, on_message: OnMessage, *,
-                 on_drained: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        on_message: OnMessage,
+        *,
+        on_drained: Callable[[], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self._on_message = on_message
         self._on_drained = on_drained or (lambda: None)
@@ -289,18 +294,25 @@ class MqttSource:
         assert self._loop is not None
         self._loop.remove_writer(fd)
 
-    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                   props: Any) -> None:
+    def _connected(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
         self.counters["connects"] += 1
-        log.info("connected to %s:%d as %s (session present: %s)", self.cfg.host, self.cfg.port,
-                 self.cfg.client_id, bool(flags.session_present))
+        log.info(
+            "connected to %s:%d as %s (session present: %s)",
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.client_id,
+            bool(flags.session_present),
+        )
         self.client.subscribe(self.cfg.topics())
 
-    def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any,
-                    props: Any) -> None:
+    def _subscribed(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
+    ) -> None:
         bad = [str(c) for c in codes if c.is_failure]
         if bad:
             log.error("broker refused subscriptions: %s", ", ".join(bad))
@@ -393,8 +405,13 @@ class MqttSource:
                 try:
                     await self._loop.run_in_executor(None, self.client.reconnect)
                 except (OSError, ssl.SSLError) as e:
-                    log.warning("cannot connect to %s:%d: %s (retry in %.1fs)",
-                                self.cfg.host, self.cfg.port, e, backoff)
+                    log.warning(
+                        "cannot connect to %s:%d: %s (retry in %.1fs)",
+                        self.cfg.host,
+                        self.cfg.port,
+                        e,
+                        backoff,
+                    )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue

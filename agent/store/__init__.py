@@ -23,7 +23,19 @@ from agent.store.sqlite import (
 )
 
 __all__ = [
-    "CONFLICT", "DUPLICATE", "RECORD_COLUMNS", "SCHEMA_VERSION", "STORED", "BatchResult",
-    "QuarantineEntry", "QuarantineRow", "RawRow", "RecordRow", "Store", "now_ms",
-    "record_to_row", "row_to_record", "sqlite_path",
+    "CONFLICT",
+    "DUPLICATE",
+    "RECORD_COLUMNS",
+    "SCHEMA_VERSION",
+    "STORED",
+    "BatchResult",
+    "QuarantineEntry",
+    "QuarantineRow",
+    "RawRow",
+    "RecordRow",
+    "Store",
+    "now_ms",
+    "record_to_row",
+    "row_to_record",
+    "sqlite_path",
 ]

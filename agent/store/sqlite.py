@@ -82,13 +82,17 @@ RECORD_COLUMNS: Final = (
 )
 # rid (metering.record_id), sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags ("|"-joined),
 # from_boot, from_seq, to_boot, to_seq, e_from, e_to, version, extra (JSON text)
-RecordRow = tuple[str, str, str, int, int, int, int, int, str, int, int, int, int, int, int, str, str]
+RecordRow = tuple[
+    str, str, str, int, int, int, int, int, str, int, int, int, int, int, int, str, str
+]
 _INSERT_RECORD: Final = (
     f"INSERT INTO records ({RECORD_COLUMNS}) VALUES "
     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_UPSERT_RECORD: Final = _INSERT_RECORD + " ON CONFLICT (rid) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}" for c in RECORD_COLUMNS.split(", ")[1:]
+_UPSERT_RECORD: Final = (
+    _INSERT_RECORD
+    + " ON CONFLICT (rid) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in RECORD_COLUMNS.split(", ")[1:])
 )
 
 _INSERT_RAW: Final = (
@@ -172,8 +176,15 @@ def sqlite_path(url: str) -> str:
 class Store:
     """One connection to the agent database. Not shared between threads."""
 
-    def __init__(self, url: str, *, synchronous: str = "full", create: bool = True,
-                 readonly: bool = False, autocheckpoint: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        synchronous: str = "full",
+        create: bool = True,
+        readonly: bool = False,
+        autocheckpoint: int | None = None,
+    ) -> None:
         self.url = url
         self.path = sqlite_path(url)
         create = create and not readonly
@@ -184,8 +195,7 @@ class Store:
         # autocommit mode: transactions are explicit (BEGIN … COMMIT) below
         if readonly:
             uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-            self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                      check_same_thread=False)
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         else:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA busy_timeout = 10000")
@@ -208,7 +218,9 @@ class Store:
             row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
             have = None if row is None else str(row[0])
             if have is not None and (not have.isdigit() or int(have) > SCHEMA_VERSION):
-                raise ValueError(f"database schema {have} is not {SCHEMA_VERSION} (a newer agent's?)")
+                raise ValueError(
+                    f"database schema {have} is not {SCHEMA_VERSION} (a newer agent's?)"
+                )
             if have is None or int(have) < SCHEMA_VERSION:
                 _migrate(db)
                 db.execute(
@@ -271,8 +283,9 @@ class Store:
                 db.executemany(_UPSERT_RECORD, records)
         return result
 
-    def _insert_raw(self, db: sqlite3.Connection, rows: Sequence[RawRow],
-                    outcomes: list[str] | None = None) -> BatchResult:
+    def _insert_raw(
+        self, db: sqlite3.Connection, rows: Sequence[RawRow], outcomes: list[str] | None = None
+    ) -> BatchResult:
         """Insert raw rows under the duplicate/conflict rules; `outcomes`, when given, gets
         each row's STORED, DUPLICATE or CONFLICT in order."""
         if not rows:
@@ -335,11 +348,13 @@ class Store:
             result = self._insert_raw(db, rows, outcomes)
             db.executemany(
                 "UPDATE quarantine SET resolved_ms = ?, resolved_to = ? WHERE id = ?",
-                [(t, o, q) for q, o in zip(qids, outcomes)],
+                [(t, o, q) for q, o in zip(qids, outcomes, strict=False)],
             )
             if rejected:
-                db.executemany("UPDATE quarantine SET reason = ?, detail = ? WHERE id = ?",
-                               [(reason, detail, q) for q, reason, detail in rejected])
+                db.executemany(
+                    "UPDATE quarantine SET reason = ?, detail = ? WHERE id = ?",
+                    [(reason, detail, q) for q, reason, detail in rejected],
+                )
         return result, outcomes
 
     def put_status(self, items: Sequence[tuple[str, int, bytes]]) -> None:
@@ -386,22 +401,24 @@ class Store:
         marks = ", ".join("?" * len(reasons))
         rows = self.db.execute(
             f"SELECT DISTINCT sid FROM quarantine WHERE reason IN ({marks}) "
-            "AND resolved_ms IS NULL AND sid IS NOT NULL ORDER BY sid", tuple(reasons)
+            "AND resolved_ms IS NULL AND sid IS NOT NULL ORDER BY sid",
+            tuple(reasons),
         ).fetchall()
         return [r[0] for r in rows]
 
-    def open_quarantine(self, sid: str, reasons: Sequence[str], after_id: int = 0,
-                        limit: int = 1000) -> list[QuarantineEntry]:
+    def open_quarantine(
+        self, sid: str, reasons: Sequence[str], after_id: int = 0, limit: int = 1000
+    ) -> list[QuarantineEntry]:
         """Unresolved quarantine rows of `sid` with one of `reasons` and an id above
         `after_id`, in id order, at most `limit` (page on with the last id)."""
         marks = ", ".join("?" * len(reasons))
         rows = self.db.execute(
             "SELECT id, recv_ms, topic, reason, detail, sid, record FROM quarantine "
             f"WHERE sid = ? AND reason IN ({marks}) AND id > ? AND resolved_ms IS NULL "
-            "ORDER BY id LIMIT ?", (sid, *reasons, after_id, limit)
+            "ORDER BY id LIMIT ?",
+            (sid, *reasons, after_id, limit),
         ).fetchall()
-        return [QuarantineEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
-                for r in rows]
+        return [QuarantineEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
 
     def alarms(self) -> list[tuple[int, str | None, str, str, str]]:
         return [
@@ -417,8 +434,9 @@ class Store:
 
     # ---- records ----------------------------------------------------------------------------
 
-    def replace_records(self, by_sid: dict[str, list[RecordRow]], *, everything: bool = False
-                        ) -> None:
+    def replace_records(
+        self, by_sid: dict[str, list[RecordRow]], *, everything: bool = False
+    ) -> None:
         """Replace each station's records (or, with `everything`, the whole table) with the
         current metering output, atomically."""
         with self.transaction() as db:
@@ -464,21 +482,63 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 # ---- records <-> rows ----------------------------------------------------------------------
 
+
 def record_to_row(r: Record) -> RecordRow:
     return (
-        record_id(r), r.sid, r.kind, r.slot, r.start_ms, r.end_ms, r.mwh, r.held_mwh,
-        "|".join(r.flags), r.from_key[0], r.from_key[1], r.to_key[0], r.to_key[1], r.e_from,
-        r.e_to, r.version, _encode_sorted(dict(r.extra)).decode(),
+        record_id(r),
+        r.sid,
+        r.kind,
+        r.slot,
+        r.start_ms,
+        r.end_ms,
+        r.mwh,
+        r.held_mwh,
+        "|".join(r.flags),
+        r.from_key[0],
+        r.from_key[1],
+        r.to_key[0],
+        r.to_key[1],
+        r.e_from,
+        r.e_to,
+        r.version,
+        _encode_sorted(dict(r.extra)).decode(),
     )
 
 
 def row_to_record(row: Sequence[Any]) -> Record:
-    (_rid, sid, kind, slot, start_ms, end_ms, mwh, held, flags, fb, fs, tb, ts, e_from, e_to,
-     version, extra) = row
+    (
+        _rid,
+        sid,
+        kind,
+        slot,
+        start_ms,
+        end_ms,
+        mwh,
+        held,
+        flags,
+        fb,
+        fs,
+        tb,
+        ts,
+        e_from,
+        e_to,
+        version,
+        extra,
+    ) = row
     return Record(
-        kind=kind, sid=sid, slot=slot, start_ms=start_ms, end_ms=end_ms, mwh=mwh,
-        held_mwh=held, flags=tuple(flags.split("|")) if flags else (), from_key=(fb, fs),
-        to_key=(tb, ts), e_from=e_from, e_to=e_to, version=version,
+        kind=kind,
+        sid=sid,
+        slot=slot,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        mwh=mwh,
+        held_mwh=held,
+        flags=tuple(flags.split("|")) if flags else (),
+        from_key=(fb, fs),
+        to_key=(tb, ts),
+        e_from=e_from,
+        e_to=e_to,
+        version=version,
         extra=msgspec.json.decode(extra),
     )
 

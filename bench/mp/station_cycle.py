@@ -1,10 +1,9 @@
 # Run on MicroPython: cost of one sampling cycle and steady-state heap with N slots.
 # The charger and the bus answer instantly from memory (valid frames built with the
 # firmware's own codecs), so the figures are the firmware's own cost, not the line's.
+import asyncio
 import gc
 import sys
-
-import asyncio
 
 import charger
 import modbus
@@ -42,7 +41,7 @@ class ChargerStream(Answering):
         self.out = None
 
     def write(self, data):
-        slot = int(bytes(data[3:data.index(b"*")]))
+        slot = int(bytes(data[3 : data.index(b"*")]))
         self.out = self.replies[slot]
         return len(data)
 
@@ -75,9 +74,15 @@ class BusStream(Answering):
 
 
 def config():
-    return {"slots": SLOTS, "stale_s": 5, "sample_ms": 1000, "boot_base": 0,
-            "persist": {"every_mwh": 10000, "every_s": 60},
-            "meter": {"unit": 1, "model": "sdm630"}, "bms": {"unit_base": 10, "per_cycle": 2}}
+    return {
+        "slots": SLOTS,
+        "stale_s": 5,
+        "sample_ms": 1000,
+        "boot_base": 0,
+        "persist": {"every_mwh": 10000, "every_s": 60},
+        "meter": {"unit": 1, "model": "sdm630"},
+        "bms": {"unit_base": 10, "per_cycle": 2},
+    }
 
 
 async def main():
@@ -90,7 +95,9 @@ async def main():
     link = charger_link.ChargerLink(ChargerStream(), 200, 0)
     master = modbus_master.ModbusMaster(BusStream(), 115200, 100, 1)
     master.silence_ms = 0  # no line: nothing to wait for between frames
-    st = station.Station(config(), link, master, persist.ABStore(ROOT, "bench", 4096), timebase.Uptime())
+    st = station.Station(
+        config(), link, master, persist.ABStore(ROOT, "bench", 4096), timebase.Uptime()
+    )
     st.start()
     st.take_events()
     for _ in range(50):  # warm up: every BMS read once, dict shapes settled

@@ -1,10 +1,9 @@
 # Run on MicroPython: fill the flash outbox with N signed 8-slot telemetry messages (made
 # while "offline"), then drain them through the station's Uplink and MQTTClient (QoS 1,
 # window 16) to a broker on loopback. Prints messages/s and heap figures.
+import asyncio
 import gc
 import sys
-
-import asyncio
 
 import mqtt_client
 import outbox
@@ -44,11 +43,41 @@ class NoClock:
 def body(i):
     slots = []
     for n in range(1, 9):
-        slots.append({"n": n, "st": "C", "mv": 67200, "ma": 15250, "e_mwh": 987654321 + i, "b_mwh": 987000000,
-                      "bat": {"id": "B0012345", "soc": 532, "soh": 981, "mv": 67100, "ma": 15200, "t": 312,
-                              "tmin": 295, "cyc": 412, "flt": 0, "life_wh": 402113}})
-    return {"meter": {"e_wh": 1234567, "p_w": 2150, "sn": 12345678}, "slots": slots,
-            "err": {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0, "ser_cs": 0, "ser_to": 0, "ser_bad": 0}}
+        slots.append(
+            {
+                "n": n,
+                "st": "C",
+                "mv": 67200,
+                "ma": 15250,
+                "e_mwh": 987654321 + i,
+                "b_mwh": 987000000,
+                "bat": {
+                    "id": "B0012345",
+                    "soc": 532,
+                    "soh": 981,
+                    "mv": 67100,
+                    "ma": 15200,
+                    "t": 312,
+                    "tmin": 295,
+                    "cyc": 412,
+                    "flt": 0,
+                    "life_wh": 402113,
+                },
+            }
+        )
+    return {
+        "meter": {"e_wh": 1234567, "p_w": 2150, "sn": 12345678},
+        "slots": slots,
+        "err": {
+            "mb_to": 0,
+            "mb_crc": 0,
+            "mb_exc": 0,
+            "mb_addr": 0,
+            "ser_cs": 0,
+            "ser_to": 0,
+            "ser_bad": 0,
+        },
+    }
 
 
 async def main():
@@ -92,7 +121,16 @@ async def main():
         done += batch
         if d.done():
             break
-    print("messages", done, "bytes_each", size, "rounds_of", ROUND, "fill_us_each", fill * 1000 // max(done, 1))
+    print(
+        "messages",
+        done,
+        "bytes_each",
+        size,
+        "rounds_of",
+        ROUND,
+        "fill_us_each",
+        fill * 1000 // max(done, 1),
+    )
     print("drain_ms", total_ms, "msgs_per_s", done * 1000 // max(total_ms, 1))
     print("heap_full_window_peak", peak, "acked", u.acked)
     client.connected = True

@@ -5,7 +5,7 @@ import time
 import machine
 
 try:
-    from typing import Any
+    from typing import Any  # noqa: F401
 except ImportError:  # MicroPython: annotations only
     pass
 
@@ -20,8 +20,14 @@ class Serial:
     stop bit has left, so the reply that follows is not talked over."""
 
     def __init__(self, uart_id, baud=9600, bits=8, parity=None, stop=1, tx=None, rx=None, de=None):
-        kw = {"baudrate": baud, "bits": bits, "parity": _PARITY[parity], "stop": stop,
-              "timeout": 0, "rxbuf": 512}
+        kw = {
+            "baudrate": baud,
+            "bits": bits,
+            "parity": _PARITY[parity],
+            "stop": stop,
+            "timeout": 0,
+            "rxbuf": 512,
+        }
         if tx is not None:
             kw["tx"] = tx
         if rx is not None:
@@ -84,7 +90,9 @@ def set_time_ms(unix_ms):
     """Set the RTC from Unix ms (the ESP32 epoch is 2000-01-01 on older ports, 1970 on 1.22+)."""
     secs = unix_ms // 1000
     tm = time.gmtime(secs)
-    machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], (unix_ms % 1000) * 1000))
+    machine.RTC().datetime(
+        (tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], (unix_ms % 1000) * 1000)
+    )
 
 
 def unix_ms():

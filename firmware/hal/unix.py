@@ -23,7 +23,11 @@ class Serial:
         self.baud = baud
         # bits per character on the wire: start + data + parity + stop (for silence timing)
         self.char_bits = 1 + bits + (0 if parity is None else 1) + stop
-        self._f = open(path, "r+b", buffering=0) if sys.implementation.name != "micropython" else open(path, "r+b")
+        self._f = (
+            open(path, "r+b", buffering=0)
+            if sys.implementation.name != "micropython"
+            else open(path, "r+b")
+        )
         fd = self._f.fileno()
         if termios is not None:
             if hasattr(termios, "setraw"):

@@ -16,7 +16,9 @@ except AttributeError:
 
 
 def main(argv):
-    names = argv or sorted(f[:-3] for f in os.listdir(here) if f.startswith("test_") and f.endswith(".py"))
+    names = argv or sorted(
+        f[:-3] for f in os.listdir(here) if f.startswith("test_") and f.endswith(".py")
+    )
     passed = failed = 0
     for name in names:
         if name.endswith(".py"):

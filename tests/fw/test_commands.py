@@ -33,15 +33,26 @@ def code(g, payload, now=NOW):
 
 def test_known_commands_are_normalised():
     g = gate()
-    assert g.check(cmd("config", "n1", telemetry_s=30), NOW) == {"cmd": "config", "nonce": "n1", "telemetry_s": 30}
-    assert g.check(cmd("time", "n2", now_ms=NOW + 5), None) == {"cmd": "time", "nonce": "n2", "now_ms": NOW + 5}
+    assert g.check(cmd("config", "n1", telemetry_s=30), NOW) == {
+        "cmd": "config",
+        "nonce": "n1",
+        "telemetry_s": 30,
+    }
+    assert g.check(cmd("time", "n2", now_ms=NOW + 5), None) == {
+        "cmd": "time",
+        "nonce": "n2",
+        "now_ms": NOW + 5,
+    }
     assert g.check(cmd("reboot", 77), NOW) == {"cmd": "reboot", "nonce": 77}
     assert g.accepted == 3 and sum(g.refused[c] for c in commands.CODES) == 0
 
 
 def test_signature_codes():
     g = gate()
-    assert code(g, b'{"v":1,"sid":"KH-PNH-0001","kid":1,"cmd":"reboot","exp":1,"nonce":"x"}') == "unsigned"
+    assert (
+        code(g, b'{"v":1,"sid":"KH-PNH-0001","kid":1,"cmd":"reboot","exp":1,"nonce":"x"}')
+        == "unsigned"
+    )
     assert code(g, cmd("reboot", "a", key=OTHER)) == "bad_sig"
     assert code(g, cmd("config", "b", telemetry_s=30).replace(b":30,", b":31,")) == "bad_sig"
     o = {"v": 1, "sid": SID, "kid": 2, "cmd": "reboot", "exp": NOW + 1000, "nonce": "c"}

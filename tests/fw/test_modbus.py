@@ -121,7 +121,7 @@ def test_reply_split_in_three_everywhere():
 def test_reply_byte_by_byte():
     for r in _good():
         f = h(r["hex"])
-        _expect(r, _feed_all(_parser(r), [f[i:i + 1] for i in range(len(f))]))
+        _expect(r, _feed_all(_parser(r), [f[i : i + 1] for i in range(len(f))]))
 
 
 def test_reply_from_memoryview_chunks():
@@ -163,7 +163,7 @@ def test_reply_after_garbage():
             got = None
             try:
                 for i in range(len(data)):
-                    got = p.feed(data[i:i + 1])
+                    got = p.feed(data[i : i + 1])
                     if got is not None:
                         assert i == len(data) - 1
             except modbus.ExceptionReply as e:
@@ -182,7 +182,7 @@ def test_reply_behind_a_stale_truncated_copy():
         got = None
         data = f[:cut] + f
         for i in range(len(data)):
-            got = p.feed(data[i:i + 1])
+            got = p.feed(data[i : i + 1])
             if got is not None:
                 break
         _expect(r, got)
@@ -193,7 +193,7 @@ def test_long_garbage_is_bounded_and_resyncs():
     p = _parser(r)
     junk = bytes((i * 7 + 3) & 0xFF for i in range(1000))
     for i in range(0, len(junk), 37):
-        assert p.feed(junk[i:i + 37]) is None
+        assert p.feed(junk[i : i + 37]) is None
     assert p._n <= 256
     _expect(r, p.feed(h(r["hex"])))
 
@@ -241,7 +241,7 @@ def test_bad_crc():
             err = None
             try:
                 for k in range(len(bad)):
-                    assert p.feed(bad[k:k + 1]) is None
+                    assert p.feed(bad[k : k + 1]) is None
             except modbus.CrcError as e2:
                 err = e2
             if err is None:
@@ -307,7 +307,7 @@ def test_other_frame_inside_an_incomplete_reply_is_ignored():
     p = modbus.Response(5, 3, 6)
     got = None
     for k in range(len(f)):
-        got = p.feed(f[k:k + 1])
+        got = p.feed(f[k : k + 1])
     assert got == regs
 
 
@@ -337,7 +337,9 @@ def test_reuse_after_result_and_error():
 
 
 def test_error_classes_distinct():
-    keys = [c.key for c in (modbus.Timeout, modbus.CrcError, modbus.AddrError, modbus.ExceptionReply)]
+    keys = [
+        c.key for c in (modbus.Timeout, modbus.CrcError, modbus.AddrError, modbus.ExceptionReply)
+    ]
     assert sorted(keys) == ["mb_addr", "mb_crc", "mb_exc", "mb_to"]
     for c in (modbus.Timeout, modbus.CrcError, modbus.AddrError, modbus.ExceptionReply):
         assert issubclass(c, modbus.ModbusError)

@@ -204,7 +204,7 @@ def test_wrong_length_rejected_before_body():
 def test_garbage_never_escapes_as_other_errors():
     # a pseudo-random byte soup only ever yields packets or ProtocolError
     x = 12345
-    for trial in range(200):
+    for _trial in range(200):
         d = mc.Decoder(512)
         data = bytearray(64)
         for i in range(64):

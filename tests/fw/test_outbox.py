@@ -83,7 +83,13 @@ def tear(root, extra):
 
 
 def test_torn_append_is_ignored_and_appends_go_on():
-    for i, junk in enumerate((b"\xb5", b"\xb5t\x10\x00\x05\x00\x00\x00\x00", b"\xb5t\x10\x00\x05\x00\x00\x00\x01\x02\x03\x04ab")):
+    for i, junk in enumerate(
+        (
+            b"\xb5",
+            b"\xb5t\x10\x00\x05\x00\x00\x00\x00",
+            b"\xb5t\x10\x00\x05\x00\x00\x00\x01\x02\x03\x04ab",
+        )
+    ):
         root = tmpdir("ob-torn%d" % i)
         ob = outbox.Outbox(root, 100000)
         for j in range(5):
@@ -160,7 +166,7 @@ def test_full_outbox_drops_oldest_telemetry_never_boot():
     ids = [r[0] for r in rows]
     assert ids[:2] == [b0, e0] and ids == sorted(ids)
     kept = [r[0] for r in rows[2:]]
-    assert kept == t[-len(kept):]  # the newest telemetry survives, contiguous
+    assert kept == t[-len(kept) :]  # the newest telemetry survives, contiguous
     for r in rows[2:]:
         assert r[2] == payload(r[0] - 2, 188)
     assert not ob.ack(t[0])  # a late PUBACK for a dropped record is a no-op
@@ -202,7 +208,9 @@ def test_many_out_of_order_acks_stay_bounded():
         assert len(f.read()) < 200
     want = [(i, payload(i, 50)) for i in range(0, 60, 2)]
     assert [(r[0], r[2]) for r in ob.pending(100)] == want
-    assert [(r[0], r[2]) for r in outbox.Outbox(root, 1000000, seg_bytes=2048, max_acked=8).pending(100)] == want
+    assert [
+        (r[0], r[2]) for r in outbox.Outbox(root, 1000000, seg_bytes=2048, max_acked=8).pending(100)
+    ] == want
 
 
 def test_stale_compaction_file_is_removed():
@@ -225,7 +233,9 @@ def test_a_failed_write_leaves_the_outbox_consistent():
     os.rmdir(root + "/s1")
     assert ob.append("e", b"next") == 1
     assert [(r[0], r[2]) for r in outbox.Outbox(root, 100000, seg_bytes=1024).pending(5)] == [
-        (0, payload(0, 1100)), (1, b"next")]
+        (0, payload(0, 1100)),
+        (1, b"next"),
+    ]
 
 
 def test_bad_arguments():
@@ -239,7 +249,7 @@ def test_random_operations_match_a_model():
     # No drops here (large bound): every append is pending until acked, across reopenings.
     rng = Rng(7)
     root = tmpdir("ob-model")
-    ob = outbox.Outbox(root, 10 ** 7, seg_bytes=700, max_acked=5)
+    ob = outbox.Outbox(root, 10**7, seg_bytes=700, max_acked=5)
     model = {}
     for step in range(600):
         r = rng.below(100)
@@ -253,7 +263,7 @@ def test_random_operations_match_a_model():
             assert ob.ack(rid)
             del model[rid]
         elif r < 95:
-            ob = outbox.Outbox(root, 10 ** 7, seg_bytes=700, max_acked=5)
+            ob = outbox.Outbox(root, 10**7, seg_bytes=700, max_acked=5)
         got = ob.pending(1000)
         assert [x[0] for x in got] == sorted(model)
         for rid, kind, p in got:

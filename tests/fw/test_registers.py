@@ -36,13 +36,13 @@ def test_f32_exact_beyond_float32_precision():
     # 2^24 + 2 kWh: a float32 "* 1000" would land on a multiple of 2^11 or so; the
     # integer path gives the exact product
     hi, lo = words("4b800001")
-    assert registers.f32_kwh_to_wh(hi, lo) == (2 ** 24 + 2) * 1000
+    assert registers.f32_kwh_to_wh(hi, lo) == (2**24 + 2) * 1000
     # every power of two from 2^-20 to 2^100 kWh, exactly
     for e in range(-20, 101):
         bits = (e + 127) << 23
         wh = registers.f32_kwh_to_wh(bits >> 16, bits & 0xFFFF)
         if e >= 0:
-            assert wh == 1000 * 2 ** e
+            assert wh == 1000 * 2**e
         else:
             assert wh == (1000 + (1 << (-e - 1))) >> (-e), e  # 1000/2^k, ties up
 
@@ -62,7 +62,9 @@ def test_decode_bms_into_given_dict_and_keys():
     out = {}
     c = V["bms"][0]
     assert registers.decode_bms(c["regs"], out) is out
-    assert sorted(out) == sorted(["id", "soc", "soh", "mv", "ma", "t", "tmin", "cyc", "flt", "life_wh"])
+    assert sorted(out) == sorted(
+        ["id", "soc", "soh", "mv", "ma", "t", "tmin", "cyc", "flt", "life_wh"]
+    )
     raises(ValueError, registers.decode_bms, c["regs"][:13])
 
 
@@ -169,8 +171,12 @@ def test_read_meter_sdm120_and_config_map_merged():
 
 
 def test_read_meter_bad_floats_are_bad_readings():
-    for e_hex, p_hex in (("7fc00000", "3f800000"), ("bf800000", "3f800000"),
-                         ("7f800000", "3f800000"), ("3f800000", "7fc00000")):
+    for e_hex, p_hex in (
+        ("7fc00000", "3f800000"),
+        ("bf800000", "3f800000"),
+        ("7f800000", "3f800000"),
+        ("3f800000", "7fc00000"),
+    ):
         bus = SimBus({1: meter_regs(e_hex, p_hex)})
         m = ModbusMaster(bus, baud=115200, timeout_ms=30)
         e = run(_call(registers.read_meter(m, 1, "sdm630")))
@@ -233,6 +239,7 @@ def test_bms_decode_allocation_bounded():
     # the decode into a reused dict allocates only the serial string (MicroPython heap)
     try:
         import gc
+
         alloc = gc.mem_alloc  # type: ignore[attr-defined]
     except (ImportError, AttributeError):
         return  # CPython: no heap figures

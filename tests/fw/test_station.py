@@ -65,8 +65,9 @@ def make(root, link=None, bus=None, clock=None, **over):
     cfg.update({"stale_s": 3, "boot_base": 5})
     cfg.update(over)
     cfg = config.validate(cfg)
-    st = station.Station(cfg, link or Link(), bus or Bus(), persist.ABStore(root, "state", 4096),
-                         clock or Clock())
+    st = station.Station(
+        cfg, link or Link(), bus or Bus(), persist.ABStore(root, "state", 4096), clock or Clock()
+    )
     st.start()
     return st
 
@@ -121,11 +122,15 @@ def test_meter_swap_and_register_down_raise_meter_reset():
     bus.silent, bus.sn, bus.kwh = False, 999, 3.25
     clock.t += 1000
     run(st.cycle())
-    assert evs(st, "meter_reset") == [{"ev": "meter_reset", "from_wh": 100000, "to_wh": 3250, "sn": 999}]
+    assert evs(st, "meter_reset") == [
+        {"ev": "meter_reset", "from_wh": 100000, "to_wh": 3250, "sn": 999}
+    ]
     bus.kwh = 2.0  # the same meter's register goes down
     clock.t += 1000
     run(st.cycle())
-    assert evs(st, "meter_reset") == [{"ev": "meter_reset", "from_wh": 3250, "to_wh": 2000, "sn": 999}]
+    assert evs(st, "meter_reset") == [
+        {"ev": "meter_reset", "from_wh": 3250, "to_wh": 2000, "sn": 999}
+    ]
 
 
 def test_stale_charger_is_omitted_and_a_long_gap_is_not_integrated():

@@ -16,15 +16,35 @@ def unhex(s):
 # ---- HMAC-SHA256: RFC 4231 test cases 1-7 (case 5 is truncated to 128 bits there)
 RFC4231 = [
     (b"\x0b" * 20, b"Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
-    (b"Jefe", b"what do ya want for nothing?", "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
-    (b"\xaa" * 20, b"\xdd" * 50, "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"),
-    (bytes(range(1, 26)), b"\xcd" * 50, "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"),
+    (
+        b"Jefe",
+        b"what do ya want for nothing?",
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+    ),
+    (
+        b"\xaa" * 20,
+        b"\xdd" * 50,
+        "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe",
+    ),
+    (
+        bytes(range(1, 26)),
+        b"\xcd" * 50,
+        "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b",
+    ),
     (b"\x0c" * 20, b"Test With Truncation", "a3b6167473100ee06e0c796c2955552b"),
-    (b"\xaa" * 131, b"Test Using Larger Than Block-Size Key - Hash Key First",
-     "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"),
-    (b"\xaa" * 131, (b"This is a test using a larger than block-size key and a larger than block-size data. "
-                     b"The key needs to be hashed before being used by the HMAC algorithm."),
-     "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"),
+    (
+        b"\xaa" * 131,
+        b"Test Using Larger Than Block-Size Key - Hash Key First",
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+    ),
+    (
+        b"\xaa" * 131,
+        (
+            b"This is a test using a larger than block-size key and a larger than block-size data. "
+            b"The key needs to be hashed before being used by the HMAC algorithm."
+        ),
+        "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
+    ),
 ]
 
 
@@ -53,6 +73,7 @@ def test_equal():
 
 # ---- encode
 
+
 def test_encode_compact_sorted_integers():
     o = {"b": [1, -2, True, False, None], "a": {"z": -1234567890123, "y": 0}, "c": "x"}
     assert wire.encode(o) == b'{"a":{"y":0,"z":-1234567890123},"b":[1,-2,true,false,null],"c":"x"}'
@@ -61,7 +82,7 @@ def test_encode_compact_sorted_integers():
 
 
 def test_encode_integers_at_every_size():
-    for n in (0, 1, 9, 10, 99, 100, 999999999, 1000000000, 1073741823, 1073741824, 2 ** 63, 10 ** 25):
+    for n in (0, 1, 9, 10, 99, 100, 999999999, 1000000000, 1073741823, 1073741824, 2**63, 10**25):
         assert wire.encode(n) == ("%d" % n).encode()
         assert wire.encode(-n) == ("%d" % -n).encode()
 
@@ -73,7 +94,16 @@ def test_encode_escapes_like_cpython_json():
 
 
 def test_encode_rejects_what_the_wire_forbids():
-    for bad in (1.5, {"a": 0.0}, "caf\u00e9", {"\u00e9": 1}, {1: 2}, {"a": b"x"}, {"a": {1, 2}}, [object()]):
+    for bad in (
+        1.5,
+        {"a": 0.0},
+        "caf\u00e9",
+        {"\u00e9": 1},
+        {1: 2},
+        {"a": b"x"},
+        {"a": {1, 2}},
+        [object()],
+    ):
         raises(ValueError, wire.encode, bad)
     deep = []
     for _ in range(9):
@@ -109,6 +139,7 @@ def test_encode_after_an_error_is_clean():
 
 
 # ---- sign / verify
+
 
 def test_sign_layout_and_verify_roundtrip():
     obj = {"v": 1, "cmd": "reboot", "n": -5}
@@ -160,7 +191,7 @@ def test_verify_parses_only_strict_json_from_signed_bytes():
     assert code_of(raw_signed(b'{"a":1.5}')) == "malformed"
     assert code_of(raw_signed(b'{"a":1e3}')) == "malformed"
     assert code_of(raw_signed(b'{"a": 1}')) == "malformed"  # not compact
-    assert code_of(raw_signed(b'[1,2]')) == "bad_sig"  # the signed bytes are rebuilt ending in }
+    assert code_of(raw_signed(b"[1,2]")) == "bad_sig"  # the signed bytes are rebuilt ending in }
     assert code_of(raw_signed(b'{"sig":"x","a":1}')) == "malformed"
     assert code_of(raw_signed(b'{"a":"\xc3\xa9"}')) == "malformed"  # non-ASCII bytes
     assert code_of(raw_signed(b'{"a":01}')) == "malformed"
@@ -171,12 +202,25 @@ def test_verify_parses_only_strict_json_from_signed_bytes():
     big = raw_signed(b'{"a":"' + b"x" * 4100 + b'"}')
     assert code_of(big) == "malformed"
     # escapes and nesting that are fine
-    assert wire.verify(raw_signed(b'{"a":"\\u00e9\\"\\\\\\/\\b\\f\\n\\r\\t","b":[{},[],null,true,false,-0]}'), KEY) == {
-        "a": "\u00e9\"\\/\b\f\n\r\t", "b": [{}, [], None, True, False, 0]}
+    assert wire.verify(
+        raw_signed(b'{"a":"\\u00e9\\"\\\\\\/\\b\\f\\n\\r\\t","b":[{},[],null,true,false,-0]}'), KEY
+    ) == {"a": '\u00e9"\\/\b\f\n\r\t', "b": [{}, [], None, True, False, 0]}
 
 
 def test_decode_errors_are_wire_errors():
-    for bad in (b"", b"{", b'{"a"', b'{"a":', b'"abc', b'"\\u12', b'"\\x"', b'"\\ud800"', b"-", b"[", b"nul"):
+    for bad in (
+        b"",
+        b"{",
+        b'{"a"',
+        b'{"a":',
+        b'"abc',
+        b'"\\u12',
+        b'"\\x"',
+        b'"\\ud800"',
+        b"-",
+        b"[",
+        b"nul",
+    ):
         e = raises(wire.WireError, wire.decode, bad)
         assert e.code == "malformed"
     assert wire.decode(b'"\\u0041b"') == "Ab"
@@ -185,13 +229,31 @@ def test_decode_errors_are_wire_errors():
 
 # ---- Wire: common fields and seq
 
+
 def test_wire_common_fields_and_seq():
     w = wire.Wire("KH-PNH-0001", 3, KEY, 17)
     t = wire.verify(w.telemetry({"slots": []}, 100), KEY)
-    assert t == {"v": 1, "sid": "KH-PNH-0001", "kid": 3, "boot": 17, "seq": 0, "up": 100, "slots": []}
+    assert t == {
+        "v": 1,
+        "sid": "KH-PNH-0001",
+        "kid": 3,
+        "boot": 17,
+        "seq": 0,
+        "up": 100,
+        "slots": [],
+    }
     e = wire.verify(w.event("outbox_drop", {"n": 2}, 200, ts=1764150000123), KEY)
-    assert e == {"v": 1, "sid": "KH-PNH-0001", "kid": 3, "boot": 17, "seq": 1, "up": 200,
-                 "ts": 1764150000123, "ev": "outbox_drop", "n": 2}
+    assert e == {
+        "v": 1,
+        "sid": "KH-PNH-0001",
+        "kid": 3,
+        "boot": 17,
+        "seq": 1,
+        "up": 200,
+        "ts": 1764150000123,
+        "ev": "outbox_drop",
+        "n": 2,
+    }
     h = wire.verify(w.telemetry({"slots": []}, 300, hist=True), KEY)
     assert h["seq"] == 2 and h["hist"] == 1 and "ts" not in h
     b = wire.verify(w.event("boot", None, 400), KEY)
@@ -215,16 +277,42 @@ def test_wire_refusals_leave_no_seq_gap():
 
 
 def worst_slot(n, reg):
-    return {"n": n, "st": "C", "mv": 999999, "ma": -999999, "e_mwh": reg, "b_mwh": reg,
-            "bat": {"id": "B0012345", "soc": 1000, "soh": 1000, "mv": 655350, "ma": -327680, "t": -32768,
-                    "tmin": -32768, "cyc": 65535, "flt": 65535, "life_wh": 4294967295}}
+    return {
+        "n": n,
+        "st": "C",
+        "mv": 999999,
+        "ma": -999999,
+        "e_mwh": reg,
+        "b_mwh": reg,
+        "bat": {
+            "id": "B0012345",
+            "soc": 1000,
+            "soh": 1000,
+            "mv": 655350,
+            "ma": -327680,
+            "t": -32768,
+            "tmin": -32768,
+            "cyc": 65535,
+            "flt": 65535,
+            "life_wh": 4294967295,
+        },
+    }
 
 
 def worst_body(reg):
-    return {"meter": {"e_wh": 9999999999, "p_w": -9999999, "sn": 4294967295},
-            "slots": [worst_slot(i, reg) for i in range(1, 17)],
-            "err": {"mb_to": 4294967295, "mb_crc": 4294967295, "mb_exc": 4294967295, "mb_addr": 4294967295,
-                    "ser_cs": 4294967295, "ser_to": 4294967295, "ser_bad": 4294967295}}
+    return {
+        "meter": {"e_wh": 9999999999, "p_w": -9999999, "sn": 4294967295},
+        "slots": [worst_slot(i, reg) for i in range(1, 17)],
+        "err": {
+            "mb_to": 4294967295,
+            "mb_crc": 4294967295,
+            "mb_exc": 4294967295,
+            "mb_addr": 4294967295,
+            "ser_cs": 4294967295,
+            "ser_to": 4294967295,
+            "ser_bad": 4294967295,
+        },
+    }
 
 
 def test_worst_case_16_slots_fit():
@@ -232,15 +320,16 @@ def test_worst_case_16_slots_fit():
     # counters u32, 32-character sid, boot/seq u32, 12-digit up, 13-digit ts, hist) and slot
     # registers just under 10**13 mWh (10 GWh: centuries at 3 kW): 4071 bytes, under 4096.
     w = wire.Wire("K" * 32, 65535, KEY, 4294967295, seq=4294967295)
-    m = w.telemetry(worst_body(10 ** 13 - 1), 999999999999, 9999999999999, True)
+    m = w.telemetry(worst_body(10**13 - 1), 999999999999, 9999999999999, True)
     assert len(m) == 4071
     assert wire.verify(m, KEY)["seq"] == 4294967295
     # 20-digit (u64) registers on all 16 slots would not fit: refused, seq unchanged
-    raises(ValueError, w.telemetry, worst_body(2 ** 64 - 1), 999999999999, 9999999999999, True)
+    raises(ValueError, w.telemetry, worst_body(2**64 - 1), 999999999999, 9999999999999, True)
     assert w.seq == 4294967296
 
 
 # ---- golden vectors
+
 
 def test_vectors_made_on_micropython_resign_identically():
     v = vector("wire.json")

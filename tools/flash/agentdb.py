@@ -39,8 +39,13 @@ class AgentAnswer:
         return 0 if self.max_boot is None else self.max_boot + 1
 
     def as_dict(self) -> dict[str, object]:
-        return {"url": self.url, "known": self.known, "kids": self.kids,
-                "active_kid": self.active_kid, "max_boot": self.max_boot}
+        return {
+            "url": self.url,
+            "known": self.known,
+            "kids": self.kids,
+            "active_kid": self.active_kid,
+            "max_boot": self.max_boot,
+        }
 
 
 def _open(url: str) -> KeyStore:
@@ -61,8 +66,12 @@ def ask(url: str, sid: str) -> AgentAnswer:
     try:
         infos = ks.list(sid)
         cur = ks.current(sid)
-        return AgentAnswer(url=url, kids=[i.kid for i in infos],
-                           active_kid=None if cur is None else cur[0], max_boot=ks.max_boot(sid))
+        return AgentAnswer(
+            url=url,
+            kids=[i.kid for i in infos],
+            active_kid=None if cur is None else cur[0],
+            max_boot=ks.max_boot(sid),
+        )
     except sqlite3.Error as e:
         raise FlashError("agent", f"agent database {url}: {e}") from None
     finally:

@@ -40,8 +40,21 @@ log = logging.getLogger(__name__)
 MIN_VERSION = (1, 23, 0)
 MPY_MAJOR = 6
 # sys.implementation._mpy bits 10.. -> mpy-cross -march names (py/persistentcode.h)
-ARCHES = ("", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
-          "xtensa", "xtensawin", "rv32imc", "rv64imc")
+ARCHES = (
+    "",
+    "x86",
+    "x64",
+    "armv6",
+    "armv6m",
+    "armv7m",
+    "armv7em",
+    "armv7emsp",
+    "armv7emdp",
+    "xtensa",
+    "xtensawin",
+    "rv32imc",
+    "rv64imc",
+)
 CHIPS = ("esp32", "esp32s2", "esp32s3", "esp32c3", "esp32c6", "unix")
 # where a MicroPython image starts in flash (its bootloader's offset)
 IMAGE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0, "esp32c6": 0x0}
@@ -78,15 +91,23 @@ class BoardInfo:
         return ".".join(str(x) for x in self.version)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"platform": self.platform, "machine": self.machine, "chip": self.chip,
-                "micropython": self.version_str, "mpy": "%d.%d" % self.mpy_version,
-                "arch": self.arch, "unique_id": self.unique_id}
+        return {
+            "platform": self.platform,
+            "machine": self.machine,
+            "chip": self.chip,
+            "micropython": self.version_str,
+            "mpy": "%d.%d" % self.mpy_version,
+            "arch": self.arch,
+            "unique_id": self.unique_id,
+        }
 
 
 def check_chip(info: BoardInfo, want: str) -> None:
     if info.chip != want:
-        raise FlashError("probe", f"wrong chip: the board is {info.chip} ({info.machine}), "
-                                  f"expected {want} (--chip)")
+        raise FlashError(
+            "probe",
+            f"wrong chip: the board is {info.chip} ({info.machine}), expected {want} (--chip)",
+        )
 
 
 def check_version(info: BoardInfo, emits: tuple[int, int]) -> None:
@@ -94,9 +115,12 @@ def check_version(info: BoardInfo, emits: tuple[int, int]) -> None:
     need = ".".join(str(x) for x in MIN_VERSION)
     if info.mpy == 0 or info.mpy_version[0] != emits[0] or info.version < MIN_VERSION:
         what = f"mpy v{info.mpy_version[0]}.{info.mpy_version[1]}" if info.mpy else "no mpy version"
-        raise FlashError("probe", f"MicroPython {info.version_str} on the board is too old "
-                                  f"({what}): need {need} or newer (mpy v{emits[0]}); "
-                                  "write a newer image with --image")
+        raise FlashError(
+            "probe",
+            f"MicroPython {info.version_str} on the board is too old "
+            f"({what}): need {need} or newer (mpy v{emits[0]}); "
+            "write a newer image with --image",
+        )
 
 
 def march_for(info: BoardInfo, emits: tuple[int, int]) -> str | None:
@@ -109,8 +133,9 @@ def march_for(info: BoardInfo, emits: tuple[int, int]) -> str | None:
 def mpy_cross_emits() -> tuple[int, int]:
     from tools import fwbuild
 
-    out = subprocess.run([fwbuild.mpy_cross_bin(), "--version"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [fwbuild.mpy_cross_bin(), "--version"], capture_output=True, text=True, check=True
+    ).stdout
     m = re.search(r"mpy v(\d+)\.(\d+)", out)
     if not m:
         raise FlashError("build", f"cannot tell which mpy version mpy-cross emits: {out.strip()}")
@@ -131,11 +156,18 @@ def check_port(port: str) -> None:
         s.close()
     except (serial.SerialException, OSError, ValueError) as e:
         msg = str(e)
-        busy = "exclusively lock" in msg or getattr(e, "errno", None) in (errno.EBUSY, errno.EAGAIN) \
-            or "Errno 16" in msg or "Errno 11" in msg
+        busy = (
+            "exclusively lock" in msg
+            or getattr(e, "errno", None) in (errno.EBUSY, errno.EAGAIN)
+            or "Errno 16" in msg
+            or "Errno 11" in msg
+        )
         if busy:
-            raise FlashError("connect", f"port {port} is busy: another program holds it "
-                                        "(a serial monitor, mpremote, esptool?)") from None
+            raise FlashError(
+                "connect",
+                f"port {port} is busy: another program holds it "
+                "(a serial monitor, mpremote, esptool?)",
+            ) from None
         raise FlashError("connect", f"cannot open port {port}: {msg}") from None
 
 
@@ -291,8 +323,9 @@ class Board:
             out, err = self._t.exec_raw(code, timeout=timeout)
         except (TransportError, OSError, serial.SerialException) as e:
             if "timeout" in str(e) and self._interrupt():
-                raise FlashError(stage, f"the board did not answer within {timeout:g} s "
-                                        "(interrupted)") from None
+                raise FlashError(
+                    stage, f"the board did not answer within {timeout:g} s (interrupted)"
+                ) from None
             raise FlashError(stage, f"lost the board's REPL on {self.port}: {e}") from None
         if err:
             last = err.decode("utf-8", "replace").strip().splitlines()[-1:]
@@ -322,8 +355,13 @@ class Board:
     def probe(self) -> BoardInfo:
         plat, mach, ver, mpy, uid = self._eval(_PROBE, "probe")
         v = tuple(int(x) for x in ver) + (0, 0, 0)
-        self.info = BoardInfo(platform=str(plat), machine=str(mach), version=(v[0], v[1], v[2]),
-                              mpy=int(mpy), unique_id=uid)
+        self.info = BoardInfo(
+            platform=str(plat),
+            machine=str(mach),
+            version=(v[0], v[1], v[2]),
+            mpy=int(mpy),
+            unique_id=uid,
+        )
         return self.info
 
     def keepalive(self) -> None:
@@ -343,7 +381,7 @@ class Board:
         """sha256 hex of each file, computed on the board (None: no such file)."""
         out: dict[str, str | None] = {}
         for i in range(0, len(paths), 32):  # bounded code size per exec
-            got = self._eval(_HASH % (paths[i:i + 32],), stage)
+            got = self._eval(_HASH % (paths[i : i + 32],), stage)
             out.update({str(p): h for p, h in got})
         return out
 
@@ -355,18 +393,21 @@ class Board:
         except (TransportError, OSError):
             return None
 
-    def write(self, path: str, data: bytes,
-              progress: Callable[[int, int], None] | None = None) -> None:
+    def write(
+        self, path: str, data: bytes, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         """Write a file through the raw REPL, base64 in chunks: 1.33 bytes on the line per
         byte, where mpremote's bytes literals average 2.3 for .mpy files."""
         import base64
 
         q = repr(path)
-        self.exec(f"import binascii\n_f = open({q}, 'wb')\n_w = _f.write\n_d = binascii.a2b_base64",
-                  stage="copy")
+        self.exec(
+            f"import binascii\n_f = open({q}, 'wb')\n_w = _f.write\n_d = binascii.a2b_base64",
+            stage="copy",
+        )
         try:
             for i in range(0, len(data), CHUNK):
-                b64 = base64.b64encode(data[i:i + CHUNK]).decode()
+                b64 = base64.b64encode(data[i : i + CHUNK]).decode()
                 self.exec(f"_w(_d('{b64}'))", stage="copy")
                 if progress is not None:
                     progress(min(i + CHUNK, len(data)), len(data))
@@ -400,8 +441,9 @@ class Board:
             try:
                 self._t.enter_raw_repl(soft_reset=True)
             except (TransportError, OSError, serial.SerialException) as e:
-                raise FlashError("restart", f"the board did not come back after a soft reset: {e}") \
-                    from None
+                raise FlashError(
+                    "restart", f"the board did not come back after a soft reset: {e}"
+                ) from None
         else:
             self.exec(_PURGE, stage="restart")
 
@@ -410,7 +452,7 @@ class Board:
         for line in out.splitlines():
             if line.startswith(SELFTEST_MARK):
                 try:
-                    res = json.loads(line[len(SELFTEST_MARK):])
+                    res = json.loads(line[len(SELFTEST_MARK) :])
                 except ValueError:
                     break
                 if isinstance(res, dict):
@@ -461,7 +503,11 @@ def esptool_run(args: list[str], *, stage: str = "image", timeout: float = 600.0
 
 
 def _esptool_reason(out: str) -> str:
-    for pat in (r"A fatal error occurred: (.+)", r"(Could not open port .+)", r"(Failed to connect.+)"):
+    for pat in (
+        r"A fatal error occurred: (.+)",
+        r"(Could not open port .+)",
+        r"(Failed to connect.+)",
+    ):
         m = re.search(pat, out)
         if m:
             return m.group(1).strip()
@@ -493,8 +539,15 @@ def detect_chip(port: str) -> tuple[str, str | None]:
     return chip, mac.group(1) if mac else None
 
 
-def write_image(port: str, chip: str | None, image: str, *, offset: int | None = None,
-                erase: bool = False, baud: int = 460800) -> ImageResult:
+def write_image(
+    port: str,
+    chip: str | None,
+    image: str,
+    *,
+    offset: int | None = None,
+    erase: bool = False,
+    baud: int = 460800,
+) -> ImageResult:
     """Write a MicroPython image (erasing the whole flash first when asked), then verify it
     with esptool's verify-flash. The chip must be the one asked for (None: any)."""
     import hashlib
@@ -506,8 +559,9 @@ def write_image(port: str, chip: str | None, image: str, *, offset: int | None =
     if chip is None:
         chip = found
     if found != chip:
-        raise FlashError("image", f"wrong chip: esptool found {found} on {port}, expected {chip} "
-                                  "(--chip)")
+        raise FlashError(
+            "image", f"wrong chip: esptool found {found} on {port}, expected {chip} (--chip)"
+        )
     if offset is None:
         offset = IMAGE_OFFSET.get(chip, 0)
     base = ["--chip", chip, "--port", port, "--baud", str(baud)]
@@ -518,6 +572,12 @@ def write_image(port: str, chip: str | None, image: str, *, offset: int | None =
     esptool_run(base + [_esptool_cmd("verify-flash"), hex(offset), image])
     with open(image, "rb") as f:
         data = f.read()
-    return ImageResult(chip=chip, mac=mac, offset=offset, size=len(data),
-                       sha256=hashlib.sha256(data).hexdigest(), erased=erase,
-                       seconds=round(time.monotonic() - t0, 2))
+    return ImageResult(
+        chip=chip,
+        mac=mac,
+        offset=offset,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        erased=erase,
+        seconds=round(time.monotonic() - t0, 2),
+    )

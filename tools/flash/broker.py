@@ -29,21 +29,42 @@ def per_station_day(telemetry_s: int = 10) -> int:
     return int(86400 / telemetry_s * (1 + EVENTS_SHARE))
 
 
-def render(*, stations: int, password_file: str, acl_file: str, persistence_dir: str,
-           port: int = 1883, bind: str = "0.0.0.0", telemetry_s: int = 10,
-           log_dest: str = "syslog", extra: str = "") -> str:
+def render(
+    *,
+    stations: int,
+    password_file: str,
+    acl_file: str,
+    persistence_dir: str,
+    port: int = 1883,
+    bind: str = "0.0.0.0",
+    telemetry_s: int = 10,
+    log_dest: str = "syslog",
+    extra: str = "",
+) -> str:
     if stations < 1 or telemetry_s < 1:
         raise ValueError("stations and telemetry_s must be positive")
     day = per_station_day(telemetry_s)
     return string.Template(TEMPLATE.read_text()).substitute(
-        port=port, bind=bind, persistence_dir=persistence_dir.rstrip("/"),
-        stations=stations, per_station_day=day, telemetry_s=telemetry_s, msg_bytes=MSG_BYTES,
-        max_queued_messages=stations * day, max_queued_bytes=stations * day * MSG_BYTES,
-        password_file=password_file, acl_file=acl_file, log_dest=log_dest, extra=extra)
+        port=port,
+        bind=bind,
+        persistence_dir=persistence_dir.rstrip("/"),
+        stations=stations,
+        per_station_day=day,
+        telemetry_s=telemetry_s,
+        msg_bytes=MSG_BYTES,
+        max_queued_messages=stations * day,
+        max_queued_bytes=stations * day * MSG_BYTES,
+        password_file=password_file,
+        acl_file=acl_file,
+        log_dest=log_dest,
+        extra=extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.flash.broker", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tools.flash.broker", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--stations", type=int, required=True)
     p.add_argument("--telemetry-s", type=int, default=10)
     p.add_argument("--port", type=int, default=1883)
@@ -54,9 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write here (default: stdout)")
     args = p.parse_args(argv)
     try:
-        text = render(stations=args.stations, password_file=args.password_file,
-                      acl_file=args.acl_file, persistence_dir=args.persistence_dir, port=args.port,
-                      bind=args.bind, telemetry_s=args.telemetry_s)
+        text = render(
+            stations=args.stations,
+            password_file=args.password_file,
+            acl_file=args.acl_file,
+            persistence_dir=args.persistence_dir,
+            port=args.port,
+            bind=args.bind,
+            telemetry_s=args.telemetry_s,
+        )
     except ValueError as e:
         print(f"broker: {e}", file=sys.stderr)
         return 2

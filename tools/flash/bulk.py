@@ -27,8 +27,20 @@ from tools.flash.provision import Outcome, Request, provision
 REQUEST_COLUMNS = {"sid", "port", "esptool_port", "image", "chip", "kid", "boot_base", "key_out"}
 INT_COLUMNS = {"kid", "boot_base"}
 # share of a board's bar per stage; the copy stage moves with the bytes written
-WEIGHTS = {"check": 2, "image": 15, "connect": 3, "probe": 2, "plan": 6, "copy": 40, "verify": 8,
-           "broker": 2, "restart": 2, "selftest": 14, "register": 3, "start": 3}
+WEIGHTS = {
+    "check": 2,
+    "image": 15,
+    "connect": 3,
+    "probe": 2,
+    "plan": 6,
+    "copy": 40,
+    "verify": 8,
+    "broker": 2,
+    "restart": 2,
+    "selftest": 14,
+    "register": 3,
+    "start": 3,
+}
 
 
 def read_batch(path: str, base: Request) -> list[Request]:
@@ -107,24 +119,37 @@ class BoardBar:
 
     def stage(self, name: str, detail: str = "") -> None:
         self.cur = name
-        self.p.update(self.task, completed=self.offset.get(name, 0),
-                      description=f"{self.sid} {name}")
+        self.p.update(
+            self.task, completed=self.offset.get(name, 0), description=f"{self.sid} {name}"
+        )
 
     def bytes(self, done: int, total: int) -> None:
         if total:
             w = WEIGHTS["copy"] * done / total
-            self.p.update(self.task, completed=self.offset["copy"] + w,
-                          description=f"{self.sid} copy {done // 1024}/{total // 1024} KiB")
+            self.p.update(
+                self.task,
+                completed=self.offset["copy"] + w,
+                description=f"{self.sid} copy {done // 1024}/{total // 1024} KiB",
+            )
 
     def end(self, out: Outcome) -> None:
         word = "done" if out.ok else f"FAILED at {out.stage}"
-        self.p.update(self.task, completed=sum(WEIGHTS.values()) if out.ok else None,
-                      description=f"{self.sid} {word}")
+        self.p.update(
+            self.task,
+            completed=sum(WEIGHTS.values()) if out.ok else None,
+            description=f"{self.sid} {word}",
+        )
 
 
 def make_progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description:<32}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def run_one(req: Request, console: Console) -> Outcome:
@@ -135,8 +160,13 @@ def run_one(req: Request, console: Console) -> Outcome:
     return out
 
 
-def run_batch(reqs: list[Request], console: Console, *, prompt: bool | None = None,
-              stop_on_error: bool = False) -> list[Outcome]:
+def run_batch(
+    reqs: list[Request],
+    console: Console,
+    *,
+    prompt: bool | None = None,
+    stop_on_error: bool = False,
+) -> list[Outcome]:
     """Provision each board in turn. When two stations share a port (one cable, boards swapped
     in turn) and stdin is a terminal, wait for Enter before each next board."""
     if prompt is None:
@@ -147,7 +177,9 @@ def run_batch(reqs: list[Request], console: Console, *, prompt: bool | None = No
         for req in reqs:
             if prompt and req.port in ports_used and not req.dry_run:
                 progress.stop()
-                console.input(f"connect the board for [bold]{req.sid}[/] on {req.port} and press Enter ")
+                console.input(
+                    f"connect the board for [bold]{req.sid}[/] on {req.port} and press Enter "
+                )
                 progress.start()
             if req.port:
                 ports_used.add(req.port)
@@ -166,9 +198,19 @@ def summary(outs: list[Outcome]) -> Table:
         t.add_column(col)
     for o in outs:
         r = o.report
-        res = "[green]ok[/]" if o.ok and r["result"] == "ok" else (
-            r["result"] if o.ok else f"[red]failed[/] ({o.stage})")
+        res = (
+            "[green]ok[/]"
+            if o.ok and r["result"] == "ok"
+            else (r["result"] if o.ok else f"[red]failed[/] ({o.stage})")
+        )
         tail = str(o.paths[1]) if o.ok and o.paths else (o.error or "")
-        t.add_row(o.sid, str(r.get("port") or "-"), res, str(r.get("kid", "-")),
-                  str(r.get("boot_base", "-")), str(r.get("elapsed_s", "-")), tail)
+        t.add_row(
+            o.sid,
+            str(r.get("port") or "-"),
+            res,
+            str(r.get("kid", "-")),
+            str(r.get("boot_base", "-")),
+            str(r.get("elapsed_s", "-")),
+            tail,
+        )
     return t

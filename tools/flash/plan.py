@@ -16,8 +16,8 @@ import re
 from typing import Any
 
 from tools import fwbuild
-from tools.fwbuild import firmware_module
 from tools.flash.errors import BadInput
+from tools.fwbuild import firmware_module
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 FIRMWARE = ROOT / "firmware"
@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "outbox": {"max_bytes": 262144},
     "ntp": "pool.ntp.org",
 }
+
 
 def check_sid(sid: str) -> str:
     if not SID_RE.fullmatch(sid):
@@ -112,8 +113,9 @@ def load_site(path: str | None) -> dict[str, Any]:
     return data
 
 
-def station_config(site: dict[str, Any], *, sid: str, kid: int, key: bytes, boot_base: int,
-                   password: str) -> dict[str, Any]:
+def station_config(
+    site: dict[str, Any], *, sid: str, kid: int, key: bytes, boot_base: int, password: str
+) -> dict[str, Any]:
     """The station's full config, validated by the firmware's own rules (BadInput naming the
     key when they refuse it). Unknown keys are refused as the board would refuse them."""
     cfg = merge(DEFAULTS, site)

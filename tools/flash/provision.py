@@ -28,7 +28,14 @@ from typing import Any, Protocol
 
 from tools.flash import agentdb, passwd, plan
 from tools.flash import report as reports
-from tools.flash.board import Board, check_chip, check_version, march_for, mpy_cross_emits, write_image
+from tools.flash.board import (
+    Board,
+    check_chip,
+    check_version,
+    march_for,
+    mpy_cross_emits,
+    write_image,
+)
 from tools.flash.errors import BadInput, FlashError
 
 log = logging.getLogger(__name__)
@@ -36,8 +43,20 @@ log = logging.getLogger(__name__)
 TOOL = "stationctl flash 1"
 CONFIG = "config.json"
 STATE_FILES = ("state.a", "state.b")  # the firmware's persisted counters (persist.ABStore)
-STAGES = ("check", "image", "connect", "probe", "plan", "copy", "verify", "broker", "restart",
-          "selftest", "register", "start")
+STAGES = (
+    "check",
+    "image",
+    "connect",
+    "probe",
+    "plan",
+    "copy",
+    "verify",
+    "broker",
+    "restart",
+    "selftest",
+    "register",
+    "start",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,12 +132,16 @@ def _reload_broker(req: Request) -> None:
     if not req.broker_reload:
         return
     try:
-        r = subprocess.run(shlex.split(req.broker_reload), capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            shlex.split(req.broker_reload), capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FlashError("broker", f"--broker-reload failed: {e}") from None
     if r.returncode != 0:
-        raise FlashError("broker", f"--broker-reload exited {r.returncode}: "
-                                   f"{(r.stderr or r.stdout).strip()[-200:]}")
+        raise FlashError(
+            "broker",
+            f"--broker-reload exited {r.returncode}: {(r.stderr or r.stdout).strip()[-200:]}",
+        )
     time.sleep(0.3)  # the broker re-reads its files after the signal, not during it
 
 
@@ -129,8 +152,11 @@ def _write_key_file(path: str, key: bytes) -> None:
 
 
 def _selftest_failures(res: dict[str, Any]) -> str:
-    bad = [f"{name}: {c.get('detail', '')}" for name, c in sorted(res.get("checks", {}).items())
-           if not c.get("ok")]
+    bad = [
+        f"{name}: {c.get('detail', '')}"
+        for name, c in sorted(res.get("checks", {}).items())
+        if not c.get("ok")
+    ]
     return "; ".join(bad) or "no check passed"
 
 
@@ -144,9 +170,17 @@ class _Run:
         self.undo: list[tuple[str, Callable[[], None]]] = []
         self.t0 = time.monotonic()
         self.rep: dict[str, Any] = {
-            "v": reports.REPORT_VERSION, "sid": req.sid, "result": "running", "stage": "check",
-            "started_ms": _now_ms(), "tool": TOOL, "operator": _operator(), "port": req.port,
-            "chip": req.chip, "dry_run": req.dry_run, "stages": {},
+            "v": reports.REPORT_VERSION,
+            "sid": req.sid,
+            "result": "running",
+            "stage": "check",
+            "started_ms": _now_ms(),
+            "tool": TOOL,
+            "operator": _operator(),
+            "port": req.port,
+            "chip": req.chip,
+            "dry_run": req.dry_run,
+            "stages": {},
         }
         self._stage_t = time.monotonic()
 
@@ -210,10 +244,15 @@ class _Run:
             self.rep["agent"] = {"answered": False, "why": self.agent_why}
             if not req.dry_run and not req.key_out:
                 code = BadInput if not req.agent_db else FlashError
-                raise code("check", f"the key cannot be registered: {self.agent_why}; give "
-                                    "--agent-db URL (or --key-out FILE to carry the key to the agent)")
+                raise code(
+                    "check",
+                    f"the key cannot be registered: {self.agent_why}; give "
+                    "--agent-db URL (or --key-out FILE to carry the key to the agent)",
+                )
         if req.key_out and os.path.exists(req.key_out):
-            raise BadInput("check", f"--key-out {req.key_out} exists (a key file is never overwritten)")
+            raise BadInput(
+                "check", f"--key-out {req.key_out} exists (a key file is never overwritten)"
+            )
         self.evidence = [] if self.agent is not None else local_evidence(req)
 
     def _image(self) -> None:
@@ -227,8 +266,15 @@ class _Run:
         # esptool port (esp32-mock-bootloader), unchecked against the REPL board
         chip = None if req.chip == "unix" else req.chip
         res = write_image(port, chip, req.image, offset=req.image_offset, erase=req.erase)
-        self.rep["image"] = {"chip": res.chip, "mac": res.mac, "offset": res.offset, "size": res.size,
-                             "sha256": res.sha256, "erased": res.erased, "seconds": res.seconds}
+        self.rep["image"] = {
+            "chip": res.chip,
+            "mac": res.mac,
+            "offset": res.offset,
+            "size": res.size,
+            "sha256": res.sha256,
+            "erased": res.erased,
+            "seconds": res.seconds,
+        }
 
     def _connect(self) -> None:
         req = self.req
@@ -263,15 +309,20 @@ class _Run:
         self.rep["previous"] = {"sid": prev_sid, "kid": prev_kid}
         # a board of another station (or with leftovers but no readable config): wipe it
         others = [f for f in files if f not in (CONFIG,) and not f.endswith((".py", ".mpy"))]
-        self.wipe = (self.old_config is not None and not self.same) or \
-            (self.old_config is None and bool(others))
+        self.wipe = (self.old_config is not None and not self.same) or (
+            self.old_config is None and bool(others)
+        )
         if self.old_config is not None and not self.same and not req.force:
-            raise FlashError("plan", f"the board holds station {prev_sid}'s config and data; "
-                                     "--force wipes it for this station")
+            raise FlashError(
+                "plan",
+                f"the board holds station {prev_sid}'s config and data; "
+                "--force wipes it for this station",
+            )
         board_boot = None
         if self.same:
-            board_boot = plan.board_boot([d for d in (board.read(p) for p in STATE_FILES
-                                                      if p in files) if d is not None])
+            board_boot = plan.board_boot(
+                [d for d in (board.read(p) for p in STATE_FILES if p in files) if d is not None]
+            )
             if self.agent is None:
                 self.evidence.append("the board holds this station's config")
         self.rep["board_boot"] = board_boot
@@ -282,9 +333,11 @@ class _Run:
     def _refuse_unknown_history(self) -> None:
         req = self.req
         if self.agent is None and self.evidence and not req.force:
-            why = (f"{req.sid} is a known station ({'; '.join(self.evidence)}) and the agent did not "
-                   f"answer ({self.agent_why}): its highest boot is unknown, so boot_base could "
-                   "repeat a (sid, boot, seq); give --agent-db, or --force with --boot-base N")
+            why = (
+                f"{req.sid} is a known station ({'; '.join(self.evidence)}) and the agent did not "
+                f"answer ({self.agent_why}): its highest boot is unknown, so boot_base could "
+                "repeat a (sid, boot, seq); give --agent-db, or --force with --boot-base N"
+            )
             if req.dry_run:
                 self.rep["warning"] = "a real run would be refused: " + why
             else:
@@ -309,17 +362,31 @@ class _Run:
         req = self.req
         self.key = secrets.token_bytes(32)
         self.password = passwd.new_password() if req.broker_passwd else ""
-        cfg = plan.station_config(req.site, sid=req.sid, kid=self.kid, key=self.key,
-                                  boot_base=self.boot_base, password=self.password)
+        cfg = plan.station_config(
+            req.site,
+            sid=req.sid,
+            kid=self.kid,
+            key=self.key,
+            boot_base=self.boot_base,
+            password=self.password,
+        )
         self.files = plan.firmware_files(march)
         self.files[CONFIG] = plan.config_bytes(cfg)
-        self.rep.update({
-            "kid": self.kid, "boot_base": self.boot_base, "config": plan.redacted(cfg),
-            "broker_user": req.sid if req.broker_passwd else None,
-            "files": {p: plan.sha256(d) for p, d in sorted(self.files.items())},
-            "firmware": {"version": plan.fw_version(), "build": plan_build_id(), "march": march,
-                         "bytes": sum(len(d) for p, d in self.files.items() if p != CONFIG)},
-        })
+        self.rep.update(
+            {
+                "kid": self.kid,
+                "boot_base": self.boot_base,
+                "config": plan.redacted(cfg),
+                "broker_user": req.sid if req.broker_passwd else None,
+                "files": {p: plan.sha256(d) for p, d in sorted(self.files.items())},
+                "firmware": {
+                    "version": plan.fw_version(),
+                    "build": plan_build_id(),
+                    "march": march,
+                    "bytes": sum(len(d) for p, d in self.files.items() if p != CONFIG),
+                },
+            }
+        )
 
     def _copy(self) -> None:
         board = self.board
@@ -380,8 +447,11 @@ class _Run:
             bad = self._mismatch(want)
         self.rep["verify"] = {"ok": not bad, "files": len(want), "mismatch": bad}
         if bad:
-            raise FlashError("verify", f"verification failed: {len(bad)} file(s) differ on the board "
-                                       f"after a rewrite ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})")
+            raise FlashError(
+                "verify",
+                f"verification failed: {len(bad)} file(s) differ on the board "
+                f"after a rewrite ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})",
+            )
 
     def _mismatch(self, want: dict[str, str]) -> list[str]:
         assert self.board is not None
@@ -435,11 +505,13 @@ class _Run:
             try:
                 _write_key_file(req.key_out, self.key)
             except OSError as e:
-                raise FlashError("register", f"cannot write --key-out {req.key_out}: {e.strerror}") \
-                    from None
+                raise FlashError(
+                    "register", f"cannot write --key-out {req.key_out}: {e.strerror}"
+                ) from None
             self.rep["key_registered"] = (
                 f"NOT registered: written to {req.key_out}; at the agent run "
-                f"`stationctl keys add {req.sid} --key-file {req.key_out} --kid {self.kid}`")
+                f"`stationctl keys add {req.sid} --key-file {req.key_out} --kid {self.kid}`"
+            )
         self.undo.clear()  # committed: the station is good
 
     def _start(self) -> None:
@@ -474,8 +546,15 @@ class _Run:
                 paths = reports.write(self.req.reports, self.rep)
             except OSError as e:
                 log.error("cannot write the report in %s: %s", self.req.reports, e)
-        return Outcome(sid=self.req.sid, ok=ok, code=code, stage=self.rep["stage"], error=error,
-                       report=self.rep, paths=paths)
+        return Outcome(
+            sid=self.req.sid,
+            ok=ok,
+            code=code,
+            stage=self.rep["stage"],
+            error=error,
+            report=self.rep,
+            paths=paths,
+        )
 
 
 def plan_chips() -> tuple[str, ...]:

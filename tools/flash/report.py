@@ -41,37 +41,49 @@ def write(folder: str | pathlib.Path, rep: dict[str, Any]) -> tuple[pathlib.Path
 
 def text(rep: dict[str, Any]) -> str:
     """The report for people: what was done to the board, what it answered, the verdict."""
-    lines = [f"Commissioning report: station {rep['sid']}",
-             f"result:    {rep['result'].upper()}"
-             + (f" at {rep['stage']}: {rep['error']}" if rep.get("error") else "")]
+    lines = [
+        f"Commissioning report: station {rep['sid']}",
+        f"result:    {rep['result'].upper()}"
+        + (f" at {rep['stage']}: {rep['error']}" if rep.get("error") else ""),
+    ]
     lines.append(f"started:   {iso(int(rep['started_ms']))}  ({rep.get('elapsed_s', '?')} s)")
     lines.append(f"operator:  {rep.get('operator', '?')}  tool {rep.get('tool', '?')}")
     lines.append(f"port:      {rep.get('port') or '-'}")
     b = rep.get("board")
     if b:
-        lines.append(f"board:     {b['chip']} MicroPython {b['micropython']} (mpy {b['mpy']}, "
-                     f"arch {b['arch'] or 'none'}) id {b['unique_id'] or '-'}")
+        lines.append(
+            f"board:     {b['chip']} MicroPython {b['micropython']} (mpy {b['mpy']}, "
+            f"arch {b['arch'] or 'none'}) id {b['unique_id'] or '-'}"
+        )
     img = rep.get("image")
     if img:
-        lines.append(f"image:     {img['size']} bytes at {hex(img['offset'])} sha256 {img['sha256'][:16]}… "
-                     f"chip {img['chip']} MAC {img['mac'] or '-'}{' (flash erased first)' if img['erased'] else ''}")
+        lines.append(
+            f"image:     {img['size']} bytes at {hex(img['offset'])} sha256 {img['sha256'][:16]}… "
+            f"chip {img['chip']} MAC {img['mac'] or '-'}{' (flash erased first)' if img['erased'] else ''}"
+        )
     a = rep.get("agent")
     if a:
         if a.get("answered"):
-            lines.append(f"agent:     {a['url']}: {'known' if a['known'] else 'new'} station, "
-                         f"kids {a['kids'] or '-'}, highest boot {a['max_boot']}")
+            lines.append(
+                f"agent:     {a['url']}: {'known' if a['known'] else 'new'} station, "
+                f"kids {a['kids'] or '-'}, highest boot {a['max_boot']}"
+            )
         else:
             lines.append(f"agent:     not asked ({a.get('why')})")
     if "kid" in rep:
-        lines.append(f"identity:  kid {rep['kid']}, boot_base {rep['boot_base']}, "
-                     f"key {rep.get('key_registered', 'not registered')}")
+        lines.append(
+            f"identity:  kid {rep['kid']}, boot_base {rep['boot_base']}, "
+            f"key {rep.get('key_registered', 'not registered')}"
+        )
     if rep.get("broker_user"):
         lines.append(f"broker:    {rep['broker_user']}")
     fw = rep.get("firmware")
     if fw:
-        lines.append(f"firmware:  {fw['version']} build {fw['build']} march {fw['march'] or 'none'}, "
-                     f"{len(rep.get('files', {}))} files, {fw['bytes']} bytes "
-                     f"({fw.get('written', 0)} written, {fw.get('unchanged', 0)} unchanged)")
+        lines.append(
+            f"firmware:  {fw['version']} build {fw['build']} march {fw['march'] or 'none'}, "
+            f"{len(rep.get('files', {}))} files, {fw['bytes']} bytes "
+            f"({fw.get('written', 0)} written, {fw.get('unchanged', 0)} unchanged)"
+        )
     if rep.get("removed"):
         lines.append(f"removed:   {', '.join(rep['removed'])}")
     v = rep.get("verify")
@@ -82,8 +94,10 @@ def text(rep: dict[str, Any]) -> str:
             lines.append(f"verify:    MISMATCH {', '.join(v['mismatch'])}")
     st = rep.get("selftest")
     if st:
-        lines.append(f"self-test: {'PASS' if st.get('ok') else 'FAIL'}"
-                     + (f" in {st['ms']} ms" if "ms" in st else ""))
+        lines.append(
+            f"self-test: {'PASS' if st.get('ok') else 'FAIL'}"
+            + (f" in {st['ms']} ms" if "ms" in st else "")
+        )
         for name, c in sorted(st.get("checks", {}).items()):
             lines.append(f"  {'ok  ' if c.get('ok') else 'FAIL'} {name:8} {c.get('detail', '')}")
     if rep.get("clock_skew_ms") is not None:

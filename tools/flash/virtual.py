@@ -59,9 +59,14 @@ class UnixBoard:
     """`with UnixBoard(flash_dir) as b: … b.port …`; `prelude` runs before the REPL starts
     (a script path: `micropython -i prelude`)."""
 
-    def __init__(self, flash_dir: str | os.PathLike[str], *, heap: str = "256k",
-                 prelude: str | os.PathLike[str] | None = None,
-                 link: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        flash_dir: str | os.PathLike[str],
+        *,
+        heap: str = "256k",
+        prelude: str | os.PathLike[str] | None = None,
+        link: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.flash = pathlib.Path(flash_dir)
         self.flash.mkdir(parents=True, exist_ok=True)
         self.port = str(link or self.flash.parent / f"tty-{self.flash.name}")
@@ -118,8 +123,16 @@ class MockBootloader:
 
     def start(self, timeout: float = 15.0) -> MockBootloader:
         exe = pathlib.Path(sys.executable).parent / "esp32-mock-bootloader"
-        cmd = [str(exe) if exe.exists() else "esp32-mock-bootloader", "run", "--port", str(self.port),
-               "--bind", "127.0.0.1", "--chip", self.chip]
+        cmd = [
+            str(exe) if exe.exists() else "esp32-mock-bootloader",
+            "run",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--chip",
+            self.chip,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:

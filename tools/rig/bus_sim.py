@@ -71,8 +71,11 @@ def build_devices(model: RigModel) -> list[SimDevice]:
                     [nobits],
                     [SimData(0, values=False, datatype=DataType.BITS)],
                     [SimData(0xFC00, count=2, datatype=DataType.REGISTERS, readonly=True)],
-                    [SimData(0, count=METER_INPUT_REGS, datatype=DataType.REGISTERS,
-                             readonly=True)],
+                    [
+                        SimData(
+                            0, count=METER_INPUT_REGS, datatype=DataType.REGISTERS, readonly=True
+                        )
+                    ],
                 ),
                 action=_meter_action(model),
             )

@@ -159,8 +159,15 @@ class FaultLog:
 
     def add(self, *, link: str, kind: str, counter: str, unit: int, mono: float) -> FaultEntry:
         with self._lock:
-            e = FaultEntry(seq=self._seq, t=round(mono - self._t0, 6), mono=mono, link=link,
-                           kind=kind, counter=counter, unit=unit)
+            e = FaultEntry(
+                seq=self._seq,
+                t=round(mono - self._t0, 6),
+                mono=mono,
+                link=link,
+                kind=kind,
+                counter=counter,
+                unit=unit,
+            )
             self._seq += 1
             self._totals[counter] += 1
             key = f"{link}.{kind}"
@@ -235,8 +242,9 @@ class BusFaults:
         if kind is None:
             self._last = None
             return None
-        e = self.log.add(link="bus", kind=kind, counter=BUS_COUNTER[kind], unit=request[0],
-                         mono=now)
+        e = self.log.add(
+            link="bus", kind=kind, counter=BUS_COUNTER[kind], unit=request[0], mono=now
+        )
         self._last = (request, kind, e, now)
         return kind
 
@@ -276,8 +284,9 @@ class ChargerFaults:
     def decide(self, slot: int, now: float) -> str | None:
         kind = self._picker.pick()
         if kind is not None:
-            self.log.add(link="charger", kind=kind, counter=CHARGER_COUNTER[kind], unit=slot,
-                         mono=now)
+            self.log.add(
+                link="charger", kind=kind, counter=CHARGER_COUNTER[kind], unit=slot, mono=now
+            )
         return kind
 
     def slow_delay(self) -> float:

@@ -133,7 +133,12 @@ async def sleep_until(t: float) -> None:
 
 
 async def paced_write(
-    fd: int, data: bytes, *, start: float, char_s: float, stats: dict[str, int],
+    fd: int,
+    data: bytes,
+    *,
+    start: float,
+    char_s: float,
+    stats: dict[str, int],
     burst_s: float = BURST_S,
 ) -> None:
     """Write data so that byte k reaches the pty about when it starts on the wire
@@ -259,8 +264,9 @@ class BusRelay:
                 return
         else:
             start = arrival + self.turnaround_s
-        await paced_write(self.station.master, reply, start=start, char_s=self.char_s,
-                          stats=self.stats)
+        await paced_write(
+            self.station.master, reply, start=start, char_s=self.char_s, stats=self.stats
+        )
         self.stats["replies"] += 1
 
     async def _ask_server(self, req: bytes) -> bytes | None:
@@ -376,8 +382,9 @@ class ChargerRelay:
             out = lines.format_reply(self.reading(target))
             if kind == "checksum":
                 out = faults.bad_checksum(out)
-        await paced_write(self.station.master, out, start=time.monotonic(), char_s=self.char_s,
-                          stats=self.stats)
+        await paced_write(
+            self.station.master, out, start=time.monotonic(), char_s=self.char_s, stats=self.stats
+        )
         self.stats["replies"] += 1
 
 

@@ -101,8 +101,13 @@ def parse_reply(line: bytes) -> ChargerReading | None:
     state = parts[2].decode("ascii", "replace")
     if state not in STATES:
         return None
-    nums = [_dec(parts[1]), _dec(parts[3]), _dec(parts[4], True), _dec(parts[5], True),
-            _dec(parts[6])]
+    nums = [
+        _dec(parts[1]),
+        _dec(parts[3]),
+        _dec(parts[4], True),
+        _dec(parts[5], True),
+        _dec(parts[6]),
+    ]
     slot, mv, ma, t, fault = nums
     if slot is None or mv is None or ma is None or t is None or fault is None:
         return None

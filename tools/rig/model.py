@@ -67,10 +67,13 @@ class RigModel:
         self.idle_w = idle_w
         self.ambient_c = ambient_c
         self.t0 = clock()
-        self._ch = [Channel(s, t=self.t0, dt_s=dt_s, ambient_c=ambient_c)
-                    for s in range(1, slots + 1)]
+        self._ch = [
+            Channel(s, t=self.t0, dt_s=dt_s, ambient_c=ambient_c) for s in range(1, slots + 1)
+        ]
         self.meter_serial = (
-            meter_serial if meter_serial is not None else self._rng.randrange(10_000_000, 99_999_999)
+            meter_serial
+            if meter_serial is not None
+            else self._rng.randrange(10_000_000, 99_999_999)
         )
         if not 0 <= self.meter_serial <= 0xFFFFFFFF:
             raise ValueError("meter_serial must fit a u32")
@@ -122,8 +125,9 @@ class RigModel:
                 lifetime_wh=0.0,
                 temp_c=self.ambient_c + self._rng.uniform(-1.0, 3.0),
             )
-        profile = ChargeProfile(power_w=power_w, enabled=charge, start_delay_s=start_delay_s,
-                                ramp_s=ramp_s)
+        profile = ChargeProfile(
+            power_w=power_w, enabled=charge, start_delay_s=start_delay_s, ramp_s=ramp_s
+        )
         with self._lock:
             self._chan(slot).insert(self._clock(), battery, profile)
         return battery
@@ -151,8 +155,14 @@ class RigModel:
         if slot > self.slots:
             return ChargerReading(slot=slot, state="X", mv=0, ma=0, t=0, fault=0)
         s = self.sample(slot)
-        return ChargerReading(slot=slot, state=s.state, mv=round(s.v * 1000),
-                              ma=round(s.i * 1000), t=round(s.charger_t * 10), fault=s.fault)
+        return ChargerReading(
+            slot=slot,
+            state=s.state,
+            mv=round(s.v * 1000),
+            ma=round(s.i * 1000),
+            t=round(s.charger_t * 10),
+            fault=s.fault,
+        )
 
     def unit_present(self, unit: int) -> bool:
         """Whether `unit` answers on the bus now (the meter; a BMS with a battery)."""

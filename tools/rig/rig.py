@@ -98,8 +98,9 @@ class RigHost:
         self.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -141,11 +142,18 @@ class Rig:
         self.bus_char_bits = bus_char_bits
         self.rates = faults if faults is not None else FaultRates()
         self.workdir = pathlib.Path(workdir) if workdir is not None else None
-        self.model = RigModel(slots=slots, meter=meter, seed=seed, dt_s=dt_s,
-                              efficiency=efficiency, idle_w=idle_w,
-                              meter_start_kwh=meter_start_kwh, meter_serial=meter_serial,
-                              # a fleet's accelerated clock (seconds); pacing stays real time
-                              clock=time.monotonic if clock is None else clock)
+        self.model = RigModel(
+            slots=slots,
+            meter=meter,
+            seed=seed,
+            dt_s=dt_s,
+            efficiency=efficiency,
+            idle_w=idle_w,
+            meter_start_kwh=meter_start_kwh,
+            meter_serial=meter_serial,
+            # a fleet's accelerated clock (seconds); pacing stays real time
+            clock=time.monotonic if clock is None else clock,
+        )
         # the fault log is on real time (time.monotonic), whatever the model's clock
         self.log = FaultLog(t0=self.model.t0 if clock is None else None)
         self._host = host
@@ -203,13 +211,24 @@ class Rig:
             self._server = make_server(self.model, server_side.path, self.bus_baud)
             await self._server.serve_forever(background=True)
             self._bus_relay = BusRelay(
-                loop=loop, model=self.model, station=bus, server=server_side,
-                baud=self.bus_baud, faults=BusFaults(self.rates, self.log, self.seed),
-                pace=self.pace, char_bits=self.bus_char_bits,
-                turnaround_chars=self.turnaround_chars)
+                loop=loop,
+                model=self.model,
+                station=bus,
+                server=server_side,
+                baud=self.bus_baud,
+                faults=BusFaults(self.rates, self.log, self.seed),
+                pace=self.pace,
+                char_bits=self.bus_char_bits,
+                turnaround_chars=self.turnaround_chars,
+            )
             self._charger_relay = ChargerRelay(
-                loop=loop, model=self.model, station=charger, baud=self.charger_baud,
-                faults=ChargerFaults(self.rates, self.log, self.seed), pace=self.pace)
+                loop=loop,
+                model=self.model,
+                station=charger,
+                baud=self.charger_baud,
+                faults=ChargerFaults(self.rates, self.log, self.seed),
+                pace=self.pace,
+            )
             self._tasks = [
                 loop.create_task(self._bus_relay.run(), name=f"{self.name}-bus"),
                 loop.create_task(self._charger_relay.run(), name=f"{self.name}-charger"),
@@ -269,8 +288,9 @@ class Rig:
         self.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # -- the hardware, driven by tests (thread-safe) ----------------------------------
@@ -290,9 +310,18 @@ class Rig:
         ramp_s: float = 1.5,
     ) -> Battery:
         """Insert a battery now. `soc` is a fraction 0..1. Returns the battery as inserted."""
-        return self.model.insert(slot, pack=pack, power_w=power_w, capacity_wh=capacity_wh,
-                                 soc=soc, serial=serial, battery=battery, charge=charge,
-                                 start_delay_s=start_delay_s, ramp_s=ramp_s)
+        return self.model.insert(
+            slot,
+            pack=pack,
+            power_w=power_w,
+            capacity_wh=capacity_wh,
+            soc=soc,
+            serial=serial,
+            battery=battery,
+            charge=charge,
+            start_delay_s=start_delay_s,
+            ramp_s=ramp_s,
+        )
 
     def remove(self, slot: int) -> Battery | None:
         """Remove the battery now (mid-charge allowed); returns it (re-insertable) or None."""

@@ -21,9 +21,16 @@ from typing import Any
 
 from .rig import Rig
 
-_INSERT_KEYS: dict[str, type | tuple[type, ...]] = {"pack": str, "power_w": (int, float), "capacity_wh": (int, float),
-                "soc": (int, float), "serial": str, "charge": bool,
-                "start_delay_s": (int, float), "ramp_s": (int, float)}
+_INSERT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "pack": str,
+    "power_w": (int, float),
+    "capacity_wh": (int, float),
+    "soc": (int, float),
+    "serial": str,
+    "charge": bool,
+    "start_delay_s": (int, float),
+    "ramp_s": (int, float),
+}
 
 
 class ScenarioError(ValueError):
