@@ -28,21 +28,18 @@ import collections
 import concurrent.futures
 import gc
 import logging
-import os
-import pathlib
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgspec
 
 from agent import wire
+from agent.config import AgentConfig, ConfigError
 from agent.keys import CachedKeys, KeyStore
-from agent.ledger.metering import IncrementalMeter, MeterParams, RawMsg
-from agent.sources.mqtt import BrokerConfig, Delivery, MqttSource
+from agent.ledger.metering import IncrementalMeter, RawMsg
+from agent.sources.mqtt import Delivery, MqttSource
 from agent.store import (
     CONFLICT,
     DUPLICATE,
@@ -58,138 +55,6 @@ from agent.store import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A bad agent configuration: the message names the key."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DbConfig:
-    url: str = "sqlite:///agent.db"
-    synchronous: str = "full"  # sqlite: full (survives power loss) | normal (survives crashes)
-
-    def __post_init__(self) -> None:
-        if self.synchronous not in ("full", "normal"):
-            raise ValueError(f"synchronous must be full or normal, not {self.synchronous!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class IngestConfig:
-    batch_max: int = 5000  # most messages in one commit (batches form by themselves)
-    max_pending: int = 50_000  # stop reading the socket beyond this many uncommitted
-    records_interval_ms: int = 500  # how often changed records are written
-    records_sids_per_commit: int = 64  # stations whose records ride along one commit
-    key_reload_s: float = 2.0  # how soon a revocation takes effect
-    stats_interval_s: float = 60.0  # counters to the log
-    # Python's full (oldest-generation) garbage collection walks every object, and the
-    # metering state is large: left automatic it stalls the loop ~0.1 s at unpredictable
-    # times. The agent runs it itself every gc_full_s instead (0: leave it automatic).
-    gc_full_s: float = 300.0
-    checkpoint_s: float = 1.0  # WAL checkpoints, off the commit path
-
-
-@dataclass(frozen=True, kw_only=True)
-class DashboardConfig:
-    """[dashboard]: serve the operator dashboard (agent/dashboard) from the agent's loop."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-
-
-@dataclass(frozen=True, kw_only=True)
-class AgentConfig:
-    db: DbConfig = field(default_factory=DbConfig)
-    broker: BrokerConfig = field(default_factory=BrokerConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    metering: MeterParams = field(default_factory=MeterParams)
-    carbon_params: str | None = None  # path of the carbon parameters file (agent/ledger/carbon.py)
-    dashboard: DashboardConfig | None = None  # None: no dashboard
-
-
-def _section(
-    cls: Any, table: Any, name: str, base: pathlib.Path | None = None, paths: tuple[str, ...] = ()
-) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    known = {f.name: f for f in fields(cls)}
-    kw: dict[str, Any] = {}
-    for k, v in table.items():
-        if k not in known:
-            raise ConfigError(f"unknown key {name}.{k}")
-        want = known[k].type
-        want_s = want if isinstance(want, str) else getattr(want, "__name__", str(want))
-        ok = {
-            "str": isinstance(v, str),
-            "str | None": isinstance(v, str),
-            "int": type(v) is int,
-            "int | None": type(v) is int,
-            "float": type(v) in (int, float),
-            "bool": type(v) is bool,
-        }.get(want_s, True)
-        if not ok:
-            raise ConfigError(f"{name}.{k} must be {want_s.replace(' | None', '')}, got {v!r}")
-        if k in paths and base is not None and v and not os.path.isabs(v):
-            v = str(base / v)
-        kw[k] = v
-    try:
-        return cls(**kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[{name}]: {e}") from None
-
-
-def load_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """Read the agent's TOML file (see agent/config.example.toml). Relative paths in it
-    (sqlite database, TLS files, carbon parameters) are taken from the file's folder."""
-    p = pathlib.Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    base = p.resolve().parent
-    for k in data:
-        if k not in ("db", "broker", "ingest", "metering", "carbon", "dashboard"):
-            raise ConfigError(f"unknown section or key {k!r}")
-    db = _section(DbConfig, data.get("db", {}), "db")
-    if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
-        db = DbConfig(
-            url="sqlite:///" + str(base / db.url[len("sqlite:///") :]), synchronous=db.synchronous
-        )
-    elif "://" not in db.url and not os.path.isabs(db.url):
-        db = DbConfig(url=str(base / db.url), synchronous=db.synchronous)
-    broker_t = dict(data.get("broker", {}))
-    pw_file = broker_t.pop("password_file", None)
-    if pw_file is not None:
-        if "password" in broker_t:
-            raise ConfigError("broker.password and broker.password_file are exclusive")
-        pwp = base / pw_file
-        try:
-            broker_t["password"] = pwp.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"broker.password_file {pwp}: {e.strerror}") from None
-    broker = _section(BrokerConfig, broker_t, "broker", base, ("tls_ca", "tls_cert", "tls_key"))
-    if not broker.prefix or "+" in broker.prefix or "#" in broker.prefix:
-        raise ConfigError(f"broker.prefix {broker.prefix!r} is not a topic prefix")
-    ingest = _section(IngestConfig, data.get("ingest", {}), "ingest")
-    metering = _section(MeterParams, data.get("metering", {}), "metering")
-    carbon = data.get("carbon", {})
-    if not isinstance(carbon, dict) or set(carbon) - {"params"}:
-        raise ConfigError("[carbon] takes one key: params")
-    cp = carbon.get("params")
-    if cp is not None:
-        if not isinstance(cp, str):
-            raise ConfigError("carbon.params must be a path")
-        cp = str(base / cp)
-        if not os.path.exists(cp):
-            raise ConfigError(f"carbon.params: no file {cp}")
-    dash = (
-        _section(DashboardConfig, data["dashboard"], "dashboard") if "dashboard" in data else None
-    )
-    return AgentConfig(
-        db=db, broker=broker, ingest=ingest, metering=metering, carbon_params=cp, dashboard=dash
-    )
 
 
 # ---- the pipeline ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Mosquitto and the publisher run on core 1, the agent and the bare subscriber on 
 5,000 msg/s.
 
     .venv/bin/python bench/bench_ingest.py [--n 100000] [--stations 100] [--rate 5000]
-        [--seconds 10] [--sync full|normal] [--profile]
+        [--seconds 10] [--slots 2|8] [--sync full|normal] [--profile]
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
-from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from agent.store import RawRow, Store
 from tests.agent_helpers import Station, key_for
@@ -55,9 +56,9 @@ def sids(n: int) -> list[str]:
     return [f"KH-BEN-{i:04d}" for i in range(n)]
 
 
-def messages(stations: int, n: int) -> list[tuple[str, bytes]]:
-    """n signed telemetry messages, round robin over the stations (2 slots + meter each)."""
-    sts = [Station(s, slots=2) for s in sids(stations)]
+def messages(stations: int, n: int, slots: int = 2) -> list[tuple[str, bytes]]:
+    """n signed telemetry messages, round robin over the stations (`slots` slots + meter)."""
+    sts = [Station(s, slots=slots) for s in sids(stations)]
     out = []
     for i in range(n):
         st = sts[i % stations]
@@ -87,7 +88,7 @@ def publish_main(args: argparse.Namespace) -> None:
     c.loop_start()
     if args.rate:
         total = args.rate * args.seconds
-        msgs = messages(args.stations, total)
+        msgs = messages(args.stations, total, args.slots)
         # each message gets a fresh boot so that it never repeats the drain phase's keys
         times: list[tuple[str, int, float]] = []
         sent: list[mqtt.MQTTMessageInfo] = []
@@ -104,7 +105,7 @@ def publish_main(args: argparse.Namespace) -> None:
             inf.wait_for_publish(30)
         pathlib.Path(args.times).write_text(json.dumps(times))
     else:
-        msgs = messages(args.stations, args.n)
+        msgs = messages(args.stations, args.n, args.slots)
         # a window: paho mixes up QoS 1 messages beyond 65,535 outstanding (DESIGN.md)
         infos: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
         for t, p in msgs:
@@ -201,7 +202,14 @@ async def agent_drain(port: int, db: str, n: int, sync: str) -> tuple[float, flo
 
 
 async def agent_live(
-    port: int, db: str, sync: str, rate: int, seconds: int, stations: int, tmp: pathlib.Path
+    port: int,
+    db: str,
+    sync: str,
+    rate: int,
+    seconds: int,
+    stations: int,
+    slots: int,
+    tmp: pathlib.Path,
 ) -> list[float]:
     commit_t: dict[tuple[str, int], float] = {}
     recv_t: dict[tuple[str, int], float] = {}
@@ -227,6 +235,8 @@ async def agent_live(
             str(seconds),
             "--stations",
             str(stations),
+            "--slots",
+            str(slots),
             "--times",
             str(times),
         ],
@@ -266,6 +276,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--stations", type=int, default=100)
+    ap.add_argument("--slots", type=int, default=2, help="slots per message (2 or 8: size)")
     ap.add_argument("--rate", type=int, default=0)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--sync", default="full", choices=["full", "normal"])
@@ -301,11 +312,16 @@ def main() -> None:
         # persistent sessions for both subscribers, then the backlog
         asyncio.run(_register(broker.port, db, args.sync))
         bare_session(broker.port)
+        size = len(messages(1, 1, args.slots)[0][1])
         t0 = time.perf_counter()
-        pub = run_publisher(broker.port, ["--n", str(args.n), "--stations", str(args.stations)])
+        pub = run_publisher(
+            broker.port,
+            ["--n", str(args.n), "--stations", str(args.stations), "--slots", str(args.slots)],
+        )
         pub.wait()
         print(
-            f"backlog: {args.n} messages ({args.stations} stations) published in "
+            f"backlog: {args.n} messages ({args.stations} stations, {args.slots} slots, "
+            f"{size} B each) published in "
             f"{time.perf_counter() - t0:.1f}s"
         )
         time.sleep(1.0)
@@ -336,7 +352,9 @@ def main() -> None:
             f"mean batch {counters.get('received', 0) / max(1, counters.get('commits', 1)):.0f}"
         )
         lat = asyncio.run(
-            agent_live(broker.port, live_db, args.sync, rate, args.seconds, args.stations, tmp)
+            agent_live(
+                broker.port, live_db, args.sync, rate, args.seconds, args.stations, args.slots, tmp
+            )
         )
         print(
             f"latency at {rate} msg/s paced for {args.seconds}s ({len(lat)} messages): "

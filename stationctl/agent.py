@@ -25,7 +25,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.service import ConfigError, Service, load_config
+    from agent.config import ConfigError, load_config
+    from agent.service import Service
 
     try:
         cfg = load_config(args.config)

@@ -118,7 +118,7 @@ def _agent_db(args: argparse.Namespace) -> str | None:
     if args.agent_db:
         return str(args.agent_db)
     if args.agent_config:
-        from agent.service import ConfigError, load_config
+        from agent.config import ConfigError, load_config
 
         try:
             return str(load_config(args.agent_config).db.url)

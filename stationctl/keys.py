@@ -57,7 +57,7 @@ def register(sub: Any) -> None:
 def _db_url(args: argparse.Namespace) -> str:
     if args.db:
         return str(args.db)
-    from agent.service import ConfigError, load_config
+    from agent.config import ConfigError, load_config
 
     try:
         return load_config(args.config).db.url

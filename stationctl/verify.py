@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = MeterParams()
     if args.config:
-        from agent.service import load_config
+        from agent.config import load_config
 
         try:
             params = load_config(args.config).metering

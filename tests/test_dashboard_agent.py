@@ -18,8 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import ConfigError, load_config
 from agent.keys import KeyStore
-from agent.service import ConfigError, load_config
 from tests.helpers import free_port
 from tests.test_dashboard_state import KEY, Sim, slot
 from tests.test_dashboard_watch import ENV, STATIONCTL

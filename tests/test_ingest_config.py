@@ -5,10 +5,11 @@ from __future__ import annotations
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from agent.service import ConfigError, load_config
+from agent.config import ConfigError, load_config
 from tests.agent_helpers import STATIONCTL
 from tests.helpers import ROOT
 
@@ -64,6 +65,12 @@ def test_every_key(tmp_path: pathlib.Path) -> None:
         ('[carbon]\nparams = "missing.toml"\n', "carbon.params"),
         ("[broker\n", "agent.toml"),
         ('[broker]\npassword = "x"\npassword_file = "pw"\n', "exclusive"),
+        ("[ingest]\nbatch_max = 1.5\n", "ingest.batch_max must be int, got float"),
+        ('[metering]\nmax_power_w_slot = "3000"\n', "metering.max_power_w_slot must be int"),
+        ("[dashboard]\nport = true\n", "dashboard.port must be int, got bool"),
+        ('[carbon]\nparam = "x"\n', "unknown key carbon.param"),
+        ("db = 3\n", "[db] must be a table"),
+        ("[broker]\nuser = 7\n", "broker.user must be str"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: pathlib.Path, text: str, needle: str) -> None:
@@ -96,3 +103,14 @@ def test_agent_command_bad_config_exits_2(tmp_path: pathlib.Path) -> None:
         check=False,
     )
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_config_is_read_without_the_service() -> None:
+    """Commands that read a config (verify, keys, flash) load agent.config, not the whole
+    service with its MQTT source and threads."""
+    code = (
+        "import sys, agent.config, stationctl.verify, stationctl.keys, stationctl.flash; "
+        "sys.exit('agent.service' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60, check=False)
+    assert r.returncode == 0

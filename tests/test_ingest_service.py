@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 
 from agent import wire
+from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
 from agent.ledger.metering import MeterParams, RawMsg, compute
-from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from agent.store import Store, record_to_row
 from tests.agent_helpers import Publisher, Station, fleet_stream, key_for

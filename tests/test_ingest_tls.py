@@ -12,8 +12,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import load_config
 from agent.keys import KeyStore
-from agent.service import Service, load_config
+from agent.service import Service
 from tests.agent_helpers import Station
 from tools.mosquitto import Mosquitto
 

@@ -8,8 +8,9 @@ import asyncio
 import pathlib
 from collections import Counter
 
+from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
-from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from agent.store import Store
 from tests.agent_helpers import (

@@ -13,9 +13,10 @@ import sqlite3
 import subprocess
 from typing import Any
 
+from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
 from agent.ledger.export import render
-from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from agent.store import QuarantineRow, RawRow, Store, row_to_record
 from tests.agent_helpers import STATIONCTL, Publisher, Station, key_for

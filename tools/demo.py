@@ -34,9 +34,10 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.dashboard import DashboardServer, Live, make_app
 from agent.keys import KeyStore
-from agent.service import AgentConfig, DbConfig, IngestConfig, Service
+from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from tools import embedded_broker
 from tools.embedded_broker import EmbeddedBroker

@@ -1,0 +1,200 @@
+"""The agent's configuration (TOML), on its own: read, checked, typed.
+
+`load_config(path)` reads the file with `tomllib` and decodes it with msgspec into the
+frozen dataclasses below (and the sections' own: `BrokerConfig` of the MQTT source,
+`MeterParams` of the ledger). An unknown, missing or mistyped key stops the start with
+its dotted name (`ConfigError`). Commands that only need the database URL or the metering
+parameters import this module, not the service. See agent/config.example.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from agent.ledger.metering import MeterParams
+from agent.sources.mqtt import BrokerConfig
+
+__all__ = [
+    "AgentConfig",
+    "BrokerConfig",
+    "ConfigError",
+    "DashboardConfig",
+    "DbConfig",
+    "IngestConfig",
+    "MeterParams",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad agent configuration: the message names the key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DbConfig:
+    url: str = "sqlite:///agent.db"
+    synchronous: str = "full"  # sqlite: full (survives power loss) | normal (survives crashes)
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be full or normal, not {self.synchronous!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    batch_max: int = 5000  # most messages in one commit (batches form by themselves)
+    max_pending: int = 50_000  # stop reading the socket beyond this many uncommitted
+    records_interval_ms: int = 500  # how often changed records are written
+    records_sids_per_commit: int = 64  # stations whose records ride along one commit
+    key_reload_s: float = 2.0  # how soon a revocation takes effect
+    stats_interval_s: float = 60.0  # counters to the log
+    # Python's full (oldest-generation) garbage collection walks every object, and the
+    # metering state is large: left automatic it stalls the loop ~0.1 s at unpredictable
+    # times. The agent runs it itself every gc_full_s instead (0: leave it automatic).
+    gc_full_s: float = 300.0
+    checkpoint_s: float = 1.0  # WAL checkpoints, off the commit path
+
+
+@dataclass(frozen=True, kw_only=True)
+class DashboardConfig:
+    """[dashboard]: serve the operator dashboard (agent/dashboard) from the agent's loop."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, kw_only=True)
+class CarbonConfig:
+    """[carbon]: the parameter file of agent/ledger/carbon.py (None: its shipped example)."""
+
+    params: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    db: DbConfig = field(default_factory=DbConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    metering: MeterParams = field(default_factory=MeterParams)
+    carbon_params: str | None = None  # path of the carbon parameters file
+    dashboard: DashboardConfig | None = None  # None: no dashboard
+
+
+# The file's shape: one table per section. `broker.password_file` and `carbon.params` are
+# keys of the file only (read into broker.password and AgentConfig.carbon_params).
+_SECTIONS: dict[str, type[Any]] = {
+    "db": DbConfig,
+    "broker": BrokerConfig,
+    "ingest": IngestConfig,
+    "metering": MeterParams,
+    "carbon": CarbonConfig,
+    "dashboard": DashboardConfig,
+}
+_FILE_ONLY = {"broker": {"password_file"}}
+_PATHS = {"broker": ("tls_ca", "tls_cert", "tls_key"), "carbon": ("params",)}
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read the agent's TOML file. Relative paths in it (sqlite database, TLS files,
+    password file, carbon parameters) are taken from the file's folder."""
+    p = pathlib.Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: {e}") from None
+    base = p.resolve().parent
+    _check_keys(data)
+    sections = {k: dict(v) for k, v in data.items()}
+    broker = sections.get("broker", {})
+    pw_file = broker.pop("password_file", None)
+    if pw_file is not None:
+        if "password" in broker:
+            raise ConfigError("broker.password and broker.password_file are exclusive")
+        if not isinstance(pw_file, str):
+            raise ConfigError("broker.password_file must be str")
+        try:
+            broker["password"] = (base / pw_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"broker.password_file {base / pw_file}: {e.strerror}") from None
+    for name, keys in _PATHS.items():
+        t = sections.get(name, {})
+        for k in keys:
+            v = t.get(k)
+            if isinstance(v, str) and v and not os.path.isabs(v):
+                t[k] = str(base / v)
+    dec = {k: _decode(k, v) for k, v in sections.items()}
+    db: DbConfig = dec.get("db", DbConfig())
+    db = dataclasses.replace(db, url=_db_url(db.url, base))
+    b: BrokerConfig = dec.get("broker", BrokerConfig())
+    if not b.prefix or "+" in b.prefix or "#" in b.prefix:
+        raise ConfigError(f"broker.prefix {b.prefix!r} is not a topic prefix")
+    carbon: CarbonConfig = dec.get("carbon", CarbonConfig())
+    if carbon.params is not None and not os.path.exists(carbon.params):
+        raise ConfigError(f"carbon.params: no file {carbon.params}")
+    return AgentConfig(
+        db=db,
+        broker=b,
+        ingest=dec.get("ingest", IngestConfig()),
+        metering=dec.get("metering", MeterParams()),
+        carbon_params=carbon.params,
+        dashboard=dec.get("dashboard"),
+    )
+
+
+def _db_url(url: str, base: pathlib.Path) -> str:
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return "sqlite:///" + str(base / url[len("sqlite:///") :])
+    if "://" not in url and not os.path.isabs(url):
+        return str(base / url)
+    return url
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    """Every key of the file is one the sections know (msgspec ignores unknown fields of
+    dataclasses, and a misspelt key must not pass as a default)."""
+    for name, table in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown section or key {name!r}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        known = {f.name for f in dataclasses.fields(cls)} | _FILE_ONLY.get(name, set())
+        for k in table:
+            if k not in known:
+                raise ConfigError(f"unknown key {name}.{k}")
+
+
+_AT = re.compile(r"^(.*) - at `\$\.?([^`]*)`$")
+_EXPECTED = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]+)`$")
+
+
+def _decode(name: str, table: dict[str, Any]) -> Any:
+    """One section into its dataclass; msgspec's error turned into one that names the key."""
+    cls = _SECTIONS[name]
+    try:
+        return msgspec.convert(table, cls, strict=True)
+    except msgspec.ValidationError as e:
+        msg, where = str(e), ""
+        m = _AT.match(msg)
+        if m:
+            msg, where = m.group(1), m.group(2)
+        key = f"{name}.{where}" if where else name
+        m = _EXPECTED.match(msg)
+        if m:
+            want = m.group(1).replace(" | null", "")
+            raise ConfigError(f"{key} must be {want}, got {m.group(2)}") from None
+        m = _MISSING.match(msg)
+        if m:
+            raise ConfigError(f"{key}.{m.group(1)} is missing") from None
+        raise ConfigError(f"[{key}]: {msg}") from None
