@@ -17,7 +17,7 @@ import time
 from typing import NamedTuple, Self
 
 from agent.store import Store, now_ms
-from agent.wire import SID_RE, Reason, WireError
+from agent.wire import Reason, WireError, check_sid
 
 KEY_BYTES = 32
 STATES = ("active", "retired", "revoked")
@@ -30,11 +30,6 @@ class KeyInfo(NamedTuple):
     created_ms: int
     retired_ms: int | None
     revoked_ms: int | None
-
-
-def _check_sid(sid: str) -> None:
-    if not SID_RE.fullmatch(sid):
-        raise ValueError(f"bad station id {sid!r} (want ^[A-Z0-9][A-Z0-9-]{{2,31}}$)")
 
 
 class KeyStore:
@@ -57,7 +52,7 @@ class KeyStore:
     def add(self, sid: str, key: bytes, kid: int | None = None) -> int:
         """Add a key; returns its kid (next free one when None). The key with the highest
         kid is the station's active key; the one it replaces becomes retired."""
-        _check_sid(sid)
+        check_sid(sid)
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise ValueError(f"a station key is {KEY_BYTES} bytes")
         if kid is not None and (type(kid) is not int or kid < 0):
@@ -90,7 +85,7 @@ class KeyStore:
 
     def revoke(self, sid: str, kid: int | None = None) -> int:
         """Revoke one key, or every key of the station; returns how many were revoked."""
-        _check_sid(sid)
+        check_sid(sid)
         q = "UPDATE keys SET state = 'revoked', revoked_ms = ? WHERE sid = ? AND state != 'revoked'"
         args: tuple[object, ...] = (now_ms(), sid)
         if kid is not None:

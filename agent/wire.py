@@ -30,7 +30,10 @@ from msgspec import Meta, Struct
 MAX_BYTES: Final = 4096
 SIG_MARK: Final = b',"sig":"'
 _SIG_TAIL_LEN: Final = len(SIG_MARK) + 64 + 2  # ,"sig":" + 64 hex + "}
-SID_RE: Final = re.compile(r"[A-Z0-9][A-Z0-9-]{2,31}")
+# The station id (CONTRACT §1): the one pattern of the host side. The firmware checks the
+# same in firmware/config.py (it cannot import the host); tests/test_sid.py holds both to it.
+SID_PATTERN: Final = "[A-Z0-9][A-Z0-9-]{2,31}"
+SID_RE: Final = re.compile(SID_PATTERN)
 _LOWER_HEX: Final = frozenset(b"0123456789abcdef")
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 KINDS: Final = ("telemetry", "event")
@@ -356,6 +359,13 @@ def verify(kind: str, topic_sid: str, payload: bytes, keys: KeyRing) -> Verified
     except msgspec.ValidationError as e:
         raise WireError(Reason.SCHEMA, str(e)) from None
     return Verified(kind=kind, sid=sid, kid=kid, boot=boot, seq=seq, record=payload, body=body)
+
+
+def check_sid(sid: str) -> str:
+    """`sid` if it is a station id, else ValueError with a one-line reason."""
+    if not isinstance(sid, str) or not SID_RE.fullmatch(sid):
+        raise ValueError(f"bad station id {sid!r} (want ^{SID_PATTERN}$)")
+    return sid
 
 
 def parse_topic(topic: str, prefix: str) -> tuple[str, str]:

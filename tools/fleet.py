@@ -37,7 +37,6 @@ import math
 import os
 import pathlib
 import random
-import re
 import secrets
 import tempfile
 import threading
@@ -52,6 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import wire
 from agent.keys import KeyStore
+from agent.wire import check_sid
 from tools import fwbuild
 from tools.fleet_scenario import Action, ScenarioParams, StationScenario
 from tools.rig import FaultRates, Rig, RigHost
@@ -61,7 +61,6 @@ from tools.station_proc import StationProcess, station_config
 
 log = logging.getLogger(__name__)
 
-SID_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{2,31}$")
 TRUTH_FILE = "ground_truth.json"
 ACTIONS_FILE = "actions.jsonl"
 
@@ -228,8 +227,7 @@ class Fleet:
         self.persist_every_s = persist_s  # simulated seconds (60 on a board)
         sids = [f"{sid_prefix}{i + 1:04d}" for i in range(n_stations)]
         for sid in sids:
-            if not SID_RE.match(sid):
-                raise ValueError(f"station id {sid!r} does not match {SID_RE.pattern}")
+            check_sid(sid)
         self._sids = sids
         self.clock = VirtualClock(self.accel)
         self.host = RigHost("fleet-rigs")

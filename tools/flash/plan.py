@@ -15,13 +15,13 @@ import pathlib
 import re
 from typing import Any
 
+from agent.wire import check_sid as wire_check_sid
 from tools import fwbuild
 from tools.flash.errors import BadInput
 from tools.fwbuild import firmware_module
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 FIRMWARE = ROOT / "firmware"
-SID_RE = re.compile(r"[A-Z0-9][A-Z0-9-]{2,31}")
 REDACTED = "<redacted>"
 IDENTITY = ("sid", "kid", "key", "boot_base")  # set by the tool, never by a site file
 
@@ -44,9 +44,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 def check_sid(sid: str) -> str:
-    if not SID_RE.fullmatch(sid):
-        raise BadInput("check", f"bad station id {sid!r} (want ^[A-Z0-9][A-Z0-9-]{{2,31}}$)")
-    return sid
+    try:
+        return wire_check_sid(sid)
+    except ValueError as e:
+        raise BadInput("check", str(e)) from None
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
