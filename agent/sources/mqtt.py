@@ -1,19 +1,27 @@
-"""MQTT side of the agent: paho-mqtt 2.x driven by the asyncio loop's socket callbacks.
+"""MQTT side of the agent: our own MQTT 3.1.1 subscriber on asyncio's transports.
+
+The packets are agent/sources/mqtt_codec.py (sans-I/O); this module is the thin loop
+around it: connect (TCP or TLS), CONNECT/CONNACK, SUBSCRIBE/SUBACK, PUBLISH in, PUBACK
+out, PINGREQ, reconnect with backoff. No MQTT library, so no library internals to depend
+on (paho-mqtt stays for the tests, the benches and the tools' publishers).
 
 Why this shape (measured, see bench/bench_ingest.py and docs/agent.md):
-- paho runs in the event loop's thread (no paho thread): one thread does network, verify
-  and bookkeeping, with no lock hand-offs; the database commits in a writer thread.
-- paho reads a packet's header one byte per `recv()`; `_BufferedClient` reads the socket
-  64 KB at a time and feeds paho from that buffer, which cuts the syscalls per message
-  from four to a fraction of one (bare paho drains ~60k msg/s here; this path ~60k/s with
-  manual acks).
-- QoS 1 with `manual_ack=True`: the PUBACK for a message is sent only after its raw row
-  (or its quarantine row) is committed, so a SIGKILL never loses what the broker thinks
-  delivered; the broker redelivers the rest, and they become counted duplicates.
+- One thread: the asyncio loop reads, decodes, verifies and keeps the books; the database
+  commits in a writer thread. asyncio's transport reads up to 256 KB per `recv()` and the
+  decoder slices whole packets out of that chunk, so a message costs a fraction of a
+  syscall and no per-message object besides the packet itself (paho, by comparison, reads
+  one header byte per `recv()` and builds an MQTTMessage, matches the topic and takes
+  locks for each).
+- QoS 1 with acknowledgement on request: a message's PUBACK goes out only when `ack()` is
+  called with its delivery, after its raw row (or its quarantine row) is committed. A
+  SIGKILL never loses what the broker thinks delivered; the broker redelivers the rest,
+  and they become counted duplicates. The PUBACKs of a batch go out in one write.
 - A persistent session (clean_session=False, fixed client id): what stations publish
   while the agent is down waits in the broker and arrives on reconnect.
 - PUBACKs belong to one connection: a message received on an earlier connection is never
   acknowledged on a later one (the broker resends it, with the same or another packet id).
+- Flow control: `pause()` stops reading the socket (the broker's in-flight window and TCP
+  then hold the rest back); packets already read stay in the decoder until `resume()`.
 """
 
 from __future__ import annotations
@@ -21,17 +29,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
+from agent.sources.mqtt_codec import (
+    CONNACK_REASONS,
+    DISCONNECT_PKT,
+    PINGREQ_PKT,
+    SUBACK_FAILURE,
+    ConnAck,
+    Decoder,
+    PingResp,
+    ProtocolError,
+    PubAck,
+    Publish,
+    SubAck,
+    connect,
+    pubacks,
+    subscribe,
+)
 
 log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0
+CONNECT_TIMEOUT_S = 10.0  # TCP and TLS handshake
+HANDSHAKE_TIMEOUT_S = 10.0  # CONNECT → CONNACK → SUBACK (time spent paused not counted)
+STABLE_S = 10.0  # a connection that lasted this long resets the backoff
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,125 +84,15 @@ class BrokerConfig:
         return t
 
 
-_PUBLISH = 0x30
-_NO_MSG = lambda topic, payload, mid, qos: None
-
-
-class _FastClient(mqtt.Client):
-    """paho Client with a lean read path for MQTT 3.1.1 (see the module doc).
-
-    `_packet_read` takes whole packets from a 64 KB receive buffer; a PUBLISH goes straight
-    to `deliver(topic, payload, mid, qos)` (no MQTTMessage, no topic matcher, no locks);
-    every other packet is handed to paho's own `_packet_handle`, so connect, subscribe,
-    ping and disconnect keep paho's logic. QoS 2 publishes (never subscribed to here) also
-    take paho's path."""
-
-    _rbuf: bytes = b""
-    _rpos: int = 0
-    would_block: bool = False
-    deliver: Callable[[bytes, bytes, int, int], None] = staticmethod(_NO_MSG)
-
-    def reset_buffer(self) -> None:
-        self._rbuf = b""
-        self._rpos = 0
-
-    def _fill(self) -> int:
-        """Append what the socket has to the unread rest; 0 ok, else a paho error code."""
-        sock = self._sock
-        if sock is None:
-            return int(mqtt.MQTT_ERR_NO_CONN)
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            self.would_block = True
-            return int(mqtt.MQTT_ERR_AGAIN)
-        except ssl.SSLWantWriteError:
-            self.would_block = True
-            self._call_socket_register_write()
-            return int(mqtt.MQTT_ERR_AGAIN)
-        except OSError as e:
-            log.warning("socket read failed: %s", e)
-            return int(mqtt.MQTT_ERR_CONN_LOST)
-        if not data:
-            return int(mqtt.MQTT_ERR_CONN_LOST)
-        rest = self._rbuf[self._rpos :]
-        self._rbuf = rest + data if rest else data
-        self._rpos = 0
-        with self._msgtime_mutex:
-            self._last_bytes_received = time.monotonic()
-        return 0
-
-    def _packet_read(self) -> MQTTErrorCode:
-        while True:
-            buf = self._rbuf
-            pos = self._rpos
-            n = len(buf)
-            # fixed header: command byte, remaining length (1..4 bytes, 7 bits each)
-            if n - pos >= 2:
-                rl = 0
-                shift = 0
-                i = pos + 1
-                while i < n:
-                    b = buf[i]
-                    rl |= (b & 127) << shift
-                    i += 1
-                    if not b & 128:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        return mqtt.MQTT_ERR_PROTOCOL
-                else:
-                    i = -1  # length incomplete
-                if i > 0 and i + rl <= n:
-                    break
-            rc = self._fill()
-            if rc:
-                return MQTTErrorCode(rc)
-        end = i + rl
-        self._rpos = end
-        cmd = buf[pos]
-        if cmd & 0xF0 == _PUBLISH and cmd & 0x06 != 0x04 and self._protocol != mqtt.MQTTv5:
-            # topic length, topic, packet id when QoS > 0, payload
-            if rl < 2:
-                return mqtt.MQTT_ERR_PROTOCOL
-            tl = (buf[i] << 8) | buf[i + 1]
-            p = i + 2 + tl
-            qos = (cmd & 0x06) >> 1
-            if tl == 0 or p + (2 if qos else 0) > end:
-                return mqtt.MQTT_ERR_PROTOCOL
-            mid = 0
-            if qos:
-                mid = (buf[p] << 8) | buf[p + 1]
-                p += 2
-            self.deliver(buf[i + 2 : i + 2 + tl], buf[p:end], mid, qos)
-            return mqtt.MQTT_ERR_SUCCESS
-        # anything else: paho's handlers, fed the way its own reader would
-        self._in_packet = {
-            "command": cmd,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": rl,
-            "packet": bytearray(buf[i:end]),
-            "to_process": 0,
-            "pos": 0,
-        }
-        try:
-            rc = self._packet_handle()
-        except MalformedPacket as exc:
-            log.warning("malformed packet from the broker: %s", exc)
-            rc = mqtt.MQTT_ERR_PROTOCOL
-        self._in_packet = {
-            "command": 0,
-            "have_remaining": 0,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": 0,
-            "packet": bytearray(b""),
-            "to_process": 0,
-            "pos": 0,
-        }
-        return rc
+def tls_context(cfg: BrokerConfig) -> ssl.SSLContext:
+    """Certificate and host name verified (the host name check is off with
+    `tls_insecure`); the system's CAs unless `tls_ca`; a client certificate if given."""
+    ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+    if cfg.tls_cert:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_insecure:
+        ctx.check_hostname = False
+    return ctx
 
 
 class Delivery:
@@ -191,6 +107,47 @@ class Delivery:
 
 
 OnMessage = Callable[[str, bytes, Delivery], None]
+
+_CONNECTING, _SUBSCRIBING, _UP = 0, 1, 2
+_SUB_PID = 1  # the one SUBSCRIBE of a connection
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to the broker: its transport, decoder and handshake state."""
+
+    def __init__(self, src: MqttSource, no: int) -> None:
+        self.src = src
+        self.no = no
+        self.transport: asyncio.Transport | None = None
+        self.decoder = Decoder()
+        self.state = _CONNECTING
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.opened = time.monotonic()
+        self.last_ping = self.opened
+        self.ping_sent = 0.0  # when the oldest unanswered PINGREQ went out; 0: none
+        self.why = ""  # why we dropped it, for the log
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.src._opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        self.src._dispatch(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.src._lost(self, exc)
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def drop(self, why: str) -> None:
+        """Close at once (unsent bytes are dropped: the broker keeps what is unacked)."""
+        self.why = why
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class MqttSource:
@@ -207,234 +164,231 @@ class MqttSource:
         self.cfg = cfg
         self._on_message = on_message
         self._on_drained = on_drained or (lambda: None)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
+        # built now, so that a missing certificate file is an error at start
+        self._ssl = tls_context(cfg) if cfg.tls else None
+        self._connect_pkt = connect(
+            cfg.client_id,
+            keepalive=cfg.keepalive,
+            clean_session=False,
+            user=cfg.user or None,
+            password=cfg.password if cfg.user else None,
+        )
+        self._subscribe_pkt = subscribe(_SUB_PID, cfg.topics())
         self.conn = 0  # connection number: bumped on every new socket
         self.connected = asyncio.Event()  # connected and subscribed
-        self._closed = asyncio.Event()
+        self._c: _Conn | None = None  # the open connection
+        self._stop = asyncio.Event()
         self._stopping = False
         self._paused = False
-        self._fd = -1
-        self.drain_max = 500
-        self.counters = {"connects": 0, "disconnects": 0, "stale_acks": 0}
-        c = _FastClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-            manual_ack=True,
-        )
-        if cfg.user:
-            c.username_pw_set(cfg.user, cfg.password)
-        if cfg.tls:
-            c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key)
-            if cfg.tls_insecure:
-                c.tls_insecure_set(True)
-        c.on_connect = self._connected
-        c.on_subscribe = self._subscribed
-        c.on_message = self._message  # QoS 2 or MQTT 5 only (paho's own path)
-        c.deliver = self._deliver
-        c.on_socket_open = self._sock_open
-        c.on_socket_close = self._sock_close
-        c.on_socket_register_write = self._want_write
-        c.on_socket_unregister_write = self._no_write
-        c.connect_async(cfg.host, cfg.port, cfg.keepalive)
-        self.client = c
+        self.counters = {"connects": 0, "disconnects": 0, "stale_acks": 0, "protocol_errors": 0}
 
-    # ---- callbacks from paho (loop thread, except socket open during reconnect) ----------
+    # ---- the connection's callbacks (loop thread) ------------------------------------------
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        assert self._loop is not None
-        if threading.get_ident() == self._loop_thread:
-            fn(*args)
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _sock_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self.client.reset_buffer()
-        self.conn += 1
-        self._fd = sock.fileno()
-        self._call(self._add_reader, self._fd)
-
-    def _add_reader(self, fd: int) -> None:
-        assert self._loop is not None
-        if not self._paused:
-            self._loop.add_reader(fd, self._readable)
-
-    def _sock_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        fd, self._fd = self._fd, -1
-        self.counters["disconnects"] += 1
-        self._call(self._removed, fd)
-
-    def _removed(self, fd: int) -> None:
-        assert self._loop is not None
-        if fd >= 0:
-            self._loop.remove_reader(fd)
-            self._loop.remove_writer(fd)
-        self.connected.clear()
-        self._closed.set()
-        if not self._stopping:
-            log.warning("disconnected from %s:%d", self.cfg.host, self.cfg.port)
-
-    def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        fd = sock.fileno()
-        self._call(self._add_writer, fd)
-
-    def _add_writer(self, fd: int) -> None:
-        assert self._loop is not None
-        if fd == self._fd:
-            self._loop.add_writer(fd, self._writable)
-
-    def _no_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        fd = self._fd
-        if fd >= 0:
-            self._call(self._loop_remove_writer, fd)
-
-    def _loop_remove_writer(self, fd: int) -> None:
-        assert self._loop is not None
-        self._loop.remove_writer(fd)
-
-    def _connected(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
+    def _opened(self, c: _Conn) -> None:
+        assert c.transport is not None
+        self._c = c
+        self.conn = c.no
+        if self._stopping:
+            c.transport.close()
             return
-        self.counters["connects"] += 1
-        log.info(
-            "connected to %s:%d as %s (session present: %s)",
-            self.cfg.host,
-            self.cfg.port,
-            self.cfg.client_id,
-            bool(flags.session_present),
-        )
-        self.client.subscribe(self.cfg.topics())
+        if self._paused:
+            c.transport.pause_reading()
+        c.write(self._connect_pkt)
 
-    def _subscribed(
-        self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
-    ) -> None:
-        bad = [str(c) for c in codes if c.is_failure]
-        if bad:
-            log.error("broker refused subscriptions: %s", ", ".join(bad))
-            return
-        log.info("subscribed to %s", ", ".join(t for t, _ in self.cfg.topics()))
-        self.connected.set()
-
-    def _message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+    def _dispatch(self, c: _Conn) -> None:
+        """Hand over the packets the decoder holds, until it needs bytes or we pause."""
+        if c is not self._c:
+            return  # a connection that is closing
+        dec = c.decoder
+        on_message = self._on_message
+        no = c.no
         try:
-            topic = m.topic
-        except UnicodeDecodeError:
-            topic = m._topic.decode("ascii", "replace")
-        self._on_message(topic, bytes(m.payload), Delivery(m.mid, m.qos, self.conn))
-
-    def _deliver(self, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
-        try:
-            t = topic.decode()
-        except UnicodeDecodeError:
-            t = topic.decode("utf-8", "replace")
-        self._on_message(t, payload, Delivery(mid, qos, self.conn))
-
-    def _readable(self) -> None:
-        # Read until the socket is empty, but hand over every `drain_max` packets (the
-        # committer then starts on what is here while we read on): bounded latency under
-        # a burst, and commits overlap reading.
-        c = self.client
-        c.would_block = False
-        k = 0
-        try:
-            while not c.would_block and not self._paused:
-                if c.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            while not self._paused:
+                p = dec.next()
+                if p is None:
                     break
-                k += 1
-                if k >= self.drain_max:
-                    assert self._loop is not None
-                    self._loop.call_soon(self._readable)  # the buffer may hold more
-                    break
+                if isinstance(p, Publish):
+                    if c.state == _CONNECTING:
+                        raise ProtocolError("PUBLISH before CONNACK")
+                    on_message(p.topic, p.payload, Delivery(p.pid, p.qos, no))
+                else:
+                    self._control(c, p)
+                    if c.why:
+                        break  # dropped it
+        except ProtocolError as e:
+            self.counters["protocol_errors"] += 1
+            log.error("protocol error from %s:%d: %s", self.cfg.host, self.cfg.port, e)
+            c.drop(f"protocol error: {e}")
         finally:
             self._on_drained()
 
-    def _writable(self) -> None:
-        self.client.loop_write()
+    def _control(self, c: _Conn, p: ConnAck | SubAck | PubAck | PingResp) -> None:
+        cfg = self.cfg
+        if isinstance(p, PingResp):
+            c.ping_sent = 0.0
+        elif isinstance(p, ConnAck):
+            if c.state != _CONNECTING:
+                raise ProtocolError("a second CONNACK")
+            if p.rc:
+                log.error("broker refused the connection: %s", CONNACK_REASONS[p.rc])
+                c.drop(f"refused: {CONNACK_REASONS[p.rc]}")
+                return
+            self.counters["connects"] += 1
+            log.info(
+                "connected to %s:%d as %s (session present: %s)",
+                cfg.host,
+                cfg.port,
+                cfg.client_id,
+                p.session_present,
+            )
+            c.state = _SUBSCRIBING
+            c.write(self._subscribe_pkt)
+        elif isinstance(p, SubAck):
+            topics = cfg.topics()
+            if c.state != _SUBSCRIBING or p.pid != _SUB_PID or len(p.codes) != len(topics):
+                raise ProtocolError(f"unexpected {p!r}")
+            bad = [
+                t for (t, _), code in zip(topics, p.codes, strict=True) if code == SUBACK_FAILURE
+            ]
+            if bad:
+                # e.g. the broker's ACL: stay loud and retry (with backoff) until it is fixed
+                log.error("broker refused subscriptions: %s", ", ".join(bad))
+                c.drop("subscription refused")
+                return
+            c.state = _UP
+            log.info("subscribed to %s", ", ".join(t for t, _ in topics))
+            self.connected.set()
+        else:
+            raise ProtocolError(f"{p!r} for a message we never sent")
 
-    # ---- control ---------------------------------------------------------------------------
+    def _lost(self, c: _Conn, exc: Exception | None) -> None:
+        if c is self._c:
+            self._c = None
+            self.connected.clear()
+        self.counters["disconnects"] += 1
+        if not c.closed.done():
+            c.closed.set_result(None)
+        if not self._stopping:
+            why = c.why or (str(exc) if exc else "closed by the broker")
+            log.warning("disconnected from %s:%d (%s)", self.cfg.host, self.cfg.port, why)
+
+    # ---- control -----------------------------------------------------------------------------
 
     def pause(self) -> None:
-        """Stop reading (back-pressure); buffered data is read after `resume`."""
+        """Stop reading (back-pressure); what was read already is handed over after
+        `resume`."""
         if not self._paused:
             self._paused = True
-            if self._fd >= 0 and self._loop is not None:
-                self._loop.remove_reader(self._fd)
+            c = self._c
+            if c is not None and c.transport is not None:
+                c.transport.pause_reading()
 
     def resume(self) -> None:
         if self._paused:
             self._paused = False
-            if self._fd >= 0 and self._loop is not None:
-                self._loop.add_reader(self._fd, self._readable)
-                self._loop.call_soon(self._readable)  # bytes may already sit in the buffer
+            c = self._c
+            if c is not None and c.transport is not None and not c.transport.is_closing():
+                c.transport.resume_reading()
+                now = time.monotonic()
+                if c.ping_sent:
+                    c.ping_sent = now  # its answer could not be read while paused
+                if c.state != _UP:
+                    c.opened = now
+                if c.decoder.buffered:
+                    asyncio.get_running_loop().call_soon(self._dispatch, c)
 
     def ack(self, deliveries: list[Delivery]) -> None:
-        """PUBACK each delivery of the current connection, in order, then write them out."""
-        c = self.client
-        conn = self.conn
-        stale = 0
-        pubacks = []
-        for d in deliveries:
-            if d.conn != conn:
-                stale += d.qos > 0
-            elif d.qos == 1:
-                pubacks.append(d.mid)
-            elif d.qos:
-                c.ack(d.mid, d.qos)
-        self.counters["stale_acks"] += stale
-        if pubacks and self._fd >= 0:
-            # one write for all of them: PUBACK is 0x40 0x02 <packet id>
-            data = b"".join([b"\x40\x02" + m.to_bytes(2, "big") for m in pubacks])
-            c._packet_queue(mqtt.PUBACK, data, 0, 0)
-        if c.want_write():
-            c.loop_write()
+        """PUBACK each QoS 1 delivery of the current connection, in order, in one write.
+        Deliveries of an earlier connection are not acknowledged (counted `stale_acks`):
+        the broker sends them again."""
+        c = self._c
+        no = c.no if c is not None else -1
+        pids = [d.mid for d in deliveries if d.conn == no and d.qos]
+        stale = sum(1 for d in deliveries if d.qos and d.conn != no)
+        if stale:
+            self.counters["stale_acks"] += stale
+        if pids and c is not None:
+            c.write(pubacks(pids))
 
     async def run(self) -> None:
         """Connect and stay connected (reconnecting with backoff) until `stop()`."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        misc = asyncio.create_task(self._misc())
-        backoff = 0.1
-        try:
-            while not self._stopping:
-                self._closed.clear()
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        backoff = BACKOFF_MIN_S
+        while not self._stopping:
+            c = _Conn(self, self.conn + 1)
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda c=c: c,
+                        cfg.host,
+                        cfg.port,
+                        ssl=self._ssl,
+                        server_hostname=cfg.host if self._ssl else None,
+                    ),
+                    CONNECT_TIMEOUT_S,
+                )
+            except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+                if c.transport is not None:
+                    c.transport.abort()
+                log.warning(
+                    "cannot connect to %s:%d: %s (retry in %.1fs)",
+                    cfg.host,
+                    cfg.port,
+                    str(e) or type(e).__name__,
+                    backoff,
+                )
+            else:
+                watch = asyncio.create_task(self._watch(c))
                 try:
-                    await self._loop.run_in_executor(None, self.client.reconnect)
-                except (OSError, ssl.SSLError) as e:
-                    log.warning(
-                        "cannot connect to %s:%d: %s (retry in %.1fs)",
-                        self.cfg.host,
-                        self.cfg.port,
-                        e,
-                        backoff,
-                    )
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                t0 = time.monotonic()
-                await self._closed.wait()
-                if time.monotonic() - t0 > 10:
-                    backoff = 0.1
-                if not self._stopping:
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-        finally:
-            misc.cancel()
+                    await c.closed
+                finally:
+                    watch.cancel()
+                    if not self._stopping and c.transport is not None:
+                        c.transport.abort()  # cancelled: do not leave the socket behind
+                if time.monotonic() - t0 > STABLE_S:
+                    backoff = BACKOFF_MIN_S
+            if self._stopping:
+                break
+            try:
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _misc(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if self._fd >= 0:
-                self.client.loop_misc()  # keepalive pings, dead-connection detection
+    async def _watch(self, c: _Conn) -> None:
+        """Handshake timeout, keepalive pings, and a dead link found by a missing PINGRESP."""
+        ka = self.cfg.keepalive
+        tick = min(1.0, ka / 4) if ka else 1.0
+        while not c.closed.done():
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if c.state != _UP:
+                if not self._paused and now - c.opened > HANDSHAKE_TIMEOUT_S:
+                    what = "CONNACK" if c.state == _CONNECTING else "SUBACK"
+                    c.drop(f"no {what} within {HANDSHAKE_TIMEOUT_S:.0f}s")
+                    return
+                if c.state == _CONNECTING:
+                    continue
+            if not ka:
+                continue
+            if c.ping_sent and not self._paused and now - c.ping_sent > ka:
+                c.drop(f"no PINGRESP within {ka}s")
+                return
+            # a ping every keepalive/2 s; while paused even with one unanswered (its answer
+            # waits unread), so that the broker keeps hearing from us
+            if now - c.last_ping >= ka / 2 and (not c.ping_sent or self._paused):
+                c.write(PINGREQ_PKT)
+                c.last_ping = now
+                if not c.ping_sent:
+                    c.ping_sent = now
 
     def stop(self) -> None:
-        """Disconnect cleanly (the session stays on the broker)."""
+        """Disconnect cleanly (the session stays on the broker); `run()` returns."""
         self._stopping = True
-        if self._fd >= 0:
-            self.client.disconnect()
-            self.client.loop_write()
-        self._closed.set()
+        self._stop.set()
+        c = self._c
+        if c is not None and c.transport is not None and not c.transport.is_closing():
+            c.transport.write(DISCONNECT_PKT)
+            c.transport.close()
