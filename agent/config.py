@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from agent.ledger.metering import MeterParams
+from agent.ledger import MeterParams
 from agent.sources.mqtt import BrokerConfig
 
 __all__ = [

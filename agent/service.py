@@ -38,7 +38,7 @@ import msgspec
 from agent import wire
 from agent.config import AgentConfig, ConfigError
 from agent.keys import CachedKeys, KeyStore
-from agent.ledger.metering import IncrementalMeter, RawMsg
+from agent.ledger import IncrementalMeter, RawMsg
 from agent.sources.mqtt import Delivery, MqttSource
 from agent.store import (
     CONFLICT,

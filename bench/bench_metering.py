@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.ledger.metering import IncrementalMeter, RawMsg, compute
+from agent.ledger import IncrementalMeter, RawMsg, compute
 
 T0 = 1_767_225_600_000
 

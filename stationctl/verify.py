@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent.keys import KeyStore
-    from agent.ledger.metering import MeterParams, RawMsg, compute
+    from agent.ledger import MeterParams, RawMsg, compute
     from agent.store import Store, record_to_row
     from agent.wire import WireError, verify
 

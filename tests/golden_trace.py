@@ -134,8 +134,8 @@ def read_trace() -> list[tuple[str, int, bytes]]:
 def exports(trace: list[tuple[str, int, bytes]]) -> dict[str, bytes]:
     """Every export of the trace's records, by file name."""
     from agent import wire
+    from agent.ledger import RawMsg, compute
     from agent.ledger.export import render
-    from agent.ledger.metering import RawMsg, compute
 
     msgs = []
     for _topic, recv, payload in trace:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.ledger import Record
 from agent.ledger.carbon import (
     CarbonParamsError,
     aggregate,
@@ -18,7 +19,6 @@ from agent.ledger.carbon import (
     parse_params,
     reductions,
 )
-from agent.ledger.metering import Record
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 YEAR_MS = 365 * 86_400_000

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from agent import wire
+from agent.ledger import RawMsg, compute
 from agent.ledger.export import render
-from agent.ledger.metering import RawMsg, compute
 from agent.store import RawRow, Store, record_to_row
 from tests.agent_helpers import STATIONCTL, fleet_stream
 from tests.helpers import ROOT

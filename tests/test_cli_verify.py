@@ -9,7 +9,7 @@ import subprocess
 
 from agent import wire
 from agent.keys import KeyStore
-from agent.ledger.metering import RawMsg, compute
+from agent.ledger import RawMsg, compute
 from agent.store import RawRow, Store, record_to_row
 from tests.agent_helpers import STATIONCTL, fleet_stream, key_for
 from tests.helpers import ROOT

@@ -14,8 +14,7 @@ import pytest
 
 from agent import wire
 from agent.dashboard.state import DAY_MS, FleetState, ViewConfig
-from agent.ledger import carbon
-from agent.ledger.metering import Record
+from agent.ledger import Record, carbon
 
 T0 = 1_764_150_000_000  # 2025-11-26T09:40:00Z
 KEY = bytes(range(32))

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
+from agent.ledger import MeterParams, Record, compute
 from agent.ledger.export import iso_ms, kwh, parse_time, render
-from agent.ledger.metering import MeterParams, Record, compute
 from tests.test_metering_rules import T0, tel
 
 DAY = 86_400_000

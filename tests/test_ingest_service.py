@@ -13,7 +13,7 @@ from collections.abc import Callable
 from agent import wire
 from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
-from agent.ledger.metering import MeterParams, RawMsg, compute
+from agent.ledger import MeterParams, RawMsg, compute
 from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from agent.store import Store, record_to_row

@@ -1,4 +1,4 @@
-"""Property tests of agent/ledger/metering.py against tests/metering_reference.py.
+"""Property tests of the metering engine (agent/ledger/) against tests/metering_reference.py.
 
 Random station histories (several stations and slots, reboots with and without restore,
 with and without the boot event, b_mwh present or absent, power cuts before and after the
@@ -16,8 +16,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import agent.ledger.metering
-from agent.ledger.metering import (
+import agent.ledger.engine
+from agent.ledger import (
     IncrementalMeter,
     MeterParams,
     RawMsg,
@@ -262,11 +262,11 @@ def test_incremental_equals_compute(rnd: random.Random) -> None:
         j = rnd.randrange(len(late))
         late.append(late.pop(j))
     orders.append(late)
-    part_msgs = agent.ledger.metering.PART_MSGS
+    part_msgs = agent.ledger.engine.PART_MSGS
     try:
         for order in orders:
             # checkpoints every few messages, so that late messages re-run from within a boot
-            agent.ledger.metering.PART_MSGS = rnd.choice([1, 2, 5, 256])
+            agent.ledger.engine.PART_MSGS = rnd.choice([1, 2, 5, 256])
             im = IncrementalMeter()
             seen: dict[str, dict[str, Record]] = {}
             feed(rnd, im, order, seen)
@@ -275,7 +275,7 @@ def test_incremental_equals_compute(rnd: random.Random) -> None:
             for sid in im.sids():
                 assert seen.get(sid, {}) == {record_id(r): r for r in im.records(sid)}
     finally:
-        agent.ledger.metering.PART_MSGS = part_msgs
+        agent.ledger.engine.PART_MSGS = part_msgs
 
 
 def _k(r: Record) -> tuple[Any, ...]:

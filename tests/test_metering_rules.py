@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.ledger.metering import (
+from agent.ledger import (
     PROCESSING_VERSION,
     IncrementalMeter,
     MeterParams,

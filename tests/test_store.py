@@ -132,7 +132,7 @@ def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
 
 
 def test_record_round_trip(tmp_path: pathlib.Path) -> None:
-    from agent.ledger.metering import Record
+    from agent.ledger import Record
     from agent.store import record_to_row, row_to_record
 
     r = Record(

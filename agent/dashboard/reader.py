@@ -17,7 +17,7 @@ import logging
 import sqlite3
 from typing import Any, Final, NamedTuple
 
-from agent.ledger.metering import Record
+from agent.ledger import Record
 from agent.store import RECORD_COLUMNS, Store, row_to_record
 
 log = logging.getLogger(__name__)

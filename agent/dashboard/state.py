@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final
 
-from agent.ledger import carbon
-from agent.ledger.metering import Record
+from agent.ledger import Record, carbon
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from agent.ledger.metering import Record
+from agent.ledger.records import Record
 
 DEFAULT_PATH = Path(__file__).with_name("carbon_params.toml")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agent.ledger.metering import Record
+from agent.ledger.records import Record
 
 FORMATS = ("csv", "json")
 KINDS = ("interval", "session", "day")

@@ -31,7 +31,7 @@ from typing import Any, Final, NamedTuple, Self
 
 import msgspec
 
-from agent.ledger.metering import Record, record_id
+from agent.ledger.records import Record, record_id
 
 log = logging.getLogger(__name__)
 
