@@ -68,14 +68,12 @@ def run(args: argparse.Namespace) -> int:
                 msgs.append(
                     RawMsg(sid=v.sid, boot=v.boot, seq=v.seq, recv_ms=row.recv_ms, body=v.body)
                 )
-        stored = {
-            r[0]: tuple(r) for r in store.record_rows() if args.sid is None or r[1] == args.sid
-        }
+        stored = {r.rid: r for r in store.record_rows() if args.sid is None or r.sid == args.sid}
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
     finally:
         store.close()
-    again = {row[0]: tuple(row) for row in map(record_to_row, compute(msgs, params))}
+    again = {row.rid: row for row in map(record_to_row, compute(msgs, params))}
     missing = sorted(set(again) - set(stored))
     extra = sorted(set(stored) - set(again))
     differ = sorted(k for k in set(again) & set(stored) if again[k] != stored[k])
@@ -105,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         for k in extra[:20]:
             print("  stored but not reproduced:", k)
         for k in differ[:20]:
-            print("  different:", k, "stored", stored[k][6:8], "recomputed", again[k][6:8])
+            s, a = stored[k], again[k]
+            print(
+                "  different:", k, "stored", (s.mwh, s.held_mwh), "recomputed", (a.mwh, a.held_mwh)
+            )
         print(
             "OK: every record is reproduced from signed raw messages" if summary["ok"] else "FAILED"
         )

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from agent.store import QuarantineRow, RawRow, Store, sqlite_path
+from agent.store import QuarantineRow, RawRow, RecordRow, Store, sqlite_path
 
 SID = "KH-PNH-0001"
 
@@ -92,25 +92,25 @@ def test_iter_raw_pages_in_arrival_order(tmp_path: pathlib.Path) -> None:
 
 
 def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
-    def rec(sid: str, slot: int, start: int, mwh: int) -> tuple:  # type: ignore[type-arg]
-        return (
-            f"interval/{sid}/{slot}/{start}",
-            sid,
-            "interval",
-            slot,
-            start,
-            start + 900_000,
-            mwh,
-            0,
-            "",
-            1,
-            0,
-            1,
-            5,
-            0,
-            mwh,
-            "1",
-            "{}",
+    def rec(sid: str, slot: int, start: int, mwh: int) -> RecordRow:
+        return RecordRow(
+            rid=f"interval/{sid}/{slot}/{start}",
+            sid=sid,
+            kind="interval",
+            slot=slot,
+            start_ms=start,
+            end_ms=start + 900_000,
+            mwh=mwh,
+            held_mwh=0,
+            flags="",
+            from_boot=1,
+            from_seq=0,
+            to_boot=1,
+            to_seq=5,
+            e_from=0,
+            e_to=mwh,
+            version="1",
+            extra="{}",
         )
 
     with Store(str(tmp_path / "a.db")) as st:
@@ -119,20 +119,21 @@ def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
         )
         st.replace_records({"A-01": [rec("A-01", 1, 0, 6)]})
         rows = st.record_rows()
-        assert [(r[1], r[3], r[6]) for r in rows] == [("A-01", 1, 6), ("B-01", 1, 9)]
+        assert [(r.sid, r.slot, r.mwh) for r in rows] == [("A-01", 1, 6), ("B-01", 1, 9)]
+        assert rows[0] == rec("A-01", 1, 0, 6)
         assert st.record_rows(kind="session") == []
         assert st.record_rows(start_ms=900_001) == []
         assert len(st.record_rows(start_ms=0, end_ms=1)) == 2
         # incremental: upsert by rid, delete gone rids
         st.apply_records([rec("A-01", 1, 0, 8), rec("A-01", 2, 0, 1)], ["interval/B-01/1/0"])
         rows = st.record_rows()
-        assert [(r[1], r[3], r[6]) for r in rows] == [("A-01", 1, 8), ("A-01", 2, 1)]
+        assert [(r.sid, r.slot, r.mwh) for r in rows] == [("A-01", 1, 8), ("A-01", 2, 1)]
         st.replace_records({"C-01": [rec("C-01", 1, 0, 3)]}, everything=True)
-        assert [r[1] for r in st.record_rows()] == ["C-01"]
+        assert [r.sid for r in st.record_rows()] == ["C-01"]
 
 
 def test_record_round_trip(tmp_path: pathlib.Path) -> None:
-    from agent.ledger import Record
+    from agent.ledger import Record, record_id
     from agent.store import record_to_row, row_to_record
 
     r = Record(
@@ -154,6 +155,30 @@ def test_record_round_trip(tmp_path: pathlib.Path) -> None:
     with Store(str(tmp_path / "a.db")) as st:
         st.apply_records([record_to_row(r)], [])
         (row,) = st.record_rows()
+        # the columns as stored: a session is named by its end event's key, flags are
+        # "|"-joined, extra is JSON with sorted keys
+        assert st.db.execute("SELECT * FROM records").fetchall() == [
+            (
+                "session/A-01/3/3:-1",
+                "A-01",
+                "session",
+                3,
+                5,
+                9,
+                4,
+                1,
+                "hist|reboot",
+                1,
+                2,
+                3,
+                -1,
+                10,
+                14,
+                "m1",
+                '{"bat":null,"reg_mwh":4,"why":"full"}',
+            )
+        ]
+    assert row.rid == record_id(r) and row.flags == "hist|reboot" and row.to_seq == -1
     assert row_to_record(row) == r
 
 

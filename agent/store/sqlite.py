@@ -76,18 +76,33 @@ DDL: Final = (
         PRIMARY KEY (sid, kid))""",
 )
 
-RECORD_COLUMNS: Final = (
-    "rid, sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags, from_boot, from_seq, "
-    "to_boot, to_seq, e_from, e_to, version, extra"
-)
-# rid (metering.record_id), sid, kind, slot, start_ms, end_ms, mwh, held_mwh, flags ("|"-joined),
-# from_boot, from_seq, to_boot, to_seq, e_from, e_to, version, extra (JSON text)
-RecordRow = tuple[
-    str, str, str, int, int, int, int, int, str, int, int, int, int, int, int, str, str
-]
+
+class RecordRow(NamedTuple):
+    """A `Record` as a row of the records table, its fields in column order; made and read
+    back only by record_to_row / row_to_record below."""
+
+    rid: str  # agent.ledger.records.record_id
+    sid: str
+    kind: str
+    slot: int
+    start_ms: int
+    end_ms: int
+    mwh: int
+    held_mwh: int
+    flags: str  # "|"-joined, sorted
+    from_boot: int
+    from_seq: int
+    to_boot: int
+    to_seq: int
+    e_from: int
+    e_to: int
+    version: str
+    extra: str  # JSON text, keys sorted
+
+
+RECORD_COLUMNS: Final = ", ".join(RecordRow._fields)
 _INSERT_RECORD: Final = (
-    f"INSERT INTO records ({RECORD_COLUMNS}) VALUES "
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO records ({RECORD_COLUMNS}) VALUES ({', '.join('?' * len(RecordRow._fields))})"
 )
 _UPSERT_RECORD: Final = (
     _INSERT_RECORD
@@ -468,7 +483,7 @@ class Store:
             q += " AND start_ms < ?"
             args.append(end_ms)
         q += " ORDER BY sid, slot, start_ms, kind, rid"
-        return [tuple(r) for r in self.db.execute(q, args).fetchall()]
+        return [RecordRow._make(r) for r in self.db.execute(q, args).fetchall()]
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -484,7 +499,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def record_to_row(r: Record) -> RecordRow:
-    return (
+    """The row a record is stored as."""
+    return RecordRow(
         record_id(r),
         r.sid,
         r.kind,
@@ -506,6 +522,7 @@ def record_to_row(r: Record) -> RecordRow:
 
 
 def row_to_record(row: Sequence[Any]) -> Record:
+    """The record a row of RECORD_COLUMNS (a RecordRow, or a plain row a query read) holds."""
     (
         _rid,
         sid,
