@@ -5,8 +5,8 @@
 #
 # Replay protection has to work before the clock is synced (right after a reboot, when a
 # captured command is most tempting to replay: a replayed `reboot` would loop the station).
-# So two things survive restarts in a small A/B file (root/nonce.a|b, written before the
-# command is handed over, so a command acted on is always remembered):
+# So two things survive restarts in a small A/B file (root/nonce.a|b, persist.ABFile, written
+# before the command is handed over, so a command acted on is always remembered):
 #   - the last RING nonces accepted;
 #   - floor_ms: a time the station knows has passed (the newest of its synced clock and a
 #     `time` command's now_ms at each accepted command). A command whose exp is below it is
@@ -15,7 +15,7 @@
 # most that far before its exp), so an old command can only slip through if it is younger than
 # a day relative to the newest accepted one and has also left the ring of RING nonces.
 import wire
-from outbox import ABFile
+from persist import ABFile
 
 try:
     from micropython import const
@@ -27,7 +27,9 @@ except ImportError:
 
 RING = const(64)
 MAX_AHEAD_MS = const(86400000)  # 24 h
-_NONCE_MAX = const(40)  # characters (fits a UUID); RING of them fit one 4 KB record
+_NONCE_MAX = const(40)  # characters (fits a UUID)
+# RING nonces of _NONCE_MAX characters, each of them escaped in JSON (\" is 2), and floor
+_NONCE_FILE_MAX = const(8192)
 
 CODES = (
     "unsigned",
@@ -75,7 +77,7 @@ class CommandGate:
         self.sid = sid
         self.kid = kid
         self._key = key
-        self._ab = ABFile(root + "/nonce")
+        self._ab = ABFile(root + "/nonce", _NONCE_FILE_MAX)
         self._ring = []  # type: list
         self.floor_ms = 0
         self.accepted = 0

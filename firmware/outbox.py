@@ -6,10 +6,11 @@
 #   s<first id>    append-only segment files of records
 #                  [magic 0xB5][kind t|e|b][len u16][id u32][crc32 u32][payload], little-endian;
 #                  the CRC covers the 8 header bytes before it and the payload
-#   ack.a, ack.b   A/B copies of the removal state "head next id1 id2 ...": every id below
-#                  head is gone, and so are the listed ids (acked out of order); next is a
-#                  floor for new ids; the newest valid copy wins (sequence number + CRC), so a
-#                  torn write falls back to the older one
+#   ack.a, ack.b   the removal state "head next id1 id2 ...", kept as a persist.ABFile (the
+#                  station's one A/B record format: sequence number + CRC, newest valid copy
+#                  wins, so a torn write falls back to the older one): every id below head is
+#                  gone, and so are the listed ids (acked out of order); next is a floor for
+#                  new ids
 #   c.tmp          a segment being compacted (renamed over the segment when complete)
 #
 # Power safety (SIGKILL or power cut at any moment):
@@ -42,6 +43,8 @@
 import os
 import struct
 from binascii import crc32
+
+from persist import ABFile
 
 try:
     from micropython import const
@@ -78,61 +81,6 @@ def _remove(path):
         os.remove(path)
     except OSError:
         pass
-
-
-class ABFile:
-    """A small record kept as two copies, path.a and path.b, each "<crc32 hex> <seq>\\n" +
-    data; save() overwrites the older copy, load() returns the newest intact one."""
-
-    def __init__(self, path):
-        self._paths = (path + ".a", path + ".b")
-        self.seq = 0
-
-    def _read(self, path):
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError:
-            return None
-        nl = raw.find(b"\n")
-        if nl < 0:
-            return None
-        head = raw[:nl].split(b" ")
-        if len(head) != 2:
-            return None
-        try:
-            crc = int(head[0], 16)
-            seq = int(head[1])
-        except ValueError:
-            return None
-        data = raw[nl + 1 :]
-        if crc32(data, crc32(head[1])) & 0xFFFFFFFF != crc:
-            return None
-        return seq, data
-
-    def load(self):
-        """The newest intact data (bytes), or None when neither copy is intact."""
-        best = None
-        for p in self._paths:
-            r = self._read(p)
-            if r is not None and (best is None or r[0] > best[0]):
-                best = r
-        if best is None:
-            self.seq = 0
-            return None
-        self.seq = best[0]
-        return best[1]
-
-    def save(self, data):
-        """Write data as the next copy; durable when this returns (the file is closed)."""
-        seq = self.seq + 1
-        s = b"%d" % seq
-        with open(self._paths[seq & 1], "wb") as f:
-            f.write(b"%08x " % (crc32(data, crc32(s)) & 0xFFFFFFFF))
-            f.write(s)
-            f.write(b"\n")
-            f.write(data)
-        self.seq = seq
 
 
 class _Seg:
@@ -177,7 +125,8 @@ class Outbox:
         self._bytes = 0
         if not _exists(root):
             os.mkdir(root)
-        self._ab = ABFile(root + "/ack")
+        # head, next and at most max_acked + 1 ids of 10 digits at a save
+        self._ab = ABFile(root + "/ack", max(4096, 12 * (max_acked + 4)), _parse_ack)
         self._load()
 
     # ---- public
@@ -441,9 +390,8 @@ class Outbox:
                 pos = nxt
 
     def _load(self):
-        data = self._ab.load()
-        if data:
-            ids = [int(x) for x in data.split(b" ")]
+        ids = self._ab.load()
+        if ids:
             self._head = ids[0]
             self._next = ids[1]
             self._acked = set(ids[2:])
@@ -507,6 +455,14 @@ class Outbox:
                 pos += _HDR + ln
         seg.size = os.stat(self._path(seg))[6]  # torn tail included
         seg.closed = seg.size != pos
+
+
+def _parse_ack(data):
+    """The ack state's bytes -> [head, next, acked ids...]; ValueError when not one."""
+    ids = [int(x) for x in data.split(b" ")]
+    if len(ids) < 2:
+        raise ValueError("ack state needs head and next")
+    return ids
 
 
 def _kind(kind):

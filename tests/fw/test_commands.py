@@ -3,6 +3,7 @@ import hashlib
 
 import commands
 import hmac_sha256
+import persist
 import wire
 from fwtest import raises, tmpdir
 
@@ -168,8 +169,10 @@ def test_torn_nonce_write_keeps_the_previous_ring():
     root = tmpdir("cmd-torn")
     g = gate(root)
     g.check(cmd("reboot", "a"), NOW)
-    g.check(cmd("reboot", "b"), NOW)  # seq 2 -> nonce.a; tear it as a power cut would
-    with open(root + "/nonce.a", "wb") as f:
+    g.check(cmd("reboot", "b"), NOW)  # seq 2: tear its copy as a power cut would
+    ab = persist.ABFile(root + "/nonce")
+    assert ab.load() is not None and ab.seq == 2
+    with open(ab.paths[ab._newest], "wb") as f:
         f.write(b"0000")
     g2 = gate(root)
     assert g2._ring == ["a"]  # "b" never returned from check(), so it was never acted on
@@ -178,9 +181,24 @@ def test_torn_nonce_write_keeps_the_previous_ring():
 
 def test_garbage_in_the_nonce_file_starts_empty():
     root = tmpdir("cmd-garbage")
-    import outbox
-
-    outbox.ABFile(root + "/nonce").save(b'{"x":1}')
+    persist.ABFile(root + "/nonce").save(b'{"x":1}')
     g = gate(root)
     assert g._ring == [] and g.floor_ms == 0
     assert g.check(cmd("reboot", "z"), NOW)["cmd"] == "reboot"
+
+
+def test_a_nonce_ring_in_the_former_file_format_is_read():
+    # as the firmware wrote it before persist.ABFile was the one A/B format
+    root = tmpdir("cmd-old")
+    data = wire.encode({"floor": NOW, "nonces": ["n1", "n2"]})
+    s = b"7"
+    with open(root + "/nonce.b", "wb") as f:
+        f.write(b"%08x " % persist.crc32(data, persist.crc32(s)) + s + b"\n" + data)
+    g = gate(root)
+    assert g._ring == ["n1", "n2"] and g.floor_ms == NOW
+    assert code(g, cmd("reboot", "n2")) == "replay"
+    assert g.check(cmd("reboot", "n3"), NOW)["cmd"] == "reboot"
+    with open(root + "/nonce.a", "rb") as f:  # written in the one format, seq going on
+        seq, got = persist.unpack(f.read())
+    assert seq == 8 and wire.decode(got)["nonces"] == ["n1", "n2", "n3"]
+    assert gate(root)._ring == ["n1", "n2", "n3"]

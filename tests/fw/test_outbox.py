@@ -2,6 +2,7 @@
 import os
 
 import outbox
+import persist
 from fwtest import raises, tmpdir
 
 
@@ -21,6 +22,13 @@ class Rng:
     def below(self, n):
         self.s = (self.s * 1103515245 + 12345) & 0x7FFFFFFF
         return (self.s >> 8) % n
+
+
+def newest_copy(path):
+    """The slot file (path.a or path.b) that holds the newest intact copy."""
+    ab = persist.ABFile(path)
+    ab.load()
+    return ab.paths[ab._newest]
 
 
 def segs(root):
@@ -125,7 +133,7 @@ def test_torn_ack_write_falls_back_to_the_previous_state():
         ob.append("t", payload(j))
     ob.ack(0)
     ob.ack(1)  # newest copy; tear it
-    newest = root + "/ack.a" if ob._ab.seq % 2 == 0 else root + "/ack.b"
+    newest = newest_copy(root + "/ack")
     with open(newest, "rb") as f:
         raw = f.read()
     with open(newest, "wb") as f:
@@ -144,12 +152,73 @@ def test_ab_file_keeps_the_newest_intact_copy():
     ab.save(b"two words")
     ab2 = outbox.ABFile(root + "/x")
     assert ab2.load() == b"two words" and ab2.seq == 2
-    with open(root + "/x.a", "wb") as f:  # seq 2 went to .a: tear it
+    with open(newest_copy(root + "/x"), "wb") as f:  # the copy holding seq 2: tear it
         f.write(b"garbage")
     ab3 = outbox.ABFile(root + "/x")
     assert ab3.load() == b"one" and ab3.seq == 1
     ab3.save(b"three")  # overwrites the torn copy
     assert outbox.ABFile(root + "/x").load() == b"three"
+
+
+# The ack state as the outbox wrote it before persist.ABFile was its format, made by that
+# firmware: seq 2 in ack.a, seq 1 in ack.b.
+OLD_ACK_A = b"3700c07f 2\n5 9 7"
+OLD_ACK_B = b"8030a13e 1\n4 9"
+
+
+def old_ab(seq, data):
+    """A slot file in the former outbox format: "<crc32 hex> <seq>\\n" + data."""
+    s = b"%d" % seq
+    return b"%08x " % persist.crc32(data, persist.crc32(s)) + s + b"\n" + data
+
+
+def test_old_format_ack_files_are_read_then_rewritten_in_the_one_format():
+    assert old_ab(2, b"5 9 7") == OLD_ACK_A and old_ab(1, b"4 9") == OLD_ACK_B
+    root = tmpdir("ob-old-ack")
+    ob = outbox.Outbox(root, 100000)
+    for j in range(5):
+        ob.append("t", payload(j))
+    del ob
+    # an outbox left by the former firmware: 0 acked in order, 2 out of order, 1 3 4 pending
+    for name in os.listdir(root):
+        if name.startswith("ack."):
+            os.remove(root + "/" + name)
+    with open(root + "/ack.b", "wb") as f:  # older copy: nothing acked yet
+        f.write(old_ab(6, b"0 5"))
+    with open(root + "/ack.a", "wb") as f:
+        f.write(old_ab(7, b"1 5 2"))
+    ob = outbox.Outbox(root, 100000)
+    assert ob._ab.seq == 7
+    assert [r[0] for r in ob.pending(10)] == [1, 3, 4] and ob.append("t", payload(5)) == 5
+    ob.ack(3)  # the first save after the update: the one format, over the older copy
+    with open(root + "/ack.b", "rb") as f:
+        assert persist.unpack(f.read()) == (8, b"1 6 2 3")
+    with open(root + "/ack.a", "rb") as f:
+        assert f.read() == old_ab(7, b"1 5 2")  # the newest copy was left alone
+    assert [r[0] for r in outbox.Outbox(root, 100000).pending(10)] == [1, 4, 5]
+    # the old newest copy torn: the older old-format copy still counts
+    root2 = tmpdir("ob-old-torn")
+    with open(root2 + "/ack.a", "wb") as f:
+        f.write(OLD_ACK_A[:-1])
+    with open(root2 + "/ack.b", "wb") as f:
+        f.write(OLD_ACK_B)
+    ab = persist.ABFile(root2 + "/ack")
+    assert ab.load() == b"4 9" and ab.seq == 1
+
+
+def test_an_intact_ack_copy_that_does_not_parse_falls_back():
+    root = tmpdir("ob-ack-parse")
+    ob = outbox.Outbox(root, 100000)
+    for j in range(3):
+        ob.append("t", payload(j))
+    ob.ack(0)
+    ab = persist.ABFile(root + "/ack")
+    ab.save(b"not ids")  # a valid copy (CRC fine) whose contents are no ack state
+    assert ab.seq == 2
+    ob2 = outbox.Outbox(root, 100000)
+    assert [r[0] for r in ob2.pending(10)] == [1, 2] and ob2._ab.seq == 1
+    ob2.ack(1)  # over the unparsable copy, with a seq above it
+    assert ob2._ab.seq == 2 and [r[0] for r in outbox.Outbox(root, 100000).pending(10)] == [2]
 
 
 def test_full_outbox_drops_oldest_telemetry_never_boot():

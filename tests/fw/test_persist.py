@@ -75,6 +75,74 @@ def test_encode_decode_round_trip_and_format():
     assert persist.decode(b"") is None
 
 
+def test_state_files_keep_their_bytes():
+    # as the firmware wrote them before ABFile became the one A/B format for every store
+    assert persist.encode(5, [1, 2**70, "x\ny"]) == (
+        b'AB1 5\n[1,1180591620717411303424,"x\\ny"]\nce181459\n'
+    )
+    assert persist.encode(12, {"boot": 41}) == b'AB1 12\n{"boot":41}\n38644ebe\n'
+    d = tmpdir("persist-old")
+    _put(d + "/station.b", b'AB1 12\n{"boot":41}\n38644ebe\n')
+    s = ABStore(d, "station")
+    assert s.load() == {"boot": 41} and s.seq == 12
+
+
+def test_abfile_holds_any_bytes():
+    for data in (b"", b"\n", b"a\nb\n", bytes(range(256)), b"AB1 7\nx\n00000000\n"):
+        raw = persist.pack(9, data)
+        assert raw == b"AB1 9\n" + data + b"\n%08x\n" % persist.crc32(b"AB1 9\n" + data)
+        assert persist.unpack(raw) == (9, data)
+        d = tmpdir("abfile-bytes")
+        ab = persist.ABFile(d + "/x")
+        assert ab.load() is None and ab.save(data) == 1 and ab.save(data + b"!") == 2
+        t = persist.ABFile(d + "/x")
+        assert t.load() == data + b"!" and t.seq == 2
+    assert persist.crc32(b"6789", persist.crc32(b"12345")) == persist.crc32(b"123456789")
+
+
+def _v0(seq, data):
+    """A slot file in the outbox's former format."""
+    s = b"%d" % seq
+    return b"%08x " % persist.crc32(data, persist.crc32(s)) + s + b"\n" + data
+
+
+def test_former_outbox_format_is_read_and_never_mistaken():
+    assert persist.unpack_v0(b"3700c07f 2\n5 9 7") == (2, b"5 9 7")  # made by that firmware
+    good = _v0(41, b"x\ny")
+    assert persist.unpack_v0(good) == (41, b"x\ny") and persist.unpack(good) is None
+    assert persist.unpack_v0(persist.pack(41, b"x\ny")) is None
+    # newer copy in the former format, damaged every way: the older copy in the one format
+    d = tmpdir("abfile-v0")
+    ab = persist.ABFile(d + "/x")
+    ab.save(b"older")
+    n = 0
+    for what, bad in _corruptions(good):
+        _put(d + "/x.b", bad)
+        t = persist.ABFile(d + "/x")
+        assert t.load() == b"older" and t.seq == 1, what
+        n += 1
+    assert n > 3 * len(good)
+    _put(d + "/x.b", good)
+    t = persist.ABFile(d + "/x")
+    assert t.load() == b"x\ny" and t.seq == 41
+    assert t.save(b"new") == 42  # over the older copy, in the one format
+    assert _get(d + "/x.b") == good and persist.unpack(_get(d + "/x.a")) == (42, b"new")
+
+
+def test_a_copy_its_parser_rejects_counts_as_invalid():
+    d = tmpdir("abfile-parse")
+    persist.ABFile(d + "/x").save(b"12")
+    persist.ABFile(d + "/x").save(b"twelve")
+    ab = persist.ABFile(d + "/x", parse=int)
+    assert ab.load() == 12 and ab.seq == 1
+    assert ab.save(b"13") == 2  # over the rejected copy, never the valid one
+    assert persist.ABFile(d + "/x", parse=int).load() == 13
+    _put(d + "/x.a", persist.pack(3, b"x"))
+    _put(d + "/x.b", persist.pack(4, b"y"))
+    both = persist.ABFile(d + "/x", parse=int)
+    assert both.load() is None and both.seq == 0
+
+
 def test_fresh_store_then_saves_alternate_and_never_touch_the_newest():
     d = tmpdir("persist-fresh")
     s = ABStore(d, "st")
