@@ -25,6 +25,22 @@ _MERGE_SPAN = const(16)
 
 BMS_REGS = const(14)
 
+# CONTRACT §2 ranges of what the station reads from the bus and sends. A value outside its
+# range is a bad reading (BadReading): counted, and its source omitted from telemetry.
+E_WH_MAX = 100000000000  # meter.e_wh: 10^8 kWh (CONTRACT §4.1); a long int on the ESP32, made once
+P_W_MAX = const(10000000)  # |meter.p_w|
+SOC_MAX = const(1000)  # soc, soh (0.1 %)
+T_MIN = const(-1000)  # t, tmin (0.1 °C)
+T_MAX = const(2000)
+# Every other field is in range by its type: a u32 serial (sn 0..2^32 - 1), BMS mv (u16 x 10)
+# and ma (s16 x 10), cyc and flt (u16), life_wh (u32 <= 10^11).
+
+
+class BadReading(ValueError):
+    """A reply that arrived intact but holds no valid reading: a meter float that is NaN,
+    infinite, negative energy or outside its CONTRACT §2 range, a BMS field outside its
+    range or a serial that is not 8 characters of [0-9A-Za-z-]. The message names the field."""
+
 
 def _f32_scaled(hi, lo, mul):
     # value * mul rounded to nearest (ties toward +inf), or None for NaN/inf.
@@ -85,28 +101,43 @@ def meter_map(model):
     return p, e
 
 
+def _f32_huge(hi):
+    """True when |float32| >= 2^64 (or NaN/inf): far outside every range here, so the exact
+    conversion, a long int of up to 140 bits, is not worth its allocation."""
+    return (hi >> 7) & 0xFF >= 191
+
+
+def _energy_wh(hi, lo):
+    ew = None if _f32_huge(hi) else f32_kwh_to_wh(hi, lo)
+    if ew is None or ew > E_WH_MAX:
+        raise BadReading("meter e_wh")
+    return ew
+
+
+def _power_w(hi, lo):
+    pw = None if _f32_huge(hi) else f32_to_int(hi, lo)
+    if pw is None or not -P_W_MAX <= pw <= P_W_MAX:
+        raise BadReading("meter p_w")
+    return pw
+
+
 async def read_meter(master, unit, model, out=None):
     """Read the meter's energy and power (function 04) -> {"e_wh": int, "p_w": int}
-    (into out when given, to save the allocation). Raises ModbusError from the bus and
-    ValueError for a bad float (NaN, inf, negative energy)."""
+    (into out when given, to save the allocation; out is not touched by a failed read).
+    Raises ModbusError from the bus and BadReading for a float that is not a reading (NaN,
+    inf, negative energy, energy above 10^8 kWh, power beyond +-10^7 W)."""
     p, e = meter_map(model)
     lo = min(p, e)
     span = max(p, e) + 2 - lo
     if span <= _MERGE_SPAN:
         regs = await master.read_input(unit, lo, span)
-        ew = f32_kwh_to_wh(regs[e - lo], regs[e - lo + 1])
-        pw = f32_to_int(regs[p - lo], regs[p - lo + 1])
+        ew = _energy_wh(regs[e - lo], regs[e - lo + 1])
+        pw = _power_w(regs[p - lo], regs[p - lo + 1])
     else:
         regs = await master.read_input(unit, e, 2)
-        ew = f32_kwh_to_wh(regs[0], regs[1])
-        if ew is None:
-            raise ValueError("meter energy is not a valid reading")
+        ew = _energy_wh(regs[0], regs[1])  # a bad energy spares the bus the power read
         regs = await master.read_input(unit, p, 2)
-        pw = f32_to_int(regs[0], regs[1])
-    if ew is None:
-        raise ValueError("meter energy is not a valid reading")
-    if pw is None:
-        raise ValueError("meter power is not a valid reading")
+        pw = _power_w(regs[0], regs[1])
     if out is None:
         out = {}
     out["e_wh"] = ew
@@ -156,11 +187,27 @@ def decode_bms(regs, out=None):
     return out
 
 
+def check_bms(regs):
+    """Raise BadReading when a BMS field of the 14 registers is outside its CONTRACT §2
+    range (soc, soh 0..1000; t, tmin -1000..2000); the others are in range by their type."""
+    if regs[0] > SOC_MAX:
+        raise BadReading("BMS soc")
+    if regs[1] > SOC_MAX:
+        raise BadReading("BMS soh")
+    if not T_MIN <= _s16(regs[4]) <= T_MAX:
+        raise BadReading("BMS t")
+    if not T_MIN <= _s16(regs[5]) <= T_MAX:
+        raise BadReading("BMS tmin")
+
+
 async def read_bms(master, unit, count_timeout=True, out=None):
-    """One read of 14 holding registers from 0 -> the `bat` dict. Raises ModbusError from
-    the bus (Timeout uncounted when count_timeout is False) and ValueError for a bad serial."""
+    """One read of 14 holding registers from 0 -> the `bat` dict (into out when given; out
+    is not touched by a failed read). Raises ModbusError from the bus (Timeout uncounted
+    when count_timeout is False) and BadReading for a field out of range or a bad serial."""
     regs = await master.read_holding(unit, 0, BMS_REGS, count_timeout)
+    if len(regs) == BMS_REGS:
+        check_bms(regs)
     bat = decode_bms(regs, out)
     if bat is None:
-        raise ValueError("BMS serial is not 8 characters of [0-9A-Za-z-]")
+        raise BadReading("BMS serial is not 8 characters of [0-9A-Za-z-]")
     return bat

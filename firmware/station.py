@@ -64,8 +64,13 @@ class Station:
         # reused reading dicts (a failed read raises before writing into them)
         self._meter_buf = {}
         self._bat_buf = [{} for _ in range(n)]  # type: list
-        self.meter_sn = saved.get("meter_sn")
-        self.meter_wh = saved.get("meter_wh")
+        # the meter's last serial and register; a value out of its range (a garbage float
+        # that firmware before the range checks took for a register) is forgotten
+        self.meter_sn = _in_range(saved.get("meter_sn"), 0, 0xFFFFFFFF)
+        self.meter_wh = _in_range(saved.get("meter_wh"), 0, registers.E_WH_MAX)
+        # bad readings (registers.BadReading): a reply intact on the bus whose value is out of
+        # its CONTRACT §2 range; telemetry's err.mb_bad once there has been one
+        self.bad_readings = 0
         self._meter_swapped = False
         self._bms_next = 0
         self._raised = {}  # alarms raised and not yet cleared: stale sources, conditions
@@ -219,14 +224,21 @@ class Station:
             reading = await registers.read_meter(
                 self.master, m["unit"], m["model"], self._meter_buf
             )
-        except (modbus.ModbusError, ValueError):
+        except (modbus.ModbusError, ValueError) as e:
             up = self.uptime.ms()
+            if isinstance(e, registers.BadReading):
+                # the meter answered with no valid reading: counted, and omitted from now on
+                # (never its previous reading as if current) until a good one
+                self.bad_readings += 1
+                self.meter = None
             if self.meter_up is not None and up - self.meter_up > self.stale_ms:
                 self.meter = None
                 if "meter" not in self._raised:
                     self._raised["meter"] = up
                     self.alarm(
-                        "meter_stale", "warn", "grid meter silent for %d ms" % (up - self.meter_up)
+                        "meter_stale",
+                        "warn",
+                        "no good grid meter reading for %d ms" % (up - self.meter_up),
                     )
             return
         up = self.uptime.ms()
@@ -256,6 +268,10 @@ class Station:
                 continue
             try:
                 b = await registers.read_bms(self.master, base + i + 1, True, self._bat_buf[i])
+            except registers.BadReading:
+                b = None
+                self.bad_readings += 1
+                self.bat[i] = None  # omitted until a good reading
             except (modbus.ModbusError, ValueError):
                 b = None
             up = self.uptime.ms()
@@ -349,6 +365,10 @@ class Station:
         else:
             e.update({"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0})
         e.update(self.link.err)
+        if self.bad_readings:
+            # only once there is one: the seven counters of CONTRACT §5.2 stay the key set of
+            # a station that has never had a bad reading (absent reads as 0, as in the agent)
+            e["mb_bad"] = self.bad_readings
         return e
 
     def snapshot(self):
@@ -377,6 +397,10 @@ class Station:
         body["slots"] = slots
         body["err"] = self.errors()
         return body
+
+
+def _in_range(v, lo, hi):
+    return v if type(v) is int and lo <= v <= hi else None
 
 
 def energy_policy(cfg):

@@ -8,11 +8,16 @@ import json
 import pathlib
 import random
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
+from agent.wire import StaticKeys, verify
+from tools.mosquitto import Mosquitto
 from tools.rig.faults import FaultRates
 from tools.rig.rig import Rig
 from tools.station_proc import FIRMWARE, StationProcess, station_config
@@ -187,3 +192,138 @@ def test_power_cuts_never_lower_a_register_and_boot_grows(tmp_path: pathlib.Path
     assert persisted[0] > 0 and persisted[1] > 0
     boots = json.loads(json.dumps(last_boot))
     assert boots >= 40 + kills - 1
+
+
+# ---- a meter answering with floats that are not readings, through MQTT ----------------------
+
+KEY = bytes(range(32))
+E_WH_MAX = 10**11  # CONTRACT §2 meter.e_wh; §4.1: 10^8 kWh
+P_W_MAX = 10**7
+
+
+class Published:
+    """Every signed telemetry message the station publishes, verified as the agent would."""
+
+    def __init__(self, port: int, sid: str) -> None:
+        self.sid = sid
+        self.keys = StaticKeys({(sid, 1): KEY})
+        self.got: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="published")
+        self.c.on_message = self._on
+        self.c.on_connect = lambda c, *_: c.subscribe(f"stations/{sid}/#", 1)
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def _on(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.got.append((m.topic, bytes(m.payload)))
+
+    def bodies(self, kind: str) -> list[dict[str, Any]]:
+        with self.lock:
+            got = [p for t, p in self.got if t.endswith("/" + kind)]
+        # verify() raises on a bad signature or anything out of the agent's schema
+        return [verify(kind, self.sid, p, self.keys).body for p in got]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_meter_floats_out_of_range_are_counted_and_omitted(
+    tmp_path: pathlib.Path, mosquitto: Mosquitto
+) -> None:
+    """The rig's meter answers (intact on the wire) NaN, ±inf, negative, 1e30, the largest
+    float32 and 1.5e8 kWh, then a 1e30 W power: the station publishes telemetry without
+    `meter` for as long as that lasts, with every slot register, never a value outside
+    CONTRACT §2, and counts each such read in err.mb_bad; no meter_reset comes of it."""
+    sid = "KH-TST-0003"
+    pub = Published(mosquitto.port, sid)
+    faults = [(k, "energy") for k in ("nan", "inf", "-inf", "negative", "huge", "max")]
+    faults += [("above_range", "energy"), ("huge", "power"), ("nan", "power")]
+    try:
+        with Rig(slots=2, seed=17, workdir=tmp_path / "rig") as rig:
+            rig.insert(1, pack="72V", power_w=1200, capacity_wh=20, soc=0.3)
+            rig.insert(2, pack="60V", power_w=800, capacity_wh=20, soc=0.3)
+            cfg = station_config(
+                sid,
+                rig.charger_path,
+                rig.bus_path,
+                slots=2,
+                key_hex=KEY.hex(),
+                broker_port=mosquitto.port,
+                sample_ms=300,
+                stale_s=3,
+                telemetry_s=1,
+                ntp="host",
+            )
+            st = StationProcess(tmp_path / "flash", cfg, heap="256k")
+            st.start()
+            try:
+                tel = lambda: pub.bodies("telemetry")  # noqa: E731
+
+                def bad_now() -> int:
+                    t = tel()
+                    return int(t[-1]["err"].get("mb_bad", 0)) if t else 0
+
+                _wait(lambda: sum(1 for b in tel() if "meter" in b) >= 2, 60, "the meter")
+                start_ms = time.time() * 1000
+                for kind, register in faults:
+                    before = bad_now()
+                    rig.set_meter_fault(kind, register)
+                    _wait(lambda b=before: bad_now() > b, 20, f"a bad reading ({kind})")
+                    time.sleep(1.5)  # more telemetry while it lasts
+                clear_ms = time.time() * 1000
+                rig.set_meter_fault(None)
+                _wait(
+                    lambda: any("meter" in b and b["ts"] > clear_ms + 1500 for b in tel()),
+                    20,
+                    "the meter back",
+                )
+                time.sleep(1.5)
+                reads = rig.model.meter_fault_reads
+            finally:
+                st.stop()
+    finally:
+        pub.close()
+    bodies = pub.bodies("telemetry")
+    events = pub.bodies("event")
+    assert sorted(bodies[-1]["err"]) == sorted(
+        ["mb_to", "mb_crc", "mb_exc", "mb_addr", "ser_to", "ser_cs", "ser_bad", "mb_bad"]
+    )
+    # one count per read answered with a bad float, nothing else moved
+    err = bodies[-1]["err"]
+    assert err["mb_bad"] == reads and reads >= len(faults), (err, reads)
+    assert err["mb_to"] == err["mb_crc"] == err["mb_exc"] == err["mb_addr"] == 0, err
+    # telemetry made while the faults lasted has no meter, every slot register, and more of it
+    during = [b for b in bodies if start_ms + 1500 < b["ts"] < clear_ms]
+    assert len(during) >= len(faults), len(during)
+    assert all("meter" not in b for b in during), [b.get("meter") for b in during]
+    for n in (1, 2):
+        regs = [s["e_mwh"] for b in during for s in b["slots"] if s["n"] == n]
+        assert len(regs) == len(during) and regs[-1] > regs[0], (n, regs[:3], regs[-3:])
+    # never a value outside §2, never a register going down, never a meter_reset
+    prev: dict[int, int] = {}
+    wh = []
+    for b in bodies:
+        assert [s["n"] for s in b["slots"]] == [1, 2]
+        for s in b["slots"]:
+            assert s["e_mwh"] >= prev.get(s["n"], 0)
+            prev[s["n"]] = s["e_mwh"]
+        m = b.get("meter")
+        if m is not None:
+            assert 0 <= m["e_wh"] <= E_WH_MAX and -P_W_MAX <= m["p_w"] <= P_W_MAX, m
+            wh.append(m["e_wh"])
+    assert wh == sorted(wh) and len(wh) >= 4
+    assert any(b["ts"] < start_ms and "meter" in b for b in bodies)
+    assert any(b["ts"] > clear_ms + 1500 and "meter" in b for b in bodies)
+    assert [e for e in events if e["ev"] == "meter_reset"] == []

@@ -188,6 +188,82 @@ def test_read_meter_bad_floats_are_bad_readings():
     assert run(registers.read_meter(m, 1, "sdm630")) == {"e_wh": 0, "p_w": 0}
 
 
+def test_read_meter_values_out_of_range_are_bad_readings():
+    # CONTRACT §4.1/§2: energy above 10^8 kWh, power beyond +-10^7 W; the garbage floats a
+    # meter or a noisy line can give (the largest float32 kWh would be 3.4e41 Wh)
+    cases = (
+        ("7fc00000", "3f800000", "meter e_wh"),  # NaN
+        ("ffc00000", "3f800000", "meter e_wh"),  # negative NaN
+        ("7f800000", "3f800000", "meter e_wh"),  # +inf
+        ("ff800000", "3f800000", "meter e_wh"),  # -inf
+        ("bf800000", "3f800000", "meter e_wh"),  # -1 kWh
+        ("7149f2ca", "3f800000", "meter e_wh"),  # 1e30 kWh
+        ("7f7fffff", "3f800000", "meter e_wh"),  # the largest float32
+        ("4cbebc21", "3f800000", "meter e_wh"),  # 100,000,008 kWh: the next float above 1e8
+        ("4d0f0d18", "3f800000", "meter e_wh"),  # 1.5e8 kWh
+        ("5f800000", "3f800000", "meter e_wh"),  # 2^64 kWh (not converted: too large)
+        ("3f800000", "7fc00000", "meter p_w"),  # NaN W
+        ("3f800000", "ff800000", "meter p_w"),  # -inf W
+        ("3f800000", "7149f2ca", "meter p_w"),  # 1e30 W
+        ("3f800000", "f149f2ca", "meter p_w"),  # -1e30 W
+        ("3f800000", "4b189681", "meter p_w"),  # 10,000,001 W
+        ("3f800000", "cb189681", "meter p_w"),  # -10,000,001 W
+    )
+    for e_hex, p_hex, field in cases:
+        for power_at in (0x34, 0x40):  # two transactions, and one spanning both
+            bus = SimBus({1: meter_regs(e_hex, p_hex, power_at)})
+            m = ModbusMaster(bus, baud=115200, timeout_ms=30)
+            out = {"e_wh": 7, "p_w": 8}
+            model = {"power": power_at, "energy": 0x48}
+            e = run(_call(registers.read_meter(m, 1, model, out)))
+            assert isinstance(e, registers.BadReading), (e_hex, p_hex, e)
+            assert isinstance(e, ValueError) and str(e) == field, (e_hex, p_hex, str(e))
+            assert out == {"e_wh": 7, "p_w": 8}  # the caller's reading is left as it was
+            assert m.err == {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0}
+            if field == "meter e_wh" and power_at == 0x34:
+                assert len(bus.requests) == 1  # no power read after a bad energy
+    # the edges are readings: exactly 10^8 kWh, +-10^7 W, 0
+    for e_hex, p_hex, want in (
+        ("4cbebc20", "4b189680", {"e_wh": 10**11, "p_w": 10**7}),
+        ("00000000", "cb189680", {"e_wh": 0, "p_w": -(10**7)}),
+    ):
+        bus = SimBus({1: meter_regs(e_hex, p_hex)})
+        m = ModbusMaster(bus, baud=115200, timeout_ms=30)
+        assert run(registers.read_meter(m, 1, "sdm630")) == want
+
+
+def test_read_bms_fields_out_of_range_are_bad_readings():
+    good = list(V["bms"][0]["regs"])
+    for i, v, field in (
+        (0, 1001, "BMS soc"),
+        (0, 65535, "BMS soc"),
+        (1, 1001, "BMS soh"),
+        (4, 2001, "BMS t"),
+        (4, 0x10000 - 1001, "BMS t"),  # -100.1 degC
+        (4, 0x8000, "BMS t"),
+        (5, 0x10000 - 1001, "BMS tmin"),
+        (5, 0x7FFF, "BMS tmin"),
+    ):
+        regs = list(good)
+        regs[i] = v
+        bus = SimBus({11: _bms(regs)})
+        m = ModbusMaster(bus, baud=115200, timeout_ms=20)
+        out = {"id": "kept"}
+        e = run(_call(registers.read_bms(m, 11, True, out)))
+        assert isinstance(e, registers.BadReading) and str(e) == field, (i, v, e)
+        assert out == {"id": "kept"}  # nothing written into the caller's dict
+    for i, v in ((0, 1000), (1, 0), (4, 2000), (4, 0x10000 - 1000), (5, 2000), (5, 0xFC18)):
+        regs = list(good)
+        regs[i] = v
+        bus = SimBus({11: _bms(regs)})
+        bat = run(registers.read_bms(ModbusMaster(bus, baud=115200, timeout_ms=20), 11))
+        assert bat["soc"] <= 1000 and -1000 <= bat["t"] <= 2000 and -1000 <= bat["tmin"]
+    # a bad serial is a bad reading too
+    bus = SimBus({12: _bms(V["bms"][3]["regs"])})
+    e = run(_call(registers.read_bms(ModbusMaster(bus, baud=115200, timeout_ms=20), 12)))
+    assert isinstance(e, registers.BadReading)
+
+
 def test_read_meter_bus_errors_raise():
     bus = SimBus({})
     m = ModbusMaster(bus, baud=115200, timeout_ms=20, retries=0)

@@ -45,18 +45,22 @@ class Bus:
     def __init__(self):
         self.err = {"mb_to": 0, "mb_crc": 0, "mb_exc": 0, "mb_addr": 0}
         self.kwh = 100.0
+        self.w = 500.0
         self.sn = 1234
         self.silent = False
+        self.bms = {}  # unit -> 14 holding registers; no BMS on this bus by default
 
     async def read_input(self, unit, addr, count, count_timeout=True):
         if self.silent:
             self.err["mb_to"] += 1
             raise modbus.Timeout()
-        return f32(self.kwh if addr == 0x48 else 500.0)
+        return f32(self.kwh if addr == 0x48 else self.w)
 
     async def read_holding(self, unit, addr, count, count_timeout=True):
+        if not self.silent and addr == 0 and unit in self.bms:
+            return list(self.bms[unit])
         if self.silent or addr != 0xFC00:
-            raise modbus.Timeout()  # no BMS on this bus
+            raise modbus.Timeout()
         return [self.sn >> 16, self.sn & 0xFFFF]
 
 
@@ -195,3 +199,101 @@ def test_an_idle_slot_raises_no_unmetered_alarm_after_a_gap():
     run(st.cycle())
     codes = [(a["code"], a.get("slot")) for a in evs(st, "alarm")]
     assert codes == [("charger_stale", 2)]  # stale said once; no unmetered for an idle slot
+
+
+ERR7 = ["mb_addr", "mb_crc", "mb_exc", "mb_to", "ser_bad", "ser_cs", "ser_to"]
+
+
+def test_meter_values_out_of_range_are_counted_and_omitted_at_once():
+    d = tmpdir("st-badmeter")
+    link, bus, clock = Link(), Bus(), Clock()
+    st = make(d, link, bus, clock)
+    link.state[1] = ("C", 72000, 10000)
+    run(st.cycle())
+    assert st.snapshot()["meter"] == {"e_wh": 100000, "p_w": 500, "sn": 1234}
+    assert sorted(st.errors()) == ERR7  # no bad reading yet: the seven counters only
+    bad = 0
+    for kwh, w in (
+        (float("nan"), 500.0),
+        (float("inf"), 500.0),
+        (-1.0, 500.0),
+        (1e30, 500.0),
+        (3.4028234663852886e38, 500.0),  # the largest float32: would be 3.4e41 Wh
+        (1.5e8, 500.0),
+        (100.0, float("nan")),
+        (100.0, 1e30),
+        (100.0, -2e7),
+    ):
+        bus.kwh, bus.w = kwh, w
+        clock.t += 1000
+        run(st.cycle())
+        bad += 1
+        snap = st.snapshot()
+        assert "meter" not in snap, (kwh, w, snap.get("meter"))  # at once, not after stale_s
+        assert [s["n"] for s in snap["slots"]] == [1, 2]  # every slot register stays
+        assert snap["err"]["mb_bad"] == bad and snap["err"]["mb_to"] == 0
+    assert st.meter_wh == 100000  # no garbage became the meter's register
+    assert st.slots[0].mwh > 0
+    evs_ = st.take_events()
+    assert not [e for e in evs_ if e["ev"] == "meter_reset"]
+    # the bad readings outlast the stale window: the meter is said to be stale, once
+    assert [e["code"] for e in evs_ if e["ev"] == "alarm"] == ["meter_stale"]
+    bus.kwh, bus.w = 100.5, 600.0
+    clock.t += 1000
+    run(st.cycle())
+    snap = st.snapshot()
+    assert snap["meter"] == {"e_wh": 100500, "p_w": 600, "sn": 1234}
+    assert snap["err"]["mb_bad"] == bad  # cumulative within the boot
+    assert not [e for e in st.take_events() if e["ev"] == "meter_reset"]
+
+
+def test_bms_fields_out_of_range_are_counted_and_omitted_at_once():
+    d = tmpdir("st-badbms")
+    link, bus, clock = Link(), Bus(), Clock()
+    good = [500, 990, 7200, 1000, 250, 240, 3, 0, 0x4230, 0x3030, 0x3030, 0x3432, 0, 7]
+    bus.bms = {11: good, 12: good}
+    st = make(d, link, bus, clock)
+    link.state[1] = ("C", 72000, 10000)
+    link.state[2] = ("W", 72000, 0)
+    run(st.cycle())
+    assert st.snapshot()["slots"][0]["bat"]["soc"] == 500
+    bad = list(good)
+    bad[0] = 1001  # soc 100.1 %
+    bus.bms = {11: bad, 12: good}
+    clock.t += 1000
+    run(st.cycle())
+    snap = st.snapshot()
+    assert "bat" not in snap["slots"][0] and snap["slots"][1]["bat"]["soc"] == 500
+    assert snap["err"]["mb_bad"] == 1 and snap["slots"][0]["e_mwh"] == st.slots[0].mwh
+    bad[0], bad[4] = 500, 0x8000  # t -3276.8 degC
+    clock.t += 1000
+    run(st.cycle())
+    assert "bat" not in st.snapshot()["slots"][0] and st.errors()["mb_bad"] == 2
+    bus.bms = {11: good, 12: good}
+    clock.t += 1000
+    run(st.cycle())
+    assert st.snapshot()["slots"][0]["bat"]["t"] == 250
+    # a bad reading never ended or changed the open session
+    assert [e["ev"] for e in st.take_events() if e["ev"].startswith("session")] == ["session_start"]
+
+
+def test_a_garbage_meter_register_on_flash_is_forgotten():
+    d = tmpdir("st-badflash")
+    # what firmware before the range checks could persist after a garbage float
+    persist.ABStore(d, "state", 4096).save(
+        {
+            "boot": 3,
+            "regs": [5, 6],
+            "meter_sn": 1234,
+            "meter_wh": 340282346638528859811704183484516925440000,
+        }
+    )
+    bus, clock = Bus(), Clock()
+    st = make(d, bus=bus, clock=clock)
+    assert st.meter_wh is None and st.meter_sn == 1234 and st.restored == [5, 6]
+    run(st.cycle())
+    assert not [e for e in st.take_events() if e["ev"] == "meter_reset"]  # no from_wh of 3.4e41
+    assert st.snapshot()["meter"]["e_wh"] == 100000 and st.meter_wh == 100000
+    persist.ABStore(d, "state", 4096).save({"boot": 4, "meter_sn": -1, "meter_wh": "x"})
+    st = make(d)
+    assert st.meter_sn is None and st.meter_wh is None

@@ -51,7 +51,7 @@ def _meter_action(model: RigModel) -> SimAction:
         if set_values is not None:
             return ExcCodes.ILLEGAL_FUNCTION
         if function_code == 4:
-            regs = model.meter_input_registers()
+            regs = model.meter_input_registers(address, count)
         else:
             regs = model.meter_holding_registers()
         registers[0 : len(regs)] = regs

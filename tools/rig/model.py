@@ -23,6 +23,21 @@ METER_UNIT = 1
 BMS_UNIT_BASE = 10
 METER_INPUT_REGS = 0x4A  # input registers 0x0000..0x0049 exist (others read as 0)
 
+# Meter value faults: the meter answers, intact on the wire, with a float that is not a
+# reading (CONTRACT §4.1, §2). The station must count each such read (err.mb_bad) and omit
+# `meter` from telemetry while it lasts.
+METER_VALUE_FAULTS: dict[str, float] = {
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "-inf": float("-inf"),
+    "negative": -1.0,
+    "huge": 1e30,
+    "max": 3.4028234663852886e38,  # the largest float32: 3.4e41 Wh as kWh
+    "above_range": 1.5e8,  # kWh, just over the 10^8 kWh of a meter register; W: > 10^7
+}
+# which input registers a fault replaces: energy, or power (both places the rig serves it)
+METER_FAULT_REGISTERS: dict[str, tuple[int, ...]] = {"energy": (0x0048,), "power": (0x000C, 0x0034)}
+
 
 def _u16(x: float) -> int:
     return max(0, min(0xFFFF, round(x)))
@@ -81,6 +96,8 @@ class RigModel:
         self.meter_start_j = start * 3.6e6
         self._next_serial = self._rng.randrange(1, 9_000_000)
         self._v_phase = self._rng.uniform(0, 6.283)
+        self._meter_fault: tuple[str, str, float] | None = None  # (kind, register, value)
+        self.meter_fault_reads = 0  # function-04 reads answered with the faulted value
 
     def now(self) -> float:
         return self._clock()
@@ -221,13 +238,49 @@ class RigModel:
         v = 230.0 + 1.5 * math.sin(0.17 * (t - self.t0) + self._v_phase)
         return v, p / v, p, e / 3.6e6
 
-    def meter_input_registers(self) -> list[int]:
-        """Input registers 0x0000..0x0049 (float32 big-endian, high word first)."""
+    def set_meter_fault(self, kind: str | None, register: str = "energy") -> None:
+        """From now on the meter's `register` ("energy" or "power") reads as the float of
+        METER_VALUE_FAULTS[kind] (for power, "negative" is -2e7 W and "above_range" 1.5e7 W:
+        a negative power is a valid export); None: the real values again."""
+        if kind is None:
+            with self._lock:
+                self._meter_fault = None
+            return
+        if kind not in METER_VALUE_FAULTS:
+            raise ValueError(f"meter fault {kind!r}: one of {', '.join(METER_VALUE_FAULTS)}")
+        if register not in METER_FAULT_REGISTERS:
+            raise ValueError(f"meter fault register {register!r}: energy or power")
+        value = METER_VALUE_FAULTS[kind]
+        if register == "power" and kind in ("negative", "above_range"):
+            value = -2e7 if kind == "negative" else 1.5e7
+        with self._lock:
+            self._meter_fault = (kind, register, value)
+
+    @property
+    def meter_fault(self) -> tuple[str, str] | None:
+        """(kind, register) of the meter value fault in force, or None."""
+        f = self._meter_fault
+        return None if f is None else (f[0], f[1])
+
+    def meter_input_registers(self, address: int | None = None, count: int = 0) -> list[int]:
+        """Input registers 0x0000..0x0049 (float32 big-endian, high word first). `address`
+        and `count`: the request being answered, so that a read of a faulted register is
+        counted in meter_fault_reads."""
         v, a, w, kwh = self.meter_values()
         regs = [0] * METER_INPUT_REGS
         # 0x000C is phase 1 power (SDM630; total power on an SDM120): the load is on phase 1
         for addr, x in ((0x0000, v), (0x0006, a), (0x000C, w), (0x0034, w), (0x0048, kwh)):
             regs[addr], regs[addr + 1] = _f32_regs(x)
+        with self._lock:
+            fault = self._meter_fault
+            if fault is not None:
+                hit = False
+                for addr in METER_FAULT_REGISTERS[fault[1]]:
+                    regs[addr], regs[addr + 1] = _f32_regs(fault[2])
+                    if address is not None and address <= addr and addr + 2 <= address + count:
+                        hit = True
+                if hit:
+                    self.meter_fault_reads += 1
         return regs
 
     def meter_holding_registers(self) -> list[int]:

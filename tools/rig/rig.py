@@ -334,6 +334,14 @@ class Rig:
     def clear_fault(self, slot: int) -> None:
         self.model.clear_fault(slot)
 
+    def set_meter_fault(self, kind: str | None, register: str = "energy") -> None:
+        """The meter answers its `register` ("energy" or "power") with a float that is not
+        a reading: kind is one of model.METER_VALUE_FAULTS ("nan", "inf", "-inf",
+        "negative", "huge" 1e30, "max" the largest float32, "above_range"); None clears it.
+        Replies stay intact on the wire: the station's mb_* counters do not move, its
+        err.mb_bad counts each such read (model.meter_fault_reads)."""
+        self.model.set_meter_fault(kind, register)
+
     # -- what tests compare against -----------------------------------------------------
 
     def ground_truth_mwh(self) -> dict[int, int]:
