@@ -32,7 +32,7 @@ def test_charge_session_end_to_end(bench: Bench, make_dut) -> None:  # type: ign
     figures = check_energy(dut, agent)
     assert figures[1]["credited"] > 500 and figures[2]["credited"] > 500
     # session records carry the same energy as the session events' registers
-    sessions = {r["slot"]: r for r in agent.ledger.export("session") if r["sid"] == dut.sid}
+    sessions = {r["slot"]: r for r in agent.export("session") if r["sid"] == dut.sid}
     assert sessions[1]["mwh"] == end1["e1_mwh"] - end1["e0_mwh"]
     # the grid meter: credited from its register (Wh) and more than the batteries took
     credited = agent.credited(dut.sid)
