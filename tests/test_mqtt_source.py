@@ -323,6 +323,24 @@ async def test_pause_stops_reading_and_resume_hands_over_the_rest(
     await s.stop()
 
 
+async def test_a_backlog_of_mixed_sizes_arrives_whole_and_in_order(
+    mosquitto: Mosquitto,
+) -> None:
+    # large reads cut packets anywhere; every message must come out intact
+    s = await Sink(mosquitto.port).start()
+    s.src.pause()
+    its = [
+        (f"stations/T-{i % 7}/telemetry", bytes([i % 251]) * ((i * 7919) % 6000))
+        for i in range(1500)
+    ]
+    await publish(mosquitto.port, its)
+    s.on_msg = lambda sink: sink.src.ack([sink.got[-1][2]])
+    s.src.resume()
+    await s.wait(len(its), 30)
+    assert [(t, p) for t, p, _ in s.got] == its
+    await s.stop()
+
+
 async def test_reconnects_after_the_broker_restarts(
     mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
