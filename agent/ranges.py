@@ -7,8 +7,8 @@ object, one slot's reading (with its battery), one `bat`, the `err` counters, or
 event — and the list of what was spoiled names each bad field. Pure and deterministic:
 the same signed bytes give the same result at ingest, at a restart and in `verify`.
 
-Spoiled sources are named `meter`, `slot:N`, `bat:N`, `err`, `slots` (the list itself) and
-`event`; each comes with the dotted path of its first bad field, e.g.
+Spoiled sources are named `meter`, `slot:N`, `bat:N`, `err`, `slots` (the list itself),
+`event` and `hist` (the flag); each comes with the dotted path of its first bad field, e.g.
 ("slot:3", "slots[n=3].e_mwh").
 """
 
@@ -158,7 +158,13 @@ def bad_field(obj: Any, fields: Mapping[str, Check]) -> str | None:
 
 def clean(body: Mapping[str, Any]) -> Cleaned:
     """The body metering may use and what was spoiled (see the module doc). The envelope is
-    not checked here: `agent.wire.verify` quarantines a message whose envelope is bad."""
+    not checked here: `agent.wire.verify` quarantines a message whose envelope is bad.
+    `hist`, a flag outside the envelope list of §6.9, is taken out when it is not 1
+    (spoiled as `hist`): metering then reads the message as live, not from the outbox."""
+    hist = body.get("hist")
+    if hist is not None and not (type(hist) is int and hist == 1):
+        c = clean({k: v for k, v in body.items() if k != "hist"})
+        return Cleaned(c.body, (("hist", "hist"), *c.spoiled))
     if "ev" in body:
         return _clean_event(body)
     out = dict(body)

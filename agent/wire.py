@@ -1,18 +1,22 @@
-"""Signed wire format (CONTRACT §5.1–5.5): verify and decode, sans I/O.
+"""Signed wire format (CONTRACT §5.1–5.5, §2, §6.9), v2: verify and decode, sans I/O.
 
-`verify(kind, topic_sid, payload, keys)` takes the exact bytes from MQTT and returns a
-`Verified` (the decoded body, for metering) or raises `WireError(reason, detail)`.
-The order of checks is fixed so that every rejection has one precise reason:
+`verify(kind, topic_sid, payload, keys, recv_ms=…)` takes the exact bytes from MQTT and
+returns a `Verified` or raises `WireError(reason, detail)`. Only what makes the whole
+message unusable quarantines it, each with one precise reason, in a fixed order:
 
-    size → ASCII → signature framing → JSON of the signed bytes (duplicate keys,
-    compact separators) → header (v, sid, kid, boot, seq) → topic sid → key → HMAC →
-    schema of the telemetry or event kind
+    size → ASCII → signature framing → JSON of the signed bytes (nesting depth, duplicate
+    keys, compact separators) → envelope v, sid, kid, boot, seq → topic sid → key → HMAC
+    → envelope up, ts (ts against the receive time) → topic kind (telemetry / event)
+
+Everything else is CONTRACT §6.9's business, `agent.ranges.clean`: a field missing, of the
+wrong type or out of its §2 range spoils only its source (the meter, one slot, one battery,
+the err counters, an event's content); the message is still stored as received, and
+`Verified.cleaned` holds the body metering may use and the list of what was spoiled.
 
 Only the signed bytes (everything before the last `,"sig":"`, with the `}` put back) are
-ever parsed: nothing after the signature can change the meaning. Numbers must be JSON
-integers (a float or a bool where an int belongs is a schema error). Keys the contract
-does not name are accepted and kept in the raw bytes (a newer firmware may add
-diagnostics); every key the contract names is checked for presence, type and range.
+ever parsed: nothing after the signature can change the meaning. The nesting depth is
+measured iteratively before anything recursive runs (msgspec's decoder itself refuses
+input nested ~1000 deep: that is `too_deep` too, never a RecursionError).
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import enum
 import hmac
 import json
 import re
+import time
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
+
+from agent import ranges
 
 MAX_BYTES: Final = 4096
 SIG_MARK: Final = b',"sig":"'
@@ -54,15 +61,22 @@ class Reason(enum.StrEnum):
     NOT_COMPACT = "not_compact"  # whitespace between tokens
     BAD_VERSION = "bad_version"  # v missing or not the integer 1
     BAD_SID = "bad_sid"  # sid missing or not matching the station id pattern
-    BAD_HEADER = "bad_header"  # kid/boot/seq missing, not an int, or negative
+    BAD_HEADER = "bad_header"  # kid/boot/seq missing, not an int, or not in 0..2^31-1
+    BAD_UP = "bad_up"  # up missing, not an int, or not in 0..3.2e11
+    BAD_TS = "bad_ts"  # ts not an int, before 2020-01-01 or over a day past the receive time
+    TOO_DEEP = "too_deep"  # nesting deeper than 4 (CONTRACT §5.1)
+    KIND_MISMATCH = "kind_mismatch"  # an event on a telemetry topic
     BAD_TOPIC = "bad_topic"  # topic not <prefix>/<sid>/<kind> with a valid sid
     TOPIC_MISMATCH = "topic_mismatch"  # topic sid != payload sid
     UNKNOWN_STATION = "unknown_station"  # no key at all for this sid
     UNKNOWN_KID = "unknown_kid"  # station known, this kid not
     REVOKED_KEY = "revoked_key"
     BAD_SIG = "bad_sig"  # HMAC does not match
-    UNKNOWN_EVENT = "unknown_event"  # ev missing or not a contract event
-    SCHEMA = "schema"  # a field missing, of the wrong type or out of range
+    UNKNOWN_EVENT = "unknown_event"  # ev missing or not a string on an event topic
+    # v1 only (kept: old quarantine rows carry it). v2 stores such a message and spoils
+    # only the source of the bad field (CONTRACT §6.9, agent.ranges.clean).
+    SCHEMA = "schema"
+    INTERNAL = "internal"  # the agent failed on it (a bug): kept with the exception's class
     CONFLICT = "conflict"  # same (sid, boot, seq) as a stored message, other bytes
     BAD_STATUS = "bad_status"  # a status (birth/will) payload that is not a JSON object
 
@@ -102,133 +116,20 @@ class StaticKeys:
         return k
 
 
-# ---- schema (CONTRACT §5.2, §5.3) -------------------------------------------------------
-
-U = Annotated[int, Meta(ge=0)]
-Slot = Annotated[int, Meta(ge=1, le=16)]
-Permille = Annotated[int, Meta(ge=0, le=1000)]
-SlotKey = Annotated[str, Meta(pattern=r"^([1-9]|1[0-6])$")]
-
-
-class _Common(Struct, kw_only=True):
-    v: int
-    sid: str
-    kid: U
-    boot: U
-    seq: U
-    up: U
-    ts: U | None = None
-    hist: Literal[1] | None = None
-
-
-class Meter(Struct, kw_only=True):
-    e_wh: U
-    p_w: int | None = None
-    sn: U | None = None
-
-
-class Bat(Struct, kw_only=True):
-    id: str
-    soc: Permille
-    soh: Permille
-    mv: U
-    ma: int
-    t: int
-    tmin: int
-    cyc: U
-    flt: U
-    life_wh: U
-
-
-class SlotReading(Struct, kw_only=True):
-    n: Slot
-    e_mwh: U
-    b_mwh: U | None = None  # older firmware may not send it (CONTRACT §6.3 no_restore)
-    st: Literal["I", "W", "C", "V", "F", "E", "X"] | None = None
-    mv: U | None = None
-    ma: int | None = None
-    bat: Bat | None = None
-
-
-class Err(Struct, kw_only=True):
-    mb_to: U = 0
-    mb_crc: U = 0
-    mb_exc: U = 0
-    mb_addr: U = 0
-    ser_cs: U = 0
-    ser_to: U = 0
-    ser_bad: U = 0
-
-
-class Telemetry(_Common, kw_only=True):
-    slots: list[SlotReading]
-    meter: Meter | None = None
-    err: Err | None = None
-
-
-class _Event(_Common, kw_only=True, tag_field="ev"):
-    pass
-
-
-class BootEv(_Event, kw_only=True, tag="boot"):
-    fw: str
-    reset: Literal["power", "wdt", "soft", "hard", "deep", "unknown"]
-    restored: dict[SlotKey, U]
-
-
-class SessionStartEv(_Event, kw_only=True, tag="session_start"):
-    slot: Slot
-    bat: str | None  # null when the BMS has not answered (firmware/station.py sends that)
-    e_mwh: U
-    soc: Permille | None
-
-
-class SessionEndEv(_Event, kw_only=True, tag="session_end"):
-    slot: Slot
-    bat: str | None
-    e0_mwh: U
-    e1_mwh: U
-    soc0: Permille | None
-    soc1: Permille | None
-    up0: U
-    up1: U
-    why: Literal["full", "removed", "fault", "stopped", "reboot"]
-    t0: U | None = None
-    t1: U | None = None
-
-
-class AlarmEv(_Event, kw_only=True, tag="alarm"):
-    code: str | int
-    level: Literal["warn", "crit"]
-    msg: str
-    slot: Slot | None = None
-
-
-class MeterResetEv(_Event, kw_only=True, tag="meter_reset"):
-    from_wh: U
-    to_wh: U
-    sn: U | None = None
-
-
-class OutboxDropEv(_Event, kw_only=True, tag="outbox_drop"):
-    n: U
-
-
-Event = BootEv | SessionStartEv | SessionEndEv | AlarmEv | MeterResetEv | OutboxDropEv
-EVENTS: Final = ("boot", "session_start", "session_end", "alarm", "meter_reset", "outbox_drop")
+EVENTS: Final = tuple(ranges.EVENTS)  # the contract's event names (CONTRACT §5.3)
 
 _generic = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
-_telemetry = msgspec.json.Decoder(Telemetry)
-_event = msgspec.json.Decoder(Event)
 
 
 # ---- results ------------------------------------------------------------------------------
 
 
 class Verified(Struct, frozen=True, kw_only=True):
-    """A message that passed every check. `record` is the exact payload received (what the
-    raw table stores); `body` the decoded object of the signed bytes (what metering reads)."""
+    """A message to store. `record` is the exact payload received (what the raw table
+    stores); `body` the decoded object of the signed bytes; `cleaned` what CONTRACT §6.9
+    leaves of it for metering (`cleaned.body`) and what it spoiled (`cleaned.spoiled`:
+    (source, path of its first bad field), e.g. ("bat:2", "slots[n=2].bat.soc"))."""
 
     kind: str  # "telemetry" | "event"
     sid: str
@@ -237,6 +138,7 @@ class Verified(Struct, frozen=True, kw_only=True):
     seq: int
     record: bytes
     body: dict[str, Any]
+    cleaned: ranges.Cleaned
 
 
 # ---- signing and verification ------------------------------------------------------------
@@ -289,14 +191,22 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def decode_signed(signed: bytes) -> dict[str, Any]:
-    """Parse the signed bytes into a dict, rejecting bad JSON, duplicate keys and
-    whitespace between tokens."""
+    """Parse the signed bytes into a dict, rejecting bad JSON, nesting over 4 deep,
+    duplicate keys and whitespace between tokens."""
     try:
         obj = _generic.decode(signed)
     except msgspec.DecodeError as e:
         raise WireError(Reason.BAD_JSON, str(e)) from None
+    except RecursionError:  # msgspec refuses input nested ~1000 deep
+        raise WireError(
+            Reason.TOO_DEEP, f"nested too deep to decode (limit {ranges.MAX_DEPTH})"
+        ) from None
     if not isinstance(obj, dict):
         raise WireError(Reason.BAD_JSON, "not a JSON object")
+    # before anything recursive (the re-encoding below, json's slow path, metering)
+    d = ranges.depth(obj)
+    if d > ranges.MAX_DEPTH:
+        raise WireError(Reason.TOO_DEEP, f"nesting depth over {ranges.MAX_DEPTH}")
     # Fast path: re-encoding the decoded object gives back the very same bytes only when
     # the input had no duplicate key (a dict cannot hold one) and no whitespace.
     if _encode(obj) == signed:
@@ -315,15 +225,16 @@ def decode_signed(signed: bytes) -> dict[str, Any]:
 
 def _header_int(body: Mapping[str, Any], name: str) -> int:
     x = body.get(name)
-    if type(x) is not int or x < 0:
-        raise WireError(
-            Reason.BAD_HEADER, f"{name} must be a non-negative integer, got {x!r}"[:200]
-        )
+    if type(x) is not int or not 0 <= x <= ranges.U31:
+        raise WireError(Reason.BAD_HEADER, f"{name} must be an integer 0..2^31-1, got {x!r}"[:200])
     return x
 
 
-def verify(kind: str, topic_sid: str, payload: bytes, keys: KeyRing) -> Verified:
-    """Verify one telemetry or event payload received on `<prefix>/<topic_sid>/<kind>`."""
+def verify(
+    kind: str, topic_sid: str, payload: bytes, keys: KeyRing, *, recv_ms: int | None = None
+) -> Verified:
+    """Verify one telemetry or event payload received on `<prefix>/<topic_sid>/<kind>` at
+    `recv_ms` (Unix ms; now when None): the `ts` bound is the receiver's clock + 1 day."""
     if len(payload) > MAX_BYTES:
         raise WireError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_BYTES}")
     if not payload.isascii():
@@ -346,19 +257,34 @@ def verify(kind: str, topic_sid: str, payload: bytes, keys: KeyRing) -> Verified
     key = keys.key(sid, kid)
     if not hmac.compare_digest(hmac.digest(key, signed, "sha256").hex().encode(), sig):
         raise WireError(Reason.BAD_SIG, f"{sid} kid {kid}: HMAC mismatch")
-    try:
-        if kind == "telemetry":
-            if "ev" in body:
-                raise WireError(Reason.SCHEMA, "an event on a telemetry topic")
-            _telemetry.decode(signed)
-        else:
-            ev = body.get("ev")
-            if type(ev) is not str or ev not in EVENTS:
-                raise WireError(Reason.UNKNOWN_EVENT, f"ev {ev!r}"[:200])
-            _event.decode(signed)
-    except msgspec.ValidationError as e:
-        raise WireError(Reason.SCHEMA, str(e)) from None
-    return Verified(kind=kind, sid=sid, kid=kid, boot=boot, seq=seq, record=payload, body=body)
+    up = body.get("up")
+    if type(up) is not int or not 0 <= up <= ranges.UP_MAX:
+        raise WireError(Reason.BAD_UP, f"up must be an integer 0..3.2e11, got {up!r}"[:200])
+    ts = body.get("ts")
+    if ts is not None:
+        now = time.time_ns() // 1_000_000 if recv_ms is None else recv_ms
+        if type(ts) is not int or not ranges.TS_MIN <= ts <= now + ranges.TS_AHEAD_MS:
+            raise WireError(
+                Reason.BAD_TS,
+                f"ts must be an integer from 2020-01-01 to a day past the receive time "
+                f"{now}, got {ts!r}"[:200],
+            )
+    ev = body.get("ev")
+    if kind == "telemetry":
+        if "ev" in body:
+            raise WireError(Reason.KIND_MISMATCH, "an event on a telemetry topic")
+    elif type(ev) is not str:
+        raise WireError(Reason.UNKNOWN_EVENT, f"ev must be an event name, got {ev!r}"[:200])
+    return Verified(
+        kind=kind,
+        sid=sid,
+        kid=kid,
+        boot=boot,
+        seq=seq,
+        record=payload,
+        body=body,
+        cleaned=ranges.clean(body),
+    )
 
 
 def check_sid(sid: str) -> str:

@@ -136,6 +136,8 @@ class Station:
 
 # ---- malformed messages: (name, topic, payload, expected reason) ---------------------------
 
+HUGE = 340_282_366_920_938_463_463_374_607_431_768_211_456  # 2**128, ~3.4e38: no SQLite int
+FAR_TS = 4_102_444_800_000  # 2100-01-01
 GOOD_SID = "KH-PNH-0001"
 OTHER_SID = "KH-PNH-0002"  # a known station, for topic/payload mismatches
 REVOKED_SID = "KH-PNH-0003"  # a station whose only key is revoked
@@ -145,6 +147,13 @@ UNKNOWN_SID = "KH-ZZZ-9999"  # no key at all
 def _replace_sig(payload: bytes, new: bytes) -> bytes:
     i = payload.rfind(b',"sig":"')
     return payload[:i] + new
+
+
+def deep(obj: dict[str, Any], n: int, key: bytes) -> bytes:
+    """`obj` with `"x":[[…0…]]` nested `n` deep added (as bytes: json.dumps itself would
+    recurse), signed."""
+    b = compact(obj)
+    return sign(b[:-1] + b',"x":' + b"[" * n + b"0" + b"]" * n + b"}", key)
 
 
 def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str]]:
@@ -228,35 +237,30 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
             "topic_mismatch",
         ),
         ("bad_topic_sid", f"{prefix}/kh-pnh-0001/telemetry", signed(tel(), key), "bad_topic"),
-        ("float_for_int", t, signed(tel(slots=[{"n": 1, "e_mwh": 1000.5}]), key), "schema"),
-        ("float_integral", t, signed(tel(up=5000.0), key), "schema"),
-        ("bool_for_int", t, signed(tel(slots=[{"n": True, "e_mwh": 1000}]), key), "schema"),
+        ("float_integral", t, signed(tel(up=5000.0), key), "bad_up"),
         ("bool_seq", t, signed(tel(seq=True), key), "bad_header"),
         ("negative_seq", t, signed(tel(seq=-1), key), "bad_header"),
-        ("negative_energy", t, signed(tel(slots=[{"n": 1, "e_mwh": -5}]), key), "schema"),
         ("v_2", t, signed(tel(v=2), key), "bad_version"),
         ("v_string", t, signed(tel(v="1"), key), "bad_version"),
         ("bad_sid", t, signed(tel(sid="kh-pnh-0001"), key), "bad_sid"),
-        ("unknown_event", e, signed(ev("explode"), key), "unknown_event"),
         ("no_ev", e, signed(tel(), key), "unknown_event"),
-        ("event_on_telemetry_topic", t, signed(ev("outbox_drop", n=1), key), "schema"),
-        ("missing_slots", t, signed(tel(slots=...), key), "schema"),
-        ("missing_up", t, signed(tel(up=...), key), "schema"),
+        ("event_on_telemetry_topic", t, signed(ev("outbox_drop", n=1), key), "kind_mismatch"),
+        ("missing_up", t, signed(tel(up=...), key), "bad_up"),
         ("missing_seq", t, signed(tel(seq=...), key), "bad_header"),
-        (
-            "missing_event_field",
-            e,
-            signed(ev("session_start", slot=1, bat="B0000001", soc=500), key),
-            "schema",
-        ),
-        ("slot_out_of_range", t, signed(tel(slots=[{"n": 17, "e_mwh": 1}]), key), "schema"),
-        ("hist_2", t, signed(tel(hist=2), key), "schema"),
-        (
-            "bad_reset_cause",
-            e,
-            signed(ev("boot", fw="1", reset="cosmic", restored={}), key),
-            "schema",
-        ),
+        # CONTRACT §2 envelope ranges (§6.9: these quarantine the whole message)
+        ("huge_kid", t, signed(tel(kid=HUGE), key), "bad_header"),
+        ("huge_boot", t, signed(tel(boot=HUGE), key), "bad_header"),
+        ("boot_2_31", t, signed(tel(boot=2**31), key), "bad_header"),
+        ("huge_seq", t, signed(tel(seq=HUGE), key), "bad_header"),
+        ("huge_up", t, signed(tel(up=HUGE), key), "bad_up"),
+        ("up_over_ten_years", t, signed(tel(up=320_000_000_001), key), "bad_up"),
+        ("negative_up", t, signed(tel(up=-1), key), "bad_up"),
+        ("huge_ts", t, signed(tel(ts=HUGE), key), "bad_ts"),
+        ("far_ts", t, signed(tel(ts=FAR_TS), key), "bad_ts"),
+        ("ts_before_2020", t, signed(tel(ts=1_577_836_799_999), key), "bad_ts"),
+        ("ts_string", t, signed(tel(ts=str(T0_MS)), key), "bad_ts"),
+        ("nested_5", t, signed(tel(x=[[[[1]]]]), key), "too_deep"),
+        ("nested_1000", t, deep(tel(), 1000, key), "too_deep"),
         ("non_compact", t, sign(json.dumps(tel()).encode(), key), "not_compact"),
         (
             "space_after_colon",
@@ -264,6 +268,145 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
             sign(compact(tel()).replace(b'"up":', b'"up": '), key),
             "not_compact",
         ),
+    ]
+    return cases
+
+
+def spoiled_cases(
+    prefix: str = "stations", boot: int = 901
+) -> list[tuple[str, str, bytes, tuple[tuple[str, str], ...]]]:
+    """Signed messages with a good envelope and a bad field elsewhere (CONTRACT §6.9): each is
+    stored as received, and only the source of the bad field is spoiled. (name, topic,
+    payload, spoiled) with spoiled as `agent.ranges.clean` names it. GOOD_SID's key, boot
+    901 (never collides with `malformed_cases` or a good stream)."""
+    st = Station(GOOD_SID, boot=boot)
+    key = st.key
+    t = f"{prefix}/{GOOD_SID}/telemetry"
+    e = f"{prefix}/{GOOD_SID}/event"
+    slot = {"n": 1, "e_mwh": 1000, "b_mwh": 0}
+    bat = {
+        "id": "B0000001",
+        "soc": 500,
+        "soh": 990,
+        "mv": 67000,
+        "ma": 1000,
+        "t": 250,
+        "tmin": 240,
+        "cyc": 3,
+        "flt": 0,
+        "life_wh": 1000,
+    }
+
+    def tel(**over: Any) -> dict[str, Any]:
+        m = {
+            "v": 1,
+            "sid": GOOD_SID,
+            "kid": 1,
+            "boot": boot,
+            "seq": st.seq,
+            "up": 5000 + st.seq,
+            "ts": T0_MS + st.seq,
+            "meter": {"e_wh": 1000, "p_w": 10, "sn": 7},
+            "slots": [dict(slot), {"n": 2, "e_mwh": 500, "b_mwh": 0, "bat": dict(bat)}],
+        }
+        st.seq += 1
+        m.update(over)
+        return {k: v for k, v in m.items() if v is not ...}
+
+    def ev(name: str, **fields: Any) -> dict[str, Any]:
+        m = tel(slots=..., meter=...)
+        m["ev"] = name
+        m.update(fields)
+        return m
+
+    def slots(s1: dict[str, Any] | None = None, b2: dict[str, Any] | None = None) -> Any:
+        return [
+            dict(slot, **(s1 or {})),
+            {"n": 2, "e_mwh": 500, "b_mwh": 0, "bat": dict(bat, **(b2 or {}))},
+        ]
+
+    s2 = "slots[n=2]"
+    cases: list[tuple[str, str, bytes, tuple[tuple[str, str], ...]]] = [
+        ("good", t, signed(tel(), key), ()),
+        (
+            "soc_2000",
+            t,
+            signed(tel(slots=slots(b2={"soc": 2000})), key),
+            (("bat:2", f"{s2}.bat.soc"),),
+        ),
+        (
+            "soc_string",
+            t,
+            signed(tel(slots=slots(b2={"soc": "53"})), key),
+            (("bat:2", f"{s2}.bat.soc"),),
+        ),
+        (
+            "huge_e_mwh",
+            t,
+            signed(tel(slots=slots({"e_mwh": HUGE})), key),
+            (("slot:1", "slots[n=1].e_mwh"),),
+        ),
+        (
+            "float_e_mwh",
+            t,
+            signed(tel(slots=slots({"e_mwh": 1000.5})), key),
+            (("slot:1", "slots[n=1].e_mwh"),),
+        ),
+        (
+            "negative_e_mwh",
+            t,
+            signed(tel(slots=slots({"e_mwh": -5})), key),
+            (("slot:1", "slots[n=1].e_mwh"),),
+        ),
+        (
+            "string_mv",
+            t,
+            signed(tel(slots=slots({"mv": "67200"})), key),
+            (("slot:1", "slots[n=1].mv"),),
+        ),
+        (
+            "bool_n",
+            t,
+            signed(tel(slots=[{"n": True, "e_mwh": 1}]), key),
+            (("slots", "slots[0].n"),),
+        ),
+        ("slot_17", t, signed(tel(slots=[{"n": 17, "e_mwh": 1}]), key), (("slots", "slots[0].n"),)),
+        ("huge_meter", t, signed(tel(meter={"e_wh": HUGE}), key), (("meter", "meter.e_wh"),)),
+        (
+            "meter_over_100_gwh",
+            t,
+            signed(tel(meter={"e_wh": 10**11 + 1}), key),
+            (("meter", "meter.e_wh"),),
+        ),
+        ("huge_err", t, signed(tel(err={"mb_to": HUGE}), key), (("err", "err.mb_to"),)),
+        (
+            "huge_bat_everywhere",
+            t,
+            signed(tel(slots=slots(b2={k: HUGE for k in bat if k != "id"})), key),
+            (("bat:2", f"{s2}.bat.soc"),),
+        ),
+        ("hist_2", t, signed(tel(hist=2), key), (("hist", "hist"),)),
+        ("missing_slots", t, signed(tel(slots=...), key), ()),
+        ("unknown_event", e, signed(ev("explode"), key), (("event", "ev=explode"),)),
+        (
+            "missing_event_field",
+            e,
+            signed(ev("session_start", slot=1, bat="B1", soc=500), key),
+            (("event", "e_mwh"),),
+        ),
+        (
+            "bad_reset_cause",
+            e,
+            signed(ev("boot", fw="1", reset="cosmic", restored={}), key),
+            (("event", "reset"),),
+        ),
+        (
+            "huge_session_energy",
+            e,
+            signed(ev("session_start", slot=1, bat="B1", e_mwh=HUGE, soc=1), key),
+            (("event", "e_mwh"),),
+        ),
+        ("gwh_reading", t, signed(tel(slots=slots({"e_mwh": 10**12})), key), ()),
     ]
     return cases
 

@@ -1,4 +1,5 @@
-"""agent/wire.py: verification per CONTRACT §5.5, decode, schema, golden vectors both ways.
+"""agent/wire.py: verification per CONTRACT §5.5, decode, envelope ranges and §6.9 (a bad
+field spoils only its source), golden vectors both ways.
 
 Run `.venv/bin/python -m tests.test_wire` to (re)write tests/vectors/wire_agent.json (CPython-made vectors that the
 firmware's verifier checks on MicroPython: tests/fw/test_wire.py, tests/test_wire_cross.py).
@@ -19,11 +20,14 @@ from tests.agent_helpers import (
     GOOD_SID,
     OTHER_SID,
     REVOKED_SID,
+    T0_MS,
     Station,
     compact,
+    deep,
     key_for,
     malformed_cases,
     signed,
+    spoiled_cases,
 )
 
 VECTORS = pathlib.Path(__file__).parent / "vectors"
@@ -86,6 +90,58 @@ def test_malformed_message_has_its_precise_reason(case: tuple[str, str, bytes, s
         verify_topic(topic, payload, ring())
     assert ei.value.reason == Reason(reason), (name, ei.value)
     assert ei.value.detail  # a human-readable line for quarantine
+
+
+@pytest.mark.parametrize("case", spoiled_cases(), ids=lambda c: c[0])
+def test_a_bad_field_spoils_only_its_source(
+    case: tuple[str, str, bytes, tuple[tuple[str, str], ...]],
+) -> None:
+    # CONTRACT §6.9: verified and kept as received; metering gets the body without the
+    # spoiled source, and the spoiled list names the field
+    name, topic, payload, spoiled = case
+    v = verify_topic(topic, payload, ring())
+    assert v.record == payload
+    assert v.body == wire.decode_record(payload)
+    assert v.cleaned.spoiled == spoiled, name
+    if name.startswith("soc"):
+        slots = v.cleaned.body["slots"]
+        assert "bat" not in slots[1] and slots[1]["e_mwh"] == 500  # the register stays
+        assert v.cleaned.body["meter"] == v.body["meter"]
+
+
+def test_ts_is_checked_against_the_receive_time() -> None:
+    st = Station(GOOD_SID)
+    m = json.loads(wire.split_signed(st.telemetry()[1])[0])
+    day = 86_400_000
+    p = signed(dict(m, ts=T0_MS + day), st.key)
+    assert wire.verify("telemetry", GOOD_SID, p, ring(), recv_ms=T0_MS).seq == 0
+    with pytest.raises(WireError) as ei:
+        wire.verify("telemetry", GOOD_SID, p, ring(), recv_ms=T0_MS - 1)
+    assert ei.value.reason is Reason.BAD_TS
+    # without a receive time, the clock now
+    wire.verify("telemetry", GOOD_SID, p, ring())
+
+
+def test_envelope_bounds_are_inclusive() -> None:
+    st = Station(GOOD_SID)
+    m = json.loads(wire.split_signed(st.telemetry()[1])[0])
+    over: dict[str, Any]
+    for over in (
+        {"boot": 2**31 - 1, "seq": 2**31 - 1},
+        {"up": 320_000_000_000, "ts": 1_577_836_800_000},
+        {"up": 0, "ts": None},
+    ):
+        wire.verify("telemetry", GOOD_SID, signed(dict(m, **over), st.key), ring())
+
+
+def test_nesting_depth_four_passes_five_and_a_thousand_do_not() -> None:
+    st = Station(GOOD_SID)
+    m = json.loads(wire.split_signed(st.telemetry()[1])[0])
+    wire.verify("telemetry", GOOD_SID, signed(dict(m, x=[[[1]]]), st.key), ring())
+    for n in (4, 100, 999, 1000, 1700):
+        with pytest.raises(WireError) as ei:
+            wire.verify("telemetry", GOOD_SID, deep(m, n, st.key), ring())
+        assert ei.value.reason is Reason.TOO_DEEP, n
 
 
 def test_at_least_twenty_kinds_of_malformed_messages() -> None:
@@ -242,7 +298,7 @@ def make_agent_vectors() -> dict[str, Any]:
     dup = wire.sign(head + b'"up":1,"up":1,"slots":[]}', AGENT_KEY)
     items.append(("duplicate_key", dup, "malformed", "duplicate_key"))
     flt = wire.sign(head + b'"up":1.5,"slots":[]}', AGENT_KEY)
-    items.append(("float", flt, "malformed", "schema"))
+    items.append(("float", flt, "malformed", "bad_up"))
     sp = wire.sign(head + b'"up":1, "slots":[]}', AGENT_KEY)
     items.append(("space", sp, "malformed", "not_compact"))
     out = []
