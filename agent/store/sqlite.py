@@ -74,6 +74,9 @@ DDL: Final = (
         sid TEXT NOT NULL, kid BIGINT NOT NULL, key BLOB NOT NULL, state TEXT NOT NULL,
         created_ms BIGINT NOT NULL, retired_ms BIGINT, revoked_ms BIGINT,
         PRIMARY KEY (sid, kid))""",
+    # the running agent's health (agent/health.py): one row (id 1), upserted every few s
+    """CREATE TABLE IF NOT EXISTS agent_health (
+        id BIGINT PRIMARY KEY, updated_ms BIGINT NOT NULL, state TEXT NOT NULL)""",
 )
 
 
@@ -380,6 +383,26 @@ class Store:
     def add_alarm(self, sid: str | None, code: str, level: str, detail: str) -> None:
         with self.transaction() as db:
             db.execute(_INSERT_ALARM, (now_ms(), sid, code, level, detail))
+
+    def put_agent_health(self, updated_ms: int, state: str) -> None:
+        """Upsert the agent's health row (agent/health.py; `state` is JSON text)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO agent_health (id, updated_ms, state) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET updated_ms = excluded.updated_ms, "
+                "state = excluded.state",
+                (updated_ms, state),
+            )
+
+    def agent_health(self) -> tuple[int, str] | None:
+        """(updated_ms, state JSON) of the agent's health row, None when there is none."""
+        try:
+            row = self.db.execute(
+                "SELECT updated_ms, state FROM agent_health WHERE id = 1"
+            ).fetchone()
+        except sqlite3.OperationalError:  # a database from before the table (read-only)
+            return None
+        return None if row is None else (int(row[0]), str(row[1]))
 
     # ---- reads ------------------------------------------------------------------------------
 
