@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DashboardConfig",
     "DbConfig",
+    "HealthConfig",
     "IngestConfig",
     "MeterParams",
     "load_config",
@@ -72,6 +73,15 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HealthConfig:
+    """[health]: `/healthz` and `/metrics` (agent/health.py) on a listener of their own, for
+    an agent without `[dashboard]` (with one, they are served on the dashboard's port)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True, kw_only=True)
 class CarbonConfig:
     """[carbon]: the parameter file of agent/ledger/carbon.py (None: its shipped example)."""
 
@@ -86,6 +96,7 @@ class AgentConfig:
     metering: MeterParams = field(default_factory=MeterParams)
     carbon_params: str | None = None  # path of the carbon parameters file
     dashboard: DashboardConfig | None = None  # None: no dashboard
+    health: HealthConfig | None = None  # None: /healthz, /metrics only on the dashboard's port
 
 
 # The file's shape: one table per section. `broker.password_file` and `carbon.params` are
@@ -97,6 +108,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metering": MeterParams,
     "carbon": CarbonConfig,
     "dashboard": DashboardConfig,
+    "health": HealthConfig,
 }
 _FILE_ONLY = {"broker": {"password_file"}}
 _PATHS = {"broker": ("tls_ca", "tls_cert", "tls_key"), "carbon": ("params",)}
@@ -148,6 +160,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         metering=dec.get("metering", MeterParams()),
         carbon_params=carbon.params,
         dashboard=dec.get("dashboard"),
+        health=dec.get("health"),
     )
 
 

@@ -114,3 +114,23 @@ def test_config_is_read_without_the_service() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60, check=False)
     assert r.returncode == 0
+
+
+def test_health_section(tmp_path: pathlib.Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text("[db]\n")
+    assert load_config(p).health is None  # none unless asked for
+    p.write_text('[health]\nhost = "0.0.0.0"\nport = 9200\n')
+    c = load_config(p)
+    assert c.health is not None and (c.health.host, c.health.port) == ("0.0.0.0", 9200)
+    p.write_text("[health]\n")
+    c = load_config(p)
+    assert c.health is not None and (c.health.host, c.health.port) == ("127.0.0.1", 9108)
+    for text, needle in (
+        ("[health]\nprot = 1\n", "unknown key health.prot"),
+        ('[health]\nport = "9108"\n', "health.port must be int"),
+        ("[health]\nhost = 1\n", "health.host must be str"),
+    ):
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            load_config(p)
