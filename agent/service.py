@@ -6,10 +6,30 @@ stalls the network. Batches form by themselves (group commit): while one batch c
 the next accumulates, so a quiet agent commits each message at once and a busy one
 commits thousands at a time. Acknowledgements go out only after the commit.
 
-Failure policy: bad input is quarantined with its reason and counted, never raised; a
-database error keeps the batch, unacknowledged, and retries it (the broker keeps
-redelivering meanwhile); a metering error is logged and counted (raw is already safe
-and the records can be recomputed from it).
+Failure policy (no message can stop ingest; nothing acknowledged is ever lost):
+- Bad input is quarantined with its reason and counted, never raised. A verified message
+  with a bad field outside the envelope is stored as received; only the field's source is
+  spoiled (CONTRACT §6.9, agent/ranges.py): counted `spoiled.<source kind>`, alarmed
+  (`bad_field`, naming the field), and metering gets the body without that source.
+- Each message is its own guarded step. One that raises anywhere — in verification, in
+  the batch's insert (e.g. an integer SQLite cannot hold) — is quarantined as `internal`
+  with the exception's class and its bytes, counted and alarmed, and the rest of its batch
+  goes on: a batch whose insert fails with a data error is probed row by row (savepoints,
+  rolled back) to find the culprits, which go to quarantine, then written again. Metering
+  runs per station after the commit; a station whose metering raises is alarmed and
+  counted (its raw is safe, its records are recomputed from raw at the next start).
+- A commit that cannot succeed (disk full, database locked or gone) acknowledges nothing,
+  stops reading, marks the agent failing (`/healthz` 503, `stationctl_agent_failing`),
+  retries with backoff up to 5 s and resumes by itself when the cause goes; the spell is
+  then written as an alarm (`agent_db`). The writer's busy timeout is 1 s, so a locked
+  database is a failure to report, not a hang.
+- Stopping (SIGTERM) takes under 5 s in every state: what was read is committed and
+  acknowledged for up to 2 s, the rest is left unacknowledged to the broker; a commit
+  still running is interrupted (it rolls back).
+
+Health (agent/health.py): `/healthz` and `/metrics` on the dashboard's port or the
+`[health]` listener, and an `agent_health` row upserted every 2 s for the dashboard and
+`stationctl watch --db`.
 
 Late keys: a station may publish a moment before the agent has loaded its new key (it was
 just provisioned by `stationctl flash` or `stationctl keys add`, another process). Those
@@ -26,17 +46,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import gc
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from agent import wire
 from agent.config import AgentConfig, ConfigError
+from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger import IncrementalMeter, RawMsg
 from agent.sources.mqtt import Delivery, MqttSource
@@ -65,14 +88,47 @@ REKEY_REASONS = (wire.Reason.UNKNOWN_STATION.value, wire.Reason.UNKNOWN_KID.valu
 _REKEY_PAGE = 1000  # quarantine rows verified per step (bounds the loop's stall: ~6 ms)
 _REKEY_RETRY_S = 5.0  # after a failed re-verification (database error)
 _FIRST = " (first quarantined as "  # how a re-verified row's detail keeps its first reason
+BUSY_MS = 1000  # the writer's busy timeout: a locked database fails a commit (retried)
+_HEALTH_BUSY_MS = 250  # the health row's writer waits no longer
+BACKOFF_MAX_S = 5.0  # between attempts at a commit that fails
+STOP_FLUSH_S = 2.0  # on stop, commit and acknowledge what was read for up to this long
+STOP_DB_S = 1.5  # then wait this long for the database thread (interrupted) to finish
+ALARM_EVERY_S = 60.0  # one bad_field alarm per (station, field) per minute (counts exact)
+INTERNAL = wire.Reason.INTERNAL.value
+# a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
+# batch is kept and retried; anything else raised by a write is a data error of some row
+_ENV_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.OperationalError,
+    sqlite3.InternalError,
+    OSError,
+    MemoryError,
+)
+
+
+def _is_env(e: BaseException) -> bool:
+    # sqlite3.DatabaseError itself (not a subclass): "file is not a database", corruption
+    return isinstance(e, _ENV_ERRORS) or type(e) is sqlite3.DatabaseError
 
 
 class _Batch:
-    __slots__ = ("bodies", "deliveries", "quarantine", "rekey", "rows", "status")
+    __slots__ = (
+        "bodies",
+        "deliveries",
+        "first_ms",
+        "internal",
+        "quarantine",
+        "rekey",
+        "rows",
+        "spoiled",
+        "status",
+    )
 
     def __init__(self) -> None:
+        self.first_ms = 0  # receive time of its first message (lag)
         self.rows: list[RawRow] = []
-        self.bodies: list[dict[str, Any]] = []
+        self.bodies: list[dict[str, Any]] = []  # what metering reads: the cleaned bodies
+        self.spoiled: list[tuple[tuple[str, str], ...]] = []  # per row: ranges.Cleaned.spoiled
+        self.internal = 0  # rows moved to quarantine as `internal` by the write's probe
         self.quarantine: list[QuarantineRow] = []
         self.status: list[tuple[str, int, bytes]] = []
         self.deliveries: list[Delivery] = []
@@ -82,6 +138,13 @@ class _Batch:
 
 
 OnCommit = Callable[[list[RawRow]], None]
+
+
+class _Written(NamedTuple):
+    new: list[int]
+    dups: int
+    conflicts: int
+    records_error: str | None = None  # the records could not be written (metering output)
 
 
 class Service:
@@ -95,7 +158,9 @@ class Service:
         # the writer connection (used by the db thread only); WAL checkpoints run from a
         # connection of their own in another thread, off the commit path
         self.store = Store(cfg.db.url, synchronous=cfg.db.synchronous, autocheckpoint=100_000)
+        self.store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         self._ckpt_store = Store(cfg.db.url, synchronous=cfg.db.synchronous, create=False)
+        self._ckpt_store.db.execute(f"PRAGMA busy_timeout = {_HEALTH_BUSY_MS}")
         self._ckpt = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-ckpt")
         self._ckpt_busy = False
         self._keystore = KeyStore(Store(cfg.db.url, synchronous=cfg.db.synchronous))
@@ -112,35 +177,55 @@ class Service:
         self._idle = asyncio.Event()  # set after each commit cycle
         self._rekey_retry: set[str] = set()  # re-verifications that failed, retried later
         self._rekey_retry_at = 0.0
+        self._inflight: _Batch | None = None  # the batch being committed
+        self._stop_now = asyncio.Event()  # set on stop: ends a commit's backoff at once
+        self._alarmed: dict[tuple[str | None, str], float] = {}  # (sid, code/path) -> time
+        self._health_busy = False
+        self._pending_alarms: list[tuple[str | None, str, str, str, str]] = []
+        self.health = Health(self.counters)
+        self.health.pending = self._pending
+        self.health.oldest_ms = self._oldest_ms
         self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
         self._prefix = cfg.broker.prefix
         self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
+        self.health_url: str | None = None  # where /healthz and /metrics are served
 
     # ---- loop thread: each message as paho delivers it -----------------------------------
 
     def _message(self, topic: str, payload: bytes, d: Delivery) -> None:
         b = self._batch
-        b.deliveries.append(d)
         recv = now_ms()
+        if not b.deliveries:
+            b.first_ms = recv
+        b.deliveries.append(d)
         try:
             sid, kind = wire.parse_topic(topic, self._prefix)
             if kind == "status":
                 self._status(b, sid, topic, payload, recv)
             else:
-                v = wire.verify(kind, sid, payload, self.keys)
-                b.rows.append(RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload))
-                b.bodies.append(v.body)
+                v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
+                row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
+                # metering reads what §6.9 leaves of it (the metering engine's own input
+                # function takes over here once it lands)
+                b.rows.append(row)
+                b.bodies.append(v.cleaned.body)
+                b.spoiled.append(v.cleaned.spoiled)
         except wire.WireError as e:
             b.quarantine.append(
                 QuarantineRow(
                     recv, topic, e.reason.value, e.detail, _sid_of(topic, self._prefix), payload
                 )
             )
-        except Exception as e:  # a bug must not stop ingest: keep the bytes, say why
+        except Exception as e:  # a bug (or RecursionError, MemoryError …) must not stop ingest
             log.exception("unexpected error on %s", topic)
             b.quarantine.append(
                 QuarantineRow(
-                    recv, topic, "internal", repr(e)[:300], _sid_of(topic, self._prefix), payload
+                    recv,
+                    topic,
+                    INTERNAL,
+                    _internal("verifying", e),
+                    _sid_of(topic, self._prefix),
+                    payload,
                 )
             )
         if len(b.deliveries) >= self.cfg.ingest.batch_max:
@@ -176,8 +261,140 @@ class Service:
         )
         return res.new, res.duplicates, res.conflicts
 
-    async def _committer(self) -> None:
+    def _write_guarded(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> _Written:
+        """db thread: `_write`, with no row able to stop it. A database failure (`_is_env`)
+        is raised for the committer to retry; any other error is some row's: the raw rows
+        are probed one by one (in a transaction that is rolled back), the culprits move to
+        quarantine as `internal` and the batch is written again; failing that the records
+        are left out (metering output, recomputed from raw at the next start); failing
+        that too, every message of the batch is kept in quarantine as `internal`."""
+        try:
+            return _Written(*self._write(b, ups, gone))
+        except Exception as e:
+            if _is_env(e):
+                raise
+            log.error("a batch of %d failed to write (%r): finding the culprit", len(b.rows), e)
+        bad = self._probe(b.rows)
+        if bad:
+            keep = [i for i in range(len(b.rows)) if i not in bad]
+            for i, err in sorted(bad.items()):
+                r = b.rows[i]
+                log.error("(%s, %s, %s) cannot be stored: %r", r.sid, r.boot, r.seq, err)
+                b.quarantine.append(
+                    QuarantineRow(
+                        r.recv_ms, r.topic, INTERNAL, _internal("storing", err), r.sid, r.record
+                    )
+                )
+            b.rows = [b.rows[i] for i in keep]
+            b.bodies = [b.bodies[i] for i in keep]
+            b.spoiled = [b.spoiled[i] for i in keep]
+            b.internal += len(bad)
+            try:
+                return _Written(*self._write(b, ups, gone))
+            except Exception as e:
+                if _is_env(e):
+                    raise
+        try:
+            w = self._write(b, [], [])
+        except Exception as e:
+            if _is_env(e):
+                raise
+            log.exception("a batch cannot be written even without records: all to quarantine")
+            err = e
+        else:
+            why = f"records of {len(ups)} change(s) not written; recomputed at the next start"
+            log.error("%s (metering output failed to write)", why)
+            return _Written(*w, records_error=why)
+        for r in b.rows:
+            b.quarantine.append(
+                QuarantineRow(
+                    r.recv_ms, r.topic, INTERNAL, _internal("storing", err), r.sid, r.record
+                )
+            )
+        b.quarantine = [
+            q._replace(topic=ascii(q.topic)[1:-1], detail=ascii(q.detail)[1:-1])
+            for q in b.quarantine
+        ]
+        b.internal += len(b.rows)
+        b.rows, b.bodies, b.spoiled, b.status = [], [], [], []
+        return _Written(*self._write(b, [], []), records_error="batch quarantined whole")
+
+    def _probe(self, rows: list[RawRow]) -> dict[int, BaseException]:
+        """db thread: which raw rows fail to insert on their own (data errors), each in a
+        savepoint of a transaction that is rolled back at the end."""
+        db = self.store.db
+        bad: dict[int, BaseException] = {}
+        self.store.db.execute("BEGIN IMMEDIATE")
+        try:
+            for i, r in enumerate(rows):
+                db.execute("SAVEPOINT probe")
+                try:
+                    self.store._insert_raw(db, [r])
+                except Exception as e:
+                    if _is_env(e):
+                        raise
+                    bad[i] = e
+                finally:
+                    db.execute("ROLLBACK TO probe")
+                    db.execute("RELEASE probe")
+        finally:
+            db.execute("ROLLBACK")
+        return bad
+
+    def _pending(self) -> int:
+        """Messages read and not yet committed (none of them acknowledged)."""
+        n = len(self._batch.deliveries) + sum(len(x.deliveries) for x in self._sealed)
+        return n + (len(self._inflight.deliveries) if self._inflight is not None else 0)
+
+    def _oldest_ms(self) -> int | None:
+        for x in (self._inflight, *self._sealed, self._batch):
+            if x is not None and x.deliveries:
+                return x.first_ms
+        return None
+
+    async def _commit(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> _Written | None:
+        """Write `b` (retried with backoff while the database fails); None when stopping
+        cut the retries short (nothing of `b` is acknowledged then)."""
         loop = asyncio.get_running_loop()
+        delay = 0.05
+        while True:
+            t0 = time.monotonic()
+            try:
+                w = await loop.run_in_executor(self._db, self._write_guarded, b, ups, gone)
+            except Exception as e:
+                self.counters["commit_failures"] += 1
+                if self.health.failed(e):
+                    log.error(
+                        "commits fail: %r; nothing is acknowledged until they succeed "
+                        "(reading paused, retrying)",
+                        e,
+                    )
+                else:
+                    log.warning("commit failed again (%r); retry in %.2fs", e, delay)
+                self.source.pause()
+                if self._stopping:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_now.wait(), delay)
+                if self._stopping:
+                    return None
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            since = self.health.committed(time.monotonic() - t0)
+            if since is not None:
+                await self._alarm(
+                    None,
+                    "agent_db",
+                    "crit",
+                    f"commits failed from {_iso(since)} to {_iso(now_ms())} "
+                    f"(nothing acknowledged meanwhile): {self.health.last_error}",
+                    key="agent_db",
+                    every=0.0,
+                )
+                log.info("commits succeed again (failing since %s)", _iso(since))
+            return w
+
+    async def _committer(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -190,20 +407,17 @@ class Service:
                 self._idle.set()
                 continue
             self._committing = True
+            self._inflight = b
             ups, gone = self._changes() if records_due else ([], [])
-            delay = 0.05
-            while True:
-                try:
-                    new, dups, conflicts = await loop.run_in_executor(
-                        self._db, self._write, b, ups, gone
-                    )
-                    break
-                except Exception:
-                    log.exception(
-                        "database write failed; retrying in %.2fs (not acknowledged)", delay
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            w = await self._commit(b, ups, gone)
+            self._inflight = None
+            if w is None:  # stopping while the database fails: leave it all to the broker
+                self._committing = False
+                self._sealed.clear()
+                self._batch = _Batch()
+                self._idle.set()
+                continue
+            new, dups, conflicts = w.new, w.dups, w.conflicts
             self.source.ack(b.deliveries)
             self._committing = False
             if not self._stopping and (
@@ -212,7 +426,10 @@ class Service:
                 self.source.resume()
             c = self.counters
             c["commits"] += 1
-            c["records_written"] += len(ups)
+            c["records_written"] += len(ups) if w.records_error is None else 0
+            if w.records_error is not None:
+                c["records_errors"] += 1
+                self.health.error(w.records_error)
             if b.deliveries:
                 c["received"] += len(b.deliveries)
                 c["stored"] += len(new)
@@ -228,7 +445,8 @@ class Service:
                 rows = [b.rows[i] for i in new]
                 if self._on_commit is not None:
                     self._on_commit(rows)
-                self._meter(rows, [b.bodies[i] for i in new])
+                self._meter_apart(rows, [b.bodies[i] for i in new])
+            await self._alarms(b, new)
             if b.rekey:
                 self._committing = True
                 await self._rekey(b.rekey)
@@ -240,6 +458,96 @@ class Service:
             ):
                 self._wake.set()
             self._idle.set()
+
+    def _meter_apart(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
+        """Metering, one station at a time: one whose metering raises stops no other
+        (alarmed, counted; its raw is stored and its records recomputed at the next start)."""
+        by_sid: dict[str, tuple[list[RawRow], list[dict[str, Any]]]] = {}
+        for r, body in zip(rows, bodies, strict=True):
+            rs, bs = by_sid.setdefault(r.sid, ([], []))
+            rs.append(r)
+            bs.append(body)
+        c = self.counters
+        for sid, (rs, bs) in by_sid.items():
+            before = c["meter_errors"]
+            try:
+                self._meter(rs, bs)
+            except Exception:  # _meter counts its own; this is the belt to its braces
+                c["meter_errors"] += 1
+                log.exception("metering %s failed", sid)
+            if c["meter_errors"] > before:
+                keys = f"({rs[0].boot}, {rs[0].seq})" + (
+                    f" .. ({rs[-1].boot}, {rs[-1].seq})" if len(rs) > 1 else ""
+                )
+                what = f"metering failed on {len(rs)} message(s) {keys}; raw is stored"
+                self.health.error(f"{sid}: {what}")
+                self._pending_alarms.append((sid, INTERNAL, "crit", what, f"meter:{sid}"))
+
+    async def _alarms(self, b: _Batch, new: list[int]) -> None:
+        """Count the spoiled sources of the messages stored now and raise their alarms
+        (`bad_field`, one per station and field a minute), the `internal` quarantines'
+        and those queued by metering."""
+        c = self.counters
+        out = self._pending_alarms
+        self._pending_alarms = []
+        firsts: dict[tuple[str, str], tuple[RawRow, int]] = {}
+        for i in new:
+            sp = b.spoiled[i]
+            if not sp:
+                continue
+            c["spoiled"] += 1
+            r = b.rows[i]
+            for source, path in sp:
+                c["spoiled." + source.split(":", 1)[0]] += 1
+                k = (r.sid, path)
+                first, n = firsts.get(k, (r, 0))
+                firsts[k] = (first, n + 1)
+        for (sid, path), (r, n) in firsts.items():
+            more = f" (and {n - 1} more in this batch)" if n > 1 else ""
+            out.append(
+                (
+                    sid,
+                    "bad_field",
+                    "warn",
+                    f"{path}: missing, of the wrong type or out of range in ({r.boot}, {r.seq})"
+                    f"{more}; its source is not metered",
+                    f"bad_field:{path}",
+                )
+            )
+        for q in b.quarantine:
+            if q.reason == INTERNAL:
+                out.append((q.sid, INTERNAL, "crit", f"quarantined: {q.detail}", INTERNAL))
+        for asid, code, level, detail, key in out:
+            await self._alarm(asid, code, level, detail, key=key)
+
+    async def _alarm(
+        self,
+        sid: str | None,
+        code: str,
+        level: str,
+        detail: str,
+        *,
+        key: str,
+        every: float = ALARM_EVERY_S,
+    ) -> None:
+        """An alarm row (db thread, its own transaction), at most one per (sid, key) per
+        `every` s; a failure to write it is logged, never raised."""
+        now = time.monotonic()
+        last = self._alarmed.get((sid, key))
+        if last is not None and now - last < every:
+            self.counters["alarms_suppressed"] += 1
+            return
+        self._alarmed[(sid, key)] = now
+        if len(self._alarmed) > 100_000:
+            self._alarmed.clear()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._db, self.store.add_alarm, sid, code, level, detail[:1000]
+            )
+            self.counters["alarms"] += 1
+        except Exception as e:
+            self.counters["alarm_errors"] += 1
+            log.warning("could not write alarm %s for %s (%r): %s", code, sid, e, detail)
 
     async def _rekey(self, sids: set[str]) -> None:
         """Re-verify the unresolved `unknown_station` / `unknown_kid` quarantine rows of
@@ -390,10 +698,16 @@ class Service:
     async def _housekeeping(self) -> None:
         ing = self.cfg.ingest
         last_keys = last_stats = last_gc = last_ckpt = time.monotonic()
+        last_health = 0.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            if now - last_health >= WRITE_S and not self._health_busy:
+                last_health = now
+                self._health_busy = True
+                fut = loop.run_in_executor(self._ckpt, self._put_health, self.health.to_json())
+                fut.add_done_callback(lambda f: setattr(self, "_health_busy", False))
             if now - last_ckpt >= ing.checkpoint_s and not self._ckpt_busy:
                 last_ckpt = now
                 self._ckpt_busy = True
@@ -421,6 +735,14 @@ class Service:
             if now - last_stats >= ing.stats_interval_s:
                 last_stats = now
                 log.info("counters: %s", dict(sorted(self.counters.items())))
+
+    def _put_health(self, state: str) -> None:
+        """checkpoint thread: upsert the agent_health row (a locked or full database makes
+        it fail, and the row's age then says the agent is silent)."""
+        try:
+            self._ckpt_store.put_agent_health(now_ms(), state)
+        except Exception as e:
+            log.debug("writing the health row failed: %r", e)
 
     def _checkpoint(self) -> None:
         try:
@@ -458,13 +780,23 @@ class Service:
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        n = await loop.run_in_executor(self._db, self.replay)
+        replay: asyncio.Future[int] = loop.run_in_executor(self._db, self.replay)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((replay, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not replay.done():  # stopped while replaying: nothing was read or acknowledged
+            log.info("stopped during the start-up replay")
+            self._stopping = True
+            self._db.shutdown(wait=False, cancel_futures=True)
+            return
+        stopped.cancel()
+        n = replay.result()
         log.info("replayed %d raw messages into metering in %.1fs", n, time.monotonic() - t0)
         gc_was = gc.get_threshold()
         if self.cfg.ingest.gc_full_s:
             gc.collect()
             gc.set_threshold(gc_was[0], gc_was[1], 1 << 30)  # no automatic full collection
         dashboard = await self._dashboard()
+        health_server = await self._health_server() if dashboard is None else None
         # every station with a key: what was quarantined before its key was added while
         # the agent was down (or before a crash) is re-verified first
         self._batch.rekey |= self.keys.take_learned()
@@ -489,9 +821,8 @@ class Service:
                     raise RuntimeError(f"agent task ended: {t!r}") from exc
         finally:
             ready.cancel()
-            if dashboard is not None:
-                await dashboard.stop()
-            await self._shutdown(tasks)
+            servers = [x.stop() for x in (dashboard, health_server) if x is not None]
+            await asyncio.gather(self._shutdown(tasks), *servers, return_exceptions=True)
             gc.set_threshold(*gc_was)
 
     async def _dashboard(self) -> Any:
@@ -500,10 +831,12 @@ class Service:
         dc = self.cfg.dashboard
         if dc is None:
             return None
+        from agent import health
         from agent.dashboard import DashboardServer, Live, make_app
 
         live = Live(self.cfg.db.url, carbon_params=self.cfg.carbon_params)
-        server = DashboardServer(make_app(self.cfg.db.url, live=live), dc.host, dc.port)
+        app = make_app(self.cfg.db.url, live=live, extra_routes=health.routes(self.health))
+        server = DashboardServer(app, dc.host, dc.port, stop_timeout=STOP_FLUSH_S + STOP_DB_S)
         try:
             await server.start()
         except OSError as e:
@@ -518,31 +851,75 @@ class Service:
                 prev(rows)
 
         self._on_commit = on_commit
-        log.info("dashboard on %s", server.url)
+        log.info("dashboard on %s (and %shealthz, %smetrics)", server.url, server.url, server.url)
+        self.health_url = server.url
+        return server
+
+    async def _health_server(self) -> HealthServer | None:
+        hc = self.cfg.health
+        if hc is None:
+            return None
+        server = HealthServer(self.health, hc.host, hc.port)
+        try:
+            await server.start()
+        except OSError as e:
+            raise ConfigError(
+                f"health: cannot listen on {hc.host}:{hc.port}: {e.strerror}"
+            ) from None
+        log.info("health on %shealthz and %smetrics", server.url, server.url)
+        self.health_url = server.url
         return server
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
-        # stop reading; commit, acknowledge and meter what was read; then say goodbye
+        """Within ~4 s whatever the state: stop reading; commit, acknowledge and meter what
+        was read for up to STOP_FLUSH_S (the rest stays unacknowledged: the broker sends it
+        again); interrupt a commit still running (it rolls back); say goodbye."""
+        loop = asyncio.get_running_loop()
         self._stopping = True
+        self._stop_now.set()
         self.source.pause()
         if not tasks[1].done():  # the committer
             try:
-                await asyncio.wait_for(self.flush(), 15.0)
+                await asyncio.wait_for(self.flush(), STOP_FLUSH_S)
             except TimeoutError:
                 log.warning(
-                    "could not commit everything before stopping (the broker keeps "
-                    "what was not acknowledged)"
+                    "stopping with %d message(s) not committed (not acknowledged: the "
+                    "broker sends them again)",
+                    self._pending(),
                 )
         self.source.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._db.shutdown(wait=True)
-        self._ckpt.shutdown(wait=True)
-        self._ckpt_store.close()
-        self.store.close()
-        self._keystore.store.close()
+        # a commit still running in the db thread: cut it short (it rolls back; a busy wait
+        # ends within BUSY_MS)
+        self.store.db.interrupt()
+        self._ckpt_store.db.interrupt()
+        self.health.stopped_ms = now_ms()
+        done = True
+        for ex in (self._db, self._ckpt):
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, ex.shutdown, True), STOP_DB_S)
+            except TimeoutError:
+                done = False
+        if done:
+            with contextlib.suppress(Exception):
+                self._ckpt_store.put_agent_health(now_ms(), self.health.to_json())
+            self._ckpt_store.close()
+            self.store.close()
+            self._keystore.store.close()
+        else:
+            log.warning("the database thread did not finish in time; exiting without it")
         log.info("stopped; counters: %s", dict(sorted(self.counters.items())))
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def _internal(step: str, e: BaseException) -> str:
+    """A quarantine detail for a message the agent failed on: the exception's class first."""
+    return f"{type(e).__name__} while {step}: {e}"[:300]
 
 
 def _sid_of(topic: str, prefix: str) -> str | None:

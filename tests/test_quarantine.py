@@ -1,6 +1,7 @@
 """Malformed messages through a real Mosquitto: each ends in quarantine with its precise
 reason and its exact bytes, counted per reason, while the good messages around them are
-stored and metered."""
+stored and metered. Messages with a bad field outside the envelope are stored as received
+with only that field's source spoiled (CONTRACT §6.9): counted and alarmed."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.agent_helpers import (
     compact,
     key_for,
     malformed_cases,
+    spoiled_cases,
 )
 from tools.mosquitto import Mosquitto
 
@@ -63,6 +65,13 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
         kind, p = good.telemetry()
         items += [(good.topic(kind), p), (topic, payload)]
         good_payloads.append(p)
+    spoiled = spoiled_cases()
+    for _name, topic, payload, _sp in spoiled:
+        items.append((topic, payload))
+        good.advance()
+        kind, p = good.telemetry()
+        items.append((good.topic(kind), p))
+        good_payloads.append(p)
     # a byte-identical repeat (duplicate) and another message under a stored key (conflict)
     items.append((good.topic("telemetry"), good_payloads[3]))
     good.seq = 2
@@ -91,9 +100,12 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
     want["bad_status"] += 1
     got = {k[2:]: v for k, v in c.items() if k.startswith("q.") and v}
     assert got == dict(want)
-    assert c["stored"] == len(good_payloads) + 1  # + the event
+    assert c["stored"] == len(good_payloads) + len(spoiled) + 1  # + the event
     assert c["duplicate"] == 1 and c["conflict"] == 1 and c["status"] == 1
     assert c["quarantined"] == len(bad) + 2
+    assert c["spoiled"] == sum(1 for *_, sp in spoiled if sp)
+    kinds = Counter(src.split(":")[0] for *_, sp in spoiled for src, _path in sp)
+    assert {k[8:]: v for k, v in c.items() if k.startswith("spoiled.") and v} == dict(kinds)
 
     with Store(db) as st:
         q = st.quarantine_rows()
@@ -105,8 +117,17 @@ async def test_every_malformed_message_is_quarantined_with_its_reason(
         conf = [r for r in q if r.reason == "conflict"]
         assert len(conf) == 1 and conf[0].record == conflict and conf[0].sid == GOOD_SID
         stored = [r.record for page in st.iter_raw() for r in page]
-        assert stored[:-1] == good_payloads  # the good ones, in order, the first copy of seq 2
-        assert st.alarms()[0][2] == "conflict"
+        # the good ones, in order, the first copy of seq 2, and each spoiled one as received
+        sp_payloads = {p for *_, p, _sp in spoiled}
+        assert [p for p in stored[:-1] if p not in sp_payloads] == good_payloads
+        assert [p for p in stored if p in sp_payloads] == [p for *_, p, _sp in spoiled]
+        alarms = st.alarms()
+        assert [a[2] for a in alarms if a[2] != "bad_field"] == ["conflict"]
+        # every spoiled field named by an alarm (one per station and field a minute)
+        paths = {path for *_, sp in spoiled for _src, path in sp}
+        got_paths = {a[4].split(":", 1)[0] for a in alarms if a[2] == "bad_field"}
+        assert got_paths == paths
+        assert all(a[1] == GOOD_SID and a[3] == "warn" for a in alarms if a[2] == "bad_field")
         assert st.db.execute("SELECT record FROM status").fetchall() == [(birth,)]
         # metering ran on the good ones
         assert st.record_rows(kind="interval")

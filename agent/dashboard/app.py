@@ -15,13 +15,13 @@ import contextlib
 import logging
 import pathlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import api
@@ -44,9 +44,11 @@ def make_app(
     carbon_params: str | None = None,
     poll_s: float = 1.0,
     live: Live | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The dashboard over the agent database at `db_url` (sqlite:///PATH or a path).
-    `app.state.live` is the `Live` poller (call `.nudge()` after a commit)."""
+    `app.state.live` is the `Live` poller (call `.nudge()` after a commit). `extra_routes`:
+    more endpoints on the same server (the agent's /healthz and /metrics)."""
     lv = live or Live(db_url, cfg, carbon_params=carbon_params, poll_s=poll_s)
 
     @contextlib.asynccontextmanager
@@ -63,6 +65,7 @@ def make_app(
             Route("/stations/{sid}", _page, methods=["GET"]),
             Route("/alarms", _page, methods=["GET"]),
             *api.routes(),
+            *extra_routes,
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,
@@ -82,10 +85,18 @@ class _Server(uvicorn.Server):
 class DashboardServer:
     """Serve an app on host:port (0: a free port) in the running event loop."""
 
-    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        stop_timeout: float = 10.0,
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.stop_timeout = stop_timeout  # longest wait for open requests at stop
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -107,7 +118,7 @@ class DashboardServer:
             self.app,
             log_level="warning",
             lifespan="on",
-            timeout_graceful_shutdown=3,
+            timeout_graceful_shutdown=max(1, min(3, int(self.stop_timeout))),
             access_log=False,
         )
         self._server = _Server(config)
@@ -126,7 +137,7 @@ class DashboardServer:
         live.hub.close()  # ends every live stream, so no connection holds the shutdown
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(self._task, 10)
+            await asyncio.wait_for(self._task, self.stop_timeout)
         except TimeoutError:
             self._task.cancel()
         self._server = None
