@@ -534,3 +534,104 @@ def fleet_stream(
                     ),
                 )
     return out
+
+
+# ---- the agent as a process (`stationctl agent --config …`) --------------------------------
+
+
+class AgentProcess:
+    """`python -m stationctl agent` on a TOML of its own: its log in `log`, its
+    `/healthz` and `/metrics` on `[health]` at a free port."""
+
+    def __init__(
+        self,
+        tmp: Any,
+        db_url: str,
+        broker_port: int,
+        *,
+        client_id: str = "proc-agent",
+        extra: str = "",
+        cwd: Any = None,
+    ) -> None:
+        import pathlib
+
+        from tests.helpers import ROOT, free_port
+
+        self.dir = pathlib.Path(tmp)
+        self.health_port = free_port()
+        self.cfg = self.dir / f"{client_id}.toml"
+        self.cfg.write_text(
+            f'[db]\nurl = "{db_url}"\nsynchronous = "normal"\n'
+            f'[broker]\nport = {broker_port}\nclient_id = "{client_id}"\n'
+            f"[ingest]\nrecords_interval_ms = 50\n"
+            f"[health]\nport = {self.health_port}\n" + extra
+        )
+        self.log = self.dir / f"{client_id}.log"
+        self.cwd = cwd or ROOT
+        self.proc: Any = None
+
+    def start(self) -> AgentProcess:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [*STATIONCTL, "agent", "--config", str(self.cfg)],
+            cwd=self.cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        return self
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_log(self, needle: str, timeout: float = 30.0, count: int = 1) -> None:
+        import time
+
+        end = time.monotonic() + timeout
+        while self.log_text().count(needle) < count:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log_text()}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"no {needle!r} in the agent's log:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.health_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return int(r.status), bytes(r.read())
+        except urllib.error.HTTPError as e:
+            return int(e.code), bytes(e.read())
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        status, body = self.get("/healthz")
+        return status, json.loads(body)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when absent)."""
+        _, body = self.get("/metrics")
+        want = name + (
+            "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+        )
+        for line in body.decode().splitlines():
+            if line.startswith(want + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def stop(self, timeout: float = 15.0) -> tuple[float, int]:
+        """SIGTERM; (seconds until the process is gone, exit status)."""
+        import signal
+        import time
+
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        return time.monotonic() - t0, int(rc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
