@@ -569,10 +569,12 @@ class AgentProcess:
         self.log = self.dir / f"{client_id}.log"
         self.cwd = cwd or ROOT
         self.proc: Any = None
+        self._from = 0
 
     def start(self) -> AgentProcess:
         import subprocess
 
+        self._from = self.log.stat().st_size if self.log.exists() else 0  # this run's log
         self.proc = subprocess.Popen(
             [*STATIONCTL, "agent", "--config", str(self.cfg)],
             cwd=self.cwd,
@@ -582,7 +584,11 @@ class AgentProcess:
         return self
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as f:
+            f.seek(self._from)
+            return f.read().decode(errors="replace")
 
     def wait_log(self, needle: str, timeout: float = 30.0, count: int = 1) -> None:
         import time
