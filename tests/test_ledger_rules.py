@@ -295,12 +295,6 @@ def test_record_id_does_not_depend_on_other_flags() -> None:
     assert record_id(_rec("interval", ("gap", "held"))) == record_id(_rec("interval"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="m1 bug kept by the refactoring: a day record rolling up a rule-8 adjustment "
-    "carries the flag, so record_id() gives it '/adj' while the meter's change tracking "
-    "names (and deletes) it without; the store would keep both rows",
-)
 def test_a_day_record_id_does_not_depend_on_its_flags() -> None:
     assert record_id(_rec("day", ("adjustment",))) == record_id(_rec("day"))
 

@@ -262,11 +262,11 @@ def test_incremental_equals_compute(rnd: random.Random) -> None:
         j = rnd.randrange(len(late))
         late.append(late.pop(j))
     orders.append(late)
-    part_msgs = agent.ledger.engine.PART_MSGS
+    part_msgs = agent.ledger.engine.CKPT_MSGS
     try:
         for order in orders:
             # checkpoints every few messages, so that late messages re-run from within a boot
-            agent.ledger.engine.PART_MSGS = rnd.choice([1, 2, 5, 256])
+            agent.ledger.engine.CKPT_MSGS = rnd.choice([1, 2, 5, 256])
             im = IncrementalMeter()
             seen: dict[str, dict[str, Record]] = {}
             feed(rnd, im, order, seen)
@@ -275,7 +275,7 @@ def test_incremental_equals_compute(rnd: random.Random) -> None:
             for sid in im.sids():
                 assert seen.get(sid, {}) == {record_id(r): r for r in im.records(sid)}
     finally:
-        agent.ledger.engine.PART_MSGS = part_msgs
+        agent.ledger.engine.CKPT_MSGS = part_msgs
 
 
 def _k(r: Record) -> tuple[Any, ...]:

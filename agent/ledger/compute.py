@@ -1,6 +1,7 @@
 """`compute()`: the whole metering function, pure and deterministic (CONTRACT §6 rule 7):
 the same set of messages gives the same records whatever the order of arrival or the
-duplication. What `stationctl verify` recomputes the stored records with.
+duplication. What `stationctl verify` recomputes the stored records with (station by
+station, `compute_station`, so that memory holds one station's records at a time).
 """
 
 from __future__ import annotations

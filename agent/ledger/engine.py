@@ -1,354 +1,393 @@
-"""The incremental metering engine: the §6 rules (agent/ledger/rules.py) over a growing set
-of messages, station by station.
+"""The metering engine: the §6 rules (agent/ledger/rules.py) over each station's messages
+in (boot, seq) order, with bounded state (agent/ledger/state.py).
 
-A message is inserted into its station's boot (rule 1: keys, duplicates, conflicts; and
-the boot-level facts rules 3 and 5 use: the clock offset, the restored values). Then every
-message not processed yet is processed in (boot, seq) order, in parts of at most PART_MSGS
-messages; each reading of a register stream is one rule step, which produces a segment
-that `_emit` attributes to intervals as the stream's contributions. A message that lands
-before processed data (or changes a boot-level fact processed readings used) takes back
-the parts from there and processes them again (`_rerun`): cheap for in-order arrival,
-exact for any order (rule 7).
+An in-order message (key above the station's last processed key) is one rule step per
+reading, its segments attributed to the stream's open interval accumulators. The engine
+keeps no message and no closed interval: records go to the backend (agent/ledger/backend.py)
+as their sums change, and a checkpoint (the station's state, serialized) is written before
+the first message of every boot and every `ckpt_every` messages.
 
-The records themselves are made from the contributions by agent/ledger/meter.py.
+A late message (key below the processed one), or one that changes a boot-level fact the
+processed readings used (the clock offset, a restored value), recomputes its station
+only: from the last checkpoint before the affected key (its boot's first checkpoint for a
+changed fact), falling back to an earlier one only when a later segment touched an
+interval below that checkpoint's open intervals (a clock running backwards across boots).
+The records from there on are deleted, the snapshot restored, and the raw messages from
+the checkpoint's key on re-applied from the backend. Cost: the span, never the history.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import msgspec
+
 from agent.ledger import rules
+from agent.ledger.backend import Backend, Checkpoint
 from agent.ledger.inputs import MeterParams, RawMsg
 from agent.ledger.records import (
+    DAY_MS,
+    F_ADJUSTMENT,
     F_ANOMALY_DOWN,
     F_BASELINE,
     F_GAP,
     F_HELD,
     F_HIST,
+    F_INVALID,
     F_METER_RESET,
     F_NO_RESTORE,
     F_REBOOT,
     F_TIME_EST,
+    PROCESSING_VERSION,
+    Record,
+    flag_bits,
+    flag_names,
+    make_record,
+    make_record_id,
 )
-from agent.ledger.sessions import note_rerun
-from agent.ledger.state import Boot, Contribution, Key, Part, Station, Stream
+from agent.ledger.sessions import end_session, note_start, session_record
+from agent.ledger.state import MAX_RANGES, Acc, Boot, Key, Station, Stream
 
 log = logging.getLogger(__name__)
 
-PART_MSGS = 256  # messages per checkpoint: a late message re-runs at most this many + later
+CKPT_MSGS = 512  # messages between checkpoints: a late message re-applies at most this many + later
 
-_CONTINUE = (-1, -1)  # _insert: processing can simply go on
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+RULES_V2 = False  # CONTRACT v2's §6.0 and §6.3 checks (False: m1, for comparisons)
+
+FULL = 0  # views: every message
+LOCKED = 1  # the messages received by a rule-8 lock
+
+
+def dump_station(st: Station) -> bytes:
+    return _enc.encode(st.dump())
+
+
+def load_station(blob: bytes) -> Station:
+    return Station.load(_dec.decode(blob))
 
 
 def _int(x: Any) -> int | None:
     return x if type(x) is int else None
 
 
+class _Fact(Exception):
+    """A message changed a boot-level fact processed readings used."""
+
+
 class Engine:
-    """The rules over a growing set of messages; one per view (full, locked)."""
+    """The rules over the stations' messages, for one view (all, or those received by a
+    lock). `stations` holds the live state; `loader` (if any) fetches a persisted one."""
 
-    def __init__(self, params: MeterParams) -> None:
+    def __init__(
+        self,
+        params: MeterParams,
+        backend: Backend,
+        view: int = FULL,
+        *,
+        ckpt_every: int | None = None,
+        loader: Callable[[str, int], Station | None] | None = None,
+    ) -> None:
         self.params = params
-        self.interval_ms = params.interval_ms
+        self.backend = backend
+        self.view = view
+        self.every = ckpt_every if ckpt_every is not None else CKPT_MSGS
+        self.loader = loader
+        self.v2 = RULES_V2
+        self.iv = params.interval_ms
         self.max_power = (params.max_power_w_meter, params.max_power_w_slot)  # [slot > 0]
+        self.window_ms = params.cross_boot_window_ms
+        self.spread_max = params.spread_max_intervals
         # intervals k < first_open are locked (they end at or before locked_until_ms)
-        self.first_open = rules.first_open_interval(params.locked_until_ms, self.interval_ms)
+        self.first_open = rules.first_open_interval(params.locked_until_ms, self.iv)
+        self.locked_at = (
+            params.locked_at_ms if params.locked_at_ms is not None else params.locked_until_ms
+        )
+        # the intervals whose records this view makes: [k_lo, k_hi)
+        fo = self.first_open
+        self.k_lo = fo if (fo is not None and view == FULL) else None
+        self.k_hi = fo if view == LOCKED else None
         self.stations: dict[str, Station] = {}
-        self.conflicts = 0
+        self.dirty: dict[str, set[tuple[int, int]]] = {}  # sid -> (slot, k) to write
+        self.days: dict[str, set[tuple[int, int]]] = {}  # sid -> (slot, day) to roll up
+        self.changed: set[str] = set()
+        self._skip: Key | None = None  # a checkpoint not to write again (re-apply start)
+        self.rows_read = 0  # raw messages read back from the backend (re-applies)
 
-    # ---- insertion ------------------------------------------------------------------
+    # ---- which messages, which records -------------------------------------------------
 
-    def add(self, msgs: Iterable[RawMsg]) -> set[str]:
-        by_sid: dict[str, list[RawMsg]] = {}
-        for m in msgs:
-            by_sid.setdefault(m.sid, []).append(m)
-        changed: set[str] = set()
-        for sid, lst in by_sid.items():
-            st = self.stations.get(sid)
+    def accepts(self, m: RawMsg) -> bool:
+        return self.view == FULL or m.recv_ms <= (self.locked_at or 0)
+
+    def in_view(self, k: int) -> bool:
+        return (self.k_lo is None or k >= self.k_lo) and (self.k_hi is None or k < self.k_hi)
+
+    def station(self, sid: str) -> Station:
+        st = self.stations.get(sid)
+        if st is None:
+            st = self.loader(sid, self.view) if self.loader is not None else None
             if st is None:
-                st = self.stations[sid] = Station(sid)
-            if len(lst) > 1:
-                lst.sort(key=lambda m: (m.boot, m.seq))
-            rerun: tuple[int, int] | None = None
-            new = False
-            for m in lst:
-                res = self._insert(st, m)
-                if res is None:
-                    continue
-                new = True
-                if res is not _CONTINUE and (rerun is None or res < rerun):
-                    rerun = res
-            if not new:
-                continue
-            changed.add(sid)
-            if rerun is not None:
-                self._rerun(st, rerun[0], rerun[1])
-            else:
-                last = st.last_boot
-                self._run(st, 0 if last is None else bisect.bisect_left(st.order, last))
-        return changed
+                st = Station(sid)
+            self.stations[sid] = st
+        return st
 
-    def _insert(self, st: Station, m: RawMsg) -> tuple[int, int] | None:
-        """Store m. None: nothing new. Else _CONTINUE when the message only extends the
-        processed data, or the (boot, position) processing must go back to."""
-        bno = m.boot
-        seq = m.seq
+    # ---- arrivals ------------------------------------------------------------------------
+
+    def process(self, sid: str, msgs: list[RawMsg], boot_start: int | None = None) -> None:
+        """New messages of one station (already in the backend), sorted by key.
+        `boot_start`: a boot whose facts changed without a new message (an earlier copy
+        of a message arrived): recompute from its start."""
+        st = self.station(sid)
+        self.changed.add(sid)
+        k0 = (msgs[0].boot, msgs[0].seq) if msgs else None
+        if boot_start is not None:
+            if k0 is not None and st.key is not None and k0 < st.key and k0[0] < boot_start:
+                # late messages of an earlier boot: the re-apply from there enters
+                # boot_start afresh (its facts read over all its messages)
+                self._recompute(st, k0, [m for m in msgs if (m.boot, m.seq) < st.key], False)
+            else:
+                self._recompute(st, (boot_start, -1), [], True)
+            return  # the re-apply took every message in the backend
+        if k0 is None:
+            return
+        if st.key is not None and k0 < st.key:
+            late = [m for m in msgs if (m.boot, m.seq) < st.key]
+            self._recompute(st, k0, late, False)
+            return
+        for m in msgs:
+            try:
+                self._apply(st, m, False)
+            except _Fact:
+                self._recompute(self.stations[sid], (m.boot, -1), [], True)
+                return
+
+    # ---- recomputation -------------------------------------------------------------------
+
+    def _recompute(self, live: Station, key: Key, late: list[RawMsg], boot_start: bool) -> None:
+        sid = live.sid
+        be = self.backend
+        view = self.view
+        ck = (
+            be.first_checkpoint_of_boot(sid, view, key[0])
+            if boot_start
+            else be.checkpoint_before(sid, view, key)
+        )
+        if ck is None and boot_start:
+            ck = be.checkpoint_before(sid, view, key)
+        snap: Station | None = None
+        while True:
+            snap = load_station(ck.blob) if ck is not None else None
+            if (
+                ck is not None
+                and not boot_start
+                and snap is not None
+                and snap.boot is not None
+                and snap.boot.no == key[0]
+            ):
+                # a mid-boot checkpoint: do the late messages change its boot's facts?
+                facts = Boot.load(snap.boot.dump())
+                if any(
+                    facts.merge(m.seq, m.recv_ms, m.body)
+                    for m in late
+                    if m.boot == key[0] and _usable(m)
+                ):
+                    boot_start = True
+                    ck = be.first_checkpoint_of_boot(sid, view, key[0]) or be.checkpoint_before(
+                        sid, view, (key[0], -1)
+                    )
+                    continue
+            if ck is None or self._horizon_ok(live, ck, snap):
+                break
+            ck = be.checkpoint_prior(sid, view, ck.key)
+        st = snap if snap is not None else Station(sid)
+        # the snapshot holds for any key after the last one it had processed: re-apply from
+        # there (a message of its boot with a lower seq than the checkpoint's may have come)
+        after: Key = st.key if st.key is not None else (-1, -1)
+        start: Key = (after[0], after[1] + 1)
+        # take back everything made from the checkpoint on
+        for n in set(live.streams) | set(st.streams):
+            s = st.streams.get(n)
+            if s is None or s.floor is None:
+                self._delete_intervals(sid, n, None)
+            else:
+                self._delete_intervals(sid, n, s.floor)
+                for k in s.accs:
+                    if self.in_view(k):
+                        self.dirty.setdefault(sid, set()).add((n, k))
+        if view == FULL:
+            be.delete_sessions_from(sid, start)
+        be.drop_checkpoints_after(sid, view, after)
+        self.stations[sid] = st
+        first = True
+        try:
+            for m in be.raw_from(sid, start):
+                self.rows_read += 1
+                if not self.accepts(m) or not _usable(m):
+                    continue
+                if first:
+                    first = False
+                    if ck is not None:
+                        # the checkpoint again, at the first message it now precedes
+                        mk = (m.boot, m.seq)
+                        be.put_checkpoint(sid, view, Checkpoint(mk, ck.blob, ck.lows))
+                        self._skip = mk
+                try:
+                    self._apply(st, m, True)
+                except _Fact:  # a fact the snapshot did not have yet: from its boot start
+                    if boot_start and m.boot == key[0]:
+                        raise
+                    self._skip = None
+                    self._recompute(live, (m.boot, -1), [], True)
+                    return
+        finally:
+            self._skip = None
+
+    def _horizon_ok(self, live: Station, ck: Checkpoint, snap: Station | None) -> bool:
+        """Did every segment after the checkpoint stay at or above its open intervals?"""
+        lows: dict[int, int] = {}
+        for c in self.backend.checkpoints_after(live.sid, self.view, ck.key):
+            for n, k in c.lows.items():
+                if n not in lows or k < lows[n]:
+                    lows[n] = k
+        for n, s in live.streams.items():
+            if s.low is not None and (n not in lows or s.low < lows[n]):
+                lows[n] = s.low
+        for n, k in lows.items():
+            s0 = snap.streams.get(n) if snap is not None else None
+            if s0 is not None and s0.floor is not None and k < s0.floor and self._any_view(k, s0):
+                return False
+        return True
+
+    def _any_view(self, k: int, s: Stream) -> bool:
+        # a touch below the floor matters only for records this view makes
+        return self.in_view(k)
+
+    def _delete_intervals(self, sid: str, n: int, k_from: int | None) -> None:
+        lo = k_from
+        if self.k_lo is not None and (lo is None or lo < self.k_lo):
+            lo = self.k_lo
+        if self.k_hi is not None and lo is not None and lo >= self.k_hi:
+            return
+        start = lo * self.iv if lo is not None else -(1 << 62)
+        end = self.k_hi * self.iv if self.k_hi is not None else None
+        # the days those records were in are rolled up again from their new contents
+        days = self.days.setdefault(sid, set())
+        for d in self.backend.delete_intervals(sid, n, start, end):
+            days.add((n, d))
+
+    # ---- one message ---------------------------------------------------------------------
+
+    def _checkpoint(self, st: Station, key: Key) -> None:
+        lows: dict[int, int] = {}
+        for s in st.streams.values():
+            if s.low is not None:
+                lows[s.slot] = s.low
+                s.low = None
+        st.since = 0
+        if key == self._skip:
+            return  # the checkpoint a re-apply starts from: it stands as it is
+        self.backend.put_checkpoint(st.sid, self.view, Checkpoint(key, dump_station(st), lows))
+
+    def _new_boot(self, st: Station, no: int, prepass: bool) -> None:
+        old = st.boot
+        if old is not None:
+            tail = (old.last_seq, old.count, old.sync_seq is None)
+            for s in st.streams.values():
+                if s.boot == old.no:
+                    s.tail = tail
+            st.prev = (old.no, old.clock)
+            if st.pending:  # their end boot is over: final
+                self._sessions(st, final=True)
+        b = Boot(no)
+        if prepass:
+            # the boot's facts over all its messages, before any reading uses them
+            for m in self.backend.raw_boot(st.sid, no):
+                self.rows_read += 1
+                if self.accepts(m) and _usable(m):
+                    b.merge(m.seq, m.recv_ms, m.body)
+        st.boot = b
+
+    def _apply(self, st: Station, m: RawMsg, prepass: bool) -> None:
         body = m.body
         up = body.get("up")
+        seq = m.seq
         if type(up) is not int or type(seq) is not int or seq < 0:
-            log.warning("metering: %s/%s/%s without a usable up/seq ignored", m.sid, bno, seq)
-            return None
-        b = st.boots.get(bno)
-        if b is None:
-            b = st.boots[bno] = Boot(bno)
-            if not st.order or bno > st.order[-1]:
-                st.order.append(bno)
-            else:
-                bisect.insort(st.order, bno)
-        seqs = b.seqs
-        tail = not seqs or seq > seqs[-1]
-        if tail:
-            pos = len(seqs)
-            seqs.append(seq)
-            b.msgs.append(m)
-        else:
-            pos = bisect.bisect_left(seqs, seq)
-            if pos < len(seqs) and seqs[pos] == seq:
-                return self._duplicate(b, pos, m)
-            seqs.insert(pos, seq)
-            b.msgs.insert(pos, m)
-        old = b.clock
-        r_changed = False
-        # rule 5: the boot's clock, from its lowest-seq synced message or the arrivals
-        ts = body.get("ts")
-        clock_changed = False
-        if type(ts) is int and (b.sync_seq is None or seq < b.sync_seq):
-            b.sync_seq = seq
-            b.sync_off = ts - up
-            clock_changed = True
-        e = m.recv_ms - up
-        if b.est_off is None or e < b.est_off:
-            b.est_off = e
-            clock_changed = True
-        if clock_changed:
-            b.update_clock()
-        ev = body.get("ev")
-        if ev is None:
-            # r(b) from b_mwh; a tail message cannot change a lowest-seq b_mwh once every
-            # slot has one
-            slots = body.get("slots")
-            if slots and (not tail or len(b.b_mwh) < len(slots)):
-                b_mwh = b.b_mwh
-                for sl in slots:
-                    v = sl.get("b_mwh")
-                    if type(v) is int:
-                        n = sl.get("n")
-                        cur = b_mwh.get(n)
-                        if cur is None or seq < cur[0]:
-                            before = b.r(n)
-                            b_mwh[n] = (seq, v)
-                            if n in b.r_used and b.r(n) != before:
-                                r_changed = True
-        elif ev == "boot":
-            # r(b) from the boot event's restored values
-            if b.boot_event_seq is None or seq < b.boot_event_seq:
-                b.boot_event_seq = seq
-                before_r = {n: b.r(n) for n in b.r_used}
-                restored: dict[int, int] = {}
-                raw = body.get("restored")
-                if isinstance(raw, Mapping):
-                    for k, v in raw.items():
-                        try:
-                            n = int(k)
-                        except (TypeError, ValueError):
-                            continue
-                        if type(v) is int:
-                            restored[n] = v
-                b.restored = restored
-                r_changed = any(b.r(n) != r for n, r in before_r.items())
-        elif ev == "session_end":
-            key = (bno, seq)
-            st.ends[key] = m
-            bisect.insort(st.end_keys, key)
-            sig = (body.get("slot"), body.get("bat"), body.get("e0_mwh"))
-            bisect.insort(st.ends_by_sig.setdefault(sig, []), key)
-        elif ev == "session_start":
-            key = (bno, seq)
-            sig = (body.get("slot"), body.get("bat"), body.get("e_mwh"))
-            bisect.insort(st.starts.setdefault(sig, []), key)
-            for k in st.ends_by_sig.get(sig, ()):
-                if k > key:
-                    st.sess_new.add(k)  # may now match this start
-        if st.last_boot is None:
-            return _CONTINUE
-        if b.done and (r_changed or b.clock != old):
-            return (bno, 0)  # boot-level facts the processed readings used have changed
-        if bno < st.last_boot or pos < b.done:
-            return (bno, pos)  # before data already processed
-        return _CONTINUE
-
-    def _duplicate(self, b: Boot, pos: int, m: RawMsg) -> tuple[int, int] | None:
-        """Rule 1: a repeat of a key. Other contents: a conflict, the first copy stands.
-        The same contents received earlier: keep the earliest receive time (order-free)."""
-        old = b.msgs[pos]
-        if old.body != m.body:
-            self.conflicts += 1
-            log.warning(
-                "metering: conflicting copies of %s/%d/%d, keeping the first", m.sid, m.boot, m.seq
-            )
-            return None
-        if m.recv_ms >= old.recv_ms:
-            return None
-        b.msgs[pos] = m
-        before = b.clock
-        e = m.recv_ms - m.body["up"]
-        if b.est_off is None or e < b.est_off:
-            b.est_off = e
-            b.update_clock()
-        if b.done and b.clock != before:
-            return (b.no, 0)
-        return _CONTINUE
-
-    # ---- processing -------------------------------------------------------------------
-
-    def _rerun(self, st: Station, bno: int, pos: int) -> None:
-        """Take back everything produced from (boot bno, position pos) on and process
-        again from the last checkpoint before it."""
-        order = st.order
-        i = bisect.bisect_left(order, bno)
-        b = st.boots[bno]
-        target = None
-        if b.parts:
-            for p in reversed(b.parts):
-                if p.start <= pos:
-                    target = p
-                    break
-        else:  # a boot not processed yet, before processed ones
-            for b_no in order[i + 1 :]:
-                if st.boots[b_no].parts:
-                    target = st.boots[b_no].parts[0]
-                    break
-        marks: dict[int, int] | None = None
-        if target is not None:
-            tb = st.boots[target.boot]
-            for b_no in reversed(order[bisect.bisect_left(order, tb.no) :]):
-                bb = st.boots[b_no]
-                parts = bb.parts
-                while parts and parts[-1].id >= target.id:
-                    self._drop(st, parts.pop())
-                if bb is not tb:
-                    bb.done = 0
-                    bb.ranges = {}
-                    bb.r_used = set()
-            tb.done = target.start
-            if target.start == 0:
-                tb.ranges = {}
-                tb.r_used = set()
-            else:
-                for n in list(tb.ranges):
-                    x = target.ranges_before.get(n)
-                    if x is None:
-                        del tb.ranges[n]
-                    else:
-                        rs = tb.ranges[n]
-                        del rs[x[0] :]
-                        rs[-1][1] = x[1]
-                if tb is b:
-                    # sessions of this boot can only change above the marks of then
-                    marks = {n: x[1] for n, x in target.streams_before.items() if x[0] == tb.no}
-            for s in st.streams.values():
-                x = target.streams_before.get(s.slot)
-                if x is None:
-                    s.reset()
-                else:
-                    s.restore(x)
-        note_rerun(st, bno, marks)
-        st.last_boot = order[i - 1] if i else None
-        self._run(st, i)
-
-    def _drop(self, st: Station, part: Part) -> None:
-        """Take back a part's contributions."""
-        first_open = self.first_open
-        for n, by_k in part.contribs.items():
-            s = st.streams[n]
-            for k, acc in by_k.items():
-                lst = s.by_interval[k]
-                for j in range(len(lst) - 1, -1, -1):
-                    if lst[j] is acc:
-                        del lst[j]
-                        break
-                if not lst:
-                    del s.by_interval[k]
-                s.dirty.add(k)
-                if first_open is not None and k < first_open:
-                    s.locked_mwh -= acc.mwh
-                    s.locked_held -= acc.held
-
-    def _run(self, st: Station, i: int) -> None:
-        """Process every message not processed yet, in (boot, seq) order, from st.order[i]."""
-        for b_no in st.order[i:]:
-            b = st.boots[b_no]
-            msgs = b.msgs
-            n = len(msgs)
-            if b.done == n:
-                continue
-            part = b.parts[-1] if b.done and b.parts else None
-            for j in range(b.done, n):
-                if part is None or j - part.start >= PART_MSGS:
-                    part = Part(
-                        st.next_part_id,
-                        b_no,
-                        j,
-                        {s.slot: s.snap() for s in st.streams.values()},
-                        {k: (len(rs), rs[-1][1]) for k, rs in b.ranges.items()},
-                    )
-                    st.next_part_id += 1
-                    b.parts.append(part)
-                self._apply(st, b, part, j, msgs[j])
-            b.done = n
-            st.last_boot = b_no
-
-    def _apply(self, st: Station, b: Boot, part: Part, i: int, m: RawMsg) -> None:
-        """One message at position i of its boot: each of its readings is a rule step."""
-        body = m.body
+            log.warning("metering: %s/%s/%s without a usable up/seq ignored", m.sid, m.boot, seq)
+            return
+        key = (m.boot, seq)
+        b = st.boot
+        if b is None or m.boot != b.no:
+            self._checkpoint(st, key)
+            self._new_boot(st, m.boot, prepass)
+            b = st.boot
+            assert b is not None
+        elif st.since >= self.every:
+            self._checkpoint(st, key)
+        if b.merge(seq, m.recv_ms, body) and b.count:
+            raise _Fact
+        i = b.count
+        b.count = i + 1
+        b.last_seq = seq
+        st.key = key
+        st.since += 1
         ev = body.get("ev")
         if ev is not None and ev != "meter_reset":
             if ev == "session_end":
-                st.sess_new.add((b.no, m.seq))
+                if self.view == FULL:
+                    st.pending.append(end_session(st, b, key, body))
+            elif ev == "session_start":
+                note_start(st, b, key, body)
             return
         off, est = b.clock
         base = F_TIME_EST if est else 0
         if body.get("hist") == 1:
             base |= F_HIST
-        up: int = body["up"]
         t = rules.reading_time(up, off)
-        key = (b.no, m.seq)
         if ev is not None:
-            self._meter_reset(st, b, part, i, key, body, up, t, base)
+            self._meter_reset(st, b, i, key, body, up, t, base)
             return
+        spoiled = m.spoiled
         meter = body.get("meter")
         if meter:
             e = meter.get("e_wh")
             if type(e) is int:
-                self._reading(st, b, part, i, key, 0, e * 1000, up, t, base, meter.get("sn"))
+                self._reading(st, b, i, key, 0, e * 1000, up, t, base, meter.get("sn"))
+        elif spoiled and 0 in spoiled:
+            self._invalid(st, 0, t)
         slots = body.get("slots")
         if slots:
             for sl in slots:
                 n = sl.get("n")
                 e = sl.get("e_mwh")
                 if type(e) is int and type(n) is int and n > 0:
-                    self._reading(st, b, part, i, key, n, e, up, t, base, None)
+                    self._reading(st, b, i, key, n, e, up, t, base, None)
+        if spoiled:
+            for n in spoiled:
+                if n:
+                    self._invalid(st, n, t)
 
-    # ---- one reading: the rule steps --------------------------------------------------
+    def _invalid(self, st: Station, n: int, t: int) -> None:
+        """§6.9: a spoiled source is omitted; the record of the interval it fell in (and,
+        through the stream's next segment, the records that segment touches) say
+        `invalid`."""
+        s = st.streams.get(n)
+        if s is None or s.boot is None:
+            return
+        # the interval holding the spoiled reading's time gets the flag
+        self._add(
+            st, s, t // self.iv, 0, 0, F_INVALID, s.last_key, s.last_value, s.last_key, s.last_value
+        )
+
+    # ---- one reading: the rule steps -------------------------------------------------
 
     def _reading(
         self,
         st: Station,
         b: Boot,
-        part: Part,
         i: int,
         key: Key,
         n: int,
@@ -358,23 +397,15 @@ class Engine:
         fl: int,
         serial: Any,
     ) -> None:
-        """Reading v (uptime up, time t) of stream n at position i of boot b.
-
-        The first reading of a stream (rule 0) or of a later boot (rule 3) has its own
-        step; the common case, a reading after another of its boot (rules 2 and 6, and
-        rule 4's serial swap), is done here, not in a method of its own: a call per
-        reading is ~5 % of the instructions of an in-order add() (bench/bench_metering.py)."""
+        """Reading v (uptime up, time t) of stream n at position i of boot b."""
         s = st.streams.get(n)
         if s is None:
             s = st.streams[n] = Stream(n)
         if s.boot == b.no:
             if s.last_key == key:
                 return  # the same slot twice in one message: the first stands
-            # rules.seq_gap inlined: a call here is ~3.5 % of the instructions of an
-            # in-order add() (bench/bench_metering.py)
-            seqs = b.seqs
             lp = s.last_pos
-            if seqs[i] - seqs[lp] != i - lp:
+            if key[1] - s.last_key[1] != i - lp:
                 fl |= F_GAP
             held_mwh = 0
             if n == 0 and rules.serial_swapped(s.serial, serial):
@@ -392,7 +423,6 @@ class Engine:
                     if rules.level_shift_confirmed(
                         v, up, s.mark, s.mark_up, held, s.held_up, max_power
                     ):
-                        # the mark moves to the held reading (whose amount stays held)
                         s.mark = held
                         s.mark_up = s.held_up
                         fl |= F_HELD
@@ -400,10 +430,8 @@ class Engine:
                 if below:
                     fl |= F_ANOMALY_DOWN
                 elif not credit:
-                    # at the mark: the limit counts from the last time the register was there
                     s.mark_up = up
                 elif rules.implausible(credit, max_power, up - s.mark_up):
-                    # held: not credited, the mark does not move
                     s.held_value = v
                     s.held_up = up
                     held_mwh = credit
@@ -411,19 +439,14 @@ class Engine:
                     fl |= F_HELD
                 else:
                     if n:
-                        # _range inlined (the register range [mark, v] credited here)
-                        rs = b.ranges.get(n)
-                        if rs is not None and rs[-1][1] == s.mark:
-                            rs[-1][1] = v
-                        else:
-                            self._range(b, n, s.mark, v)
+                        _range(s, b.no, s.mark, v)
                     s.mark = v
                     s.mark_up = up
-            self._emit(s, part, credit, held_mwh, fl, s.last_t, t, s.last_key, s.last_value, key, v)
+            self._emit(st, s, credit, held_mwh, fl, s.last_t, t, s.last_key, s.last_value, key, v)
         elif s.boot is None:
-            self._first_of_stream(b, part, s, key, v, up, t, fl)
+            self._first_of_stream(st, b, s, key, v, up, t, fl)
         else:
-            self._first_of_boot(st, b, part, s, i, key, v, up, t, fl, serial)
+            self._first_of_boot(st, b, s, i, key, v, up, t, fl, serial)
         if serial is not None:
             s.serial = serial
         s.boot = b.no
@@ -433,33 +456,43 @@ class Engine:
         s.last_pos = i
 
     def _first_of_stream(
-        self, b: Boot, part: Part, s: Stream, key: Key, v: int, up: int, t: int, base: int
+        self, st: Station, b: Boot, s: Stream, key: Key, v: int, up: int, t: int, base: int
     ) -> None:
         """Rule 0: the stream's first reading is its baseline."""
         n = s.slot
-        b.seen.add(n)
+        s.ranges(b.no)
         r = None
         if n:
             b.r_used.add(n)
             r = b.r(n)
+        s.held_value = None
         if r is not None:
             credit, below = rules.baseline(v, r)
             fl = base | F_BASELINE | (F_ANOMALY_DOWN if below else 0)
+            held = 0
+            if credit and self.v2 and rules.implausible(credit, self.max_power[1 if n else 0], up):
+                held, credit = credit, 0
+                fl |= F_HELD
             # energy since the boot started: spread over [offset(b), t]
-            self._emit(s, part, credit, 0, fl, t - up, t, (b.no, -1), r, key, v)
+            self._emit(st, s, credit, held, fl, t - up, t, (b.no, -1), r, key, v)
             if credit:
-                self._range(b, n, r, v)
+                _range(s, b.no, r, v)
+            if held:
+                # the mark stays at r: the next reading is judged from the restored value
+                s.mark = r
+                s.mark_up = 0
+                s.held_value = v
+                s.held_up = up
+                return
         else:
-            self._emit(s, part, 0, 0, base | F_BASELINE, t, t, key, v, key, v)
+            self._emit(st, s, 0, 0, base | F_BASELINE, t, t, key, v, key, v)
         s.mark = v
         s.mark_up = up
-        s.held_value = None
 
     def _first_of_boot(
         self,
         st: Station,
         b: Boot,
-        part: Part,
         s: Stream,
         i: int,
         key: Key,
@@ -471,74 +504,103 @@ class Engine:
     ) -> None:
         """Rule 3 (and 4's serial swap): the first reading of a later boot of the stream."""
         n = s.slot
-        b.seen.add(n)
-        cross = self._cross_flags(st, s, b, i)
+        s.ranges(b.no)
+        cross = self._cross_flags(s, b, i, key)
         mark = s.mark
-        if n == 0 and rules.serial_swapped(s.serial, serial):
-            # a swap: nothing credited across, a point at this reading
-            fl = base | (cross & ~F_TIME_EST) | F_METER_RESET
-            self._emit(s, part, 0, 0, fl, s.last_t, t, s.last_key, s.last_value, key, v)
-        else:
-            r = None
-            if n:
-                b.r_used.add(n)
-                r = b.r(n)
-            x = rules.across_boots(mark, v, r)
-            if r is not None:
-                if x.persisted:
-                    # persisted before the restart, not yet sent: the interval holding
-                    # the last reading of the earlier boot, flagged with its time
-                    self._emit(
-                        s,
-                        part,
-                        x.persisted,
-                        0,
-                        cross,
-                        s.last_t,
-                        s.last_t,
-                        s.last_key,
-                        s.last_value,
-                        (b.no, -1),
-                        r,
-                    )
-                    self._range(b, n, mark, r)
-                # the gain since the restore: spread over [offset(b'), t]
-                fl = base | F_REBOOT | (cross & F_GAP) | (F_ANOMALY_DOWN if x.below else 0)
-                self._emit(s, part, x.credit, 0, fl, t - up, t, (b.no, -1), r, key, v)
-                if x.credit:
-                    self._range(b, n, r, v)
-            else:
-                # no restored value: over the whole gap [t_last(b), t]
-                fl = base | cross | (F_NO_RESTORE if n else 0)
-                if x.below:
-                    fl |= F_ANOMALY_DOWN
-                self._emit(s, part, x.credit, 0, fl, s.last_t, t, s.last_key, s.last_value, key, v)
-                if x.credit:
-                    self._range(b, n, mark, v)
-        s.mark = v
-        s.mark_up = up
+        max_power = self.max_power[1 if n else 0]
         s.held_value = None
+        if n == 0 and rules.serial_swapped(s.serial, serial):
+            fl = base | (cross & ~F_TIME_EST) | F_METER_RESET
+            self._emit(st, s, 0, 0, fl, s.last_t, t, s.last_key, s.last_value, key, v)
+            s.mark = v
+            s.mark_up = up
+            return
+        r = None
+        if n:
+            b.r_used.add(n)
+            r = b.r(n)
+        x = rules.across_boots(mark, v, r)
+        if r is not None:
+            if x.persisted:
+                held = 0
+                c = x.persisted
+                fl = cross
+                if self.v2 and rules.implausible(c, max_power, self.window_ms):
+                    held, c = c, 0
+                    fl |= F_HELD
+                self._emit(
+                    st, s, c, held, fl, s.last_t, s.last_t, s.last_key, s.last_value, (b.no, -1), r
+                )
+                if c:
+                    _range(s, b.no, mark, r)
+            fl = base | F_REBOOT | (cross & F_GAP) | (F_ANOMALY_DOWN if x.below else 0)
+            c = x.credit
+            held = 0
+            if c and self.v2 and rules.implausible(c, max_power, up):
+                held, c = c, 0
+                fl |= F_HELD
+            self._emit(st, s, c, held, fl, t - up, t, (b.no, -1), r, key, v)
+            if c:
+                _range(s, b.no, r, v)
+            if held:
+                s.mark = r
+                s.mark_up = 0
+                s.held_value = v
+                s.held_up = up
+                return
+            s.mark = v
+            s.mark_up = up
+            return
+        # no restored value: over the whole gap [t_last(b), t]
+        fl = base | cross | (F_NO_RESTORE if n else 0)
+        if x.below:
+            fl |= F_ANOMALY_DOWN
+        c = x.credit
+        held = 0
+        if c and self.v2 and rules.implausible(c, max_power, t - s.last_t):
+            held, c = c, 0
+            fl |= F_HELD
+        self._emit(st, s, c, held, fl, s.last_t, t, s.last_key, s.last_value, key, v)
+        if c:
+            _range(s, b.no, mark, v)
+        if n == 0:
+            # the grid meter's register never goes back: its mark in b' is
+            # max(mark(b), first(b')) (a held jump keeps the old mark)
+            if held:
+                s.mark = mark
+                s.mark_up = up
+                s.held_value = v
+                s.held_up = up
+            else:
+                s.mark = max(mark, v) if self.v2 else v
+                s.mark_up = up
+        elif held:
+            s.mark = mark
+            s.mark_up = up
+            s.held_value = v
+            s.held_up = up
+        else:
+            s.mark = v
+            s.mark_up = up
 
-    def _cross_flags(self, st: Station, s: Stream, b: Boot, i: int) -> int:
+    def _cross_flags(self, s: Stream, b: Boot, i: int, key: Key) -> int:
         """Flags of a segment from the last point of an earlier boot to position i of b."""
-        assert s.boot is not None
-        pb = st.boots[s.boot]
         fl = F_REBOOT
-        ps = pb.seqs
-        # a hole after the last point in its boot, or before position i in this boot
-        if rules.seq_gap(ps[s.last_pos], s.last_pos, ps[-1], len(ps) - 1) or rules.seq_gap(
-            0, 0, b.seqs[i], i
-        ):
+        tail = s.tail
+        if tail is not None:
+            last_seq, count, unsynced = tail
+            if last_seq - s.last_key[1] != count - 1 - s.last_pos:
+                fl |= F_GAP
+            if unsynced:
+                fl |= F_TIME_EST
+        if key[1] != i:  # a hole before position i in this boot (seqs start at 0)
             fl |= F_GAP
-        if pb.sync_seq is None:
-            fl |= F_TIME_EST
         return fl
 
     def _meter_reset(
         self,
         st: Station,
         b: Boot,
-        part: Part,
         i: int,
         key: Key,
         body: Mapping[str, Any],
@@ -563,16 +625,16 @@ class Engine:
         if s is None:
             s = st.streams[0] = Stream(0)
         if s.boot is None:
-            self._emit(s, part, 0, 0, base | F_BASELINE | F_METER_RESET, t, t, key, tv, key, tv)
+            self._emit(st, s, 0, 0, base | F_BASELINE | F_METER_RESET, t, t, key, tv, key, tv)
         else:
             if s.boot == b.no:
                 fl = base | F_METER_RESET
-                if rules.seq_gap(b.seqs[s.last_pos], s.last_pos, b.seqs[i], i):
+                if key[1] - s.last_key[1] != i - s.last_pos:
                     fl |= F_GAP
             else:
-                fl = base | F_METER_RESET | self._cross_flags(st, s, b, i)
+                fl = base | F_METER_RESET | self._cross_flags(s, b, i, key)
             c = rules.meter_reset_credit(fv, s.mark)
-            self._emit(s, part, c, 0, fl, s.last_t, t, s.last_key, s.last_value, key, fv)
+            self._emit(st, s, c, 0, fl, s.last_t, t, s.last_key, s.last_value, key, fv)
         s.mark = tv
         s.mark_up = up
         s.held_value = None
@@ -585,23 +647,10 @@ class Engine:
 
     # ---- attribution ------------------------------------------------------------------
 
-    @staticmethod
-    def _range(b: Boot, n: int, lo: int, hi: int) -> None:
-        """Remember that register range [lo, hi] of slot n was credited in this boot."""
-        if not n:
-            return
-        rs = b.ranges.get(n)
-        if rs is None:
-            b.ranges[n] = [[lo, hi]]
-        elif rs[-1][1] == lo:
-            rs[-1][1] = hi
-        else:
-            rs.append([lo, hi])
-
     def _emit(
         self,
+        st: Station,
         s: Stream,
-        part: Part,
         c: int,
         h: int,
         fl: int,
@@ -614,62 +663,41 @@ class Engine:
     ) -> None:
         """Attribute one segment: credit c spread over [t0, t1] (rule 5); the held amount h
         and the segment's end point go to its home interval."""
-        iv = self.interval_ms
-        contribs = part.contribs.get(s.slot)
-        if contribs is None:
-            contribs = part.contribs[s.slot] = {}
-        # rules.home_interval inlined (with the test whether to spread): a call here is
-        # ~5 % of the instructions of an in-order add() (bench/bench_metering.py)
+        iv = self.iv
         if t1 > t0:
             home = (t1 - 1) // iv
             if c and t0 // iv != home:
-                for k, share in rules.spread(c, t0, t1, iv):
-                    if k == home:
-                        c = share
-                    elif share:
-                        self._add(
-                            s,
-                            contribs,
-                            part.id,
-                            k,
-                            share,
-                            0,
-                            fl,
-                            from_key,
-                            from_value,
-                            to_key,
-                            to_value,
-                        )
+                if home - t0 // iv < self.spread_max:
+                    for k, share in rules.spread(c, t0, t1, iv):
+                        if k == home:
+                            c = share
+                        elif share:
+                            self._add(
+                                st, s, k, share, 0, fl, from_key, from_value, to_key, to_value
+                            )
+                # else: a segment over more intervals than spread_max_intervals goes
+                # whole to its home interval (docs/metering.md, rule 5)
         else:
             home = t1 // iv
-        # _add inlined for the home interval: a call here is ~6 % of the instructions of an
-        # in-order add() (bench/bench_metering.py)
-        acc = contribs.get(home)
-        if acc is None:
-            acc = contribs[home] = Contribution(
-                part.id, c, h, fl, from_key, from_value, to_key, to_value
-            )
-            lst = s.by_interval.get(home)
-            if lst is None:
-                s.by_interval[home] = [acc]
-            else:
-                lst.append(acc)
-        else:
-            acc.mwh += c
-            acc.held += h
-            acc.flags |= fl
-            acc.to_key = to_key
-            acc.to_value = to_value
-        s.dirty.add(home)
-        if self.first_open is not None and home < self.first_open:
-            s.locked_mwh += c
-            s.locked_held += h
+        self._add(st, s, home, c, h, fl, from_key, from_value, to_key, to_value)
+        floor = s.floor
+        if floor is None or home > floor:
+            # intervals below the new home are closed: written, and dropped from memory
+            if s.accs:
+                drop = [k for k in s.accs if k < home]
+                if drop:
+                    d = self.dirty.get(st.sid)
+                    for k in drop:
+                        if d is not None and (s.slot, k) in d:
+                            d.discard((s.slot, k))
+                            self._write_interval(st.sid, s.slot, k, s.accs[k])
+                        del s.accs[k]
+            s.floor = home
 
     def _add(
         self,
+        st: Station,
         s: Stream,
-        contribs: dict[int, Contribution],
-        pid: int,
         k: int,
         c: int,
         h: int,
@@ -679,22 +707,146 @@ class Engine:
         to_key: Key,
         to_value: int,
     ) -> None:
-        """Add a share (and held amount) to stream s's contribution to interval k."""
-        acc = contribs.get(k)
-        if acc is None:
-            acc = contribs[k] = Contribution(pid, c, h, fl, from_key, from_value, to_key, to_value)
-            lst = s.by_interval.get(k)
-            if lst is None:
-                s.by_interval[k] = [acc]
-            else:
-                lst.append(acc)
-        else:
-            acc.mwh += c
-            acc.held += h
-            acc.flags |= fl
-            acc.to_key = to_key
-            acc.to_value = to_value
-        s.dirty.add(k)
-        if self.first_open is not None and k < self.first_open:
+        """Add a share (and held amount) to stream s's sum in interval k."""
+        fo = self.first_open
+        if fo is not None and k < fo:
             s.locked_mwh += c
             s.locked_held += h
+            lo = s.lk_lo
+            if lo is None or k < lo[0]:
+                s.lk_lo = (k, from_key, from_value)
+            hi = s.lk_hi
+            if hi is None or k >= hi[0]:
+                s.lk_hi = (k, to_key, to_value)
+        if s.low is None or k < s.low:
+            s.low = k
+        if not self.in_view(k):
+            return
+        acc = s.accs.get(k)
+        if acc is None:
+            if s.floor is not None and k < s.floor:
+                # an interval closed before (a clock running backwards): its record holds
+                # every earlier contribution
+                acc = self._reopen(st.sid, s.slot, k)
+            if acc is None:
+                s.accs[k] = Acc(c, h, fl, from_key, from_value, to_key, to_value)
+                self.dirty.setdefault(st.sid, set()).add((s.slot, k))
+                return
+            s.accs[k] = acc
+        acc.mwh += c
+        acc.held += h
+        acc.flags |= fl
+        acc.to_key = to_key
+        acc.to_value = to_value
+        self.dirty.setdefault(st.sid, set()).add((s.slot, k))
+
+    def _reopen(self, sid: str, n: int, k: int) -> Acc | None:
+        r = self.backend.get_record(make_record_id("interval", sid, n, start_ms=k * self.iv))
+        if r is None:
+            return None
+        return Acc(r.mwh, r.held_mwh, flag_bits(r.flags), r.from_key, r.e_from, r.to_key, r.e_to)
+
+    # ---- writing records -----------------------------------------------------------------
+
+    def _write_interval(self, sid: str, n: int, k: int, a: Acc) -> None:
+        iv = self.iv
+        self.backend.put_record(
+            make_record(
+                "interval",
+                sid,
+                n,
+                k * iv,
+                k * iv + iv,
+                a.mwh,
+                a.held,
+                flag_names(a.flags),
+                a.from_key,
+                a.to_key,
+                a.from_value,
+                a.to_value,
+            )
+        )
+        self.days.setdefault(sid, set()).add((n, k * iv // DAY_MS))
+
+    def flush(self, sid: str) -> None:
+        """Write the station's changed interval records and its pending sessions."""
+        st = self.stations.get(sid)
+        d = self.dirty.pop(sid, None)
+        if st is None:
+            return
+        if d:
+            for n, k in d:
+                s = st.streams.get(n)
+                a = s.accs.get(k) if s is not None else None
+                if a is not None:
+                    self._write_interval(sid, n, k, a)
+        if st.pending:
+            self._sessions(st, final=False)
+
+    def _sessions(self, st: Station, final: bool) -> None:
+        keep = []
+        for p in st.pending:
+            r, ok = session_record(st, p)
+            self.backend.put_record(r)
+            if not ok and not final:
+                keep.append(p)
+        st.pending = keep
+
+
+def adjustment_record(
+    params: MeterParams, sid: str, n: int, full: Stream | None, locked: Stream | None
+) -> Record | None:
+    """Rule 8: stream n's adjustment record: revised − locked totals of the locked
+    intervals, in the first open interval (None when they agree)."""
+    iv = params.interval_ms
+    first_open = rules.first_open_interval(params.locked_until_ms, iv)
+    assert first_open is not None
+    f_sum, f_held = (full.locked_mwh, full.locked_held) if full is not None else (0, 0)
+    l_sum, l_held = (locked.locked_mwh, locked.locked_held) if locked is not None else (0, 0)
+    if f_sum == l_sum and f_held == l_held:
+        return None
+    lo = full.lk_lo if full is not None else None
+    hi = full.lk_hi if full is not None else None
+    return Record(
+        kind="interval",
+        sid=sid,
+        slot=n,
+        start_ms=first_open * iv,
+        end_ms=first_open * iv + iv,
+        mwh=f_sum - l_sum,
+        held_mwh=f_held - l_held,
+        flags=flag_names(F_ADJUSTMENT),
+        from_key=lo[1] if lo else (0, 0),
+        to_key=hi[1] if hi else (0, 0),
+        e_from=lo[2] if lo else 0,
+        e_to=hi[2] if hi else 0,
+        version=PROCESSING_VERSION,
+        extra={
+            "locked_until_ms": params.locked_until_ms,
+            "locked_mwh": l_sum,
+            "revised_mwh": f_sum,
+            "locked_held_mwh": l_held,
+            "revised_held_mwh": f_held,
+        },
+    )
+
+
+def _range(s: Stream, boot: int, lo: int, hi: int) -> None:
+    """Remember that register range [lo, hi] of the stream was credited in `boot`."""
+    if not s.slot:
+        return
+    rs = s.ranges(boot)
+    if rs and rs[-1][1] == lo:
+        rs[-1][1] = hi
+    else:
+        rs.append([lo, hi])
+        if len(rs) > MAX_RANGES:
+            del rs[0]
+
+
+def _usable(m: RawMsg) -> bool:
+    return type(m.body.get("up")) is int and type(m.seq) is int and m.seq >= 0
+
+
+def iter_sorted(msgs: Iterable[RawMsg]) -> list[RawMsg]:
+    return sorted(msgs, key=lambda m: (m.boot, m.seq))

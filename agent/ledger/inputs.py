@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent import ranges
 from agent.ledger.records import DAY_MS
+
+_NONE: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,6 +21,9 @@ class RawMsg:
     seq: int
     recv_ms: int  # agent receive time (Unix ms)
     body: Mapping[str, Any]  # telemetry, or an event when "ev" in body
+    # §6.9: the streams whose source was spoiled (taken out of the body): 0 the meter,
+    # n slot n; their records carry `invalid`
+    spoiled: frozenset[int] = _NONE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,12 +36,51 @@ class MeterParams:
     # The moment the lock was taken: messages received (recv_ms) after it are "late" for the
     # locked period and only show as adjustment records. None = locked_until_ms.
     locked_at_ms: int | None = None
+    # §6.3: the persisted-but-not-sent part r(b') − mark(b) passes rule 6 against
+    # max power × this window
+    cross_boot_window_ms: int = 900_000
+    # rule 5: a segment over more intervals than this goes whole to its home interval
+    # (bounds the cost of one reading: docs/metering.md)
+    spread_max_intervals: int = 2976
 
     def __post_init__(self) -> None:
         if self.interval_ms <= 0 or DAY_MS % self.interval_ms:
             raise ValueError(f"interval_ms must divide a day, got {self.interval_ms}")
         if self.max_power_w_slot <= 0 or self.max_power_w_meter <= 0:
             raise ValueError("max power must be positive")
+        if self.cross_boot_window_ms < 0 or self.spread_max_intervals < 1:
+            raise ValueError("cross_boot_window_ms must be >= 0, spread_max_intervals >= 1")
 
 
 DEFAULT_PARAMS = MeterParams()  # frozen: safe as an argument default
+
+
+def raw_msg(
+    sid: str,
+    boot: int,
+    seq: int,
+    recv_ms: int,
+    body: Mapping[str, Any],
+    cleaned: ranges.Cleaned | None = None,
+) -> RawMsg:
+    """The one way a stored or arriving message becomes metering input (ingest, restart
+    and verify alike): §6.9 through `agent.ranges.clean` (pass its result when the caller
+    has it already), spoiled sources taken out and named by stream."""
+    c = cleaned if cleaned is not None else ranges.clean(body)
+    spoiled: set[int] = set()
+    for source, _path in c.spoiled:
+        if source == "meter":
+            spoiled.add(0)
+        elif source.startswith("slot:"):
+            try:
+                spoiled.add(int(source[5:]))
+            except ValueError:
+                pass
+    return RawMsg(
+        sid=sid,
+        boot=boot,
+        seq=seq,
+        recv_ms=recv_ms,
+        body=c.body,
+        spoiled=frozenset(spoiled) if spoiled else _NONE,
+    )

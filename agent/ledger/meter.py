@@ -1,342 +1,210 @@
 """`IncrementalMeter`: records kept up to date as messages arrive, equal to compute() over
 all of them (rule 7).
 
-It drives one engine over every message and, with a lock (rule 8), a second one over the
-messages received by the lock; then it materializes what changed: interval records (the
-sum of a stream's contributions to one interval), rule-8 adjustment records, day
-roll-ups and session records, and reports them with the ids of records that are gone.
+It drives one engine (agent/ledger/engine.py) over every message and, with a lock (rule
+8), a second one over the messages received by the lock, both on one backend
+(agent/ledger/backend.py: in memory by default; the agent's store in the service); then
+it makes what depends on both or on many interval records: rule-8 adjustment records and
+day roll-ups, and reports the records created, changed or gone since the last call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import logging
+from collections.abc import Callable, Iterable
 
-from agent.ledger.engine import Engine
+from agent.ledger.backend import Backend, MemoryBackend
+from agent.ledger.engine import FULL, LOCKED, Engine, adjustment_record
 from agent.ledger.inputs import DEFAULT_PARAMS, MeterParams, RawMsg
-from agent.ledger.records import (
-    DAY_MS,
-    F_ADJUSTMENT,
-    PROCESSING_VERSION,
-    Record,
-    flag_names,
-    make_record,
-    make_record_id,
-    record_sort_key,
-)
-from agent.ledger.sessions import session_record, sessions_to_remake
-from agent.ledger.state import Station, Stream
+from agent.ledger.records import DAY_MS, Record, day_record, make_record_id, record_sort_key
+from agent.ledger.state import Station
 
-# a materialized record in a view: ("interval", slot, k, adj), ("day", slot, day) or
-# ("session", slot, end key)
-_CacheKey = tuple[Any, ...]
+log = logging.getLogger(__name__)
 
 
-def _interval_record(s: Stream, k: int, iv: int, sid: str) -> Record | None:
-    """The interval record of stream s in interval k: the sum of its contributions there,
-    flags united, from the first contribution's from-point to the last's to-point."""
-    lst = s.by_interval.get(k)
-    if not lst:
-        return None
-    a0 = lst[0]
-    if len(lst) == 1:
-        mwh, held, fl = a0.mwh, a0.held, a0.flags
-        z = a0
-    else:
-        mwh = held = fl = 0
-        for a in lst:
-            mwh += a.mwh
-            held += a.held
-            fl |= a.flags
-        z = lst[-1]
-    return make_record(
-        "interval",
-        sid,
-        s.slot,
-        k * iv,
-        k * iv + iv,
-        mwh,
-        held,
-        flag_names(fl),
-        a0.from_key,
-        z.to_key,
-        a0.from_value,
-        z.to_value,
-    )
+class Ledger:
+    """The engines of one backend, and what they make together (adjustments, days)."""
 
+    def __init__(
+        self,
+        params: MeterParams,
+        backend: Backend,
+        *,
+        ckpt_every: int | None = None,
+        loader: Callable[[str, int], Station | None] | None = None,
+    ) -> None:
+        self.params = params
+        self.backend = backend
+        self.full = Engine(params, backend, FULL, ckpt_every=ckpt_every, loader=loader)
+        self.locked: Engine | None = None
+        self.locked_at = 0
+        if params.locked_until_ms is not None:
+            self.locked = Engine(params, backend, LOCKED, ckpt_every=ckpt_every, loader=loader)
+            self.locked_at = (
+                params.locked_at_ms if params.locked_at_ms is not None else params.locked_until_ms
+            )
+        self.days_due: dict[str, set[tuple[int, int]]] = {}
 
-class _DayAcc:
-    """Running roll-up of one stream's interval records within one UTC day."""
+    @property
+    def rows_read(self) -> int:
+        return self.full.rows_read + (self.locked.rows_read if self.locked else 0)
 
-    __slots__ = ("flag_counts", "held", "hi", "lo", "mwh", "pos")
+    def engines(self) -> list[Engine]:
+        return [self.full] if self.locked is None else [self.full, self.locked]
 
-    def __init__(self) -> None:
-        self.mwh = 0
-        self.held = 0
-        self.flag_counts: dict[str, int] = {}  # flag -> number of interval records with it
-        self.pos: set[int] = set()  # 2k + adj of the records in the day
-        self.lo = 0
-        self.hi = -1
+    def process(
+        self,
+        sid: str,
+        new: list[RawMsg],
+        boot_start: int | None = None,
+        newly_early: Iterable[RawMsg] = (),
+    ) -> None:
+        """New messages of one station (in the backend already), sorted by key."""
+        self.full.process(sid, new, boot_start)
+        if self.locked is not None:
+            la = self.locked_at
+            early = sorted(
+                [m for m in new if m.recv_ms <= la] + list(newly_early),
+                key=lambda m: (m.boot, m.seq),
+            )
+            if early or boot_start is not None:
+                self.locked.process(sid, early, boot_start)
+        self.finish(sid)
 
+    def finish(self, sid: str, days: bool = True) -> None:
+        """Write what the station's processing changed: intervals, sessions, adjustments,
+        and (days=True) the day roll-ups."""
+        due = self.days_due.setdefault(sid, set())
+        for e in self.engines():
+            e.flush(sid)
+            due |= e.days.pop(sid, set())
+        if self.locked is not None:
+            self._adjustments(sid, due)
+        if days:
+            self.roll_days(sid)
 
-class _View:
-    """Materialized records of one station (rule 8 combines two engines here)."""
+    def roll_days(self, sid: str) -> None:
+        be = self.backend
+        for n, d in sorted(self.days_due.pop(sid, set())):
+            r = day_record(sid, n, d, be.day_intervals(sid, n, d))
+            if r is None:
+                be.delete_record(make_record_id("day", sid, n, start_ms=d * DAY_MS))
+            else:
+                be.put_record(r)
 
-    def __init__(self) -> None:
-        self.cache: dict[_CacheKey, Record] = {}
-        self.days: dict[tuple[int, int], _DayAcc] = {}
-        self.ddays: set[tuple[int, int]] = set()  # (slot, day) whose record is out of date
+    def _adjustments(self, sid: str, due: set[tuple[int, int]]) -> None:
+        assert self.locked is not None
+        fst = self.full.stations.get(sid)
+        lst = self.locked.stations.get(sid)
+        slots = set(fst.streams if fst else ()) | set(lst.streams if lst else ())
+        iv = self.params.interval_ms
+        fo = self.full.first_open
+        assert fo is not None
+        for n in sorted(slots):
+            r = adjustment_record(
+                self.params,
+                sid,
+                n,
+                fst.streams.get(n) if fst else None,
+                lst.streams.get(n) if lst else None,
+            )
+            rid = make_record_id("interval", sid, n, start_ms=fo * iv, adjustment=True)
+            old = self.backend.get_record(rid)
+            if r is None:
+                if old is not None:
+                    self.backend.delete_record(rid)
+                    due.add((n, fo * iv // DAY_MS))
+            elif old != r:
+                self.backend.put_record(r)
+                due.add((n, fo * iv // DAY_MS))
+
+    def forget(self, sid: str) -> None:
+        for e in self.engines():
+            e.stations.pop(sid, None)
+            e.dirty.pop(sid, None)
+            e.days.pop(sid, None)
+        self.days_due.pop(sid, None)
 
 
 class IncrementalMeter:
-    """Records kept up to date as messages arrive; equal to compute() over all of them."""
+    """Records kept up to date as messages arrive; equal to compute() over all of them.
+    Keeps the raw messages (its backend's) and records in memory: for compute(), tests and
+    tools; the agent runs the same Ledger on its store (agent/store/sqlite.py)."""
 
-    def __init__(self, params: MeterParams = DEFAULT_PARAMS) -> None:
+    def __init__(
+        self, params: MeterParams = DEFAULT_PARAMS, *, ckpt_every: int | None = None
+    ) -> None:
         self.params = params
-        self._full = Engine(params)
-        self._locked: Engine | None = None
-        self._locked_at = 0
-        if params.locked_until_ms is not None:
-            self._locked = Engine(params)
-            self._locked_at = (
-                params.locked_at_ms if params.locked_at_ms is not None else params.locked_until_ms
-            )
-        self._views: dict[str, _View] = {}
-        self._per_day = DAY_MS // params.interval_ms
-
-    @property
-    def conflicts(self) -> int:
-        """Messages ignored because another copy with other contents came first."""
-        return self._full.conflicts
+        self.backend = MemoryBackend()
+        self.ledger = Ledger(params, self.backend, ckpt_every=ckpt_every)
+        self.conflicts = 0
+        self._la = self.ledger.locked_at if self.ledger.locked is not None else None
 
     def sids(self) -> list[str]:
-        return sorted(self._full.stations)
+        return sorted(self.backend.raw)
 
     def add(self, msgs: Iterable[RawMsg]) -> set[str]:
-        """Add messages; returns the sids that received at least one new message (a
-        superset of those whose records changed: every new reading changes a record)."""
-        lst = msgs if isinstance(msgs, list) else list(msgs)
-        changed = self._full.add(lst)
-        if self._locked is not None:
-            la = self._locked_at
-            early = [m for m in lst if m.recv_ms <= la]
-            if early:
-                changed |= self._locked.add(early)
+        """Add messages; returns the sids that received at least one new message."""
+        by_sid: dict[str, list[RawMsg]] = {}
+        for m in msgs:
+            by_sid.setdefault(m.sid, []).append(m)
+        changed: set[str] = set()
+        be = self.backend
+        for sid, lst in by_sid.items():
+            lst.sort(key=lambda m: (m.boot, m.seq))
+            new: list[RawMsg] = []
+            boot_start: int | None = None
+            newly_early: list[RawMsg] = []
+            for m in lst:
+                if type(m.body.get("up")) is not int or m.seq < 0:
+                    log.warning(
+                        "metering: %s/%s/%s without a usable up/seq ignored", sid, m.boot, m.seq
+                    )
+                    continue
+                old = be.store_raw(m)
+                if old is None:
+                    new.append(m)
+                    continue
+                if old.body != m.body:
+                    self.conflicts += 1
+                    log.warning(
+                        "metering: conflicting copies of %s/%d/%d, keeping the first",
+                        sid,
+                        m.boot,
+                        m.seq,
+                    )
+                    continue
+                if m.recv_ms < old.recv_ms:
+                    # of identical copies the earliest receive time counts (rule 5 time_est)
+                    be.replace_raw(m)
+                    if boot_start is None or m.boot < boot_start:
+                        boot_start = m.boot
+                    la = self._la
+                    if la is not None and m.recv_ms <= la < old.recv_ms:
+                        newly_early.append(m)
+            if not new and boot_start is None:
+                continue
+            changed.add(sid)
+            self.ledger.process(sid, new, boot_start, newly_early)
         return changed
 
     def evict(self, sid: str) -> None:
-        """Forget a station (its messages, rule state and records) to free memory. Adding
-        its messages again (from the raw store) rebuilds it exactly."""
-        self._full.stations.pop(sid, None)
-        if self._locked is not None:
-            self._locked.stations.pop(sid, None)
-        self._views.pop(sid, None)
+        """Forget a station (its messages, rule state and records). Adding its messages
+        again rebuilds it exactly."""
+        self.ledger.forget(sid)
+        self.backend.forget(sid)
 
     def records(self, sid: str) -> list[Record]:
         """All records of one station, sorted as compute() sorts them."""
-        if sid not in self._full.stations:
-            return []
         self.changes(sid)
-        return sorted(self._views[sid].cache.values(), key=record_sort_key)
+        return sorted(self.backend.records.get(sid, {}).values(), key=record_sort_key)
 
     def changes(self, sid: str, *, days: bool = True) -> tuple[list[Record], list[str]]:
-        """Records of sid created or changed since the last call for sid, and the
-        record_id()s of records that no longer exist. Costs the changed records only.
-        days=False leaves the day roll-ups pending until a call with days=True (a day
-        record changes with every reading: deferring it halves the cost per message)."""
-        st = self._full.stations.get(sid)
-        if st is None:
-            return [], []
-        v = self._views.get(sid)
-        if v is None:
-            v = self._views[sid] = _View()
-        iv = self.params.interval_ms
-        up: dict[_CacheKey, Record] = {}
-        gone: dict[_CacheKey, None] = {}
-        ddays = v.ddays
-        first_open = self._full.first_open
-        adj: set[int] = set()
-        put = self._put
-        for n, s in st.streams.items():
-            if s.dirty:
-                for k in s.dirty:
-                    if first_open is not None and k < first_open:
-                        adj.add(n)  # locked intervals come from the locked view
-                    else:
-                        put(v, n, k, 0, _interval_record(s, k, iv, sid), up, gone)
-                s.dirty.clear()
-        if self._locked is not None and first_open is not None:
-            lst = self._locked.stations.get(sid)
-            if lst is not None:
-                for n, s in lst.streams.items():
-                    if s.dirty:
-                        for k in s.dirty:
-                            if k < first_open:
-                                adj.add(n)
-                                put(v, n, k, 0, _interval_record(s, k, iv, sid), up, gone)
-                        s.dirty.clear()
-            for n in adj:
-                put(v, n, first_open, 1, self._adjustment(sid, n), up, gone)
-        if days and ddays:
-            cache = v.cache
-            for dk in ddays:
-                ck = ("day", *dk)
-                r = self._day(v, sid, dk)
-                if r is None:
-                    if cache.pop(ck, None) is not None:
-                        gone[ck] = None
-                else:
-                    cache[ck] = r
-                    up[ck] = r
-            ddays.clear()
-        self._sessions(st, v, up)
-        return list(up.values()), [self._record_id(sid, ck) for ck in gone]
-
-    def _put(
-        self,
-        v: _View,
-        n: int,
-        k: int,
-        adj: int,
-        r: Record | None,
-        up: dict[_CacheKey, Record],
-        gone: dict[_CacheKey, None],
-    ) -> None:
-        """Set (or, r None, remove) the interval record (n, k, adj) and keep its day's
-        roll-up current."""
-        ck = ("interval", n, k, adj)
-        cache = v.cache
-        old = cache.get(ck)
-        if old is None and r is None:
-            return
-        dk = (n, k // self._per_day)
-        v.ddays.add(dk)
-        da = v.days.get(dk)
-        if da is None:
-            da = v.days[dk] = _DayAcc()
-        fl = da.flag_counts
-        pos = 2 * k + adj
-        if old is not None:
-            da.mwh -= old.mwh
-            da.held -= old.held_mwh
-            for f in old.flags:
-                c = fl[f] - 1
-                if c:
-                    fl[f] = c
-                else:
-                    del fl[f]
-        if r is None:
-            del cache[ck]
-            up.pop(ck, None)
-            gone[ck] = None
-            da.pos.discard(pos)
-            if da.pos and (pos == da.lo or pos == da.hi):
-                da.lo = min(da.pos)
-                da.hi = max(da.pos)
-        else:
-            cache[ck] = r
-            up[ck] = r
-            if gone:
-                gone.pop(ck, None)
-            da.mwh += r.mwh
-            da.held += r.held_mwh
-            for f in r.flags:
-                fl[f] = fl.get(f, 0) + 1
-            if old is None:
-                if not da.pos:
-                    da.lo = da.hi = pos
-                elif pos < da.lo:
-                    da.lo = pos
-                elif pos > da.hi:
-                    da.hi = pos
-                da.pos.add(pos)
-
-    def _day(self, v: _View, sid: str, dk: tuple[int, int]) -> Record | None:
-        """The day record of (slot, day): its interval records rolled up."""
-        da = v.days.get(dk)
-        if da is None or not da.pos:
-            v.days.pop(dk, None)
-            return None
-        n, d = dk
-        a = v.cache[("interval", n, da.lo >> 1, da.lo & 1)]
-        z = v.cache[("interval", n, da.hi >> 1, da.hi & 1)]
-        return make_record(
-            "day",
-            sid,
-            n,
-            d * DAY_MS,
-            d * DAY_MS + DAY_MS,
-            da.mwh,
-            da.held,
-            tuple(sorted(da.flag_counts)) if da.flag_counts else (),
-            a.from_key,
-            z.to_key,
-            a.e_from,
-            z.e_to,
-        )
-
-    def _sessions(self, st: Station, v: _View, up: dict[_CacheKey, Record]) -> None:
-        for key in sessions_to_remake(st):
-            r, ok = session_record(st, key)
-            if ok:
-                st.sess_pending.discard(key)
-            else:
-                st.sess_pending.add(key)
-            ck = ("session", r.slot, key)
-            if v.cache.get(ck) != r:
-                v.cache[ck] = r
-                up[ck] = r
-
-    def _record_id(self, sid: str, ck: _CacheKey) -> str:
-        """record_id() of the record a view's cache key names."""
-        if ck[0] == "session":
-            return make_record_id("session", sid, ck[1], end_key=ck[2])
-        if ck[0] == "day":
-            # NB: a day record whose flags include "adjustment" (a rule-8 adjustment in
-            # that day) has record_id() ".../adj": this name and the stored one differ
-            return make_record_id("day", sid, ck[1], start_ms=ck[2] * DAY_MS)
-        return make_record_id(
-            "interval", sid, ck[1], start_ms=ck[2] * self.params.interval_ms, adjustment=bool(ck[3])
-        )
-
-    def _adjustment(self, sid: str, n: int) -> Record | None:
-        """Rule 8: stream n's adjustment record: revised − locked totals of the locked
-        intervals, in the first open interval (None when they agree)."""
-        full = self._full
-        lk = self._locked
-        assert lk is not None and full.first_open is not None
-        first_open = full.first_open
-        iv = self.params.interval_ms
-        fs = full.stations[sid].streams.get(n)
-        lst = lk.stations.get(sid)
-        ls = lst.streams.get(n) if lst is not None else None
-        f_sum, f_held = (fs.locked_mwh, fs.locked_held) if fs is not None else (0, 0)
-        l_sum, l_held = (ls.locked_mwh, ls.locked_held) if ls is not None else (0, 0)
-        if f_sum == l_sum and f_held == l_held:
-            return None
-        assert fs is not None
-        ks = [k for k in fs.by_interval if k < first_open]
-        first = _interval_record(fs, min(ks), iv, sid) if ks else None
-        last = _interval_record(fs, max(ks), iv, sid) if ks else None
-        return Record(
-            kind="interval",
-            sid=sid,
-            slot=n,
-            start_ms=first_open * iv,
-            end_ms=first_open * iv + iv,
-            mwh=f_sum - l_sum,
-            held_mwh=f_held - l_held,
-            flags=flag_names(F_ADJUSTMENT),
-            from_key=first.from_key if first else (0, 0),
-            to_key=last.to_key if last else (0, 0),
-            e_from=first.e_from if first else 0,
-            e_to=last.e_to if last else 0,
-            version=PROCESSING_VERSION,
-            extra={
-                "locked_until_ms": self.params.locked_until_ms,
-                "locked_mwh": l_sum,
-                "revised_mwh": f_sum,
-                "locked_held_mwh": l_held,
-                "revised_held_mwh": f_held,
-            },
-        )
+        """Records of sid created or changed since the last call for sid, and the ids of
+        records that no longer exist. days=False leaves the day roll-ups pending."""
+        if days:
+            self.ledger.roll_days(sid)
+        t = self.backend.touched.pop(sid, {})
+        ups = [r for r in t.values() if r is not None]
+        gone = [rid for rid, r in t.items() if r is None]
+        return ups, gone

@@ -31,6 +31,7 @@ F_TIME_EST = 64
 F_GAP = 128
 F_HIST = 256
 F_ADJUSTMENT = 512  # not in §6's list: marks rule-8 adjustment records (see docs)
+F_INVALID = 1024  # §6.9: a spoiled source was omitted
 
 FLAG_BITS: tuple[tuple[int, str], ...] = (
     (F_BASELINE, "baseline"),
@@ -43,6 +44,7 @@ FLAG_BITS: tuple[tuple[int, str], ...] = (
     (F_GAP, "gap"),
     (F_HIST, "hist"),
     (F_ADJUSTMENT, "adjustment"),
+    (F_INVALID, "invalid"),
 )
 FLAG_NAMES: tuple[str, ...] = tuple(sorted(name for _, name in FLAG_BITS))
 _BIT_OF = {name: bit for bit, name in FLAG_BITS}
@@ -142,9 +144,9 @@ def make_record_id(
     an interval or a day by its start, with `/adj` for a rule-8 adjustment record."""
     if kind == "session":
         return f"session/{sid}/{slot}/{end_key[0]}:{end_key[1]}"
-    return (
-        f"{kind}/{sid}/{slot}/{start_ms}/adj" if adjustment else f"{kind}/{sid}/{slot}/{start_ms}"
-    )
+    if adjustment and kind == "interval":  # a day rolling up an adjustment is still the day
+        return f"interval/{sid}/{slot}/{start_ms}/adj"
+    return f"{kind}/{sid}/{slot}/{start_ms}"
 
 
 def record_id(r: Record) -> str:
@@ -156,4 +158,30 @@ def record_id(r: Record) -> str:
         start_ms=r.start_ms,
         end_key=r.to_key,
         adjustment="adjustment" in r.flags,
+    )
+
+
+def day_record(sid: str, slot: int, day: int, intervals: Iterable[Record]) -> Record | None:
+    """The day record of a stream: its interval records of one UTC day (adjustments
+    included) rolled up: sums, flags united, from the first (by start, an adjustment after
+    the ordinary record of its start) to the last."""
+    rs = sorted(intervals, key=lambda r: (r.start_ms, "adjustment" in r.flags))
+    if not rs:
+        return None
+    flags: set[str] = set()
+    for r in rs:
+        flags.update(r.flags)
+    return make_record(
+        "day",
+        sid,
+        slot,
+        day * DAY_MS,
+        day * DAY_MS + DAY_MS,
+        sum(r.mwh for r in rs),
+        sum(r.held_mwh for r in rs),
+        tuple(sorted(flags)),
+        rs[0].from_key,
+        rs[-1].to_key,
+        rs[0].e_from,
+        rs[-1].e_to,
     )

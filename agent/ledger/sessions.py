@@ -1,12 +1,18 @@
 """Session records (docs/metering.md "Records"): one per `session_end` event, matched with
 its `session_start`, timed by rule 5, and cross-checked against the register ranges its
-slot's stream credited in the session's boots. Also which session records need making
-again after the engine processed or re-ran messages.
+slot's stream credited in the session's boots.
+
+Bounded: the engine remembers the latest `session_start` per (slot, bat, register) (at
+most MAX_STARTS of them) and the register ranges of each stream's last two boots with
+readings. A session whose check is not "ok" yet stays *pending* while its end boot is the
+current one (later readings of that boot may still cover it) and is re-made after each
+batch; when the next boot starts it is final.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 from typing import Any
 
 from agent.ledger.records import (
@@ -18,7 +24,7 @@ from agent.ledger.records import (
     Record,
     flag_names,
 )
-from agent.ledger.state import Key, Station
+from agent.ledger.state import MAX_STARTS, Boot, Key, Station
 
 
 def _int(x: Any) -> int | None:
@@ -29,42 +35,45 @@ def _hi(r: list[int]) -> int:
     return r[1]
 
 
-def session_record(st: Station, key: Key) -> tuple[Record, bool]:
-    """The session record of a session_end event; bool: its register check is "ok"."""
-    m = st.ends[key]
-    body = m.body
+def note_start(st: Station, b: Boot, key: Key, body: Mapping[str, Any]) -> None:
+    """A session_start: the latest one per (slot, bat, register) is what an end matches."""
+    sig = (body.get("slot"), body.get("bat"), body.get("e_mwh"))
+    st.starts.pop(sig, None)
+    st.starts[sig] = (key, b.clock)
+    if len(st.starts) > MAX_STARTS:
+        del st.starts[next(iter(st.starts))]
+
+
+def end_session(st: Station, b: Boot, key: Key, body: Mapping[str, Any]) -> list[Any]:
+    """The pending entry of a session_end: the record's fields except the check, which
+    `session_record` adds from the ranges (re-made while the end boot is current)."""
     n = _int(body.get("slot")) or 0
     bat = body.get("bat")
     e0 = _int(body.get("e0_mwh")) or 0
     e1 = _int(body.get("e1_mwh")) or 0
     why = body.get("why")
-    eb = st.boots[key[0]]
-    # the matching session_start: same slot, battery and start register, latest before
-    skey = None
-    cand = st.starts.get((body.get("slot"), bat, body.get("e0_mwh")))
-    if cand:
-        j = bisect.bisect_left(cand, key)
-        if j:
-            skey = cand[j - 1]
-    # boot whose uptime up0/up1 count in (a session closed "reboot" began before)
-    if skey is not None:
-        sb = st.boots[skey[0]]
-    elif why == "reboot":
-        j = bisect.bisect_left(st.order, key[0])
-        sb = st.boots[st.order[j - 1]] if j else eb
+    start = st.starts.get((body.get("slot"), bat, body.get("e0_mwh")))
+    # the boot whose uptime up0 counts in (a session closed "reboot" began before)
+    if start is not None:
+        skey: Key | None = start[0]
+        sb_no, s_clock = start[0][0], start[1]
+    elif why == "reboot" and st.prev is not None:
+        skey = None
+        sb_no, s_clock = st.prev
     else:
-        sb = eb
-    ub = sb if why == "reboot" else eb  # boot of up1
+        skey = None
+        sb_no, s_clock = b.no, b.clock
+    u_clock = s_clock if why == "reboot" else b.clock  # boot of up1
     fl = 0
     t0 = _int(body.get("t0"))
     if t0 is None:
-        off, est = sb.clock
+        off, est = s_clock
         t0 = off + (_int(body.get("up0")) or 0)
         if est or (skey is None and why == "reboot"):
             fl |= F_TIME_EST
     t1 = _int(body.get("t1"))
     if t1 is None:
-        off, est = ub.clock
+        off, est = u_clock
         t1 = off + (_int(body.get("up1")) or 0)
         if est:
             fl |= F_TIME_EST
@@ -77,17 +86,35 @@ def session_record(st: Station, key: Key) -> tuple[Record, bool]:
     if mwh < 0:
         mwh = 0
         fl |= F_ANOMALY_DOWN
-    # cross-check: the register ranges of the slot credited in the session's boots
+    fk = skey if skey is not None else key
+    extra = {"bat": bat, "soc0": body.get("soc0"), "soc1": body.get("soc1"), "why": why}
+    return [
+        list(key),
+        n,
+        sb_no,
+        e0,
+        e1,
+        t0,
+        t1,
+        mwh,
+        fl,
+        list(fk),
+        extra,
+    ]
+
+
+def session_record(st: Station, p: list[Any]) -> tuple[Record, bool]:
+    """The session record of a pending entry; bool: its register check is "ok"."""
+    key, n, sb_no, e0, e1, t0, t1, mwh, fl, fk, extra = p
+    eb_no = key[0]
     reg = 0
     seen = False
-    lo_i = bisect.bisect_left(st.order, sb.no)
-    hi_i = bisect.bisect_right(st.order, eb.no)
-    for b_no in st.order[lo_i:hi_i]:
-        bb = st.boots[b_no]
-        if n in bb.seen:
+    s = st.streams.get(n)
+    if s is not None:
+        for bno, rs in s.rhist:
+            if not sb_no <= bno <= eb_no:
+                continue
             seen = True
-        rs = bb.ranges.get(n)
-        if rs:
             j = bisect.bisect_right(rs, e0, key=_hi)  # the first range above e0
             while j < len(rs) and rs[j][0] < e1:
                 lo, hi = rs[j]
@@ -103,55 +130,11 @@ def session_record(st: Station, key: Key) -> tuple[Record, bool]:
         mwh=mwh,
         held_mwh=0,
         flags=flag_names(fl),
-        from_key=skey if skey is not None else key,
-        to_key=key,
+        from_key=(fk[0], fk[1]),
+        to_key=(key[0], key[1]),
         e_from=e0,
         e_to=e1,
         version=PROCESSING_VERSION,
-        extra={
-            "bat": bat,
-            "soc0": body.get("soc0"),
-            "soc1": body.get("soc1"),
-            "why": why,
-            "reg_mwh": reg,
-            "reg_check": check,
-        },
+        extra={**extra, "reg_mwh": reg, "reg_check": check},
     )
     return rec, check == "ok"
-
-
-def note_rerun(st: Station, boot: int, marks: dict[int, int] | None) -> None:
-    """Remember that a re-run from `boot` may change the session records ending from it
-    on; in `boot` itself only those above `marks` (slot -> register), None: all."""
-    cur = st.sess_rerun
-    if cur is None or boot < cur[0]:
-        st.sess_rerun = (boot, marks)
-    elif boot == cur[0]:
-        old = cur[1]
-        if old is None or marks is None:
-            st.sess_rerun = (boot, None)
-        else:
-            st.sess_rerun = (boot, {n: min(old[n], marks[n]) for n in old.keys() & marks})
-
-
-def sessions_to_remake(st: Station) -> set[Key]:
-    """The keys of the session_end events whose records may have changed since the last
-    call: ends just processed (or matched by a new start), ends a re-run reached, and the
-    ends whose register check was not "ok" yet."""
-    keys = set(st.sess_new)
-    st.sess_new.clear()
-    keys.update(st.sess_pending)  # few: sessions not (yet) matching their readings
-    if st.sess_rerun is not None:
-        bno, marks = st.sess_rerun
-        st.sess_rerun = None
-        j = bisect.bisect_left(st.end_keys, (bno, -1))
-        for key in st.end_keys[j:]:
-            if key[0] > bno or marks is None:
-                keys.add(key)
-                continue
-            body = st.ends[key].body
-            th = marks.get(body.get("slot"))  # type: ignore[arg-type]
-            e1 = body.get("e1_mwh")
-            if th is None or type(e1) is not int or e1 > th:
-                keys.add(key)
-    return keys

@@ -1,6 +1,14 @@
-"""The incremental engine's state, per station: its boots (the messages, in seq order, and
-the boot-level facts the rules need), its register streams (the rule state) and the parts
-(runs of processed messages with the stream states before them, to re-run from).
+"""The metering engine's state, per station: small and bounded, never the messages.
+
+Per station: the key of the last message processed, the current boot's facts (clock,
+restored values, message count and last seq for `gap`), the clock of the boot before it,
+and per register stream the rule state (mark, last reading, held reading, serial), the
+accumulators of its open intervals, the rule-8 totals and the register ranges credited in
+its last two boots (the session cross-check); plus bounded session bookkeeping (recent
+`session_start`s, sessions whose register check may still change).
+
+`dump()` gives plain lists/dicts of ints and strings (msgpack-able), `Station.load()`
+reads them back: that is what the state row and the checkpoints store.
 
 Vocabulary:
 - stream: one register of one station: slot 0 is the grid meter (`meter.e_wh` x 1000, in
@@ -8,34 +16,31 @@ Vocabulary:
 - point: (key, register value) where key = (boot, seq); (boot, -1) is the value restored
   at the start of that boot (`b_mwh` / the boot event's `restored`), before any message.
 - segment: one credit (or held amount, or nothing) between two points of a stream, with
-  the time span it is spread over and the flags that shaped it. A segment's shares go to
-  UTC-aligned intervals as `Contribution`s; an interval record is their sum.
-
-All of it grows with the messages (a station's every message is kept, in its boot);
-`IncrementalMeter.evict` drops a whole station.
+  the time span it is spread over and the flags that shaped it; its shares go to
+  UTC-aligned intervals, whose records are their sums (`Acc`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from agent.ledger import rules
-from agent.ledger.inputs import RawMsg
 
 Key = tuple[int, int]  # (boot, seq); seq -1: the value restored at the boot's start
-StreamSnap = tuple[Any, ...]  # Stream.snap(): the rule state, to go back to
-SessionSig = tuple[Any, Any, Any]  # (slot, bat, register at the start) of a session
+
+MAX_RANGES = 64  # register ranges kept per stream and boot (session cross-check)
+MAX_STARTS = 64  # session_start events remembered per station (matching)
 
 
-class Contribution:
-    """One stream's contributions to one interval from one part's processing: the sum of
-    its segments' shares there, their flags, and the first from-point and last to-point."""
+class Acc:
+    """One stream's sum in one interval: credited, held, flags, first from-point and last
+    to-point (processing order)."""
 
-    __slots__ = ("flags", "from_key", "from_value", "held", "mwh", "part", "to_key", "to_value")
+    __slots__ = ("flags", "from_key", "from_value", "held", "mwh", "to_key", "to_value")
 
     def __init__(
         self,
-        part: int,
         mwh: int,
         held: int,
         flags: int,
@@ -44,7 +49,6 @@ class Contribution:
         to_key: Key,
         to_value: int,
     ) -> None:
-        self.part = part
         self.mwh = mwh
         self.held = held
         self.flags = flags
@@ -53,144 +57,201 @@ class Contribution:
         self.to_key = to_key
         self.to_value = to_value
 
+    def dump(self) -> list[Any]:
+        return [
+            self.mwh,
+            self.held,
+            self.flags,
+            *self.from_key,
+            self.from_value,
+            *self.to_key,
+            self.to_value,
+        ]
+
+    @staticmethod
+    def load(x: list[Any]) -> Acc:
+        return Acc(x[0], x[1], x[2], (x[3], x[4]), x[5], (x[6], x[7]), x[8])
+
 
 class Stream:
-    """Rule state of one register stream, plus its interval contributions."""
+    """Rule state of one register stream and its open intervals."""
 
     __slots__ = (
+        "accs",
         "boot",
-        "by_interval",
-        "dirty",
+        "floor",
         "held_up",
         "held_value",
         "last_key",
         "last_pos",
         "last_t",
         "last_value",
+        "lk_hi",
+        "lk_lo",
         "locked_held",
         "locked_mwh",
+        "low",
         "mark",
         "mark_up",
+        "rhist",
         "serial",
         "slot",
+        "tail",
     )
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
-        # interval index -> contributions, in part order
-        self.by_interval: dict[int, list[Contribution]] = {}
-        self.dirty: set[int] = set()  # intervals changed since the last materialization
-        self.locked_mwh = 0  # credited / held in locked intervals (rule 8 adjustments)
-        self.locked_held = 0
-        self.reset()
-
-    def reset(self) -> None:
         self.boot: int | None = None  # boot of the last point (None: no baseline yet)
         self.mark = 0  # highest value credited so far in this boot (rule 2)
         self.mark_up = 0  # uptime of the reading that set the mark (rule 6)
-        self.last_t = 0  # last point: time, key, value, position in its boot's seq list
+        self.last_t = 0  # last point: time, key, value, position in its boot
         self.last_key: Key = (0, 0)
         self.last_value = 0
         self.last_pos = 0
         self.held_value: int | None = None  # pending held reading (rule 6): value, uptime
         self.held_up = 0
         self.serial: Any = None  # meter serial number last seen (rule 4)
+        # (last seq, message count, unsynced) of the stream's boot once that boot ended
+        self.tail: tuple[int, int, bool] | None = None
+        # every interval k >= floor the stream contributed to is in accs (a few: the
+        # current one, and any later one a clock running backwards left open)
+        self.floor: int | None = None
+        self.accs: dict[int, Acc] = {}
+        self.low: int | None = None  # lowest interval touched since the last checkpoint
+        # rule 8: credited / held in locked intervals; (k, key, value) of the first
+        # contribution to the lowest locked interval and of the last to the highest
+        self.locked_mwh = 0
+        self.locked_held = 0
+        self.lk_lo: tuple[int, Key, int] | None = None
+        self.lk_hi: tuple[int, Key, int] | None = None
+        # register ranges [lo, hi] credited, per boot with readings (the last two)
+        self.rhist: list[tuple[int, list[list[int]]]] = []
 
-    def snap(self) -> StreamSnap:
-        return (
+    def dump(self) -> list[Any]:
+        return [
+            self.slot,
             self.boot,
             self.mark,
             self.mark_up,
             self.last_t,
-            self.last_key,
+            list(self.last_key),
             self.last_value,
             self.last_pos,
             self.held_value,
             self.held_up,
             self.serial,
-        )
+            list(self.tail) if self.tail is not None else None,
+            self.floor,
+            {k: a.dump() for k, a in self.accs.items()},
+            self.locked_mwh,
+            self.locked_held,
+            _dump_lk(self.lk_lo),
+            _dump_lk(self.lk_hi),
+            [[b, [list(r) for r in rs]] for b, rs in self.rhist],
+        ]
 
-    def restore(self, s: StreamSnap) -> None:
-        (
-            self.boot,
-            self.mark,
-            self.mark_up,
-            self.last_t,
-            self.last_key,
-            self.last_value,
-            self.last_pos,
-            self.held_value,
-            self.held_up,
-            self.serial,
-        ) = s
+    @staticmethod
+    def load(x: list[Any]) -> Stream:
+        s = Stream(x[0])
+        s.boot = x[1]
+        s.mark = x[2]
+        s.mark_up = x[3]
+        s.last_t = x[4]
+        s.last_key = (x[5][0], x[5][1])
+        s.last_value = x[6]
+        s.last_pos = x[7]
+        s.held_value = x[8]
+        s.held_up = x[9]
+        s.serial = x[10]
+        s.tail = (x[11][0], x[11][1], bool(x[11][2])) if x[11] is not None else None
+        s.floor = x[12]
+        s.accs = {int(k): Acc.load(a) for k, a in x[13].items()}
+        s.locked_mwh = x[14]
+        s.locked_held = x[15]
+        s.lk_lo = _load_lk(x[16])
+        s.lk_hi = _load_lk(x[17])
+        s.rhist = [(b, [[lo, hi] for lo, hi in rs]) for b, rs in x[18]]
+        return s
+
+    def ranges(self, boot: int) -> list[list[int]]:
+        """The register ranges credited in `boot` (the current one), made when needed."""
+        if self.rhist and self.rhist[-1][0] == boot:
+            return self.rhist[-1][1]
+        rs: list[list[int]] = []
+        self.rhist.append((boot, rs))
+        if len(self.rhist) > 2:
+            del self.rhist[0]
+        return rs
 
 
-class Part:
-    """A run of at most PART_MSGS consecutive messages of one boot, processed together:
-    the stream states before it (to go back to) and what it contributed (to take back)."""
+def _dump_lk(x: tuple[int, Key, int] | None) -> list[int] | None:
+    return None if x is None else [x[0], x[1][0], x[1][1], x[2]]
 
-    __slots__ = ("boot", "contribs", "id", "ranges_before", "start", "streams_before")
 
-    def __init__(
-        self,
-        pid: int,
-        boot: int,
-        start: int,
-        streams_before: dict[int, StreamSnap],
-        ranges_before: dict[int, tuple[int, int]],
-    ) -> None:
-        self.id = pid  # increasing in processing order within a station
-        self.boot = boot
-        self.start = start  # position of its first message in the boot
-        self.streams_before = streams_before  # slot -> Stream.snap()
-        self.ranges_before = ranges_before  # Boot.ranges before it: slot -> (len, hi of last)
-        self.contribs: dict[int, dict[int, Contribution]] = {}  # slot -> interval -> it
+def _load_lk(x: list[int] | None) -> tuple[int, Key, int] | None:
+    return None if x is None else (x[0], (x[1], x[2]), x[3])
 
 
 class Boot:
-    """One boot of one station: its messages in seq order and what the rules need of it."""
+    """The facts rules 3 and 5 need of one boot, and its message count (gaps)."""
 
     __slots__ = (
         "b_mwh",
         "boot_event_seq",
         "clock",
-        "done",
+        "count",
         "est_off",
-        "msgs",
+        "last_seq",
         "no",
-        "parts",
         "r_used",
-        "ranges",
         "restored",
-        "seen",
-        "seqs",
         "sync_off",
         "sync_seq",
     )
 
     def __init__(self, no: int) -> None:
         self.no = no
-        self.seqs: list[int] = []
-        self.msgs: list[RawMsg] = []
+        self.count = 0  # messages of this boot processed
+        self.last_seq = -1
         self.sync_seq: int | None = None  # lowest seq carrying ts
         self.sync_off = 0  # its ts - up
         self.est_off: int | None = None  # min(recv_ms - up) over the boot's messages
-        # (offset, estimated) per rule 5, kept current by update_clock(): read once per
-        # message, a method call there would cost ~2 % of the in-order add()
         self.clock: tuple[int, bool] = rules.boot_offset(None, None)
         self.boot_event_seq: int | None = None  # lowest seq of a boot event
         self.restored: dict[int, int] | None = None  # its `restored`
         self.b_mwh: dict[int, tuple[int, int]] = {}  # slot -> (seq, b_mwh) lowest seq
-        self.r_used: set[int] = set()  # slots whose r(b) the processing consulted
-        self.done = 0  # messages processed (a prefix of msgs)
-        self.parts: list[Part] = []
-        # slot -> register ranges [lo, hi] credited while processing this boot, ascending
-        # and disjoint (the mark only rises within a boot): the session cross-check
-        self.ranges: dict[int, list[list[int]]] = {}
-        self.seen: set[int] = set()  # streams with readings in this boot
+        self.r_used: set[int] = set()  # slots whose r(b) a reading consulted
+
+    def dump(self) -> list[Any]:
+        return [
+            self.no,
+            self.count,
+            self.last_seq,
+            self.sync_seq,
+            self.sync_off,
+            self.est_off,
+            self.boot_event_seq,
+            self.restored,
+            {n: list(x) for n, x in self.b_mwh.items()},
+            sorted(self.r_used),
+        ]
+
+    @staticmethod
+    def load(x: list[Any]) -> Boot:
+        b = Boot(x[0])
+        b.count = x[1]
+        b.last_seq = x[2]
+        b.sync_seq = x[3]
+        b.sync_off = x[4]
+        b.est_off = x[5]
+        b.boot_event_seq = x[6]
+        b.restored = {int(k): v for k, v in x[7].items()} if x[7] is not None else None
+        b.b_mwh = {int(n): (v[0], v[1]) for n, v in x[8].items()}
+        b.r_used = set(x[9])
+        b.update_clock()
+        return b
 
     def update_clock(self) -> None:
-        """Recompute `clock` after sync_seq/sync_off or est_off changed."""
         self.clock = rules.boot_offset(
             self.sync_off if self.sync_seq is not None else None, self.est_off
         )
@@ -203,19 +264,68 @@ class Boot:
             x[1] if x is not None else None,
         )
 
+    def merge(self, seq: int, recv_ms: int, body: Mapping[str, Any]) -> bool:
+        """Take in a message's boot-level facts (rule 5's clock, §6's r(b)); True when the
+        clock or an r(b) a processed reading used has changed."""
+        up = body["up"]
+        old_clock = self.clock
+        r_changed = False
+        ts = body.get("ts")
+        moved = False
+        if type(ts) is int and (self.sync_seq is None or seq < self.sync_seq):
+            self.sync_seq = seq
+            self.sync_off = ts - up
+            moved = True
+        e = recv_ms - up
+        if self.est_off is None or e < self.est_off:
+            self.est_off = e
+            moved = True
+        if moved:
+            self.update_clock()
+        ev = body.get("ev")
+        if ev is None:
+            slots = body.get("slots")
+            if slots:
+                b_mwh = self.b_mwh
+                for sl in slots:
+                    v = sl.get("b_mwh")
+                    if type(v) is int:
+                        n = sl.get("n")
+                        cur = b_mwh.get(n)
+                        if cur is None or seq < cur[0]:
+                            before = self.r(n)
+                            b_mwh[n] = (seq, v)
+                            if n in self.r_used and self.r(n) != before:
+                                r_changed = True
+        elif ev == "boot":
+            if self.boot_event_seq is None or seq < self.boot_event_seq:
+                self.boot_event_seq = seq
+                before_r = {n: self.r(n) for n in self.r_used}
+                restored: dict[int, int] = {}
+                raw = body.get("restored")
+                if isinstance(raw, Mapping):
+                    for k, v in raw.items():
+                        try:
+                            n = int(k)
+                        except (TypeError, ValueError):
+                            continue
+                        if type(v) is int:
+                            restored[n] = v
+                self.restored = restored
+                r_changed = any(self.r(n) != r for n, r in before_r.items())
+        return r_changed or self.clock != old_clock
+
 
 class Station:
+    """One station's whole metering state (one view: all messages, or those received by a
+    rule-8 lock)."""
+
     __slots__ = (
-        "boots",
-        "end_keys",
-        "ends",
-        "ends_by_sig",
-        "last_boot",
-        "next_part_id",
-        "order",
-        "sess_new",
-        "sess_pending",
-        "sess_rerun",
+        "boot",
+        "key",
+        "pending",
+        "prev",
+        "since",
         "sid",
         "starts",
         "streams",
@@ -223,19 +333,38 @@ class Station:
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
-        self.boots: dict[int, Boot] = {}
-        self.order: list[int] = []  # boot numbers, ascending
+        self.key: Key | None = None  # last message processed
+        self.since = 0  # messages processed since the last checkpoint
+        self.boot: Boot | None = None  # the boot of `key`
+        self.prev: tuple[int, tuple[int, bool]] | None = None  # the boot before: no, clock
         self.streams: dict[int, Stream] = {}
-        self.last_boot: int | None = None  # last boot processed (all before it are done)
-        self.next_part_id = 0
-        self.ends: dict[Key, RawMsg] = {}  # session_end events by key
-        self.end_keys: list[Key] = []  # sorted
-        self.starts: dict[SessionSig, list[Key]] = {}  # session_start keys, sorted
-        self.ends_by_sig: dict[SessionSig, list[Key]] = {}
-        # session records to make again: those whose end event was just processed (or
-        # whose start event arrived), those a re-run may have changed (sess_rerun: from
-        # this boot on; in the boot itself only above these marks, None: all), and those
-        # whose check was not "ok" yet (more readings may still make it "ok")
-        self.sess_new: set[Key] = set()
-        self.sess_rerun: tuple[int, dict[int, int] | None] | None = None
-        self.sess_pending: set[Key] = set()
+        # session_start events: (slot, bat, e_mwh) -> (key, clock of its boot), the latest
+        self.starts: dict[tuple[Any, Any, Any], tuple[Key, tuple[int, bool]]] = {}
+        # sessions whose register check may still change (their end boot is current)
+        self.pending: list[list[Any]] = []
+
+    def dump(self) -> list[Any]:
+        return [
+            self.sid,
+            list(self.key) if self.key is not None else None,
+            self.since,
+            self.boot.dump() if self.boot is not None else None,
+            [self.prev[0], list(self.prev[1])] if self.prev is not None else None,
+            [s.dump() for s in self.streams.values()],
+            [[*sig, *k, *c] for sig, (k, c) in self.starts.items()],
+            self.pending,
+        ]
+
+    @staticmethod
+    def load(x: list[Any]) -> Station:
+        st = Station(x[0])
+        st.key = (x[1][0], x[1][1]) if x[1] is not None else None
+        st.since = x[2]
+        st.boot = Boot.load(x[3]) if x[3] is not None else None
+        st.prev = (x[4][0], (x[4][1][0], bool(x[4][1][1]))) if x[4] is not None else None
+        for sx in x[5]:
+            s = Stream.load(sx)
+            st.streams[s.slot] = s
+        st.starts = {(a, b, c): ((d, e), (f, bool(g))) for a, b, c, d, e, f, g in x[6]}
+        st.pending = x[7]
+        return st
