@@ -56,7 +56,7 @@ def db_source(url: str, sid: str | None, carbon_params: str | None) -> Source:
 
     def get() -> tuple[dict[str, Any], dict[str, Any] | None]:
         live.poll_once()
-        fleet = live.view(lambda s, now: s.fleet(now))
+        fleet = live.fleet()
         st = live.view(lambda s, now: s.station(sid, now)) if sid else None
         return fleet, st
 
@@ -127,6 +127,9 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
         f"CO2e avoided today {t['co2e_today_kg']} kg · {_clock(now)}",
     )
     parts: list[Any] = [head]
+    banner = (fleet.get("agent") or {}).get("banner")
+    if banner:  # the agent failing or silent (agent/health.py)
+        parts.append(Text(banner, style="bold white on red"))
     if sid is None:
         tab = Table(expand=True, header_style="bold")
         for col, just in (

@@ -330,3 +330,36 @@ def test_backfill_reads_the_recent_past_and_each_stations_newest(tmp_path: pathl
     assert newest is not None and newest["slots"][0]["ma"] == 3000  # its newest
     assert live.counters["rows"] == 4
     live.stop()
+
+
+def test_a_failing_or_silent_agent_shows_as_a_banner(
+    db: tuple[str, Store, Sim, Sim], served: Served
+) -> None:
+    # agent/health.py: the agent upserts its state row; the dashboard turns it into a line
+    store = db[1]
+    assert served.get("/api/fleet")[1]["agent"]["banner"] is None  # no agent row: all well
+    t = now_ms()
+    store.put_agent_health(t, json.dumps({"status": "ok", "failing_since_ms": None}))
+    time.sleep(0.5)
+    assert served.get("/api/fleet")[1]["agent"]["banner"] is None
+    failing = {"failing_since_ms": t - 5000, "last_error": "OperationalError: database is locked"}
+    store.put_agent_health(t, json.dumps(failing))
+    b = wait(lambda: served.get("/api/fleet")[1]["agent"]["banner"], 10, "failing banner")
+    assert b.startswith("agent failing since ") and b.endswith(
+        ": OperationalError: database is locked"
+    )
+    # the same line reaches live subscribers, on every page's topic
+    r = subscribe(served.server.port, "alarms")
+    d = read_events(r, lambda d: d.get("agent", {}).get("banner"), 10)
+    assert d["agent"]["banner"] == b
+    r.close()
+    store.put_agent_health(t - 60_000, json.dumps({"status": "ok"}))  # not refreshed for 60 s
+    b = wait(
+        lambda: (served.get("/api/fleet")[1]["agent"]["banner"] or "").startswith("agent silent"),
+        10,
+        "silent banner",
+    )
+    assert served.get("/api/fleet")[1]["agent"]["banner"] in (
+        "agent silent for 60 s",
+        "agent silent for 61 s",
+    )

@@ -123,3 +123,24 @@ def test_dashboard_command_serves_and_stops_on_sigterm(
         assert b"/static/app.js" in r.read()
     p.send_signal(signal.SIGTERM)
     assert p.wait(20) == 0
+
+
+def test_watch_db_shows_a_failing_or_silent_agent(db: tuple[str, Store, Sim, Sim]) -> None:
+    import json
+
+    from agent.store import now_ms
+
+    url, store = db[0], db[1]
+    r = run("watch", "--db", url, "--once")
+    assert r.returncode == 0 and "agent" not in r.stdout.split("\n")[1]
+    t = now_ms()
+    state = {
+        "failing_since_ms": t - 3000,
+        "last_error": "OperationalError: database or disk is full",
+    }
+    store.put_agent_health(t, json.dumps(state))
+    r = run("watch", "--db", url, "--once")
+    assert "agent failing since " in r.stdout and "database or disk is full" in r.stdout
+    store.put_agent_health(t - 120_000, json.dumps({"status": "ok"}))
+    r = run("watch", "--db", url, "--once")
+    assert "agent silent for 12" in r.stdout, r.stdout

@@ -74,7 +74,7 @@ def health(request: Request) -> Response:
 
 
 def fleet(request: Request) -> Response:
-    return json_response(_live(request).view(lambda s, now: s.fleet(now)))
+    return json_response(_live(request).fleet())
 
 
 def alarms(request: Request) -> Response:

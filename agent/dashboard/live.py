@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from agent import wire
+from agent import health, wire
 from agent.ledger import carbon
 from agent.store import now_ms
 
@@ -135,6 +135,7 @@ class Live:
         self.last_poll = 0  # Unix ms of the last successful poll
         self._last = {"raw": 0, "quarantine": 0, "alarms": 0}
         self._status: dict[str, bytes] = {}
+        self._agent_row: tuple[int, str] | None = None  # the agent's health row, last read
         self._records_at = 0.0
         self._backfilled = False
         self._sent_at: dict[str, tuple[Any, float]] = {}  # topic -> (version, monotonic time)
@@ -197,6 +198,7 @@ class Live:
                     self._apply(rows)
                     if len(rows) < 5000:
                         break
+            self._agent_row = r.agent_health()
             for sid, recv, rec in r.status():
                 if self._status.get(sid) != rec:
                     self._status[sid] = rec
@@ -278,23 +280,47 @@ class Live:
         """The JSON of a topic now, or None when it names no known station."""
         now = self.clock()
         with self.lock:
+            agent = self._agent(now)
             if topic == "fleet":
-                return _encode(self.state.fleet(now))
+                return _encode({**self.state.fleet(now), "agent": agent})
             if topic == "alarms":
-                return _encode(self.state.alarms(now))
+                return _encode({**self.state.alarms(now), "agent": agent})
             if topic.startswith("station:"):
                 v = self.state.station(topic[len("station:") :], now)
-                return None if v is None else _encode(v)
+                return None if v is None else _encode({**v, "agent": agent})
         return None
+
+    def _agent(self, now: int) -> dict[str, Any]:
+        """The agent as the dashboard shows it: `banner` is one line ("agent failing since
+        …: reason", "agent silent for N s", "agent stopped at …") or None while all is well."""
+        row = self._agent_row
+        return {
+            "banner": health.banner(row, now),
+            "updated_ms": None if row is None else row[0],
+        }
+
+    def agent(self) -> dict[str, Any]:
+        with self.lock:
+            return self._agent(self.clock())
+
+    def fleet(self) -> dict[str, Any]:
+        """The fleet view with the agent's banner (what /api/fleet and `watch` show)."""
+        with self.lock:
+            now = self.clock()
+            return {**self.state.fleet(now), "agent": self._agent(now)}
 
     def _version(self, topic: str) -> Any:
         s = self.state
+        # the banner's kind (none, failing since …, silent, stopped) pushes at once; its
+        # "for N s" follows the heartbeat
+        b = health.banner(self._agent_row, self.clock())
+        a = None if b is None else b.split(" for ")[0]
         if topic == "fleet":
-            return s.version
+            return (s.version, a)
         if topic == "alarms":
-            return s.alarm_version
+            return (s.alarm_version, a)
         st = s.stations.get(topic[len("station:") :])
-        return (st.version if st else None, s.alarm_version)
+        return (st.version if st else None, s.alarm_version, a)
 
     def _publish(self) -> None:
         """Build each subscribed topic whose content changed (or whose heartbeat is due)

@@ -117,6 +117,17 @@ class Reader:
 
     # ---- the rest -------------------------------------------------------------------------
 
+    def agent_health(self) -> tuple[int, str] | None:
+        """The agent's health row (agent/health.py): (updated_ms, state JSON), or None (no
+        agent wrote one, or a database from before the table)."""
+        try:
+            row = self.db.execute(
+                "SELECT updated_ms, state FROM agent_health WHERE id = 1"
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return None if row is None else (int(row[0]), str(row[1]))
+
     def status(self) -> list[tuple[str, int, bytes]]:
         return [
             (str(r[0]), int(r[1]), bytes(r[2]))

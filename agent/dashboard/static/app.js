@@ -51,9 +51,21 @@ function live(topic, onData) {
   es.onerror = () => { conn.textContent = "reconnecting…"; conn.className = "conn wait"; };
   es.onmessage = ev => {
     conn.textContent = "live"; conn.className = "conn live";
-    try { onData(JSON.parse(ev.data)); } catch (e) { console.error(e); }
+    try {
+      const d = JSON.parse(ev.data);
+      setAgent(d.agent);
+      onData(d);
+    } catch (e) { console.error(e); }
   };
   return es;
+}
+
+// the agent failing or silent: one line above every page (agent/health.py banner())
+function setAgent(a) {
+  const b = $("#agent-banner");
+  const text = a && a.banner;
+  b.hidden = !text;
+  b.textContent = text || "";
 }
 
 function setBadge(alarms) {
