@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent import wire
+from agent import ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
@@ -119,7 +119,7 @@ class _Batch:
         "quarantine",
         "rekey",
         "rows",
-        "spoiled",
+        "cleaned",
         "status",
     )
 
@@ -127,7 +127,9 @@ class _Batch:
         self.first_ms = 0  # receive time of its first message (lag)
         self.rows: list[RawRow] = []
         self.bodies: list[dict[str, Any]] = []  # what metering reads: the cleaned bodies
-        self.spoiled: list[tuple[tuple[str, str], ...]] = []  # per row: ranges.Cleaned.spoiled
+        # per row: what §6.9 leaves of it and what it spoiled (for metering's
+        # agent.ledger.inputs.raw_msg(…, cleaned=…), and the spoiled counts and alarms)
+        self.cleaned: list[ranges.Cleaned] = []
         self.internal = 0  # rows moved to quarantine as `internal` by the write's probe
         self.quarantine: list[QuarantineRow] = []
         self.status: list[tuple[str, int, bytes]] = []
@@ -209,7 +211,7 @@ class Service:
                 # function takes over here once it lands)
                 b.rows.append(row)
                 b.bodies.append(v.cleaned.body)
-                b.spoiled.append(v.cleaned.spoiled)
+                b.cleaned.append(v.cleaned)
         except wire.WireError as e:
             b.quarantine.append(
                 QuarantineRow(
@@ -287,7 +289,7 @@ class Service:
                 )
             b.rows = [b.rows[i] for i in keep]
             b.bodies = [b.bodies[i] for i in keep]
-            b.spoiled = [b.spoiled[i] for i in keep]
+            b.cleaned = [b.cleaned[i] for i in keep]
             b.internal += len(bad)
             try:
                 return _Written(*self._write(b, ups, gone))
@@ -316,7 +318,7 @@ class Service:
             for q in b.quarantine
         ]
         b.internal += len(b.rows)
-        b.rows, b.bodies, b.spoiled, b.status = [], [], [], []
+        b.rows, b.bodies, b.cleaned, b.status = [], [], [], []
         return _Written(*self._write(b, [], []), records_error="batch quarantined whole")
 
     def _probe(self, rows: list[RawRow]) -> dict[int, BaseException]:
@@ -487,24 +489,32 @@ class Service:
         """Count the spoiled sources of the messages stored now and raise their alarms
         (`bad_field`, one per station and field a minute), the `internal` quarantines'
         and those queued by metering."""
-        c = self.counters
+        self._spoiled([b.rows[i] for i in new], [b.cleaned[i] for i in new])
         out = self._pending_alarms
         self._pending_alarms = []
+        for q in b.quarantine:
+            if q.reason == INTERNAL:
+                out.append((q.sid, INTERNAL, "crit", f"quarantined: {q.detail}", INTERNAL))
+        for asid, code, level, detail, key in out:
+            await self._alarm(asid, code, level, detail, key=key)
+
+    def _spoiled(self, rows: list[RawRow], cleaned: list[ranges.Cleaned]) -> None:
+        """Count the spoiled sources of stored messages and queue their `bad_field` alarms
+        (one per station and field per batch, naming the first message)."""
+        c = self.counters
         firsts: dict[tuple[str, str], tuple[RawRow, int]] = {}
-        for i in new:
-            sp = b.spoiled[i]
-            if not sp:
+        for r, cl in zip(rows, cleaned, strict=True):
+            if not cl.spoiled:
                 continue
             c["spoiled"] += 1
-            r = b.rows[i]
-            for source, path in sp:
+            for source, path in cl.spoiled:
                 c["spoiled." + source.split(":", 1)[0]] += 1
                 k = (r.sid, path)
                 first, n = firsts.get(k, (r, 0))
                 firsts[k] = (first, n + 1)
         for (sid, path), (r, n) in firsts.items():
             more = f" (and {n - 1} more in this batch)" if n > 1 else ""
-            out.append(
+            self._pending_alarms.append(
                 (
                     sid,
                     "bad_field",
@@ -514,11 +524,6 @@ class Service:
                     f"bad_field:{path}",
                 )
             )
-        for q in b.quarantine:
-            if q.reason == INTERNAL:
-                out.append((q.sid, INTERNAL, "crit", f"quarantined: {q.detail}", INTERNAL))
-        for asid, code, level, detail, key in out:
-            await self._alarm(asid, code, level, detail, key=key)
 
     async def _alarm(
         self,
@@ -588,13 +593,14 @@ class Service:
         c = self.counters
         rows: list[RawRow] = []
         bodies: list[dict[str, Any]] = []
+        cleaned: list[ranges.Cleaned] = []
         qids: list[int] = []
         rejected: list[tuple[int, str, str]] = []
         waiting = final = 0
         for q in page:
             kind = q.topic.rsplit("/", 1)[-1]
             try:
-                v = wire.verify(kind, sid, q.record, self.keys)
+                v = wire.verify(kind, sid, q.record, self.keys, recv_ms=q.recv_ms)
             except wire.WireError as e:
                 # still no key for it (it stays for the next one), or a final verdict now
                 # that the key is known (e.g. bad_sig): stays in quarantine, with the reason
@@ -608,8 +614,14 @@ class Service:
                     first = q.detail[i:] if i >= 0 else f"{_FIRST}{q.reason}: {q.detail})"
                     rejected.append((q.id, e.reason.value, (e.detail + first)[:1000]))
                 continue
+            except Exception as e:  # a bug must not stop re-verification: stays as it was
+                log.exception("re-verifying quarantine row %d failed", q.id)
+                c["rekey.errors"] += 1
+                self.health.error(f"re-verifying quarantine row {q.id}: {type(e).__name__}: {e}")
+                continue
             rows.append(RawRow(sid, v.boot, v.seq, kind, q.topic, q.recv_ms, v.kid, q.record))
-            bodies.append(v.body)
+            bodies.append(v.cleaned.body)
+            cleaned.append(v.cleaned)
             qids.append(q.id)
         if rows or rejected:
             res, outcomes = await loop.run_in_executor(
@@ -638,7 +650,8 @@ class Service:
             new_rows = [rows[i] for i in res.new]
             if self._on_commit is not None:
                 self._on_commit(new_rows)
-            self._meter(new_rows, [bodies[i] for i in res.new])
+            self._meter_apart(new_rows, [bodies[i] for i in res.new])
+            self._spoiled(new_rows, [cleaned[i] for i in res.new])
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
         msgs = [
@@ -789,8 +802,15 @@ class Service:
             self._db.shutdown(wait=False, cancel_futures=True)
             return
         stopped.cancel()
-        n = replay.result()
-        log.info("replayed %d raw messages into metering in %.1fs", n, time.monotonic() - t0)
+        try:
+            n = replay.result()
+            log.info("replayed %d raw messages into metering in %.1fs", n, time.monotonic() - t0)
+        except Exception as e:  # metering must not keep ingest from starting
+            self.counters["meter_errors"] += 1
+            why = f"replaying raw into metering failed ({type(e).__name__}: {e}); records may be stale"
+            log.exception("%s; ingest starts all the same", why)
+            self.health.error(why)
+            self._pending_alarms.append((None, INTERNAL, "crit", why, "replay"))
         gc_was = gc.get_threshold()
         if self.cfg.ingest.gc_full_s:
             gc.collect()
