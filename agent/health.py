@@ -262,7 +262,7 @@ class HealthServer:
             w.write(
                 f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + (body if parts[0] == b"GET" else b"")
+                + (b"" if parts[0] == b"HEAD" else body)
             )
             await asyncio.wait_for(w.drain(), 5.0)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
