@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent import wire
+from agent import ranges, wire
 from agent.wire import Reason, StaticKeys, WireError
 from tests.agent_helpers import (
     GOOD_SID,
@@ -345,3 +345,20 @@ def test_agent_vectors_are_current_and_check_out_here() -> None:
 if __name__ == "__main__":
     (VECTORS / "wire_agent.json").write_text(render_vectors(make_agent_vectors()))
     print("wrote", VECTORS / "wire_agent.json", file=sys.stderr)
+
+
+def test_the_fast_depth_check_is_ranges_depth() -> None:
+    import random
+
+    rng = random.Random(7)
+
+    def rnd(d: int) -> Any:
+        if d > 7 or rng.random() < 0.3:
+            return rng.choice([1, "s", None, 2.5])
+        if rng.random() < 0.5:
+            return [rnd(d + 1) for _ in range(rng.randint(0, 3))]
+        return {str(i): rnd(d + 1) for i in range(rng.randint(0, 3))}
+
+    for _ in range(5000):
+        o = {str(i): rnd(2) for i in range(rng.randint(0, 3))}
+        assert wire._deeper_than_4(o) == (ranges.depth(o) > 4), o
