@@ -916,13 +916,13 @@ class Service:
         self.store.db.interrupt()
         self._ckpt_store.db.interrupt()
         self.health.stopped_ms = now_ms()
-        done = True
+        # each executor is one thread working in order: a no-op submitted now finishes once
+        # what it was doing has (no thread is joined blindly: a stuck one is left to exit)
+        drained = [loop.run_in_executor(ex, _noop) for ex in (self._db, self._ckpt)]
+        done, _ = await asyncio.wait(drained, timeout=STOP_DB_S)
         for ex in (self._db, self._ckpt):
-            try:
-                await asyncio.wait_for(loop.run_in_executor(None, ex.shutdown, True), STOP_DB_S)
-            except TimeoutError:
-                done = False
-        if done:
+            ex.shutdown(wait=False, cancel_futures=True)
+        if len(done) == len(drained):
             with contextlib.suppress(Exception):
                 self._ckpt_store.put_agent_health(now_ms(), self.health.to_json())
             self._ckpt_store.close()
@@ -931,6 +931,10 @@ class Service:
         else:
             log.warning("the database thread did not finish in time; exiting without it")
         log.info("stopped; counters: %s", dict(sorted(self.counters.items())))
+
+
+def _noop() -> None:
+    pass
 
 
 def _iso(ms: int) -> str:
