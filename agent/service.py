@@ -61,7 +61,8 @@ from agent import ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
-from agent.ledger import IncrementalMeter, RawMsg
+from agent.ledger.agent_meter import StoreMeter, decode_row
+from agent.ledger.inputs import RawMsg, raw_msg
 from agent.sources.mqtt import Delivery, MqttSource
 from agent.store import (
     CONFLICT,
@@ -74,7 +75,6 @@ from agent.store import (
     RecordRow,
     Store,
     now_ms,
-    record_to_row,
 )
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,11 @@ class Service:
         self._ckpt_busy = False
         self._keystore = KeyStore(Store(cfg.db.url, synchronous=cfg.db.synchronous))
         self.keys: CachedKeys = self._keystore.ring()
-        self.meter = IncrementalMeter(cfg.metering)
+        # metering runs in the db thread, inside each batch's transaction (_write)
+        self.meter = StoreMeter(cfg.metering, self.store)
+        self._unmetered: list[RawRow] = []  # committed without metering (re-verified rows)
+        self._metered: set[tuple[str, int, int]] = set()  # metered in the last write
+        self._meter_failed: set[str] = set()  # stations whose metering raised (till restart)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
         self._batch = _Batch()  # filling
         self._sealed: collections.deque[_Batch] = collections.deque()  # full, to commit
@@ -257,11 +261,60 @@ class Service:
     def _write(
         self, b: _Batch, ups: list[RecordRow], gone: list[str]
     ) -> tuple[list[int], int, int]:
-        """db thread: one transaction for a batch and the record changes that are due."""
-        res = self.store.write_batch(
-            b.rows, b.quarantine, status=b.status, records=ups, records_gone=gone
-        )
+        """db thread: one transaction for a batch, the records its rows change and the
+        metering state (rows committed earlier without metering go first)."""
+        todo, self._unmetered = self._unmetered, []
+        self._metered = set()
+        touched: set[str] = set()
+
+        def meter(res: BatchResult) -> None:
+            msgs = [decode_row(r) for r in todo]
+            for i in res.new:
+                r = b.rows[i]
+                c = b.cleaned[i] if i < len(b.cleaned) else None
+                body = b.bodies[i] if c is None else c.body
+                msgs.append(raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body, cleaned=c))
+            self._meter_tx(msgs, touched)
+
+        try:
+            res = self.store.write_batch(
+                b.rows, b.quarantine, status=b.status, records=ups, records_gone=gone, then=meter
+            )
+        except BaseException:
+            # rolled back: the in-memory states of what was metered are ahead of the database
+            for sid in touched:
+                self.meter.forget(sid)
+            self._unmetered = todo + self._unmetered
+            self._metered = set()
+            raise
         return res.new, res.duplicates, res.conflicts
+
+    def _meter_tx(self, msgs: list[RawMsg], touched: set[str]) -> None:
+        """db thread, in the batch's transaction: meter each station apart, in a savepoint,
+        so that one whose metering raises stops no other (its records stay as they were;
+        it is metered again from raw at the next start)."""
+        by_sid: dict[str, list[RawMsg]] = {}
+        for m in msgs:
+            by_sid.setdefault(m.sid, []).append(m)
+        db = self.store.db
+        for sid, lst in by_sid.items():
+            if sid in self._meter_failed:
+                continue
+            touched.add(sid)
+            db.execute("SAVEPOINT meter")
+            try:
+                self.meter.add(lst)
+            except Exception:
+                db.execute("ROLLBACK TO meter")
+                db.execute("RELEASE meter")
+                self.meter.forget(sid)
+                self._meter_failed.add(sid)
+                # without a state it is metered from its raw rows at the next start
+                db.execute("DELETE FROM ledger_state WHERE sid = ?", (sid,))
+                log.exception("metering %s failed on %d message(s) (raw is stored)", sid, len(lst))
+                continue
+            db.execute("RELEASE meter")
+            self._metered.update((m.sid, m.boot, m.seq) for m in lst)
 
     def _write_guarded(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> _Written:
         """db thread: `_write`, with no row able to stop it. A database failure (`_is_env`)
@@ -654,15 +707,21 @@ class Service:
             self._spoiled(new_rows, [cleaned[i] for i in res.new])
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
-        msgs = [
-            RawMsg(sid=r.sid, boot=r.boot, seq=r.seq, recv_ms=r.recv_ms, body=body)
-            for r, body in zip(rows, bodies, strict=False)
-        ]
-        try:
-            self._dirty |= self.meter.add(msgs)
-        except Exception:
+        """After a commit: rows metered in its transaction are done; a station whose
+        metering failed there is counted (meter_errors); rows committed without metering
+        (re-verified quarantine rows) are metered by the next write, due soon."""
+        failed = False
+        for r in rows:
+            k = (r.sid, r.boot, r.seq)
+            if k in self._metered:
+                self._metered.discard(k)
+            elif r.sid in self._meter_failed:
+                failed = True
+            else:
+                self._unmetered.append(r)
+                self._dirty.add(r.sid)
+        if failed:
             self.counters["meter_errors"] += 1
-            log.exception("metering failed on a batch of %d messages (raw is stored)", len(msgs))
 
     def _changes(self) -> tuple[list[RecordRow], list[str]]:
         """Record changes of up to `records_sids_per_commit` stations (the rest stay due,
@@ -672,18 +731,9 @@ class Service:
         self._dirty.difference_update(take)
         if not self._dirty:
             self._records_due = time.monotonic() + self.cfg.ingest.records_interval_ms / 1000
-        ups: list[RecordRow] = []
-        gone: list[str] = []
-        for sid in take:
-            try:
-                changed, removed = self.meter.changes(sid)
-            except Exception:
-                self.counters["meter_errors"] += 1
-                log.exception("metering changes failed for %s", sid)
-                continue
-            ups.extend(record_to_row(r) for r in changed)
-            gone.extend(removed)
-        return ups, gone
+        # records are written by the transaction that meters (_write): a due station only
+        # asks for a write, which meters what was committed without metering
+        return [], []
 
     async def flush(self) -> None:
         """Commit (and acknowledge) every message read so far and write every pending
@@ -766,27 +816,14 @@ class Service:
     # ---- start-up and the whole run ---------------------------------------------------------
 
     def replay(self) -> int:
-        """Rebuild the metering state from the raw table and rewrite every record (what a
-        crash may have left stale). Returns the number of raw messages replayed."""
-        n = 0
-        for rows in self.store.iter_raw():
-            msgs = [
-                RawMsg(
-                    sid=r.sid,
-                    boot=r.boot,
-                    seq=r.seq,
-                    recv_ms=r.recv_ms,
-                    body=wire.decode_record(r.record),
-                )
-                for r in rows
-            ]
-            self.meter.add(msgs)
-            n += len(msgs)
-        by_sid: dict[str, list[RecordRow]] = {}
-        for sid in self.meter.sids():
-            changed, _ = self.meter.changes(sid)
-            by_sid[sid] = [record_to_row(r) for r in changed]
-        self.store.replace_records(by_sid, everything=True)
+        """Resume metering from the stored states: a station with a state reads only the raw
+        rows above its key (none, normally: states commit with their rows); one without a
+        usable state (older database, other processing version or parameters) is metered
+        from its raw rows once. Returns the number of raw messages read."""
+        rebuilt, n = self.meter.start(self.store.key_sids())
+        if rebuilt:
+            log.info("metered %d station(s) from raw (no usable metering state)", rebuilt)
+        self.counters["replay_rows"] += n
         return n
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

@@ -18,7 +18,7 @@ from agent.keys import KeyStore
 from agent.ledger.export import render
 from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
-from agent.store import QuarantineRow, RawRow, Store, row_to_record
+from agent.store import SCHEMA_VERSION, QuarantineRow, RawRow, Store, row_to_record
 from tests.agent_helpers import STATIONCTL, Publisher, Station, key_for
 from tests.helpers import ROOT
 from tools.mosquitto import Mosquitto
@@ -353,7 +353,9 @@ def test_schema_1_database_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
     with KeyStore(str(path)) as ks:  # what `stationctl keys add` opens
         ks.add(SID, key_for(SID))
     with Store(str(path)) as st:  # reopening: nothing more to do
-        assert st.db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone() == ("2",)
+        assert st.db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone() == (
+            str(SCHEMA_VERSION),
+        )
         cols = [r[1] for r in st.db.execute("PRAGMA table_info(quarantine)")]
         assert cols[-2:] == ["resolved_ms", "resolved_to"]
         assert [q.record for q in st.quarantine_rows()] == [b"\x01"]
@@ -361,13 +363,13 @@ def test_schema_1_database_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
         st.resolve_quarantine([_raw(0, b"\x01")], [e.id])
         assert st.quarantine_rows() == [] and st.raw_count() == 1
     con = sqlite3.connect(path)
-    con.execute("UPDATE meta SET v = '3' WHERE k = 'schema'")
+    con.execute("UPDATE meta SET v = ? WHERE k = 'schema'", (str(SCHEMA_VERSION + 1),))
     con.commit()
     con.close()
     try:
         Store(str(path))
     except ValueError as err:
-        assert "schema 3" in str(err)
+        assert f"schema {SCHEMA_VERSION + 1}" in str(err)
     else:
         raise AssertionError("a newer schema must be refused")
 

@@ -165,6 +165,15 @@ class Engine:
                 self._recompute(self.stations[sid], (m.boot, -1), [], True)
                 return
 
+    def rebuild(self, sid: str) -> None:
+        """Meter a station from all its raw messages in the backend (no state, no records,
+        no checkpoints of it there): streamed, in key order."""
+        self.stations.pop(sid, None)
+        self.dirty.pop(sid, None)
+        live = self.stations[sid] = Station(sid)
+        self.changed.add(sid)
+        self._recompute(live, (-1, -1), [], False)
+
     # ---- recomputation -------------------------------------------------------------------
 
     def _recompute(self, live: Station, key: Key, late: list[RawMsg], boot_start: bool) -> None:

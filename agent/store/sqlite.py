@@ -25,7 +25,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple, Self
 
@@ -35,7 +35,9 @@ from agent.ledger.records import Record, record_id
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2  # 2: quarantine.resolved_ms, resolved_to (migrated in place)
+# 2: quarantine.resolved_ms, resolved_to (migrated in place); 3: ledger_state and
+# ledger_checkpoint (new tables: stations without a state are metered from raw once)
+SCHEMA_VERSION: Final = 3
 
 # One statement per table; types chosen to map 1:1 onto PostgreSQL.
 DDL: Final = (
@@ -70,6 +72,16 @@ DDL: Final = (
         extra TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS records_sid ON records (sid, kind, slot, start_ms)",
     "CREATE INDEX IF NOT EXISTS records_time ON records (kind, start_ms)",
+    # the metering engine's state per station and view (0 all messages, 1 a lock's), written
+    # in the transaction of the raw rows and records it reflects (agent/ledger/engine.py)
+    """CREATE TABLE IF NOT EXISTS ledger_state (
+        sid TEXT NOT NULL, view BIGINT NOT NULL, version TEXT NOT NULL, blob BLOB NOT NULL,
+        PRIMARY KEY (sid, view))""",
+    # snapshots of it before (boot, seq), to recompute a span after a late message
+    """CREATE TABLE IF NOT EXISTS ledger_checkpoint (
+        sid TEXT NOT NULL, view BIGINT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
+        blob BLOB NOT NULL, lows BLOB NOT NULL,
+        PRIMARY KEY (sid, view, boot, seq))""",
     """CREATE TABLE IF NOT EXISTS keys (
         sid TEXT NOT NULL, kid BIGINT NOT NULL, key BLOB NOT NULL, state TEXT NOT NULL,
         created_ms BIGINT NOT NULL, retired_ms BIGINT, revoked_ms BIGINT,
@@ -205,6 +217,7 @@ class Store:
     ) -> None:
         self.url = url
         self.path = sqlite_path(url)
+        self.raw_rows_read = 0  # raw rows read by iter_raw / iter_raw_keys (restart figures)
         create = create and not readonly
         if not create and not os.path.exists(self.path):
             raise FileNotFoundError(f"no database at {self.path}")
@@ -286,9 +299,12 @@ class Store:
         status: Sequence[tuple[str, int, bytes]] = (),
         records: Sequence[RecordRow] = (),
         records_gone: Sequence[str] = (),
+        then: Callable[[BatchResult], None] | None = None,
     ) -> BatchResult:
         """Store a batch in one transaction (one fsync): verified messages, rejected ones,
-        station status, and the metering changes that are due."""
+        station status, and the metering changes that are due; `then(result)` runs inside
+        the transaction after the raw rows are in (the agent meters them there, so that
+        records and metering state commit with the rows they come from)."""
         with self.transaction() as db:
             result = self._insert_raw(db, rows)
             if quarantine:
@@ -299,6 +315,8 @@ class Store:
                 db.executemany("DELETE FROM records WHERE rid = ?", [(r,) for r in records_gone])
             if records:
                 db.executemany(_UPSERT_RECORD, records)
+            if then is not None:
+                then(result)
         return result
 
     def _insert_raw(
@@ -406,6 +424,48 @@ class Store:
 
     # ---- reads ------------------------------------------------------------------------------
 
+    def iter_raw_keys(
+        self,
+        sid: str,
+        start: tuple[int, int] = (-1, -1),
+        *,
+        boot: int | None = None,
+        page: int = 1000,
+    ) -> Iterator[RawRow]:
+        """A station's raw rows with (boot, seq) >= start in key order (only `boot`'s, when
+        given), read in pages of `page` rows (bounded memory)."""
+        b, q = start
+        if boot is not None and start < (boot, -1):
+            b, q = boot, -1
+        sel = "SELECT boot, seq, kind, topic, recv_ms, kid, record FROM raw WHERE sid = ? "
+        while True:
+            args: list[Any] = [sid, b, b, q]
+            where = "AND (boot > ? OR (boot = ? AND seq >= ?)) "
+            if boot is not None:
+                where += "AND boot = ? "
+                args.append(boot)
+            got = self.db.execute(
+                sel + where + "ORDER BY boot, seq LIMIT ?", (*args, page)
+            ).fetchall()
+            self.raw_rows_read += len(got)
+            for r in got:
+                yield RawRow(sid, r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
+            if len(got) < page:
+                return
+            b, q = got[-1][0], got[-1][1] + 1
+
+    def raw_after(self, sid: str, key: tuple[int, int]) -> bool:
+        """Does the station have a raw row with (boot, seq) above key?"""
+        row = self.db.execute(
+            "SELECT 1 FROM raw WHERE sid = ? AND (boot > ? OR (boot = ? AND seq > ?)) LIMIT 1",
+            (sid, key[0], key[0], key[1]),
+        ).fetchone()
+        return row is not None
+
+    def key_sids(self) -> list[str]:
+        """Stations with a key (every station whose messages can be in raw)."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT sid FROM keys ORDER BY sid")]
+
     def iter_raw(self, sid: str | None = None, batch: int = 5000) -> Iterator[list[RawRow]]:
         """Every stored raw row in id order (arrival order), in lists of up to `batch`."""
         last = 0
@@ -420,6 +480,7 @@ class Store:
             if not got:
                 return
             last = got[-1][0]
+            self.raw_rows_read += len(got)
             yield [RawRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8])) for r in got]
 
     def raw_count(self) -> int:
@@ -507,6 +568,163 @@ class Store:
             args.append(end_ms)
         q += " ORDER BY sid, slot, start_ms, kind, rid"
         return [RecordRow._make(r) for r in self.db.execute(q, args).fetchall()]
+
+
+# ---- the metering engine's tables ------------------------------------------------------------
+
+
+class LedgerTables:
+    """The ledger's backend (agent.ledger.backend.Backend) on a Store's connection: raw
+    rows read back in key order (pages), checkpoints, records, and the state rows. Every
+    method runs in the caller's transaction (the agent's batch: raw rows, records and
+    states commit together)."""
+
+    def __init__(self, store: Store, decode: Any) -> None:
+        self.store = store
+        self.db = store.db
+        self._decode = decode  # RawRow -> RawMsg (agent.ledger.inputs.raw_msg on its body)
+
+    # raw
+    def raw_from(self, sid: str, start: tuple[int, int]) -> Iterator[Any]:
+        for r in self.store.iter_raw_keys(sid, start):
+            yield self._decode(r)
+
+    def raw_boot(self, sid: str, boot: int) -> Iterator[Any]:
+        for r in self.store.iter_raw_keys(sid, boot=boot):
+            yield self._decode(r)
+
+    # checkpoints
+    def _ck(self, row: Any) -> Any:
+        from agent.ledger.backend import Checkpoint
+
+        return Checkpoint((row[0], row[1]), bytes(row[2]), msgspec.msgpack.decode(row[3]))
+
+    def _one(self, where: str, args: tuple[Any, ...], order: str) -> Any:
+        row = self.db.execute(
+            "SELECT boot, seq, blob, lows FROM ledger_checkpoint WHERE sid = ? AND view = ? "
+            f"AND {where} ORDER BY {order} LIMIT 1",
+            args,
+        ).fetchone()
+        return None if row is None else self._ck(row)
+
+    def checkpoint_before(self, sid: str, view: int, key: tuple[int, int]) -> Any:
+        b, q = key
+        return self._one(
+            "(boot < ? OR (boot = ? AND seq <= ?))", (sid, view, b, b, q), "boot DESC, seq DESC"
+        )
+
+    def checkpoint_prior(self, sid: str, view: int, key: tuple[int, int]) -> Any:
+        b, q = key
+        return self._one(
+            "(boot < ? OR (boot = ? AND seq < ?))", (sid, view, b, b, q), "boot DESC, seq DESC"
+        )
+
+    def first_checkpoint_of_boot(self, sid: str, view: int, boot: int) -> Any:
+        return self._one("boot = ?", (sid, view, boot), "seq")
+
+    def checkpoints_after(self, sid: str, view: int, key: tuple[int, int]) -> Iterator[Any]:
+        b, q = key
+        while True:
+            rows = self.db.execute(
+                "SELECT boot, seq, x'', lows FROM ledger_checkpoint WHERE sid = ? AND view = ? "
+                "AND (boot > ? OR (boot = ? AND seq > ?)) ORDER BY boot, seq LIMIT 1000",
+                (sid, view, b, b, q),
+            ).fetchall()
+            for r in rows:
+                yield self._ck(r)
+            if len(rows) < 1000:
+                return
+            b, q = rows[-1][0], rows[-1][1]
+
+    def put_checkpoint(self, sid: str, view: int, ck: Any) -> None:
+        self.db.execute(
+            "INSERT INTO ledger_checkpoint (sid, view, boot, seq, blob, lows) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sid, view, boot, seq) DO UPDATE SET "
+            "blob = excluded.blob, lows = excluded.lows",
+            (sid, view, ck.key[0], ck.key[1], ck.blob, msgspec.msgpack.encode(ck.lows)),
+        )
+
+    def drop_checkpoints_after(self, sid: str, view: int, key: tuple[int, int]) -> None:
+        b, q = key
+        self.db.execute(
+            "DELETE FROM ledger_checkpoint WHERE sid = ? AND view = ? "
+            "AND (boot > ? OR (boot = ? AND seq > ?))",
+            (sid, view, b, b, q),
+        )
+
+    # records
+    def get_record(self, rid: str) -> Record | None:
+        row = self.db.execute(
+            f"SELECT {RECORD_COLUMNS} FROM records WHERE rid = ?", (rid,)
+        ).fetchone()
+        return None if row is None else row_to_record(row)
+
+    def put_record(self, r: Record) -> None:
+        self.db.execute(_UPSERT_RECORD, record_to_row(r))
+
+    def delete_record(self, rid: str) -> None:
+        self.db.execute("DELETE FROM records WHERE rid = ?", (rid,))
+
+    def delete_intervals(self, sid: str, slot: int, start_ms: int, end_ms: int | None) -> set[int]:
+        q = (
+            "FROM records WHERE sid = ? AND kind = 'interval' AND slot = ? AND start_ms >= ? "
+            "AND rid NOT LIKE '%/adj'"
+        )
+        args: list[Any] = [sid, slot, start_ms]
+        if end_ms is not None:
+            q += " AND start_ms < ?"
+            args.append(end_ms)
+        days = {
+            int(r[0]) // DAY_MS_STORE
+            for r in self.db.execute("SELECT DISTINCT start_ms " + q, args).fetchall()
+        }
+        if days:
+            self.db.execute("DELETE " + q, args)
+        return days
+
+    def delete_sessions_from(self, sid: str, key: tuple[int, int]) -> None:
+        self.db.execute(
+            "DELETE FROM records WHERE sid = ? AND kind = 'session' "
+            "AND (to_boot > ? OR (to_boot = ? AND to_seq >= ?))",
+            (sid, key[0], key[0], key[1]),
+        )
+
+    def day_intervals(self, sid: str, slot: int, day: int) -> list[Record]:
+        rows = self.db.execute(
+            f"SELECT {RECORD_COLUMNS} FROM records WHERE sid = ? AND kind = 'interval' "
+            "AND slot = ? AND start_ms >= ? AND start_ms < ?",
+            (sid, slot, day * DAY_MS_STORE, day * DAY_MS_STORE + DAY_MS_STORE),
+        ).fetchall()
+        return [row_to_record(r) for r in rows]
+
+    # states
+    def load_state(self, sid: str, view: int) -> tuple[str, bytes] | None:
+        row = self.db.execute(
+            "SELECT version, blob FROM ledger_state WHERE sid = ? AND view = ?", (sid, view)
+        ).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def put_state(self, sid: str, view: int, version: str, blob: bytes) -> None:
+        self.db.execute(
+            "INSERT INTO ledger_state (sid, view, version, blob) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (sid, view) DO UPDATE SET version = excluded.version, blob = excluded.blob",
+            (sid, view, version, blob),
+        )
+
+    def state_sids(self) -> dict[str, tuple[str, bytes]]:
+        """Every station's full-view state (sid -> (version, blob))."""
+        return {
+            r[0]: (str(r[1]), bytes(r[2]))
+            for r in self.db.execute("SELECT sid, version, blob FROM ledger_state WHERE view = 0")
+        }
+
+    def forget_station(self, sid: str) -> None:
+        """Drop a station's metering output and state (before metering it from raw again)."""
+        for t in ("records", "ledger_checkpoint", "ledger_state"):
+            self.db.execute(f"DELETE FROM {t} WHERE sid = ?", (sid,))
+
+
+DAY_MS_STORE: Final = 86_400_000
 
 
 def _migrate(db: sqlite3.Connection) -> None:

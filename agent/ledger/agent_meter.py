@@ -1,0 +1,126 @@
+"""The agent's metering: the ledger's engines on the agent's store (agent/store/sqlite.py,
+`LedgerTables`), for the database thread only.
+
+`add()` runs inside the transaction that stores the raw rows: the records they change and
+each station's state row commit with them. A restart loads the states (lazily, station by
+station) and reads no raw row the states have seen; a station without a state (a
+database from before schema 3, or one whose processing version or parameters changed) is
+metered from its raw rows once, streamed in key order (`start`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+
+from agent import wire
+from agent.ledger.engine import dump_station, load_station
+from agent.ledger.inputs import MeterParams, RawMsg, raw_msg
+from agent.ledger.meter import Ledger
+from agent.ledger.records import PROCESSING_VERSION
+from agent.ledger.state import Station
+from agent.store import RawRow, Store
+from agent.store.sqlite import LedgerTables
+
+log = logging.getLogger(__name__)
+
+PAGE = 1000  # raw rows per page when catching a station up
+
+
+def decode_row(r: RawRow) -> RawMsg:
+    """A stored raw row as metering input (the same function at ingest, restart, verify)."""
+    return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, wire.decode_record(r.record))
+
+
+def state_version(params: MeterParams) -> str:
+    """What a stored state was made with: the processing version and the parameters (a
+    state made under others is not resumed: the station is metered again from raw)."""
+    h = hashlib.sha256(repr(params).encode()).hexdigest()[:12]
+    return f"{PROCESSING_VERSION}:{h}"
+
+
+class StoreMeter:
+    def __init__(self, params: MeterParams, store: Store, *, ckpt_every: int | None = None) -> None:
+        self.params = params
+        self.store = store
+        self.tables = LedgerTables(store, decode_row)
+        self.version = state_version(params)
+        self.ledger = Ledger(params, self.tables, ckpt_every=ckpt_every, loader=self._load)
+        self.conflicts = 0
+
+    def _load(self, sid: str, view: int) -> Station | None:
+        x = self.tables.load_state(sid, view)
+        if x is None or x[0] != self.version:
+            return None
+        return load_station(x[1])
+
+    @property
+    def rows_read(self) -> int:
+        return self.ledger.rows_read
+
+    def add(self, msgs: Iterable[RawMsg]) -> set[str]:
+        """Meter messages just stored (in the caller's transaction); returns their sids."""
+        by_sid: dict[str, list[RawMsg]] = {}
+        for m in msgs:
+            by_sid.setdefault(m.sid, []).append(m)
+        for sid, lst in by_sid.items():
+            lst.sort(key=lambda m: (m.boot, m.seq))
+            self.ledger.process(sid, lst)
+            self.save(sid)
+        return set(by_sid)
+
+    def save(self, sid: str) -> None:
+        for e in self.ledger.engines():
+            st = e.stations.get(sid)
+            if st is not None:
+                self.tables.put_state(sid, e.view, self.version, dump_station(st))
+
+    def forget(self, sid: str) -> None:
+        """Drop a station's in-memory state (it is loaded again from its state row)."""
+        self.ledger.forget(sid)
+
+    def rebuild(self, sid: str) -> None:
+        """Meter a station from its raw rows alone (in the caller's transaction)."""
+        self.ledger.forget(sid)
+        self.tables.forget_station(sid)
+        for e in self.ledger.engines():
+            e.rebuild(sid)
+        self.ledger.finish(sid)
+        self.save(sid)
+
+    def catch_up(self, sid: str) -> None:
+        """Meter the raw rows a station's state has not seen (above its key)."""
+        st = self.ledger.full.station(sid)
+        key = st.key if st.key is not None else (-1, -1)
+        if not self.store.raw_after(sid, key):
+            return
+        page: list[RawMsg] = []
+        for r in self.store.iter_raw_keys(sid, (key[0], key[1] + 1), page=PAGE):
+            page.append(decode_row(r))
+            if len(page) >= PAGE:
+                self.ledger.process(sid, page)
+                page = []
+        if page:
+            self.ledger.process(sid, page)
+        self.save(sid)
+
+    def start(self, sids: Iterable[str]) -> tuple[int, int]:
+        """At start: every station of `sids` without a usable state is metered from raw, one
+        with a state catches up on rows above its key. Returns (stations rebuilt, raw rows
+        read)."""
+        n0 = self.store.raw_rows_read
+        states = self.tables.state_sids()
+        rebuilt = 0
+        for sid in sorted(set(sids) | set(states)):
+            s = states.get(sid)
+            with self.store.transaction():
+                if s is None or s[0] != self.version:
+                    if s is None and not self.store.raw_after(sid, (-1, -1)):
+                        continue
+                    log.info("metering %s from its raw messages (no usable state)", sid)
+                    self.rebuild(sid)
+                    rebuilt += 1
+                else:
+                    self.catch_up(sid)
+        return rebuilt, self.store.raw_rows_read - n0
