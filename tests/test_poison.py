@@ -107,6 +107,8 @@ def poison_corpus() -> list[tuple[str, str, bytes, Expect]]:
         ("ts", "bad_ts"),
     ):
         add(f"huge_{f}", t, {**tel(), f: HUGE}, reason)
+    add("huge_v", t, {**tel(), "v": HUGE}, "bad_version")
+    add("huge_hist", t, {**tel(), "hist": HUGE}, ("hist",))
     for f in ("e_wh", "p_w", "sn"):
         m = tel()
         m["meter"][f] = HUGE
@@ -127,6 +129,12 @@ def poison_corpus() -> list[tuple[str, str, bytes, Expect]]:
         m["err"][f] = HUGE
         add(f"huge_err_{f}", t, m, ("err",))
     add("huge_restored", e, ev("boot", fw="x", reset="power", restored={"1": HUGE}), ("event",))
+    add(
+        "huge_restored_slot",
+        e,
+        ev("boot", fw="x", reset="power", restored={str(HUGE): 1}),
+        ("event",),
+    )
     start = {"slot": 1, "bat": "B1", "e_mwh": 5, "soc": 100}
     for f in ("slot", "e_mwh", "soc"):
         add(f"huge_session_start_{f}", e, ev("session_start", **{**start, f: HUGE}), ("event",))
