@@ -13,7 +13,7 @@ Why this shape (measured, see bench/bench_ingest.py and docs/agent.md):
   per `recv()` and builds an MQTTMessage, matches the topic and takes locks for each).
 - Why 1 MB: the committer takes whatever was read while the previous commit ran, and a
   commit cycle spans about two loop iterations, so the batch is about two reads. With
-  asyncio's own 256 KB reads a backlog drained in commits of ~1,100 messages and 15–20 %
+  asyncio's own 256 KB reads a backlog drained in commits of ~1,100 messages and 10–20 %
   slower than with paho's reader (whose ~1,000 packets per iteration gave commits of
   5,000); with 1 MB reads, ~4,500 (bench/bench_ingest.py). A read is that large only
   when a backlog waits; the loop then runs ~100 ms of verification per read.
