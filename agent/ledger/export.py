@@ -39,9 +39,29 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def iso_ms(ms: int) -> str:
-    """Unix ms -> YYYY-MM-DDTHH:MM:SS.sssZ (UTC)."""
-    s, frac = divmod(ms, 1000)
-    return (_EPOCH + timedelta(seconds=s)).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:03d}Z"
+    """Unix ms -> YYYY-MM-DDTHH:MM:SS.sssZ (UTC), for any integer: plain arithmetic on the
+    proleptic Gregorian calendar, so a time past year 9999 (or before year 1), which
+    datetime cannot hold, prints instead of raising (the year then has more digits or a
+    sign)."""
+    days, rest = divmod(ms, 86_400_000)
+    y, m, d = civil_from_days(days)
+    hh, rest = divmod(rest, 3_600_000)
+    mi, rest = divmod(rest, 60_000)
+    ss, frac = divmod(rest, 1000)
+    year = f"{y:04d}" if y >= 0 else f"-{-y:04d}"
+    return f"{year}-{m:02d}-{d:02d}T{hh:02d}:{mi:02d}:{ss:02d}.{frac:03d}Z"
+
+
+def civil_from_days(days: int) -> tuple[int, int, int]:
+    """Days since 1970-01-01 -> (year, month, day) (H. Hinnant's algorithm, exact)."""
+    z = days + 719_468
+    era, doe = divmod(z, 146_097)
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (m <= 2), m, d
 
 
 _ISO = re.compile(
