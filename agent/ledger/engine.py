@@ -170,9 +170,17 @@ class Engine:
         no checkpoints of it there): streamed, in key order."""
         self.stations.pop(sid, None)
         self.dirty.pop(sid, None)
-        live = self.stations[sid] = Station(sid)
+        st = self.stations[sid] = Station(sid)
         self.changed.add(sid)
-        self._recompute(live, (-1, -1), [], False)
+        for m in self.backend.raw_from(sid, (-1, -1)):
+            self.rows_read += 1
+            if not self.accepts(m) or not _usable(m):
+                continue
+            try:
+                self._apply(st, m, False)
+            except _Fact:  # as on arrival: that boot again, its facts read first
+                self._recompute(st, (m.boot, -1), [], True)
+                return
 
     # ---- recomputation -------------------------------------------------------------------
 
