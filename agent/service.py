@@ -322,7 +322,8 @@ class Service:
         are probed one by one (in a transaction that is rolled back), the culprits move to
         quarantine as `internal` and the batch is written again; failing that the records
         are left out (metering output, recomputed from raw at the next start); failing
-        that too, every message of the batch is kept in quarantine as `internal`."""
+        that too, each message is written in a transaction of its own and one that fails
+        alone is kept in quarantine as `internal`."""
         try:
             return _Written(*self._write(b, ups, gone))
         except Exception as e:
@@ -354,25 +355,52 @@ class Service:
         except Exception as e:
             if _is_env(e):
                 raise
-            log.exception("a batch cannot be written even without records: all to quarantine")
-            err = e
+            log.exception("a batch cannot be written even without records: message by message")
         else:
             why = f"records of {len(ups)} change(s) not written; recomputed at the next start"
             log.error("%s (metering output failed to write)", why)
             return _Written(*w, records_error=why)
-        for r in b.rows:
-            b.quarantine.append(
-                QuarantineRow(
-                    r.recv_ms, r.topic, INTERNAL, _internal("storing", err), r.sid, r.record
+        # last resort: each message in a transaction of its own; one that fails alone goes
+        # to quarantine (its bytes kept), the others are stored
+        new: list[int] = []
+        dups = conflicts = 0
+        culprits: list[QuarantineRow] = []
+        for i, r in enumerate(b.rows):
+            one = _Batch()
+            one.rows, one.bodies, one.cleaned = [r], [b.bodies[i]], [b.cleaned[i]]
+            try:
+                n1, d1, c1 = self._write(one, [], [])
+            except Exception as e:
+                if _is_env(e):
+                    raise
+                log.error("(%s, %s, %s) cannot be stored alone: %r", r.sid, r.boot, r.seq, e)
+                culprits.append(
+                    QuarantineRow(
+                        r.recv_ms, r.topic, INTERNAL, _internal("storing", e), r.sid, r.record
+                    )
                 )
-            )
-        b.quarantine = [
+                continue
+            if n1:
+                new.append(i)
+            dups += d1
+            conflicts += c1
+        rest = _Batch()
+        rest.quarantine = [
             q._replace(topic=ascii(q.topic)[1:-1], detail=ascii(q.detail)[1:-1])
-            for q in b.quarantine
+            for q in b.quarantine + culprits
         ]
-        b.internal += len(b.rows)
-        b.rows, b.bodies, b.cleaned, b.status = [], [], [], []
-        return _Written(*self._write(b, [], []), records_error="batch quarantined whole")
+        rest.status = b.status
+        try:
+            self._write(rest, [], [])
+        except Exception as e:
+            if _is_env(e):
+                raise
+            log.error("status rows dropped (%r): informational only", e)
+            rest.status = []
+            self._write(rest, [], [])
+        b.quarantine = rest.quarantine
+        b.internal += len(culprits)
+        return _Written(new, dups, conflicts, records_error="batch written message by message")
 
     def _probe(self, rows: list[RawRow]) -> dict[int, BaseException]:
         """db thread: which raw rows fail to insert on their own (data errors), each in a

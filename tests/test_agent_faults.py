@@ -164,6 +164,38 @@ async def test_a_row_sqlite_cannot_hold_is_quarantined_and_the_batch_goes_on(
     assert sorted(_raw(db)) == sorted(p for _, p in good + more)
 
 
+async def test_a_batch_that_fails_whatever_is_left_out_is_written_message_by_message(
+    mosquitto: Mosquitto, tmp_path: pathlib.Path
+) -> None:
+    # the last resort: a write that fails for the whole batch (a bug outside any one row)
+    # is redone one message per transaction; only the message that fails alone is kept in
+    # quarantine, nothing is retried forever
+    db = f"sqlite:///{tmp_path}/agent.db"
+    _keys(db, SID)
+    items = _stream(SID, 40)
+    poison = items[17][1]
+    async with _Agent(db, mosquitto.port) as a:
+        write = a.svc._write
+
+        def broken(b: Any, ups: Any, gone: Any) -> Any:
+            if len(b.rows) > 1 or any(r.record == poison for r in b.rows):
+                raise TypeError("a bug in writing")
+            return write(b, ups, gone)
+
+        a.svc._write = broken  # type: ignore[method-assign]
+        await _publish(mosquitto.port, items)
+        c = a.svc.counters
+        await _until(lambda: c["received"] >= len(items), what=str(c))
+        await a.svc.flush()
+        assert c["stored"] == len(items) - 1 and c["q.internal"] == 1, c
+        assert c["commit_failures"] == 0
+    with Store(db, create=False) as s:
+        q = s.quarantine_rows()
+        assert [(r.reason, r.record) for r in q] == [("internal", poison)]
+        assert q[0].detail.startswith("TypeError while storing: a bug in writing")
+    assert sorted(_raw(db)) == sorted(p for _, p in items if p != poison)
+
+
 async def test_metering_that_raises_for_one_station_stops_no_other(
     mosquitto: Mosquitto, tmp_path: pathlib.Path
 ) -> None:
