@@ -134,15 +134,15 @@ def read_trace() -> list[tuple[str, int, bytes]]:
 def exports(trace: list[tuple[str, int, bytes]]) -> dict[str, bytes]:
     """Every export of the trace's records, by file name."""
     from agent import wire
-    from agent.ledger import RawMsg, compute
+    from agent.ledger import compute
     from agent.ledger.export import render
+    from agent.ledger.inputs import raw_msg
 
     msgs = []
     for _topic, recv, payload in trace:
         body = wire.decode_record(payload)
-        msgs.append(
-            RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"], recv_ms=recv, body=body)
-        )
+        # as the agent meters it (§6.9's clean included)
+        msgs.append(raw_msg(body["sid"], body["boot"], body["seq"], recv, body))
     records = compute(msgs)
     return {f"{by}.{fmt}": render(records, fmt, None, None, by) for by in BYS for fmt in FMTS}
 

@@ -25,6 +25,7 @@ from agent.ledger import (
     compute,
     record_id,
 )
+from agent.ledger.inputs import raw_msg
 from tests.metering_reference import reference_totals
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -52,7 +53,18 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
         up = rnd.randint(0, 3000)
         offset = wall - up
         restored = dict(persisted)
+        if rnd.random() < 0.1 and restored:
+            # a restored value far above what was sent (§6.3: r − mark against the window)
+            n = rnd.choice(list(restored))
+            restored[n] += rnd.randint(10**6, 10**10)
         reg = dict(restored)
+        if rnd.random() < 0.15 and reg:
+            # the first reading of the boot claims a huge gain since the restore (§6.0, §6.3)
+            n = rnd.choice(list(reg))
+            reg[n] += rnd.randint(10**7, 10**12)
+        if with_meter and rnd.random() < 0.15:
+            # the grid meter jumps (or reads low) across the restart
+            meter_wh = max(0, meter_wh + rnd.choice([-1, 1]) * rnd.randint(10**3, 10**7))
         synced_from = rnd.choice([0, 0, 3, 10**9])  # seq from which ts is sent
         msgs: list[dict[str, Any]] = []
         if rnd.random() < 0.75:
@@ -131,6 +143,8 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
                     meter_wh += rnd.randint(1000, 10**6)  # level shift
                     e = meter_wh
                 body["meter"] = {"e_wh": e, "p_w": 0, "sn": sn}
+                if rnd.random() < 0.03:
+                    body["meter"]["e_wh"] = rnd.choice([-1, 10**11 + 1, "12"])  # §6.9
             slots = []
             for n, v in reg.items():
                 y = rnd.random()
@@ -142,6 +156,8 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
                     reg[n] += rnd.randint(10**5, 10**8)
                     v = reg[n]
                 s: dict[str, Any] = {"n": n, "st": "C", "e_mwh": v}
+                if rnd.random() < 0.03:
+                    s["e_mwh"] = rnd.choice([-5, 2**53, None])  # §6.9: the slot is spoiled
                 if sends_b_mwh:
                     s["b_mwh"] = restored[n]
                 slots.append(s)
@@ -157,11 +173,8 @@ def gen_station(rnd: random.Random, sid: str) -> list[RawMsg]:
                 body["hist"] = 1
             if rnd.random() >= lose:
                 delay = rnd.randint(0, 5000) + (rnd.randint(0, 10**6) if body.get("hist") else 0)
-                out.append(
-                    RawMsg(
-                        sid=sid, boot=boot, seq=body["seq"], recv_ms=offset + u + delay, body=body
-                    )
-                )
+                # as metering reads it: §6.9's clean, spoiled sources named
+                out.append(raw_msg(sid, boot, body["seq"], offset + u + delay, body))
         wall = offset + u + rnd.randint(1000, 5 * 3_600_000)
         boot += rnd.randint(1, 2)
     return out
@@ -192,7 +205,16 @@ def arrival(rnd: random.Random, msgs: list[RawMsg]) -> list[RawMsg]:
     """A random order with duplicates (some received again later: same bytes)."""
     out = list(msgs)
     for m in rnd.sample(msgs, k=len(msgs) // 5):
-        out.append(RawMsg(sid=m.sid, boot=m.boot, seq=m.seq, recv_ms=m.recv_ms + 1000, body=m.body))
+        out.append(
+            RawMsg(
+                sid=m.sid,
+                boot=m.boot,
+                seq=m.seq,
+                recv_ms=m.recv_ms + 1000,
+                body=m.body,
+                spoiled=m.spoiled,
+            )
+        )
         out.append(m)
     rnd.shuffle(out)
     return out

@@ -235,20 +235,115 @@ def test_meter_across_boots_uses_first_minus_mark_over_the_whole_gap() -> None:
     assert all("reboot" in r.flags and "no_restore" not in r.flags for r in rs[1:])
 
 
-def test_boot_starts_its_own_mark_at_its_first_reading() -> None:
+def test_grid_meter_mark_across_boots_is_the_higher() -> None:
     off2 = T0 + 40 * MIN
-    # meter lower after the reboot (not a reset event): nothing credited across, then
-    # the new boot credits from its own first reading
+    # v2 §6.3: the meter lower after the reboot (a misread, not a reset event): nothing
+    # credited across, and the new boot's mark stays at mark(b) = 110, so the way back up
+    # to 110 is not credited twice (m1 started the mark at 50 and credited 2 more)
     recs = compute(
         [
             tel(1, 0, 1 * MIN, meter=100),
             tel(1, 1, 2 * MIN, meter=110),
             tel(2, 0, 1 * MIN, meter=50, off=off2),
             tel(2, 1, 2 * MIN, meter=52, off=off2),
+            tel(2, 2, 3 * MIN, meter=111, off=off2),
         ]
     )
-    assert total(recs, 0) == (12_000, 0)
+    assert total(recs, 0) == (11_000, 0)
     assert "anomaly_down" in flags(recs, 0)
+
+
+def test_slot_boot_starts_its_own_mark_at_its_first_reading() -> None:
+    off2 = T0 + 40 * MIN
+    # a slot without restore below mark(b) after a reboot: its boot's mark starts at first
+    recs = compute(
+        [
+            tel(1, 0, 1 * MIN, slots={1: 10_000}),
+            tel(1, 1, 2 * MIN, slots={1: 11_000}),
+            tel(2, 0, 1 * MIN, slots={1: 5000}, off=off2),
+            tel(2, 1, 2 * MIN, slots={1: 5200}, off=off2),
+        ]
+    )
+    assert total(recs, 1) == (1200, 0)
+    assert {"anomaly_down", "no_restore"} <= set(flags(recs, 1))
+
+
+# ---- contract v2: plausibility at a stream's start and across reboots (§6.0, §6.3)
+
+
+def test_v2_baseline_credit_passes_rule_6() -> None:
+    # a new station (restores 0) whose first reading claims a gigawatt-hour 10 s after
+    # boot: 3000 W for 10 s allows 8333 mWh: held, not credited
+    recs = compute([tel(1, 0, 10_000, slots={1: 10**12}, b={1: 0})])
+    assert total(recs, 1) == (0, 10**12)
+    assert {"baseline", "held"} <= set(flags(recs, 1))
+    # a plausible one is credited as before
+    assert total(compute([tel(1, 0, 10_000, slots={1: 8000}, b={1: 0})]), 1) == (8000, 0)
+
+
+def test_v2_held_baseline_is_a_level_shift_when_the_next_reading_confirms_it() -> None:
+    # r is a reading at up = 0: the held first reading is pending like any held reading
+    recs = compute(
+        [
+            tel(1, 0, 10_000, slots={1: 10**9}, b={1: 0}),
+            tel(1, 1, 20_000, slots={1: 10**9 + 5000}, b={1: 0}),
+        ]
+    )
+    assert total(recs, 1) == (5000, 10**9)
+    spike = compute(
+        [
+            tel(1, 0, 10_000, slots={1: 10**9}, b={1: 0}),
+            tel(1, 1, 20_000, slots={1: 9000}, b={1: 0}),
+        ]
+    )
+    assert total(spike, 1) == (9000, 10**9)  # a spike: credited from r = 0 instead
+
+
+def test_v2_cross_boot_parts_pass_rule_6() -> None:
+    off2 = T0 + 40 * MIN
+    a = [tel(1, 0, 1 * MIN, slots={1: 1000}, b={1: 0}), tel(1, 1, 2 * MIN, slots={1: 2000})]
+    # r(b') − mark(b) against 3000 W x 15 min = 750,000 mWh; first − r against up (10 s)
+    ok = a + [tel(2, 0, 10_000, slots={1: 702_000}, b={1: 700_000}, off=off2)]
+    assert total(compute(ok), 1) == (1000 + 1000 + 698_000 + 2000, 0)
+    too_much = a + [tel(2, 0, 10_000, slots={1: 1_002_000}, b={1: 1_000_000}, off=off2)]
+    assert total(compute(too_much), 1) == (2000 + 2000, 998_000)
+    jump = a + [tel(2, 0, 10_000, slots={1: 10**9}, b={1: 2000}, off=off2)]
+    recs = compute(jump)
+    assert total(recs, 1) == (2000, 10**9 - 2000)
+    assert {"held", "reboot"} <= set(flags(recs, 1))
+
+
+def test_v2_grid_meter_across_reboot_against_the_time_between_readings() -> None:
+    # 38 min between the last reading of boot 1 and the first of boot 2: 50 kW allows
+    # 31.66 kWh; 30 kWh is credited, 40 kWh held
+    off2 = T0 + 40 * MIN
+    a = [tel(1, 0, 1 * MIN, meter=100), tel(1, 1, 2 * MIN, meter=110)]
+    ok = compute(a + [tel(2, 0, 0, meter=30_110, off=off2)])
+    assert total(ok, 0) == (10_000 + 30_000_000, 0)
+    held = compute(a + [tel(2, 0, 0, meter=40_110, off=off2)])
+    assert total(held, 0) == (10_000, 40_000_000)
+
+
+# ---- §6.9: a bad field spoils only its source
+
+
+def test_v2_spoiled_source_is_omitted_and_its_records_say_invalid() -> None:
+    from agent.ledger.inputs import raw_msg
+
+    def clean(m: RawMsg) -> RawMsg:
+        return raw_msg(m.sid, m.boot, m.seq, m.recv_ms, m.body)
+
+    bad = tel(1, 1, 2 * MIN, meter=-5, slots={1: 2000, 2: 2**53})
+    msgs = [clean(tel(1, 0, 1 * MIN, meter=100, slots={1: 1000, 2: 1000})), clean(bad)]
+    msgs.append(clean(tel(1, 2, 3 * MIN, meter=110, slots={1: 3000, 2: 1500})))
+    assert msgs[1].spoiled == frozenset({0, 2}) and "meter" not in msgs[1].body
+    recs = compute(msgs)
+    assert total(recs, 0) == (10_000, 0) and total(recs, 2) == (500, 0)
+    assert total(recs, 1) == (2000, 0)
+    assert "invalid" in flags(recs, 0) and "invalid" in flags(recs, 2)
+    assert "invalid" not in flags(recs, 1)
+    # the omitted reading leaves no gap: the message is there
+    assert "gap" not in flags(recs, 0)
 
 
 # ---- rule 4: meter resets and swaps

@@ -57,7 +57,7 @@ CKPT_MSGS = 512  # messages between checkpoints: a late message re-applies at mo
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 
-RULES_V2 = False  # CONTRACT v2's §6.0 and §6.3 checks (False: m1, for comparisons)
+RULES_V2 = True  # CONTRACT v2's §6.0 and §6.3 checks (False: m1, for comparisons)
 
 FULL = 0  # views: every message
 LOCKED = 1  # the messages received by a rule-8 lock

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-PROCESSING_VERSION = "m1"
+PROCESSING_VERSION = "m2"
 
 DAY_MS = 86_400_000
 

@@ -1,4 +1,4 @@
-"""CONTRACT §6, the metering rules, as small pure functions (processing version m1).
+"""CONTRACT §6, the metering rules, as small pure functions (processing version m2).
 
 Plain ints in, a few ints (or a small NamedTuple) out; no engine state, no flags: the
 engine (agent/ledger/engine.py) keeps the marks and the held readings, turns the
@@ -8,9 +8,11 @@ rule; docs/metering.md gives the decisions taken where the contract is silent.
 Vocabulary: the *mark* of a stream in a boot is the highest register value credited so
 far (rule 2); `up` is a message's uptime in ms; values are register readings in mWh.
 
-Where this version (m1) differs from the current CONTRACT text, the docstring says so:
-the contract's later additions (rule 6 applied to the baseline and to the cross-boot
-parts, the grid meter's mark across boots) are not implemented yet.
+Contract v2's additions are applied by the engine with these functions: rule 6
+(`implausible`) on the baseline credit (elapsed = the first reading's up) and on rule 3's
+parts (r − mark against max power × the cross-boot window, first − r against up, without
+r first − mark against the time between the readings); the grid meter's mark in b' is
+max(mark(b), first(b')).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def baseline(first: int, restored: int | None) -> tuple[int, bool]:
 
     With the boot's restored value `r` known, the first reading is credited
     max(0, first − r), and `below` says first < r (flag anomaly_down); without it the
-    first reading is only the baseline: nothing is credited. (m1 does not yet hold a
-    baseline credit that fails rule 6, as the contract now asks.)"""
+    first reading is only the baseline: nothing is credited. The credit must still pass
+    rule 6 with elapsed = the first reading's up (v2; the engine holds it otherwise)."""
     if restored is None:
         return 0, False
     c = first - restored
@@ -67,9 +69,8 @@ def across_boots(mark: int, first: int, restored: int | None) -> CrossBoot:
     sent but not persisted was already counted; the register's gain after the restore is
     new, `credit` = max(0, first − r). Without r (the grid meter, or a slot that sends
     no b_mwh: flag no_restore): `credit` = max(0, first − mark). The next boot starts
-    its own mark at first(b'), for the grid meter too. (m1 does not yet apply rule 6 to
-    these parts, nor keep the grid meter's mark at max(mark, first), as the contract
-    now asks.)"""
+    its own mark at first(b'); the grid meter at max(mark, first) (v2). Each part must
+    still pass rule 6 (v2; the engine holds it otherwise)."""
     if restored is None:
         c = first - mark
         return CrossBoot(0, c, False) if c >= 0 else CrossBoot(0, 0, True)
