@@ -223,7 +223,9 @@ def _clean_event(body: Mapping[str, Any]) -> Cleaned:
     if ev == "boot":
         rest = body.get("restored")
         ok = isinstance(rest, dict) and all(
-            type(k) is str and k.isdigit() and SLOT(int(k)) and MWH(v) for k, v in rest.items()
+            # isascii: "²" is a digit to str.isdigit and not to int()
+            type(k) is str and k.isascii() and k.isdigit() and SLOT(int(k)) and MWH(v)
+            for k, v in rest.items()
         )
         if not ok:
             out = dict(body)

@@ -401,6 +401,12 @@ def spoiled_cases(
             (("event", "reset"),),
         ),
         (
+            "restored_superscript_key",  # "²" is a digit to str.isdigit, not to int()
+            e,
+            signed(ev("boot", fw="1", reset="power", restored={"\u00b2": 1}), key),
+            (("event", "restored"),),
+        ),
+        (
             "huge_session_energy",
             e,
             signed(ev("session_start", slot=1, bat="B1", e_mwh=HUGE, soc=1), key),
