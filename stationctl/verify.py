@@ -3,6 +3,8 @@
 Every stored raw message is verified again with the station keys from the store (its exact
 signed bytes), the metering records are recomputed from those messages alone with the pure
 §6 function, and the result is compared, record by record, with what the agent stored.
+Station by station, its raw rows streamed in (boot, seq) order through the metering
+engine: memory holds one station's records, never the raw table.
 Exit 0 when every signature holds and every record is reproduced; 1 otherwise, with the
 differences listed.
 """
@@ -12,9 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from stationctl.errors import UsageError
+
+
+class _Counted:
+    """An iterable that counts what it yields (the signatures verified)."""
+
+    def __init__(self, it: Iterable[Any]) -> None:
+        self._it = it
+        self.n = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for x in self._it:
+            self.n += 1
+            yield x
 
 
 def register(sub: Any) -> None:
@@ -34,8 +50,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent.keys import KeyStore
-    from agent.ledger import MeterParams, RawMsg, compute
-    from agent.store import Store, record_to_row
+    from agent.ledger import MeterParams, RawMsg
+    from agent.ledger.compute import compute_station
+    from agent.ledger.inputs import raw_msg
+    from agent.store import RecordRow, Store, record_to_row
     from agent.wire import WireError, verify
 
     params = MeterParams()
@@ -54,35 +72,64 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"database {args.db}: {e}") from None
     try:
         ring = KeyStore(store).ring()
-        msgs: list[RawMsg] = []
-        bad_sig: list[str] = []
-        n_raw = 0
-        for batch in store.iter_raw(args.sid):
-            for row in batch:
-                n_raw += 1
+
+        def verified(
+            sid: str,
+            start: tuple[int, int] = (-1, -1),
+            boot: int | None = None,
+            bad: list[str] | None = None,
+        ) -> Iterator[RawMsg]:
+            """A station's raw rows in key order, verified again, as metering input."""
+            for row in store.iter_raw_keys(sid, start, boot=boot):
                 try:
                     v = verify(row.kind, row.sid, row.record, ring)
                 except WireError as e:
-                    bad_sig.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
+                    if bad is not None:
+                        bad.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
                     continue
-                msgs.append(
-                    RawMsg(sid=v.sid, boot=v.boot, seq=v.seq, recv_ms=row.recv_ms, body=v.body)
-                )
-        stored = {r.rid: r for r in store.record_rows() if args.sid is None or r.sid == args.sid}
+                yield raw_msg(v.sid, v.boot, v.seq, row.recv_ms, v.body)
+
+        bad_sig: list[str] = []
+        missing: list[str] = []
+        extra: list[str] = []
+        differ: list[tuple[str, RecordRow, RecordRow]] = []
+        n_raw = n_ok = n_stored = n_again = 0
+        # station by station, its raw rows streamed in key order: memory holds one
+        # station's records at a time, never the raw table
+        sids = [args.sid] if args.sid else sorted(set(store.raw_sids()) | set(store.record_sids()))
+        for sid in sids:
+            before = len(bad_sig)
+            counted = _Counted(verified(sid, bad=bad_sig))
+            recs = compute_station(
+                sid,
+                counted,
+                lambda s, k: verified(s, k),
+                lambda s, b: verified(s, boot=b),
+                params,
+            )
+            n_raw += counted.n + len(bad_sig) - before
+            n_ok += counted.n
+            again = {row.rid: row for row in map(record_to_row, recs)}
+            stored = {r.rid: r for r in store.record_rows(sid=sid)}
+            n_stored += len(stored)
+            n_again += len(again)
+            missing += sorted(set(again) - set(stored))
+            extra += sorted(set(stored) - set(again))
+            differ += [
+                (k, stored[k], again[k])
+                for k in sorted(set(again) & set(stored))
+                if again[k] != stored[k]
+            ]
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
     finally:
         store.close()
-    again = {row.rid: row for row in map(record_to_row, compute(msgs, params))}
-    missing = sorted(set(again) - set(stored))
-    extra = sorted(set(stored) - set(again))
-    differ = sorted(k for k in set(again) & set(stored) if again[k] != stored[k])
     summary = {
         "raw": n_raw,
-        "verified": len(msgs),
+        "verified": n_ok,
         "bad_signatures": len(bad_sig),
-        "records_stored": len(stored),
-        "records_recomputed": len(again),
+        "records_stored": n_stored,
+        "records_recomputed": n_again,
         "missing": len(missing),
         "extra": len(extra),
         "different": len(differ),
@@ -91,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print(f"raw messages {n_raw}, signatures verified {len(msgs)}, failed {len(bad_sig)}")
+        print(f"raw messages {n_raw}, signatures verified {n_ok}, failed {len(bad_sig)}")
         print(
-            f"records stored {len(stored)}, recomputed {len(again)}: "
+            f"records stored {n_stored}, recomputed {n_again}: "
             f"{len(missing)} missing, {len(extra)} not reproduced, {len(differ)} different"
         )
         for line in bad_sig[:20]:
@@ -102,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
             print("  missing from the store:", k)
         for k in extra[:20]:
             print("  stored but not reproduced:", k)
-        for k in differ[:20]:
-            s, a = stored[k], again[k]
+        for k, s, a in differ[:20]:
             print(
                 "  different:", k, "stored", (s.mwh, s.held_mwh), "recomputed", (a.mwh, a.held_mwh)
             )

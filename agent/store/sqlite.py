@@ -462,6 +462,13 @@ class Store:
         ).fetchone()
         return row is not None
 
+    def raw_sids(self) -> list[str]:
+        """Stations with raw rows (reads the key index: for audits, not the hot path)."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT sid FROM raw ORDER BY sid")]
+
+    def record_sids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT sid FROM records ORDER BY sid")]
+
     def key_sids(self) -> list[str]:
         """Stations with a key (every station whose messages can be in raw)."""
         return [r[0] for r in self.db.execute("SELECT DISTINCT sid FROM keys ORDER BY sid")]
@@ -551,12 +558,21 @@ class Store:
         self.write_batch((), records=upserts, records_gone=deletes)
 
     def record_rows(
-        self, kind: str | None = None, start_ms: int | None = None, end_ms: int | None = None
+        self,
+        kind: str | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        *,
+        sid: str | None = None,
     ) -> list[RecordRow]:
-        """Records (optionally of one kind, touching [start_ms, end_ms)) in a fixed order;
-        a superset of what an export window needs (render() applies the exact bounds)."""
+        """Records (optionally of one kind, of one station, touching [start_ms, end_ms)) in a
+        fixed order; a superset of what an export window needs (render() applies the exact
+        bounds)."""
         q = f"SELECT {RECORD_COLUMNS} FROM records WHERE 1 = 1"
         args: list[Any] = []
+        if sid is not None:
+            q += " AND sid = ?"
+            args.append(sid)
         if kind is not None:
             q += " AND kind = ?"
             args.append(kind)
