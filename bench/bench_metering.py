@@ -1,177 +1,175 @@
-"""Metering cost per message: in-order incremental (the live path), out-of-order arrival
-(an outbox replaying while live data flows), and a full recompute (an auditor's run).
+"""Metering cost per message and what it keeps, on the agent's path (agent/ledger/agent_meter.py:
+raw rows, the records they change and the station states in one SQLite transaction per
+batch), plus the pure compute() an auditor runs.
 
-Prints microseconds per message; no assertion. Telemetry every 10 s with the meter and
-N slots charging; the ingest side is modelled as add() per batch of messages from many
-stations followed by changes() for each station the batch touched.
+Prints: µs per message in order; µs per message with late arrivals (every `--late-every`th
+message of each station delayed by `--late-by` messages, an outbox replaying while live
+data flows) and µs per late message; the engine state retained per station (serialized
+size and Python memory) after N messages; the raw rows a restart reads; compute() µs per
+message. No assertion.
 
-    .venv/bin/python bench/bench_metering.py [--stations 50] [--minutes 60] [--slots 8]
+    .venv/bin/python bench/bench_metering.py [--stations 20] [--messages 2000] [--slots 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import random
 import sys
+import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.ledger import IncrementalMeter, RawMsg, compute
+from agent.ledger import MeterParams, compute
+from agent.ledger.agent_meter import StoreMeter, decode_row
+from agent.ledger.engine import dump_station
+from agent.store import RawRow, Store
 
 T0 = 1_767_225_600_000
+SIG = b',"sig":"' + b"0" * 64 + b'"}'
 
 
-def fleet(stations: int, minutes: int, slots: int, seed: int = 1) -> list[RawMsg]:
-    rnd = random.Random(seed)
-    out: list[RawMsg] = []
-    for i in range(stations):
-        sid = f"KH-B-{i:04d}"
-        reg = [rnd.randint(0, 10**9) for _ in range(slots)]
-        wh = rnd.randint(0, 10**7)
-        out.append(
-            RawMsg(
-                sid=sid,
-                boot=1,
-                seq=0,
-                recv_ms=T0 + 100,
-                body={
-                    "v": 1,
-                    "sid": sid,
-                    "kid": 1,
-                    "boot": 1,
-                    "seq": 0,
-                    "up": 100,
-                    "ts": T0 + 100,
-                    "ev": "boot",
-                    "fw": "1",
-                    "reset": "power",
-                    "restored": {str(n + 1): reg[n] for n in range(slots)},
-                },
-            )
-        )
-        b = list(reg)
-        for k in range(minutes * 6):
-            seq = k + 1
-            up = 10_000 * seq
-            for n in range(slots):
-                reg[n] += rnd.randint(0, 8000)
-            wh += rnd.randint(0, 20)
-            body: dict[str, Any] = {
-                "v": 1,
-                "sid": sid,
-                "kid": 1,
-                "boot": 1,
-                "seq": seq,
-                "up": up,
-                "ts": T0 + up,
-                "meter": {"e_wh": wh, "p_w": 2150, "sn": 12345678},
-                "slots": [
-                    {
-                        "n": n + 1,
-                        "st": "C",
-                        "mv": 67200,
-                        "ma": 15250,
-                        "e_mwh": reg[n],
-                        "b_mwh": b[n],
-                    }
-                    for n in range(slots)
-                ],
-            }
-            out.append(RawMsg(sid=sid, boot=1, seq=seq, recv_ms=T0 + up + 50, body=body))
-    # interleave stations by time, as they arrive at the broker
-    out.sort(key=lambda m: (m.recv_ms, m.sid))
+def station_rows(sid: str, n: int, slots: int, rnd: random.Random) -> list[RawRow]:
+    reg = [rnd.randint(0, 10**9) for _ in range(slots)]
+    wh = rnd.randint(0, 10**7)
+    out = []
+    for seq in range(n):
+        up = 10_000 * (seq + 1)
+        body: dict[str, Any] = {"v": 1, "sid": sid, "kid": 1, "boot": 1, "seq": seq, "up": up}
+        body["ts"] = T0 + up
+        if seq == 0:
+            body.update(ev="boot", fw="1", reset="power")
+            body["restored"] = {str(i + 1): reg[i] for i in range(slots)}
+        else:
+            for i in range(slots):
+                reg[i] += rnd.randint(0, 8000)
+            wh += rnd.randint(0, 100)
+            body["meter"] = {"e_wh": wh, "p_w": 1000, "sn": 1}
+            body["slots"] = [
+                {"n": i + 1, "st": "C", "mv": 67000, "ma": 15000, "e_mwh": reg[i], "b_mwh": 0}
+                for i in range(slots)
+            ]
+        payload = json.dumps(body, separators=(",", ":")).encode()[:-1] + SIG
+        kind = "event" if seq == 0 else "telemetry"
+        out.append(RawRow(sid, 1, seq, kind, "t", T0 + up + 300, 1, payload))
     return out
 
 
-def run(
-    msgs: list[RawMsg], batch: int, with_changes: bool, days_every: int = 1
-) -> tuple[float, int]:
-    """add() per batch, then changes() for the stations it touched; day roll-ups every
-    days_every batches (and once at the end)."""
-    im = IncrementalMeter()
-    nrec = 0
+def interleave(per: list[list[RawRow]]) -> list[RawRow]:
+    return [r for group in zip(*per, strict=True) for r in group]
+
+
+def delay(rows: list[RawRow], every: int, by: int) -> list[RawRow]:
+    """Every `every`th row arrives `by` rows later."""
+    out: list[RawRow] = []
+    held: list[tuple[int, RawRow]] = []
+    for i, r in enumerate(rows):
+        if i % every == every - 1:
+            held.append((i + by, r))
+        else:
+            out.append(r)
+        while held and held[0][0] <= i:
+            out.append(held.pop(0)[1])
+    out.extend(r for _, r in held)
+    return out
+
+
+def ingest(store: Store, meter: StoreMeter, rows: list[RawRow], batch: int) -> float:
     t = time.perf_counter()
-    for j, i in enumerate(range(0, len(msgs), batch)):
-        sids = im.add(msgs[i : i + batch])
-        if with_changes:
-            days = j % days_every == 0
-            for sid in sids:
-                ups, _ = im.changes(sid, days=days)
-                nrec += len(ups)
-    if with_changes:
-        for sid in im.sids():
-            nrec += len(im.changes(sid)[0])
-    return time.perf_counter() - t, nrec
+    for i in range(0, len(rows), batch):
+        part = rows[i : i + batch]
+
+        def then(res: Any, part: list[RawRow] = part) -> None:
+            meter.add([decode_row(part[j]) for j in res.new])
+
+        store.write_batch(part, then=then)
+    return time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stations", type=int, default=50)
-    ap.add_argument("--minutes", type=int, default=60)
+    ap.add_argument("--stations", type=int, default=20)
+    ap.add_argument("--messages", type=int, default=2000, help="per station")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--batch", type=int, default=200)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--late-every", type=int, default=50)
+    ap.add_argument("--late-by", type=int, default=400)
     a = ap.parse_args()
-    msgs = fleet(a.stations, a.minutes, a.slots)
-    n = len(msgs)
+    rnd = random.Random(1)
+    per = [station_rows(f"KH-B-{i:04d}", a.messages, a.slots, rnd) for i in range(a.stations)]
+    rows = interleave(per)
+    n = len(rows)
+    tmp = Path(tempfile.mkdtemp())
+    params = MeterParams()
     print(
-        f"{n} messages, {a.stations} stations, {a.slots} slots + meter, batches of {a.batch}"
-        f" (best of {a.repeat})"
+        f"{a.stations} stations x {a.messages} messages ({a.slots} slots + meter, 10 s), "
+        f"batches of {a.batch}, SQLite synchronous=off"
     )
 
-    def show(label: str, secs: float, extra: str = "") -> None:
-        print(f"  {label:<46} {secs / n * 1e6:8.1f} µs/message {extra}", flush=True)
+    # in order
+    store = Store(f"sqlite:///{tmp}/order.db", synchronous="off")
+    meter = StoreMeter(params, store)
+    gc.collect()
+    tracemalloc.start()
+    m0 = tracemalloc.get_traced_memory()[0]
+    secs = ingest(store, meter, rows, a.batch)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - m0
+    tracemalloc.stop()
+    store2 = Store(f"sqlite:///{tmp}/order2.db", synchronous="off")
+    secs = min(secs, ingest(store2, StoreMeter(params, store2), rows, a.batch))
+    store2.close()
+    print(f"in order:            {secs / n * 1e6:8.1f} µs/message (raw + records + state)")
+    sizes = [len(dump_station(st)) for st in meter.ledger.full.stations.values()]
+    print(
+        f"state per station:   {sum(sizes) / len(sizes):8.0f} bytes serialized, "
+        f"{held / a.stations:8.0f} bytes of Python memory retained (tracemalloc, "
+        f"after {a.messages} messages each)"
+    )
+    ck = store.db.execute("SELECT COUNT(*), SUM(LENGTH(blob)) FROM ledger_checkpoint").fetchone()
+    print(f"checkpoints:         {ck[0]} ({ck[1] / max(1, ck[0]):.0f} bytes each)")
+    store.close()
 
-    def best(*args: Any, **kw: Any) -> tuple[float, int]:
-        # best of 3: the machine is shared, the minimum is the least disturbed run
-        return min(run(*args, **kw) for _ in range(a.repeat))
+    # late arrivals
+    late_rows = delay(rows, a.late_every, a.late_by * a.stations)
+    store = Store(f"sqlite:///{tmp}/late.db", synchronous="off")
+    meter = StoreMeter(params, store)
+    secs_late = ingest(store, meter, late_rows, a.batch)
+    n_late = n // a.late_every
+    print(
+        f"with late arrivals:  {secs_late / n * 1e6:8.1f} µs/message; "
+        f"{(secs_late - secs) / max(1, n_late) * 1e6:8.0f} µs per late message "
+        f"({n_late} late by {a.late_by} of their station's messages; "
+        f"{meter.rows_read} raw rows re-read)"
+    )
+    same = sorted(store.record_rows()) == sorted(
+        Store(f"sqlite:///{tmp}/order.db", readonly=True).record_rows()
+    )
+    print(f"                     records equal to in-order arrival: {same}")
+    store.close()
 
-    dt, _ = best(msgs, a.batch, False)
-    show("in order, add()", dt)
-    dt, nrec = best(msgs, a.batch, True)
-    show("in order, add() + changes()", dt, f"({nrec / n:.1f} records/message)")
-
-    dt, nrec = best(msgs, a.stations, True)
-    show("live: changes() after each station's message", dt, f"({nrec / n:.1f} records/message)")
-    dt, nrec = best(msgs, a.stations, True, days_every=60)
-    show("live, day roll-ups every 60th call", dt, f"({nrec / n:.1f} records/message)")
-
-    rnd = random.Random(2)
-    late = list(msgs)
-    # 5 % arrive late: each one re-runs its station's boot (here: the whole history)
-    for _ in range(n // 20):
-        j = rnd.randrange(len(late))
-        late.insert(min(len(late), j + rnd.randint(1, 2000)), late.pop(j))
-    dt, _ = best(late, a.batch, True)
-    show("5 % late (up to 2000 messages), + changes()", dt)
-
-    shuffled = list(msgs)
-    rnd.shuffle(shuffled)
-    dt, _ = best(shuffled, a.batch * 10, True)
-    show(f"shuffled, batches of {a.batch * 10}, + changes()", dt)
-
-    dts = []
-    for _ in range(a.repeat):
-        t = time.perf_counter()
-        recs = compute(msgs)
-        dts.append(time.perf_counter() - t)
-    show("compute() from scratch", min(dts), f"({len(recs)} records)")
-
-    # one station with a long boot (a day at 10 s): a late message costs the re-run of
-    # its checkpoint part and what follows, not the whole history
-    day = fleet(1, 24 * 60, a.slots, seed=3)
-    im = IncrementalMeter()
-    im.add(day[:-20])
-    im.changes(day[0].sid)
+    # restart
+    store = Store(f"sqlite:///{tmp}/late.db")
     t = time.perf_counter()
-    for m in reversed(day[-20:]):  # the last 20 arrive newest first
-        im.add([m])
-        im.changes(m.sid)
-    dt = time.perf_counter() - t
-    print(f"  {'1 station, 1-day boot, 20 late (reversed)':<46} {dt / 20 * 1e6:8.1f} µs/message")
+    meter = StoreMeter(params, store)
+    rebuilt, read = meter.start(sorted({r.sid for r in rows}))
+    print(
+        f"restart:             {read} raw rows read, {rebuilt} stations rebuilt, "
+        f"{(time.perf_counter() - t) * 1e3:.0f} ms"
+    )
+    store.close()
+
+    # the auditor's compute(), all in memory
+    msgs = [decode_row(r) for r in rows]
+    t = time.perf_counter()
+    compute(msgs, params)
+    print(f"compute():           {(time.perf_counter() - t) / n * 1e6:8.1f} µs/message")
 
 
 if __name__ == "__main__":
