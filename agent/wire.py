@@ -27,10 +27,10 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from typing import Any, Final, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 import msgspec
-from msgspec import Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from agent import ranges
 
@@ -117,6 +117,141 @@ class StaticKeys:
 
 
 EVENTS: Final = tuple(ranges.EVENTS)  # the contract's event names (CONTRACT §5.3)
+
+
+# ---- the fast path of §6.9 -----------------------------------------------------------------
+#
+# `ranges.clean` walks the body in Python (~9 us for a 2-slot telemetry: a third of verify).
+# Nearly every message is clean, so first a typed msgspec decode of the signed bytes
+# (~2-3 us) that is at least as strict as `ranges.clean`: whatever it accepts, `clean`
+# would spoil nothing in (tests/test_wire.py holds the two together on mutated messages).
+# Anything it refuses goes to `ranges.clean`, which alone decides what is spoiled.
+
+
+_Text = Annotated[str, Meta(max_length=256)]
+_Slot = Annotated[int, Meta(ge=1, le=16)]
+_Pm = Annotated[int, Meta(ge=0, le=1000)]
+_MWh = Annotated[int, Meta(ge=0, le=ranges.U53)]
+_Wh = Annotated[int, Meta(ge=0, le=ranges.WH_MAX)]
+_U31 = Annotated[int, Meta(ge=0, le=ranges.U31)]
+_U32 = Annotated[int, Meta(ge=0, le=ranges.U32)]
+_Mv = Annotated[int, Meta(ge=0, le=1_000_000)]
+_Ma = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
+_Pw = Annotated[int, Meta(ge=-(10**7), le=10**7)]
+_T = Annotated[int, Meta(ge=-1000, le=2000)]
+_Up = Annotated[int, Meta(ge=0, le=ranges.UP_MAX)]
+_T62 = Annotated[int, Meta(ge=0, le=1 << 62)]
+# \Z, not $: "$" also matches before a final newline, and "1\n" is no slot to ranges.clean
+_SlotKey = Annotated[str, Meta(pattern="^0*([1-9]|1[0-6])\\Z")]
+_Hist = Literal[1] | None | UnsetType  # absent, null or 1
+
+
+class _Meter(Struct, kw_only=True):
+    e_wh: _Wh
+    p_w: _Pw | None = None
+    sn: _U32 | None = None
+
+
+class _Bat(Struct, kw_only=True):
+    id: _Text
+    soc: _Pm
+    soh: _Pm
+    mv: _Mv
+    ma: _Ma
+    t: _T
+    tmin: _T
+    cyc: _U32
+    flt: _U32
+    life_wh: _Wh
+
+
+class _SlotReading(Struct, kw_only=True):
+    n: _Slot
+    e_mwh: _MWh
+    b_mwh: _MWh | None = None
+    st: Literal["I", "W", "C", "V", "F", "E", "X"] | None = None
+    mv: _Mv | None = None
+    ma: _Ma | None = None
+    bat: _Bat | None = None
+
+
+class _Telemetry(Struct, kw_only=True):
+    meter: _Meter | UnsetType = UNSET  # present: an object (null spoils it)
+    err: dict[str, _U31] | UnsetType = UNSET
+    slots: list[_SlotReading] | None | UnsetType = UNSET
+    hist: _Hist = UNSET
+
+
+class _Ev(Struct, kw_only=True, tag_field="ev"):
+    hist: _Hist = UNSET
+
+
+class _BootEv(_Ev, kw_only=True, tag="boot"):
+    fw: _Text
+    reset: Literal["power", "wdt", "soft", "hard", "deep", "unknown"]
+    restored: dict[_SlotKey, _MWh]
+
+
+class _SessionStartEv(_Ev, kw_only=True, tag="session_start"):
+    slot: _Slot
+    e_mwh: _MWh
+    bat: _Text | None = None
+    soc: _Pm | None = None
+
+
+class _SessionEndEv(_Ev, kw_only=True, tag="session_end"):
+    slot: _Slot
+    e0_mwh: _MWh
+    e1_mwh: _MWh
+    up0: _Up
+    up1: _Up
+    why: Literal["full", "removed", "fault", "stopped", "reboot"]
+    bat: _Text | None = None
+    soc0: _Pm | None = None
+    soc1: _Pm | None = None
+    boot0: _U31 | None = None
+    t0: _T62 | None = None
+    t1: _T62 | None = None
+
+
+class _AlarmEv(_Ev, kw_only=True, tag="alarm"):
+    code: _Text | _U31
+    level: Literal["warn", "crit"]
+    msg: _Text
+    slot: _Slot | None = None
+
+
+class _MeterResetEv(_Ev, kw_only=True, tag="meter_reset"):
+    from_wh: _Wh
+    to_wh: _Wh
+    sn: _U32 | None = None
+
+
+class _OutboxDropEv(_Ev, kw_only=True, tag="outbox_drop"):
+    n: _U31
+
+
+class _OtaEv(_Ev, kw_only=True, tag="ota"):
+    phase: _Text
+    from_: _Text | None = msgspec.field(default=None, name="from")  # a Python keyword
+    to: _Text | None = None
+    why: _Text | None = None
+
+
+_strict_telemetry = msgspec.json.Decoder(_Telemetry)
+_strict_event = msgspec.json.Decoder(
+    _BootEv | _SessionStartEv | _SessionEndEv | _AlarmEv | _MeterResetEv | _OutboxDropEv | _OtaEv
+)
+
+
+def _clean(kind: str, signed: bytes, body: dict[str, Any]) -> ranges.Cleaned:
+    """`ranges.clean(body)`, through the fast path when the strict decode takes it."""
+    try:
+        (_strict_telemetry if kind == "telemetry" else _strict_event).decode(signed)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return ranges.clean(body)
+    return ranges.Cleaned(dict(body), ())
+
 
 _generic = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
@@ -309,7 +444,7 @@ def verify(
         seq=seq,
         record=payload,
         body=body,
-        cleaned=ranges.clean(body),
+        cleaned=_clean(kind, signed, body),
     )
 
 

@@ -362,3 +362,132 @@ def test_the_fast_depth_check_is_ranges_depth() -> None:
     for _ in range(5000):
         o = {str(i): rnd(2) for i in range(rng.randint(0, 3))}
         assert wire._deeper_than_4(o) == (ranges.depth(o) > 4), o
+
+
+def _mutants(seed: int, n: int) -> list[tuple[str, dict[str, Any]]]:
+    """Valid telemetry and events, each with one to three random changes: a value replaced
+    (a boundary, a huge, a bool, a float, a string, null, a list, an object), a key
+    dropped or added, an event name changed."""
+    import copy
+    import random
+
+    rng = random.Random(seed)
+    bat = {
+        "id": "B1",
+        "soc": 500,
+        "soh": 990,
+        "mv": 67000,
+        "ma": -1000,
+        "t": -5,
+        "tmin": 2000,
+        "cyc": 3,
+        "flt": 0,
+        "life_wh": 10**11,
+    }
+    tel = {
+        "meter": {"e_wh": 1000, "p_w": -10, "sn": 7},
+        "slots": [
+            {"n": 1, "st": "C", "mv": 67200, "ma": 1000, "e_mwh": 2**53 - 1, "b_mwh": 0},
+            {"n": 16, "e_mwh": 500, "bat": bat},
+        ],
+        "err": {"mb_to": 2**31 - 1, "x": 0},
+        "hist": 1,
+    }
+    events = [
+        {"ev": "boot", "fw": "1", "reset": "wdt", "restored": {"1": 5, "016": 0}},
+        {"ev": "session_start", "slot": 1, "bat": None, "e_mwh": 5, "soc": None},
+        {
+            "ev": "session_end",
+            "slot": 2,
+            "bat": "B",
+            "e0_mwh": 1,
+            "e1_mwh": 2,
+            "soc0": 0,
+            "soc1": 1000,
+            "up0": 0,
+            "up1": 320_000_000_000,
+            "boot0": 3,
+            "t0": 1,
+            "t1": 2**62,
+            "why": "reboot",
+        },
+        {"ev": "alarm", "code": 7, "level": "crit", "msg": "m", "slot": 3},
+        {"ev": "alarm", "code": "x" * 256, "level": "warn", "msg": ""},
+        {"ev": "meter_reset", "from_wh": 10, "to_wh": 0, "sn": 2**32 - 1},
+        {"ev": "outbox_drop", "n": 0},
+        {"ev": "ota", "phase": "staged", "from": "1.0", "to": "1.1"},
+    ]
+    pool: list[Any] = [
+        0, 1, -1, 16, 17, 1000, 1001, -1000, -1001, 2000, 2001, 2**31 - 1, 2**31, 2**32 - 1,
+        2**32, 2**53 - 1, 2**53, 10**11, 10**11 + 1, 10**7, 10**7 + 1, 1_000_000, 1_000_001,
+        -1_000_001, 2**62, 2**62 + 1, 320_000_000_000, 320_000_000_001, 34 * 10**40,
+        -(34 * 10**40), True, False, 1.0, 0.5, "1", "", "x" * 256, "x" * 257, "I", "Q",
+        "warn", "power", "full", "B1", None, [], [1], {}, {"n": 1}, "1\n", "\u00b2",
+        "boot", "ota", "explode",
+    ]  # fmt: skip
+
+    def containers(o: Any, out: list[Any]) -> list[Any]:
+        out.append(o)
+        for v in o.values() if isinstance(o, dict) else o if isinstance(o, list) else ():
+            if isinstance(v, dict | list):
+                containers(v, out)
+        return out
+
+    res = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            kind, m = "telemetry", copy.deepcopy(tel)
+        else:
+            kind, m = "event", copy.deepcopy(rng.choice(events))
+        for _ in range(rng.randint(1, 3)):
+            c = rng.choice(containers(m, []))
+            if isinstance(c, dict):
+                r = rng.random()
+                if c and r < 0.6:
+                    k = rng.choice(list(c))
+                    if kind == "event" and c is m and k == "ev" and rng.random() < 0.7:
+                        continue  # keep mostly known events: they are the interesting ones
+                    c[k] = copy.deepcopy(rng.choice(pool))
+                elif c and r < 0.8:
+                    del c[rng.choice(list(c))]
+                else:
+                    c[rng.choice(["hist", "meter", "err", "slots", "bat", "17", "1\n", "zz"])] = (
+                        copy.deepcopy(rng.choice(pool))
+                    )
+            elif c:
+                c[rng.randrange(len(c))] = copy.deepcopy(rng.choice(pool))
+        res.append((kind, m))
+    return res
+
+
+def test_the_fast_path_never_passes_what_ranges_clean_spoils() -> None:
+    # wire._clean takes a message as clean when msgspec's strict decode accepts it; that
+    # must never be a message ranges.clean would spoil anything in
+    import msgspec
+
+    env = {"v": 1, "sid": GOOD_SID, "kid": 1, "boot": 1, "seq": 1, "up": 1}
+    accepted = 0
+    for kind, m in _mutants(11, 30_000):
+        body = {**env, **m}
+        signed_bytes = msgspec.json.encode(body)
+        fast = wire._clean(kind, signed_bytes, body)
+        slow = ranges.clean(body)
+        assert fast == slow, (kind, body, fast, slow)
+        accepted += not slow.spoiled
+    assert accepted > 1000  # the mutants reach both sides
+
+
+def test_clean_messages_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(body: Any) -> Any:
+        raise AssertionError("ranges.clean called for a clean message")
+
+    st = Station(GOOD_SID, slots=3)
+    st.advance()
+    msgs = [st.telemetry(), st.boot_event(), st.event("outbox_drop", n=1)]
+    msgs += [(topic.rsplit("/", 1)[1], p) for _n, topic, p, sp in spoiled_cases() if not sp]
+    monkeypatch.setattr(ranges, "clean", boom)
+    for kind, p in msgs:
+        if b'"slots"' not in p and kind == "telemetry":
+            continue
+        v = wire.verify(kind, GOOD_SID, p, ring())
+        assert v.cleaned.spoiled == () and v.cleaned.body == v.body
