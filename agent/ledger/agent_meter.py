@@ -114,13 +114,17 @@ class StoreMeter:
         rebuilt = 0
         for sid in sorted(set(sids) | set(states)):
             s = states.get(sid)
-            with self.store.transaction():
-                if s is None or s[0] != self.version:
-                    if s is None and not self.store.raw_after(sid, (-1, -1)):
-                        continue
-                    log.info("metering %s from its raw messages (no usable state)", sid)
+            if s is None or s[0] != self.version:
+                if s is None and not self.store.raw_after(sid, (-1, -1)):
+                    continue
+                log.info("metering %s from its raw messages (no usable state)", sid)
+                with self.store.transaction():
                     self.rebuild(sid)
-                    rebuilt += 1
-                else:
+                rebuilt += 1
+                continue
+            st = load_station(s[1])
+            key = st.key if st.key is not None else (-1, -1)
+            if self.store.raw_after(sid, key):  # a transaction only when there is work
+                with self.store.transaction():
                     self.catch_up(sid)
         return rebuilt, self.store.raw_rows_read - n0
