@@ -49,6 +49,7 @@ import concurrent.futures
 import contextlib
 import gc
 import logging
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -103,6 +104,18 @@ _ENV_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     MemoryError,
 )
+
+
+class DatabaseGone(OSError):
+    """The database file the writer has open is no longer at its path."""
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _is_env(e: BaseException) -> bool:
@@ -161,6 +174,9 @@ class Service:
         # connection of their own in another thread, off the commit path
         self.store = Store(cfg.db.url, synchronous=cfg.db.synchronous, autocheckpoint=100_000)
         self.store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+        # the file the writer has open: a commit into a file deleted or replaced under the
+        # agent would "succeed" into nowhere, so each write first checks it is still there
+        self._db_file = _file_id(self.store.path)
         self._ckpt_store = Store(cfg.db.url, synchronous=cfg.db.synchronous, create=False)
         self._ckpt_store.db.execute(f"PRAGMA busy_timeout = {_HEALTH_BUSY_MS}")
         self._ckpt = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-ckpt")
@@ -324,6 +340,10 @@ class Service:
         are left out (metering output, recomputed from raw at the next start); failing
         that too, each message is written in a transaction of its own and one that fails
         alone is kept in quarantine as `internal`."""
+        if _file_id(self.store.path) != self._db_file:
+            raise DatabaseGone(
+                f"{self.store.path} is gone or was replaced: nothing is written until it is back"
+            )
         try:
             return _Written(*self._write(b, ups, gone))
         except Exception as e:

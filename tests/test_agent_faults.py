@@ -340,6 +340,33 @@ async def test_locked_database_stops_acknowledging_and_resumes_by_itself(
         assert any(x[2] == "agent_db" and "locked" in x[4] for x in s.alarms())
 
 
+async def test_database_file_gone_stops_acknowledging_until_it_is_back(
+    mosquitto: Mosquitto, tmp_path: pathlib.Path
+) -> None:
+    # a commit into a file deleted under the agent would succeed into nowhere: the agent
+    # checks before each write that its file is still at its path
+    dbp = tmp_path / "agent.db"
+    db = f"sqlite:///{dbp}"
+    _keys(db, SID)
+    keep = tmp_path / "kept.db"  # the same file under another name (a hard link)
+
+    def gone() -> None:
+        os.link(dbp, keep)
+        os.unlink(dbp)
+
+    async with _Agent(db, mosquitto.port, health=True) as a:
+        h = await _fault_then_recover(
+            a,
+            mosquitto.port,
+            db,
+            _stream(SID, 20),
+            _stream(SID, 100, boot=2),
+            gone,
+            lambda: os.link(keep, dbp),
+        )
+        assert "gone" in h["last_error"], h
+
+
 # ---- SIGTERM within 5 s --------------------------------------------------------------------------
 
 
