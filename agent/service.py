@@ -643,7 +643,6 @@ class Service:
         if last is not None and now - last < every:
             self.counters["alarms_suppressed"] += 1
             return
-        self._alarmed[(sid, key)] = now
         if len(self._alarmed) > 100_000:
             self._alarmed.clear()
         try:
@@ -651,6 +650,7 @@ class Service:
                 self._db, self.store.add_alarm, sid, code, level, detail[:1000]
             )
             self.counters["alarms"] += 1
+            self._alarmed[(sid, key)] = now  # a failed write is tried again next time
         except Exception as e:
             self.counters["alarm_errors"] += 1
             log.warning("could not write alarm %s for %s (%r): %s", code, sid, e, detail)
