@@ -345,6 +345,17 @@ def test_poison_corpus_stops_nothing(mosquitto: Mosquitto, tmp_path: pathlib.Pat
     assert {sid for sid, code, _ in alarms if code == "bad_field"} == {BAD}
     assert not [a for a in alarms if a[1] in ("internal", "agent_db")]
 
+    # what the agent metered from the spoiled messages is what `stationctl verify`
+    # recomputes from their stored bytes (the same §6.9 cleaning at ingest and after)
+    r = subprocess.run(
+        [*STATIONCTL, "verify", "--db", f"sqlite:///{db}", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
     # the good stations' records: byte for byte those of the clean run
     for by in ("interval", "session", "day"):
         clean = _export(clean_db, by)
