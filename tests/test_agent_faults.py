@@ -452,3 +452,20 @@ def test_sigterm_within_5s_idle_mid_backlog_and_locked(
     print(json.dumps({"sigterm_s": {k: round(v, 3) for k, v in times.items()}}))
     assert all(v < 5.0 for v in times.values()), times
     assert os.path.exists(dbp)
+
+
+def test_the_watchdog_ends_a_process_that_does_not_stop() -> None:
+    # the last line of defence after SIGTERM: whatever holds the process, it is gone at
+    # the deadline with exit status 1
+    import sys
+
+    code = (
+        "import time, stationctl.agent as a\n"
+        "a.STOP_DEADLINE_S = 0.3\n"
+        "a._watchdog()\n"
+        "time.sleep(30)\n"
+    )
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and time.monotonic() - t0 < 10
+    assert "exiting now" in r.stderr
