@@ -116,6 +116,7 @@ class Engine:
         self.days: dict[str, set[tuple[int, int]]] = {}  # sid -> (slot, day) to roll up
         self.changed: set[str] = set()
         self._skip: Key | None = None  # a checkpoint not to write again (re-apply start)
+        self._pre: tuple[str, int] | None = None  # (sid, boot) whose facts were read first
         self.rows_read = 0  # raw messages read back from the backend (re-applies)
 
     # ---- which messages, which records -------------------------------------------------
@@ -255,13 +256,13 @@ class Engine:
                 try:
                     self._apply(st, m, True)
                 except _Fact:  # a fact the snapshot did not have yet: from its boot start
-                    if boot_start and m.boot == key[0]:
-                        raise
                     self._skip = None
+                    self._pre = None
                     self._recompute(live, (m.boot, -1), [], True)
                     return
         finally:
             self._skip = None
+            self._pre = None
 
     def _horizon_ok(self, live: Station, ck: Checkpoint, snap: Station | None) -> bool:
         """Did every segment after the checkpoint stay at or above its open intervals?"""
@@ -326,6 +327,7 @@ class Engine:
                 self.rows_read += 1
                 if self.accepts(m) and _usable(m):
                     b.merge(m.seq, m.recv_ms, m.body)
+            self._pre = (st.sid, no)
         st.boot = b
 
     def _apply(self, st: Station, m: RawMsg, prepass: bool) -> None:
@@ -344,8 +346,8 @@ class Engine:
             assert b is not None
         elif st.since >= self.every:
             self._checkpoint(st, key)
-        if b.merge(seq, m.recv_ms, body) and b.count:
-            raise _Fact
+        if b.merge(seq, m.recv_ms, body) and b.count and self._pre != (st.sid, b.no):
+            raise _Fact  # (a boot whose facts were read first cannot change them)
         i = b.count
         b.count = i + 1
         b.last_seq = seq
