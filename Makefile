@@ -1,5 +1,5 @@
 # The two commands of the README, and the pieces they are made of.
-.PHONY: setup demo test lint typecheck compile bench chaos clean
+.PHONY: setup demo test lint typecheck compile bench chaos soak kill-soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,16 @@ bench: setup
 # faults; the books must balance (bench/chaos.py). Outside the default test run: ~20 minutes.
 chaos: setup
 	.venv/bin/python bench/chaos.py $(ARGS)
+
+# 2 million 8-slot messages from 100 stations through Mosquitto into `stationctl agent`:
+# RSS, metering state, restarts, throughput, latency (bench/soak.py; figures only, ~15 min
+# with the first run's signing; ARGS=--quick for ~100k messages)
+soak: setup
+	.venv/bin/python bench/soak.py $(ARGS)
+
+# tests/test_agent_kill.py's long variant: 60 SIGKILLs, 8 stations, a longer stream
+kill-soak: setup
+	STATIONCTL_KILL_SOAK=1 .venv/bin/python -m pytest -q -s tests/test_agent_kill.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv .stubs .pytest_cache .mypy_cache
