@@ -252,6 +252,12 @@ class Agent(AgentProcess):
         self.wait_log("subscribed to", timeout=600)
         return time.monotonic() - t0
 
+    def startup_lines(self) -> str:
+        """What this start logged about resuming metering (replay, rebuilt stations)."""
+        keep = ("replayed", "metered", "health on")
+        lines = [ln for ln in self.log_text().splitlines() if any(k in ln for k in keep)]
+        return "; ".join(ln.split(": ", 1)[-1].strip() for ln in lines)
+
     def rss_mb(self) -> float:
         for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -398,7 +404,7 @@ def main() -> None:
             took, rc = agent.stop(timeout=60)
             print(f"at {at:,}: SIGTERM → exit {took:.2f}s (status {rc})")
             t = agent.start_ready()
-            print(f"at {at:,}: restart → ready (subscribed) {t:.2f}s")
+            print(f"at {at:,}: restart → ready (subscribed) {t:.2f}s ({agent.startup_lines()})")
 
         # 1. live up to the restart point
         pos = 0
@@ -423,7 +429,10 @@ def main() -> None:
         pin(0, OTHER_CPU)
         t0 = time.monotonic()
         t_ready = agent.start_ready()
-        print(f"at {pos:,}: restart → ready (subscribed) {t_ready:.2f}s, {backlog:,} waiting")
+        print(
+            f"at {pos:,}: restart → ready (subscribed) {t_ready:.2f}s, {backlog:,} waiting "
+            f"({agent.startup_lines()})"
+        )
         agent.wait_committed(pos + backlog)
         drain = time.monotonic() - t0
         rate = backlog / (drain - t_ready)
