@@ -94,9 +94,10 @@ class Ledger:
 
     def _adjustments(self, sid: str, due: set[tuple[int, int]]) -> None:
         assert self.locked is not None
-        fst = self.full.stations.get(sid)
-        lst = self.locked.stations.get(sid)
-        slots = set(fst.streams if fst else ()) | set(lst.streams if lst else ())
+        # (loaded from the backend if this batch did not need it: its totals count)
+        fst = self.full.station(sid)
+        lst = self.locked.station(sid)
+        slots = set(fst.streams) | set(lst.streams)
         iv = self.params.interval_ms
         fo = self.full.first_open
         assert fo is not None
@@ -105,8 +106,8 @@ class Ledger:
                 self.params,
                 sid,
                 n,
-                fst.streams.get(n) if fst else None,
-                lst.streams.get(n) if lst else None,
+                fst.streams.get(n),
+                lst.streams.get(n),
             )
             rid = make_record_id("interval", sid, n, start_ms=fo * iv, adjustment=True)
             old = self.backend.get_record(rid)
