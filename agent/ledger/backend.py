@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from agent.ledger.inputs import RawMsg
-from agent.ledger.records import DAY_MS, Record, make_record_id, record_id
+from agent.ledger.records import DAY_MS, Record, day_record, make_record_id, record_id
 from agent.ledger.state import Key
 
 
@@ -55,8 +55,9 @@ class Backend(Protocol):
     ) -> set[int]: ...
     # session records of a station whose end event is at or after key
     def delete_sessions_from(self, sid: str, key: Key) -> None: ...
-    # interval records (adjustments included) of a stream in one UTC day
-    def day_intervals(self, sid: str, slot: int, day: int) -> list[Record]: ...
+    # the day record of a stream: its interval records (adjustments included) of one UTC
+    # day rolled up (agent.ledger.records.day_record), None when it has none
+    def day_roll(self, sid: str, slot: int, day: int) -> Record | None: ...
 
 
 class MemoryBackend:
@@ -180,13 +181,18 @@ class MemoryBackend:
             if r.kind == "session" and r.to_key >= key:
                 self.delete_record(rid)
 
-    def day_intervals(self, sid: str, slot: int, day: int) -> list[Record]:
+    def day_roll(self, sid: str, slot: int, day: int) -> Record | None:
         lo = day * DAY_MS
-        return [
-            r
-            for r in self.records.get(sid, {}).values()
-            if r.kind == "interval" and r.slot == slot and lo <= r.start_ms < lo + DAY_MS
-        ]
+        return day_record(
+            sid,
+            slot,
+            day,
+            [
+                r
+                for r in self.records.get(sid, {}).values()
+                if r.kind == "interval" and r.slot == slot and lo <= r.start_ms < lo + DAY_MS
+            ],
+        )
 
     def forget(self, sid: str) -> None:
         self.raw.pop(sid, None)

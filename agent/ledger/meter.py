@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from agent.ledger.backend import Backend, MemoryBackend
 from agent.ledger.engine import FULL, LOCKED, Engine, adjustment_record
 from agent.ledger.inputs import DEFAULT_PARAMS, MeterParams, RawMsg
-from agent.ledger.records import DAY_MS, Record, day_record, make_record_id, record_sort_key
+from agent.ledger.records import DAY_MS, Record, make_record_id, record_sort_key
 from agent.ledger.state import Station
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Ledger:
     def roll_days(self, sid: str) -> None:
         be = self.backend
         for n, d in sorted(self.days_due.pop(sid, set())):
-            r = day_record(sid, n, d, be.day_intervals(sid, n, d))
+            r = be.day_roll(sid, n, d)
             if r is None:
                 be.delete_record(make_record_id("day", sid, n, start_ms=d * DAY_MS))
             else:
