@@ -391,13 +391,26 @@ def main() -> None:
         print(f"start on an empty database: ready in {t_ready:.2f}s")
         pub = RawPublisher(broker.port, data, offs)
 
+        def commits() -> tuple[float, float]:
+            """(seconds in commits, commits) of this agent process so far (/metrics)."""
+            return (
+                agent.metric("stationctl_agent_commit_seconds_sum"),
+                agent.metric("stationctl_agent_commit_seconds_count"),
+            )
+
         def live(lo: int, hi: int, what: str) -> None:
             assert pub is not None
             t0 = time.monotonic()
+            s0, c0 = commits()
             pub.send(lo, hi, agent.committed)
             agent.wait_committed(hi)
             dt = time.monotonic() - t0
-            print(f"live {lo:>9,} → {hi:>9,}: {(hi - lo) / dt:9,.0f} msg/s")
+            s1, c1 = commits()
+            print(
+                f"live {lo:>9,} → {hi:>9,}: {(hi - lo) / dt:9,.0f} msg/s; in commits "
+                f"{(s1 - s0) / dt:.0%} of the time, {(hi - lo) / max(1, c1 - c0):,.0f} msg and "
+                f"{(s1 - s0) / max(1, c1 - c0) * 1e3:.0f} ms per commit"
+            )
             rss.append((hi, what, agent.rss_mb()))
 
         def stop_start(at: int) -> None:
