@@ -186,7 +186,7 @@ class Service:
         # metering runs in the db thread, inside each batch's transaction (_write)
         self.meter = StoreMeter(cfg.metering, self.store)
         self._unmetered: list[RawRow] = []  # committed without metering (re-verified rows)
-        self._metered: set[tuple[str, int, int]] = set()  # metered in the last write
+        self._metered: set[tuple[str, int, int]] = set()  # metered, not yet reported
         self._meter_failed: set[str] = set()  # stations whose metering raised (till restart)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
         self._batch = _Batch()  # filling
@@ -280,8 +280,8 @@ class Service:
         """db thread: one transaction for a batch, the records its rows change and the
         metering state (rows committed earlier without metering go first)."""
         todo, self._unmetered = self._unmetered, []
-        self._metered = set()
         touched: set[str] = set()
+        done: list[tuple[str, int, int]] = []
 
         def meter(res: BatchResult) -> None:
             msgs = [decode_row(r) for r in todo]
@@ -290,7 +290,7 @@ class Service:
                 c = b.cleaned[i] if i < len(b.cleaned) else None
                 body = b.bodies[i] if c is None else c.body
                 msgs.append(raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body, cleaned=c))
-            self._meter_tx(msgs, touched)
+            self._meter_tx(msgs, touched, done)
 
         try:
             res = self.store.write_batch(
@@ -301,11 +301,17 @@ class Service:
             for sid in touched:
                 self.meter.forget(sid)
             self._unmetered = todo + self._unmetered
-            self._metered = set()
             raise
+        # committed: _meter (after the commit) finds these done; a key left over (a path
+        # that never reports it) would only be metered again, which changes nothing
+        if len(self._metered) > 1_000_000:
+            self._metered.clear()
+        self._metered.update(done)
         return res.new, res.duplicates, res.conflicts
 
-    def _meter_tx(self, msgs: list[RawMsg], touched: set[str]) -> None:
+    def _meter_tx(
+        self, msgs: list[RawMsg], touched: set[str], done: list[tuple[str, int, int]]
+    ) -> None:
         """db thread, in the batch's transaction: meter each station apart, in a savepoint,
         so that one whose metering raises stops no other (its records stay as they were;
         it is metered again from raw at the next start)."""
@@ -330,7 +336,7 @@ class Service:
                 log.exception("metering %s failed on %d message(s) (raw is stored)", sid, len(lst))
                 continue
             db.execute("RELEASE meter")
-            self._metered.update((m.sid, m.boot, m.seq) for m in lst)
+            done.extend((m.sid, m.boot, m.seq) for m in lst)
 
     def _write_guarded(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> _Written:
         """db thread: `_write`, with no row able to stop it. A database failure (`_is_env`)
