@@ -144,6 +144,9 @@ class Engine:
         of a message arrived): recompute from its start."""
         st = self.station(sid)
         self.changed.add(sid)
+        if st.key is not None and msgs:
+            # the last processed message again (a caller's retry): nothing new
+            msgs = [m for m in msgs if (m.boot, m.seq) != st.key]
         k0 = (msgs[0].boot, msgs[0].seq) if msgs else None
         if boot_start is not None:
             if k0 is not None and st.key is not None and k0 < st.key and k0[0] < boot_start:
