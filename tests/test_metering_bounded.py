@@ -248,3 +248,24 @@ def _payload(body: Any) -> bytes:
     import json
 
     return json.dumps(body, separators=(",", ":")).encode()[:-1] + b',"sig":"' + b"0" * 64 + b'"}'
+
+
+def test_messages_given_again_change_nothing(tmp_path: pathlib.Path) -> None:
+    """The agent may meter a stored message twice (a retried write): the last one, or an
+    earlier one, given again leaves the records as they are."""
+    t0 = 1_767_225_600_000
+    msgs = [_tel(1, i, 10_000 * i, t0, 1000 * i, i) for i in range(0, 40, 2)]  # gaps
+    want = {r.rid: r for r in map(record_to_row, compute(msgs))}
+    store = Store(f"sqlite:///{tmp_path}/g.db", synchronous="off")
+    meter = StoreMeter(MeterParams(), store, ckpt_every=4)
+    rows = [
+        RawRow(SID, m.boot, m.seq, "telemetry", "t", m.recv_ms, 1, _payload(m.body)) for m in msgs
+    ]
+    store.write_batch(rows, then=lambda res: meter.add([decode_row(rows[j]) for j in res.new]))
+    with store.transaction():
+        meter.add([decode_row(rows[-1])])
+        meter.add([decode_row(rows[5]), decode_row(rows[-1])])
+    with store.transaction():
+        meter.add([decode_row(rows[-1])])
+    assert {r.rid: r for r in store.record_rows()} == want
+    store.close()
