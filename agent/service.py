@@ -185,7 +185,7 @@ class Service:
         self.keys: CachedKeys = self._keystore.ring()
         # metering runs in the db thread, inside each batch's transaction (_write)
         self.meter = StoreMeter(cfg.metering, self.store)
-        self._unmetered: list[RawRow] = []  # committed without metering (re-verified rows)
+        self._unmetered: list[RawRow] = []  # committed without metering: the next write
         self._metered: set[tuple[str, int, int]] = set()  # metered, not yet reported
         self._meter_failed: set[str] = set()  # stations whose metering raised (till restart)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
@@ -308,6 +308,35 @@ class Service:
             self._metered.clear()
         self._metered.update(done)
         return res.new, res.duplicates, res.conflicts
+
+    def _resolve(
+        self,
+        rows: list[RawRow],
+        cleaned: list[ranges.Cleaned],
+        qids: list[int],
+        rejected: list[tuple[int, str, str]],
+    ) -> tuple[BatchResult, list[str]]:
+        """db thread: re-verified quarantine rows stored and metered in one transaction
+        (as `_write`: a crash cannot leave them stored and unmetered)."""
+        touched: set[str] = set()
+        done: list[tuple[str, int, int]] = []
+
+        def meter(res: BatchResult) -> None:
+            msgs = [
+                raw_msg(r.sid, r.boot, r.seq, r.recv_ms, cleaned[i].body, cleaned=cleaned[i])
+                for i in res.new
+                for r in (rows[i],)
+            ]
+            self._meter_tx(msgs, touched, done)
+
+        try:
+            out = self.store.resolve_quarantine(rows, qids, rejected, then=meter)
+        except BaseException:
+            for sid in touched:
+                self.meter.forget(sid)
+            raise
+        self._metered.update(done)
+        return out
 
     def _meter_tx(
         self, msgs: list[RawMsg], touched: set[str], done: list[tuple[str, int, int]]
@@ -732,7 +761,7 @@ class Service:
             qids.append(q.id)
         if rows or rejected:
             res, outcomes = await loop.run_in_executor(
-                self._db, self.store.resolve_quarantine, rows, qids, rejected
+                self._db, self._resolve, rows, cleaned, qids, rejected
             )
         else:
             res, outcomes = BatchResult([], 0, 0), []
@@ -762,8 +791,9 @@ class Service:
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
         """After a commit: rows metered in its transaction are done; a station whose
-        metering failed there is counted (meter_errors); rows committed without metering
-        (re-verified quarantine rows) are metered by the next write, due soon."""
+        metering failed there is counted (meter_errors); a row committed without metering
+        (none today: writes and re-verifications meter in their transaction) is metered
+        by the next write, due soon."""
         failed = False
         for r in rows:
             k = (r.sid, r.boot, r.seq)

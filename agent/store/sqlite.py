@@ -367,6 +367,7 @@ class Store:
         rejected: Sequence[tuple[int, str, str]] = (),
         *,
         at_ms: int | None = None,
+        then: Callable[[BatchResult], None] | None = None,
     ) -> tuple[BatchResult, list[str]]:
         """Ingest quarantined messages that now verify, in one transaction: `rows[i]` (the
         quarantine row `qids[i]`'s exact bytes) goes through the duplicate/conflict rules of
@@ -374,8 +375,8 @@ class Store:
         `resolved_to` = stored | duplicate | conflict; a conflict also gets its own
         quarantine row and alarm, as on arrival). `rejected` holds (qid, reason, detail) of
         rows that failed again for another reason (e.g. bad_sig): their reason and detail
-        are updated; they stay in quarantine. Returns the batch result and each row's
-        outcome."""
+        are updated; they stay in quarantine. `then(result)` runs inside the transaction
+        (metering, as in `write_batch`). Returns the batch result and each row's outcome."""
         if len(rows) != len(qids):
             raise ValueError("one quarantine id per row")
         t = now_ms() if at_ms is None else at_ms
@@ -391,6 +392,8 @@ class Store:
                     "UPDATE quarantine SET reason = ?, detail = ? WHERE id = ?",
                     [(reason, detail, q) for q, reason, detail in rejected],
                 )
+            if then is not None:
+                then(result)
         return result, outcomes
 
     def put_status(self, items: Sequence[tuple[str, int, bytes]]) -> None:
