@@ -421,5 +421,6 @@ def test_sigkill_at_20_moments_export_equals_a_clean_run(
                 f"--by {by}: {len(g)} lines vs {len(w)} clean; first differences "
                 f"{json.dumps([(a.decode(), b.decode()) for a, b in diff], indent=1)}\n{table}"
             )
-    # some kills fell with messages waiting (not yet committed)
-    assert sum(ep.committed_at_kill < ep.published_at_kill for ep in eps) >= KILLS // 2, table
+    # the kills were not all at rest: some fell with messages published and not committed
+    # (11-13 of 20 in the runs so far)
+    assert sum(ep.committed_at_kill < ep.published_at_kill for ep in eps) >= KILLS // 4, table
