@@ -1,8 +1,9 @@
 """The agent service: MQTT → verify → raw store / quarantine → PUBACK → metering → records.
 
-Threads: the asyncio loop thread runs paho (agent/sources/mqtt.py), verification and metering;
-one database thread runs every write, so a commit (an fsync with synchronous=FULL) never
-stalls the network. Batches form by themselves (group commit): while one batch commits,
+Threads: the asyncio loop thread runs the MQTT client (agent/sources/mqtt.py) and
+verification; one database thread runs every write and the metering of what it writes
+(agent/ledger/agent_meter.py: raw rows, the records they change and the stations' states
+commit together), so a commit (an fsync with synchronous=FULL) never stalls the network. Batches form by themselves (group commit): while one batch commits,
 the next accumulates, so a quiet agent commits each message at once and a busy one
 commits thousands at a time. Acknowledgements go out only after the commit.
 
@@ -16,8 +17,9 @@ Failure policy (no message can stop ingest; nothing acknowledged is ever lost):
   with the exception's class and its bytes, counted and alarmed, and the rest of its batch
   goes on: a batch whose insert fails with a data error is probed row by row (savepoints,
   rolled back) to find the culprits, which go to quarantine, then written again. Metering
-  runs per station after the commit; a station whose metering raises is alarmed and
-  counted (its raw is safe, its records are recomputed from raw at the next start).
+  runs per station inside the batch's transaction; a station whose metering raises is
+  rolled back to its savepoint, alarmed and counted (its raw is safe, its records are
+  recomputed from raw at the next start).
 - A commit that cannot succeed (disk full, database locked or gone) acknowledges nothing,
   stops reading, marks the agent failing (`/healthz` 503, `stationctl_agent_failing`),
   retries with backoff up to 5 s and resumes by itself when the cause goes; the spell is
