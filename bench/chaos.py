@@ -57,10 +57,10 @@ STATIONCTL = [sys.executable, "-m", "stationctl"]
 
 
 class Msg:
-    __slots__ = ("body", "boot", "seq", "sid")
+    __slots__ = ("body", "boot", "recv_ms", "seq", "sid")
 
-    def __init__(self, sid: str, boot: int, seq: int, body: dict[str, Any]) -> None:
-        self.sid, self.boot, self.seq, self.body = sid, boot, seq, body
+    def __init__(self, sid: str, boot: int, seq: int, recv_ms: int, body: dict[str, Any]) -> None:
+        self.sid, self.boot, self.seq, self.recv_ms, self.body = sid, boot, seq, recv_ms, body
 
 
 class FaultLog:
@@ -132,7 +132,7 @@ class Collector:
     """An independent subscriber (persistent session): every delivery, duplicates included."""
 
     def __init__(self, port: int) -> None:
-        self.got: list[tuple[str, bytes]] = []
+        self.got: list[tuple[str, bytes, int]] = []  # topic, payload, receive ms
         self.lock = threading.Lock()
         self.c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id="chaos-collector", clean_session=False
@@ -147,7 +147,7 @@ class Collector:
 
     def _on(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.got.append((m.topic, bytes(m.payload)))
+            self.got.append((m.topic, bytes(m.payload), int(time.time() * 1000)))
 
     def snapshot(self) -> list[tuple[str, bytes]]:
         with self.lock:
@@ -364,7 +364,7 @@ def main() -> int:
     ring = StaticKeys({(s.sid, s.kid): s.key for s in fleet.stations})
     col_msgs: dict[tuple[str, int, int], Msg] = {}
     deliveries = 0
-    for topic, payload in got:
+    for topic, payload, recv_ms in got:
         if payload in injected_set:
             continue
         deliveries += 1
@@ -373,7 +373,7 @@ def main() -> int:
             v = verify(kind, sid, payload, ring)
         except WireError:
             continue
-        col_msgs.setdefault((sid, v.boot, v.seq), Msg(sid, v.boot, v.seq, v.body))
+        col_msgs.setdefault((sid, v.boot, v.seq), Msg(sid, v.boot, v.seq, recv_ms, v.body))
 
     def agent_keys() -> set[tuple[str, int, int]]:
         st = Store(agent.db_url, readonly=True)
@@ -391,7 +391,7 @@ def main() -> int:
         st = Store(agent.db_url, readonly=True)
         try:
             msgs = [
-                Msg(r.sid, r.boot, r.seq, decode_record(r.record))
+                Msg(r.sid, r.boot, r.seq, r.recv_ms, decode_record(r.record))
                 for rows in st.iter_raw()
                 for r in rows
             ]

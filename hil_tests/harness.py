@@ -113,6 +113,7 @@ class RawMsg:
     seq: int
     kind: str
     body: dict[str, Any]
+    recv_ms: int = 0  # the agent's receive time (rule 5 for a boot without a clock)
 
 
 class Agent:
@@ -180,7 +181,7 @@ class Agent:
         st = Store(self.db_url, readonly=True)
         try:
             out = [
-                RawMsg(r.sid, r.boot, r.seq, r.kind, decode_record(r.record))
+                RawMsg(r.sid, r.boot, r.seq, r.kind, decode_record(r.record), r.recv_ms)
                 for rows in st.iter_raw(sid)
                 for r in rows
             ]

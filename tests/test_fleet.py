@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -39,7 +40,7 @@ class Collector:
     """Every signed message the stations publish (persistent session, QoS 1)."""
 
     def __init__(self, port: int) -> None:
-        self.got: list[tuple[str, bytes]] = []
+        self.got: list[tuple[str, bytes, int]] = []  # topic, payload, receive ms
         self.lock = threading.Lock()
         self.c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id="fleet-test", clean_session=False
@@ -53,16 +54,18 @@ class Collector:
 
     def _on(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.got.append((m.topic, bytes(m.payload)))
+            self.got.append((m.topic, bytes(m.payload), int(time.time() * 1000)))
 
     def verified(self, keys: StaticKeys) -> list[Any]:
         with self.lock:
             got = list(self.got)
         out = []
-        for topic, payload in got:
+        for topic, payload, recv_ms in got:
             _, sid, kind = topic.split("/")
-            v = verify(kind, sid, payload, keys)
-            out.append(type("M", (), {"sid": sid, "boot": v.boot, "seq": v.seq, "body": v.body}))
+            v = verify(kind, sid, payload, keys, recv_ms=recv_ms)
+            out.append(
+                SimpleNamespace(sid=sid, boot=v.boot, seq=v.seq, recv_ms=recv_ms, body=v.body)
+            )
         return out
 
     def close(self) -> None:
