@@ -491,25 +491,34 @@ class Engine:
         if r is not None:
             credit, below = rules.baseline(v, r)
             fl = base | F_BASELINE | (F_ANOMALY_DOWN if below else 0)
-            held = 0
-            if credit and self.v2 and rules.implausible(credit, self.max_power[1 if n else 0], up):
-                held, credit = credit, 0
-                fl |= F_HELD
-            # energy since the boot started: spread over [offset(b), t]
-            self._emit(st, s, credit, held, fl, t - up, t, (b.no, -1), r, key, v)
-            if credit:
-                _range(s, b.no, r, v)
-            if held:
-                # the mark stays at r: the next reading is judged from the restored value
-                s.mark = r
-                s.mark_up = 0
-                s.held_value = v
-                s.held_up = up
-                return
-        else:
-            self._emit(st, s, 0, 0, base | F_BASELINE, t, t, key, v, key, v)
+            self._since_restore(st, s, b, key, v, up, t, r, credit, fl)
+            return
+        self._emit(st, s, 0, 0, base | F_BASELINE, t, t, key, v, key, v)
         s.mark = v
         s.mark_up = up
+
+    def _since_restore(
+        self, st: Station, s: Stream, b: Boot, key: Key, v: int, up: int, t: int, r: int,
+        credit: int, fl: int,
+    ) -> None:  # fmt: skip
+        """Rules 0 and 3 with v2's rule 6: the energy made since boot b restored r, judged
+        as a reading at uptime `up` against r at uptime 0, spread over [offset(b), t]."""
+        held = 0
+        if credit and self.v2 and rules.implausible(credit, self.max_power[1 if s.slot else 0], up):
+            held, credit = credit, 0
+            fl |= F_HELD
+        self._emit(st, s, credit, held, fl, t - up, t, (b.no, -1), r, key, v)
+        if credit:
+            _range(s, b.no, r, v)
+        if held:
+            # the mark stays at r: the next reading is judged from the restored value
+            s.mark = r
+            s.mark_up = 0
+            s.held_value = v
+            s.held_up = up
+        else:
+            s.mark = v
+            s.mark_up = up
 
     def _first_of_boot(
         self,
@@ -556,22 +565,7 @@ class Engine:
                 if c:
                     _range(s, b.no, mark, r)
             fl = base | F_REBOOT | (cross & F_GAP) | (F_ANOMALY_DOWN if x.below else 0)
-            c = x.credit
-            held = 0
-            if c and self.v2 and rules.implausible(c, max_power, up):
-                held, c = c, 0
-                fl |= F_HELD
-            self._emit(st, s, c, held, fl, t - up, t, (b.no, -1), r, key, v)
-            if c:
-                _range(s, b.no, r, v)
-            if held:
-                s.mark = r
-                s.mark_up = 0
-                s.held_value = v
-                s.held_up = up
-                return
-            s.mark = v
-            s.mark_up = up
+            self._since_restore(st, s, b, key, v, up, t, r, x.credit, fl)
             return
         # no restored value: over the whole gap [t_last(b), t]
         fl = base | cross | (F_NO_RESTORE if n else 0)
