@@ -272,6 +272,22 @@ def malformed_cases(prefix: str = "stations") -> list[tuple[str, str, bytes, str
     return cases
 
 
+def good_bat() -> dict[str, Any]:
+    """A `bat` object with every field in its range (CONTRACT §5.2)."""
+    return {
+        "id": "B0000001",
+        "soc": 500,
+        "soh": 990,
+        "mv": 67000,
+        "ma": 1000,
+        "t": 250,
+        "tmin": 240,
+        "cyc": 3,
+        "flt": 0,
+        "life_wh": 1000,
+    }
+
+
 def spoiled_cases(
     prefix: str = "stations", boot: int = 901
 ) -> list[tuple[str, str, bytes, tuple[tuple[str, str], ...]]]:
@@ -284,18 +300,7 @@ def spoiled_cases(
     t = f"{prefix}/{GOOD_SID}/telemetry"
     e = f"{prefix}/{GOOD_SID}/event"
     slot = {"n": 1, "e_mwh": 1000, "b_mwh": 0}
-    bat = {
-        "id": "B0000001",
-        "soc": 500,
-        "soh": 990,
-        "mv": 67000,
-        "ma": 1000,
-        "t": 250,
-        "tmin": 240,
-        "cyc": 3,
-        "flt": 0,
-        "life_wh": 1000,
-    }
+    bat = good_bat()
 
     def tel(**over: Any) -> dict[str, Any]:
         m = {

@@ -29,6 +29,7 @@ from tests.agent_helpers import (
     Station,
     deep,
     fleet_stream,
+    good_bat,
     key_for,
     signed,
 )
@@ -41,21 +42,6 @@ BAD = "KH-BAD-0001"  # the poison station
 GWH = "KH-BAD-0002"  # a station whose readings claim a gigawatt-hour
 
 Expect = str | tuple[str, ...]  # a quarantine reason, or the spoiled source kinds
-
-
-def _bat() -> dict[str, Any]:
-    return {
-        "id": "B0000001",
-        "soc": 500,
-        "soh": 990,
-        "mv": 67000,
-        "ma": 1000,
-        "t": 250,
-        "tmin": 240,
-        "cyc": 3,
-        "flt": 0,
-        "life_wh": 1000,
-    }
 
 
 def poison_corpus() -> list[tuple[str, str, bytes, Expect]]:
@@ -80,7 +66,7 @@ def poison_corpus() -> list[tuple[str, str, bytes, Expect]]:
             "meter": {"e_wh": 1000, "p_w": 10, "sn": 7},
             "slots": [
                 {"n": 1, "st": "C", "mv": 67200, "ma": 1000, "e_mwh": 1000 + s, "b_mwh": 0},
-                {"n": 2, "e_mwh": 500, "b_mwh": 0, "bat": _bat()},
+                {"n": 2, "e_mwh": 500, "b_mwh": 0, "bat": good_bat()},
             ],
             "err": {
                 k: 0
