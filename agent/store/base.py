@@ -88,7 +88,11 @@ class LedgerStore(Protocol):
         rejected: Sequence[tuple[int, str, str]] = (),
         *,
         at_ms: int | None = None,
-    ) -> tuple[BatchResult, list[str]]: ...
+        then: Callable[[BatchResult], None] | None = None,
+    ) -> tuple[BatchResult, list[str]]:
+        """Ingest quarantined rows that now verify (duplicate/conflict rules as a batch) and
+        mark them resolved, in one transaction; `then` runs inside it (their metering)."""
+        ...
 
     # ---- statuses, alarms, the agent's health -------------------------------------------
 
