@@ -559,7 +559,6 @@ class Service:
                 continue
             new, dups, conflicts = w.new, w.dups, w.conflicts
             self.source.ack(b.deliveries)
-            self._committing = False
             if not self._stopping and (
                 len(self._sealed) * self.cfg.ingest.batch_max < self.cfg.ingest.max_pending
             ):
@@ -587,6 +586,9 @@ class Service:
                     self._on_commit(rows)
                 self._meter_apart(rows, [b.bodies[i] for i in new])
             await self._alarms(b, new)
+            # committing until the batch's alarms are written: flush() (and so a stop)
+            # waits for them
+            self._committing = False
             if b.rekey:
                 self._committing = True
                 await self._rekey(b.rekey)
