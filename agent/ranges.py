@@ -24,6 +24,12 @@ WH_MAX: Final = 10**11  # meter registers: a 100 GWh meter
 UP_MAX: Final = 320_000_000_000  # ten years of ms
 TS_MIN: Final = 1_577_836_800_000  # 2020-01-01T00:00:00Z
 TS_AHEAD_MS: Final = 86_400_000  # a ts more than a day ahead of the receiver is not believed
+MV_MAX: Final = 1_000_000  # mV
+MA_MAX: Final = 1_000_000  # ± mA
+PW_MAX: Final = 10**7  # ± W
+T_MIN: Final = -1000  # 0.1 °C
+T_MAX: Final = 2000
+STATION_TIME_MAX: Final = 1 << 62  # t0/t1 of a session (ms)
 MAX_DEPTH: Final = 4  # §5.1: nesting at most 4 deep (the top object is depth 1)
 
 STATES: Final = frozenset("IWCVFEX")
@@ -64,7 +70,7 @@ UP: Final = rng(0, UP_MAX)
 # a newer firmware), a named key is checked for type and range
 METER: Final[Mapping[str, Check]] = {
     "e_wh": WH,
-    "p_w": opt(rng(-(10**7), 10**7)),
+    "p_w": opt(rng(-PW_MAX, PW_MAX)),
     "sn": opt(rng(0, U32)),
 }
 SLOT_READING: Final[Mapping[str, Check]] = {
@@ -72,17 +78,17 @@ SLOT_READING: Final[Mapping[str, Check]] = {
     "e_mwh": MWH,
     "b_mwh": opt(MWH),
     "st": opt(one_of(STATES)),
-    "mv": opt(rng(0, 1_000_000)),
-    "ma": opt(rng(-1_000_000, 1_000_000)),
+    "mv": opt(rng(0, MV_MAX)),
+    "ma": opt(rng(-MA_MAX, MA_MAX)),
 }
 BAT: Final[Mapping[str, Check]] = {
     "id": text,
     "soc": PERMILLE,
     "soh": PERMILLE,
-    "mv": rng(0, 1_000_000),
-    "ma": rng(-1_000_000, 1_000_000),
-    "t": rng(-1000, 2000),
-    "tmin": rng(-1000, 2000),
+    "mv": rng(0, MV_MAX),
+    "ma": rng(-MA_MAX, MA_MAX),
+    "t": rng(T_MIN, T_MAX),
+    "tmin": rng(T_MIN, T_MAX),
     "cyc": rng(0, U32),
     "flt": rng(0, U32),
     "life_wh": WH,
@@ -100,8 +106,8 @@ EVENTS: Final[Mapping[str, Mapping[str, Check]]] = {
         "up0": UP,
         "up1": UP,
         "boot0": opt(NONNEG),
-        "t0": opt(rng(0, 1 << 62)),
-        "t1": opt(rng(0, 1 << 62)),
+        "t0": opt(rng(0, STATION_TIME_MAX)),
+        "t1": opt(rng(0, STATION_TIME_MAX)),
         "why": one_of(WHYS),
     },
     "alarm": {
