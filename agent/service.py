@@ -53,6 +53,7 @@ import gc
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -122,7 +123,10 @@ def _file_id(path: str) -> tuple[int, int] | None:
 
 def _is_env(e: BaseException) -> bool:
     # sqlite3.DatabaseError itself (not a subclass): "file is not a database", corruption
-    return isinstance(e, _ENV_ERRORS) or type(e) is sqlite3.DatabaseError
+    if isinstance(e, _ENV_ERRORS) or type(e) is sqlite3.DatabaseError:
+        return True
+    pg = sys.modules.get("agent.store.postgres")  # loaded only with a PostgreSQL store
+    return pg is not None and isinstance(e, pg.ENV_ERRORS)
 
 
 class _Batch:
@@ -174,13 +178,20 @@ class Service:
         self._on_commit = on_commit
         # the writer connection (used by the db thread only); WAL checkpoints run from a
         # connection of their own in another thread, off the commit path
-        self.store = Store(cfg.db.url, synchronous=cfg.db.synchronous, autocheckpoint=100_000)
-        self.store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+        self.store = Store(
+            cfg.db.url, synchronous=cfg.db.synchronous, autocheckpoint=100_000, app="agent"
+        )
+        sqlite = self.store.engine == "sqlite"
+        if sqlite:
+            self.store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         # the file the writer has open: a commit into a file deleted or replaced under the
         # agent would "succeed" into nowhere, so each write first checks it is still there
-        self._db_file = _file_id(self.store.path)
-        self._ckpt_store = Store(cfg.db.url, synchronous=cfg.db.synchronous, create=False)
-        self._ckpt_store.db.execute(f"PRAGMA busy_timeout = {_HEALTH_BUSY_MS}")
+        self._db_file = _file_id(self.store.path) if self.store.path else None
+        self._ckpt_store = Store(
+            cfg.db.url, synchronous=cfg.db.synchronous, create=False, app="agent-health"
+        )
+        if sqlite:
+            self._ckpt_store.db.execute(f"PRAGMA busy_timeout = {_HEALTH_BUSY_MS}")
         self._ckpt = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-ckpt")
         self._ckpt_busy = False
         self._keystore = KeyStore(Store(cfg.db.url, synchronous=cfg.db.synchronous))
@@ -377,7 +388,7 @@ class Service:
         are left out (metering output, recomputed from raw at the next start); failing
         that too, each message is written in a transaction of its own and one that fails
         alone is kept in quarantine as `internal`."""
-        if _file_id(self.store.path) != self._db_file:
+        if self.store.path is not None and _file_id(self.store.path) != self._db_file:
             raise DatabaseGone(
                 f"{self.store.path} is gone or was replaced: nothing is written until it is back"
             )

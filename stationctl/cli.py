@@ -20,6 +20,7 @@ COMMANDS = [
     "stationctl.export",
     "stationctl.verify",
     "stationctl.keys",
+    "stationctl.db",
     "stationctl.flash",
     "stationctl.sim",
     "stationctl.watch",

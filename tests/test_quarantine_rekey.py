@@ -11,7 +11,10 @@ import asyncio
 import pathlib
 import sqlite3
 import subprocess
+import sys
 from typing import Any
+
+import pytest
 
 from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
@@ -19,6 +22,7 @@ from agent.ledger.export import render
 from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
 from agent.store import SCHEMA_VERSION, QuarantineRow, RawRow, Store, row_to_record
+from agent.store.sql import SchemaError
 from tests.agent_helpers import STATIONCTL, Publisher, Station, key_for
 from tests.helpers import ROOT
 from tools.mosquitto import Mosquitto
@@ -337,7 +341,7 @@ V1_QUARANTINE = """CREATE TABLE quarantine (
     detail TEXT NOT NULL, sid TEXT, record BLOB NOT NULL)"""
 
 
-def test_schema_1_database_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
+def test_schema_1_database_is_refused_then_upgraded_in_place(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "old.db"
     con = sqlite3.connect(path)
     con.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
@@ -350,6 +354,15 @@ def test_schema_1_database_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
     )
     con.commit()
     con.close()
+    with pytest.raises(SchemaError, match="schema 1, this program needs .*stationctl db upgrade"):
+        Store(str(path))  # an agent, `keys add`: refused, with what to run
+    up = subprocess.run(
+        [sys.executable, "-m", "stationctl", "db", "upgrade", "--db", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert up.returncode == 0, up.stderr
+    assert f"schema {SCHEMA_VERSION}" in up.stdout
     with KeyStore(str(path)) as ks:  # what `stationctl keys add` opens
         ks.add(SID, key_for(SID))
     with Store(str(path)) as st:  # reopening: nothing more to do

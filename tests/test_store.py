@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import sqlite3
 
+import psycopg
 import pytest
 
 from agent.store import QuarantineRow, RawRow, RecordRow, Store, sqlite_path
@@ -29,9 +30,9 @@ def test_urls() -> None:
     assert sqlite_path("sqlite:///rel/a.db") == "rel/a.db"
     assert sqlite_path("sqlite:////abs/a.db") == "/abs/a.db"
     assert sqlite_path("/plain/a.db") == "/plain/a.db"
-    with pytest.raises(ValueError, match="PostgreSQL"):
+    with pytest.raises(ValueError, match="postgresql"):  # not a file path: the other engine
         sqlite_path("postgresql://u@h/db")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'mysql'"):
         sqlite_path("mysql://x")
 
 
@@ -47,8 +48,8 @@ def test_wal_mode_and_schema(tmp_path: pathlib.Path) -> None:
         Store(str(tmp_path / "missing.db"), create=False)
 
 
-def test_new_duplicate_and_conflict(tmp_path: pathlib.Path) -> None:
-    with Store(str(tmp_path / "a.db")) as st:
+def test_new_duplicate_and_conflict(db_url: str) -> None:
+    with Store(db_url) as st:
         r = st.write_batch([row(0), row(1), row(2)])
         assert r.new == [0, 1, 2] and r.duplicates == 0 and r.conflicts == 0
         # a batch mixing new keys, a byte-identical repeat, a conflict and a repeat within the batch
@@ -71,18 +72,18 @@ def test_new_duplicate_and_conflict(tmp_path: pathlib.Path) -> None:
         assert len(alarms) == 1 and alarms[0][1:4] == (SID, "conflict", "crit")
 
 
-def test_failed_batch_rolls_back_whole(tmp_path: pathlib.Path) -> None:
-    with Store(str(tmp_path / "a.db")) as st:
+def test_failed_batch_rolls_back_whole(db_url: str) -> None:
+    with Store(db_url) as st:
         bad = RawRow(SID, 1, 9, "telemetry", "t", 1, 1, None)  # type: ignore[arg-type]
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
             st.write_batch([row(0), bad])
         assert st.raw_count() == 0
         st.write_batch([row(0)])
         assert st.raw_count() == 1
 
 
-def test_iter_raw_pages_in_arrival_order(tmp_path: pathlib.Path) -> None:
-    with Store(str(tmp_path / "a.db")) as st:
+def test_iter_raw_pages_in_arrival_order(db_url: str) -> None:
+    with Store(db_url) as st:
         st.write_batch([row(s, boot=2) for s in range(7)] + [row(0, boot=1)])
         pages = list(st.iter_raw(batch=3))
         assert [len(p) for p in pages] == [3, 3, 2]
@@ -91,7 +92,7 @@ def test_iter_raw_pages_in_arrival_order(tmp_path: pathlib.Path) -> None:
         assert list(st.iter_raw(sid="KH-OTHER-1")) == []
 
 
-def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
+def test_records_replace_per_station(db_url: str) -> None:
     def rec(sid: str, slot: int, start: int, mwh: int) -> RecordRow:
         return RecordRow(
             rid=f"interval/{sid}/{slot}/{start}",
@@ -113,7 +114,7 @@ def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
             extra="{}",
         )
 
-    with Store(str(tmp_path / "a.db")) as st:
+    with Store(db_url) as st:
         st.replace_records(
             {"A-01": [rec("A-01", 1, 0, 5), rec("A-01", 0, 0, 7)], "B-01": [rec("B-01", 1, 0, 9)]}
         )
@@ -132,7 +133,7 @@ def test_records_replace_per_station(tmp_path: pathlib.Path) -> None:
         assert [r.sid for r in st.record_rows()] == ["C-01"]
 
 
-def test_record_round_trip(tmp_path: pathlib.Path) -> None:
+def test_record_round_trip(db_url: str) -> None:
     from agent.ledger import Record, record_id
     from agent.store import record_to_row, row_to_record
 
@@ -152,7 +153,7 @@ def test_record_round_trip(tmp_path: pathlib.Path) -> None:
         version="m1",
         extra={"why": "full", "bat": None, "reg_mwh": 4},
     )
-    with Store(str(tmp_path / "a.db")) as st:
+    with Store(db_url) as st:
         st.apply_records([record_to_row(r)], [])
         (row,) = st.record_rows()
         # the columns as stored: a session is named by its end event's key, flags are
@@ -182,8 +183,8 @@ def test_record_round_trip(tmp_path: pathlib.Path) -> None:
     assert row_to_record(row) == r
 
 
-def test_status_upsert(tmp_path: pathlib.Path) -> None:
-    with Store(str(tmp_path / "a.db")) as st:
+def test_status_upsert(db_url: str) -> None:
+    with Store(db_url) as st:
         st.put_status([(SID, 1, b'{"state":"online"}')])
         st.put_status([(SID, 2, b'{"state":"offline"}')])
         assert st.db.execute("SELECT recv_ms, record FROM status").fetchall() == [
@@ -191,10 +192,10 @@ def test_status_upsert(tmp_path: pathlib.Path) -> None:
         ]
 
 
-def test_two_connections_share_the_database(tmp_path: pathlib.Path) -> None:
+def test_two_connections_share_the_database(db_url: str) -> None:
     # the agent writes while a CLI (export, keys) reads and writes through its own connection
-    a = Store(str(tmp_path / "a.db"))
-    b = Store(str(tmp_path / "a.db"))
+    a = Store(db_url)
+    b = Store(db_url)
     a.write_batch([row(0)])
     assert b.raw_count() == 1
     b.write_batch([row(1)])

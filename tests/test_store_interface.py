@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 from agent.store.base import LedgerStore
-from agent.store.sqlite import Store
+from agent.store.sql import Store
 
 
 def interface_methods() -> dict[str, inspect.Signature]:

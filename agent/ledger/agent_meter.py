@@ -21,7 +21,7 @@ from agent.ledger.meter import Ledger
 from agent.ledger.records import PROCESSING_VERSION
 from agent.ledger.state import Station
 from agent.store import RawRow, Store
-from agent.store.sqlite import LedgerTables
+from agent.store.sql import LedgerTables
 
 log = logging.getLogger(__name__)
 

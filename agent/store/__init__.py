@@ -4,7 +4,7 @@ The SQLite engine (agent/store/sqlite.py) is the embedded default; the names bel
 interface every caller uses.
 """
 
-from agent.store.sqlite import (
+from agent.store.sql import (
     CONFLICT,
     DUPLICATE,
     RECORD_COLUMNS,

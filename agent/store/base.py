@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from agent.store.sqlite import (
+from agent.store.sql import (
     BatchResult,
     QuarantineEntry,
     QuarantineRow,

@@ -1,10 +1,11 @@
 """The agent's database: raw messages, quarantine, alarms, status, records and station keys.
 
-SQLite in WAL mode is the embedded default (`sqlite:///relative.db`, `sqlite:////abs.db`
-or a plain path). The SQL is kept portable so that a PostgreSQL backend can follow: only
-`INSERT … ON CONFLICT`, `SAVEPOINT`, BIGINT/TEXT/BLOB columns (BYTEA there) and `?`
-placeholders (translated to `%s` there). Nothing here depends on the order of rows in a
-table: every read that matters has an ORDER BY.
+Two engines run the same statements: SQLite in WAL mode, the embedded default
+(`sqlite:///relative.db`, `sqlite:////abs.db` or a plain path; agent/store/sqlite.py), and
+PostgreSQL (`postgresql://…`; agent/store/postgres.py, which translates the few spellings
+that differ). The SQL is kept portable: only `INSERT … ON CONFLICT`, `SAVEPOINT`,
+BIGINT/TEXT/BLOB columns and `?` placeholders. Nothing here depends on the order of rows in
+a table: every read that matters has an ORDER BY.
 
 The raw table is append-only and keyed by (sid, boot, seq). Each stored row holds the
 exact payload bytes received (the signed record). A repeat of a key with the same bytes is a
@@ -22,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple, Self
@@ -32,6 +31,7 @@ from typing import Any, Final, NamedTuple, Self
 import msgspec
 
 from agent.ledger.records import Record, make_record, record_id
+from agent.store.sqlite import sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -187,20 +187,22 @@ class BatchResult(NamedTuple):
     conflicts: int  # same key, other bytes: quarantined and alarmed
 
 
-def sqlite_path(url: str) -> str:
-    """`sqlite:///rel/path`, `sqlite:////abs/path` or a plain path → a filesystem path."""
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :]
-    elif "://" in url:
-        scheme = url.split("://", 1)[0]
-        if scheme.startswith("postgres"):
-            raise ValueError("the PostgreSQL store is not built yet: use sqlite:///PATH")
-        raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH")
-    else:
-        path = url
-    if not path:
-        raise ValueError("empty database path")
-    return path
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def describe(url: str) -> str:
+    """A database URL as messages name it (a PostgreSQL password left out)."""
+    if is_postgres(url):
+        from agent.store.postgres import redact
+
+        return redact(url)
+    return sqlite_path(url)
+
+
+class SchemaError(ValueError):
+    """The database's schema is not the one this program uses (the message says which and
+    what to run)."""
 
 
 class Store:
@@ -214,60 +216,119 @@ class Store:
         create: bool = True,
         readonly: bool = False,
         autocheckpoint: int | None = None,
+        upgrade: bool = False,
+        app: str = "stationctl",
     ) -> None:
+        """Open the database at `url` (a path, sqlite:///PATH or postgresql://…). `create`:
+        make the schema in a new (empty) database; a read-only store never creates
+        anything (no file, no table). An existing database of another schema version is
+        refused (SchemaError naming both) unless `upgrade` (`stationctl db upgrade`)."""
         self.url = url
-        self.path = sqlite_path(url)
         self.raw_rows_read = 0  # raw rows read by iter_raw / iter_raw_keys (restart figures)
         create = create and not readonly
-        if not create and not os.path.exists(self.path):
-            raise FileNotFoundError(f"no database at {self.path}")
-        if synchronous.lower() not in ("full", "normal", "off", "extra"):
-            raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
-        # autocommit mode: transactions are explicit (BEGIN … COMMIT) below
-        if readonly:
-            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        else:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA busy_timeout = 10000")
-        if create:
-            self.db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a committed batch survives a power cut, not only a crash (ack follows commit)
-        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        if autocheckpoint is not None:
-            # the agent checkpoints from another connection and thread (checkpoint()), so
-            # that a commit never pays for copying the WAL; this is only a safety net
-            self.db.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
-        if create:
-            self._create()
+        self.db: Any
+        self.path: str | None
+        if is_postgres(url):
+            from agent.store import postgres
 
-    def _create(self) -> None:
-        # one write transaction: two processes opening an old database at once migrate it once
+            self.engine = "postgresql"
+            self.path = None
+            self.db = postgres.PgConnection(url, readonly=readonly, app=app)
+        else:
+            from agent.store import sqlite
+
+            self.engine = "sqlite"
+            self.path = sqlite_path(url)
+            if not create and not os.path.exists(self.path):
+                raise FileNotFoundError(f"no database at {self.path}")
+            self.db = sqlite.connect(
+                self.path,
+                synchronous=synchronous,
+                create=create,
+                readonly=readonly,
+                autocheckpoint=autocheckpoint,
+            )
+        try:
+            have = self.schema_version()
+            if have is None and not (create or upgrade):
+                raise FileNotFoundError(f"no agent database at {describe(url)} (no tables)")
+            if create or upgrade or (have is not None and have > SCHEMA_VERSION):
+                self._create(have, upgrade)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def is_env_error(self, e: BaseException) -> bool:
+        """An error of the database's environment (retry later), not of the data."""
+        if self.engine == "sqlite":
+            from agent.store.sqlite import is_env_error
+
+            return is_env_error(e)
+        from agent.store.postgres import ENV_ERRORS
+
+        return isinstance(e, ENV_ERRORS)
+
+    def schema_version(self) -> int | None:
+        """The database's schema version; None when it has no tables yet."""
+        try:
+            row = self.db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+        except Exception as e:
+            text = str(e)
+            if "no such table" in text or ('"meta" does not exist' in text):
+                return None
+            raise
+        if row is None:
+            return None
+        v = str(row[0])
+        if not v.isdigit():
+            raise SchemaError(f"database schema {v!r} is not a version this program knows")
+        return int(v)
+
+    def _create(self, have: int | None, upgrade: bool) -> None:
+        """A new database gets the current schema; an older one is upgraded only when asked
+        (`stationctl db upgrade`); a newer one is refused."""
+        if have is not None and have > SCHEMA_VERSION:
+            raise SchemaError(
+                f"database schema {have} is newer than this program's {SCHEMA_VERSION} "
+                "(a newer agent's?): upgrade this program"
+            )
+        if have is not None and have < SCHEMA_VERSION and not upgrade:
+            raise SchemaError(
+                f"database schema {have}, this program needs {SCHEMA_VERSION}: run "
+                f"`stationctl db upgrade --db {describe(self.url)}` (after a backup)"
+            )
+        if have == SCHEMA_VERSION:
+            return
+        # one write transaction: two processes opening a database at once make it once
         with self.transaction() as db:
+            if self.engine == "postgresql":
+                db.execute("SELECT pg_advisory_xact_lock(7262001)")  # concurrent agents' DDL
             for stmt in DDL:
                 db.execute(stmt)
             row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
-            have = None if row is None else str(row[0])
-            if have is not None and (not have.isdigit() or int(have) > SCHEMA_VERSION):
-                raise ValueError(
-                    f"database schema {have} is not {SCHEMA_VERSION} (a newer agent's?)"
-                )
-            if have is None or int(have) < SCHEMA_VERSION:
-                _migrate(db)
-                db.execute(
-                    "INSERT INTO meta (k, v) VALUES ('schema', ?) "
-                    "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                    (str(SCHEMA_VERSION),),
-                )
-                if have is not None:
-                    log.info("database schema migrated from %s to %d", have, SCHEMA_VERSION)
+            have = None if row is None else int(row[0])
+            if have == SCHEMA_VERSION:
+                return  # another process made it meanwhile
+            if have is not None and self.engine == "sqlite":
+                from agent.store.sqlite import migrate_old
+
+                migrate_old(db)
+            db.execute(
+                "INSERT INTO meta (k, v) VALUES ('schema', ?) "
+                "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                (str(SCHEMA_VERSION),),
+            )
+            if have is not None:
+                log.info("database schema upgraded from %s to %d", have, SCHEMA_VERSION)
 
     def close(self) -> None:
         self.db.close()
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Copy committed WAL pages into the database without blocking writers (PASSIVE);
-        returns (busy, WAL pages, pages checkpointed)."""
+        returns (busy, WAL pages, pages checkpointed). Nothing to do on PostgreSQL."""
+        if self.engine != "sqlite":
+            return 0, 0, 0
         row = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return int(row[0]), int(row[1]), int(row[2])
 
@@ -278,7 +339,7 @@ class Store:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Any]:
         # IMMEDIATE: take the write lock up front, so a busy database waits (busy_timeout)
         # instead of failing half-way through a batch
         self.db.execute("BEGIN IMMEDIATE")
@@ -320,7 +381,7 @@ class Store:
         return result
 
     def _insert_raw(
-        self, db: sqlite3.Connection, rows: Sequence[RawRow], outcomes: list[str] | None = None
+        self, db: Any, rows: Sequence[RawRow], outcomes: list[str] | None = None
     ) -> BatchResult:
         """Insert raw rows under the duplicate/conflict rules; `outcomes`, when given, gets
         each row's STORED, DUPLICATE or CONFLICT in order."""
@@ -421,8 +482,10 @@ class Store:
             row = self.db.execute(
                 "SELECT updated_ms, state FROM agent_health WHERE id = 1"
             ).fetchone()
-        except sqlite3.OperationalError:  # a database from before the table (read-only)
-            return None
+        except Exception as e:  # a database from before the table (read-only)
+            if "agent_health" in str(e):
+                return None
+            raise
         return None if row is None else (int(row[0]), str(row[1]))
 
     # ---- reads ------------------------------------------------------------------------------
@@ -776,15 +839,6 @@ class LedgerTables:
 
 
 DAY_MS_STORE: Final = 86_400_000
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Bring an older database's tables up to SCHEMA_VERSION (idempotent: a fresh database
-    already has every column from DDL)."""
-    have = {r[1] for r in db.execute("PRAGMA table_info(quarantine)").fetchall()}
-    for col, typ in (("resolved_ms", "BIGINT"), ("resolved_to", "TEXT")):  # 1 -> 2
-        if col not in have:
-            db.execute(f"ALTER TABLE quarantine ADD COLUMN {col} {typ}")
 
 
 # ---- records <-> rows ----------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""The SQLite engine: the embedded default (one site, the demo, the tests).
+
+A file in WAL mode opened through the standard library's sqlite3 in autocommit mode (the
+store's transactions are explicit BEGIN IMMEDIATE … COMMIT). The store's SQL itself is in
+agent/store/sql.py, shared with the PostgreSQL engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+
+# errors of the database's environment (disk full, locked, I/O): retried, never a row's
+# fault; plain sqlite3.DatabaseError too ("file is not a database", corruption)
+ENV_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, sqlite3.InternalError)
+
+
+def is_env_error(e: BaseException) -> bool:
+    return isinstance(e, ENV_ERRORS) or type(e) is sqlite3.DatabaseError
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///rel/path`, `sqlite:////abs/path` or a plain path → a filesystem path."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+    elif "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise ValueError(
+            f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://…"
+        )
+    else:
+        path = url
+    if not path:
+        raise ValueError("empty database path")
+    return path
+
+
+def connect(
+    path: str,
+    *,
+    synchronous: str = "full",
+    create: bool = True,
+    readonly: bool = False,
+    autocheckpoint: int | None = None,
+) -> sqlite3.Connection:
+    if synchronous.lower() not in ("full", "normal", "off", "extra"):
+        raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
+    # autocommit mode: transactions are explicit (BEGIN … COMMIT)
+    if readonly:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 10000")
+    if create:
+        db.execute("PRAGMA journal_mode = WAL")
+    # FULL: a committed batch survives a power cut, not only a crash (ack follows commit)
+    db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    if autocheckpoint is not None:
+        # the agent checkpoints from another connection and thread (checkpoint()), so
+        # that a commit never pays for copying the WAL; this is only a safety net
+        db.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
+    return db
+
+
+def migrate_old(db: sqlite3.Connection) -> None:
+    """Schema 1 → 2 on SQLite (the only engine that had those): the quarantine's
+    resolved_ms / resolved_to columns (idempotent)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(quarantine)").fetchall()}
+    for col, typ in (("resolved_ms", "BIGINT"), ("resolved_to", "TEXT")):
+        if col not in have:
+            db.execute(f"ALTER TABLE quarantine ADD COLUMN {col} {typ}")
