@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 from typing import Any
@@ -39,6 +38,37 @@ def _watchdog() -> None:
     t.start()
 
 
+async def _open(cfg: Any, stop: asyncio.Event) -> Any:
+    """The service, once its database can be opened: a database that is down or unreachable
+    at start (PostgreSQL restarting, a network cut) is tried again with backoff until it
+    answers or the agent is stopped (None then). A database this agent cannot use (another
+    schema version, a bad URL) is bad usage: exit 2 at once, with the reason."""
+    from agent.service import Service, _is_env
+    from agent.store.sql import describe, is_postgres
+
+    log = logging.getLogger("stationctl.agent")
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(Service, cfg)
+        except Exception as e:
+            # a SQLite file that cannot be opened is a setting to fix, not a server to wait for
+            if not (is_postgres(cfg.db.url) and _is_env(e)):
+                raise UsageError(f"database {describe(cfg.db.url)}: {e}") from None
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.error(
+                "database %s unreachable (%s): retrying in %.1fs",
+                describe(cfg.db.url),
+                why,
+                delay,
+            )
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return None
+        except TimeoutError:
+            delay = min(delay * 2, 5.0)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("agent", help="run the agent: MQTT ingest, raw store, metering records")
     p.add_argument(
@@ -53,7 +83,6 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
-    from agent.service import Service
 
     try:
         cfg = load_config(args.config)
@@ -62,10 +91,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        svc = Service(cfg)
-    except (ValueError, sqlite3.Error, OSError) as e:
-        raise UsageError(f"database {cfg.db.url}: {e}") from None
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -78,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        await svc.run(stop)
+        svc = await _open(cfg, stop)
+        if svc is not None:
+            await svc.run(stop)
 
     try:
         asyncio.run(main())

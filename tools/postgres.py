@@ -37,6 +37,7 @@ class PgCluster:
     def __init__(self, base: str | os.PathLike[str] | None = None) -> None:
         self._own_tmp = base is None
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="stationctl-pg-") if base is None else base)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
         self.port = free_port()
