@@ -111,8 +111,9 @@ class Engine:
         fo = self.first_open
         self.k_lo = fo if (fo is not None and view == FULL) else None
         self.k_hi = fo if view == LOCKED else None
+        # no lock: every interval is this view's and unlocked (the per-reading fast path)
+        self.unlocked = fo is None
         self.stations: dict[str, Station] = {}
-        self.dirty: dict[str, set[tuple[int, int]]] = {}  # sid -> (slot, k) to write
         self.days: dict[str, set[tuple[int, int]]] = {}  # sid -> (slot, day) to roll up
         self.changed: set[str] = set()
         self._skip: Key | None = None  # a checkpoint not to write again (re-apply start)
@@ -173,7 +174,6 @@ class Engine:
         """Meter a station from all its raw messages in the backend (no state, no records,
         no checkpoints of it there): streamed, in key order."""
         self.stations.pop(sid, None)
-        self.dirty.pop(sid, None)
         st = self.stations[sid] = Station(sid)
         self.changed.add(sid)
         for m in self.backend.raw_from(sid, (-1, -1)):
@@ -236,9 +236,9 @@ class Engine:
                 self._delete_intervals(sid, n, None)
             else:
                 self._delete_intervals(sid, n, s.floor)
-                for k in s.accs:
+                for k, a in s.accs.items():
                     if self.in_view(k):
-                        self.dirty.setdefault(sid, set()).add((n, k))
+                        a.dirty = True
         if view == FULL:
             be.delete_sessions_from(sid, start)
         be.drop_checkpoints_after(sid, view, after)
@@ -426,9 +426,10 @@ class Engine:
         if s.boot == b.no:
             if s.last_key == key:
                 return  # the same slot twice in one message: the first stands
-            lp = s.last_pos
-            if key[1] - s.last_key[1] != i - lp:
+            if key[1] - s.last_key[1] != i - s.last_pos:
                 fl |= F_GAP
+            if self.unlocked and self._within(s, b.no, i, key, v, up, t, fl, serial):
+                return
             held_mwh = 0
             if n == 0 and rules.serial_swapped(s.serial, serial):
                 # rule 4: a new baseline at this reading, nothing credited across it
@@ -476,6 +477,62 @@ class Engine:
         s.last_key = key
         s.last_value = v
         s.last_pos = i
+
+    def _within(
+        self, s: Stream, bno: int, i: int, key: Key, v: int, up: int, t: int, fl: int, serial: Any
+    ) -> bool:
+        """Rule 2 for the usual reading, in one step: nothing pending or held, no serial
+        change, at or above the mark and plausible, its segment wholly inside the stream's
+        current open interval (no spread, no interval closed, nothing locked). It does
+        exactly what the general path (against_mark, implausible, _emit, _add, _range)
+        would; False, having changed nothing, for any other reading."""
+        if s.held_value is not None:
+            return False
+        if serial is not None and s.serial is not None and serial != s.serial:
+            return False  # rule 4: a swapped meter
+        c = v - s.mark
+        if c < 0:
+            return False  # below the mark: anomaly_down
+        t0 = s.last_t
+        if t <= t0:
+            return False  # a point: home is t // I
+        iv = self.iv
+        home = (t - 1) // iv
+        if home != s.floor:
+            return False  # a new interval: the older ones close
+        acc = s.accs.get(home)
+        if acc is None:
+            return False
+        if c:
+            if t0 // iv != home:
+                return False  # spread over several intervals
+            elapsed = up - s.mark_up
+            if c > self.max_power[1 if s.slot else 0] * (elapsed if elapsed > 0 else 0) // 3600:
+                return False  # rule 6: held
+            if s.slot:
+                rh = s.rhist
+                rs = rh[-1][1] if rh and rh[-1][0] == bno else None
+                if rs and rs[-1][1] == s.mark:
+                    rs[-1][1] = v  # the credited range goes on from the mark
+                else:
+                    _range(s, bno, s.mark, v)
+            s.mark = v
+        s.mark_up = up  # a credit sets the mark; a reading equal to it refreshes its uptime
+        acc.mwh += c
+        acc.flags |= fl
+        acc.to_key = key
+        acc.to_value = v
+        acc.dirty = True
+        low = s.low
+        if low is None or home < low:
+            s.low = home
+        if serial is not None:
+            s.serial = serial
+        s.last_t = t
+        s.last_key = key
+        s.last_value = v
+        s.last_pos = i
+        return True
 
     def _first_of_stream(
         self, st: Station, b: Boot, s: Stream, key: Key, v: int, up: int, t: int, base: int
@@ -701,13 +758,10 @@ class Engine:
             # intervals below the new home are closed: written, and dropped from memory
             if s.accs:
                 drop = [k for k in s.accs if k < home]
-                if drop:
-                    d = self.dirty.get(st.sid)
-                    for k in drop:
-                        if d is not None and (s.slot, k) in d:
-                            d.discard((s.slot, k))
-                            self._write_interval(st.sid, s.slot, k, s.accs[k])
-                        del s.accs[k]
+                for k in drop:
+                    a = s.accs.pop(k)
+                    if a.dirty:
+                        self._write_interval(st.sid, s.slot, k, a)
             s.floor = home
 
     def _add(
@@ -746,7 +800,6 @@ class Engine:
                 acc = self._reopen(st.sid, s.slot, k)
             if acc is None:
                 s.accs[k] = Acc(c, h, fl, from_key, from_value, to_key, to_value)
-                self.dirty.setdefault(st.sid, set()).add((s.slot, k))
                 return
             s.accs[k] = acc
         acc.mwh += c
@@ -754,7 +807,7 @@ class Engine:
         acc.flags |= fl
         acc.to_key = to_key
         acc.to_value = to_value
-        self.dirty.setdefault(st.sid, set()).add((s.slot, k))
+        acc.dirty = True
 
     def _reopen(self, sid: str, n: int, k: int) -> Acc | None:
         r = self.backend.get_record(make_record_id("interval", sid, n, start_ms=k * self.iv))
@@ -766,6 +819,7 @@ class Engine:
 
     def _write_interval(self, sid: str, n: int, k: int, a: Acc) -> None:
         iv = self.iv
+        a.dirty = False
         self.backend.put_record(
             make_record(
                 "interval",
@@ -787,15 +841,12 @@ class Engine:
     def flush(self, sid: str) -> None:
         """Write the station's changed interval records and its pending sessions."""
         st = self.stations.get(sid)
-        d = self.dirty.pop(sid, None)
         if st is None:
             return
-        if d:
-            for n, k in d:
-                s = st.streams.get(n)
-                a = s.accs.get(k) if s is not None else None
-                if a is not None:
-                    self._write_interval(sid, n, k, a)
+        for s in st.streams.values():
+            for k, a in s.accs.items():
+                if a.dirty:
+                    self._write_interval(sid, s.slot, k, a)
         if st.pending:
             self._sessions(st, final=False)
 

@@ -122,7 +122,6 @@ class Ledger:
     def forget(self, sid: str) -> None:
         for e in self.engines():
             e.stations.pop(sid, None)
-            e.dirty.pop(sid, None)
             e.days.pop(sid, None)
         self.days_due.pop(sid, None)
 

@@ -35,9 +35,10 @@ MAX_STARTS = 64  # session_start events remembered per station (matching)
 
 class Acc:
     """One stream's sum in one interval: credited, held, flags, first from-point and last
-    to-point (processing order)."""
+    to-point (processing order); `dirty`: changed since its record was last written (not
+    serialized: a loaded state's records are written; a re-apply marks its snapshot's)."""
 
-    __slots__ = ("flags", "from_key", "from_value", "held", "mwh", "to_key", "to_value")
+    __slots__ = ("dirty", "flags", "from_key", "from_value", "held", "mwh", "to_key", "to_value")
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class Acc:
         self.from_value = from_value
         self.to_key = to_key
         self.to_value = to_value
+        self.dirty = True
 
     def dump(self) -> list[Any]:
         return [
@@ -70,7 +72,9 @@ class Acc:
 
     @staticmethod
     def load(x: list[Any]) -> Acc:
-        return Acc(x[0], x[1], x[2], (x[3], x[4]), x[5], (x[6], x[7]), x[8])
+        a = Acc(x[0], x[1], x[2], (x[3], x[4]), x[5], (x[6], x[7]), x[8])
+        a.dirty = False
+        return a
 
 
 class Stream:
