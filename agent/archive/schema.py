@@ -1,0 +1,61 @@
+"""The raw archive's manifest: three tables in the agent database.
+
+`archive_segments`: one row per sealed segment file (one station, one UTC month of
+`recv_ms`, one part: a month's rows that reach `raw` after it was sealed, e.g. a
+quarantined message resolved later with its first receive time, go into part 2, 3, …).
+`archive_ranges`: the (boot, seq) runs a segment holds, split at every gap, so that a
+late copy of an archived message is recognised (agent/archive/index.py) and so that a
+reader opens only the segments that can hold the keys it wants.
+`archive_stations`: each station's highest archived key, so that the ingest path asks
+`archive_ranges` only about a row at or below it (the usual live row is above it: one
+query per batch).
+
+Portable SQL only (BIGINT/TEXT columns, `CREATE … IF NOT EXISTS`, ids assigned by the
+sealer, not by an SQLite rowid), so the PostgreSQL engine runs the same statements.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+ARCHIVE_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS archive_segments (
+        id BIGINT PRIMARY KEY,
+        sid TEXT NOT NULL, month TEXT NOT NULL, part BIGINT NOT NULL,
+        file TEXT NOT NULL, sha256 TEXT NOT NULL, format TEXT NOT NULL,
+        n_rows BIGINT NOT NULL, n_bytes BIGINT NOT NULL, raw_bytes BIGINT NOT NULL,
+        first_boot BIGINT NOT NULL, first_seq BIGINT NOT NULL,
+        last_boot BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+        sealed_ms BIGINT NOT NULL,
+        UNIQUE (sid, month, part))""",
+    """CREATE TABLE IF NOT EXISTS archive_ranges (
+        sid TEXT NOT NULL, boot BIGINT NOT NULL, seq_lo BIGINT NOT NULL,
+        seq_hi BIGINT NOT NULL, segment_id BIGINT NOT NULL,
+        PRIMARY KEY (sid, boot, seq_lo))""",
+    "CREATE INDEX IF NOT EXISTS archive_ranges_segment ON archive_ranges (segment_id)",
+    """CREATE TABLE IF NOT EXISTS archive_stations (
+        sid TEXT PRIMARY KEY, top_boot BIGINT NOT NULL, top_seq BIGINT NOT NULL)""",
+)
+
+TABLES: Final = ("archive_segments", "archive_ranges", "archive_stations")
+
+
+def ensure_schema(store: Any) -> None:
+    """Create the archive tables if they are missing (idempotent; one transaction)."""
+    with store.transaction() as db:
+        for stmt in ARCHIVE_DDL:
+            db.execute(stmt)
+
+
+def has_archive(store: Any) -> bool:
+    """Do the archive tables exist? (A database that never sealed has none: an empty
+    archive.) Asked of the catalogue, never by a failing query, which would abort a
+    PostgreSQL transaction."""
+    if getattr(store, "engine", "sqlite") == "sqlite":
+        q = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?)"
+    else:  # PostgreSQL: the catalogue of the connection's schema
+        q = (
+            "SELECT COUNT(*) FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_name IN (?, ?, ?)"
+        )
+    return int(store.db.execute(q, TABLES).fetchone()[0]) == len(TABLES)
