@@ -19,6 +19,7 @@ COMMANDS = [
     "stationctl.agent",
     "stationctl.export",
     "stationctl.verify",
+    "stationctl.archive",
     "stationctl.keys",
     "stationctl.db",
     "stationctl.flash",

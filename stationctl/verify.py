@@ -1,10 +1,14 @@
-"""`stationctl verify --db URL [--config FILE] [--sid SID] [--json]`: the auditor's check.
+"""`stationctl verify --db URL [--config FILE] [--sid SID] [--archive DIR] [--json]`: the
+auditor's check.
 
 Every stored raw message is verified again with the station keys from the store (its exact
 signed bytes), the metering records are recomputed from those messages alone with the pure
 §6 function, and the result is compared, record by record, with what the agent stored.
 Station by station, its raw rows streamed in (boot, seq) order through the metering
 engine: memory holds one station's records, never the raw table.
+Raw messages are read from the raw archive (agent/archive/: sealed segments, `--archive`
+or by default beside an SQLite database) and the live table as one, in one read snapshot;
+a segment that is missing or whose hash differs fails its station, named.
 Exit 0 when every signature holds and every record is reproduced; 1 otherwise, with the
 differences listed.
 """
@@ -12,6 +16,7 @@ differences listed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -44,11 +49,17 @@ def register(sub: Any) -> None:
         "--config", metavar="FILE", help="the agent's config (its [metering] parameters)"
     )
     p.add_argument("--sid", help="one station only")
+    p.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="the raw archive's directory (default: beside an SQLite database, PATH.archive/)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from agent.archive import ArchiveError, ArchiveReader, archive_dir, has_archive, snapshot
     from agent.keys import KeyStore
     from agent.ledger import MeterParams, RawMsg
     from agent.ledger.compute import compute_station
@@ -70,60 +81,76 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except (ValueError, sqlite3.Error) as e:
         raise UsageError(f"database {args.db}: {e}") from None
+    stack = contextlib.ExitStack()
+    stack.callback(store.close)
     try:
-        ring = KeyStore(store).ring()
+        with stack:
+            stack.enter_context(snapshot(store))  # one consistent read, beside an agent
+            try:
+                where = archive_dir(store, args.archive) if has_archive(store) else None
+            except ValueError as e:
+                raise UsageError(f"--archive: {e}") from None
+            archive = ArchiveReader(store, where)
+            ring = KeyStore(store).ring()
 
-        def verified(
-            sid: str,
-            start: tuple[int, int] = (-1, -1),
-            boot: int | None = None,
-            bad: list[str] | None = None,
-        ) -> Iterator[RawMsg]:
-            """A station's raw rows in key order, verified again, as metering input."""
-            for row in store.iter_raw_keys(sid, start, boot=boot):
-                try:
-                    v = verify(row.kind, row.sid, row.record, ring)
-                except WireError as e:
-                    if bad is not None:
-                        bad.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
-                    continue
-                yield raw_msg(v.sid, v.boot, v.seq, row.recv_ms, v.body)
+            def verified(
+                sid: str,
+                start: tuple[int, int] = (-1, -1),
+                boot: int | None = None,
+                bad: list[str] | None = None,
+            ) -> Iterator[RawMsg]:
+                """A station's raw rows in key order, verified again, as metering input."""
+                for row in archive.iter_raw_keys(sid, start, boot=boot):
+                    try:
+                        v = verify(row.kind, row.sid, row.record, ring)
+                    except WireError as e:
+                        if bad is not None:
+                            bad.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
+                        continue
+                    yield raw_msg(v.sid, v.boot, v.seq, row.recv_ms, v.body)
 
-        bad_sig: list[str] = []
-        missing: list[str] = []
-        extra: list[str] = []
-        differ: list[tuple[str, RecordRow, RecordRow]] = []
-        n_raw = n_ok = n_stored = n_again = 0
-        # station by station, its raw rows streamed in key order: memory holds one
-        # station's records at a time, never the raw table
-        sids = [args.sid] if args.sid else sorted(set(store.raw_sids()) | set(store.record_sids()))
-        for sid in sids:
-            before = len(bad_sig)
-            counted = _Counted(verified(sid, bad=bad_sig))
-            recs = compute_station(
-                sid,
-                counted,
-                lambda s, k: verified(s, k),
-                lambda s, b: verified(s, boot=b),
-                params,
+            bad_sig: list[str] = []
+            missing: list[str] = []
+            extra: list[str] = []
+            differ: list[tuple[str, RecordRow, RecordRow]] = []
+            archive_bad: list[str] = []
+            n_raw = n_ok = n_stored = n_again = 0
+            # station by station, its raw rows streamed in key order: memory holds one
+            # station's records at a time, never the raw table
+            sids = (
+                [args.sid] if args.sid else sorted(set(archive.sids()) | set(store.record_sids()))
             )
-            n_raw += counted.n + len(bad_sig) - before
-            n_ok += counted.n
-            again = {row.rid: row for row in map(record_to_row, recs)}
-            stored = {r.rid: r for r in store.record_rows(sid=sid)}
-            n_stored += len(stored)
-            n_again += len(again)
-            missing += sorted(set(again) - set(stored))
-            extra += sorted(set(stored) - set(again))
-            differ += [
-                (k, stored[k], again[k])
-                for k in sorted(set(again) & set(stored))
-                if again[k] != stored[k]
-            ]
+            for sid in sids:
+                before = len(bad_sig)
+                counted = _Counted(verified(sid, bad=bad_sig))
+                try:
+                    recs = compute_station(
+                        sid,
+                        counted,
+                        lambda s, k: verified(s, k),
+                        lambda s, b: verified(s, boot=b),
+                        params,
+                    )
+                except ArchiveError as e:  # the station's raw messages cannot all be read
+                    archive_bad.append(f"{sid}: {e}")
+                    n_raw += counted.n + len(bad_sig) - before
+                    n_ok += counted.n
+                    continue
+                n_raw += counted.n + len(bad_sig) - before
+                n_ok += counted.n
+                again = {row.rid: row for row in map(record_to_row, recs)}
+                stored = {r.rid: r for r in store.record_rows(sid=sid)}
+                n_stored += len(stored)
+                n_again += len(again)
+                missing += sorted(set(again) - set(stored))
+                extra += sorted(set(stored) - set(again))
+                differ += [
+                    (k, stored[k], again[k])
+                    for k in sorted(set(again) & set(stored))
+                    if again[k] != stored[k]
+                ]
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
-    finally:
-        store.close()
     summary = {
         "raw": n_raw,
         "verified": n_ok,
@@ -133,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         "missing": len(missing),
         "extra": len(extra),
         "different": len(differ),
-        "ok": not (bad_sig or missing or extra or differ),
+        "archive_errors": len(archive_bad),
+        "ok": not (bad_sig or missing or extra or differ or archive_bad),
     }
     if args.json:
         print(json.dumps(summary, sort_keys=True))
@@ -143,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
             f"records stored {n_stored}, recomputed {n_again}: "
             f"{len(missing)} missing, {len(extra)} not reproduced, {len(differ)} different"
         )
+        for line in archive_bad:
+            print("  archive:", line)
         for line in bad_sig[:20]:
             print("  bad signature:", line)
         for k in missing[:20]:
