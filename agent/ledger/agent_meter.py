@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from agent import wire
 from agent.ledger.engine import dump_station, load_station
@@ -105,14 +105,19 @@ class StoreMeter:
             self.ledger.process(sid, page)
         self.save(sid)
 
-    def start(self, sids: Iterable[str]) -> tuple[int, int]:
+    def start(
+        self, sids: Iterable[str], *, only: Callable[[str], bool] | None = None
+    ) -> tuple[int, int]:
         """At start: every station of `sids` without a usable state is metered from raw, one
-        with a state catches up on rows above its key. Returns (stations rebuilt, raw rows
-        read)."""
+        with a state catches up on rows above its key; `only`: the stations this agent
+        writes (its shards, agent/cluster.py), None for all. Returns (stations rebuilt,
+        raw rows read)."""
         n0 = self.store.raw_rows_read
         states = self.tables.state_sids()
         rebuilt = 0
         for sid in sorted(set(sids) | set(states)):
+            if only is not None and not only(sid):
+                continue
             s = states.get(sid)
             if s is None or s[0] != self.version:
                 if s is None and not self.store.raw_after(sid, (-1, -1)):
