@@ -1,12 +1,12 @@
-"""The dashboard over a real SQLite store, served by uvicorn on a free port: JSON API, pages,
-live updates (SSE), read-only access, and a database that appears after the dashboard."""
+"""The dashboard over a real store, served by uvicorn on a free port: JSON API, pages, live
+updates (SSE), read-only access, and a database that appears after the dashboard. Every
+test that reads a database runs on both engines (`db_url`: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
 import json
-import pathlib
 import sqlite3
 import threading
 import time
@@ -15,11 +15,14 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from agent.dashboard import DashboardServer, Live, make_app
+from agent.dashboard.reader import SETTLE_GRACE_S, Reader
 from agent.store import QuarantineRow, RawRow, Store, now_ms, record_to_row
 from tests.test_dashboard_state import METER, Sim, rec, slot
+from tools.postgres import PgCluster
 
 SID = "KH-PNH-0001"
 SID2 = "KH-PNH-0002"
@@ -86,9 +89,9 @@ def status(sid: str, state: str, recv: int) -> tuple[str, int, bytes]:
     )
 
 
-def make_db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
-    """Two stations' messages, a quarantined forgery, statuses and records in a real store."""
-    url = f"sqlite:///{tmp_path}/agent.db"
+def make_db(url: str) -> Iterator[tuple[str, Store, Sim, Sim]]:
+    """Two stations' messages, a quarantined forgery, statuses and records in a real store
+    (a new database at `url`)."""
     store = Store(url, synchronous="normal")
     t = now_ms()
     a, b = Sim(SID, t0=t - 60_000), Sim(SID2, t0=t - 60_000)
@@ -123,8 +126,8 @@ def make_db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
 
 
 @pytest.fixture
-def db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
-    yield from make_db(tmp_path)
+def db(db_url: str) -> Iterator[tuple[str, Store, Sim, Sim]]:
+    yield from make_db(db_url)
 
 
 @pytest.fixture
@@ -281,16 +284,20 @@ def test_a_resolved_quarantine_row_clears_its_alarm(
 
 def test_the_dashboard_only_reads(served: Served) -> None:
     db = served.live.reader.db
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+    with pytest.raises(
+        (sqlite3.OperationalError, psycopg.errors.ReadOnlySqlTransaction), match="read-?only"
+    ):
         db.execute("DELETE FROM raw")
 
 
-def test_a_database_that_appears_later(tmp_path: pathlib.Path) -> None:
-    url = f"sqlite:///{tmp_path}/later.db"
+def test_a_database_that_appears_later(db_url: str) -> None:
+    """SQLite: no file yet; PostgreSQL: an empty database (no tables yet; a password in its
+    URL, which the test cluster's trust authentication ignores, is never shown)."""
+    url = db_url.replace("postgres@", "postgres:s3cret@")
     s = Served(url)
     try:
         code, h = s.get("/api/health")
-        assert code == 200 and not h["ok"]
+        assert code == 200 and not h["ok"] and "s3cret" not in h["db"]
         assert s.get("/api/fleet")[1]["stations"] == []
         store = Store(url)
         sim = Sim(SID, t0=now_ms())
@@ -301,10 +308,10 @@ def test_a_database_that_appears_later(tmp_path: pathlib.Path) -> None:
         s.stop()
 
 
-def test_backfill_reads_the_recent_past_and_each_stations_newest(tmp_path: pathlib.Path) -> None:
+def test_backfill_reads_the_recent_past_and_each_stations_newest(db_url: str) -> None:
     """At start the dashboard reads the rows of its history window, and for a station
     silent for longer, its newest telemetry through the (sid, boot, seq) index."""
-    url = f"sqlite:///{tmp_path}/old.db"
+    url = db_url
     store = Store(url)
     t = now_ms()
     old = Sim(SID2, t0=t - 7_200_000)
@@ -363,3 +370,40 @@ def test_a_failing_or_silent_agent_shows_as_a_banner(
         "agent silent for 60 s",
         "agent silent for 61 s",
     )
+
+
+def test_reader_hands_over_rows_committed_below_the_last_id(pg_cluster: PgCluster) -> None:
+    """PostgreSQL only (SQLite has one writer at a time: its ids become visible in order):
+    a transaction takes its id when it inserts and shows it when it commits, so the live
+    tail must hand over a row that appears below an id it has read already, once."""
+    url = pg_cluster.create_db()
+    slow, fast = Store(url), Store(url)
+    sim = Sim(SID, t0=now_ms())
+    r1, r2, r3 = (raw(sim, "telemetry", sim.tel([slot(1)]), now_ms()) for _ in range(3))
+    reader = Reader(url)
+    try:
+        assert reader.open()
+        slow.db.execute("BEGIN")
+        slow.db.execute(
+            "INSERT INTO raw (sid, boot, seq, kind, topic, recv_ms, kid, record) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            r1,
+        )
+        fast.write_batch([r2])
+        got = reader.raw_after(0, 100)
+        assert [(x.seq, x.id) for x in got] == [(r2.seq, 2)]
+        assert reader.raw_after(2, 100) == []
+        slow.db.execute("COMMIT")
+        fast.write_batch([r3])
+        got = reader.raw_after(2, 100)
+        assert [(x.seq, x.id) for x in got] == [(r1.seq, 1), (r3.seq, 3)]  # the late one first
+        assert reader.raw_after(3, 100) == []  # each row once
+        # once every transaction that was open has ended (and a grace period), the ids up
+        # to the last read are settled: no more looking back
+        time.sleep(SETTLE_GRACE_S + 0.1)
+        assert reader.raw_after(3, 100) == [] and reader.raw_after(3, 100) == []
+        assert reader._tails["raw"].floor == 3 and not reader._tails["raw"].seen
+    finally:
+        reader.close()
+        slow.close()
+        fast.close()

@@ -1,5 +1,6 @@
 """`stationctl watch` (terminal view) and `stationctl dashboard` (standalone server), run
-as a user runs them: the console script in a subprocess."""
+as a user runs them: the console script in a subprocess, over a database of either engine
+(`db_url`: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 from agent.store import Store
 from tests.test_dashboard_api import SID, SID2, Served, make_db
 from tests.test_dashboard_state import Sim
+from tools.mosquitto import free_port
+from tools.postgres import PgCluster
 
 STATIONCTL = [str(pathlib.Path(sys.executable).parent / "stationctl")]
 ENV = {**os.environ, "COLUMNS": "160", "TERM": "dumb"}
@@ -29,8 +32,8 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def db(tmp_path: pathlib.Path) -> Iterator[tuple[str, Store, Sim, Sim]]:
-    yield from make_db(tmp_path)
+def db(db_url: str) -> Iterator[tuple[str, Store, Sim, Sim]]:
+    yield from make_db(db_url)
 
 
 def test_watch_db_once_shows_every_station_and_the_alarms(db: tuple[str, Store, Sim, Sim]) -> None:
@@ -66,13 +69,28 @@ def test_watch_api_once(db: tuple[str, Store, Sim, Sim]) -> None:
         s.stop()
 
 
-def test_watch_bad_usage_and_unreachable(tmp_path: pathlib.Path) -> None:
+def test_watch_bad_usage_and_unreachable(tmp_path: pathlib.Path, pg_cluster: PgCluster) -> None:
     r = run("watch", "--once")
     assert r.returncode == 2
     r = run("watch", "--db", f"sqlite:///{tmp_path}/none.db", "--once")
     assert r.returncode == 2 and "cannot read an agent database" in r.stderr
-    r = run("watch", "--db", "postgresql://x/y", "--once")
-    assert r.returncode == 2
+    assert not (tmp_path / "none.db").exists()  # a reader never creates a database
+    r = run("watch", "--db", "mysql://x/y", "--once")
+    assert r.returncode == 2 and "mysql" in r.stderr
+    # PostgreSQL: a server that is not there, a database that does not exist, one with no
+    # agent tables: exit 2, one line naming the database, never its password
+    gone = f"postgresql://agent:s3cret@127.0.0.1:{free_port()}/agent"
+    empty = pg_cluster.create_db()
+    missing = empty.rsplit("/", 1)[0].replace("postgres@", "postgres:s3cret@") + "/nope"
+    for url, needle in (
+        (gone, f"agent:***@127.0.0.1:{gone.split(':')[3]}"),
+        (missing, "/nope"),
+        (empty, empty),
+    ):
+        r = run("watch", "--db", url, "--once")
+        assert r.returncode == 2 and "cannot read an agent database at" in r.stderr, r.stderr
+        assert needle in r.stderr and "s3cret" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run("watch", "--db", f"sqlite:///{tmp_path}/none.db", "--station", "bad id", "--once")
     assert r.returncode == 2 and "bad station id" in r.stderr
     r = run("watch", "--api", "http://127.0.0.1:9/", "--once")

@@ -46,9 +46,10 @@ def make_app(
     live: Live | None = None,
     extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
-    """The dashboard over the agent database at `db_url` (sqlite:///PATH or a path).
-    `app.state.live` is the `Live` poller (call `.nudge()` after a commit). `extra_routes`:
-    more endpoints on the same server (the agent's /healthz and /metrics)."""
+    """The dashboard over the agent database at `db_url` (a path, sqlite:///PATH or
+    postgresql://…). `app.state.live` is the `Live` poller (call `.nudge()` after a
+    commit). `extra_routes`: more endpoints on the same server (the agent's /healthz and
+    /metrics)."""
     lv = live or Live(db_url, cfg, carbon_params=carbon_params, poll_s=poll_s)
 
     @contextlib.asynccontextmanager

@@ -211,10 +211,10 @@ class Live:
             for qid, recv, topic, reason, detail, qsid, res in r.quarantine_after(
                 self._last["quarantine"]
             ):
-                self._last["quarantine"] = qid
+                self._last["quarantine"] = max(self._last["quarantine"], qid)
                 self.state.add_quarantine(recv, qsid, reason, detail, topic, qid, res)
             for aid, ts, asid, code, level, detail in r.alarms_after(self._last["alarms"]):
-                self._last["alarms"] = aid
+                self._last["alarms"] = max(self._last["alarms"], aid)
                 self.state.add_agent_alarm(ts, asid, code, level, detail)
             if time.monotonic() - self._records_at >= self.records_s:
                 self._records_at = time.monotonic()
@@ -358,7 +358,7 @@ class Live:
     def health(self) -> dict[str, Any]:
         return {
             "ok": self.reader.store is not None and self.last_poll > 0,
-            "db": self.reader.url,
+            "db": self.reader.name,
             "last_poll_ms": self.last_poll or None,
             "poll_ms": round(self.poll_ms, 2),
             "stations": len(self.state.stations),

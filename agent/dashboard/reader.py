@@ -1,28 +1,57 @@
 """Read-only access to the agent's store for the dashboard (agent/store/ schema).
 
-One read-only SQLite connection (WAL lets it read beside the agent's writer). Every query
-is a short autocommit read, so the dashboard never holds a snapshot that would keep the
-writer's WAL from being checkpointed. What it reads, and why it stays cheap:
+One read-only connection, SQLite (WAL lets it read beside the agent's writer) or
+PostgreSQL. Every query is a short autocommit read, so the dashboard never holds a snapshot
+that would keep the writer's WAL from being checkpointed. What it reads, and why it stays
+cheap:
 
-- raw rows newer than the last rowid seen (the primary key), once a second;
+- raw rows newer than the last id seen (the primary key), once a second;
 - at start: each station's newest telemetry by the (sid, boot, seq) index, and the rows of
-  the last `history_s` (found by bisecting rowids on recv_ms; no index on time needed);
+  the last `history_s` (found by bisecting ids on recv_ms; no index on time needed);
 - status (one row per station), quarantine and alarms rows newer than the last id;
 - records of the last days and hours, through the (kind, start_ms) index, every few seconds.
+
+Tailing by id is exact on SQLite: one writer at a time, so ids become visible in order.
+On PostgreSQL a transaction takes its ids when it inserts and shows them when it commits,
+so a row can appear below an id already read (two writers, or a slow commit). There the
+reader re-reads the ids above a "settled" mark and hands over the rows it had not seen
+(see `_Tail`).
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from collections import deque
 from typing import Any, Final, NamedTuple
+
+import psycopg
 
 from agent.ledger import Record
 from agent.store import RECORD_COLUMNS, Store, row_to_record
+from agent.store.sql import describe
 
 log = logging.getLogger(__name__)
 
 _RAW_COLS: Final = "id, sid, boot, seq, kind, recv_ms, record"
+
+# what a database that is not (yet) readable raises, on either engine
+DB_ERRORS: Final = (sqlite3.Error, psycopg.Error)
+# a table or column a database of an older schema lacks
+_MISSING: Final = (
+    sqlite3.OperationalError,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+)
+
+SETTLE_GRACE_S: Final = 2.0  # an insert takes its id a moment before its transaction id
+SETTLE_MAX_S: Final = 60.0  # a transaction open for longer: its rows are not shown live
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (libpq's run over several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class Raw(NamedTuple):
@@ -39,35 +68,110 @@ def _raw(r: Any) -> Raw:
     return Raw(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
 
 
+class _Tail:
+    """A table read by id on PostgreSQL. Rows can become visible below the highest id read,
+    but only rows of transactions that were running when it was read: once every such
+    transaction has ended (the snapshot's xmin has passed the xmax noted after the read),
+    the ids up to it are settled. Until then they are read again (ids only) and the rows
+    not seen yet are handed over. A transaction open for more than SETTLE_MAX_S does not
+    hold the mark up: its rows, if any, are not shown live (they are in the database)."""
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor  # every id up to here was handed over or will never be
+        self.seen: set[int] = set()  # ids above floor handed over
+        self.marks: deque[tuple[int, int, float]] = deque()  # (top id, xmax, monotonic)
+
+
 class Reader:
     """`Reader(url)`; `open()` is retried by the caller until the database exists."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.store: Store | None = None
+        self.error: str | None = None  # why the last open() failed (one line)
+        self._tails: dict[str, _Tail] = {}
+
+    @property
+    def name(self) -> str:
+        """The database as messages name it (no password)."""
+        try:
+            return describe(self.url)
+        except ValueError:
+            return self.url
 
     def open(self) -> bool:
         if self.store is not None:
             return True
         try:
-            store = Store(self.url, readonly=True)
+            store = Store(self.url, readonly=True, app="dashboard")
+        except (FileNotFoundError, ValueError, *DB_ERRORS) as e:
+            self.error = one_line(e)
+            log.debug("database %s not readable yet: %s", self.name, self.error)
+            return False
+        try:
             store.db.execute("SELECT 1 FROM raw LIMIT 1").fetchall()  # the schema is there
-        except (FileNotFoundError, sqlite3.Error) as e:
-            log.debug("database %s not readable yet: %s", self.url, e)
+        except DB_ERRORS as e:
+            store.close()
+            self.error = one_line(e)
+            log.debug("database %s not readable yet: %s", self.name, self.error)
             return False
         self.store = store
+        self.error = None
         return True
 
     def close(self) -> None:
+        self._tails.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
 
     @property
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> Any:
         if self.store is None:
             raise RuntimeError("reader not open")
         return self.store.db
+
+    def _after(self, table: str, cols: str, last_id: int, limit: int) -> list[Any]:
+        """Rows of `table` (`cols`, the id first) with an id above last_id, in id order, at
+        most `limit`; on PostgreSQL also the rows that became visible below it since (see
+        _Tail), before those."""
+        q = f"SELECT {cols} FROM {table} WHERE id > ? ORDER BY id LIMIT ?"
+        if self.store is None or self.store.engine != "postgresql":
+            return list(self.db.execute(q, (last_id, limit)).fetchall())
+        t = self._tails.get(table)
+        if t is None or last_id < t.floor:
+            t = self._tails[table] = _Tail(last_id)
+        now = time.monotonic()
+        xmin = int(self.db.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())").fetchone()[0])
+        floor = t.floor  # settled before this read: what this read sees of them is final
+        while t.marks and (
+            (t.marks[0][1] <= xmin and now - t.marks[0][2] >= SETTLE_GRACE_S)
+            or now - t.marks[0][2] >= SETTLE_MAX_S
+        ):
+            floor = max(floor, t.marks.popleft()[0])
+        late: list[Any] = []
+        if last_id > t.floor:
+            ids = self.db.execute(
+                f"SELECT id FROM {table} WHERE id > ? AND id <= ?", (t.floor, last_id)
+            ).fetchall()
+            new = [int(r[0]) for r in ids if int(r[0]) not in t.seen]
+            if new:
+                late = self.db.execute(
+                    f"SELECT {cols} FROM {table} WHERE id = ANY(?) ORDER BY id", (new,)
+                ).fetchall()
+        rows = [r for r in self.db.execute(q, (last_id, limit)).fetchall() if r[0] not in t.seen]
+        xmax = int(self.db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0])
+        t.seen.update(int(r[0]) for r in late)
+        t.seen.update(int(r[0]) for r in rows)
+        top = max(last_id, int(rows[-1][0])) if rows else last_id
+        if not t.marks or t.marks[-1][0] < top or t.marks[-1][1] < xmax:
+            t.marks.append((top, xmax, now))
+        if floor > t.floor:
+            t.floor = floor
+            t.seen = {i for i in t.seen if i > floor}
+        if late:
+            log.debug("%s: %d rows committed below id %d", table, len(late), last_id)
+        return [*late, *rows]
 
     # ---- raw ------------------------------------------------------------------------------
 
@@ -92,10 +196,9 @@ class Reader:
         return lo
 
     def raw_after(self, last_id: int, limit: int) -> list[Raw]:
-        rows = self.db.execute(
-            f"SELECT {_RAW_COLS} FROM raw WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)
-        ).fetchall()
-        return [_raw(r) for r in rows]
+        """Raw rows above last_id in id order (on PostgreSQL preceded by rows committed late
+        below it: see _after)."""
+        return [_raw(r) for r in self._after("raw", _RAW_COLS, last_id, limit)]
 
     def sids(self) -> list[str]:
         """Every station id in raw (a skip-scan over the unique index: one probe per
@@ -124,7 +227,7 @@ class Reader:
             row = self.db.execute(
                 "SELECT updated_ms, state FROM agent_health WHERE id = 1"
             ).fetchone()
-        except sqlite3.OperationalError:
+        except _MISSING:
             return None
         return None if row is None else (int(row[0]), str(row[1]))
 
@@ -141,19 +244,15 @@ class Reader:
         not read. `resolved_to` (schema 2): the agent ingested the message after all (its
         key arrived late), else None."""
         try:
-            rows = self.db.execute(
-                "SELECT id, recv_ms, topic, reason, detail, sid, resolved_to FROM quarantine "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (last_id, limit),
-            ).fetchall()
-        except sqlite3.OperationalError:  # schema 1: nothing is ever resolved
+            rows = self._after(
+                "quarantine", "id, recv_ms, topic, reason, detail, sid, resolved_to", last_id, limit
+            )
+        except _MISSING:  # schema 1 (SQLite only): nothing is ever resolved
             rows = [
                 (*r, None)
-                for r in self.db.execute(
-                    "SELECT id, recv_ms, topic, reason, detail, sid FROM quarantine "
-                    "WHERE id > ? ORDER BY id LIMIT ?",
-                    (last_id, limit),
-                ).fetchall()
+                for r in self._after(
+                    "quarantine", "id, recv_ms, topic, reason, detail, sid", last_id, limit
+                )
             ]
         return [tuple(r) for r in rows]
 
@@ -169,7 +268,7 @@ class Reader:
                     (first_id,),
                 ).fetchall()
             ]
-        except sqlite3.OperationalError:
+        except _MISSING:
             return []
 
     def alarms_after(
@@ -178,11 +277,7 @@ class Reader:
         """(id, ts_ms, sid, code, level, detail) rows of the agent's alarms table."""
         return [
             tuple(r)
-            for r in self.db.execute(
-                "SELECT id, ts_ms, sid, code, level, detail FROM alarms WHERE id > ? "
-                "ORDER BY id LIMIT ?",
-                (last_id, limit),
-            ).fetchall()
+            for r in self._after("alarms", "id, ts_ms, sid, code, level, detail", last_id, limit)
         ]
 
     def records(self, kind: str, since_ms: int) -> list[tuple[str, int, int, int]]:
