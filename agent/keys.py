@@ -33,7 +33,7 @@ class KeyInfo(NamedTuple):
 
 
 class KeyStore:
-    """`KeyStore("sqlite:///agent.db")` (or a path, or an open `Store`)."""
+    """`KeyStore("sqlite:///agent.db")` (or a path, a postgresql:// URL, or an open `Store`)."""
 
     def __init__(self, db: str | Store) -> None:
         self._own = not isinstance(db, Store)

@@ -1,6 +1,7 @@
 """`stationctl dashboard`: the web dashboard as its own server beside an agent.
 
 stationctl dashboard --db sqlite:///agent.db --port 8080
+stationctl dashboard --db postgresql://host/agent --port 8080
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from stationctl.errors import UsageError
 
 def register(sub: Any) -> None:
     d = sub.add_parser("dashboard", help="serve the web dashboard over an agent database")
-    d.add_argument("--db", metavar="URL", required=True, help="agent database (sqlite:///PATH)")
+    d.add_argument(
+        "--db",
+        metavar="URL",
+        required=True,
+        help="agent database (a path, sqlite:///PATH or postgresql://…)",
+    )
     d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free)")
     d.add_argument("--carbon-params", metavar="FILE", help="carbon parameter file")
@@ -26,12 +32,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
     import logging
 
     from agent.dashboard import DashboardServer, make_app
-    from agent.store import sqlite_path
+    from stationctl.dbopen import name
 
-    try:
-        sqlite_path(args.db)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    name(args.db)  # a URL of another scheme is bad usage; the database may appear later
     if not 0 <= args.port <= 65535:
         raise UsageError(f"bad port {args.port}")
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

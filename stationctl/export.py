@@ -8,7 +8,6 @@ fixed order and rendered by agent/ledger/export.py, which sorts them itself.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 from typing import Any
 
@@ -18,7 +17,10 @@ from stationctl.errors import UsageError
 def register(sub: Any) -> None:
     p = sub.add_parser("export", help="metering records as CSV or JSON Lines (CONTRACT §8)")
     p.add_argument(
-        "--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database"
+        "--db",
+        required=True,
+        metavar="URL",
+        help="the agent database: a path, sqlite:///PATH or postgresql://…",
     )
     p.add_argument(
         "--from",
@@ -43,22 +45,18 @@ def _time(text: str, what: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from agent.ledger.export import render
-    from agent.store import Store, row_to_record
+    from agent.store import row_to_record
+    from stationctl.dbopen import DB_ERRORS, name, open_store, reason
 
     start = _time(args.start, "--from") if args.start is not None else None
     end = _time(args.end, "--to") if args.end is not None else None
     if start is not None and end is not None and end < start:
         raise UsageError("--to is before --from")
-    try:
-        store = Store(args.db, readonly=True)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    except (ValueError, sqlite3.Error) as e:
-        raise UsageError(f"database {args.db}: {e}") from None
+    store = open_store(args.db, readonly=True)
     try:
         rows = store.record_rows(kind=args.by, start_ms=start, end_ms=end)
-    except sqlite3.DatabaseError as e:
-        raise UsageError(f"{args.db} is not an agent database ({e})") from None
+    except DB_ERRORS as e:
+        raise UsageError(f"database {name(args.db)}: {reason(args.db, e)}") from None
     finally:
         store.close()
     out = render([row_to_record(r) for r in rows], args.format, start, end, args.by)

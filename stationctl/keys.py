@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sqlite3
+import sys
 from typing import Any
 
 from stationctl.errors import UsageError
@@ -21,7 +21,11 @@ def register(sub: Any) -> None:
 
     def common(q: argparse.ArgumentParser) -> None:
         g = q.add_mutually_exclusive_group(required=True)
-        g.add_argument("--db", metavar="URL", help="sqlite:///PATH of the agent database")
+        g.add_argument(
+            "--db",
+            metavar="URL",
+            help="the agent database: a path, sqlite:///PATH or postgresql://…",
+        )
         g.add_argument("--config", metavar="FILE", help="the agent's TOML (its db.url is used)")
 
     a = ks.add_parser("add", help="add a station key (from a file, or generated into one)")
@@ -98,17 +102,23 @@ def _iso(ms: int | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from agent.keys import KeyStore
+    from stationctl.dbopen import DB_ERRORS, name, open_store, reason
 
     url = _db_url(args)
     try:
-        ks = KeyStore(url)
-    except (ValueError, sqlite3.Error, OSError) as e:
-        raise UsageError(f"database {url}: {e}") from None
-    with ks:
+        store = open_store(url)
+    except OSError as e:  # e.g. a directory that does not exist
+        raise UsageError(f"database {name(url)}: {reason(url, e)}") from None
+    with KeyStore(store) as ks:
         try:
             return _do(ks, args)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        except DB_ERRORS as e:
+            print(f"stationctl keys: database {name(url)}: {reason(url, e)}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
 
 
 def _do(ks: Any, args: argparse.Namespace) -> int:

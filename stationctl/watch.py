@@ -1,6 +1,7 @@
 """`stationctl watch`: the dashboard's live picture in a terminal (rich).
 
 stationctl watch --db sqlite:///agent.db            # read the agent's database
+stationctl watch --db postgresql://host/agent        # (or a PostgreSQL one)
 stationctl watch --api http://127.0.0.1:8080/        # or ask a running dashboard
 stationctl watch --db … --station KH-PNH-0001        # one station, slot by slot
 stationctl watch --db … --once                       # one frame, then exit
@@ -26,7 +27,9 @@ from stationctl.errors import UsageError
 def register(sub: Any) -> None:
     p = sub.add_parser("watch", help="live fleet view in the terminal (stations, slots, alarms)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--db", metavar="URL", help="agent database (sqlite:///PATH or a path)")
+    src.add_argument(
+        "--db", metavar="URL", help="agent database (a path, sqlite:///PATH or postgresql://…)"
+    )
     src.add_argument(
         "--api", metavar="URL", help="a running dashboard, e.g. http://127.0.0.1:8080/"
     )
@@ -44,15 +47,12 @@ Source = Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]
 
 def db_source(url: str, sid: str | None, carbon_params: str | None) -> Source:
     from agent.dashboard.live import Live
-    from agent.store import sqlite_path
+    from stationctl.dbopen import name
 
-    try:
-        sqlite_path(url)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    n = name(url)
     live = Live(url, carbon_params=carbon_params)
     if not live.poll_once():
-        raise UsageError(f"cannot read an agent database at {url}")
+        raise UsageError(f"cannot read an agent database at {n}: {live.reader.error}")
 
     def get() -> tuple[dict[str, Any], dict[str, Any] | None]:
         live.poll_once()
@@ -218,23 +218,31 @@ def run_watch(args: argparse.Namespace) -> int:
         raise UsageError(f"bad station id {sid!r}")
     if args.interval <= 0:
         raise UsageError("--interval must be > 0")
+    from stationctl.dbopen import DB_ERRORS, name, reason
+
     get = db_source(args.db, sid, args.carbon_params) if args.db else api_source(args.api, sid)
+    what = args.api or name(args.db)
+    # an unreachable dashboard, a bad answer; the database gone (SQLite, PostgreSQL)
+    errors = (OSError, ValueError, *DB_ERRORS)
     console = Console()
 
     def frame() -> Any:
         try:
             fleet, st = get()
-        except (OSError, ValueError) as e:  # an unreachable dashboard, a bad answer
+        except errors as e:
             from rich.text import Text
 
-            return Text(f"cannot read {args.api or args.db}: {e}", style="red")
+            return Text(f"cannot read {what}: {reason(args.db or '', e)}", style="red")
         return render(fleet, st, sid)
 
     if args.once:
         try:
             fleet, st = get()
-        except (OSError, ValueError) as e:
-            print(f"stationctl watch: cannot read {args.api or args.db}: {e}", file=sys.stderr)
+        except errors as e:
+            print(
+                f"stationctl watch: cannot read {what}: {reason(args.db or '', e)}",
+                file=sys.stderr,
+            )
             return 1
         console.print(render(fleet, st, sid))
         return 0

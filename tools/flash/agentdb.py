@@ -13,10 +13,28 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from typing import Final
+
+import psycopg
 
 from agent.keys import KeyStore
-from agent.store import Store, sqlite_path
+from agent.store import Store
+from agent.store.sql import describe, is_postgres
 from tools.flash.errors import FlashError
+
+# what the agent's database raises, either engine (SQLite, PostgreSQL)
+DB_ERRORS: Final = (sqlite3.Error, psycopg.Error)
+
+
+def _name(url: str) -> str:
+    try:
+        return describe(url)  # no password
+    except ValueError:
+        return url
+
+
+def _why(e: BaseException) -> str:
+    return " ".join(str(e).split())  # libpq's messages run over several lines
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,15 +68,15 @@ class AgentAnswer:
 
 def _open(url: str) -> KeyStore:
     try:
-        path = sqlite_path(url)
+        path = None if is_postgres(url) else describe(url)
     except ValueError as e:
         raise FlashError("agent", f"agent database {url}: {e}") from None
-    if not os.path.exists(path):
+    if path is not None and not os.path.exists(path):
         raise FlashError("agent", f"agent database {url} unreachable: no such file")
     try:
         return KeyStore(Store(url, create=False))
-    except (sqlite3.Error, OSError, ValueError) as e:
-        raise FlashError("agent", f"agent database {url} unreachable: {e}") from None
+    except (*DB_ERRORS, OSError, ValueError) as e:
+        raise FlashError("agent", f"agent database {_name(url)} unreachable: {_why(e)}") from None
 
 
 def ask(url: str, sid: str) -> AgentAnswer:
@@ -67,13 +85,13 @@ def ask(url: str, sid: str) -> AgentAnswer:
         infos = ks.list(sid)
         cur = ks.current(sid)
         return AgentAnswer(
-            url=url,
+            url=_name(url),  # (it goes into the report: no password)
             kids=[i.kid for i in infos],
             active_kid=None if cur is None else cur[0],
             max_boot=ks.max_boot(sid),
         )
-    except sqlite3.Error as e:
-        raise FlashError("agent", f"agent database {url}: {e}") from None
+    except DB_ERRORS as e:
+        raise FlashError("agent", f"agent database {_name(url)}: {_why(e)}") from None
     finally:
         ks.store.close()
 
@@ -86,7 +104,7 @@ def register(url: str, sid: str, key: bytes, kid: int) -> None:
         ks.add(sid, key, kid)
     except ValueError as e:
         raise FlashError("register", f"the agent refused the key: {e}") from None
-    except sqlite3.Error as e:
-        raise FlashError("register", f"agent database {url}: {e}") from None
+    except DB_ERRORS as e:
+        raise FlashError("register", f"agent database {_name(url)}: {_why(e)}") from None
     finally:
         ks.store.close()
