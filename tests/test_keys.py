@@ -1,4 +1,5 @@
-"""agent/keys.py: station keys in the agent database (add, rotate, revoke, lookups)."""
+"""agent/keys.py: station keys in the agent database (add, rotate, revoke, lookups), on
+both engines (`db_url`: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from agent.store import RawRow, Store
 from agent.wire import Reason, StaticKeys, WireError, verify
 from tests.agent_helpers import STATIONCTL, Station, key_for
 from tests.helpers import ROOT
+from tools.mosquitto import free_port
 
 SID = "KH-PNH-0001"
 
 
-def test_add_rotate_revoke_and_lookup(tmp_path: pathlib.Path) -> None:
-    ks = KeyStore(f"sqlite:///{tmp_path}/a.db")
+def test_add_rotate_revoke_and_lookup(db_url: str) -> None:
+    ks = KeyStore(db_url)
     k1 = key_for(SID)
     assert ks.add(SID, k1) == 1
     assert ks.get(SID, 1) == k1
@@ -41,8 +43,8 @@ def test_add_rotate_revoke_and_lookup(tmp_path: pathlib.Path) -> None:
     ks.close()
 
 
-def test_add_rejects_bad_input(tmp_path: pathlib.Path) -> None:
-    with KeyStore(str(tmp_path / "a.db")) as ks:
+def test_add_rejects_bad_input(db_url: str) -> None:
+    with KeyStore(db_url) as ks:
         with pytest.raises(ValueError):
             ks.add("bad sid", key_for(SID))
         with pytest.raises(ValueError):
@@ -57,8 +59,8 @@ def test_add_rejects_bad_input(tmp_path: pathlib.Path) -> None:
         assert {i.kid: i.state for i in ks.list(SID)} == {3: "retired", 5: "retired", 6: "active"}
 
 
-def test_max_boot_comes_from_raw(tmp_path: pathlib.Path) -> None:
-    url = f"sqlite:///{tmp_path}/a.db"
+def test_max_boot_comes_from_raw(db_url: str) -> None:
+    url = db_url
     with KeyStore(url) as ks:
         assert ks.max_boot(SID) is None
         with Store(url) as st:
@@ -69,8 +71,8 @@ def test_max_boot_comes_from_raw(tmp_path: pathlib.Path) -> None:
         assert ks.max_boot("KH-PNH-0002") is None
 
 
-def test_cached_ring_sees_changes_from_another_connection(tmp_path: pathlib.Path) -> None:
-    url = f"sqlite:///{tmp_path}/a.db"
+def test_cached_ring_sees_changes_from_another_connection(db_url: str) -> None:
+    url = db_url
     agent = KeyStore(url)
     ring = agent.ring(min_reload_s=0.0)
     st = Station(SID)
@@ -95,10 +97,10 @@ def test_cached_ring_sees_changes_from_another_connection(tmp_path: pathlib.Path
     agent.close()
 
 
-def test_keys_never_reach_logs(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_keys_never_reach_logs(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     k = key_for(SID)
-    with KeyStore(str(tmp_path / "a.db")) as ks:
+    with KeyStore(db_url) as ks:
         ks.add(SID, k)
         _, k2 = ks.rotate(SID)
         ks.revoke(SID, 1)
@@ -128,8 +130,8 @@ def keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path) -> None:
-    db = f"sqlite:///{tmp_path}/a.db"
+def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path, db_url: str) -> None:
+    db = db_url
     kf = tmp_path / "k1.hex"
     kf.write_text(key_for(SID).hex() + "\n")
     r = keys_cli("add", "--db", db, SID, "--key-file", str(kf))
@@ -168,11 +170,25 @@ def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path) -> None:
         (["rotate", SID, "--key-out", "EXISTING"], "cannot create key file"),
     ],
 )
-def test_keys_cli_bad_input_exits_2(tmp_path: pathlib.Path, args: list[str], needle: str) -> None:
-    db = f"sqlite:///{tmp_path}/a.db"
+def test_keys_cli_bad_input_exits_2(
+    tmp_path: pathlib.Path, db_url: str, args: list[str], needle: str
+) -> None:
+    db = db_url
     (tmp_path / "EXISTING").write_text("x")
     args = [str(tmp_path / a) if a in ("NEWFILE", "EXISTING") else a for a in args]
     r = keys_cli(args[0], "--db", db, *args[1:])
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert not (tmp_path / "NEWFILE").exists()  # no key file for a refused key
     assert (tmp_path / "EXISTING").read_text() == "x"
+
+
+def test_keys_cli_a_database_it_cannot_open_exits_2(tmp_path: pathlib.Path) -> None:
+    """One line naming the database, never its password: a directory that is not there
+    (SQLite), a PostgreSQL server that is not there."""
+    r = keys_cli("list", "--db", f"sqlite:///{tmp_path}/no/such/dir/a.db")
+    assert r.returncode == 2 and "no/such/dir/a.db" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    url = f"postgresql://agent:s3cret@127.0.0.1:{free_port()}/agent"
+    r = keys_cli("list", "--db", url)
+    assert r.returncode == 2 and "agent:***@127.0.0.1" in r.stderr, r.stderr
+    assert "s3cret" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
