@@ -29,6 +29,8 @@ from agent.archive.index import (
     archived_count,
     archived_sids,
     archived_top,
+    segment_by_id,
+    segment_of,
     spans_from,
 )
 from agent.archive.segment import ArchiveError, file_sha256, read_segment
@@ -119,6 +121,23 @@ class ArchiveReader:
                     return
                 continue
             yield row
+
+    def archived_record(self, sid: str, boot: int, seq: int) -> bytes | None:
+        """The stored bytes of an archived key (None when the archive does not hold it):
+        what the ingest path compares a replayed archived key with (duplicate or
+        conflict). Reads the one segment that holds it, up to the key."""
+        seg_id = segment_of(self.store, sid, boot, seq)
+        if seg_id is None:
+            return None
+        seg = segment_by_id(self.store, [seg_id])[seg_id]
+        for row in self._rows(seg, (boot, seq), boot):
+            if (row.boot, row.seq) == (boot, seq):
+                return row.record
+            break
+        raise ArchiveError(
+            f"segment {self.directory / seg.file}: lacks {sid} {boot}:{seq}, which its "
+            "manifest says it holds"
+        )
 
     def check(self, seg: Segment, path: Path | None = None) -> None:
         """Hash a segment's file against the manifest (once per reader, unless the file
