@@ -48,7 +48,7 @@ from agent.ledger.records import (
     make_record_id,
 )
 from agent.ledger.sessions import end_session, note_start, session_record
-from agent.ledger.state import MAX_RANGES, Acc, Boot, Key, Station, Stream
+from agent.ledger.state import MAX_RANGES, Acc, Boot, DaySum, Key, Station, Stream
 
 log = logging.getLogger(__name__)
 
@@ -756,13 +756,66 @@ class Engine:
         floor = s.floor
         if floor is None or home > floor:
             # intervals below the new home are closed: written, and dropped from memory
+            closed: list[tuple[int, Acc]] = []
             if s.accs:
-                drop = [k for k in s.accs if k < home]
-                for k in drop:
+                for k in [k for k in s.accs if k < home]:
                     a = s.accs.pop(k)
                     if a.dirty:
                         self._write_interval(st.sid, s.slot, k, a)
+                    closed.append((k, a))
+            if self.unlocked:
+                self._close_day(s, floor, home, closed)
             s.floor = home
+
+    def _close_day(
+        self, s: Stream, floor: int | None, home: int, closed: list[tuple[int, Acc]]
+    ) -> None:
+        """The floor moves from `floor` to `home`, closing the accumulators `closed`: the
+        roll-up of the closed records of home's day follows. Every record of the stream at
+        or above the floor is an open accumulator, so when home starts a new day its
+        closed records are exactly those just closed in it."""
+        iv = self.iv
+        d = home * iv // DAY_MS
+        if floor is None or floor * iv // DAY_MS < d:
+            day: DaySum | None = DaySum(d)
+        else:
+            day = s.day if s.day is not None and s.day.d == d else None
+        if day is not None:
+            for k, a in sorted(closed, key=_first):
+                if k * iv // DAY_MS == d:
+                    day.add(a)
+        s.day = day
+
+    def day_record(self, sid: str, n: int, d: int) -> tuple[bool, Record | None]:
+        """Stream n's day record of day d from the state alone: the closed records of its
+        floor's day rolled up, then its open accumulators of that day (the records of
+        the day at or above the floor), in interval order: (True, the record or None
+        when the day has none), or (False, None) when the state does not know (the
+        backend rolls the day's records up)."""
+        st = self.stations.get(sid)
+        s = st.streams.get(n) if st is not None else None
+        if s is None or s.day is None or s.day.d != d or not self.unlocked:
+            return False, None
+        iv = self.iv
+        day = DaySum.load(s.day.dump())
+        for k in sorted(k for k in s.accs if k * iv // DAY_MS == d):
+            day.add(s.accs[k])
+        if not day.n:
+            return True, None
+        return True, make_record(
+            "day",
+            sid,
+            n,
+            d * DAY_MS,
+            d * DAY_MS + DAY_MS,
+            day.mwh,
+            day.held,
+            flag_names(day.flags),
+            day.from_key,
+            day.to_key,
+            day.from_value,
+            day.to_value,
+        )
 
     def _add(
         self,
@@ -798,6 +851,8 @@ class Engine:
                 # an interval closed before (a clock running backwards): its record holds
                 # every earlier contribution
                 acc = self._reopen(st.sid, s.slot, k)
+                if s.day is not None and k * self.iv // DAY_MS == s.day.d:
+                    s.day = None  # the floor's day has a closed record changing
             if acc is None:
                 s.accs[k] = Acc(c, h, fl, from_key, from_value, to_key, to_value)
                 return
@@ -909,6 +964,10 @@ def _range(s: Stream, boot: int, lo: int, hi: int) -> None:
         rs.append([lo, hi])
         if len(rs) > MAX_RANGES:
             del rs[0]
+
+
+def _first(x: tuple[int, Acc]) -> int:
+    return x[0]
 
 
 def _usable(m: RawMsg) -> bool:

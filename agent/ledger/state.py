@@ -77,12 +77,67 @@ class Acc:
         return a
 
 
+class DaySum:
+    """The roll-up of a stream's closed interval records (k < floor) of day `d`, the day of
+    its floor: with the open accumulators of that day it is the day record, made without
+    reading the day's records back (the engine keeps it only when nothing is locked)."""
+
+    __slots__ = ("d", "flags", "from_key", "from_value", "held", "mwh", "n", "to_key", "to_value")
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self.n = 0  # records rolled up
+        self.mwh = 0
+        self.held = 0
+        self.flags = 0
+        self.from_key: Key = (0, 0)  # of the first record (lowest interval)
+        self.from_value = 0
+        self.to_key: Key = (0, 0)  # of the last
+        self.to_value = 0
+
+    def add(self, a: Acc) -> None:
+        """Roll up the record of a's interval, the next one in interval order."""
+        if not self.n:
+            self.from_key = a.from_key
+            self.from_value = a.from_value
+        self.n += 1
+        self.mwh += a.mwh
+        self.held += a.held
+        self.flags |= a.flags
+        self.to_key = a.to_key
+        self.to_value = a.to_value
+
+    def dump(self) -> list[int]:
+        return [
+            self.d,
+            self.n,
+            self.mwh,
+            self.held,
+            self.flags,
+            *self.from_key,
+            self.from_value,
+            *self.to_key,
+            self.to_value,
+        ]
+
+    @staticmethod
+    def load(x: list[int]) -> DaySum:
+        ds = DaySum(x[0])
+        ds.n, ds.mwh, ds.held, ds.flags = x[1], x[2], x[3], x[4]
+        ds.from_key = (x[5], x[6])
+        ds.from_value = x[7]
+        ds.to_key = (x[8], x[9])
+        ds.to_value = x[10]
+        return ds
+
+
 class Stream:
     """Rule state of one register stream and its open intervals."""
 
     __slots__ = (
         "accs",
         "boot",
+        "day",
         "floor",
         "held_up",
         "held_value",
@@ -121,6 +176,9 @@ class Stream:
         # current one, and any later one a clock running backwards left open)
         self.floor: int | None = None
         self.accs: dict[int, Acc] = {}
+        # the closed records of the floor's day rolled up (None: not known, e.g. an
+        # interval below the floor was reopened, or a state from before this field)
+        self.day: DaySum | None = None
         self.low: int | None = None  # lowest interval touched since the last checkpoint
         # rule 8: credited / held in locked intervals; (k, key, value) of the first
         # contribution to the lowest locked interval and of the last to the highest
@@ -152,6 +210,7 @@ class Stream:
             _dump_lk(self.lk_lo),
             _dump_lk(self.lk_hi),
             [[b, [list(r) for r in rs]] for b, rs in self.rhist],
+            self.day.dump() if self.day is not None else None,
         ]
 
     @staticmethod
@@ -175,6 +234,8 @@ class Stream:
         s.lk_lo = _load_lk(x[16])
         s.lk_hi = _load_lk(x[17])
         s.rhist = [(b, [[lo, hi] for lo, hi in rs]) for b, rs in x[18]]
+        # (a state dumped before `day` existed has 19 fields: its day is not known)
+        s.day = DaySum.load(x[19]) if len(x) > 19 and x[19] is not None else None
         return s
 
     def ranges(self, boot: int) -> list[list[int]]:
