@@ -1,19 +1,25 @@
-"""`stationctl export` (CONTRACT §8): stdout bytes, filters, determinism, exit status."""
+"""`stationctl export` (CONTRACT §8): stdout bytes, filters, determinism, exit status, on
+both engines (`db_url`: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+import sqlite3
 import subprocess
 
+import psycopg
 import pytest
 
 from agent import wire
-from agent.ledger import RawMsg, compute
+from agent.ledger import RawMsg, Record, compute
 from agent.ledger.export import render
 from agent.store import RawRow, Store, record_to_row
 from tests.agent_helpers import STATIONCTL, fleet_stream
 from tests.helpers import ROOT
+from tools.mosquitto import free_port
+from tools.postgres import PgCluster
 
 
 def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -22,11 +28,9 @@ def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:  # type: ignore[type-arg]
-    """A database holding a small fleet's raw messages and their records."""
-    path = tmp_path_factory.mktemp("export") / "agent.db"
-    url = f"sqlite:///{path}"
+@functools.cache
+def fleet() -> tuple[list[RawRow], list[Record]]:
+    """A small fleet's raw messages and their records (computed once)."""
     rows = []
     msgs = []
     for i, (topic, payload) in enumerate(fleet_stream(3, 120, sid_base="KH-EXP", step_ms=60_000)):
@@ -52,11 +56,17 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:  # type: i
                 body=body,
             )
         )
-    records = compute(msgs)
-    with Store(url) as st:
+    return rows, compute(msgs)
+
+
+@pytest.fixture
+def db(db_url: str) -> tuple[str, list]:  # type: ignore[type-arg]
+    """A database holding the fleet's raw messages and their records."""
+    rows, records = fleet()
+    with Store(db_url) as st:
         st.write_batch(rows)
         st.replace_records({"": [record_to_row(r) for r in records]}, everything=True)
-    return url, records
+    return db_url, records
 
 
 @pytest.mark.parametrize("by", ["interval", "session", "day"])
@@ -138,7 +148,9 @@ def test_bad_usage_exits_2(db: tuple[str, list], args: list[str], needle: bytes)
     assert needle in r.stderr
 
 
-def test_bad_database_exits_2(tmp_path: pathlib.Path) -> None:
+def test_bad_database_exits_2_sqlite(tmp_path: pathlib.Path) -> None:
+    """SQLite only: files (one that is not there must not be created, one that is not
+    SQLite at all); the PostgreSQL cases are in the next test."""
     r = stationctl("export", "--db", f"sqlite:///{tmp_path}/none.db", "--format", "csv")
     assert r.returncode == 2 and b"no database" in r.stderr
     assert not (tmp_path / "none.db").exists()  # an export never creates a database
@@ -148,10 +160,30 @@ def test_bad_database_exits_2(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 2 and b"not a database" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     other = tmp_path / "other.db"
-    import sqlite3
-
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
     r = stationctl("export", "--db", f"sqlite:///{other}", "--format", "json")
-    assert r.returncode == 2 and b"not an agent database" in r.stderr
-    r = stationctl("export", "--db", "postgresql://x/y", "--format", "csv")
-    assert r.returncode == 2 and b"PostgreSQL" in r.stderr
+    assert r.returncode == 2 and b"no agent database" in r.stderr
+    r = stationctl("export", "--db", "mysql://x/y", "--format", "csv")
+    assert r.returncode == 2 and b"'mysql'" in r.stderr
+
+
+def test_bad_database_exits_2_postgresql(pg_cluster: PgCluster) -> None:
+    """A server that is not there, a database that does not exist, one without the agent's
+    tables (not created by a read): exit 2, one line naming it, never its password (the
+    test cluster's trust authentication ignores the one given)."""
+    gone = f"postgresql://agent:s3cret@127.0.0.1:{free_port()}/agent"
+    empty = pg_cluster.create_db().replace("postgres@", "postgres:s3cret@")
+    missing = empty.rsplit("/", 1)[0] + "/nope"
+    for url, needle in (
+        (gone, b"agent:***@127.0.0.1:"),
+        (missing, b"postgres:***@127.0.0.1:%d/nope" % pg_cluster.port),
+        (empty, b"no agent database at " + empty.replace("s3cret", "***").encode()),
+    ):
+        r = stationctl("export", "--db", url, "--format", "csv")
+        assert r.returncode == 2 and r.stdout == b"", r.stderr
+        assert needle in r.stderr and b"s3cret" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with psycopg.connect(empty) as c:  # an export never creates a table
+        assert c.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone() == (0,)
