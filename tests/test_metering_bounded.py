@@ -1,11 +1,11 @@
 """The metering engine's cost does not grow with history: memory retained per station is
 flat, a restart reads no raw row the states have seen, one reading spanning years costs
-no more than any other, and a late message re-applies only its span."""
+no more than any other, and a late message re-applies only its span. The tests that meter
+into a store run on both engines (`db_url`: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import gc
-import pathlib
 import time
 import tracemalloc
 from typing import Any
@@ -41,12 +41,12 @@ def _ingest(store: Store, meter: StoreMeter, rows: list[RawRow], batch: int = 20
         store.write_batch(part, then=then)
 
 
-def _retained_after(tmp: pathlib.Path, n: int) -> int:
+def _retained_after(url: str, n: int, sid: str) -> int:
     """Python memory retained by the agent's metering after n in-order 4-slot messages of
     one station (tracemalloc, after a full collection)."""
-    store = Store(f"sqlite:///{tmp}/m{n}.db", synchronous="off")
+    store = Store(url, synchronous="off")
     meter = StoreMeter(MeterParams(), store)
-    st = Station(SID, slots=4)
+    st = Station(sid, slots=4)
     rows = _rows(st, n, 1_767_225_600_000)
     gc.collect()
     tracemalloc.start()
@@ -59,11 +59,11 @@ def _retained_after(tmp: pathlib.Path, n: int) -> int:
     return held
 
 
-def test_memory_does_not_grow_with_history(tmp_path: pathlib.Path) -> None:
-    small = _retained_after(tmp_path, 10_000)
-    large = _retained_after(tmp_path, 50_000)
+def test_memory_does_not_grow_with_history(db_url: str) -> None:
+    small = _retained_after(db_url, 10_000, "KH-BND-0001")
+    large = _retained_after(db_url, 50_000, "KH-BND-0002")  # (same database, another station)
     # the rows themselves are the caller's (created before the measurement starts); what
-    # stays is the station's state (~15 KB) plus a few KB of the sqlite3 module's caches
+    # stays is the station's state (~15 KB) plus a few KB of the driver's caches
     assert large <= small * 1.2 or large - small < 16_384, (small, large)
     assert large < 100_000, large  # (m1 kept ~5 KB per 8-slot message: 250 MB here)
 
@@ -107,8 +107,8 @@ def test_a_reading_spanning_ten_years_is_instant() -> None:
     assert sum(r.mwh + r.held_mwh for r in meter) == 10**14
 
 
-def test_restart_reads_no_raw_row_the_states_have_seen(tmp_path: pathlib.Path) -> None:
-    url = f"sqlite:///{tmp_path}/agent.db"
+def test_restart_reads_no_raw_row_the_states_have_seen(db_url: str) -> None:
+    url = db_url
     sids = [f"KH-RST-{i:04d}" for i in range(4)]
     with KeyStore(url) as ks:
         for sid in sids:
@@ -219,14 +219,14 @@ def test_a_clock_running_backwards_across_boots_recomputes_exactly() -> None:
         assert im.records(SID) == want, late_at
 
 
-def test_a_clock_running_backwards_on_the_store(tmp_path: pathlib.Path) -> None:
+def test_a_clock_running_backwards_on_the_store(db_url: str) -> None:
     """The same through the agent's store backend (closed intervals read back from the
     records table, checkpoints and raw rows from theirs)."""
     t0 = 1_767_225_600_000
     b1 = [_tel(1, i, 10_000 * i, t0 + 86_400_000, 1000 * i, i) for i in range(300)]
     b2 = [_tel(2, i, 10_000 * i, t0, 400_000 + 900 * i, 400 + i) for i in range(300)]
     want = {r.rid: r for r in map(record_to_row, compute(b1 + b2))}
-    store = Store(f"sqlite:///{tmp_path}/b.db", synchronous="off")
+    store = Store(db_url, synchronous="off")
     meter = StoreMeter(MeterParams(), store, ckpt_every=32)
 
     def put(msgs: list[RawMsg]) -> None:
@@ -250,13 +250,13 @@ def _payload(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()[:-1] + b',"sig":"' + b"0" * 64 + b'"}'
 
 
-def test_messages_given_again_change_nothing(tmp_path: pathlib.Path) -> None:
+def test_messages_given_again_change_nothing(db_url: str) -> None:
     """The agent may meter a stored message twice (a retried write): the last one, or an
     earlier one, given again leaves the records as they are."""
     t0 = 1_767_225_600_000
     msgs = [_tel(1, i, 10_000 * i, t0, 1000 * i, i) for i in range(0, 40, 2)]  # gaps
     want = {r.rid: r for r in map(record_to_row, compute(msgs))}
-    store = Store(f"sqlite:///{tmp_path}/g.db", synchronous="off")
+    store = Store(db_url, synchronous="off")
     meter = StoreMeter(MeterParams(), store, ckpt_every=4)
     rows = [
         RawRow(SID, m.boot, m.seq, "telemetry", "t", m.recv_ms, 1, _payload(m.body)) for m in msgs
