@@ -59,6 +59,11 @@ class KeyStore:
             raise ValueError("kid must be a non-negative integer")
         t = now_ms()
         with self.store.transaction() as db:
+            if self.store.engine == "postgresql":
+                # one add per station at a time (SQLite's BEGIN IMMEDIATE is a write lock
+                # already): two would each retire the active key they see, both new ones
+                # active; the next statement's snapshot sees what the other committed
+                db.execute("SELECT pg_advisory_xact_lock(7262002, hashtext(?))", (sid,))
             top = db.execute("SELECT MAX(kid) FROM keys WHERE sid = ?", (sid,)).fetchone()[0]
             if kid is None:
                 kid = 1 if top is None else int(top) + 1

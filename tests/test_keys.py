@@ -192,3 +192,32 @@ def test_keys_cli_a_database_it_cannot_open_exits_2(tmp_path: pathlib.Path) -> N
     r = keys_cli("list", "--db", url)
     assert r.returncode == 2 and "agent:***@127.0.0.1" in r.stderr, r.stderr
     assert "s3cret" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_concurrent_adds_leave_one_active_key(db_url: str) -> None:
+    """Two flashing tools adding keys of one station at once (PostgreSQL has no database
+    write lock: the adds of a station are serialized by the key store)."""
+    import threading
+
+    KeyStore(db_url).close()  # the schema, once
+    kids: list[int] = []
+    errors: list[BaseException] = []
+
+    def add(i: int) -> None:
+        try:
+            with KeyStore(db_url) as ks:
+                for j in range(5):
+                    kids.append(ks.add(SID, key_for(SID, 10 * i + j)))
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(kids) == list(range(1, 21))
+    with KeyStore(db_url) as ks:
+        states = {i.kid: i.state for i in ks.list(SID)}
+    assert [k for k, v in states.items() if v == "active"] == [20], states
