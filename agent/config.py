@@ -19,12 +19,14 @@ from typing import Any
 
 import msgspec
 
+from agent.cluster import ClusterConfig
 from agent.ledger import MeterParams
 from agent.sources.mqtt import BrokerConfig
 
 __all__ = [
     "AgentConfig",
     "BrokerConfig",
+    "ClusterConfig",
     "ConfigError",
     "DashboardConfig",
     "DbConfig",
@@ -97,6 +99,7 @@ class AgentConfig:
     carbon_params: str | None = None  # path of the carbon parameters file
     dashboard: DashboardConfig | None = None  # None: no dashboard
     health: HealthConfig | None = None  # None: /healthz, /metrics only on the dashboard's port
+    cluster: ClusterConfig | None = None  # None: the only agent on its database
 
 
 # The file's shape: one table per section. `broker.password_file` and `carbon.params` are
@@ -109,6 +112,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "carbon": CarbonConfig,
     "dashboard": DashboardConfig,
     "health": HealthConfig,
+    "cluster": ClusterConfig,
 }
 _FILE_ONLY = {"broker": {"password_file"}}
 _PATHS = {"broker": ("tls_ca", "tls_cert", "tls_key"), "carbon": ("params",)}
@@ -153,7 +157,11 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     carbon: CarbonConfig = dec.get("carbon", CarbonConfig())
     if carbon.params is not None and not os.path.exists(carbon.params):
         raise ConfigError(f"carbon.params: no file {carbon.params}")
+    cluster: ClusterConfig | None = dec.get("cluster")
+    if cluster is not None and not db.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("[cluster] needs a PostgreSQL database (db.url = postgresql://…)")
     return AgentConfig(
+        cluster=cluster,
         db=db,
         broker=b,
         ingest=dec.get("ingest", IngestConfig()),

@@ -62,6 +62,7 @@ class Health:
         self.last_error: str | None = None
         self.last_error_ms: int | None = None
         self.stopped_ms: int | None = None
+        self.shards: list[int] | None = None  # one agent of several: the shards it holds
         self.registry = CollectorRegistry(auto_describe=False)
         self.commit_seconds = Histogram(
             "stationctl_agent_commit_seconds",
@@ -114,6 +115,7 @@ class Health:
             "last_error_ms": self.last_error_ms,
             "stopped_ms": self.stopped_ms,
             "messages": {k: c[k] for k in OUTCOMES},
+            **({"shards": self.shards} if self.shards is not None else {}),
         }
 
     def to_json(self, now: int | None = None) -> str:

@@ -61,13 +61,14 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent import ranges, wire
+from agent import cluster, ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.agent_meter import StoreMeter, decode_row
 from agent.ledger.inputs import RawMsg, raw_msg
 from agent.sources.mqtt import Delivery, MqttSource
+from agent.sources.sharded import ShardedSource
 from agent.store import (
     CONFLICT,
     DUPLICATE,
@@ -129,6 +130,17 @@ def _is_env(e: BaseException) -> bool:
     return pg is not None and isinstance(e, pg.ENV_ERRORS)
 
 
+def _keep_shards(b: _Batch, keep: Callable[[str], bool]) -> None:
+    """Leave in a batch only the rows (raw, quarantine, status) of stations `keep` keeps."""
+    idx = [i for i, r in enumerate(b.rows) if keep(r.sid)]
+    if len(idx) != len(b.rows):
+        b.rows = [b.rows[i] for i in idx]
+        b.bodies = [b.bodies[i] for i in idx]
+        b.cleaned = [b.cleaned[i] for i in idx]
+    b.quarantine = [q for q in b.quarantine if keep(q.sid or "")]
+    b.status = [x for x in b.status if keep(x[0])]
+
+
 class _Batch:
     __slots__ = (
         "bodies",
@@ -178,8 +190,12 @@ class Service:
         self._on_commit = on_commit
         # the writer connection (used by the db thread only); WAL checkpoints run from a
         # connection of their own in another thread, off the commit path
+        cl = cfg.cluster
         self.store = Store(
-            cfg.db.url, synchronous=cfg.db.synchronous, autocheckpoint=100_000, app="agent"
+            cfg.db.url,
+            synchronous=cfg.db.synchronous,
+            autocheckpoint=100_000,
+            app=cluster.WRITER_APP + cl.ident() if cl else "agent",
         )
         sqlite = self.store.engine == "sqlite"
         if sqlite:
@@ -220,7 +236,19 @@ class Service:
         self.health = Health(self.counters)
         self.health.pending = self._pending
         self.health.oldest_ms = self._oldest_ms
-        self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
+        # one agent: one session for the fleet; one of several: a session per shard it holds
+        self.source: MqttSource | ShardedSource
+        self.leases: cluster.Leases | None = None
+        if cl is None:
+            self.source = MqttSource(cfg.broker, self._message, on_drained=self._wake.set)
+        else:
+            self.source = ShardedSource(
+                cfg.broker, cl.shards, self._message, on_drained=self._wake.set
+            )
+            self.leases = cluster.Leases(self.store, cl)
+            self.health.shards = []
+        self._balanced = asyncio.Event()  # the first round of shard taking is done
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s, for the db thread
         self._prefix = cfg.broker.prefix
         self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
         self.health_url: str | None = None  # where /healthz and /metrics are served
@@ -297,6 +325,8 @@ class Service:
         done: list[tuple[str, int, int]] = []
 
         def meter(res: BatchResult) -> None:
+            if self.leases is not None:
+                self.leases.check()  # the shard locks are this connection's
             msgs = [decode_row(r) for r in todo]
             for i in res.new:
                 r = b.rows[i]
@@ -335,6 +365,8 @@ class Service:
         done: list[tuple[str, int, int]] = []
 
         def meter(res: BatchResult) -> None:
+            if self.leases is not None:
+                self.leases.check()
             msgs = [
                 raw_msg(r.sid, r.boot, r.seq, r.recv_ms, cleaned[i].body, cleaned=cleaned[i])
                 for i in res.new
@@ -388,6 +420,8 @@ class Service:
         are left out (metering output, recomputed from raw at the next start); failing
         that too, each message is written in a transaction of its own and one that fails
         alone is kept in quarantine as `internal`."""
+        if self.leases is not None:
+            self._reverify(b)
         if self.store.path is not None and _file_id(self.store.path) != self._db_file:
             raise DatabaseGone(
                 f"{self.store.path} is gone or was replaced: nothing is written until it is back"
@@ -705,12 +739,131 @@ class Service:
             self.counters["alarm_errors"] += 1
             log.warning("could not write alarm %s for %s (%r): %s", code, sid, e, detail)
 
+    # ---- one agent of several (agent/cluster.py) ---------------------------------------------
+
+    def _owns(self, sid: str) -> bool:
+        assert self.leases is not None
+        return cluster.shard_of(sid, self.leases.cfg.shards) in self.leases.held
+
+    async def _balancer(self) -> None:
+        """Every balance_s: take the locks of the shards this agent should hold, open their
+        sessions; give back one shard above its share; drop those lost with a connection."""
+        assert self.leases is not None and isinstance(self.source, ShardedSource)
+        loop = asyncio.get_running_loop()
+        every = self.leases.cfg.balance_s
+        while True:
+            try:
+                lost, taken, back, rekey = await loop.run_in_executor(self._db, self._balance_db)
+            except Exception as e:
+                log.warning("balancing shards failed (%r); retry in %.1fs", e, every)
+            else:
+                for k in lost:
+                    self._purge(k)
+                    self.source.drop(k)
+                for k in taken:
+                    self.source.take(k)
+                for k in back:
+                    self.source.drop(k)  # nothing more comes from it ...
+                    self._purge(k)  # ... what came and is not committed goes to its next owner
+                    await loop.run_in_executor(self._db, self._give_back_db, k)
+                if rekey:
+                    self._batch.rekey |= rekey
+                    self._wake.set()
+                if taken or back or lost:
+                    self.health.shards = sorted(self.leases.held)
+                    log.info("shards held: %s", self.health.shards)
+            self._balanced.set()
+            await asyncio.sleep(every)
+
+    def _balance_db(self) -> tuple[set[int], list[int], list[int], set[str]]:
+        """db thread: one balancing round (after any commit queued before it)."""
+        assert self.leases is not None
+        lost = self.leases.reverify()
+        for k in lost:
+            self._forget_shard(k)
+        taken, back = self.leases.balance()
+        rekey: set[str] = set()
+        for k in taken:
+            try:
+                rekey |= self._take_shard(k)
+            except BaseException:
+                self._forget_shard(k)
+                with contextlib.suppress(Exception):
+                    self.leases.give_back(k)
+                raise
+        return lost, taken, back, rekey
+
+    def _take_shard(self, k: int) -> set[str]:
+        """db thread, lock k just taken: its stations' metering resumes from their states
+        (what the previous owner committed); returns those with quarantine to re-verify."""
+        assert self.leases is not None
+        n = self.leases.cfg.shards
+        self._forget_shard(k)  # what memory held from an earlier turn is stale now
+
+        def mine(s: str) -> bool:
+            return cluster.shard_of(s, n) == k
+
+        t0 = time.monotonic()
+        rebuilt, rows = self.meter.start([s for s in self.store.key_sids() if mine(s)], only=mine)
+        self.counters["replay_rows"] += rows
+        log.info(
+            "shard %d taken: %d station(s) metered from raw, %d raw row(s) read in %.2fs",
+            k,
+            rebuilt,
+            rows,
+            time.monotonic() - t0,
+        )
+        return {s for s in self.store.quarantined_sids(REKEY_REASONS) if mine(s)}
+
+    def _give_back_db(self, k: int) -> None:
+        """db thread, after the commits queued before: forget shard k and unlock it."""
+        assert self.leases is not None
+        self._forget_shard(k)
+        self.leases.give_back(k)
+
+    def _forget_shard(self, k: int) -> None:
+        """db thread: drop shard k's stations from memory (metering state, rows waiting to
+        be metered): whoever holds it next resumes them from the database."""
+        assert self.leases is not None
+        n = self.leases.cfg.shards
+        for e in self.meter.ledger.engines():
+            for sid in [s for s in e.stations if cluster.shard_of(s, n) == k]:
+                self.meter.forget(sid)
+        self._unmetered = [r for r in self._unmetered if cluster.shard_of(r.sid, n) != k]
+        self._meter_failed = {s for s in self._meter_failed if cluster.shard_of(s, n) != k}
+
+    def _reverify(self, b: _Batch) -> None:
+        """db thread, before a write: after a new connection, the shard locks are taken
+        again; the rows of shards lost meanwhile leave the batch (unacknowledged: the
+        shard's new owner gets them from the broker) and their sessions are closed."""
+        assert self.leases is not None
+        lost = self.leases.reverify()
+        if not lost:
+            return
+        n = self.leases.cfg.shards
+        for k in lost:
+            self._forget_shard(k)
+        _keep_shards(b, lambda sid: cluster.shard_of(sid, n) not in lost)
+        src, loop = self.source, self._loop
+        if loop is not None and isinstance(src, ShardedSource):
+            for k in lost:
+                loop.call_soon_threadsafe(src.drop, k)
+
+    def _purge(self, k: int) -> None:
+        """loop: shard k's rows leave the batches not yet committing (not acknowledged)."""
+        assert self.leases is not None
+        n = self.leases.cfg.shards
+        for b in (self._batch, *self._sealed):
+            _keep_shards(b, lambda sid: cluster.shard_of(sid, n) != k)
+
     async def _rekey(self, sids: set[str]) -> None:
         """Re-verify the unresolved `unknown_station` / `unknown_kid` quarantine rows of
         `sids` with the current keys (exact stored bytes, topic and arrival time) and ingest
         those that verify, page by page (committer only, so ordered with the batches)."""
         loop = asyncio.get_running_loop()
         c = self.counters
+        if self.leases is not None:  # only the stations this agent writes
+            sids = {s for s in sids if self._owns(s)}
         try:
             if len(sids) > 64:  # at start: every keyed station; ask which have such rows
                 have = await loop.run_in_executor(
@@ -918,7 +1071,10 @@ class Service:
         """Resume metering from the stored states: a station with a state reads only the raw
         rows above its key (none, normally: states commit with their rows); one without a
         usable state (older database, other processing version or parameters) is metered
-        from its raw rows once. Returns the number of raw messages read."""
+        from its raw rows once. Returns the number of raw messages read. One agent of
+        several does this for each shard as it takes it (`_take_shard`)."""
+        if self.leases is not None:
+            return 0
         rebuilt, n = self.meter.start(self.store.key_sids())
         if rebuilt:
             log.info("metered %d station(s) from raw (no usable metering state)", rebuilt)
@@ -927,7 +1083,7 @@ class Service:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         replay: asyncio.Future[int] = loop.run_in_executor(self._db, self.replay)
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -957,12 +1113,15 @@ class Service:
         # the agent was down (or before a crash) is re-verified first
         self._batch.rekey |= self.keys.take_learned()
         self._wake.set()
-        tasks = [
-            asyncio.create_task(x)
-            for x in (self.source.run(), self._committer(), self._recorder(), self._housekeeping())
-        ]
+        jobs = [self.source.run(), self._committer(), self._recorder(), self._housekeeping()]
+        if self.leases is not None:
+            jobs.append(self._balancer())
+        else:
+            self._balanced.set()
+        tasks = [asyncio.create_task(x) for x in jobs]
 
         async def _ready() -> None:
+            await self._balanced.wait()
             await self.source.connected.wait()
             self.ready.set()
 

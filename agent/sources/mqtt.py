@@ -104,12 +104,13 @@ def tls_context(cfg: BrokerConfig) -> ssl.SSLContext:
 class Delivery:
     """What a message needs for its PUBACK: packet id, QoS and the connection it came on."""
 
-    __slots__ = ("conn", "mid", "qos")
+    __slots__ = ("conn", "mid", "qos", "src")
 
     def __init__(self, mid: int, qos: int, conn: int) -> None:
         self.mid = mid
         self.qos = qos
         self.conn = conn
+        self.src: MqttSource | None = None  # the session it came on, when there are several
 
 
 OnMessage = Callable[[str, bytes, Delivery], None]

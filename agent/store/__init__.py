@@ -19,8 +19,8 @@ from agent.store.sql import (
     now_ms,
     record_to_row,
     row_to_record,
-    sqlite_path,
 )
+from agent.store.sqlite import sqlite_path
 
 __all__ = [
     "CONFLICT",

@@ -89,6 +89,7 @@ class PgConnection:
         self.readonly = readonly
         self.app = app
         self._in_tx = False
+        self.generation = 0  # bumped on every (re)connect: session state (locks) is per connection
         self._conn = self._connect()
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -107,6 +108,7 @@ class PgConnection:
         )
         # a statement never waits forever on a lock (another agent's transaction)
         conn.execute("SET lock_timeout = '30s'")
+        self.generation += 1
         return conn
 
     @property
