@@ -373,11 +373,13 @@ class Engine:
             self._meter_reset(st, b, i, key, body, up, t, base)
             return
         spoiled = m.spoiled
+        # the message's readings: (stream, register value in mWh, meter serial)
+        readings: list[tuple[int, int, Any]] = []
         meter = body.get("meter")
         if meter:
             e = meter.get("e_wh")
             if type(e) is int:
-                self._reading(st, b, i, key, 0, e * 1000, up, t, base, meter.get("sn"))
+                readings.append((0, e * 1000, meter.get("sn")))
         elif spoiled and 0 in spoiled:
             self._invalid(st, 0, t)
         slots = body.get("slots")
@@ -386,7 +388,9 @@ class Engine:
                 n = sl.get("n")
                 e = sl.get("e_mwh")
                 if type(e) is int and type(n) is int and n > 0:
-                    self._reading(st, b, i, key, n, e, up, t, base, None)
+                    readings.append((n, e, None))
+        if readings:
+            self._readings(st, b, i, key, up, t, base, readings)
         if spoiled:
             for n in spoiled:
                 if n:
@@ -428,8 +432,6 @@ class Engine:
                 return  # the same slot twice in one message: the first stands
             if key[1] - s.last_key[1] != i - s.last_pos:
                 fl |= F_GAP
-            if self.unlocked and self._within(s, b.no, i, key, v, up, t, fl, serial):
-                return
             held_mwh = 0
             if n == 0 and rules.serial_swapped(s.serial, serial):
                 # rule 4: a new baseline at this reading, nothing credited across it
@@ -478,61 +480,86 @@ class Engine:
         s.last_value = v
         s.last_pos = i
 
-    def _within(
-        self, s: Stream, bno: int, i: int, key: Key, v: int, up: int, t: int, fl: int, serial: Any
-    ) -> bool:
-        """Rule 2 for the usual reading, in one step: nothing pending or held, no serial
-        change, at or above the mark and plausible, its segment wholly inside the stream's
-        current open interval (no spread, no interval closed, nothing locked). It does
-        exactly what the general path (against_mark, implausible, _emit, _add, _range)
-        would; False, having changed nothing, for any other reading."""
-        if s.held_value is not None:
-            return False
-        if serial is not None and s.serial is not None and serial != s.serial:
-            return False  # rule 4: a swapped meter
-        c = v - s.mark
-        if c < 0:
-            return False  # below the mark: anomaly_down
-        t0 = s.last_t
-        if t <= t0:
-            return False  # a point: home is t // I
+    def _readings(
+        self,
+        st: Station,
+        b: Boot,
+        i: int,
+        key: Key,
+        up: int,
+        t: int,
+        fl: int,
+        readings: list[tuple[int, int, Any]],
+    ) -> None:
+        """The readings of the message at position i of boot b, in message order: the
+        usual one in one step here, any other by the general path (_reading).
+
+        The usual reading: a later reading of the stream's boot (not its first, not the
+        same slot again), nothing pending or held, no meter serial change, at or above
+        the mark and plausible, its segment wholly inside the stream's current open
+        interval (no spread, no interval closed, nothing locked). The step does exactly
+        what _reading (against_mark, implausible, _emit, _add, _range) would do with it;
+        the whole message shares t, so its home interval is worked out once."""
+        streams = st.streams
+        fast = self.unlocked
+        bno = b.no
+        seq = key[1]
         iv = self.iv
-        home = (t - 1) // iv
-        if home != s.floor:
-            return False  # a new interval: the older ones close
-        acc = s.accs.get(home)
-        if acc is None:
-            return False
-        if c:
-            if t0 // iv != home:
-                return False  # spread over several intervals
-            elapsed = up - s.mark_up
-            if c > self.max_power[1 if s.slot else 0] * (elapsed if elapsed > 0 else 0) // 3600:
-                return False  # rule 6: held
-            if s.slot:
-                rh = s.rhist
-                rs = rh[-1][1] if rh and rh[-1][0] == bno else None
-                if rs and rs[-1][1] == s.mark:
-                    rs[-1][1] = v  # the credited range goes on from the mark
-                else:
-                    _range(s, bno, s.mark, v)
-            s.mark = v
-        s.mark_up = up  # a credit sets the mark; a reading equal to it refreshes its uptime
-        acc.mwh += c
-        acc.flags |= fl
-        acc.to_key = key
-        acc.to_value = v
-        acc.dirty = True
-        low = s.low
-        if low is None or home < low:
-            s.low = home
-        if serial is not None:
-            s.serial = serial
-        s.last_t = t
-        s.last_key = key
-        s.last_value = v
-        s.last_pos = i
-        return True
+        home = (t - 1) // iv  # the home interval of a segment ending at t (t > its start)
+        lo = home * iv  # a segment starting at or after lo is inside it
+        max_meter, max_slot = self.max_power
+        for n, v, serial in readings:
+            s = streams.get(n)
+            acc = None
+            if (
+                fast
+                and s is not None
+                and s.boot == bno
+                and s.floor == home
+                and s.held_value is None
+                and s.last_key != key
+            ):
+                c = v - s.mark
+                t0 = s.last_t
+                ok = (
+                    c >= 0 and t0 < t and (serial is None or s.serial is None or serial == s.serial)
+                )
+                if ok and c:
+                    el = up - s.mark_up
+                    ok = (
+                        t0 >= lo
+                        and c <= (max_slot if n else max_meter) * (el if el > 0 else 0) // 3600
+                    )
+                if ok:
+                    acc = s.accs.get(home)
+            if acc is None or s is None:
+                self._reading(st, b, i, key, n, v, up, t, fl, serial)
+                continue
+            f = fl if seq - s.last_key[1] == i - s.last_pos else fl | F_GAP
+            if c:
+                if n:
+                    rh = s.rhist
+                    rs = rh[-1][1] if rh and rh[-1][0] == bno else None
+                    if rs and rs[-1][1] == s.mark:
+                        rs[-1][1] = v  # the credited range goes on from the mark
+                    else:
+                        _range(s, bno, s.mark, v)
+                s.mark = v
+            s.mark_up = up  # a credit sets the mark; a reading equal to it refreshes its uptime
+            acc.mwh += c
+            acc.flags |= f
+            acc.to_key = key
+            acc.to_value = v
+            acc.dirty = True
+            low = s.low
+            if low is None or home < low:
+                s.low = home
+            if serial is not None:
+                s.serial = serial
+            s.last_t = t
+            s.last_key = key
+            s.last_value = v
+            s.last_pos = i
 
     def _first_of_stream(
         self, st: Station, b: Boot, s: Stream, key: Key, v: int, up: int, t: int, base: int

@@ -353,15 +353,16 @@ class Boot:
             if slots:
                 b_mwh = self.b_mwh
                 for sl in slots:
+                    n = sl.get("n")
+                    cur = b_mwh.get(n)
+                    if cur is not None and cur[0] <= seq:
+                        continue  # the slot's b_mwh of a lower seq stands (the usual case)
                     v = sl.get("b_mwh")
                     if type(v) is int:
-                        n = sl.get("n")
-                        cur = b_mwh.get(n)
-                        if cur is None or seq < cur[0]:
-                            before = self.r(n)
-                            b_mwh[n] = (seq, v)
-                            if n in self.r_used and self.r(n) != before:
-                                r_changed = True
+                        before = self.r(n)
+                        b_mwh[n] = (seq, v)
+                        if n in self.r_used and self.r(n) != before:
+                            r_changed = True
         elif ev == "boot":
             if self.boot_event_seq is None or seq < self.boot_event_seq:
                 self.boot_event_seq = seq
