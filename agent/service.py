@@ -67,7 +67,7 @@ from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.agent_meter import StoreMeter, decode_row
 from agent.ledger.inputs import RawMsg, raw_msg
-from agent.sources.mqtt import Delivery, MqttSource
+from agent.sources.mqtt import DROPPED_TOPIC, Delivery, MqttSource
 from agent.sources.sharded import ShardedSource
 from agent.store import (
     CONFLICT,
@@ -249,6 +249,8 @@ class Service:
             self.health.shards = []
         self._balanced = asyncio.Event()  # the first round of shard taking is done
         self._loop: asyncio.AbstractEventLoop | None = None  # run()'s, for the db thread
+        self._dropped_seen: int | None = None  # the broker's dropped count last read
+        self._bg: set[asyncio.Future[None]] = set()  # alarms written off the message path
         self._prefix = cfg.broker.prefix
         self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
         self.health_url: str | None = None  # where /healthz and /metrics are served
@@ -256,6 +258,9 @@ class Service:
     # ---- loop thread: each message as paho delivers it -----------------------------------
 
     def _message(self, topic: str, payload: bytes, d: Delivery) -> None:
+        if topic == DROPPED_TOPIC:
+            self._broker_dropped(payload)
+            return
         b = self._batch
         recv = now_ms()
         if not b.deliveries:
@@ -297,6 +302,31 @@ class Service:
             self._wake.set()
             if len(self._sealed) * self.cfg.ingest.batch_max >= self.cfg.ingest.max_pending:
                 self.source.pause()
+
+    def _broker_dropped(self, payload: bytes) -> None:
+        """The broker's count of messages it dropped since it started (a queue limit hit:
+        its publishers had their PUBACKs, the agent never sees them): alarmed as it grows."""
+        try:
+            n = int(payload)
+        except ValueError:
+            return
+        seen = self._dropped_seen
+        self._dropped_seen = n
+        if seen is not None and n < seen:
+            seen = 0  # the broker restarted: its count did too
+        if n > (seen or 0):
+            self.counters["broker_dropped"] += n - (seen or 0)
+            since = "since it started" if seen is None else "in the last interval"
+            why = (
+                f"the broker dropped {n - (seen or 0)} message(s) {since} ({n} in all): "
+                "queue limits reached; they never reached the agent"
+            )
+            log.error("%s", why)
+            task = asyncio.ensure_future(
+                self._alarm(None, "broker_dropped", "crit", why, key="broker_dropped", every=0.0)
+            )
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
 
     def _status(self, b: _Batch, sid: str, topic: str, payload: bytes, recv: int) -> None:
         # unsigned birth / last will: informational, kept as the station's last status

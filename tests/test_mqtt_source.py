@@ -191,7 +191,10 @@ class Sink:
     def __init__(self, port: int, client_id: str = "src-test", **kw: Any) -> None:
         self.got: list[tuple[str, bytes, Delivery]] = []
         self.on_msg: Callable[[Sink], None] = lambda s: None
-        self.src = MqttSource(BrokerConfig(port=port, client_id=client_id, **kw), self._message)
+        self.src = MqttSource(
+            BrokerConfig(port=port, client_id=client_id, **{"watch_dropped": False, **kw}),
+            self._message,
+        )
         self.task: asyncio.Task[None] | None = None
 
     def _message(self, topic: str, payload: bytes, d: Delivery) -> None:
@@ -263,7 +266,7 @@ from agent.sources.mqtt import BrokerConfig, MqttSource
 async def main():
     def on(topic, payload, d):
         print(json.dumps([topic, payload.decode()]), flush=True)
-    src = MqttSource(BrokerConfig(port=int(sys.argv[2]), client_id="src-crash"), on)
+    src = MqttSource(BrokerConfig(port=int(sys.argv[2]), client_id="src-crash", watch_dropped=False), on)
     task = asyncio.create_task(src.run())
     await src.connected.wait()
     print("subscribed", flush=True)

@@ -83,6 +83,7 @@ class Mosquitto:
             "max_inflight_messages 100",
             "message_size_limit 0",
             "persistent_client_expiration 7d",
+            "sys_interval 1",  # $SYS/broker/publish/messages/dropped, which the agent watches
             "log_dest stderr",
             "log_type error",
             "log_type warning",

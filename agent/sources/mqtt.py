@@ -64,6 +64,7 @@ CONNECT_TIMEOUT_S = 10.0  # TCP and TLS handshake
 HANDSHAKE_TIMEOUT_S = 10.0  # CONNECT → CONNACK → SUBACK (time spent paused not counted)
 STABLE_S = 10.0  # a connection that lasted this long resets the backoff
 READ_SIZE = 1 << 20  # most bytes taken from the socket per loop iteration (see above)
+DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,12 +82,17 @@ class BrokerConfig:
     prefix: str = "stations"
     keepalive: int = 30
     share_group: str | None = None  # several agents on one subscription ($share/<group>/…)
+    # the broker's count of messages it dropped (queue limits): alarmed when it grows; a
+    # broker that refuses this subscription (its ACL) only makes the agent say so once
+    watch_dropped: bool = True
 
     def topics(self) -> list[tuple[str, int]]:
         share = f"$share/{self.share_group}/" if self.share_group else ""
         t = [(f"{share}{self.prefix}/+/{k}", 1) for k in ("telemetry", "event")]
         # status is retained and informational; a shared subscription would split it
         t.append((f"{self.prefix}/+/status", 1))
+        if self.watch_dropped:
+            t.append((DROPPED_TOPIC, 0))
         return t
 
 
@@ -265,6 +271,15 @@ class MqttSource:
             bad = [
                 t for (t, _), code in zip(topics, p.codes, strict=True) if code == SUBACK_FAILURE
             ]
+            if DROPPED_TOPIC in bad:  # informational: ingest goes on without it
+                bad.remove(DROPPED_TOPIC)
+                if not self.counters.get("sys_refused"):
+                    log.warning(
+                        "broker refused %s: its dropped messages cannot be alarmed "
+                        "(allow the agent to read it in the broker's ACL)",
+                        DROPPED_TOPIC,
+                    )
+                self.counters["sys_refused"] = 1
             if bad:
                 # e.g. the broker's ACL: stay loud and retry (with backoff) until it is fixed
                 log.error("broker refused subscriptions: %s", ", ".join(bad))

@@ -100,6 +100,9 @@ class ShardedSource:
 
     def _message(self, k: int, topic: str, payload: bytes, d: Delivery) -> None:
         d.src = self.sources.get(k)
+        if topic[:5] == "$SYS/":  # the broker's own figures: every session has them
+            self._on_message(topic, payload, d)
+            return
         end = topic.find("/", self._prefix_len)
         sid = topic[self._prefix_len : end] if end > 0 else ""
         if shard_of(sid, self.shards) != k:  # (no station id: shard 0's, like "")
