@@ -149,8 +149,8 @@ def seal(
     if before is not None:
         parse_month(before)
         cutoff = min(cutoff, before)
-    ensure_schema(store)
     d = archive_dir(store, directory)
+    ensure_schema(store)
     report = SealReport(cutoff)
     with _lock(d):
         _orphans(store, d, report)
