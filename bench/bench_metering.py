@@ -6,9 +6,12 @@ Prints: µs per message in order; µs per message with late arrivals (every `--l
 message of each station delayed by `--late-by` messages, an outbox replaying while live
 data flows) and µs per late message; the engine state retained per station (serialized
 size and Python memory) after N messages; the raw rows a restart reads; compute() µs per
-message. No assertion.
+message; metering alone (the engine's meter.add inside the batch's transaction, messages
+decoded beforehand) in µs per message and the SQL statements it runs per batch. No
+assertion.
 
     .venv/bin/python bench/bench_metering.py [--stations 20] [--messages 2000] [--slots 8]
+        [--batch 200]   (the agent's batches: e.g. --stations 100 --messages 300 --batch 3000)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.ledger import MeterParams, compute
 from agent.ledger.agent_meter import StoreMeter, decode_row
 from agent.ledger.engine import dump_station
+from agent.ledger.inputs import RawMsg
 from agent.store import RawRow, Store
 
 T0 = 1_767_225_600_000
@@ -92,6 +96,35 @@ def ingest(store: Store, meter: StoreMeter, rows: list[RawRow], batch: int) -> f
     return time.perf_counter() - t
 
 
+def meter_alone(
+    store: Store, meter: StoreMeter, rows: list[RawRow], batch: int
+) -> tuple[float, int]:
+    """(seconds in meter.add, SQL statements it ran) over `rows` in batches, the rows
+    decoded beforehand (decode and §2 ranges run at ingest, on the event loop)."""
+    msgs = [decode_row(r) for r in rows]
+    count = [0, False]  # statements, counting
+
+    def trace(_sql: str) -> None:
+        if count[1]:
+            count[0] += 1
+
+    store.db.set_trace_callback(trace)
+    secs = 0.0
+    for i in range(0, len(rows), batch):
+
+        def then(res: Any, part: list[RawMsg] = msgs[i : i + batch]) -> None:
+            nonlocal secs
+            count[1] = True
+            t = time.perf_counter()
+            meter.add([part[j] for j in res.new])
+            secs += time.perf_counter() - t
+            count[1] = False
+
+        store.write_batch(rows[i : i + batch], then=then)
+    store.db.set_trace_callback(None)
+    return secs, int(count[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stations", type=int, default=20)
@@ -126,6 +159,14 @@ def main() -> None:
     secs = min(secs, ingest(store2, StoreMeter(params, store2), rows, a.batch))
     store2.close()
     print(f"in order:            {secs / n * 1e6:8.1f} µs/message (raw + records + state)")
+    store3 = Store(f"sqlite:///{tmp}/order3.db", synchronous="off")
+    alone, stmts = meter_alone(store3, StoreMeter(params, store3), rows, a.batch)
+    store3.close()
+    batches = (n + a.batch - 1) // a.batch
+    print(
+        f"metering alone:      {alone / n * 1e6:8.1f} µs/message (meter.add in the transaction, "
+        f"its SQL included: {stmts / batches:.0f} statements per batch)"
+    )
     sizes = [len(dump_station(st)) for st in meter.ledger.full.stations.values()]
     print(
         f"state per station:   {sum(sizes) / len(sizes):8.0f} bytes serialized, "

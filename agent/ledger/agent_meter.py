@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from agent import wire
-from agent.ledger.engine import dump_station, load_station
+from agent.ledger.engine import FULL, LOCKED, dump_station, load_station
 from agent.ledger.inputs import MeterParams, RawMsg, raw_msg
 from agent.ledger.meter import Ledger
 from agent.ledger.records import PROCESSING_VERSION
@@ -40,6 +40,10 @@ def state_version(params: MeterParams) -> str:
     return f"{PROCESSING_VERSION}:{h}"
 
 
+def _digest(blob: bytes) -> bytes:
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
 class StoreMeter:
     def __init__(self, params: MeterParams, store: Store, *, ckpt_every: int | None = None) -> None:
         self.params = params
@@ -48,11 +52,15 @@ class StoreMeter:
         self.version = state_version(params)
         self.ledger = Ledger(params, self.tables, ckpt_every=ckpt_every, loader=self._load)
         self.conflicts = 0
+        # (sid, view) -> digest of the state row as this meter last read or wrote it: an
+        # unchanged state (a lock's view that got no message) is not written again
+        self._saved: dict[tuple[str, int], bytes] = {}
 
     def _load(self, sid: str, view: int) -> Station | None:
         x = self.tables.load_state(sid, view)
         if x is None or x[0] != self.version:
             return None
+        self._saved[(sid, view)] = _digest(x[1])
         return load_station(x[1])
 
     @property
@@ -74,15 +82,22 @@ class StoreMeter:
         for e in self.ledger.engines():
             st = e.stations.get(sid)
             if st is not None:
-                self.tables.put_state(sid, e.view, self.version, dump_station(st))
+                blob = dump_station(st)
+                d = _digest(blob)
+                if self._saved.get((sid, e.view)) != d:
+                    self.tables.put_state(sid, e.view, self.version, blob)
+                    self._saved[(sid, e.view)] = d
 
     def forget(self, sid: str) -> None:
-        """Drop a station's in-memory state (it is loaded again from its state row)."""
+        """Drop a station's in-memory state (it is loaded again from its state row; call
+        it whenever the row may differ from what this meter wrote: a rollback)."""
         self.ledger.forget(sid)
+        for view in (FULL, LOCKED):
+            self._saved.pop((sid, view), None)
 
     def rebuild(self, sid: str) -> None:
         """Meter a station from its raw rows alone (in the caller's transaction)."""
-        self.ledger.forget(sid)
+        self.forget(sid)
         self.tables.forget_station(sid)
         for e in self.ledger.engines():
             e.rebuild(sid)
