@@ -145,8 +145,9 @@ class Engine:
         of a message arrived): recompute from its start."""
         st = self.station(sid)
         self.changed.add(sid)
-        if st.key is not None and msgs:
-            # the last processed message again (a caller's retry): nothing new
+        if st.key is not None and msgs and (msgs[0].boot, msgs[0].seq) <= st.key:
+            # the last processed message again (a caller's retry): nothing new (sorted:
+            # when the first key is above it, every key is)
             msgs = [m for m in msgs if (m.boot, m.seq) != st.key]
         k0 = (msgs[0].boot, msgs[0].seq) if msgs else None
         if boot_start is not None:
