@@ -45,6 +45,9 @@ class ConfigError(ValueError):
 class DbConfig:
     url: str = "sqlite:///agent.db"
     synchronous: str = "full"  # sqlite: full (survives power loss) | normal (survives crashes)
+    # the raw archive's segments (agent/archive; `stationctl archive seal`): beside a SQLite
+    # file by default (<db>.archive/); a PostgreSQL database needs it once anything is sealed
+    archive_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):
@@ -115,7 +118,11 @@ _SECTIONS: dict[str, type[Any]] = {
     "cluster": ClusterConfig,
 }
 _FILE_ONLY = {"broker": {"password_file"}}
-_PATHS = {"broker": ("tls_ca", "tls_cert", "tls_key"), "carbon": ("params",)}
+_PATHS = {
+    "broker": ("tls_ca", "tls_cert", "tls_key"),
+    "carbon": ("params",),
+    "db": ("archive_dir",),
+}
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:

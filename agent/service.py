@@ -197,6 +197,7 @@ class Service:
             autocheckpoint=100_000,
             app=cluster.WRITER_APP + cl.ident() if cl else "agent",
         )
+        self.store.archive_dir = cfg.db.archive_dir  # recomputations read sealed raw too
         sqlite = self.store.engine == "sqlite"
         if sqlite:
             self.store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")

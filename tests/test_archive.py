@@ -77,7 +77,8 @@ def build(path: pathlib.Path | str) -> str:
 
 
 def everything(st: Store) -> dict[str, list[RawRow]]:
-    return {sid: list(st.iter_raw_keys(sid)) for sid in st.raw_sids()}
+    """The live table's rows (the store's own iter_raw_keys reads the archive too)."""
+    return {sid: list(st.iter_live_keys(sid)) for sid in st.raw_sids()}
 
 
 def months_of(st: Store) -> set[str]:
@@ -207,6 +208,7 @@ def test_a_crash_before_the_transaction_keeps_the_live_rows(tmp_path: pathlib.Pa
         reader = ArchiveReader(st)
         for sid, rows in before.items():
             assert list(reader.iter_raw_keys(sid)) == rows
+            assert list(st.iter_raw_keys(sid)) == rows  # what metering reads: both as one
 
 
 def test_open_months_are_not_sealed(tmp_path: pathlib.Path) -> None:
@@ -387,3 +389,51 @@ def test_archive_usage_errors(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 2 and b"--db" in r.stderr
     with Store(url, readonly=True) as st:
         assert segments(st) == []  # nothing was sealed by a refused command
+
+
+# ---- the agent's store reads and writes through the archive -------------------------------------
+
+
+def _archive_kw(db_url: str, tmp_path: pathlib.Path) -> str | None:
+    return None if db_url.startswith("sqlite") else str(tmp_path / "segments")
+
+
+def test_a_late_copy_of_an_archived_message_is_a_duplicate_or_a_conflict(
+    db_url: str, tmp_path: pathlib.Path
+) -> None:
+    url = build(db_url)
+    where = _archive_kw(db_url, tmp_path)
+    with Store(url) as st:
+        st.archive_dir = where
+        before = {sid: list(st.iter_raw_keys(sid)) for sid in st.raw_sids()}
+        seal(st, where, now_ms=NOW)
+        old = before["KH-ARC-0000"][0]  # received in October: sealed
+        assert not st.db.execute(
+            "SELECT 1 FROM raw WHERE sid = ? AND boot = ? AND seq = ?", (old.sid, old.boot, old.seq)
+        ).fetchall()  # it left the live table
+        n = st.raw_count()
+        res = st.write_batch([old, old._replace(record=old.record + b" ")])
+        assert (res.new, res.duplicates, res.conflicts) == ([], 1, 1)
+        assert st.raw_count() == n  # nothing stored anew: no watt-hour counted twice
+        assert [q.reason for q in st.quarantine_rows()] == ["conflict"]
+
+
+def test_metering_from_raw_after_a_seal_reads_the_archive(
+    db_url: str, tmp_path: pathlib.Path
+) -> None:
+    from agent.ledger import MeterParams
+    from agent.ledger.agent_meter import StoreMeter
+
+    url = build(db_url)
+    where = _archive_kw(db_url, tmp_path)
+    with Store(url) as st:
+        st.archive_dir = where
+        records = st.record_rows()
+        top = {sid: st.max_boot(sid) for sid in st.raw_sids()}
+        assert seal(st, where, now_ms=NOW).sealed
+        meter = StoreMeter(MeterParams(), st)
+        with st.transaction():
+            for sid in sorted(top):
+                meter.rebuild(sid)  # from raw alone: archived and live
+        assert st.record_rows() == records
+        assert {sid: st.max_boot(sid) for sid in top} == top  # boot_base stays above

@@ -20,9 +20,10 @@ from agent.archive.index import (
     segments,
 )
 from agent.archive.reader import ArchiveReader, iter_raw_keys, snapshot
-from agent.archive.schema import ARCHIVE_DDL, ensure_schema, has_archive
+from agent.archive.schema import ensure_schema, has_archive
 from agent.archive.seal import DEFAULT_GRACE_DAYS, SealReport, first_open_month, month_of, seal
 from agent.archive.segment import DEFAULT_LEVEL, FORMAT, ArchiveError, read_segment
+from agent.store.sql import ARCHIVE_DDL
 
 __all__ = [
     "ARCHIVE_DDL",

@@ -72,7 +72,7 @@ class ArchiveReader:
         given), archived and live merged: Store.iter_raw_keys over both."""
         if boot is not None and start < (boot, -1):
             start = (boot, -1)
-        live = self.store.iter_raw_keys(sid, start, boot=boot, page=page)
+        live = self.store.iter_live_keys(sid, start, boot=boot, page=page)
         spans = spans_from(self.store, sid, start, boot)
         if not spans:
             yield from live
@@ -177,7 +177,7 @@ class ArchiveReader:
 
     def raw_after(self, sid: str, key: tuple[int, int]) -> bool:
         """Store.raw_after over both: a raw row with (boot, seq) above key?"""
-        if self.store.raw_after(sid, key):
+        if self.store.live_after(sid, key):
             return True
         top = archived_top(self.store, sid)
         if top is None or top <= key:
@@ -186,7 +186,7 @@ class ArchiveReader:
 
     def max_boot(self, sid: str) -> int | None:
         """Store.max_boot over both (a reflashed station's boot_base must pass both)."""
-        got = self.store.max_boot(sid)
+        got = self.store.live_max_boot(sid)
         live = None if got is None else int(got)
         top = archived_top(self.store, sid)
         if top is None:

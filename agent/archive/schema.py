@@ -18,24 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-ARCHIVE_DDL: Final = (
-    """CREATE TABLE IF NOT EXISTS archive_segments (
-        id BIGINT PRIMARY KEY,
-        sid TEXT NOT NULL, month TEXT NOT NULL, part BIGINT NOT NULL,
-        file TEXT NOT NULL, sha256 TEXT NOT NULL, format TEXT NOT NULL,
-        n_rows BIGINT NOT NULL, n_bytes BIGINT NOT NULL, raw_bytes BIGINT NOT NULL,
-        first_boot BIGINT NOT NULL, first_seq BIGINT NOT NULL,
-        last_boot BIGINT NOT NULL, last_seq BIGINT NOT NULL,
-        sealed_ms BIGINT NOT NULL,
-        UNIQUE (sid, month, part))""",
-    """CREATE TABLE IF NOT EXISTS archive_ranges (
-        sid TEXT NOT NULL, boot BIGINT NOT NULL, seq_lo BIGINT NOT NULL,
-        seq_hi BIGINT NOT NULL, segment_id BIGINT NOT NULL,
-        PRIMARY KEY (sid, boot, seq_lo))""",
-    "CREATE INDEX IF NOT EXISTS archive_ranges_segment ON archive_ranges (segment_id)",
-    """CREATE TABLE IF NOT EXISTS archive_stations (
-        sid TEXT PRIMARY KEY, top_boot BIGINT NOT NULL, top_seq BIGINT NOT NULL)""",
-)
+# the DDL is the store's (agent/store/sql.py, schema 4): made with the rest of the schema
+from agent.store.sql import ARCHIVE_DDL  # noqa: E402
 
 TABLES: Final = ("archive_segments", "archive_ranges", "archive_stations")
 

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, NamedTuple, Self
+from typing import Any, Final, NamedTuple, Self, cast
 
 import msgspec
 
@@ -36,8 +36,29 @@ from agent.store.sqlite import sqlite_path
 log = logging.getLogger(__name__)
 
 # 2: quarantine.resolved_ms, resolved_to (migrated in place); 3: ledger_state and
-# ledger_checkpoint (new tables: stations without a state are metered from raw once)
-SCHEMA_VERSION: Final = 3
+# ledger_checkpoint (new tables: stations without a state are metered from raw once);
+# 4: the raw archive's manifest (agent/archive: archive_segments, _ranges, _stations)
+SCHEMA_VERSION: Final = 4
+
+# The raw archive's manifest (agent/archive/schema.py says what each table is for).
+ARCHIVE_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS archive_segments (
+        id BIGINT PRIMARY KEY,
+        sid TEXT NOT NULL, month TEXT NOT NULL, part BIGINT NOT NULL,
+        file TEXT NOT NULL, sha256 TEXT NOT NULL, format TEXT NOT NULL,
+        n_rows BIGINT NOT NULL, n_bytes BIGINT NOT NULL, raw_bytes BIGINT NOT NULL,
+        first_boot BIGINT NOT NULL, first_seq BIGINT NOT NULL,
+        last_boot BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+        sealed_ms BIGINT NOT NULL,
+        UNIQUE (sid, month, part))""",
+    """CREATE TABLE IF NOT EXISTS archive_ranges (
+        sid TEXT NOT NULL, boot BIGINT NOT NULL, seq_lo BIGINT NOT NULL,
+        seq_hi BIGINT NOT NULL, segment_id BIGINT NOT NULL,
+        PRIMARY KEY (sid, boot, seq_lo))""",
+    "CREATE INDEX IF NOT EXISTS archive_ranges_segment ON archive_ranges (segment_id)",
+    """CREATE TABLE IF NOT EXISTS archive_stations (
+        sid TEXT PRIMARY KEY, top_boot BIGINT NOT NULL, top_seq BIGINT NOT NULL)""",
+)
 
 # One statement per table; types chosen to map 1:1 onto PostgreSQL.
 DDL: Final = (
@@ -89,6 +110,7 @@ DDL: Final = (
     # the running agent's health (agent/health.py): one row (id 1), upserted every few s
     """CREATE TABLE IF NOT EXISTS agent_health (
         id BIGINT PRIMARY KEY, updated_ms BIGINT NOT NULL, state TEXT NOT NULL)""",
+    *ARCHIVE_DDL,
 )
 
 
@@ -224,6 +246,9 @@ class Store:
         anything (no file, no table). An existing database of another schema version is
         refused (SchemaError naming both) unless `upgrade` (`stationctl db upgrade`)."""
         self.url = url
+        # where sealed segments are (agent/archive); None: beside a SQLite file
+        self.archive_dir: str | None = None
+        self._archive: Any = None
         self.raw_rows_read = 0  # raw rows read by iter_raw / iter_raw_keys (restart figures)
         create = create and not readonly
         self.db: Any
@@ -387,9 +412,14 @@ class Store:
         each row's STORED, DUPLICATE or CONFLICT in order."""
         if not rows:
             return BatchResult([], 0, 0)
+        # a key sealed into the archive has left `raw`: its UNIQUE no longer catches a late
+        # copy, the archive's ranges do (one query per batch in the usual case)
+        from agent.archive.index import archived_keys
+
+        sealed = archived_keys(self, rows, checked=True)
         db.execute("SAVEPOINT batch")
-        cur = db.executemany(_INSERT_RAW, rows)
-        if cur.rowcount == len(rows):  # the usual case: every key is new
+        cur = None if sealed else db.executemany(_INSERT_RAW, rows)
+        if cur is not None and cur.rowcount == len(rows):  # the usual case: every key is new
             db.execute("RELEASE batch")
             if outcomes is not None:
                 outcomes.extend([STORED] * len(rows))
@@ -400,15 +430,19 @@ class Store:
         dups = conflicts = 0
         out = outcomes if outcomes is not None else []
         for i, r in enumerate(rows):
-            if db.execute(_INSERT_RAW, r).rowcount == 1:
+            if i in sealed:
+                was: bytes | None = self.archive().archived_record(r.sid, r.boot, r.seq)
+            elif db.execute(_INSERT_RAW, r).rowcount == 1:
                 new.append(i)
                 out.append(STORED)
                 continue
-            stored = db.execute(
-                "SELECT record FROM raw WHERE sid = ? AND boot = ? AND seq = ?",
-                (r.sid, r.boot, r.seq),
-            ).fetchone()
-            if stored is not None and bytes(stored[0]) == r.record:
+            else:
+                got = db.execute(
+                    "SELECT record FROM raw WHERE sid = ? AND boot = ? AND seq = ?",
+                    (r.sid, r.boot, r.seq),
+                ).fetchone()
+                was = None if got is None else bytes(got[0])
+            if was == r.record:
                 dups += 1
                 out.append(DUPLICATE)
                 continue
@@ -490,6 +524,14 @@ class Store:
 
     # ---- reads ------------------------------------------------------------------------------
 
+    def archive(self) -> Any:
+        """The raw archive's reader on this store (agent/archive), made once."""
+        if self._archive is None:
+            from agent.archive.reader import ArchiveReader
+
+            self._archive = ArchiveReader(self, self.archive_dir)
+        return self._archive
+
     def iter_raw_keys(
         self,
         sid: str,
@@ -499,7 +541,21 @@ class Store:
         page: int = 1000,
     ) -> Iterator[RawRow]:
         """A station's raw rows with (boot, seq) >= start in key order (only `boot`'s, when
-        given), read in pages of `page` rows (bounded memory)."""
+        given): the sealed archive's and the live table's as one (agent/archive); memory
+        holds a page of live rows and a segment's read buffer."""
+        return cast(
+            Iterator[RawRow], self.archive().iter_raw_keys(sid, start, boot=boot, page=page)
+        )
+
+    def iter_live_keys(
+        self,
+        sid: str,
+        start: tuple[int, int] = (-1, -1),
+        *,
+        boot: int | None = None,
+        page: int = 1000,
+    ) -> Iterator[RawRow]:
+        """`iter_raw_keys` of the live table alone, in pages of `page` rows."""
         b, q = start
         if boot is not None and start < (boot, -1):
             b, q = boot, -1
@@ -521,7 +577,11 @@ class Store:
             b, q = got[-1][0], got[-1][1] + 1
 
     def raw_after(self, sid: str, key: tuple[int, int]) -> bool:
-        """Does the station have a raw row with (boot, seq) above key?"""
+        """Does the station have a raw row (archived or live) with (boot, seq) above key?"""
+        return bool(self.archive().raw_after(sid, key))
+
+    def live_after(self, sid: str, key: tuple[int, int]) -> bool:
+        """`raw_after` in the live table alone."""
         row = self.db.execute(
             "SELECT 1 FROM raw WHERE sid = ? AND (boot > ? OR (boot = ? AND seq > ?)) LIMIT 1",
             (sid, key[0], key[0], key[1]),
@@ -601,6 +661,12 @@ class Store:
         ]
 
     def max_boot(self, sid: str) -> int | None:
+        """The station's highest boot number stored, archived or live (a reflashed
+        station's boot_base must pass it: CONTRACT §5.1)."""
+        got = self.archive().max_boot(sid)
+        return None if got is None else int(got)
+
+    def live_max_boot(self, sid: str) -> int | None:
         row = self.db.execute("SELECT MAX(boot) FROM raw WHERE sid = ?", (sid,)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
