@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.archive import ArchiveError, ArchiveReader, archive_dir, has_archive, snapshot
+    from agent.archive import ArchiveError, ArchiveReader, archive_dir, snapshot
+    from agent.archive.index import has_segments
     from agent.keys import KeyStore
     from agent.ledger import MeterParams, RawMsg
     from agent.ledger.compute import compute_station
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         with stack:
             stack.enter_context(snapshot(store))  # one consistent read, beside an agent
             try:
-                where = archive_dir(store, args.archive) if has_archive(store) else None
+                where = archive_dir(store, args.archive) if has_segments(store) else None
             except ValueError as e:
                 raise UsageError(f"--archive: {e}") from None
             archive = ArchiveReader(store, where)

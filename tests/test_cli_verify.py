@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sqlite3
 import subprocess
 
 from agent import wire
@@ -21,8 +20,7 @@ def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def build(path: pathlib.Path) -> str:
-    url = f"sqlite:///{path}"
+def build(url: str) -> str:
     rows, msgs, sids = [], [], set()
     for i, (topic, payload) in enumerate(fleet_stream(2, 80, sid_base="KH-VER", step_ms=60_000)):
         body = wire.decode_record(payload)
@@ -62,31 +60,29 @@ def summary(url: str) -> tuple[int, dict[str, object]]:
     return r.returncode, json.loads(r.stdout)
 
 
-def test_an_untouched_database_verifies(tmp_path: pathlib.Path) -> None:
-    code, s = summary(build(tmp_path / "a.db"))
+def test_an_untouched_database_verifies(db_url: str) -> None:
+    code, s = summary(build(db_url))
     assert code == 0 and s["ok"] is True
     assert s["bad_signatures"] == 0 and s["raw"] == s["verified"] > 100
     assert s["records_stored"] == s["records_recomputed"] > 10
 
 
-def test_a_changed_record_or_raw_byte_is_found(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "b.db"
-    url = build(path)
-    db = sqlite3.connect(path)
-    db.execute(
-        "UPDATE records SET mwh = mwh + 1 WHERE rid = (SELECT rid FROM records WHERE mwh > 0 LIMIT 1)"
+def test_a_changed_record_or_raw_byte_is_found(db_url: str) -> None:
+    url = build(db_url)
+    st = Store(url, create=False)  # a tamperer with write access (either engine)
+    st.db.execute(
+        "UPDATE records SET mwh = mwh + 1 WHERE rid = (SELECT rid FROM records WHERE mwh > 0 "
+        "ORDER BY rid LIMIT 1)"
     )
-    db.commit()
     code, s = summary(url)
     assert code == 1 and s["different"] == 1 and s["bad_signatures"] == 0
     # a raw message whose bytes were altered no longer verifies, and its energy goes missing
-    rid, rec = db.execute(
-        "SELECT id, record FROM raw WHERE kind = 'telemetry' LIMIT 1 OFFSET 40"
+    rid, rec = st.db.execute(
+        "SELECT id, record FROM raw WHERE kind = 'telemetry' ORDER BY id LIMIT 1 OFFSET 40"
     ).fetchone()
     forged = bytes(rec).replace(b'"e_mwh":', b'"e_mwh":9', 1)
-    db.execute("UPDATE raw SET record = ? WHERE id = ?", (forged, rid))
-    db.commit()
-    db.close()
+    st.db.execute("UPDATE raw SET record = ? WHERE id = ?", (forged, rid))
+    st.close()
     code, s = summary(url)
     assert code == 1 and s["bad_signatures"] == 1
 

@@ -52,6 +52,13 @@ def archive_dir(db: Any, directory: str | Path | None = None) -> Path:
     return Path(str(db.path) + ".archive")
 
 
+def has_segments(store: Any) -> bool:
+    """Has anything been sealed? (Until then no archive directory is needed.)"""
+    if not has_archive(store):
+        return False
+    return store.db.execute("SELECT 1 FROM archive_segments LIMIT 1").fetchone() is not None
+
+
 def segments(store: Any, sid: str | None = None) -> list[Segment]:
     """The manifest's segments (of one station), by station, month, part."""
     if not has_archive(store):
