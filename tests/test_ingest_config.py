@@ -27,27 +27,35 @@ def test_example_loads_with_defaults_and_relative_paths(tmp_path: pathlib.Path) 
         ("stations/+/telemetry", 1),
         ("stations/+/event", 1),
         ("stations/+/status", 1),
+        ("$SYS/broker/publish/messages/dropped", 0),  # the broker's drops, alarmed
     ]
+    assert c.cluster is None and c.db.archive_dir is None
 
 
 def test_every_key(tmp_path: pathlib.Path) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
     (tmp_path / "carbon.toml").write_text("")
     (tmp_path / "agent.toml").write_text(
-        '[db]\nurl = "sqlite:////abs/a.db"\nsynchronous = "normal"\n'
+        '[db]\nurl = "postgresql://db/agents"\nsynchronous = "normal"\narchive_dir = "seg"\n'
         '[broker]\nhost = "b.example"\nport = 8883\nuser = "agent"\npassword_file = "pw"\n'
         'tls = true\ntls_ca = "ca.pem"\ntls_insecure = false\nclient_id = "a1"\n'
-        'prefix = "fleet/kh"\nkeepalive = 10\nshare_group = "agents"\n'
+        'prefix = "fleet/kh"\nkeepalive = 10\nwatch_dropped = false\n'
         "[ingest]\nbatch_max = 100\nmax_pending = 1000\nrecords_interval_ms = 2000\n"
         "key_reload_s = 5\nstats_interval_s = 10\ngc_full_s = 0\n"
         "[metering]\ninterval_ms = 300000\nmax_power_w_slot = 5000\n"
         '[carbon]\nparams = "carbon.toml"\n'
+        '[cluster]\nshards = 4\nagent_id = "host-a"\nbalance_s = 2\n'
     )
     c = load_config(tmp_path / "agent.toml")
-    assert c.db.url == "sqlite:////abs/a.db" and c.broker.password == "s3cret"
+    assert c.db.url == "postgresql://db/agents" and c.broker.password == "s3cret"
+    assert c.db.archive_dir == str(tmp_path / "seg")
+    assert c.cluster is not None and (c.cluster.shards, c.cluster.ident()) == (4, "host-a")
     assert c.broker.tls_ca == str(tmp_path / "ca.pem") and c.broker.prefix == "fleet/kh"
-    assert c.broker.topics()[0] == ("$share/agents/fleet/kh/+/telemetry", 1)
-    assert c.broker.topics()[2] == ("fleet/kh/+/status", 1)
+    assert c.broker.topics() == [
+        ("fleet/kh/+/telemetry", 1),
+        ("fleet/kh/+/event", 1),
+        ("fleet/kh/+/status", 1),
+    ]  # (no $SYS watch: turned off)
     assert c.ingest.key_reload_s == 5 and c.ingest.gc_full_s == 0
     assert c.metering.interval_ms == 300_000 and c.carbon_params == str(tmp_path / "carbon.toml")
 
@@ -71,6 +79,9 @@ def test_every_key(tmp_path: pathlib.Path) -> None:
         ('[carbon]\nparam = "x"\n', "unknown key carbon.param"),
         ("db = 3\n", "[db] must be a table"),
         ("[broker]\nuser = 7\n", "broker.user must be str"),
+        ("[cluster]\nshards = 2\n", "needs a PostgreSQL database"),
+        ('[db]\nurl = "postgresql://h/d"\n[cluster]\nshards = 0\n', "shards must be 1..256"),
+        ('[broker]\nshare_group = "agents"\n', "unknown key broker.share_group"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: pathlib.Path, text: str, needle: str) -> None:

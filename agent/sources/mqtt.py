@@ -81,16 +81,14 @@ class BrokerConfig:
     client_id: str = "stationctl-agent"
     prefix: str = "stations"
     keepalive: int = 30
-    share_group: str | None = None  # several agents on one subscription ($share/<group>/…)
     # the broker's count of messages it dropped (queue limits): alarmed when it grows; a
     # broker that refuses this subscription (its ACL) only makes the agent say so once
     watch_dropped: bool = True
 
     def topics(self) -> list[tuple[str, int]]:
-        share = f"$share/{self.share_group}/" if self.share_group else ""
-        t = [(f"{share}{self.prefix}/+/{k}", 1) for k in ("telemetry", "event")]
-        # status is retained and informational; a shared subscription would split it
-        t.append((f"{self.prefix}/+/status", 1))
+        # several agents do not share one subscription ($share loses the messages queued
+        # for a member that died: docs/scaling.md); they hold shards (agent/cluster.py)
+        t = [(f"{self.prefix}/+/{k}", 1) for k in ("telemetry", "event", "status")]
         if self.watch_dropped:
             t.append((DROPPED_TOPIC, 0))
         return t
