@@ -50,7 +50,11 @@ def register(sub: Any) -> None:
         help="the ROM bootloader's port when it is not --port (e.g. socket://…)",
     )
     ag = p.add_mutually_exclusive_group()
-    ag.add_argument("--agent-db", metavar="URL", help="the agent database (sqlite:///PATH)")
+    ag.add_argument(
+        "--agent-db",
+        metavar="URL",
+        help="the agent database (a path, sqlite:///PATH or postgresql://…)",
+    )
     ag.add_argument("--agent-config", metavar="FILE", help="the agent's TOML (its db.url is used)")
     p.add_argument(
         "--force",

@@ -43,7 +43,10 @@ def register(sub: Any) -> None:
         "verify", help="re-verify raw messages and recompute every record (auditors)"
     )
     p.add_argument(
-        "--db", required=True, metavar="URL", help="sqlite:///PATH of the agent database"
+        "--db",
+        required=True,
+        metavar="URL",
+        help="the agent database: a path, sqlite:///PATH or postgresql://…",
     )
     p.add_argument(
         "--config", metavar="FILE", help="the agent's config (its [metering] parameters)"
