@@ -70,11 +70,15 @@ def interleave(per: list[list[RawRow]]) -> list[RawRow]:
 
 
 def delay(rows: list[RawRow], every: int, by: int) -> list[RawRow]:
-    """Every `every`th row arrives `by` rows later."""
+    """Every `every`th row of each station arrives `by` rows later. (Counted per station:
+    every `every`th row of an interleaved feed would hit the same few stations, all of
+    whose rows, when `every` divides the number of stations: none would be late.)"""
     out: list[RawRow] = []
     held: list[tuple[int, RawRow]] = []
+    count: dict[str, int] = {}
     for i, r in enumerate(rows):
-        if i % every == every - 1:
+        c = count[r.sid] = count.get(r.sid, 0) + 1
+        if c % every == 0:
             held.append((i + by, r))
         else:
             out.append(r)

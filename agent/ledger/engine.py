@@ -118,6 +118,9 @@ class Engine:
         self.changed: set[str] = set()
         self._skip: Key | None = None  # a checkpoint not to write again (re-apply start)
         self._pre: tuple[str, int] | None = None  # (sid, boot) whose facts were read first
+        # (sid, facts of its live boot over all that boot's messages in the backend), while
+        # late messages are re-applied: entering that boot needs no pass over its messages
+        self._known: tuple[str, Boot] | None = None
         self.rows_read = 0  # raw messages read back from the backend (re-applies)
 
     # ---- which messages, which records -------------------------------------------------
@@ -162,7 +165,11 @@ class Engine:
             return
         if st.key is not None and k0 < st.key:
             late = [m for m in msgs if (m.boot, m.seq) < st.key]
-            self._recompute(st, k0, late, False)
+            self._known = (sid, self._boot_facts(st, msgs)) if st.boot is not None else None
+            try:
+                self._recompute(st, k0, late, False)
+            finally:
+                self._known = None
             return
         for m in msgs:
             try:
@@ -170,6 +177,18 @@ class Engine:
             except _Fact:
                 self._recompute(self.stations[sid], (m.boot, -1), [], True)
                 return
+
+    def _boot_facts(self, st: Station, msgs: list[RawMsg]) -> Boot:
+        """The facts of the station's live boot over every message of it in the backend:
+        those it has processed (merged into it as they came) and this batch's (facts are a
+        minimum or the lowest seq's: the order of merging does not matter). Not valid when
+        a stored message's receive time changed (an earlier copy: process' boot_start)."""
+        assert st.boot is not None
+        b = st.boot.facts()
+        for m in msgs:
+            if m.boot == b.no and self.accepts(m) and _usable(m):
+                b.merge(m.seq, m.recv_ms, m.body)
+        return b
 
     def rebuild(self, sid: str) -> None:
         """Meter a station from all its raw messages in the backend (no state, no records,
@@ -327,10 +346,14 @@ class Engine:
         b = Boot(no)
         if prepass:
             # the boot's facts over all its messages, before any reading uses them
-            for m in self.backend.raw_boot(st.sid, no):
-                self.rows_read += 1
-                if self.accepts(m) and _usable(m):
-                    b.merge(m.seq, m.recv_ms, m.body)
+            known = self._known
+            if known is not None and known[0] == st.sid and known[1].no == no:
+                b = known[1].facts()  # (the live state had them: no pass over the boot)
+            else:
+                for m in self.backend.raw_boot(st.sid, no):
+                    self.rows_read += 1
+                    if self.accepts(m) and _usable(m):
+                        b.merge(m.seq, m.recv_ms, m.body)
             self._pre = (st.sid, no)
         st.boot = b
 

@@ -316,6 +316,19 @@ class Boot:
         b.update_clock()
         return b
 
+    def facts(self) -> Boot:
+        """A new Boot of the same number with this one's facts (clock, restored values) and
+        no message counted."""
+        b = Boot(self.no)
+        b.sync_seq = self.sync_seq
+        b.sync_off = self.sync_off
+        b.est_off = self.est_off
+        b.boot_event_seq = self.boot_event_seq
+        b.restored = dict(self.restored) if self.restored is not None else None
+        b.b_mwh = dict(self.b_mwh)
+        b.update_clock()
+        return b
+
     def update_clock(self) -> None:
         self.clock = rules.boot_offset(
             self.sync_off if self.sync_seq is not None else None, self.est_off
