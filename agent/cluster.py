@@ -102,7 +102,14 @@ class Leases:
 
     def give_back(self, k: int) -> None:
         self.held.discard(k)
-        self.store.db.execute("SELECT pg_advisory_unlock(?, ?)", (LOCK_CLASS, k))
+        # session advisory locks count: one taken twice on a connection (re-taken after a
+        # reconnect that happened during a round) is released as often
+        for _ in range(8):
+            row = self.store.db.execute(
+                "SELECT pg_advisory_unlock(?, ?)", (LOCK_CLASS, k)
+            ).fetchone()
+            if not row[0]:
+                break
 
     def reverify(self) -> set[int]:
         """After the writer connection was opened again (its locks went with the old one):

@@ -865,20 +865,18 @@ class Service:
 
     def _reverify(self, b: _Batch) -> None:
         """db thread, before a write: after a new connection, the shard locks are taken
-        again; the rows of shards lost meanwhile leave the batch (unacknowledged: the
-        shard's new owner gets them from the broker) and their sessions are closed."""
+        again and the sessions of shards lost meanwhile closed; the rows of every shard not
+        held leave the batch (unacknowledged: the shard's owner gets them from the broker)."""
         assert self.leases is not None
         lost = self.leases.reverify()
-        if not lost:
-            return
-        n = self.leases.cfg.shards
         for k in lost:
             self._forget_shard(k)
-        _keep_shards(b, lambda sid: cluster.shard_of(sid, n) not in lost)
         src, loop = self.source, self._loop
-        if loop is not None and isinstance(src, ShardedSource):
+        if lost and loop is not None and isinstance(src, ShardedSource):
             for k in lost:
                 loop.call_soon_threadsafe(src.drop, k)
+        # the invariant, whatever the loop still holds: no row of a shard not held is written
+        _keep_shards(b, self._owns)
 
     def _purge(self, k: int) -> None:
         """loop: shard k's rows leave the batches not yet committing (not acknowledged)."""

@@ -175,3 +175,80 @@ def test_three_agents_one_killed_ten_times_lose_nothing(
     assert len(raw) == len(set(raw)) == len(published)  # each message stored once
     assert set(raw) == rec.got & published == published
     assert _export(pg) == _export(single)
+
+
+def test_an_agent_whose_database_connection_is_cut_gives_its_shards_up(
+    mosquitto: Mosquitto, pg_cluster: PgCluster, tmp_path: pathlib.Path
+) -> None:
+    # a partition between one agent and PostgreSQL: its locks go with its connection, the
+    # other agent takes its shards; when it reconnects it must find them taken, close their
+    # sessions and write none of their rows (one writer per station)
+    pg = pg_cluster.create_db()
+    with KeyStore(pg) as ks:
+        for s in STATIONS:
+            ks.add(s, key_for(s))
+    items = _stream()
+    agents = []
+    for i in range(2):
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        extra = f'[cluster]\nshards = 4\nbalance_s = 0.3\nagent_id = "c{i}"\n'
+        agents.append(AgentProcess(d, pg, mosquitto.port, client_id="cut", extra=extra).start())
+    try:
+        _until(lambda: _held(pg) == 4, 30, "the shards are never all held")
+        _until(
+            lambda: sum(a.log_text().count("subscribed to") for a in agents) >= 4,
+            30,
+            "the shard sessions never all subscribed",
+        )
+        time.sleep(1.0)  # balanced: two shards each
+        pub = Publisher(mosquitto.port, client_id="fleet-cut")
+        sender = threading.Thread(target=pub.send, args=(items, 240.0, 0.004), daemon=True)
+        sender.start()
+        time.sleep(1.5)
+        with psycopg.connect(pg, autocommit=True) as c:
+            # its shards, its connection cut, and their locks taken here at once (as by
+            # another agent quicker than its reconnect), held until it has given them up
+            mine = [
+                int(k)
+                for (k,) in c.execute(
+                    "SELECT l.objid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.classid = %s "
+                    "AND a.application_name = 'agent-writer:c0'",
+                    (LOCK_CLASS,),
+                )
+            ]
+            assert len(mine) == 2, mine
+            cut = c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'agent-writer:c0'"
+            ).fetchall()
+            assert cut == [(True,)]
+            for k in mine:
+                _until(
+                    lambda k=k: c.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, k)
+                    ).fetchone()[0],
+                    10,
+                    f"shard {k} never free",
+                )
+            agents[0].wait_log("lost shard", 30)
+        # released: the other agent takes them and their sessions' messages
+        sender.join(240)
+        pub.close()
+        published = {p for _, p in items}
+        _until(lambda: len(set(_raw(pg))) == len(published), 60, "raw never complete")
+        for a in agents:
+            assert a.stop()[1] == 0, a.log.read_text()[-3000:]
+    finally:
+        for a in agents:
+            a.kill()
+    raw = _raw(pg)
+    assert len(raw) == len(set(raw)) == len(published)
+    from agent.ledger.agent_meter import decode_row
+    from agent.ledger.compute import compute
+
+    with Store(pg, create=False) as st:
+        stored = render([row_to_record(r) for r in st.record_rows()], "csv", by="interval")
+        msgs = [decode_row(r) for page in st.iter_raw() for r in page]
+    assert stored == render(compute(msgs), "csv", by="interval")
