@@ -23,18 +23,18 @@ from agent.cluster import LOCK_CLASS
 from agent.keys import KeyStore
 from agent.ledger.export import render
 from agent.store import Store, row_to_record
-from tests.agent_helpers import AgentProcess, Publisher, Station, key_for
+from tests.agent_helpers import AgentProcess, Publisher, fleet_stream, key_for
 from tools.mosquitto import Mosquitto
 from tools.postgres import PgCluster
 
 SHARDS = 6
-STATIONS = [f"KH-SHR-{i:04d}" for i in range(12)]
+STATIONS = [f"KH-SHR-{i:04d}" for i in range(12)]  # fleet_stream's names
 PER_STATION = 150
 KILLS = 10
 
 
 class Recorder:
-    """Every telemetry message the broker passes on, on a persistent session of its own."""
+    """Every message the broker passes on, on a persistent session of its own."""
 
     def __init__(self, port: int) -> None:
         self.got: set[bytes] = set()
@@ -42,7 +42,7 @@ class Recorder:
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="recorder", clean_session=False)
         self.c.on_message = self._on
         self.c.connect("127.0.0.1", port)
-        self.c.subscribe("stations/+/telemetry", qos=1)
+        self.c.subscribe("stations/+/+", qos=1)
         self.c.loop_start()
 
     def _on(self, c: Any, u: Any, m: mqtt.MQTTMessage) -> None:
@@ -55,13 +55,9 @@ class Recorder:
 
 
 def _stream() -> list[tuple[str, bytes]]:
-    sts = [Station(s, slots=2) for s in STATIONS]
-    out = []
-    for _ in range(PER_STATION):
-        for st in sts:
-            st.advance()
-            out.append((st.topic("telemetry"), st.telemetry()[1]))
-    return out
+    """A simulated day of the fleet, accelerated: boot events, telemetry every 10 minutes,
+    a charging session per slot and a reboot half-way (tests/agent_helpers.fleet_stream)."""
+    return fleet_stream(len(STATIONS), PER_STATION, sid_base="KH-SHR", step_ms=600_000)
 
 
 def _held(db: str) -> int:
