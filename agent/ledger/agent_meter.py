@@ -74,11 +74,17 @@ class StoreMeter:
             by_sid.setdefault(m.sid, []).append(m)
         for sid, lst in by_sid.items():
             lst.sort(key=lambda m: (m.boot, m.seq))
-            self.ledger.process(sid, lst)
-            self.save(sid)
+            try:
+                self.ledger.process(sid, lst)
+                self.save(sid)
+            except BaseException:
+                self.tables.discard()  # the caller rolls this step back
+                raise
         return set(by_sid)
 
     def save(self, sid: str) -> None:
+        """The station's records put by this step, then its state rows (when changed)."""
+        self.tables.flush()
         for e in self.ledger.engines():
             st = e.stations.get(sid)
             if st is not None:
@@ -91,6 +97,7 @@ class StoreMeter:
     def forget(self, sid: str) -> None:
         """Drop a station's in-memory state (it is loaded again from its state row; call
         it whenever the row may differ from what this meter wrote: a rollback)."""
+        self.tables.discard()
         self.ledger.forget(sid)
         for view in (FULL, LOCKED):
             self._saved.pop((sid, view), None)
