@@ -1133,6 +1133,9 @@ class Service:
             self.health.error(why)
             self._pending_alarms.append((None, INTERNAL, "crit", why, "replay"))
         gc_was = gc.get_threshold()
+        switch_was = sys.getswitchinterval()
+        if self.cfg.ingest.switch_interval_s > 0:
+            sys.setswitchinterval(self.cfg.ingest.switch_interval_s)
         if self.cfg.ingest.gc_full_s:
             gc.collect()
             gc.set_threshold(gc_was[0], gc_was[1], 1 << 30)  # no automatic full collection
@@ -1168,6 +1171,7 @@ class Service:
             servers = [x.stop() for x in (dashboard, health_server) if x is not None]
             await asyncio.gather(self._shutdown(tasks), *servers, return_exceptions=True)
             gc.set_threshold(*gc_was)
+            sys.setswitchinterval(switch_was)
 
     async def _dashboard(self) -> Any:
         """The dashboard in this loop when configured: it reads the database on its own
