@@ -494,6 +494,25 @@ class Publisher:
         self.c.loop_stop()
 
 
+def stored_rows(
+    stream: list[tuple[str, bytes]], recv_ms: Any = lambda i: 1_764_150_000_000 + i
+) -> tuple[list[Any], list[Any]]:
+    """A stream as the agent stores it (RawRow) and meters it (RawMsg); `recv_ms(i)`: the
+    receive time of the i-th message."""
+    from agent.ledger import RawMsg
+    from agent.store import RawRow
+    from agent.wire import decode_record
+
+    rows, msgs = [], []
+    for i, (topic, payload) in enumerate(stream):
+        body = decode_record(payload)
+        sid, boot, seq, recv = body["sid"], body["boot"], body["seq"], recv_ms(i)
+        kind = topic.rsplit("/", 1)[1]
+        rows.append(RawRow(sid, boot, seq, kind, topic, recv, body["kid"], payload))
+        msgs.append(RawMsg(sid=sid, boot=boot, seq=seq, recv_ms=recv, body=body))
+    return rows, msgs
+
+
 def fleet_stream(
     stations: int = 6,
     per_station: int = 300,

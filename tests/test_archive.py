@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 
-from agent import wire
 from agent.archive import (
     ArchiveError,
     ArchiveReader,
@@ -24,9 +23,9 @@ from agent.archive import (
 )
 from agent.archive.seal import month_start_ms
 from agent.keys import KeyStore
-from agent.ledger import RawMsg, compute
+from agent.ledger import compute
 from agent.store import RawRow, Store, record_to_row
-from tests.agent_helpers import STATIONCTL, fleet_stream, key_for
+from tests.agent_helpers import STATIONCTL, fleet_stream, key_for, stored_rows
 from tests.helpers import ROOT
 
 DAY = 86_400_000
@@ -47,26 +46,10 @@ def build(path: pathlib.Path | str) -> str:
     url = path if isinstance(path, str) else f"sqlite:///{path}"
     stream = fleet_stream(2, 80, sid_base="KH-ARC", step_ms=60_000)
     late = set(random.Random(7).sample(range(len(stream)), 12))
-    rows, msgs, sids = [], [], set()
-    for i, (topic, payload) in enumerate(stream):
-        body = wire.decode_record(payload)
-        sids.add(body["sid"])
-        recv = BASE + i * 6 * 3_600_000 + (40 * DAY if i in late else 0)
-        rows.append(
-            RawRow(
-                body["sid"],
-                body["boot"],
-                body["seq"],
-                topic.rsplit("/", 1)[1],
-                topic,
-                recv,
-                body["kid"],
-                payload,
-            )
-        )
-        msgs.append(
-            RawMsg(sid=body["sid"], boot=body["boot"], seq=body["seq"], recv_ms=recv, body=body)
-        )
+    rows, msgs = stored_rows(
+        stream, lambda i: BASE + i * 6 * 3_600_000 + (40 * DAY if i in late else 0)
+    )
+    sids = {r.sid for r in rows}
     with Store(url) as st:
         st.write_batch(rows)
         st.replace_records({"": [record_to_row(r) for r in compute(msgs)]}, everything=True)

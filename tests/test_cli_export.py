@@ -12,11 +12,10 @@ import subprocess
 import psycopg
 import pytest
 
-from agent import wire
-from agent.ledger import RawMsg, Record, compute
+from agent.ledger import Record, compute
 from agent.ledger.export import render
 from agent.store import RawRow, Store, record_to_row
-from tests.agent_helpers import STATIONCTL, fleet_stream
+from tests.agent_helpers import STATIONCTL, fleet_stream, stored_rows
 from tests.helpers import ROOT
 from tools.mosquitto import free_port
 from tools.postgres import PgCluster
@@ -31,31 +30,7 @@ def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
 @functools.cache
 def fleet() -> tuple[list[RawRow], list[Record]]:
     """A small fleet's raw messages and their records (computed once)."""
-    rows = []
-    msgs = []
-    for i, (topic, payload) in enumerate(fleet_stream(3, 120, sid_base="KH-EXP", step_ms=60_000)):
-        body = wire.decode_record(payload)
-        rows.append(
-            RawRow(
-                body["sid"],
-                body["boot"],
-                body["seq"],
-                topic.rsplit("/", 1)[1],
-                topic,
-                1_764_150_000_000 + i,
-                body["kid"],
-                payload,
-            )
-        )
-        msgs.append(
-            RawMsg(
-                sid=body["sid"],
-                boot=body["boot"],
-                seq=body["seq"],
-                recv_ms=1_764_150_000_000 + i,
-                body=body,
-            )
-        )
+    rows, msgs = stored_rows(fleet_stream(3, 120, sid_base="KH-EXP", step_ms=60_000))
     return rows, compute(msgs)
 
 

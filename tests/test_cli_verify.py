@@ -6,11 +6,10 @@ import json
 import pathlib
 import subprocess
 
-from agent import wire
 from agent.keys import KeyStore
-from agent.ledger import RawMsg, compute
-from agent.store import RawRow, Store, record_to_row
-from tests.agent_helpers import STATIONCTL, fleet_stream, key_for
+from agent.ledger import compute
+from agent.store import Store, record_to_row
+from tests.agent_helpers import STATIONCTL, fleet_stream, key_for, stored_rows
 from tests.helpers import ROOT
 
 
@@ -21,31 +20,8 @@ def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def build(url: str) -> str:
-    rows, msgs, sids = [], [], set()
-    for i, (topic, payload) in enumerate(fleet_stream(2, 80, sid_base="KH-VER", step_ms=60_000)):
-        body = wire.decode_record(payload)
-        sids.add(body["sid"])
-        rows.append(
-            RawRow(
-                body["sid"],
-                body["boot"],
-                body["seq"],
-                topic.rsplit("/", 1)[1],
-                topic,
-                1_764_150_000_000 + i,
-                body["kid"],
-                payload,
-            )
-        )
-        msgs.append(
-            RawMsg(
-                sid=body["sid"],
-                boot=body["boot"],
-                seq=body["seq"],
-                recv_ms=1_764_150_000_000 + i,
-                body=body,
-            )
-        )
+    rows, msgs = stored_rows(fleet_stream(2, 80, sid_base="KH-VER", step_ms=60_000))
+    sids = {r.sid for r in rows}
     with Store(url) as st:
         st.write_batch(rows)
         st.replace_records({"": [record_to_row(r) for r in compute(msgs)]}, everything=True)
