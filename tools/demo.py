@@ -172,6 +172,17 @@ class Demo:
                 f"{self.workdir} holds a demo of {old.get('layout')}; use --fresh to start "
                 f"over or another --workdir"
             )
+        if self.db_path.exists():
+            # the demo's own database, from an earlier version of the program: brought up to
+            # this schema in place (an agent on a database of its own is told to run
+            # `stationctl db upgrade` instead)
+            from agent.store import Store
+            from agent.store.sql import SchemaError
+
+            try:
+                Store(str(self.db_path), create=False, upgrade=True).close()
+            except (SchemaError, FileNotFoundError) as e:
+                raise DemoError(f"{self.db_path}: {e}; use --fresh to start over") from None
         meta.write_text(
             json.dumps(
                 {"layout": layout, "config": asdict(c) | {"workdir": str(self.workdir)}},
