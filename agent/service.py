@@ -81,6 +81,7 @@ from agent.store import (
     Store,
     now_ms,
 )
+from agent.store.sqlite import others_can_read
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,14 @@ class Service:
         )
         self.store.archive_dir = cfg.db.archive_dir  # recomputations read sealed raw too
         sqlite = self.store.engine == "sqlite"
+        if sqlite and self.store.path is not None:
+            mode = others_can_read(self.store.path)
+            if mode is not None:
+                self.store.close()
+                raise ConfigError(
+                    f"{self.store.path} is readable by others (mode {mode:04o}) and holds "
+                    f"every station's key: `chmod 600 {self.store.path}` (and its -wal, -shm)"
+                )
         if sqlite:
             self.store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         # the file the writer has open: a commit into a file deleted or replaced under the

@@ -202,3 +202,24 @@ def test_two_connections_share_the_database(db_url: str) -> None:
     assert a.raw_count() == 2
     a.close()
     b.close()
+
+
+def test_a_new_sqlite_database_is_private_and_the_agent_refuses_one_that_is_not(
+    tmp_path: pathlib.Path,
+) -> None:
+    # it holds every station's HMAC key (CONTRACT §5): 0600 from its first byte, and an
+    # agent will not run on one that others can read
+    import os
+
+    from agent.config import AgentConfig, ConfigError, DbConfig
+    from agent.service import Service
+
+    path = tmp_path / "agent.db"
+    with Store(str(path)) as st:
+        st.write_batch([row(0)])  # the WAL and its index exist now too
+    for f in [path, *tmp_path.glob("agent.db-*")]:
+        assert os.stat(f).st_mode & 0o777 == 0o600, f
+    Service(AgentConfig(db=DbConfig(url=str(path)))).store.close()  # private: it starts
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 0644\).*chmod 600"):
+        Service(AgentConfig(db=DbConfig(url=str(path))))

@@ -173,6 +173,8 @@ class Demo:
                 f"over or another --workdir"
             )
         if self.db_path.exists():
+            for f in (self.db_path, *self.workdir.glob("agent.db-*")):
+                f.chmod(0o600)  # its own, made before databases were created private
             # the demo's own database, from an earlier version of the program: brought up to
             # this schema in place (an agent on a database of its own is told to run
             # `stationctl db upgrade` instead)

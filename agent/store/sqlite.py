@@ -46,6 +46,10 @@ def connect(
 ) -> sqlite3.Connection:
     if synchronous.lower() not in ("full", "normal", "off", "extra"):
         raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
+    if create and not readonly and not os.path.exists(path):
+        # it will hold every station's key: private from the first byte (SQLite gives its
+        # -wal and -shm files the database's mode)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     # autocommit mode: transactions are explicit (BEGIN … COMMIT)
     if readonly:
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
@@ -71,3 +75,13 @@ def migrate_old(db: sqlite3.Connection) -> None:
     for col, typ in (("resolved_ms", "BIGINT"), ("resolved_to", "TEXT")):
         if col not in have:
             db.execute(f"ALTER TABLE quarantine ADD COLUMN {col} {typ}")
+
+
+def others_can_read(path: str) -> int | None:
+    """The mode of a database file that its group or others can read or write (None when
+    only its owner can, or it is not there)."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+    return mode if mode & 0o077 else None
