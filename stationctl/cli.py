@@ -23,6 +23,7 @@ COMMANDS = [
     "stationctl.keys",
     "stationctl.db",
     "stationctl.flash",
+    "stationctl.broker",
     "stationctl.sim",
     "stationctl.watch",
     "stationctl.dashboard",

@@ -68,11 +68,23 @@ class Mosquitto:
         password_file: str | None = None,
         acl_file: str | None = None,
         max_queued: int = 1_000_000,
+        config: str | os.PathLike[str] | None = None,
     ) -> None:
+        """`config`: start from this configuration file instead of writing one; `port` is
+        then the port it listens on that `start()` waits for (required)."""
         self.dir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls_port: int | None = None
+        self.setup_dir: pathlib.Path | None = None
+        if config is not None:
+            if port is None:
+                raise ValueError("a configuration file needs the port it listens on")
+            self.port = port
+            self.conf = pathlib.Path(config)
+            return
+        self.port = port or free_port()
         lines = [
             f"listener {self.port} 127.0.0.1",
             "persistence true",
@@ -98,7 +110,32 @@ class Mosquitto:
             lines.append(f"acl_file {acl_file}")
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
-        self.log = self.dir / "mosquitto.log"
+
+    @classmethod
+    def deployment(
+        cls, workdir: str | os.PathLike[str] | None = None, *, stations: list[str]
+    ) -> "Mosquitto":
+        """A broker from `stationctl broker init`'s configuration (tools/flash/broker_setup):
+        TLS for the stations on `tls_port`, the agent's plain loopback listener on `port`,
+        accounts and passwords in `setup_dir` (passwords/…), free ports, logging to stderr."""
+        from tools.flash import broker_setup
+
+        base = pathlib.Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
+        setup = base / "broker"
+        tls_port, local_port = free_port(), free_port()
+        opts = broker_setup.Options(
+            stations=list(stations),
+            tls_port=tls_port,
+            local_port=local_port,
+            # as root it drops to user mosquitto, who cannot reach a private temp dir
+            run_as="root" if os.geteuid() == 0 else "mosquitto",
+            log_dest="stderr",
+        )
+        out = broker_setup.init(setup, opts)
+        m = cls(base, local_port, config=out["conf"])
+        m.tls_port = tls_port
+        m.setup_dir = setup
+        return m
 
     @property
     def url(self) -> str:

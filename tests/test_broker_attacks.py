@@ -1,0 +1,350 @@
+"""Attacks on the broker configuration `stationctl broker init` writes (issue 14, CONTRACT §5),
+on a real Mosquitto started from it: paho clients over TLS (verifying the generated CA) as
+stations, and on the plain loopback listener as the agent. Each attack has a positive control
+(the same path works for the rightful account), so a test fails if the protection is gone."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import signal
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from stationctl.cli import main as stationctl
+from tools.flash import broker_setup, passwd
+from tools.mosquitto import Mosquitto
+
+A, B = "KH-A-0001", "KH-B-0002"
+AGENT_ID = "stationctl-agent"  # agent.sources.mqtt.BrokerConfig.client_id
+_ids = itertools.count()
+REFUSED = (4, 5, 134, 135)  # CONNACK bad credentials / not authorised (paho v2: 134, 135)
+
+
+@pytest.fixture
+def broker(tmp_path: pathlib.Path) -> Iterator[Mosquitto]:
+    m = Mosquitto.deployment(tmp_path, stations=[A, B])
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def pw(m: Mosquitto, user: str) -> str:
+    assert m.setup_dir is not None
+    sub = "stations/" if user.isupper() else ""
+    return (m.setup_dir / "passwords" / f"{sub}{user}").read_text().strip()
+
+
+class Client:
+    """A paho client that records its CONNACK, SUBACKs and messages."""
+
+    def __init__(
+        self,
+        m: Mosquitto,
+        user: str | None,
+        password: str | None = None,
+        *,
+        tls: bool = True,
+        client_id: str = "",
+        clean: bool = True,
+        ca: str | os.PathLike[str] | None = None,
+        host: str = "localhost",
+    ) -> None:
+        self.rc: int | None = None
+        self.session_present = False
+        self.got: list[tuple[str, bytes]] = []
+        self.conn_ev = threading.Event()
+        self.sub_ev = threading.Event()
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"t-{user}-{next(_ids)}",
+            clean_session=clean,
+        )
+        if user is not None:
+            self.c.username_pw_set(user, password)
+        if tls:
+            assert m.setup_dir is not None
+            ctx = ssl.create_default_context(cafile=str(ca or m.setup_dir / "ca.crt"))
+            self.c.tls_set_context(ctx)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = lambda _c, _u, msg: self.got.append((msg.topic, bytes(msg.payload)))
+        self.c.on_subscribe = lambda *_a: self.sub_ev.set()
+        port = m.tls_port if tls else m.port
+        assert port is not None
+        self.c.connect(host if tls else "127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+        assert self.conn_ev.wait(10), "no CONNACK"
+
+    def _on_connect(self, _c: object, _u: object, flags: object, rc: object, _p: object) -> None:
+        self.rc = int(getattr(rc, "value", rc))  # type: ignore[call-overload]
+        self.session_present = bool(getattr(flags, "session_present", False))
+        self.conn_ev.set()
+
+    def subscribe(self, topic: str) -> None:
+        self.sub_ev.clear()
+        self.c.subscribe(topic, 1)
+        assert self.sub_ev.wait(10)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.c.publish(topic, payload, 1)
+        info.wait_for_publish(5)
+        assert info.is_published()
+
+    def wait_for(self, n: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def connected(m: Mosquitto, user: str, **kw: object) -> Client:
+    c = Client(m, user, pw(m, user), **kw)  # type: ignore[arg-type]
+    assert c.rc == 0, f"{user} refused: {c.rc}"
+    return c
+
+
+def agent(m: Mosquitto, **kw: object) -> Client:
+    return connected(m, "agent", tls=False, **kw)
+
+
+def settle() -> None:
+    time.sleep(0.4)  # what would be delivered has been by now (loopback, QoS 1)
+
+
+def test_generated_files_and_modes(broker: Mosquitto) -> None:
+    d = broker.setup_dir
+    assert d is not None
+    conf = (d / "mosquitto.conf").read_text()
+    assert f"listener {broker.port} 127.0.0.1\n" in conf  # plain MQTT: loopback only
+    tls_block = conf.split(f"listener {broker.tls_port}\n")[1].split("\n\n")[0]
+    assert "use_username_as_clientid true" in tls_block and "certfile" in tls_block
+    assert "stations.passwd" in tls_block and "agents.passwd" not in tls_block
+    assert "per_listener_settings true" in conf and "persistence true" in conf
+    for f in ("ca.key", "server.key", "stations.passwd", "agents.passwd"):
+        assert stat.S_IMODE((d / f).stat().st_mode) & 0o077 in (0, 0o040), f  # no "other"
+    assert stat.S_IMODE((d / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "passwords").stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "passwords" / "stations" / A).stat().st_mode) == 0o600
+    line = passwd.entry(d / "stations.passwd", A)
+    assert line is not None and passwd.check_password(pw(broker, A), line.split(":", 1)[1])
+    assert passwd.entry(d / "stations.passwd", "agent") is None  # agents log in elsewhere
+
+
+def test_station_cannot_publish_as_another(broker: Mosquitto) -> None:
+    ag = agent(broker)
+    a = connected(broker, A)
+    try:
+        ag.subscribe("stations/#")
+        a.publish(f"stations/{B}/telemetry", b"forged")
+        a.publish(f"stations/{B}/status", b"forged-status")
+        a.publish(f"stations/{A}/telemetry", b"mine")  # positive control
+        ag.wait_for(1)
+        settle()
+        assert ag.got == [(f"stations/{A}/telemetry", b"mine")]
+    finally:
+        a.close()
+        ag.close()
+
+
+def test_station_cannot_read_another_stations_commands(broker: Mosquitto) -> None:
+    ag = agent(broker)
+    a = connected(broker, A)
+    try:
+        a.subscribe(f"stations/{B}/cmd")  # Mosquitto 2.0 grants it, then delivers nothing
+        a.subscribe("stations/+/cmd")
+        a.subscribe("#")
+        ag.publish(f"stations/{B}/cmd", b"for-b")
+        ag.publish(f"stations/{A}/cmd", b"for-a")  # positive control
+        a.wait_for(1)
+        settle()
+        assert {p for _t, p in a.got} == {b"for-a"}
+    finally:
+        a.close()
+        ag.close()
+
+
+def test_station_cannot_subscribe_to_the_fleets_telemetry(broker: Mosquitto) -> None:
+    ag = agent(broker)
+    a = connected(broker, A)
+    b = connected(broker, B)
+    try:
+        ag.subscribe("stations/+/telemetry")
+        a.subscribe("stations/+/telemetry")
+        a.subscribe(f"stations/{B}/#")
+        b.publish(f"stations/{B}/telemetry", b"b-telemetry")
+        b.publish(f"stations/{B}/event", b"b-event")
+        ag.wait_for(1)  # positive control: it was published and delivered to the agent
+        settle()
+        assert ag.got == [(f"stations/{B}/telemetry", b"b-telemetry")]
+        assert a.got == []
+    finally:
+        for c in (a, b, ag):
+            c.close()
+
+
+@pytest.mark.parametrize("target", [AGENT_ID, f"{AGENT_ID}-shard-00"])
+def test_station_cannot_take_over_the_agents_session(broker: Mosquitto, target: str) -> None:
+    # the agent's persistent session, subscribed, then away
+    ag = agent(broker, client_id=target, clean=False)
+    ag.subscribe("stations/+/telemetry")
+    ag.close()
+    a = connected(broker, A)
+    n = 20
+    for i in range(n):
+        a.publish(f"stations/{A}/telemetry", b"%d" % i)
+    a.close()
+
+    # with a station's credentials, every way in to the agent's client id
+    attempts = []
+    for clean in (True, False):
+        c = Client(broker, A, pw(broker, A), client_id=target, clean=clean)
+        attempts.append(c)
+        assert c.rc == 0  # it connects, but as itself (use_username_as_clientid)
+        c.subscribe("stations/#")
+    c = Client(broker, A, pw(broker, A), tls=False, client_id=target, clean=True)
+    attempts.append(c)
+    assert c.rc in REFUSED  # the agent's listener knows no station account
+    c = Client(broker, None, tls=False, client_id=target, clean=True)
+    attempts.append(c)
+    assert c.rc in REFUSED  # nor anonymous
+    settle()
+    for c in attempts:
+        assert c.got == []  # none of the queued messages went to the attacker
+        c.close()
+
+    back = agent(broker, client_id=target, clean=False)
+    try:
+        back.wait_for(n)
+        settle()
+        assert back.session_present
+        assert [p for _t, p in back.got] == [b"%d" % i for i in range(n)]
+    finally:
+        back.close()
+
+
+def test_station_cannot_take_over_another_stations_session(broker: Mosquitto) -> None:
+    b = connected(broker, B, clean=False)
+    b.subscribe(f"stations/{B}/cmd")
+    b.close()
+    ag = agent(broker)
+    ag.publish(f"stations/{B}/cmd", b"queued-for-b")
+    ag.close()
+    a = Client(broker, A, pw(broker, A), client_id=B, clean=True)
+    assert a.rc == 0
+    a.close()
+    b = connected(broker, B, clean=False)
+    try:
+        b.wait_for(1)
+        assert b.got == [(f"stations/{B}/cmd", b"queued-for-b")]
+    finally:
+        b.close()
+
+
+def test_revoked_station_is_refused(broker: Mosquitto) -> None:
+    assert broker.setup_dir is not None and broker.proc is not None
+    old = pw(broker, B)
+    c = Client(broker, B, old)
+    assert c.rc == 0  # positive control
+    c.close()
+    hup = f"kill -HUP {broker.proc.pid}"
+    d = str(broker.setup_dir)
+    assert stationctl(["broker", "revoke-station", "--dir", d, B, "--reload", hup]) == 0
+    assert not (broker.setup_dir / "passwords" / "stations" / B).exists()
+    time.sleep(0.3)  # the broker re-reads its password file
+    c = Client(broker, B, old)
+    assert c.rc in REFUSED
+    c.close()
+    a = Client(broker, A, pw(broker, A))
+    assert a.rc == 0  # the others are untouched
+    a.close()
+    assert stationctl(["broker", "revoke-station", "--dir", d, B]) == 2  # no such account
+    # add-station brings it back with a new password; the old one stays refused
+    assert stationctl(["broker", "add-station", "--dir", d, B, "--reload", hup]) == 0
+    time.sleep(0.3)
+    assert pw(broker, B) != old
+    c = Client(broker, B, old)
+    assert c.rc in REFUSED
+    c.close()
+    c = connected(broker, B)
+    c.close()
+
+
+def test_wrong_ca_fails_the_tls_handshake(broker: Mosquitto, tmp_path: pathlib.Path) -> None:
+    other = broker_setup.init(tmp_path / "other", broker_setup.Options(stations=[A]))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        Client(broker, A, pw(broker, A), ca=other["ca"])
+    # the right CA, under each name the certificate carries: accepted
+    for host in ("localhost", "127.0.0.1"):
+        c = connected(broker, A, host=host)
+        c.close()
+
+
+def test_anonymous_and_wrong_passwords_are_refused(broker: Mosquitto) -> None:
+    for tls in (True, False):
+        c = Client(broker, None, tls=tls)
+        assert c.rc in REFUSED, f"anonymous on the {'TLS' if tls else 'loopback'} listener"
+        c.close()
+    c = Client(broker, A, "wrong")
+    assert c.rc in REFUSED
+    c.close()
+    # the agent's account is not a station account: not on the stations' listener
+    c = Client(broker, "agent", pw(broker, "agent"))
+    assert c.rc in REFUSED
+    c.close()
+
+
+def test_operator_reads_but_cannot_command(broker: Mosquitto) -> None:
+    op = connected(broker, "operator", tls=False)
+    a = connected(broker, A)
+    try:
+        op.subscribe("stations/#")
+        a.subscribe(f"stations/{A}/cmd")
+        op.publish(f"stations/{A}/cmd", b"from-operator")
+        a.publish(f"stations/{A}/telemetry", b"t")
+        op.wait_for(1)
+        settle()
+        assert op.got == [(f"stations/{A}/telemetry", b"t")]
+        assert a.got == []
+    finally:
+        op.close()
+        a.close()
+
+
+def test_connected_station_is_dropped_at_revoke(broker: Mosquitto) -> None:
+    """Mosquitto 2.0.11 re-checks connected clients against the password file it reads
+    again on SIGHUP: a revoked station is disconnected then, and its reconnects refused."""
+    assert broker.setup_dir is not None and broker.proc is not None
+    b = connected(broker, B)
+    a = connected(broker, A)
+    try:
+        b.subscribe(f"stations/{B}/cmd")
+        assert broker_setup.revoke_station(broker.setup_dir, B)
+        os.kill(broker.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while b.c.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not b.c.is_connected()
+        assert f"Client {B} disconnected." in broker.log.read_text()
+        time.sleep(1.5)  # paho reconnects by itself after 1 s: refused
+        assert not b.c.is_connected()
+        assert a.c.is_connected()  # the others stay
+        ag = agent(broker)
+        ag.publish(f"stations/{B}/cmd", b"after-revoke")
+        ag.close()
+        settle()
+        assert b.got == []
+    finally:
+        a.close()
+        b.close()
