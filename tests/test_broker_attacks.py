@@ -5,12 +5,16 @@ stations, and on the plain loopback listener as the agent. Each attack has a pos
 
 from __future__ import annotations
 
+import grp
 import itertools
 import os
 import pathlib
+import pwd
+import shutil
 import signal
 import ssl
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +24,7 @@ import pytest
 
 from stationctl.cli import main as stationctl
 from tools.flash import broker_setup, passwd
-from tools.mosquitto import Mosquitto
+from tools.mosquitto import Mosquitto, free_port
 
 A, B = "KH-A-0001", "KH-B-0002"
 AGENT_ID = "stationctl-agent"  # agent.sources.mqtt.BrokerConfig.client_id
@@ -348,3 +352,52 @@ def test_connected_station_is_dropped_at_revoke(broker: Mosquitto) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_init_from_the_agent_database_and_run_as_the_broker_user(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stationctl broker init --stations-from DB`: every station with an unrevoked key gets
+    an account; the files are readable by the user Mosquitto drops to (as root: user
+    mosquitto) and the broker starts from them and serves a station over TLS."""
+    from agent.keys import KeyStore
+
+    db = tmp_path / "agent.db"
+    with KeyStore(f"sqlite:///{db}") as ks:
+        for sid in (A, B, "KH-C-0003"):
+            ks.add(sid, bytes(32))
+        ks.revoke("KH-C-0003")
+    # a directory the broker's user can reach (pytest's tmp_path is root's alone)
+    base = pathlib.Path(tempfile.mkdtemp(prefix="broker-init-"))
+    try:
+        os.chmod(base, 0o755)
+        d = base / "conf"
+        tls_port, local_port = free_port(), free_port()
+        args = ["broker", "init", "--dir", str(d), "--stations-from", f"sqlite:///{db}"]
+        args += ["--tls-port", str(tls_port), "--local-port", str(local_port)]
+        args += ["--log-dest", f"file {base / 'mosquitto.log'}"]
+        assert stationctl(args) == 0
+        assert "2 station account(s)" in capsys.readouterr().out
+        users = [passwd.user_of(x) for x in passwd.read_lines(d / "stations.passwd")]
+        assert users == [A, B]
+        assert stationctl(args) == 2  # never over an existing configuration
+        if os.geteuid() == 0:
+            os.chown(base, pwd.getpwnam("mosquitto").pw_uid, -1)  # its log file
+            for f in ("server.key", "stations.passwd", "agents.passwd"):
+                st = (d / f).stat()
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o640)
+                assert grp.getgrgid(st.st_gid).gr_name == "mosquitto"
+            assert pwd.getpwuid((d / "data").stat().st_uid).pw_name == "mosquitto"
+        m = Mosquitto(base, local_port, config=d / "mosquitto.conf")
+        m.tls_port, m.setup_dir = tls_port, d
+        m.start()
+        try:
+            c = connected(m, A)
+            c.close()
+            c = agent(m)
+            c.close()
+        finally:
+            m.stop()
+        assert (d / "data" / "mosquitto.db").exists()  # it could write its persistence
+    finally:
+        shutil.rmtree(base)

@@ -8,6 +8,10 @@ Queue sizing: the agent's persistent session must hold a day of everything the s
 publish while the agent is away: stations × (86400 / telemetry_s) telemetry messages plus
 ~10 % events. Mosquitto keeps queued messages in memory: a day for 200 stations at 10 s is
 ~1.9 M messages, ~1.1 GB at 600 bytes each; size the host (or the day) accordingly.
+
+This is the single-listener configuration of rigs and tests (loopback by default). A
+deployment's, with TLS and stations' client ids bound to their user names so that none can
+take over the agent's session, is `stationctl broker init` (tools/flash/broker_setup.py).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def render(
     acl_file: str,
     persistence_dir: str,
     port: int = 1883,
-    bind: str = "0.0.0.0",
+    bind: str = "127.0.0.1",
     telemetry_s: int = 10,
     log_dest: str = "syslog",
     extra: str = "",
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stations", type=int, required=True)
     p.add_argument("--telemetry-s", type=int, default=10)
     p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--bind", default="127.0.0.1", help="another address: see broker_setup")
     p.add_argument("--password-file", default="/etc/mosquitto/stations.passwd")
     p.add_argument("--acl-file", default="/etc/mosquitto/stations.acl")
     p.add_argument("--persistence-dir", default="/var/lib/mosquitto")
