@@ -19,7 +19,7 @@ Failure policy (no message can stop ingest; nothing acknowledged is ever lost):
   rolled back) to find the culprits, which go to quarantine, then written again. Metering
   runs per station inside the batch's transaction; a station whose metering raises is
   rolled back to its savepoint, alarmed and counted (its raw is safe, its records are
-  recomputed from raw at the next start).
+  recomputed from raw a minute later, METER_RETRY_S, or at the next start).
 - A commit that cannot succeed (disk full, database locked or gone) acknowledges nothing,
   stops reading, marks the agent failing (`/healthz` 503, `stationctl_agent_failing`),
   retries with backoff up to 5 s and resumes by itself when the cause goes; the spell is
@@ -100,6 +100,7 @@ BACKOFF_MAX_S = 5.0  # between attempts at a commit that fails
 STOP_FLUSH_S = 2.0  # on stop, commit and acknowledge what was read for up to this long
 STOP_DB_S = 1.5  # then wait this long for the database thread (interrupted) to finish
 ALARM_EVERY_S = 60.0  # one bad_field alarm per (station, field) per minute (counts exact)
+METER_RETRY_S = 60.0  # a station whose metering raised is metered from raw again this often
 INTERNAL = wire.Reason.INTERNAL.value
 # a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
 # batch is kept and retried; anything else raised by a write is a data error of some row
@@ -226,7 +227,7 @@ class Service:
         self.meter = StoreMeter(cfg.metering, self.store)
         self._unmetered: list[RawRow] = []  # committed without metering: the next write
         self._metered: set[tuple[str, int, int]] = set()  # metered, not yet reported
-        self._meter_failed: set[str] = set()  # stations whose metering raised (till restart)
+        self._meter_failed: set[str] = set()  # stations whose metering raised (retried)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
         self._batch = _Batch()  # filling
         self._sealed: collections.deque[_Batch] = collections.deque()  # full, to commit
@@ -428,7 +429,7 @@ class Service:
     ) -> None:
         """db thread, in the batch's transaction: meter each station apart, in a savepoint,
         so that one whose metering raises stops no other (its records stay as they were;
-        it is metered again from raw at the next start)."""
+        it is metered again from raw by `_remeter`, every METER_RETRY_S)."""
         by_sid: dict[str, list[RawMsg]] = {}
         for m in msgs:
             by_sid.setdefault(m.sid, []).append(m)
@@ -1013,6 +1014,25 @@ class Service:
         if failed:
             self.counters["meter_errors"] += 1
 
+    def _remeter(self, sids: set[str]) -> None:
+        """db thread: stations whose metering raised are metered from their raw rows again,
+        each in a transaction of its own (its records and state, or nothing); one that
+        raises again waits for the next round."""
+        for sid in sorted(sids):
+            try:
+                with self.store.transaction():
+                    self.meter.rebuild(sid)
+            except Exception as e:
+                self.meter.forget(sid)
+                if _is_env(e):
+                    log.warning("metering %s again failed (%r): the database; retried", sid, e)
+                    return
+                log.warning("metering %s from raw failed again (%r); retried later", sid, e)
+                continue
+            self._meter_failed.discard(sid)
+            self.counters["meter_recovered"] += 1
+            log.info("%s metered again from its raw messages", sid)
+
     def _changes(self) -> tuple[list[RecordRow], list[str]]:
         """Record changes of up to `records_sids_per_commit` stations (the rest stay due,
         so that one commit never waits for a whole fleet's records)."""
@@ -1050,7 +1070,7 @@ class Service:
 
     async def _housekeeping(self) -> None:
         ing = self.cfg.ingest
-        last_keys = last_stats = last_gc = last_ckpt = time.monotonic()
+        last_keys = last_stats = last_gc = last_ckpt = last_remeter = time.monotonic()
         last_health = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -1081,6 +1101,9 @@ class Service:
             if learned:
                 self._batch.rekey |= learned
                 self._wake.set()
+            if self._meter_failed and now - last_remeter >= METER_RETRY_S:
+                last_remeter = now
+                await loop.run_in_executor(self._db, self._remeter, set(self._meter_failed))
             if ing.gc_full_s and now - last_gc >= ing.gc_full_s:
                 last_gc = now
                 gc.collect()

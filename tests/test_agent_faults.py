@@ -223,6 +223,47 @@ async def test_metering_that_raises_for_one_station_stops_no_other(
         assert any(a[1] == OTHER and a[2] == "internal" and "metering" in a[4] for a in s.alarms())
 
 
+async def test_a_station_whose_metering_raised_is_metered_again_from_raw(
+    mosquitto: Mosquitto, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a metering bug that hit one station once: its raw is stored meanwhile, and the agent
+    # meters it from raw again by itself (no restart), records as a clean run's
+    from agent import service
+
+    monkeypatch.setattr(service, "METER_RETRY_S", 0.5)
+    db = f"sqlite:///{tmp_path}/agent.db"
+    _keys(db, SID, OTHER)
+    items = [x for pair in zip(_stream(SID, 40), _stream(OTHER, 40), strict=True) for x in pair]
+    async with _Agent(db, mosquitto.port) as a:
+        add = a.svc.meter.add
+        faults = [1]
+
+        def add_or_raise(msgs: Any) -> set[str]:
+            msgs = list(msgs)
+            if faults and any(m.sid == OTHER for m in msgs):
+                faults.pop()
+                raise KeyError("a metering bug, once")
+            return add(msgs)
+
+        a.svc.meter.add = add_or_raise  # type: ignore[method-assign]
+        await _publish(mosquitto.port, items[:40])
+        c = a.svc.counters
+        await _until(lambda: c["meter_errors"] >= 1, what=str(c))
+        await _publish(mosquitto.port, items[40:], "pub-more")  # stored, not metered yet
+        await _until(lambda: c["stored"] == len(items) and c["meter_recovered"] == 1, 15, str(c))
+        await a.svc.flush()
+    from agent.ledger.agent_meter import decode_row
+    from agent.ledger.compute import compute
+    from agent.ledger.export import render
+    from agent.store import row_to_record
+
+    with Store(db, create=False) as s:
+        stored = render([row_to_record(r) for r in s.record_rows()], "csv", by="interval")
+        msgs = [decode_row(r) for page in s.iter_raw() for r in page]
+    assert stored == render(compute(msgs), "csv", by="interval")
+    assert OTHER.encode() in stored
+
+
 # ---- the database fails underneath -------------------------------------------------------------
 
 
