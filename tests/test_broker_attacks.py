@@ -5,6 +5,7 @@ stations, and on the plain loopback listener as the agent. Each attack has a pos
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import itertools
 import os
@@ -401,3 +402,64 @@ def test_init_from_the_agent_database_and_run_as_the_broker_user(
         assert (d / "data" / "mosquitto.db").exists()  # it could write its persistence
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("over_tls", [False, True])
+def test_the_agents_own_client_holds_its_shard_sessions(
+    tmp_path: pathlib.Path, over_tls: bool
+) -> None:
+    """The agent (agent.sources.mqtt, two shard client ids as agent/cluster.py names them)
+    on its loopback listener, and over the agents' TLS listener verifying the CA: connected,
+    subscribed (the dropped-messages topic too) and fed by a station over TLS."""
+    from agent.cluster import shard_client_id
+    from agent.sources.mqtt import DROPPED_TOPIC, BrokerConfig, Delivery, MqttSource
+
+    m = Mosquitto.deployment(tmp_path, stations=[A], agent_tls=over_tls)
+    assert m.setup_dir is not None
+    m.start()
+    got: dict[str, list[tuple[str, bytes]]] = {}
+
+    async def main() -> None:
+        srcs = []
+        for k in range(2):
+            cid = shard_client_id(AGENT_ID, k)
+            got[cid] = []
+
+            def on_msg(topic: str, payload: bytes, d: Delivery, cid: str = cid) -> None:
+                got[cid].append((topic, payload))
+                srcs[int(cid[-2:])].ack([d])
+
+            cfg = BrokerConfig(
+                host="localhost" if over_tls else "127.0.0.1",
+                port=(m.agent_tls_port or 0) if over_tls else m.port,
+                user="agent",
+                password=pw(m, "agent"),
+                tls=over_tls,
+                tls_ca=str(m.setup_dir / "ca.crt") if over_tls else None,
+                client_id=cid,
+            )
+            srcs.append(MqttSource(cfg, on_msg))
+        tasks = [asyncio.create_task(s.run()) for s in srcs]
+        try:
+            for s in srcs:
+                await asyncio.wait_for(s.connected.wait(), 10)
+                assert not s.counters.get("sys_refused")
+            st = await asyncio.to_thread(connected, m, A)
+            await asyncio.to_thread(st.publish, f"stations/{A}/telemetry", b"t1")
+            st.close()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not all(len(g) >= 2 for g in got.values()):
+                await asyncio.sleep(0.02)
+        finally:
+            for s in srcs:
+                s.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        m.stop()
+    assert list(got) == [f"{AGENT_ID}-shard-00", f"{AGENT_ID}-shard-01"]
+    for g in got.values():
+        # the broker's dropped count (retained $SYS, read by the agent's ACL) and the station's
+        assert sorted(g) == [(DROPPED_TOPIC, b"0"), (f"stations/{A}/telemetry", b"t1")]

@@ -77,6 +77,7 @@ class Mosquitto:
         self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.tls_port: int | None = None
+        self.agent_tls_port: int | None = None
         self.setup_dir: pathlib.Path | None = None
         if config is not None:
             if port is None:
@@ -113,11 +114,16 @@ class Mosquitto:
 
     @classmethod
     def deployment(
-        cls, workdir: str | os.PathLike[str] | None = None, *, stations: list[str]
+        cls,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        stations: list[str],
+        agent_tls: bool = False,
     ) -> "Mosquitto":
         """A broker from `stationctl broker init`'s configuration (tools/flash/broker_setup):
         TLS for the stations on `tls_port`, the agent's plain loopback listener on `port`,
-        accounts and passwords in `setup_dir` (passwords/…), free ports, logging to stderr."""
+        accounts and passwords in `setup_dir` (passwords/…), free ports, logging to stderr;
+        with `agent_tls`, the agents' TLS listener too (`agent_tls_port`)."""
         from tools.flash import broker_setup
 
         base = pathlib.Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
@@ -127,6 +133,7 @@ class Mosquitto:
             stations=list(stations),
             tls_port=tls_port,
             local_port=local_port,
+            agent_tls_port=free_port() if agent_tls else 0,
             # as root it drops to user mosquitto, who cannot reach a private temp dir
             run_as="root" if os.geteuid() == 0 else "mosquitto",
             log_dest="stderr",
@@ -134,6 +141,7 @@ class Mosquitto:
         out = broker_setup.init(setup, opts)
         m = cls(base, local_port, config=out["conf"])
         m.tls_port = tls_port
+        m.agent_tls_port = opts.agent_tls_port or None
         m.setup_dir = setup
         return m
 
