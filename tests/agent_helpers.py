@@ -513,6 +513,22 @@ def stored_rows(
     return rows, msgs
 
 
+def fill_store(url: str, rows: list[Any], msgs: list[Any]) -> str:
+    """An agent database holding `rows` as raw, the records computed from `msgs` and the
+    stations' keys (kid 1), as an agent that took them would leave it; returns `url`."""
+    from agent.keys import KeyStore
+    from agent.ledger import compute
+    from agent.store import Store, record_to_row
+
+    with Store(url) as st:
+        st.write_batch(rows)
+        st.replace_records({"": [record_to_row(r) for r in compute(msgs)]}, everything=True)
+        ks = KeyStore(st)
+        for sid in sorted({r.sid for r in rows}):
+            ks.add(sid, key_for(sid), kid=1)
+    return url
+
+
 def fleet_stream(
     stations: int = 6,
     per_station: int = 300,

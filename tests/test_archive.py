@@ -22,10 +22,8 @@ from agent.archive import (
     segments,
 )
 from agent.archive.seal import month_start_ms
-from agent.keys import KeyStore
-from agent.ledger import compute
-from agent.store import RawRow, Store, record_to_row
-from tests.agent_helpers import STATIONCTL, fleet_stream, key_for, stored_rows
+from agent.store import RawRow, Store
+from tests.agent_helpers import STATIONCTL, fill_store, fleet_stream, stored_rows
 from tests.helpers import ROOT
 
 DAY = 86_400_000
@@ -49,14 +47,7 @@ def build(path: pathlib.Path | str) -> str:
     rows, msgs = stored_rows(
         stream, lambda i: BASE + i * 6 * 3_600_000 + (40 * DAY if i in late else 0)
     )
-    sids = {r.sid for r in rows}
-    with Store(url) as st:
-        st.write_batch(rows)
-        st.replace_records({"": [record_to_row(r) for r in compute(msgs)]}, everything=True)
-        ks = KeyStore(st)
-        for sid in sorted(sids):
-            ks.add(sid, key_for(sid), kid=1)
-    return url
+    return fill_store(url, rows, msgs)
 
 
 def everything(st: Store) -> dict[str, list[RawRow]]:

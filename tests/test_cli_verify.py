@@ -6,10 +6,8 @@ import json
 import pathlib
 import subprocess
 
-from agent.keys import KeyStore
-from agent.ledger import compute
-from agent.store import Store, record_to_row
-from tests.agent_helpers import STATIONCTL, fleet_stream, key_for, stored_rows
+from agent.store import Store
+from tests.agent_helpers import STATIONCTL, fill_store, fleet_stream, stored_rows
 from tests.helpers import ROOT
 
 
@@ -21,14 +19,7 @@ def stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 def build(url: str) -> str:
     rows, msgs = stored_rows(fleet_stream(2, 80, sid_base="KH-VER", step_ms=60_000))
-    sids = {r.sid for r in rows}
-    with Store(url) as st:
-        st.write_batch(rows)
-        st.replace_records({"": [record_to_row(r) for r in compute(msgs)]}, everything=True)
-        ks = KeyStore(st)
-        for sid in sorted(sids):
-            ks.add(sid, key_for(sid), kid=1)
-    return url
+    return fill_store(url, rows, msgs)
 
 
 def summary(url: str) -> tuple[int, dict[str, object]]:
