@@ -370,7 +370,11 @@ async def test_backoff_doubles_with_jitter_and_caps(mp_procs: Any) -> None:
         )
         done = await mp.finish(timeout=30)
         assert done["ev"] == "timeout" and done["c"]["connects"] == 0
-        assert done["c"]["io_errors"] == done["c"]["attempts"] == len(broker.conns)
+        c = done["c"]
+        # every attempt failed and was counted; the broker may also have seen the TCP
+        # connection of one more attempt that the deadline cut before it was counted
+        assert c["io_errors"] == c["attempts"], c
+        assert c["attempts"] <= len(broker.conns) <= c["attempts"] + 1, (c, len(broker.conns))
         gaps = [b.t - a.t for a, b in zip(broker.conns, broker.conns[1:], strict=False)]
         want = [min(100 * 2**i, 400) / 1000 for i in range(len(gaps))]
         # never sooner than the backoff less its jitter (slow scheduling only adds)
