@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 # the DDL is the store's (agent/store/sql.py, schema 4): made with the rest of the schema
-from agent.store.sql import ARCHIVE_DDL  # noqa: E402
+from agent.store.sql import ARCHIVE_DDL
 
 TABLES: Final = ("archive_segments", "archive_ranges", "archive_stations")
 
@@ -34,7 +34,10 @@ def ensure_schema(store: Any) -> None:
 def has_archive(store: Any) -> bool:
     """Do the archive tables exist? (A database that never sealed has none: an empty
     archive.) Asked of the catalogue, never by a failing query, which would abort a
-    PostgreSQL transaction."""
+    PostgreSQL transaction. Once found they stay (tables are never dropped): remembered on
+    the store, so that each raw read does not ask the catalogue again."""
+    if getattr(store, "_archive_tables", False):
+        return True
     if getattr(store, "engine", "sqlite") == "sqlite":
         q = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?)"
     else:  # PostgreSQL: the catalogue of the connection's schema
@@ -42,4 +45,10 @@ def has_archive(store: Any) -> bool:
             "SELECT COUNT(*) FROM information_schema.tables "
             "WHERE table_schema = current_schema() AND table_name IN (?, ?, ?)"
         )
-    return int(store.db.execute(q, TABLES).fetchone()[0]) == len(TABLES)
+    found = int(store.db.execute(q, TABLES).fetchone()[0]) == len(TABLES)
+    if found:
+        try:
+            store._archive_tables = True
+        except AttributeError:  # a store-like object without room for it: asked each time
+            pass
+    return found

@@ -249,6 +249,7 @@ class Store:
         # where sealed segments are (agent/archive); None: beside a SQLite file
         self.archive_dir: str | None = None
         self._archive: Any = None
+        self._archive_tables = False  # agent/archive/schema.has_archive, once found
         self.raw_rows_read = 0  # raw rows read by iter_raw / iter_raw_keys (restart figures)
         create = create and not readonly
         self.db: Any
