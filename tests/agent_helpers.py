@@ -529,6 +529,21 @@ def fill_store(url: str, rows: list[Any], msgs: list[Any]) -> str:
     return url
 
 
+def stored_and_computed(url: str) -> tuple[bytes, bytes]:
+    """(the interval export of the records an agent stored, the same export of the records
+    the pure computation makes from the raw messages it stored): equal when nothing was
+    lost, counted twice or metered by two writers."""
+    from agent.ledger.agent_meter import decode_row
+    from agent.ledger.compute import compute
+    from agent.ledger.export import render
+    from agent.store import Store, row_to_record
+
+    with Store(url, create=False) as st:
+        stored = render([row_to_record(r) for r in st.record_rows()], "csv", by="interval")
+        msgs = [decode_row(r) for page in st.iter_raw() for r in page]
+    return stored, render(compute(msgs), "csv", by="interval")
+
+
 def fleet_stream(
     stations: int = 6,
     per_station: int = 300,

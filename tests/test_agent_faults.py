@@ -33,7 +33,14 @@ from agent.keys import KeyStore
 from agent.service import Service
 from agent.sources.mqtt import BrokerConfig, Delivery
 from agent.store import Store
-from tests.agent_helpers import AgentProcess, Publisher, Station, key_for, signed
+from tests.agent_helpers import (
+    AgentProcess,
+    Publisher,
+    Station,
+    key_for,
+    signed,
+    stored_and_computed,
+)
 from tests.helpers import free_port, in_ci
 from tools.mosquitto import Mosquitto
 
@@ -252,16 +259,8 @@ async def test_a_station_whose_metering_raised_is_metered_again_from_raw(
         await _publish(mosquitto.port, items[40:], "pub-more")  # stored, not metered yet
         await _until(lambda: c["stored"] == len(items) and c["meter_recovered"] == 1, 15, str(c))
         await a.svc.flush()
-    from agent.ledger.agent_meter import decode_row
-    from agent.ledger.compute import compute
-    from agent.ledger.export import render
-    from agent.store import row_to_record
-
-    with Store(db, create=False) as s:
-        stored = render([row_to_record(r) for r in s.record_rows()], "csv", by="interval")
-        msgs = [decode_row(r) for page in s.iter_raw() for r in page]
-    assert stored == render(compute(msgs), "csv", by="interval")
-    assert OTHER.encode() in stored
+    stored, computed = stored_and_computed(db)
+    assert stored == computed and OTHER.encode() in stored
 
 
 # ---- the database fails underneath -------------------------------------------------------------

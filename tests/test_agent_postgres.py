@@ -20,11 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.ledger.agent_meter import decode_row
-from agent.ledger.compute import compute
 from agent.ledger.export import render
 from agent.store import Store, row_to_record
-from tests.agent_helpers import AgentProcess
+from tests.agent_helpers import AgentProcess, stored_and_computed
 from tests.test_agent_faults import (
     SID,
     _Agent,
@@ -124,18 +122,8 @@ async def test_connection_cut_mid_transaction_is_retried_on_a_new_one(
     assert sorted(got) == sorted(p for _, p in items)
     # the records equal the pure computation's over the raw messages: the batches whose
     # transaction was cut were metered once, on the new connection
-    assert _stored(db) == _computed(db)
-
-
-def _stored(db: str) -> bytes:
-    with Store(db, create=False) as s:
-        return render([row_to_record(r) for r in s.record_rows()], "csv", by="interval")
-
-
-def _computed(db: str) -> bytes:
-    with Store(db, create=False) as s:
-        msgs = [decode_row(r) for page in s.iter_raw() for r in page]
-    return render(compute(msgs), "csv", by="interval")
+    stored, computed = stored_and_computed(db)
+    assert stored == computed
 
 
 def test_postgres_down_at_start_the_agent_waits_then_ingests(

@@ -23,7 +23,13 @@ from agent.cluster import LOCK_CLASS
 from agent.keys import KeyStore
 from agent.ledger.export import render
 from agent.store import Store, row_to_record
-from tests.agent_helpers import AgentProcess, Publisher, fleet_stream, key_for
+from tests.agent_helpers import (
+    AgentProcess,
+    Publisher,
+    fleet_stream,
+    key_for,
+    stored_and_computed,
+)
 from tools.mosquitto import Mosquitto
 from tools.postgres import PgCluster
 
@@ -241,10 +247,5 @@ def test_an_agent_whose_database_connection_is_cut_gives_its_shards_up(
             a.kill()
     raw = _raw(pg)
     assert len(raw) == len(set(raw)) == len(published)
-    from agent.ledger.agent_meter import decode_row
-    from agent.ledger.compute import compute
-
-    with Store(pg, create=False) as st:
-        stored = render([row_to_record(r) for r in st.record_rows()], "csv", by="interval")
-        msgs = [decode_row(r) for page in st.iter_raw() for r in page]
-    assert stored == render(compute(msgs), "csv", by="interval")
+    stored, computed = stored_and_computed(pg)
+    assert stored == computed
