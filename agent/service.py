@@ -798,14 +798,15 @@ class Service:
             except Exception as e:
                 log.warning("balancing shards failed (%r); retry in %.1fs", e, every)
             else:
+                # what a dropped session delivered and is not committed is left out of every
+                # write once its shard is not held (_reverify), unacknowledged: the shard's
+                # next owner gets it from the broker
                 for k in lost:
-                    self._purge(k)
                     self.source.drop(k)
                 for k in taken:
                     self.source.take(k)
                 for k in back:
-                    self.source.drop(k)  # nothing more comes from it ...
-                    self._purge(k)  # ... what came and is not committed goes to its next owner
+                    self.source.drop(k)  # nothing more comes from it
                     await loop.run_in_executor(self._db, self._give_back_db, k)
                 if rekey:
                     self._batch.rekey |= rekey
@@ -887,13 +888,6 @@ class Service:
                 loop.call_soon_threadsafe(src.drop, k)
         # the invariant, whatever the loop still holds: no row of a shard not held is written
         _keep_shards(b, self._owns)
-
-    def _purge(self, k: int) -> None:
-        """loop: shard k's rows leave the batches not yet committing (not acknowledged)."""
-        assert self.leases is not None
-        n = self.leases.cfg.shards
-        for b in (self._batch, *self._sealed):
-            _keep_shards(b, lambda sid: cluster.shard_of(sid, n) != k)
 
     async def _rekey(self, sids: set[str]) -> None:
         """Re-verify the unresolved `unknown_station` / `unknown_kid` quarantine rows of
