@@ -60,8 +60,13 @@ def test_sigkill_during_saves_never_loses_a_reported_save(tmp_path: Path) -> Non
     invalid_seen = 0
     loaded_values = []
     for i in range(KILLS):
+        # unbuffered: readline() must not pull later lines into a buffer that
+        # communicate(), reading the descriptor itself, would never see
         proc = subprocess.Popen(
-            [micropython_bin(), str(writer)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [micropython_bin(), str(writer)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
         )
         assert proc.stdout is not None
         first = proc.stdout.readline().split()  # LOADED n seq: it has started saving
