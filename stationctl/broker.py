@@ -1,4 +1,4 @@
-"""`stationctl broker init|add-station|revoke-station`: the deployment's Mosquitto
+"""`stationctl broker init|add-station|issue-cert|revoke-station`: the deployment's Mosquitto
 configuration (tools/flash/broker_setup.py): TLS for stations with their client id bound to
 their user name, the agent on a listener of its own, accounts, ACLs and generated passwords.
 """
@@ -13,7 +13,9 @@ from stationctl.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("broker", help="Mosquitto configuration: init, add-station, revoke-station")
+    p = sub.add_parser(
+        "broker", help="Mosquitto configuration: init, add-station, issue-cert, revoke-station"
+    )
     bs = p.add_subparsers(dest="broker_cmd", required=True, metavar="ACTION")
     i = bs.add_parser("init", help="write a complete broker configuration into a directory")
     i.add_argument("--dir", required=True, metavar="DIR")
@@ -40,6 +42,19 @@ def register(sub: Any) -> None:
         metavar="PORT",
         help="a TLS listener for agents on other hosts (default: none)",
     )
+    i.add_argument(
+        "--station-local-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="stations' rules in plain MQTT on 127.0.0.1 too (demos, tests; default: none)",
+    )
+    i.add_argument(
+        "--mtls",
+        action="store_true",
+        help="stations log in with client certificates (CN = station id) instead of "
+        "passwords; one is issued per station, revoked ones go on a CRL",
+    )
     i.add_argument("--fleet-size", type=int, default=0, help="queue sizing (default: stations)")
     i.add_argument("--telemetry-s", type=int, default=10)
     i.add_argument(
@@ -48,7 +63,11 @@ def register(sub: Any) -> None:
     i.add_argument("--log-dest", default="syslog", help="Mosquitto's log_dest (e.g. stderr)")
     for name, helptext in (
         ("add-station", "add a station account with a fresh password"),
-        ("revoke-station", "remove a station account (refused at its next connect)"),
+        ("issue-cert", "issue a station a client certificate (for --mtls deployments)"),
+        (
+            "revoke-station",
+            "remove a station account and revoke its certificates (refused at its next connect)",
+        ),
     ):
         a = bs.add_parser(name, help=helptext)
         a.add_argument("--dir", required=True, metavar="DIR")
@@ -89,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
                 stations=stations,
                 tls_port=args.tls_port,
                 local_port=args.local_port,
+                station_local_port=args.station_local_port,
+                mtls=args.mtls,
                 agent_tls_port=args.agent_tls_port,
                 fleet_size=args.fleet_size,
                 telemetry_s=args.telemetry_s,
@@ -102,17 +123,25 @@ def run(args: argparse.Namespace) -> int:
                 f"wrote {out['conf']} ({len(stations)} station account(s)); stations pin "
                 f"{out['ca']}; the agent's password is in {out['agent_password']}, the "
                 f"operator's in {out['operator_password']}"
+                + (
+                    f"; client certificates in {out['conf'].parent / bs.CLIENTS}"
+                    if args.mtls
+                    else ""
+                )
             )
             return 0
         if args.broker_cmd == "add-station":
             f = bs.add_station(args.dir, args.sid)
             print(f"{args.sid}: account added; its password is in {f}")
+        elif args.broker_cmd == "issue-cert":
+            crt, key = bs.issue_cert(args.dir, args.sid)
+            print(f"{args.sid}: certificate {crt}, key {key} (0600)")
         else:
             if not bs.revoke_station(args.dir, args.sid):
                 raise UsageError(f"{args.sid} has no broker account")
             print(
-                f"{args.sid}: account removed; the broker disconnects it and refuses it once "
-                "it has re-read its password file (SIGHUP: --reload)"
+                f"{args.sid}: account removed, certificates revoked; the broker disconnects "
+                "it and refuses it once it has re-read its files (SIGHUP: --reload)"
             )
     except bs.SetupError as e:
         raise UsageError(str(e)) from None

@@ -63,6 +63,7 @@ class Client:
         clean: bool = True,
         ca: str | os.PathLike[str] | None = None,
         host: str = "localhost",
+        port: int | None = None,
     ) -> None:
         self.rc: int | None = None
         self.session_present = False
@@ -83,7 +84,7 @@ class Client:
         self.c.on_connect = self._on_connect
         self.c.on_message = lambda _c, _u, msg: self.got.append((msg.topic, bytes(msg.payload)))
         self.c.on_subscribe = lambda *_a: self.sub_ev.set()
-        port = m.tls_port if tls else m.port
+        port = port or (m.tls_port if tls else m.port)
         assert port is not None
         self.c.connect(host if tls else "127.0.0.1", port, keepalive=30)
         self.c.loop_start()
@@ -463,3 +464,170 @@ def test_the_agents_own_client_holds_its_shard_sessions(
     for g in got.values():
         # the broker's dropped count (retained $SYS, read by the agent's ACL) and the station's
         assert sorted(g) == [(DROPPED_TOPIC, b"0"), (f"stations/{A}/telemetry", b"t1")]
+
+
+# --- client certificates (mTLS) -----------------------------------------------------------
+
+
+@pytest.fixture
+def mtls_broker(tmp_path: pathlib.Path) -> Iterator[Mosquitto]:
+    m = Mosquitto.deployment(tmp_path, stations=[A, B], mtls=True)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def cert_client(
+    m: Mosquitto, sid: str, *, cert_of: str | None = None, ca: str | None = None
+) -> Client | ssl.SSLError | OSError:
+    """A station on the TLS listener with the client certificate issued to `cert_of`
+    (default: sid's; "" for none), claiming user name sid; the handshake error if it fails."""
+    assert m.setup_dir is not None
+    owner = sid if cert_of is None else cert_of
+    ctx = ssl.create_default_context(cafile=str(m.setup_dir / "ca.crt"))
+    if owner:
+        d = pathlib.Path(ca) if ca else m.setup_dir / "clients"
+        ctx.load_cert_chain(str(d / f"{owner}.crt"), str(d / f"{owner}.key"))
+    c = object.__new__(Client)
+    c.rc, c.session_present, c.got = None, False, []
+    c.conn_ev, c.sub_ev = threading.Event(), threading.Event()
+    c.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{next(_ids)}")
+    c.c.username_pw_set(sid)
+    c.c.tls_set_context(ctx)
+    c.c.on_connect = c._on_connect
+    c.c.on_message = lambda _c, _u, msg: c.got.append((msg.topic, bytes(msg.payload)))
+    c.c.on_subscribe = lambda *_a: c.sub_ev.set()
+    assert m.tls_port is not None
+    try:
+        c.c.connect("localhost", m.tls_port, keepalive=30)
+        c.c.loop_start()
+        c.c.loop_read()  # the handshake's answer, if the broker closed on it
+    except (ssl.SSLError, OSError) as e:
+        c.c.loop_stop()
+        return e
+    if not c.conn_ev.wait(5):
+        c.close()
+        return OSError("no CONNACK: the broker closed the connection")
+    return c
+
+
+def test_mtls_station_logs_in_with_its_certificate_only(mtls_broker: Mosquitto) -> None:
+    m = mtls_broker
+    assert m.setup_dir is not None
+    mode = stat.S_IMODE((m.setup_dir / "clients" / f"{A}.key").stat().st_mode)
+    assert mode == 0o600
+    a = cert_client(m, A)
+    assert isinstance(a, Client) and a.rc == 0
+    ag = agent(m)
+    try:
+        ag.subscribe("stations/#")
+        a.publish(f"stations/{A}/telemetry", b"mine")
+        # the certificate is the identity: A's certificate claiming B's name still
+        # publishes only as A (user name from the certificate, ACL %u)
+        a2 = cert_client(m, B, cert_of=A)
+        assert isinstance(a2, Client) and a2.rc == 0
+        a2.publish(f"stations/{B}/telemetry", b"forged")
+        a2.close()
+        ag.wait_for(1)
+        settle()
+        assert ag.got == [(f"stations/{A}/telemetry", b"mine")]
+    finally:
+        a.close()
+        ag.close()
+    # no certificate: refused at the handshake, whatever the password
+    none = cert_client(m, A, cert_of="")
+    assert not isinstance(none, Client) or none.rc != 0
+
+
+def test_mtls_certificate_from_another_ca_is_refused(
+    mtls_broker: Mosquitto, tmp_path: pathlib.Path
+) -> None:
+    other = tmp_path / "other"
+    broker_setup.init(other, broker_setup.Options(stations=[A], mtls=True))
+    r = cert_client(mtls_broker, A, ca=str(other / "clients"))
+    assert not isinstance(r, Client) or r.rc != 0
+    ok = cert_client(mtls_broker, A)  # positive control
+    assert isinstance(ok, Client) and ok.rc == 0
+    ok.close()
+
+
+def test_mtls_revoked_certificate_is_refused_after_reload(
+    mtls_broker: Mosquitto, tmp_path: pathlib.Path
+) -> None:
+    m = mtls_broker
+    assert m.setup_dir is not None and m.proc is not None
+    keep = tmp_path / "keep"  # what a thief of the board would still hold
+    keep.mkdir()
+    for f in (f"{B}.crt", f"{B}.key"):
+        shutil.copy(m.setup_dir / "clients" / f, keep / f)
+    assert stationctl(["broker", "revoke-station", "--dir", str(m.setup_dir), B]) == 0
+    assert not (m.setup_dir / "clients" / f"{B}.key").exists()
+    rows = [
+        ln.split("\t") for ln in (m.setup_dir / "clients" / "index.tsv").read_text().splitlines()
+    ]
+    assert [r[1] for r in rows[1:] if r[3]] == [B]  # below the header
+    os.kill(m.proc.pid, signal.SIGHUP)
+    time.sleep(1.0)
+    r = cert_client(m, B, ca=str(keep))
+    assert not isinstance(r, Client) or r.rc != 0
+    ok = cert_client(m, A)  # the CRL names B's certificate only
+    assert isinstance(ok, Client) and ok.rc == 0
+    ok.close()
+    # a new certificate for the re-commissioned board works
+    assert stationctl(["broker", "issue-cert", "--dir", str(m.setup_dir), B]) == 0
+    os.kill(m.proc.pid, signal.SIGHUP)
+    time.sleep(1.0)
+    again = cert_client(m, B)
+    assert isinstance(again, Client) and again.rc == 0
+    again.close()
+
+
+def test_issue_cert_needs_an_mtls_deployment(broker: Mosquitto) -> None:
+    assert broker.setup_dir is not None
+    with pytest.raises(broker_setup.SetupError, match="client certificates"):
+        broker_setup.issue_cert(broker.setup_dir, A)
+
+
+# --- stations on loopback (demos and tests): the same rules in plain MQTT -----------------
+
+
+def test_loopback_station_listener_keeps_the_station_rules(tmp_path: pathlib.Path) -> None:
+    m = Mosquitto.deployment(tmp_path, stations=[A, B], station_local=True)
+    m.start()
+    try:
+        sp = m.station_port
+        assert sp is not None
+        conf = (tmp_path / "broker" / "mosquitto.conf").read_text()
+        assert f"listener {sp} 127.0.0.1" in conf
+        for user, password in ((None, None), ("agent", m.password("agent")), (A, "wrong")):
+            c = Client(m, user, password, tls=False, port=sp)
+            assert c.rc in REFUSED, user
+            c.close()
+        ag = agent(m)
+        a = Client(m, A, m.password(A), tls=False, port=sp)
+        try:
+            assert a.rc == 0
+            ag.subscribe("stations/#")
+            a.publish(f"stations/{B}/telemetry", b"forged")
+            a.publish(f"stations/{A}/telemetry", b"mine")
+            ag.wait_for(1)
+            settle()
+            assert ag.got == [(f"stations/{A}/telemetry", b"mine")]
+            # client id = user name: a second login as A, whatever id it asks for, takes
+            # A's place (and only A's)
+            a2 = Client(m, A, m.password(A), tls=False, port=sp, client_id=AGENT_ID)
+            deadline = time.monotonic() + 5
+            while a.c.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not a.c.is_connected() and ag.c.is_connected()
+            a2.close()
+        finally:
+            a.close()
+            ag.close()
+        # a deployment already there is reused, its ports read back from its configuration
+        again = Mosquitto.deployment(tmp_path, stations=[])
+        assert (again.port, again.tls_port, again.station_port) == (m.port, m.tls_port, sp)
+    finally:
+        m.stop()

@@ -78,6 +78,7 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
         self.tls_port: int | None = None
         self.agent_tls_port: int | None = None
+        self.station_port: int | None = None  # a deployment's plain loopback station listener
         self.setup_dir: pathlib.Path | None = None
         if config is not None:
             if port is None:
@@ -119,21 +120,32 @@ class Mosquitto:
         *,
         stations: list[str],
         agent_tls: bool = False,
+        station_local: bool = False,
+        mtls: bool = False,
+        fleet_size: int = 0,
     ) -> "Mosquitto":
         """A broker from `stationctl broker init`'s configuration (tools/flash/broker_setup):
         TLS for the stations on `tls_port`, the agent's plain loopback listener on `port`,
         accounts and passwords in `setup_dir` (passwords/…), free ports, logging to stderr;
-        with `agent_tls`, the agents' TLS listener too (`agent_tls_port`)."""
+        with `agent_tls`, the agents' TLS listener too (`agent_tls_port`); with
+        `station_local`, the stations' rules in plain MQTT on loopback (`station_port`);
+        with `mtls`, stations log in with client certificates (clients/<sid>.crt).
+        An existing deployment in `workdir`/broker is reused (ports as it has them)."""
         from tools.flash import broker_setup
 
         base = pathlib.Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
         setup = base / "broker"
+        if (setup / broker_setup.CONF).exists():
+            return cls._reuse(base, setup)
         tls_port, local_port = free_port(), free_port()
         opts = broker_setup.Options(
             stations=list(stations),
             tls_port=tls_port,
             local_port=local_port,
             agent_tls_port=free_port() if agent_tls else 0,
+            station_local_port=free_port() if station_local else 0,
+            mtls=mtls,
+            fleet_size=fleet_size,
             # as root it drops to user mosquitto, who cannot reach a private temp dir
             run_as="root" if os.geteuid() == 0 else "mosquitto",
             log_dest="stderr",
@@ -142,8 +154,53 @@ class Mosquitto:
         m = cls(base, local_port, config=out["conf"])
         m.tls_port = tls_port
         m.agent_tls_port = opts.agent_tls_port or None
+        m.station_port = opts.station_local_port or None
         m.setup_dir = setup
         return m
+
+    @classmethod
+    def _reuse(cls, base: pathlib.Path, setup: pathlib.Path) -> "Mosquitto":
+        """The deployment already in `setup`: its listeners read back from its config (the
+        agents' loopback one is the last plain listener on 127.0.0.1, as render_conf
+        writes them)."""
+        from tools.flash import broker_setup
+
+        conf = setup / broker_setup.CONF
+        listeners: list[tuple[int, str, list[str]]] = []
+        for ln in conf.read_text().splitlines():
+            w = ln.split()
+            if w[:1] == ["listener"]:
+                listeners.append((int(w[1]), w[2] if len(w) > 2 else "", []))
+            elif listeners and w:
+                listeners[-1][2].append(w[0])
+        plain = [(p, opts) for p, host, opts in listeners if host and "certfile" not in opts]
+        m = cls(base, plain[-1][0], config=conf)
+        m.tls_port = listeners[0][0]
+        stations = [p for p, opts in plain if "use_username_as_clientid" in opts]
+        m.station_port = stations[0] if stations else None
+        tls_agents = [p for p, _h, opts in listeners[1:] if "certfile" in opts]
+        m.agent_tls_port = tls_agents[0] if tls_agents else None
+        m.setup_dir = setup
+        return m
+
+    def password(self, user: str) -> str:
+        """A deployment account's generated password (station ids are upper case)."""
+        if self.setup_dir is None:
+            raise ValueError("not a deployment broker: it has no accounts")
+        sub = "stations/" if user.isupper() else ""
+        return (self.setup_dir / "passwords" / f"{sub}{user}").read_text().strip()
+
+    def add_station(self, sid: str) -> str:
+        """A station account (a fresh password, returned), live: the broker re-reads its
+        password file (SIGHUP) when it is running."""
+        from tools.flash import broker_setup
+
+        if self.setup_dir is None:
+            raise ValueError("not a deployment broker: it has no accounts")
+        f = broker_setup.add_station(self.setup_dir, sid)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+        return f.read_text().strip()
 
     @property
     def url(self) -> str:

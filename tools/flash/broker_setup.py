@@ -13,6 +13,12 @@
     passwords/           each generated password in a file of its own (0600, dir 0700)
     data/                the broker's persistence (owned by the broker's user)
 
+With `mtls` (client certificates, CONTRACT §5's option for large fleets), also:
+
+    crl.pem              the revocation list the station listener checks (signed by the CA)
+    clients/             one certificate and key per station (`issue_cert`), and
+                         index.tsv: serial, station, expiry, revoked-at of each one issued
+
 Two kinds of listener, so that no station account can reach the agent's sessions:
 
 - stations: TLS on 8883, all interfaces, `use_username_as_clientid true` and only
@@ -26,6 +32,9 @@ Two kinds of listener, so that no station account can reach the agent's sessions
 
 Client ids are one namespace across listeners in Mosquitto, which is why the station
 listener must force them; the agent listener may not, and a station cannot log in there.
+
+For demos and tests on one host, `station_local_port` adds a third listener: the stations'
+rules (accounts, ACL, client id = user name) in plain MQTT on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ STATIONS_PASSWD, AGENTS_PASSWD = "stations.passwd", "agents.passwd"
 STATIONS_ACL, AGENTS_ACL = "stations.acl", "agents.acl"
 PASSWORDS = "passwords"
 DATA = "data"
+CRL = "crl.pem"
+CLIENTS = "clients"
+INDEX = "index.tsv"
 
 
 class SetupError(ValueError):
@@ -66,6 +78,8 @@ class Options:
     hosts: list[str] = field(default_factory=lambda: list(DEFAULT_HOSTS))
     tls_port: int = 8883
     local_port: int = 1883  # plain MQTT, 127.0.0.1 only
+    station_local_port: int = 0  # 0: none; else plain MQTT for stations on 127.0.0.1
+    mtls: bool = False  # stations prove themselves with a client certificate (CN = sid)
     agent_tls_port: int = 0  # 0: no TLS listener for agents on other hosts
     agent_user: str = "agent"
     operator_user: str = "operator"
@@ -191,6 +205,125 @@ def _certs(opts: Options) -> tuple[bytes, bytes, bytes, bytes]:
 # --- configuration ----------------------------------------------------------------------
 
 
+def _load_ca(root: pathlib.Path) -> tuple[object, object]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca = x509.load_pem_x509_certificate((root / CA_CRT).read_bytes())
+    try:
+        key = serialization.load_pem_private_key((root / CA_KEY).read_bytes(), None)
+    except FileNotFoundError:
+        raise SetupError(f"{root / CA_KEY} is needed to sign (kept by root alone)") from None
+    return ca, key
+
+
+def _index(root: pathlib.Path) -> list[list[str]]:
+    """clients/index.tsv rows: serial (hex), sid, not-after (ISO), revoked-at ('' if not)."""
+    p = root / CLIENTS / INDEX
+    if not p.exists():
+        return []
+    return [ln.split("\t") for ln in p.read_text().splitlines() if ln and not ln.startswith("#")]
+
+
+def _write_index(root: pathlib.Path, rows: list[list[str]]) -> None:
+    head = "# serial\tstation\tnot_after\trevoked_at\n"
+    tmp = root / CLIENTS / (INDEX + ".tmp")
+    _write(tmp, (head + "".join("\t".join(r) + "\n" for r in rows)).encode(), 0o644)
+    os.replace(tmp, root / CLIENTS / INDEX)
+
+
+def _write_crl(root: pathlib.Path, rows: list[list[str]]) -> None:
+    """crl.pem from the index: every revoked certificate, signed by the CA; valid for a
+    year (re-written at every revocation; `stationctl broker crl` renews it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca, key = _load_ca(root)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)  # type: ignore[attr-defined]
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=365))
+    )
+    for serial, _sid, _until, revoked in rows:
+        if revoked:
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(serial, 16))
+                .revocation_date(datetime.datetime.fromisoformat(revoked))
+                .build()
+            )
+    crl = b.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    tmp = root / (CRL + ".tmp")
+    _write(tmp, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    os.replace(tmp, root / CRL)
+
+
+def issue_cert(
+    d: str | os.PathLike[str], sid: str, days: int = 825
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """A client certificate for station `sid` (CN = sid, the user name the broker takes
+    from it), signed by the deployment's CA: (cert, key) under clients/, the key 0600."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    root = _dir(d)
+    check_sid(sid)
+    if not (root / CRL).exists():
+        raise SetupError(f"{root} does not use client certificates (`broker init --mtls`)")
+    ca, ca_key = _load_ca(root)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    serial = x509.random_serial_number()
+    until = now + datetime.timedelta(days=days)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sid)]))
+        .issuer_name(ca.subject)  # type: ignore[attr-defined]
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    out = root / CLIENTS
+    out.mkdir(mode=0o700, exist_ok=True)
+    crt_p, key_p = out / f"{sid}.crt", out / f"{sid}.key"
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    _write(
+        key_p,
+        key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()),
+        0o600,
+    )
+    _write(crt_p, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    rows = _index(root) + [[f"{serial:x}", sid, until.isoformat(), ""]]
+    _write_index(root, rows)
+    return crt_p, key_p
+
+
+def revoke_certs(root: pathlib.Path, sid: str) -> int:
+    """Put every unrevoked certificate issued to `sid` on the CRL; how many."""
+    rows = _index(root)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    n = 0
+    for r in rows:
+        if r[1] == sid and not r[3]:
+            r[3] = now
+            n += 1
+    if n:
+        _write_index(root, rows)
+        _write_crl(root, rows)
+        f = root / CLIENTS / f"{sid}.key"
+        if f.exists():
+            f.unlink()
+    return n
+
+
 def render_conf(d: pathlib.Path, opts: Options) -> str:
     fleet = max(1, opts.fleet_size or len(opts.stations))
     day = broker.per_station_day(opts.telemetry_s)
@@ -222,7 +355,29 @@ def render_conf(d: pathlib.Path, opts: Options) -> str:
         f"listener {opts.tls_port}",
         *tls,
         "use_username_as_clientid true",
-        *auth(STATIONS_PASSWD, STATIONS_ACL),
+    ]
+    if opts.mtls:
+        lines += [
+            "# a station proves itself with its client certificate (CN = station id = user",
+            "# name); no password. Revoked certificates are in the CRL (`revoke-station`).",
+            f"cafile {d / CA_CRT}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            f"crlfile {d / CRL}",
+            "allow_anonymous false",
+            f"acl_file {d / STATIONS_ACL}",
+        ]
+    else:
+        lines += auth(STATIONS_PASSWD, STATIONS_ACL)
+    if opts.station_local_port:
+        lines += [
+            "",
+            "# stations on this host (demos, tests): their rules, plain MQTT on loopback only",
+            f"listener {opts.station_local_port} 127.0.0.1",
+            "use_username_as_clientid true",
+            *auth(STATIONS_PASSWD, STATIONS_ACL),
+        ]
+    lines += [
         "",
         "# agent and operator on this host: plain MQTT on loopback only",
         f"listener {opts.local_port} 127.0.0.1",
@@ -354,6 +509,13 @@ def init(d: str | os.PathLike[str], opts: Options) -> dict[str, pathlib.Path]:
     for s, p in station_pws:
         _save_password(root, s, p, True)
 
+    if opts.mtls:
+        (root / CLIENTS).mkdir(mode=0o700, exist_ok=True)
+        _write_index(root, [])
+        _write_crl(root, [])  # Mosquitto needs the file from the start
+        for s in stations:
+            issue_cert(root, s, opts.cert_days)
+
     data = root / DATA
     data.mkdir(mode=0o700, exist_ok=True)
     if owner is not None:
@@ -379,16 +541,19 @@ def add_station(d: str | os.PathLike[str], sid: str) -> pathlib.Path:
 
 
 def revoke_station(d: str | os.PathLike[str], sid: str) -> bool:
-    """Remove the station's account (False when it had none). Mosquitto 2.0 reads the
-    password file again on SIGHUP and then disconnects a connected client whose account
-    is gone (2.0.11, tests/test_broker_attacks.py); its reconnects are refused. Without a
-    reload nothing changes for the broker."""
+    """Remove the station's account and put its client certificates on the CRL (False
+    when it had neither). Mosquitto 2.0 reads the password file again on SIGHUP and then
+    disconnects a connected client whose account is gone (2.0.11,
+    tests/test_broker_attacks.py); its reconnects are refused. It reads the CRL again on
+    SIGHUP too: a revoked certificate's next handshake fails. Without a reload nothing
+    changes for the broker."""
     root = _dir(d)
     old = passwd.set_line(root / STATIONS_PASSWD, check_sid(sid), None)
     f = root / PASSWORDS / "stations" / sid
     if f.exists():
         f.unlink()
-    return old is not None
+    certs = revoke_certs(root, sid) if (root / CRL).exists() else 0
+    return old is not None or certs > 0
 
 
 def reload(cmd: str) -> None:
