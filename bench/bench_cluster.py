@@ -173,7 +173,7 @@ def fanout(a: argparse.Namespace, tmp: pathlib.Path) -> None:
 
 
 def _fan(sessions: int, n: int, stations: int, where: pathlib.Path) -> None:
-    broker = Mosquitto(where)
+    broker = Mosquitto(where, insecure=True)
     broker.start()
     assert broker.proc is not None
     got = [0]
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["engines", "agents", "fanout"])
     a = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    broker = Mosquitto(tmp / "mq")
+    broker = Mosquitto(tmp / "mq", insecure=True)
     broker.start()
     try:
         with PgCluster() as pg:

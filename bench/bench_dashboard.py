@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     a = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
-    broker = Mosquitto(tmp / "mq")
+    broker = Mosquitto(tmp / "mq", insecure=True)
     broker.start()
     sids = [f"KH-BEN-{i + 1:04d}" for i in range(a.stations)]
     keys = {s: os.urandom(32) for s in sids}

@@ -330,7 +330,7 @@ def main() -> None:
     rate = args.rate or 5000
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # so that `finally` stops the broker
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    broker = Mosquitto(tmp / "mq")
+    broker = Mosquitto(tmp / "mq", insecure=True)
     if os.environ.get("INFLIGHT"):
         broker.conf.write_text(
             broker.conf.read_text().replace(

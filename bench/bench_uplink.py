@@ -22,7 +22,7 @@ from tools.mosquitto import Mosquitto  # noqa: E402
 
 def main() -> None:
     n = sys.argv[1] if len(sys.argv) > 1 else "8640"  # a day of 10-s telemetry, in rounds of 500
-    with tempfile.TemporaryDirectory() as d, Mosquitto(Path(d) / "mq") as mq:
+    with tempfile.TemporaryDirectory() as d, Mosquitto(Path(d) / "mq", insecure=True) as mq:
         run("uplink_drain.py", [n, str(mq.port)], "256k")  # last argument: the flash folder
 
 

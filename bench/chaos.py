@@ -271,7 +271,7 @@ def main() -> int:
         flush=True,
     )
 
-    broker = Mosquitto(work / "broker")
+    broker = Mosquitto(work / "broker", insecure=True)
     broker.start()
     agent = Agent(work, broker.port)
     agent.start()

@@ -373,7 +373,7 @@ def main() -> None:
     )
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # so that `finally` cleans up
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="soak-"))
-    broker = Mosquitto(tmp / "mq", max_queued=0)
+    broker = Mosquitto(tmp / "mq", max_queued=0, insecure=True)
     broker.conf.write_text(broker.conf.read_text().replace("persistence true", "persistence false"))
     broker.start()
     assert broker.proc is not None

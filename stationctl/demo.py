@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
         help="use this broker (mqtt://HOST:PORT) instead of a private Mosquitto",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="an anonymous broker without accounts or ACL (default: the deployment's "
+        "configuration, an account per station)",
+    )
+    p.add_argument(
         "--telemetry-s", type=int, default=1, help="station telemetry period in seconds (default 1)"
     )
     p.add_argument(
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             fault_rate=args.fault_rate,
             fresh=args.fresh,
+            insecure=args.insecure,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

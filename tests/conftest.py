@@ -13,8 +13,21 @@ from tools.postgres import PgCluster
 
 @pytest.fixture
 def mosquitto(tmp_path: pathlib.Path) -> Iterator[Mosquitto]:
-    """A private Mosquitto on a free port, stopped at the end; `.restart()` keeps its port."""
-    broker = Mosquitto(tmp_path / "mosquitto")
+    """A private Mosquitto on a free port, stopped at the end; `.restart()` keeps its port.
+    Anonymous, on loopback: for tests of what the agent and stations do with messages.
+    Tests about who may connect and publish use `locked_broker`."""
+    broker = Mosquitto(tmp_path / "mosquitto", insecure=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def locked_broker(tmp_path: pathlib.Path) -> Iterator[Mosquitto]:
+    """The deployment configuration (`stationctl broker init`: accounts, ACLs, TLS, client
+    id = station id) with its loopback station listener; stations get accounts with
+    `.add_station(sid)` (before they connect), clients log in with `.accounts()`."""
+    broker = Mosquitto.deployment(tmp_path / "locked", stations=[], station_local=True)
     broker.start()
     yield broker
     broker.stop()

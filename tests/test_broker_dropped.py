@@ -13,7 +13,7 @@ from tools.mosquitto import Mosquitto
 
 
 async def test_a_queue_limit_that_drops_messages_is_alarmed(tmp_path: pathlib.Path) -> None:
-    broker = Mosquitto(tmp_path / "mosq", max_queued=10)
+    broker = Mosquitto(tmp_path / "mosq", max_queued=10, insecure=True)
     broker.start()
     try:
         db = f"sqlite:///{tmp_path}/agent.db"

@@ -15,7 +15,14 @@ import time
 import urllib.request
 from typing import Any
 
+import paho.mqtt.client as mqtt
+
 from tests.test_dashboard_watch import ENV, STATIONCTL
+from tools.demo import Demo, DemoConfig
+from tools.flash import broker_setup
+from tools.mosquitto import Mosquitto
+
+BANNERS: list[str] = []  # what each start() printed up to the banner's end
 
 
 def start(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
@@ -43,6 +50,7 @@ def start(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen[str], st
     )  # its own process group, as in a terminal
     assert p.stdout is not None
     lines = []
+    url = ""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = p.stdout.readline()
@@ -51,7 +59,10 @@ def start(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen[str], st
         lines.append(line)
         m = re.search(r"dashboard\s+(http://\S+)", line)
         if m:
-            return p, m.group(1)
+            url = m.group(1)
+        if line.startswith("Ctrl-C") and url:  # the banner's last line
+            BANNERS.append("".join(lines))
+            return p, url
     p.kill()
     raise AssertionError("no dashboard URL printed:\n" + "".join(lines))
 
@@ -97,10 +108,12 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
             time.sleep(0.5)
         assert [s["sid"] for s in f["stations"]] == ["KH-DEMO-0001", "KH-DEMO-0002"]
         assert f["totals"]["online"] == 2
+        broker_rules_hold(work)
     finally:
         out = stop(p)
     assert p.returncode == 0, out
     assert "database ok" in out and "stationctl export --db" in out
+    assert "an account per station" in BANNERS[-1]
     assert not leftovers(work)
     db = sqlite3.connect(work / "agent.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -124,6 +137,67 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
     db.close()
     assert all(boots2[s] > boots1[s] for s in boots1), (boots1, boots2)
     assert q == 0  # the keys were reused: nothing failed verification
+
+
+def _login(port: int, user: str | None, password: str | None) -> tuple[int, mqtt.Client]:
+    rc: list[int] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{len(str(user))}-{port}")
+    c.on_connect = lambda _c, _u, _f, r, _p: rc.append(int(getattr(r, "value", r)))
+    if user:
+        c.username_pw_set(user, password)
+    c.connect("127.0.0.1", port, 30)
+    c.loop_start()
+    deadline = time.monotonic() + 10
+    while not rc and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return (rc[0] if rc else -1), c
+
+
+def broker_rules_hold(work: pathlib.Path) -> None:
+    """The demo's broker is the deployment's configuration: no anonymous client, each
+    station only under its own name (CONTRACT §5)."""
+    setup = work / "mosquitto" / "broker"
+    m = Mosquitto.deployment(work / "mosquitto", stations=[])  # reads the running one back
+    assert m.station_port is not None and "allow_anonymous true" not in m.conf.read_text()
+    for port in (m.port, m.station_port):
+        rc, c = _login(port, None, None)
+        c.loop_stop()
+        assert rc in (5, 135), f"anonymous on port {port}: {rc}"
+    # a station account of our own (a running station would take its client id back),
+    # added as `stationctl broker add-station` does, and the broker told to re-read
+    intruder = "KH-TEST-0009"
+    password = broker_setup.add_station(setup, intruder).read_text().strip()
+    (pid,) = [p for p in leftovers(work) if "mosquitto" in p and str(m.conf) in p]
+    os.kill(int(pid.split(":")[0]), signal.SIGHUP)
+    time.sleep(0.5)
+    rc, op = _login(m.port, "operator", (setup / "passwords" / "operator").read_text().strip())
+    assert rc == 0
+    got: list[str] = []
+    op.on_message = lambda _c, _u, msg: got.append(msg.topic)
+    op.subscribe("stations/KH-DEMO-0002/event", 1)
+    rc, st = _login(m.station_port, intruder, password)
+    assert rc == 0
+    time.sleep(0.3)
+    st.publish("stations/KH-DEMO-0002/event", b"forged", 1).wait_for_publish(5)
+    time.sleep(0.5)
+    for c in (st, op):
+        c.disconnect()
+        c.loop_stop()
+    assert got == []
+
+
+def test_demo_insecure_says_so(tmp_path: pathlib.Path) -> None:
+    d = Demo(DemoConfig(workdir=tmp_path / "demo", insecure=True, stations=1, slots=1))
+    host, port = d._broker()
+    try:
+        assert "INSECURE" in d.broker_note
+        rc, c = _login(port, None, None)  # anonymous: let in, as asked
+        c.disconnect()
+        c.loop_stop()
+        assert rc == 0
+    finally:
+        assert d._mosq is not None
+        d._mosq.stop()
 
 
 def test_demo_refuses_another_layout_in_the_same_folder(tmp_path: pathlib.Path) -> None:

@@ -39,7 +39,7 @@ class FakeClock:
 class Collector:
     """Every signed message the stations publish (persistent session, QoS 1)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, login: tuple[str, str] | None = None) -> None:
         self.got: list[tuple[str, bytes, int]] = []  # topic, payload, receive ms
         self.lock = threading.Lock()
         self.c = mqtt.Client(
@@ -49,6 +49,8 @@ class Collector:
             [("stations/+/telemetry", 1), ("stations/+/event", 1)]
         )
         self.c.on_message = self._on
+        if login:
+            self.c.username_pw_set(*login)
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
 
@@ -140,7 +142,10 @@ def test_virtual_clock() -> None:
         Fleet(n_stations=1, accel=1000, sample_ms=1000)  # stale window beyond an hour
 
 
-def test_fleet_end_to_end(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
+def test_fleet_end_to_end(tmp_path: pathlib.Path, locked_broker: Mosquitto) -> None:
+    """On the deployment's broker rules: each station with its own account (client id =
+    station id, ACL), the rig's monitor and the collector with agent-side accounts."""
+    mosquitto = locked_broker
     keys = KeyStore(f"sqlite:///{tmp_path / 'agent.db'}")
     accel = 30.0
     params = ScenarioParams(
@@ -161,8 +166,9 @@ def test_fleet_end_to_end(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
         telemetry_s=1,
         sid_prefix="KH-TFL-",
         scenario=params,
+        accounts=mosquitto.accounts(),
     )
-    col = Collector(mosquitto.port)
+    col = Collector(mosquitto.port, ("operator", mosquitto.password("operator")))
     t_real = time.monotonic()
     fleet.start()
     try:

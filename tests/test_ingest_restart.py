@@ -106,7 +106,7 @@ def test_sigkill_and_broker_restart_give_the_clean_export(
     total = len(stream)
 
     # clean run: its own broker, the whole stream, a graceful stop
-    clean_broker = Mosquitto(tmp_path / "mq-clean")
+    clean_broker = Mosquitto(tmp_path / "mq-clean", insecure=True)
     clean_broker.start()
     try:
         clean = tmp_path / "clean"

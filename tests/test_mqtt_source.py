@@ -462,7 +462,7 @@ async def test_a_malformed_packet_drops_the_link_and_it_comes_back(
 
 
 async def test_stop_while_the_broker_is_down_returns(tmp_path: pathlib.Path) -> None:
-    broker = Mosquitto(tmp_path / "mq")  # never started: connection refused
+    broker = Mosquitto(tmp_path / "mq", insecure=True)  # never started: connection refused
     s = Sink(broker.port)
     task = asyncio.create_task(s.src.run())
     await asyncio.sleep(0.5)

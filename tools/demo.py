@@ -42,7 +42,7 @@ from agent.sources.mqtt import BrokerConfig
 from tools import embedded_broker
 from tools.embedded_broker import EmbeddedBroker
 from tools.fleet import Fleet
-from tools.mosquitto import Mosquitto, find_mosquitto
+from tools.mosquitto import Accounts, Mosquitto, find_mosquitto
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class DemoConfig:
     fault_rate: float = 0.0  # per link transaction, spread over the rig's fault kinds
     fresh: bool = False  # wipe the workdir first
     sid_prefix: str = "KH-DEMO"
+    insecure: bool = False  # an anonymous broker without ACLs (said in the banner)
 
     def __post_init__(self) -> None:
         if not 1 <= self.stations <= 500:
@@ -220,10 +221,37 @@ class Demo:
                 "embedded amqtt fallback: Mosquitto not found, install it with `make setup`"
             )
             return "127.0.0.1", self._mosq.port
-        self._mosq = Mosquitto(self.workdir / "mosquitto")
+        if self.cfg.insecure:
+            self._mosq = Mosquitto(self.workdir / "mosquitto", insecure=True)
+            self._mosq.start()
+            self.broker_note = "private Mosquitto, INSECURE: anonymous, no ACL (--insecure)"
+            return "127.0.0.1", self._mosq.port
+        # the deployment's configuration (stationctl broker init): an account per station,
+        # the ACL, client id = station id, the agent on a listener of its own; the stations
+        # reach it in plain MQTT on loopback (TLS 8883 is there for boards)
+        self._mosq = Mosquitto.deployment(
+            self.workdir / "mosquitto",
+            stations=self._sids(),
+            station_local=True,
+            fleet_size=self.cfg.stations,
+        )
+        for sid in self._sids():  # a demo restarted with more stations
+            self._mosq.station_login(sid)
         self._mosq.start()
-        self.broker_note = "private Mosquitto"
+        self.broker_note = (
+            f"private Mosquitto: an account per station, ACL; config {self._mosq.conf}"
+        )
         return "127.0.0.1", self._mosq.port
+
+    def _sids(self) -> list[str]:
+        return [f"{self.cfg.sid_prefix}-{i + 1:04d}" for i in range(self.cfg.stations)]
+
+    def _logins(self) -> tuple[Accounts | None, tuple[str, str] | None]:
+        """(the fleet's accounts, the agent's login) on our own locked-down broker."""
+        m = self._mosq
+        if isinstance(m, Mosquitto) and m.setup_dir is not None:
+            return m.accounts(), ("agent", m.password("agent"))
+        return None, None
 
     def _thread_main(self) -> None:
         try:
@@ -247,11 +275,15 @@ class Demo:
         try:
             host, port = await loop.run_in_executor(None, self._broker)
             self.broker_url = f"mqtt://{host}:{port}"
+            accounts, login = self._logins()
+            user, password = login or (None, None)
             acfg = AgentConfig(
                 db=DbConfig(url=self.db_url, synchronous="normal"),
                 broker=BrokerConfig(
                     host=host,
                     port=port,
+                    user=user,
+                    password=password,
                     client_id=f"stationctl-demo-{secrets.token_hex(3)}"
                     if c.broker
                     else "stationctl-demo",
@@ -276,6 +308,7 @@ class Demo:
                 seed=c.seed,
                 telemetry_s=c.telemetry_s,
                 sid_prefix=c.sid_prefix + "-",
+                accounts=accounts,
             )
             await loop.run_in_executor(None, self.fleet.start)
             self._ready.set()

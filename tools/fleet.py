@@ -54,6 +54,7 @@ from agent.keys import KeyStore
 from agent.wire import check_sid
 from tools import fwbuild
 from tools.fleet_scenario import Action, ScenarioParams, StationScenario
+from tools.mosquitto import Accounts
 from tools.rig import FaultRates, Rig, RigHost
 from tools.rig.battery import Battery
 from tools.rig.rig import write_json_atomic
@@ -174,6 +175,7 @@ class Fleet:
         charger_timeout_ms: int = 200,
         persist_s: int = 60,
         on_action: Callable[[str, Action], None] | None = None,
+        accounts: Accounts | None = None,
     ) -> None:
         if not 1 <= n_stations <= 9999:
             raise ValueError(f"n_stations {n_stations} must be 1..9999")
@@ -208,6 +210,7 @@ class Fleet:
         self.bus_timeout_ms = bus_timeout_ms
         self.charger_timeout_ms = charger_timeout_ms
         self.on_action = on_action
+        self.accounts = accounts  # None: an anonymous broker on broker_port
         # one sampling period in simulated seconds, and what is sized from it
         self.dt_v = sample_ms / 1000 * self.accel
         self.stale_s = max(math.ceil(stale_samples * self.dt_v), math.ceil(2 * sample_ms / 1000))
@@ -280,7 +283,7 @@ class Fleet:
             key_hex=key.hex(),
             kid=kid,
             broker_port=self.broker_port,
-            broker={"host": self.broker_host, "prefix": self.prefix},
+            broker={"host": self.broker_host, "prefix": self.prefix, **self._login(sid)},
             boot_base=boot_base,
             sample_ms=self.sample_ms,
             telemetry_s=self.telemetry_s,
@@ -290,6 +293,13 @@ class Fleet:
             persist={"every_mwh": 10000, "every_s": self.persist_every_s},
             ntp="host" if self.accel == 1.0 else None,
         )
+
+    def _login(self, sid: str) -> dict[str, Any]:
+        """The station's own account and listener on a locked-down broker."""
+        if self.accounts is None:
+            return {}
+        a = self.accounts
+        return {"port": a.station_port, "user": sid, "password": a.station_password(sid)}
 
     def start(self) -> Self:
         if self._started:
@@ -827,6 +837,8 @@ class _Monitor:
         self.c.reconnect_delay_set(1, 2)
 
     def start(self) -> None:
+        if self.fleet.accounts is not None:
+            self.c.username_pw_set(*self.fleet.accounts.tool)
         self.c.connect_async(self.fleet.broker_host, self.fleet.broker_port, keepalive=30)
         self.c.loop_start()
 

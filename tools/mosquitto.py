@@ -3,6 +3,12 @@
 It can be stopped and restarted on the same port with its persistence file kept, which is
 how tests simulate a broker outage. Configuration follows CONTRACT §5: persistence on and
 queues sized for a day of backlog.
+
+`Mosquitto.deployment(...)` runs the configuration `stationctl broker init` writes (accounts,
+ACLs, TLS, client id bound to the station's name): the demo's broker and every test about
+the link. `Mosquitto(...)` writes a minimal one-listener configuration: with a password
+file, or anonymous only when asked with `insecure=True` (tests and benches of the agent's
+logic on loopback, where the broker's rules are not what is tested).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def find_mosquitto() -> str:
@@ -57,6 +65,17 @@ def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM
             proc.wait()
 
 
+@dataclass(frozen=True)
+class Accounts:
+    """How clients log in to a locked-down deployment broker: stations with their own
+    account on `station_port`; a fleet tool (the rig's monitor: reads the fleet, sends
+    commands) with the agent-side account `tool` on the broker's agent port."""
+
+    station_port: int
+    station_password: Callable[[str], str]
+    tool: tuple[str, str]
+
+
 class Mosquitto:
     """Start with `start()`, stop with `stop()` (SIGTERM, persistence saved) or `kill()`."""
 
@@ -69,9 +88,11 @@ class Mosquitto:
         acl_file: str | None = None,
         max_queued: int = 1_000_000,
         config: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         """`config`: start from this configuration file instead of writing one; `port` is
-        then the port it listens on that `start()` waits for (required)."""
+        then the port it listens on that `start()` waits for (required). Without a config
+        or a password file, anonymous access must be asked for (`insecure`)."""
         self.dir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="mosq-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir / "mosquitto.log"
@@ -86,6 +107,8 @@ class Mosquitto:
             self.port = port
             self.conf = pathlib.Path(config)
             return
+        if not (password_file or insecure):
+            raise ValueError("an anonymous broker needs insecure=True (or a password file)")
         self.port = port or free_port()
         lines = [
             f"listener {self.port} 127.0.0.1",
@@ -189,6 +212,19 @@ class Mosquitto:
             raise ValueError("not a deployment broker: it has no accounts")
         sub = "stations/" if user.isupper() else ""
         return (self.setup_dir / "passwords" / f"{sub}{user}").read_text().strip()
+
+    def accounts(self) -> Accounts:
+        """Logins for a fleet on this deployment (made with `station_local`)."""
+        if self.station_port is None:
+            raise ValueError("no loopback station listener (deployment(station_local=True))")
+        return Accounts(self.station_port, self.station_login, ("agent", self.password("agent")))
+
+    def station_login(self, sid: str) -> str:
+        """sid's password, its account added first when it has none."""
+        try:
+            return self.password(sid)
+        except FileNotFoundError:
+            return self.add_station(sid)
 
     def add_station(self, sid: str) -> str:
         """A station account (a fresh password, returned), live: the broker re-reads its
