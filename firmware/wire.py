@@ -374,6 +374,10 @@ def decode(b):
         raise WireError("malformed", "truncated JSON")
     except UnicodeError:
         raise WireError("malformed", "bad text")
+    except WireError:
+        raise
+    except ValueError:  # CPython only: int() refuses more than 4300 digits
+        raise WireError("malformed", "number too long")
     if p != len(b):
         raise _bad("trailing bytes", p)
     return v

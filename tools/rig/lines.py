@@ -77,7 +77,10 @@ def _dec(field: bytes, signed: bool = False) -> int | None:
         return None
     if neg and digits == b"0":
         return None
-    v = int(digits)
+    try:
+        v = int(digits)
+    except ValueError:  # over 4300 digits (sys.get_int_max_str_digits)
+        return None
     return -v if neg else v
 
 
