@@ -10,6 +10,7 @@ parameters import this module, not the service. See agent/config.example.toml.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import pathlib
 import re
@@ -76,10 +77,40 @@ class IngestConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DashboardConfig:
-    """[dashboard]: serve the operator dashboard (agent/dashboard) from the agent's loop."""
+    """[dashboard]: serve the operator dashboard (agent/dashboard) from the agent's loop.
+    `login` (docs/dashboard.md, Login): "off" (loopback hosts only), "on" (everyone logs
+    in) or "remote" (loopback clients are let in as `local_role`, others log in).
+    `users_db`: accounts and acknowledgements (default: users.db beside a SQLite agent
+    database; required with PostgreSQL once login is on)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
+    login: str = "off"
+    local_role: str = "operator"
+    users_db: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.login not in ("off", "on", "remote"):
+            raise ValueError(f"login must be off, on or remote, not {self.login!r}")
+        if self.local_role not in ("viewer", "operator", "admin"):
+            raise ValueError(
+                f"local_role must be viewer, operator or admin, not {self.local_role!r}"
+            )
+        if self.login == "off" and not is_loopback(self.host):
+            raise ValueError(
+                f'login = "off" needs a loopback host, not {self.host!r}: '
+                'set login = "on" (or "remote") to serve other machines'
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """An address (or "localhost") that only this machine can reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +158,7 @@ _PATHS = {
     "broker": ("tls_ca", "tls_cert", "tls_key"),
     "carbon": ("params",),
     "db": ("archive_dir",),
+    "dashboard": ("users_db",),
 }
 
 

@@ -1207,9 +1207,15 @@ class Service:
             return None
         from agent import health
         from agent.dashboard import DashboardServer, Live, make_app
+        from agent.dashboard.auth import from_config
 
         live = Live(self.cfg.db.url, carbon_params=self.cfg.carbon_params)
-        app = make_app(self.cfg.db.url, live=live, extra_routes=health.routes(self.health))
+        app = make_app(
+            self.cfg.db.url,
+            live=live,
+            extra_routes=health.routes(self.health),
+            auth=from_config(dc, self.cfg.db.url),
+        )
         server = DashboardServer(app, dc.host, dc.port, stop_timeout=STOP_FLUSH_S + STOP_DB_S)
         try:
             await server.start()

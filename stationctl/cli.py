@@ -27,6 +27,7 @@ COMMANDS = [
     "stationctl.sim",
     "stationctl.watch",
     "stationctl.dashboard",
+    "stationctl.users",
 ]
 
 

@@ -1,4 +1,5 @@
-"""The dashboard's HTTP JSON API: read-only, GET only (documented in docs/dashboard.md).
+"""The dashboard's HTTP JSON API (documented in docs/dashboard.md): GET only, but for
+`POST /api/alarms/ack` when the app has a users database (agent/dashboard/auth.py).
 
 Handlers are plain functions: Starlette runs them in its thread pool, so a view that takes
 the state lock never stalls the event loop the agent ingests on.
@@ -6,6 +7,7 @@ the state lock never stalls the event loop the agent ingests on.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -16,7 +18,9 @@ from starlette.routing import Route
 
 from agent.wire import SID_RE
 
+from .auth import Auth, principal
 from .live import Live
+from .users import UserStore
 
 _encode = msgspec.json.Encoder().encode
 _HEADERS = {"Cache-Control": "no-store"}
@@ -69,16 +73,71 @@ def _known(live: Live, sid: str | None) -> bool:
     return sid is None or live.view(lambda s, now: sid in s.stations)
 
 
+def _users(request: Request) -> UserStore | None:
+    auth: Auth | None = request.app.state.auth
+    return None if auth is None else auth.store
+
+
 def health(request: Request) -> Response:
-    return json_response(_live(request).health())
+    h = _live(request).health()
+    auth: Auth | None = request.app.state.auth
+    if auth is not None:
+        h["auth"] = {"login": auth.mode, **auth.counters}
+    return json_response(h)
 
 
 def fleet(request: Request) -> Response:
     return json_response(_live(request).fleet())
 
 
+def with_acks(store: UserStore | None, view: dict[str, Any]) -> dict[str, Any]:
+    """The alarms view with `acked_by` and `acked_at` (null when not acknowledged) on each
+    active alarm, from the users database."""
+    if store is None:
+        return view
+    found = store.acks([(a["id"], a["since_ms"]) for a in view["active"]])
+    for a in view["active"]:
+        ack = found.get((a["id"], a["since_ms"]))
+        a["acked_by"] = ack.user if ack else None
+        a["acked_at"] = ack.at_ms if ack else None
+    return view
+
+
 def alarms(request: Request) -> Response:
-    return json_response(_live(request).view(lambda s, now: s.alarms(now)))
+    view = _live(request).view(lambda s, now: s.alarms(now))
+    return json_response(with_acks(_users(request), view))
+
+
+async def ack(request: Request) -> Response:
+    """Acknowledge an active alarm: `{"id": "SID:code[:slot]", "since_ms": …}` (since_ms
+    optional: it pins the alarm's occurrence, so an acknowledgement meant for one that has
+    since cleared and come back is refused with 409). Role operator or above."""
+    store = _users(request)
+    p = principal(request)
+    assert store is not None and p is not None  # routed only with a users db and the middleware
+    if not p.may("operator"):
+        return error(403, f"acknowledging alarms needs role operator (you are {p.role})")
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return error(415, "send JSON")
+    try:
+        body = msgspec.json.decode(await request.body())
+        aid, since = body.get("id"), body.get("since_ms")
+        if not isinstance(aid, str) or not (since is None or type(since) is int):
+            raise TypeError
+    except (msgspec.DecodeError, AttributeError, TypeError):
+        return error(400, 'send {"id": "<alarm id>", "since_ms": <its since_ms>}')
+    live = _live(request)
+    active = await run_in_threadpool(
+        live.view, lambda s, now: {a["id"]: a["since_ms"] for a in s.active()}
+    )
+    if aid not in active:
+        return error(404, f"no active alarm {aid}")
+    if since is not None and since != active[aid]:
+        return error(409, f"alarm {aid} has cleared and been raised again since")
+    a = await run_in_threadpool(store.ack, aid, active[aid], p.name)
+    return json_response(
+        {"id": a.alarm_id, "since_ms": a.since_ms, "acked_by": a.user, "acked_at": a.at_ms}
+    )
 
 
 def station(request: Request) -> Response:
@@ -142,11 +201,35 @@ async def live_stream(request: Request) -> Response:
     first = await run_in_threadpool(live.payload, topic)
     if first is None:
         return error(404, f"no station {topic[8:]}")
+    stream = live.hub.stream(topic, first)
+    store = _users(request)
+    if topic == "alarms" and store is not None:
+        stream = _acked(store, stream)
     return StreamingResponse(
-        live.hub.stream(topic, first),
+        stream,
         media_type="text/event-stream",
         headers={**_HEADERS, "X-Accel-Buffering": "no"},
     )
+
+
+async def _acked(store: UserStore, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The alarms topic's messages with their acknowledgements (the hub's payload is the
+    same for every client; acknowledgements live in the users database)."""
+
+    def add(chunk: bytes) -> bytes:
+        lines = chunk.split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b"data: "):
+                view = with_acks(store, msgspec.json.decode(line[6:]))
+                lines[i] = b"data: " + _encode(view)
+        return b"\n".join(lines)
+
+    async for chunk in stream:
+        yield await run_in_threadpool(add, chunk) if b"data: " in chunk else chunk
+
+
+def ack_routes() -> list[Route]:
+    return [Route("/api/alarms/ack", ack, methods=["POST"])]
 
 
 def routes() -> list[Route]:

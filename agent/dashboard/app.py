@@ -19,12 +19,15 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import api
+from .auth import Auth, AuthMiddleware
+from .auth import routes as auth_routes
 from .live import Live
 from .state import ViewConfig
 
@@ -45,11 +48,14 @@ def make_app(
     poll_s: float = 1.0,
     live: Live | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    auth: Auth | None = None,
 ) -> Starlette:
     """The dashboard over the agent database at `db_url` (a path, sqlite:///PATH or
     postgresql://…). `app.state.live` is the `Live` poller (call `.nudge()` after a
     commit). `extra_routes`: more endpoints on the same server (the agent's /healthz and
-    /metrics)."""
+    /metrics). `auth`: login, roles and alarm acknowledgements (agent/dashboard/auth.py);
+    None: no login and nothing to change (the read-only dashboard). The app closes `auth`
+    when it stops."""
     lv = live or Live(db_url, cfg, carbon_params=carbon_params, poll_s=poll_s)
 
     @contextlib.asynccontextmanager
@@ -59,6 +65,8 @@ def make_app(
             yield
         finally:
             lv.stop()
+            if auth is not None:
+                auth.close()
 
     app = Starlette(
         routes=[
@@ -66,12 +74,16 @@ def make_app(
             Route("/stations/{sid}", _page, methods=["GET"]),
             Route("/alarms", _page, methods=["GET"]),
             *api.routes(),
+            *(auth_routes() if auth is not None else ()),
+            *(api.ack_routes() if auth is not None and auth.store is not None else ()),
             *extra_routes,
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
+        middleware=[Middleware(AuthMiddleware, auth=auth)] if auth is not None else [],
         lifespan=lifespan,
     )
     app.state.live = lv
+    app.state.auth = auth
     return app
 
 

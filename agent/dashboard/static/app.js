@@ -37,10 +37,44 @@ function ago(ms, now) {
 const clock = t => new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 const dayLabel = t => new Date(t).toISOString().slice(5, 10);
 
+function toLogin() {
+  location.assign("/login?next=" + encodeURIComponent(location.pathname));
+}
+
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
+  if (r.status === 401) toLogin();
   if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
   return r.json();
+}
+
+// ---- who is logged in (GET /api/me; 404: a dashboard without login or accounts) ----------
+const ROLES = ["viewer", "operator", "admin"];
+let ME = null;
+const may = role => ME !== null && ROLES.indexOf(ME.role) >= ROLES.indexOf(role);
+
+async function loadMe() {
+  const r = await fetch("/api/me", { cache: "no-store" });
+  if (r.status === 401) { toLogin(); return; }
+  if (!r.ok) return;
+  ME = await r.json();
+  $("#user-name").textContent = `${ME.user} (${ME.role})`;
+  $("#logout").hidden = ME.via !== "session";
+  $("#userbar").hidden = false;
+}
+
+// a state-changing request: JSON, with the session's CSRF token
+function postJSON(url, obj) {
+  return fetch(url, {
+    method: "POST", cache: "no-store", credentials: "same-origin",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": ME ? ME.csrf || "" : "" },
+    body: JSON.stringify(obj),
+  });
+}
+
+async function logout() {
+  await postJSON("/logout", {});
+  location.assign("/login");
 }
 
 // ---- live updates ---------------------------------------------------------------------
@@ -48,7 +82,10 @@ function live(topic, onData) {
   const conn = $("#conn");
   const es = new EventSource("/api/live?topic=" + encodeURIComponent(topic));
   es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
-  es.onerror = () => { conn.textContent = "reconnecting…"; conn.className = "conn wait"; };
+  es.onerror = () => {
+    conn.textContent = "reconnecting…"; conn.className = "conn wait";
+    fetch("/api/me", { cache: "no-store" }).then(r => { if (r.status === 401) toLogin(); }).catch(() => {});
+  };
   es.onmessage = ev => {
     conn.textContent = "live"; conn.className = "conn live";
     try {
@@ -108,15 +145,22 @@ function drawDaily(container, rows) {
   Chart.bars(container, rows, ENERGY_SERIES, { label: dayLabel, yfmt: axisKwh });
 }
 
-function alarmItem(a, now, withSid) {
+// acknowledgement (the alarms page only): who and when, or a button for operators
+function ackPart(a) {
+  if (a.acked_by) return `<span class="acked" data-acked-by="${esc(a.acked_by)}">acknowledged by ${esc(a.acked_by)} at ${esc(clock(a.acked_at))}</span>`;
+  if (a.acked_by === null && may("operator")) return `<button type="button" class="ack" data-ack="${esc(a.id)}" data-since="${a.since_ms}">Acknowledge</button>`;
+  return "";
+}
+
+function alarmItem(a, now, withSid, withAck) {
   const where = (withSid && a.sid ? `<a href="/stations/${esc(a.sid)}">${esc(a.sid)}</a> · ` : "") + (a.slot ? `slot ${a.slot} · ` : "");
-  return `<li class="${esc(a.level)}" data-alarm-id="${esc(a.id)}"><span class="when">since ${esc(clock(a.since_ms))}</span>` +
+  return `<li class="${esc(a.level)}" data-alarm-id="${esc(a.id)}">${withAck ? ackPart(a) : ""}<span class="when">since ${esc(clock(a.since_ms))}</span>` +
     `<b>${esc(a.code)}</b> · ${where}${esc(a.msg)}</li>`;
 }
 
-function alarmList(alarms, now, withSid) {
+function alarmList(alarms, now, withSid, withAck) {
   if (!alarms.length) return `<li class="none">No active alarm</li>`;
-  return alarms.map(a => alarmItem(a, now, withSid)).join("");
+  return alarms.map(a => alarmItem(a, now, withSid, withAck)).join("");
 }
 
 function eventList(events, withSid) {
@@ -267,8 +311,17 @@ function alarmsPage(main) {
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
     <section class="panel"><h2>Quarantined messages since the dashboard started</h2><div id="quarantine"></div></section>
     <section class="panel"><h2>Events (newest first)</h2><ul class="alarms" id="events"></ul></section>`;
+  $("#alarms").addEventListener("click", async ev => {
+    const b = ev.target.closest("button.ack");
+    if (!b) return;
+    b.disabled = true;
+    const r = await postJSON("/api/alarms/ack", { id: b.dataset.ack, since_ms: Number(b.dataset.since) });
+    if (r.ok) { b.outerHTML = ackPart(await r.json()); return; }
+    b.disabled = false;
+    b.title = "HTTP " + r.status;
+  });
   live("alarms", d => {
-    $("#alarms").innerHTML = alarmList(d.active, d.now, true);
+    $("#alarms").innerHTML = alarmList(d.active, d.now, true, true);
     setBadge(d.active);
     const q = Object.entries(d.quarantine_total);
     $("#quarantine").innerHTML = q.length ? `<table><tr><th>Reason</th><th class="num">Messages</th></tr>` +
@@ -278,7 +331,9 @@ function alarmsPage(main) {
 }
 
 // ---- router -----------------------------------------------------------------------------
-(function route() {
+(async function route() {
+  $("#logout").addEventListener("click", logout);
+  await loadMe().catch(() => {});
   const main = $("#main");
   const path = location.pathname;
   const m = path.match(/^\/stations\/([A-Z0-9][A-Z0-9-]{2,31})\/?$/);
