@@ -30,7 +30,7 @@ HEAP = "256k"  # see firmware/README: 64-bit objects and non-frozen bytecode on 
 class Collector:
     """A paho subscriber on stations/# that keeps every delivery, duplicates included."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, login: tuple[str, str]) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
         self.c = mqtt.Client(
@@ -39,6 +39,7 @@ class Collector:
         self.c.on_message = self._on
         self.c.on_connect = lambda c, *_: c.subscribe("stations/#", 1)
         self.c.reconnect_delay_set(0.1, 0.5)
+        self.c.username_pw_set(*login)
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
 
@@ -63,6 +64,18 @@ class Collector:
 
 
 @pytest.fixture
+def mosquitto(locked_broker: Mosquitto) -> Mosquitto:
+    """The deployment's broker rules: the station logs in with its own account on the
+    stations' listener; the collector and the command sender with the agent's."""
+    locked_broker.add_station(SID)
+    return locked_broker
+
+
+def agent_login(broker: Mosquitto) -> tuple[str, str]:
+    return ("agent", broker.password("agent"))
+
+
+@pytest.fixture
 def rig(tmp_path: pathlib.Path) -> Iterator[Rig]:
     with Rig(slots=2, seed=9, workdir=tmp_path / "rig") as r:
         yield r
@@ -78,6 +91,7 @@ def start_station(
         slots=2,
         key_hex=KEY.hex(),
         broker_port=broker.port,
+        broker={"port": broker.station_port, "user": SID, "password": broker.password(SID)},
         sample_ms=500,
         stale_s=3,
         telemetry_s=1,
@@ -105,7 +119,7 @@ def wait(pred: Any, timeout: float, what: str) -> None:
 def test_telemetry_verifies_and_validates(
     tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
 ) -> None:
-    col = Collector(mosquitto.port)
+    col = Collector(mosquitto.port, agent_login(mosquitto))
     rig.insert(1, pack="72V", power_w=1200, capacity_wh=2, soc=0.6)
     st = start_station(tmp_path, rig, mosquitto)
     try:
@@ -133,7 +147,7 @@ def test_telemetry_verifies_and_validates(
 def test_broker_outage_loses_nothing_and_drains_oldest_first(
     tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
 ) -> None:
-    col = Collector(mosquitto.port)
+    col = Collector(mosquitto.port, agent_login(mosquitto))
     rig.insert(1, pack="72V", power_w=1000, capacity_wh=50, soc=0.2)
     st = start_station(tmp_path, rig, mosquitto)
     try:
@@ -177,7 +191,7 @@ def test_broker_outage_loses_nothing_and_drains_oldest_first(
 def test_power_cut_during_outage_keeps_the_backlog(
     tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
 ) -> None:
-    col = Collector(mosquitto.port)
+    col = Collector(mosquitto.port, agent_login(mosquitto))
     rig.insert(1, pack="72V", power_w=1000, capacity_wh=50, soc=0.2)
     st = start_station(tmp_path, rig, mosquitto)
     wait(lambda: len(col.signed()) >= 2, 30, "first messages")
@@ -205,7 +219,7 @@ def test_power_cut_during_outage_keeps_the_backlog(
 def test_full_outbox_drops_oldest_telemetry_and_keeps_energy(
     tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
 ) -> None:
-    col = Collector(mosquitto.port)
+    col = Collector(mosquitto.port, agent_login(mosquitto))
     rig.insert(1, pack="72V", power_w=1500, capacity_wh=50, soc=0.2)
     st = start_station(tmp_path, rig, mosquitto, outbox={"max_bytes": 8192})
     try:
@@ -240,9 +254,10 @@ def sign_cmd(obj: dict[str, Any]) -> bytes:
 def test_signed_commands_and_refusals(
     tmp_path: pathlib.Path, rig: Rig, mosquitto: Mosquitto
 ) -> None:
-    col = Collector(mosquitto.port)
+    col = Collector(mosquitto.port, agent_login(mosquitto))
     st = start_station(tmp_path, rig, mosquitto)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="operator")
+    pub.username_pw_set(*agent_login(mosquitto))  # commands: the agent's account may send
     pub.connect("127.0.0.1", mosquitto.port)
     pub.loop_start()
     topic = f"stations/{SID}/cmd"
