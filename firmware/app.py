@@ -183,6 +183,7 @@ def build_uplink(cfg, st, clock):
         clean_session=False,
         window=16,
         tls=b["tls"],
+        ca=cfg.pop("ca_der", None),  # parsed into the TLS context once, then let go
         connect_timeout_ms=5000,
         backoff_min_ms=250,
         backoff_max_ms=10000,
@@ -241,6 +242,8 @@ def load_config(path="config.json"):
     try:
         cfg = config.load(path)
         cfg["key_bytes"] = config.key_bytes(cfg)
+        cfg["ca_der"] = config.tls_ca(cfg)
+        cfg["broker"]["ca"] = None  # the base64 text is not needed again
     except config.ConfigError as e:
         raise StartError(str(e))
     finally:

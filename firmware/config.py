@@ -78,6 +78,63 @@ def _host_or_null(v):
     return None if v is None or (isinstance(v, str) and v) else "must be a host name or null"
 
 
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+CA_MAX = 6000  # base64 characters: a CA certificate, with room for an RSA-4096 one
+
+
+def _der_len(der, i):
+    """(length, offset of the contents) of the DER element whose tag is at i, or None."""
+    if i + 2 > len(der):
+        return None
+    n = der[i + 1]
+    if n < 0x80:
+        return n, i + 2
+    k = n & 0x7F
+    if not 1 <= k <= 2 or i + 2 + k > len(der):
+        return None
+    n = 0
+    for b in der[i + 2 : i + 2 + k]:
+        n = n << 8 | b
+    return n, i + 2 + k
+
+
+def ca_der(text):
+    """The pinned CA certificate (broker.ca: DER as base64 on one line, i.e. the body of
+    its PEM file without the BEGIN/END lines) as bytes; ValueError saying why not.
+    Well-formed means: base64 with its padding, and DER holding one SEQUENCE (the
+    certificate) that fills it exactly and opens with another (the signed part). The TLS
+    library checks the rest when it loads it."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("must be the CA certificate, DER as base64")
+    if text.startswith("-----BEGIN"):
+        raise ValueError("must be DER as base64: the PEM body on one line, without -----BEGIN")
+    if len(text) > CA_MAX or len(text) % 4 or any(c not in _B64 for c in text.rstrip("=")):
+        raise ValueError("is not base64 (one line, padded with =, at most %d characters)" % CA_MAX)
+    import binascii
+
+    try:
+        der = binascii.a2b_base64(text)
+    except Exception:  # binascii.Error on CPython, ValueError on MicroPython
+        raise ValueError("is not base64")
+    outer = _der_len(der, 0) if der and der[0] == 0x30 else None
+    if outer is None or outer[0] + outer[1] != len(der):
+        raise ValueError("is not a DER certificate (one SEQUENCE filling it)")
+    inner = _der_len(der, outer[1]) if outer[1] < len(der) and der[outer[1]] == 0x30 else None
+    if inner is None or inner[0] + inner[1] > len(der):
+        raise ValueError("is not a DER certificate (no signed part)")
+    return der
+
+
+def _ca(v):
+    if v is None:
+        return None  # refused with tls on, by validate()
+    try:
+        ca_der(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 # key: (check, default or _NOTHING when required). Nested dicts are their own schemas.
 BROKER = {
     "host": (_str, _NOTHING),
@@ -86,6 +143,8 @@ BROKER = {
     "user": (_str, _NOTHING),
     "password": (lambda v: None if isinstance(v, str) else "must be a string", ""),
     "prefix": (_str, "stations"),
+    # the broker's CA, pinned (CONTRACT §5; an addition to §9's keys): required with tls
+    "ca": (_ca, None),
 }
 CHARGER = {
     "uart": (_uart, _NOTHING),
@@ -205,7 +264,12 @@ def validate(obj):
     if kind not in NET_KINDS:
         raise ConfigError("net.kind", "must be one of wifi, lan, ppp, host")
     cfg["net"] = _apply(NET_KINDS[kind], net, "net.")
-    if cfg["broker"]["user"] != cfg["sid"]:
+    b = cfg["broker"]
+    if b["tls"] and b["ca"] is None:
+        # no "verify nothing" setting: a station that trusts any certificate sends its
+        # password and telemetry to whoever answers on the broker's address
+        raise ConfigError("broker.ca", "missing: with tls the broker's CA must be pinned")
+    if b["user"] != cfg["sid"]:
         raise ConfigError("broker.user", "must equal sid (the broker ACL keys on it)")
     if cfg["stale_s"] * 1000 < 2 * cfg["sample_ms"]:
         raise ConfigError("stale_s", "must cover at least two sampling periods")
@@ -233,6 +297,12 @@ def key_bytes(cfg):
     """The 32-byte station key (never logged)."""
     h = cfg["key"]
     return bytes(int(h[i : i + 2], 16) for i in range(0, 64, 2))
+
+
+def tls_ca(cfg):
+    """The pinned CA as DER bytes when the station uses TLS, else None."""
+    b = cfg["broker"]
+    return ca_der(b["ca"]) if b["tls"] else None
 
 
 def example(sid="KH-PNH-0001", charger="/dev/ttyUSB0", bus="/dev/ttyUSB1", slots=8):

@@ -44,12 +44,65 @@ async def _wait_ms(aw, ms):
     return await asyncio.wait_for(aw, ms / 1000)
 
 
+# mbedTLS: X509 certificate verification failed; the server's Certificate message bad
+_MBEDTLS_CERT_ERRNOS = (-0x2700, -0x7A00)
+
+
+class CertError(OSError):
+    """The broker's TLS certificate was refused: not signed by the pinned CA, expired, or
+    not issued for the host name we connect to. Not a network failure: retrying reaches
+    the same broker, so the station raises an alarm (once per streak of them)."""
+
+
+def _cert_failure(e):
+    """Is this handshake failure the certificate check? MicroPython's TLS raises ValueError
+    carrying mbedTLS's verification text (OSError(-0x2700) when built without it), CPython
+    ssl.SSLCertVerificationError (a ValueError too)."""
+    if isinstance(e, (CertError, ValueError)):
+        return True
+    return isinstance(e, OSError) and bool(e.args) and e.args[0] in _MBEDTLS_CERT_ERRNOS
+
+
+def _cert_error(e):
+    msg = e.args[-1] if e.args else e
+    if not isinstance(msg, str):
+        msg = str(msg)
+    return CertError("broker certificate refused: " + " ".join(msg.split())[:120])
+
+
 def _io(e):
-    """Whatever the socket or TLS layer raised is an I/O failure: MicroPython's TLS, for
-    one, reports a certificate it cannot verify as ValueError."""
+    """Whatever the socket or TLS layer raised is an I/O failure (the certificate check
+    was told apart before: MQTTClient._classify)."""
     if isinstance(e, (OSError, EOFError, asyncio.TimeoutError)):
         return e
     return OSError("%s: %s" % (type(e).__name__, e))
+
+
+def _close_raw(raw):
+    """MicroPython's TLS socket lets go of its TCP socket, unclosed, when the handshake
+    fails (a refused certificate): one descriptor lost per attempt unless closed here.
+    Closing it again after a normal close does nothing."""
+    if raw is not None:
+        try:
+            raw.close()
+        except Exception:
+            pass
+
+
+def tls_context(ca):
+    """A TLS client context that requires the broker's certificate to chain to `ca` (one CA
+    certificate, DER bytes) and, at wrap time, to name the host (server_hostname). Built
+    once per client and reused for every connection: mbedTLS parses the CA here only."""
+    import ssl
+
+    if not _MP:
+        # CPython: CERT_REQUIRED and check_hostname
+        return ssl.create_default_context(cadata=ca)  # type: ignore[attr-defined]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # MicroPython's client default is CERT_NONE (the stubs miss the attribute)
+    ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]
+    ctx.load_verify_locations(cadata=ca)
+    return ctx
 
 
 class MQTTError(Exception):
@@ -67,9 +120,14 @@ class MQTTClient:
       on_message(topic, payload, retain)  a subscribed message (PUBACK follows the call)
       on_connect(session_present)    after every successful (re)connect, once the
                                      retransmissions are out (publish a birth from a task)
+      on_cert_error(message)         the broker's TLS certificate was refused, the first
+                                     time in a streak of failures (a connect ends it)
+    TLS: tls=True with `ca` (the broker's CA, DER bytes) verifies the broker's certificate
+    against it and against `host`; tls=True without a CA is refused (ValueError). `tls` may
+    also be a ready ssl.SSLContext, used as it is.
     Counters (ints, for status and telemetry): attempts, connects, reconnects,
-    proto_errors, timeouts, io_errors, refused, internal_errors, retransmits, acked,
-    dup_acks, sub_errors, cb_errors; see counters()."""
+    proto_errors, timeouts, io_errors, cert_errors, refused, internal_errors, retransmits,
+    acked, dup_acks, sub_errors, cb_errors; see counters()."""
 
     def __init__(
         self,
@@ -83,6 +141,7 @@ class MQTTClient:
         clean_session=False,
         window=16,
         tls=False,
+        ca=None,
         max_packet=8192,
         connect_timeout_ms=10000,
         io_timeout_ms=10000,
@@ -105,6 +164,10 @@ class MQTTClient:
         )
         self._ka = keepalive_s * 1000
         self._window = window
+        if tls is True:
+            if not ca:
+                raise ValueError("tls needs the broker's CA (ca=DER bytes): stations verify")
+            tls = tls_context(ca)  # the CA parsed once, not at every connect
         self._tls = tls
         self._cto = connect_timeout_ms
         self._ito = io_timeout_ms
@@ -114,10 +177,14 @@ class MQTTClient:
         self.on_puback = None
         self.on_message = None
         self.on_connect = None
+        self.on_cert_error = None
         self.connected = False
         self.last_error = ""
         self.attempts = self.connects = self.reconnects = 0
         self.proto_errors = self.timeouts = self.io_errors = self.refused = 0
+        self.cert_errors = 0
+        self._cert_streak = False  # a certificate refusal since the last connect
+        self._cause = None  # what ended the current attempt or connection first
         self.retransmits = self.acked = self.dup_acks = 0
         self.sub_errors = self.cb_errors = self.internal_errors = 0
         self._dec = mc.Decoder(max_packet)
@@ -136,6 +203,7 @@ class MQTTClient:
         self._rc = -1  # CONNACK return code, -1 until it arrives
         self._sp = False  # CONNACK session present
         self._r = self._w = self._sock = None
+        self._raw = None  # the TCP socket under TLS: a refused handshake leaves it open
         self._tasks = []
         self._last_rx = timebase.ticks_ms()
 
@@ -149,6 +217,7 @@ class MQTTClient:
             "proto_errors": self.proto_errors,
             "timeouts": self.timeouts,
             "io_errors": self.io_errors,
+            "cert_errors": self.cert_errors,
             "refused": self.refused,
             "retransmits": self.retransmits,
             "acked": self.acked,
@@ -213,22 +282,25 @@ class MQTTClient:
     async def connect(self):
         """One connection attempt within connect_timeout_ms: TCP (and TLS), CONNECT,
         CONNACK, resubscribe if the broker has no session, retransmit the in-flight
-        window. Raises OSError, asyncio.TimeoutError, mqtt_codec.ProtocolError or
-        MQTTError; run() calls this for you."""
+        window. Raises CertError (an OSError: the broker's certificate refused), OSError,
+        asyncio.TimeoutError, mqtt_codec.ProtocolError or MQTTError; run() calls this
+        for you."""
         await self._close()
         self.attempts += 1
         self._down = False
         self._rc = -1
+        self._cause = None
         self._ev.clear()
         self._dec.reset()
         try:
             sp = await _wait_ms(self._handshake(), self._cto)
             await self._resume(sp)
         except Exception as e:
-            self._fail(e)
+            self._fail(self._classify(e))
             await self._close()
-            raise
+            raise self._cause or e  # the first cause: a CertError says what went wrong
         self.connects += 1
+        self._cert_streak = False
         self._last_rx = timebase.ticks_ms()
         if self._ka:
             self._tasks.append(asyncio.create_task(self._keepalive()))
@@ -337,6 +409,7 @@ class MQTTClient:
                 ctx = self._tls
                 if ctx is True:
                     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                self._raw = s
                 s = ctx.wrap_socket(s, server_hostname=self.host, do_handshake_on_connect=False)
                 s.setblocking(False)
                 self._sock = s
@@ -347,11 +420,11 @@ class MQTTClient:
             )
         self._tasks.append(asyncio.create_task(self._reader()))
         if not await self._send(self._connect_pkt, True):
-            raise OSError("CONNECT not sent")
+            raise self._cause or OSError("CONNECT not sent")
         while self._rc < 0 and not self._down:
             await self._ev.wait()
         if self._down:
-            raise OSError("connection lost before CONNACK")
+            raise self._cause or OSError("connection lost before CONNACK")
         self._ev.clear()  # from now on it signals only the death of this connection
         if self._rc:
             raise MQTTError(self._rc)
@@ -387,8 +460,8 @@ class MQTTClient:
             if t is not cur:
                 t.cancel()
         self._tasks = []
-        s, w = self._sock, self._w
-        self._r = self._w = self._sock = None
+        s, w, raw = self._sock, self._w, self._raw
+        self._r = self._w = self._sock = self._raw = None
         if s is None and w is None:
             return
         # Close only once no writer is inside drain() on this socket: a task left waiting
@@ -409,6 +482,7 @@ class MQTTClient:
         except Exception:  # closing a dead socket may complain; it is closed either way
             pass
         finally:
+            _close_raw(raw)
             if locked:
                 self._lock.release()
 
@@ -419,8 +493,8 @@ class MQTTClient:
         for t in self._tasks:
             t.cancel()
         self._tasks = []
-        s, w = self._sock, self._w
-        self._r = self._w = self._sock = None
+        s, w, raw = self._sock, self._w, self._raw
+        self._r = self._w = self._sock = self._raw = None
         try:
             if s is not None:
                 s.close()
@@ -428,6 +502,7 @@ class MQTTClient:
                 w.close()
         except Exception:
             pass
+        _close_raw(raw)
 
     def _kill(self):
         """Mark the current connection dead and wake whoever waits on it."""
@@ -435,11 +510,24 @@ class MQTTClient:
         self._down = True
         self._ev.set()
 
+    def _classify(self, e):
+        """A failure of the TLS handshake that is the certificate check becomes CertError."""
+        if self._tls and self._rc < 0 and not isinstance(e, CertError) and _cert_failure(e):
+            return _cert_error(e)
+        return e
+
     def _fail(self, e):
         """Count a connection failure once (the first cause wins) and kill the link."""
         if self._down or self._quitting:
             return
-        if isinstance(e, mc.ProtocolError):
+        self._cause = e
+        if isinstance(e, CertError):
+            self.cert_errors += 1
+            if not self._cert_streak:  # once per streak: not one alarm per retry
+                self._cert_streak = True
+                if self.on_cert_error:
+                    self._call(self.on_cert_error, str(e))
+        elif isinstance(e, mc.ProtocolError):
             self.proto_errors += 1
         elif isinstance(e, asyncio.TimeoutError):
             self.timeouts += 1
@@ -465,7 +553,7 @@ class MQTTClient:
             return True
         except Exception as e:
             if self._w is w:  # else the connection was replaced meanwhile: not its fault
-                self._fail(_io(e))
+                self._fail(_io(self._classify(e)))
             return False
 
     async def _send(self, pkt, handshake=False):
@@ -491,7 +579,7 @@ class MQTTClient:
                         data = await r.read(len(buf))  # type: ignore[union-attr]
                         n = len(data)
                 except Exception as e:
-                    self._fail(_io(e))
+                    self._fail(_io(self._classify(e)))
                     return
                 if not n:
                     raise OSError("connection closed by broker")

@@ -191,7 +191,13 @@ def check_broker(cfg):
         if b["tls"]:
             import ssl
 
+            import config
+
+            # as the station's client does: the broker's certificate must chain to the
+            # pinned CA and name the host (a refusal is a ValueError saying why)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]
+            ctx.load_verify_locations(cadata=config.tls_ca(cfg))
             s = ctx.wrap_socket(s, server_hostname=b["host"])
         _send(
             s,

@@ -45,6 +45,7 @@ class Uplink:
         client.on_puback = self._acked
         client.on_connect = self._connected
         client.on_message = self._message
+        client.on_cert_error = self._cert_refused
 
     # -- making messages ------------------------------------------------------------------
     def _times(self):
@@ -140,6 +141,13 @@ class Uplink:
     async def _birth(self):
         await self.client.subscribe(self.c_topic, 1)
         await self.client.publish(self.s_topic, self.birth, 1, True)
+
+    def _cert_refused(self, msg):
+        """The broker's certificate failed the check against the pinned CA or host name:
+        someone else answers on its address, or the broker's certificate changed. The client
+        calls this once per streak of refusals and keeps retrying with its backoff; the
+        alarm waits in the outbox with everything else until a broker we trust takes it."""
+        self.st.alarm("tls_cert", "crit", msg)
 
     # -- commands ---------------------------------------------------------------------------
     def _message(self, topic, payload, retain):
