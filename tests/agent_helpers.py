@@ -430,13 +430,21 @@ class Publisher:
     Survives broker restarts: whatever was not confirmed is published again once the
     connection is back (a byte-identical resend, which the agent counts as a duplicate)."""
 
-    def __init__(self, port: int, client_id: str = "test-pub", window: int = 50) -> None:
+    def __init__(
+        self,
+        port: int,
+        client_id: str = "test-pub",
+        window: int = 50,
+        login: tuple[str, str] | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.window = window
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.c.reconnect_delay_set(0.05, 0.5)
+        if login:
+            self.c.username_pw_set(*login)
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         self.resent = 0
@@ -612,7 +620,9 @@ class AgentProcess:
         *,
         client_id: str = "proc-agent",
         extra: str = "",
+        broker_extra: str = "",
         cwd: Any = None,
+        log_level: str = "info",
     ) -> None:
         import pathlib
 
@@ -623,11 +633,12 @@ class AgentProcess:
         self.cfg = self.dir / f"{client_id}.toml"
         self.cfg.write_text(
             f'[db]\nurl = "{db_url}"\nsynchronous = "normal"\n'
-            f'[broker]\nport = {broker_port}\nclient_id = "{client_id}"\n'
+            f'[broker]\nport = {broker_port}\nclient_id = "{client_id}"\n{broker_extra}'
             f"[ingest]\nrecords_interval_ms = 50\n"
             f"[health]\nport = {self.health_port}\n" + extra
         )
         self.log = self.dir / f"{client_id}.log"
+        self.log_level = log_level
         self.cwd = cwd or ROOT
         self.proc: Any = None
         self._from = 0
@@ -637,7 +648,7 @@ class AgentProcess:
 
         self._from = self.log.stat().st_size if self.log.exists() else 0  # this run's log
         self.proc = subprocess.Popen(
-            [*STATIONCTL, "agent", "--config", str(self.cfg)],
+            [*STATIONCTL, "agent", "--config", str(self.cfg), "--log-level", self.log_level],
             cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),

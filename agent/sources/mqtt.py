@@ -36,7 +36,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from agent.sources.mqtt_codec import (
@@ -72,7 +72,7 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line
     tls: bool = False
     tls_ca: str | None = None  # CA bundle; the system's when None
     tls_cert: str | None = None  # client certificate (optional)
