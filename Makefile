@@ -1,5 +1,5 @@
 # The two commands of the README, and the pieces they are made of.
-.PHONY: setup demo test lint typecheck compile bench chaos soak kill-soak clean
+.PHONY: setup demo test lint typecheck compile bench chaos soak kill-soak fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,12 @@ soak: setup
 # tests/test_agent_kill.py's long variant: 60 SIGKILLs, 8 stations, a longer stream
 kill-soak: setup
 	STATIONCTL_KILL_SOAK=1 .venv/bin/python -m pytest -q -s tests/test_agent_kill.py $(PYTEST_ARGS)
+
+# Every external parser fuzzed, 100,000 cases each under a per-case time limit, the firmware's
+# also replayed on the MicroPython unix port (bench/fuzz.py; findings in bench/fuzz_findings/,
+# exit 1 on any). Outside the default test run (tests/test_fuzz_quick.py keeps it working).
+fuzz: setup
+	.venv/bin/python bench/fuzz.py $(ARGS)
 
 clean:
 	rm -rf .venv .stubs .pytest_cache .mypy_cache

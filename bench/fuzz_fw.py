@@ -1,0 +1,426 @@
+# Fuzz harnesses of the firmware's external parsers, shared by bench/fuzz.py (CPython), its
+# MicroPython replay (this file run by the unix port, `replay()` below) and the tests
+# (tests/test_fuzz_findings.py, tests/test_fuzz_quick.py): one definition everywhere.
+#
+# Each harness takes one case as bytes (a few leading bytes choose the parameters, the rest
+# is what crosses the wire) and returns normally when the parser handled it: it returned a
+# value or raised its documented error type, which the harness catches. Anything else that
+# escapes (another exception, or Bad: a check on what the parser returned) is a finding.
+#
+# MicroPython-compatible: no typing, no f-strings, only what the unix port has.
+import sys
+
+if sys.implementation.name != "micropython":  # CPython: the firmware's top-level modules
+    import os as _os
+
+    _fw = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "firmware")
+    _fw = _os.path.normpath(_fw)
+    if _fw not in sys.path:
+        sys.path.insert(0, _fw)
+
+import charger  # noqa: E402
+import commands  # noqa: E402
+import config  # noqa: E402
+import modbus  # noqa: E402
+import mqtt_codec  # noqa: E402
+import persist  # noqa: E402
+import registers  # noqa: E402
+import wire  # noqa: E402
+
+KEY = bytes(range(32))  # the fuzz station's key (a test key, never a real one)
+SID = "KH-FUZZ-0001"
+KID = 1
+NOW_MS = 1764150000000  # 2025-11-26: the clock of every synced case
+
+
+class Bad(Exception):
+    """A parser returned something it must not (a check of the harness failed)."""
+
+
+def check(cond, what):
+    if not cond:
+        raise Bad(what)
+
+
+def _chunks(data, k):
+    """data whole (k == 0) or in chunks of k bytes."""
+    if k == 0:
+        return [data]
+    return [data[i : i + k] for i in range(0, len(data), k)]
+
+
+# ---- charger lines (CONTRACT §3): charger.LineParser ----------------------------------------
+
+
+def fw_charger(data):
+    """data[0]: chunk size (0 whole); the rest: what the UART gives."""
+    if not data:
+        return
+    p = charger.LineParser()
+    for chunk in _chunks(data[1:], data[0] % 40):
+        for r in p.feed(chunk):
+            if r == charger.CS or r == charger.BAD:
+                continue
+            check(isinstance(r, charger.Reply), "LineParser gave %r" % (r,))
+            check(1 <= r.slot <= 16, "slot %r" % (r.slot,))
+            check(r.state in "IWCVFEX" and len(r.state) == 1, "state %r" % (r.state,))
+            check(0 <= r.mv <= 200000 and -200000 <= r.ma <= 200000, "mv/ma out of range")
+            check(-1000 <= r.t <= 2000 and 0 <= r.fault <= 65535, "t/fault out of range")
+            # the reply it stands for parses back to the same reading
+            line = charger.reply_line(r.slot, r.state, r.mv, r.ma, r.t, r.fault)
+            again = list(charger.LineParser().feed(line))
+            check(again == [r], "reply_line(%r) parses as %r" % (r, again))
+    p.pending()
+    p.reset()
+
+
+# ---- MQTT (firmware/mqtt_codec.py) ---------------------------------------------------------
+
+_MQTT_TYPES = (mqtt_codec.CONNACK, mqtt_codec.PUBLISH, mqtt_codec.PUBACK, mqtt_codec.SUBACK)
+
+
+def _mqtt_check(pk, max_packet):
+    t = pk.type
+    check(t in _MQTT_TYPES or t == mqtt_codec.PINGRESP, "packet type %r" % (t,))
+    if t == mqtt_codec.PUBLISH:
+        check(isinstance(pk.topic, str) and pk.topic, "empty topic")
+        check(pk.qos in (0, 1, 2) and (pk.qos == 0) == (pk.pid == 0), "qos/pid")
+        check(len(pk.payload) <= max_packet, "payload over max_packet")
+    elif t == mqtt_codec.CONNACK:
+        check(0 <= pk.rc <= 5, "CONNACK rc %r" % (pk.rc,))
+    elif t != mqtt_codec.PINGRESP:
+        check(0 < pk.pid < 65536, "pid %r" % (pk.pid,))
+
+
+def mqtt_publish_args(data):
+    """(topic, payload, qos, retain, dup, pid) for a PUBLISH built from data, or None."""
+    if len(data) < 5:
+        return None
+    tl = data[0] % 48
+    flags = data[1]
+    pid = (data[2] << 8) | data[3]
+    raw = bytes(data[4 : 4 + tl])
+    try:
+        topic = raw.decode()
+    except UnicodeError:
+        topic = "stations/" + SID + "/cmd"
+    return (topic, bytes(data[4 + tl :]), flags % 3, bool(flags & 4), bool(flags & 8), pid)
+
+
+def _mqtt_roundtrip(data):
+    """The firmware's PUBLISH encoder, then its decoder: the same fields back."""
+    args = mqtt_publish_args(data)
+    if args is None:
+        return
+    topic, payload, qos, retain, dup, pid = args
+    try:
+        pkt = mqtt_codec.publish(topic, payload, qos, retain, dup, pid)
+    except ValueError:
+        return  # a bad argument: the documented refusal
+    if qos and len(data) > 4 and data[4] & 1:
+        pid = 1 + (pid * 7 + 3) % 65535
+        mqtt_codec.set_pid(pkt, pid)
+    d = mqtt_codec.Decoder(max(16, len(pkt)))
+    try:
+        got = d.feed(pkt)
+    except mqtt_codec.ProtocolError as e:
+        if "+" in topic or "#" in topic or "\x00" in topic:
+            return  # not reached: the encoder refuses these
+        raise Bad("decoder refused the encoder's PUBLISH: %s" % e)  # noqa: B904 (MicroPython)
+    check(len(got) == 1, "%d packets from one PUBLISH" % len(got))
+    p = got[0]
+    check(p.type == mqtt_codec.PUBLISH and p.topic == topic, "topic")
+    check(p.payload == payload, "payload")
+    check(p.qos == qos and p.retain == retain and p.dup == dup, "flags")
+    check(p.pid == (pid if qos else 0), "pid")
+
+
+def fw_mqtt(data):
+    """data[0]: mode (bit 7: encode/decode round trip; bits 0-1: max_packet); data[1]: chunk
+    size; the rest: the byte stream from the broker."""
+    if len(data) < 2:
+        return
+    mode = data[0]
+    if mode & 0x80:
+        _mqtt_roundtrip(data[1:])
+        return
+    maxp = (16, 64, 512, 8192)[mode & 3]
+    d = mqtt_codec.Decoder(maxp)
+    try:
+        for chunk in _chunks(bytes(data[2:]), data[1] % 40):
+            for pk in d.feed(chunk):
+                _mqtt_check(pk, maxp)
+    except mqtt_codec.ProtocolError:
+        try:
+            d.feed(b"\xd0\x00")
+        except mqtt_codec.ProtocolError:
+            pass
+        else:
+            raise Bad("the decoder took bytes after failing")
+        d.reset()
+        check(len(d.feed(b"\xd0\x00")) == 1, "no PINGRESP after reset()")
+
+
+# ---- Modbus RTU replies (firmware/modbus.py) and their registers (registers.py) -------------
+
+_resp = None
+
+
+def _registers(regs):
+    """What the station does with a read's registers (meter floats, the BMS block)."""
+    for i in range(len(regs) - 1):
+        hi = regs[i]
+        lo = regs[i + 1]
+        for fn in (registers._energy_wh, registers._power_w):
+            try:
+                v = fn(hi, lo)
+                check(type(v) is int, "register value %r" % (v,))
+            except registers.BadReading:
+                pass
+        for fn in (registers.f32_kwh_to_wh, registers.f32_to_int):
+            v = fn(hi, lo)
+            check(v is None or type(v) is int, "f32 %r" % (v,))
+    if len(regs) == registers.BMS_REGS:
+        try:
+            registers.check_bms(regs)
+        except registers.BadReading:
+            pass
+        bat = registers.decode_bms(regs)
+        check(bat is None or len(bat["id"]) == 8, "bms %r" % (bat,))
+
+
+def _modbus_requests(data):
+    """The request encoders with raw arguments: ValueError is their refusal."""
+    buf = bytearray(260)
+    unit = data[0] - 4
+    fn = data[2] % 8
+    addr = ((data[4] << 8) | data[5]) - 8
+    count = data[6] - 4
+    try:
+        n = modbus.pack_read(buf, unit, fn, addr, count)
+        check(n == 8 and modbus.crc16(buf[:n]) == 0, "pack_read")
+    except ValueError:
+        pass
+    try:
+        n = modbus.pack_write_single(buf, unit, addr, count * 300)
+        check(n == 8 and modbus.crc16(buf[:n]) == 0, "pack_write_single")
+    except ValueError:
+        pass
+    try:
+        vals = [(data[7] * k) & 0x1FFFF for k in range(max(0, count))]
+        n = modbus.pack_write_multiple(buf, unit, addr, vals)
+        check(modbus.crc16(buf[:n]) == 0, "pack_write_multiple")
+    except ValueError:
+        pass
+
+
+def fw_modbus(data):
+    """data[0]: unit, data[1]: function (bits 0-1; bit 7: the request encoders instead),
+    data[2]: count, data[3]: chunk size, data[4:8]: address and value of a write; the rest:
+    the bytes on the bus after the request."""
+    global _resp
+    if len(data) < 8:
+        return
+    if data[1] & 0x80:
+        _modbus_requests(data)
+        return
+    unit = 1 + data[0] % 247
+    fn = (3, 4, 6, 16)[data[1] & 3]
+    addr = (data[4] << 8) | data[5]
+    echo = None
+    if fn == 3 or fn == 4:
+        count = 1 + data[2] % 125
+    elif fn == 6:
+        count = 1
+        echo = modbus.write_single_request(unit, addr, (data[6] << 8) | data[7])
+    else:
+        count = 1 + data[2] % 123
+        addr = addr % (0x10000 - count + 1)
+        echo = modbus.write_multiple_request(unit, addr, [data[6]] * count)
+    if _resp is None:
+        _resp = modbus.Response()
+    resp = _resp  # reused across transactions, as ModbusMaster does
+    resp.reset(unit, fn, count, echo)
+    r = None
+    try:
+        for chunk in _chunks(bytes(data[8:]), data[3] % 40):
+            r = resp.feed(chunk)
+            if r is not None:
+                break
+    except modbus.ModbusError as e:
+        check(e.key in ("mb_crc", "mb_addr", "mb_exc"), "error key %r" % (e.key,))
+        return
+    if r is None:
+        e = resp.expired()
+        check(isinstance(e, (modbus.CrcError, modbus.Timeout)), "expired() %r" % (e,))
+        return
+    if fn == 3 or fn == 4:
+        check(type(r) is list and len(r) == count, "registers %r" % (r,))
+        for v in r:
+            check(type(v) is int and 0 <= v <= 0xFFFF, "register %r" % (v,))
+        _registers(r)
+    else:
+        check(r is True, "write reply %r" % (r,))
+
+
+# ---- the strict JSON of signed payloads (firmware/wire.py) ----------------------------------
+
+
+def fw_wire(data):
+    """data[0] % 3: 0 decode, 1 verify with the fuzz key, 2 decode then encode back."""
+    if not data:
+        return
+    mode = data[0] % 3
+    b = bytes(data[1:])
+    try:
+        if mode == 1:
+            obj = wire.verify(b, KEY)
+            check(type(obj) is dict and "sig" not in obj, "verify gave %r" % (obj,))
+            return
+        obj = wire.decode(b)
+    except wire.WireError as e:
+        check(e.code in ("unsigned", "bad_sig", "malformed"), "code %r" % (e.code,))
+        return
+    if mode == 2:
+        try:
+            again = wire.encode(obj)
+        except ValueError:
+            return  # non-ASCII text from a \\u escape, over 4096 bytes: refused
+        check(wire.decode(again) == obj, "encode/decode round trip")
+
+
+# ---- station config (firmware/config.py, CONTRACT §9) ---------------------------------------
+
+_CONFIG_PATH = "/tmp/fuzz-config.json"
+
+
+def set_tmp(root):
+    """Where the harnesses that need files keep them (config.json, the nonce ring)."""
+    global _CONFIG_PATH, _ROOT, _gate
+    _CONFIG_PATH = root + "/config.json"
+    _ROOT = root
+    _gate = None
+
+
+def fw_config(data):
+    """data: the bytes of config.json, read by config.load as at start."""
+    with open(_CONFIG_PATH, "wb") as f:
+        f.write(bytes(data))
+    try:
+        cfg = config.load(_CONFIG_PATH)
+    except config.ConfigError as e:
+        check(isinstance(e.key, str), "ConfigError key %r" % (e.key,))
+        return
+    check(len(config.key_bytes(cfg)) == 32, "key_bytes")
+    check(1 <= cfg["slots"] <= 16, "slots %r" % (cfg["slots"],))
+
+
+# ---- signed commands (firmware/commands.py, CONTRACT §5.4) ----------------------------------
+
+_ROOT = "/tmp"
+_gate = None
+
+
+def _fresh_gate():
+    global _gate
+    if _gate is None:
+        _gate = commands.CommandGate(SID, KID, KEY, _ROOT)
+    g = _gate  # one gate (file I/O once); its state put back so that every case is alone
+    g._ring = []
+    g.floor_ms = 0
+    g.forgot_ms = -1
+    g.lost = False
+    return g
+
+
+def _rm(path):
+    try:
+        import os
+
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def fw_commands(data):
+    """data[0]: bit 0 unsynced clock, bits 1-3 the clock's offset in hours, bit 7 the rest is
+    the nonce file's content (then a good command is checked against the gate it loads);
+    otherwise the rest is a cmd payload."""
+    global _gate
+    if not data:
+        return
+    mode = data[0]
+    now = None if mode & 1 else NOW_MS + ((mode >> 1) & 7) * 3600000
+    if mode & 0x80:
+        _gate = None
+        base = _ROOT + "/nonce"
+        _rm(base + ".a")
+        _rm(base + ".b")
+        try:
+            persist.ABFile(base, 8192).save(bytes(data[1:]))
+        except ValueError:
+            return  # over the file's size limit: the gate would not read it
+        g = commands.CommandGate(SID, KID, KEY, _ROOT)
+        check(type(g._ring) is list and len(g._ring) <= commands.RING, "ring")
+        cmd = {"v": 1, "sid": SID, "kid": KID, "cmd": "reboot", "exp": NOW_MS + 60000}
+        cmd["nonce"] = "fuzz-nonce"
+        try:
+            g.check(wire.sign(cmd, KEY), NOW_MS)
+        except commands.CommandError as e:
+            check(e.code in commands.CODES, "code %r" % (e.code,))
+        _rm(base + ".a")
+        _rm(base + ".b")
+        return
+    g = _fresh_gate()
+    try:
+        out = g.check(bytes(data[1:]), now)
+    except commands.CommandError as e:
+        check(e.code in commands.CODES, "code %r" % (e.code,))
+        return
+    check(out["cmd"] in commands.COMMANDS, "accepted %r" % (out,))
+
+
+TARGETS = {
+    "fw_charger": fw_charger,
+    "fw_mqtt": fw_mqtt,
+    "fw_modbus": fw_modbus,
+    "fw_wire": fw_wire,
+    "fw_config": fw_config,
+    "fw_commands": fw_commands,
+}
+
+
+# ---- replay on the MicroPython unix port ---------------------------------------------------
+
+
+def replay(target, corpus, tmp):
+    """Run every case of the corpus file (records: 4-byte big-endian length, then the case)
+    through one harness; print a FINDING line per unhandled case (at most 50: its index,
+    the exception's type and message) and a DONE line: cases, findings, the slowest case
+    in ms."""
+    import time
+
+    set_tmp(tmp)
+    h = TARGETS[target]
+    n = found = slowest = 0
+    with open(corpus, "rb") as f:
+        while True:
+            head = f.read(4)
+            if len(head) < 4:
+                break
+            size = (head[0] << 24) | (head[1] << 16) | (head[2] << 8) | head[3]
+            case = f.read(size)
+            t0 = time.ticks_ms()  # type: ignore[attr-defined]
+            try:
+                h(case)
+            except Exception as e:  # a finding: report it and go on
+                found += 1
+                if found <= 50:
+                    print("FINDING %d %s %s" % (n, type(e).__name__, str(e)[:200]))
+            dt = time.ticks_diff(time.ticks_ms(), t0)  # type: ignore[attr-defined]
+            if dt > slowest:
+                slowest = dt
+            n += 1
+            if n % 1000 == 0:
+                print("AT %d" % n)
+    print("DONE %d %d %d" % (n, found, slowest))
