@@ -383,6 +383,21 @@ def test_power_history_per_station_and_fleet_carry_forward() -> None:
     assert fs.fleet(now)["point"] == [base + 10_000, 3500, None]
 
 
+def test_fleet_power_after_a_silence_longer_than_offline_after() -> None:
+    """/api/power answered HTTP 500 once any station had been silent for more than
+    offline_after_s: the default (60.0 s, a float) made a bucket index a float."""
+    fs = FleetState(ViewConfig())
+    a = Sim("KH-PNH-0001")
+    for i in range(3):  # every second, then silence
+        fs.add_raw(a.sid, "telemetry", T0 + i * 1000, a.tel([slot(1, "C", 100_000, 10_000)]))
+    now = T0 + 2000 + 120_000
+    pts = fs.power(None, now, 10)
+    assert pts and all(type(p[0]) is int for p in pts) and pts[0][1] == 1000
+    # carried forward for offline_after_s (60 s) after the last reading, not to now
+    bucket = ViewConfig().bucket_s * 1000
+    assert T0 + 50_000 < pts[-1][0] < T0 + 2000 + 60_000 + bucket
+
+
 def rec(kind: str, sid: str, slot: int, start: int, mwh: int, length: int = DAY_MS) -> Record:
     return Record(
         kind=kind,

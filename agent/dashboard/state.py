@@ -721,7 +721,8 @@ class FleetState:
         seen = [False] * nb
         has_meter = [False] * nb
         for st in self.stations.values():
-            carry = max(self.cfg.offline_after_s * 1000, 3 * (st.period_ms or 0))
+            # ms as an int: offline_after_s is a float (60.0) and the buckets index lists
+            carry = max(int(self.cfg.offline_after_s * 1000), 3 * (st.period_ms or 0))
             pts = list(st.hist)
             for i, p in enumerate(pts):
                 t_end = pts[i + 1][0] if i + 1 < len(pts) else now + 1
