@@ -149,14 +149,43 @@ def _agent_mqtt_roundtrip(data: bytes) -> None:
     check(d.next() is None, "more than one packet")
 
 
+def _agent_mqtt_encoders(data: bytes) -> None:
+    short, long, small, u16, flags = fuzz_fw.mqtt_encoder_args(data)
+    calls: list[Callable[[], bytes]] = [
+        lambda: agent_mqtt_codec.connect(
+            short,
+            keepalive=u16,
+            clean_session=bool(flags & 2),
+            user=long if flags & 4 else None,
+            password=short if flags & 8 else None,
+        ),
+        lambda: agent_mqtt_codec.subscribe(u16, [(short, small)] * (1 + flags % 3)),
+        lambda: agent_mqtt_codec.puback(u16),
+        lambda: agent_mqtt_codec.pubacks([u16, small]),
+    ]
+    for call in calls:
+        try:
+            pkt = call()
+        except ValueError:
+            continue
+        if pkt[0] == 0x40 and len(pkt) > 4:  # pubacks: back to back
+            for i in range(0, len(pkt), 4):
+                fuzz_fw.frame_ok(pkt[i : i + 4])
+        else:
+            fuzz_fw.frame_ok(pkt)
+
+
 def agent_mqtt(data: bytes) -> None:
-    """data[0]: mode (bit 7 round trip, bits 0-2 max_packet), data[1]: chunk size; the rest
-    the byte stream from the broker."""
+    """data[0]: mode (bit 7 round trip, bit 6 the encoders, bits 0-2 max_packet), data[1]:
+    chunk size; the rest the byte stream from the broker."""
     if len(data) < 2:
         return
     mode = data[0]
     if mode & 0x80:
         _agent_mqtt_roundtrip(data[1:])
+        return
+    if mode & 0x40:
+        _agent_mqtt_encoders(data[1:])
         return
     maxp = (16, 64, 512, 8192, agent_mqtt_codec.MAX_PACKET)[(mode & 7) % 5]
     d = agent_mqtt_codec.Decoder(maxp)
@@ -607,7 +636,9 @@ def gen_mqtt(r: random.Random) -> Iterator[bytes]:
     while True:
         k = r.random()
         head = bytes((r.randrange(8), r.randrange(256)))
-        if k < 0.25:  # encode, then decode
+        if k < 0.05:  # the encoders with odd arguments
+            yield bytes((0x40, r.randrange(40))) + r.randbytes(r.randint(0, 60))
+        elif k < 0.25:  # encode, then decode
             body = bytes((r.randrange(48), r.randrange(256), r.randrange(256), r.randrange(256)))
             yield (
                 bytes((0x80,))
@@ -704,14 +735,18 @@ def gen_rig_modbus(r: random.Random) -> Iterator[bytes]:
 def _charger_line(r: random.Random) -> bytes:
     if r.random() < 0.2:
         return fuzz_fw.charger.request(r.randint(1, 16))
+
+    def pick(good: int, *bad: int) -> str:  # mostly in range: whole replies get through
+        return str(good if r.random() < 0.85 else r.choice(bad))
+
     fields = [
         "C",
-        str(r.choice((r.randint(1, 16), 0, 17, -1))),
-        r.choice("IWCVFEXZ"),
-        str(r.choice((r.randint(0, 84000), 200001, 10**7))),
-        str(r.choice((r.randint(-20000, 20000), -0, 10**6))),
-        str(r.choice((r.randint(-100, 600), -1001, 2001))),
-        str(r.choice((0, 17, 65535, 65536))),
+        pick(r.randint(1, 16), 0, 17, -1, 99),
+        r.choice("IWCVFEX") if r.random() < 0.95 else r.choice("Zc "),
+        pick(r.randint(0, 84000), 200000, 200001, 10**7),
+        pick(r.randint(-20000, 20000), -200000, 200001, -(10**6)),
+        pick(r.randint(-100, 600), -1000, 2000, -1001, 2001),
+        pick(r.choice((0, 17, 65535)), 65536, 10**6),
     ]
     if r.random() < 0.2:
         fields[r.randrange(len(fields))] = r.choice(("", "-0", "007", "1 ", "9" * 30, "x"))
@@ -729,8 +764,10 @@ def gen_charger(r: random.Random) -> Iterator[bytes]:
             yield bytes((r.randrange(256),)) + g.raw()
             continue
         b = b"".join(_charger_line(r) for _ in range(r.randint(1, 5)))
-        if r.random() < 0.5:
+        if r.random() < 0.4:
             b = g.mutate(b)
+        if r.random() < 0.2:  # noise between lines
+            b = r.randbytes(r.randint(1, 30)) + b
         if r.random() < 0.05:
             b = b"$C," + b"9" * r.choice((70, 5000)) + b"\r\n"
         yield bytes((r.randrange(256),)) + b

@@ -135,14 +135,79 @@ def _mqtt_roundtrip(data):
     check(p.pid == (pid if qos else 0), "pid")
 
 
+def frame_ok(pkt):
+    """An encoded packet's remaining length is what follows it."""
+    rl = 0
+    i = 1
+    while True:
+        b = pkt[i]
+        rl |= (b & 0x7F) << (7 * (i - 1))
+        i += 1
+        if not b & 0x80:
+            break
+        check(i < 5, "remaining length over 4 bytes")
+    check(len(pkt) == i + rl, "remaining length %d, %d bytes follow" % (rl, len(pkt) - i))
+
+
+def _text(b):
+    try:
+        return bytes(b).decode()
+    except UnicodeError:
+        return "x" * len(b)
+
+
+def mqtt_encoder_args(data):
+    """(a short text, a long text, a small int, a 16-bit int, flags) from data."""
+    n = data[0] % 32 if data else 0
+    short = _text(data[1 : 1 + n])
+    rest = bytes(data[1 + n :])
+    long = (
+        _text(rest[4:]) if len(rest) > 4 and rest[0] & 1 else "y" * (rest[0] * 300 if rest else 0)
+    )
+    small = (rest[1] % 5) - 1 if len(rest) > 1 else 0
+    u16 = ((rest[2] << 9) | rest[3]) - 1000 if len(rest) > 3 else 1
+    return short, long, small, u16, rest[0] if rest else 0
+
+
+def _mqtt_encoders(data):
+    """The firmware's encoders with arguments from data: ValueError is their refusal, and
+    what they encode is framed right."""
+    short, long, small, u16, flags = mqtt_encoder_args(data)
+    calls = (
+        lambda: mqtt_codec.connect(
+            short,
+            u16,
+            bool(flags & 2),
+            long if flags & 4 else None,
+            short if flags & 8 else None,
+            short if flags & 16 else None,
+            long.encode(),
+            small,
+            bool(flags & 32),
+        ),
+        lambda: mqtt_codec.subscribe(u16, short, small),
+        lambda: mqtt_codec.puback(u16),
+        lambda: mqtt_codec.publish(short, long.encode(), small, bool(flags & 2), False, u16),
+    )
+    for call in calls:
+        try:
+            pkt = call()
+        except ValueError:
+            continue
+        frame_ok(pkt)
+
+
 def fw_mqtt(data):
-    """data[0]: mode (bit 7: encode/decode round trip; bits 0-1: max_packet); data[1]: chunk
-    size; the rest: the byte stream from the broker."""
+    """data[0]: mode (bit 7: encode/decode round trip; bit 6: the encoders; bits 0-1:
+    max_packet); data[1]: chunk size; the rest: the byte stream from the broker."""
     if len(data) < 2:
         return
     mode = data[0]
     if mode & 0x80:
         _mqtt_roundtrip(data[1:])
+        return
+    if mode & 0x40:
+        _mqtt_encoders(data[1:])
         return
     maxp = (16, 64, 512, 8192)[mode & 3]
     d = mqtt_codec.Decoder(maxp)
