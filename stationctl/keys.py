@@ -39,6 +39,12 @@ def register(sub: Any) -> None:
         help="generate a random key and write it to FILE (must not exist)",
     )
     a.add_argument("--kid", type=int, help="key version (default: next free)")
+    a.add_argument(
+        "--create",
+        action="store_true",
+        help="make the database when it does not exist yet (a new deployment); without it a "
+        "mistyped --db is an error, not a new empty database",
+    )
     r = ks.add_parser("rotate", help="new key with the next kid; old keys stay valid")
     common(r)
     r.add_argument("sid")
@@ -105,10 +111,18 @@ def run(args: argparse.Namespace) -> int:
     from stationctl.dbopen import DB_ERRORS, name, open_store, reason
 
     url = _db_url(args)
+    # a command that reads never creates a database, nor does one that changes a key
+    # (CONTRACT v2 §8): only `add --create` makes a new one
+    create = args.keys_cmd == "add" and args.create
+    readonly = args.keys_cmd == "list"
     try:
-        store = open_store(url)
+        store = open_store(url, create=create, readonly=readonly)
     except OSError as e:  # e.g. a directory that does not exist
         raise UsageError(f"database {name(url)}: {reason(url, e)}") from None
+    except UsageError as e:
+        if args.keys_cmd == "add" and not create:
+            raise UsageError(f"{e} (`keys add --create` makes a new one)") from None
+        raise
     with KeyStore(store) as ks:
         try:
             return _do(ks, args)

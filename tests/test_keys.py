@@ -134,7 +134,7 @@ def test_keys_cli_never_prints_a_key(tmp_path: pathlib.Path, db_url: str) -> Non
     db = db_url
     kf = tmp_path / "k1.hex"
     kf.write_text(key_for(SID).hex() + "\n")
-    r = keys_cli("add", "--db", db, SID, "--key-file", str(kf))
+    r = keys_cli("add", "--db", db, SID, "--key-file", str(kf), "--create")
     assert r.returncode == 0 and "kid 1 added" in r.stdout
     r = keys_cli("rotate", "--db", db, SID, "--key-out", str(tmp_path / "k2.hex"))
     assert r.returncode == 0 and "kid 2" in r.stdout
@@ -174,12 +174,31 @@ def test_keys_cli_bad_input_exits_2(
     tmp_path: pathlib.Path, db_url: str, args: list[str], needle: str
 ) -> None:
     db = db_url
+    KeyStore(db).close()  # the database exists: the refusal is about the input
     (tmp_path / "EXISTING").write_text("x")
     args = [str(tmp_path / a) if a in ("NEWFILE", "EXISTING") else a for a in args]
     r = keys_cli(args[0], "--db", db, *args[1:])
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert not (tmp_path / "NEWFILE").exists()  # no key file for a refused key
     assert (tmp_path / "EXISTING").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list"], ["add", SID, "--generate", "NEWFILE"], ["rotate", SID, "--key-out", "NEWFILE"]],
+)
+def test_keys_cli_never_creates_a_database_unasked(tmp_path: pathlib.Path, args: list[str]) -> None:
+    """A mistyped --db was a new empty database (list said nothing, add put the key there);
+    now exit 2 naming it, and only `add --create` makes one."""
+    db = tmp_path / "TYPO.db"
+    args = [str(tmp_path / a) if a == "NEWFILE" else a for a in args]
+    r = keys_cli(args[0], "--db", str(db), *args[1:])
+    assert r.returncode == 2 and "TYPO.db" in r.stderr, r.stderr
+    assert not db.exists() and not (tmp_path / "NEWFILE").exists()
+    if args[0] == "add":
+        assert "--create" in r.stderr
+        r = keys_cli(*args, "--db", str(db), "--create")
+        assert r.returncode == 0 and db.exists(), r.stderr
 
 
 def test_keys_cli_a_database_it_cannot_open_exits_2(tmp_path: pathlib.Path) -> None:
