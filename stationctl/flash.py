@@ -1,7 +1,7 @@
 """`stationctl flash`: provision and commission station boards (tools/flash, docs/flashing.md).
 
     stationctl flash --port PORT --station SID --agent-db URL --site SITE.json [--image BIN
-        [--erase]] [--broker-passwd FILE [--broker-reload CMD]] [--dry-run] …
+        [--erase]] [--broker-dir DIR | --broker-passwd FILE [--broker-reload CMD]] [--dry-run] …
     stationctl flash --batch stations.csv --agent-db URL --site SITE.json …
 
 Exit status: 0 every board commissioned (or the dry run shown), 2 bad usage or input (one
@@ -76,7 +76,15 @@ def register(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="any config key, dotted (e.g. net.ssid=depot, meter=null); repeatable",
     )
-    p.add_argument(
+    acct = p.add_mutually_exclusive_group()
+    acct.add_argument(
+        "--broker-dir",
+        metavar="DIR",
+        help="the deployment `stationctl broker init` wrote: TLS to its stations' port with "
+        "its CA pinned (broker.ca), the station's account from DIR/passwords (user = sid), "
+        "the host one its certificate names; the report gives the CA's SHA-256",
+    )
+    acct.add_argument(
         "--broker-passwd",
         metavar="FILE",
         help="Mosquitto password file: the station's credentials are added (user = sid, "
@@ -135,6 +143,10 @@ def _site(args: argparse.Namespace) -> dict[str, Any]:
     from tools.flash import plan
 
     site = plan.load_site(args.site)
+    if args.broker_dir:
+        from tools.flash import deployment
+
+        site = plan.merge(site, deployment.site_broker(deployment.load(args.broker_dir), site))
     over: dict[str, Any] = {}
     if args.slots is not None:
         over["slots"] = args.slots
@@ -143,7 +155,7 @@ def _site(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not port.isdigit():
             host, port = args.broker, ""
         over["broker"] = {"host": host, **({"port": int(port)} if port else {})}
-        if not port and "port" not in site.get("broker", {}):
+        if not port and "port" not in site.get("broker", {}) and not args.broker_dir:
             over["broker"]["port"] = 1883
     site = plan.merge(site, over)
     return plan.merge(site, plan.parse_sets(args.set))
@@ -171,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             site=_site(args),
             broker_passwd=args.broker_passwd,
+            broker_dir=args.broker_dir,
             broker_reload=args.broker_reload,
             key_out=args.key_out,
             kid=args.kid,
@@ -227,7 +240,13 @@ def _print_plan(rep: dict[str, Any]) -> None:
         f"kid {rep['kid']}, boot_base {rep['boot_base']} (the board may raise it from its own "
         "counter), key: a fresh 32 bytes"
     )
-    if rep.get("broker_user"):
+    b = rep.get("broker")
+    if b:
+        print(
+            f"broker: {b['host']}:{b['port']} over TLS, CA sha256 {b['ca_sha256']}; user "
+            f"{b['user']}, password from {b['password_from']}"
+        )
+    elif rep.get("broker_user"):
         print(
             f"broker credentials: user {rep['broker_user']}, a fresh password, in the password file"
         )

@@ -21,6 +21,15 @@ from tools.flash.board import BoardInfo, check_chip, check_version, march_for
 from tools.flash.errors import BadInput, FlashError
 from tools.flash.provision import Request
 
+# a CA certificate, DER as base64 (broker.ca: required with broker.tls; tests/fw/test_config_tls.py)
+CA_B64 = (
+    "MIIBgTCCASegAwIBAgIUPeC0bD+pbxZjvC155gMzk0C3t2IwCgYIKoZIzj0EAwIwFTETMBEGA1UEAwwKZncgdGVz"
+    "dCBDQTAgFw0yNjEyMDMyMTI5MTBaGA8yMTI2MTEwOTIxMjkxMFowFTETMBEGA1UEAwwKZncgdGVzdCBDQTBZMBMG"
+    "ByqGSM49AgEGCCqGSM49AwEHA0IABDhUMlEZECAyhzCDVeCp1ep2G7UiaygWQiOW/4V8XSRfvXpPcgW2b7MsuvhY"
+    "GS5uTfsNYBcOkG5NU23Ntpu0hQ+jUzBRMB0GA1UdDgQWBBQ5hJcloqpQRoUOIf4iqz3gqGHxyDAfBgNVHSMEGDAW"
+    "gBQ5hJcloqpQRoUOIf4iqz3gqGHxyDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQDhIdgKkX06"
+    "vIJ4+NmLMzwAfmT2ORru+f00xuHTe6k/VgIgRtA9S3lgz4DU1mrUWFkxyZ2+8V7eqV2S2byrBTqhNIQ="
+)
 SITE = {
     "broker": {"host": "10.1.2.3", "port": 1883},
     "net": {"kind": "wifi", "ssid": "depot", "password": "wifi-secret"},
@@ -290,6 +299,8 @@ def test_cli_dry_run_json(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.
         "net.kind=lan",
         "--set",
         "broker.tls=true",
+        "--set",
+        f"broker.ca={CA_B64}",
         "--reports",
         str(tmp_path / "r"),
     )
@@ -300,6 +311,7 @@ def test_cli_dry_run_json(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.
         "host": "mq.example",
         "port": 8883,
         "tls": True,
+        "ca": CA_B64,
         "prefix": "stations",
         "user": "KH-A-0001",
         "password": "",

@@ -133,6 +133,8 @@ def station_config(
         hint = ""
         if e.why == "missing" and e.key in ("broker.host", "broker.port", "net", "slots"):
             hint = " (give it in the site file, --set, or --broker/--slots)"
+        elif e.key == "broker.ca":
+            hint = " (give --broker-dir DIR, the directory `stationctl broker init` wrote)"
         raise BadInput("check", str(e) + hint) from None
     return cfg
 

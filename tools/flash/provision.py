@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tools.flash import agentdb, passwd, plan
+from tools.flash import agentdb, deployment, passwd, plan
 from tools.flash import report as reports
 from tools.flash.board import (
     Board,
@@ -74,6 +74,9 @@ class Request:
     site: dict[str, Any] = field(default_factory=dict)  # §9 keys (not the identity)
     broker_passwd: str | None = None  # Mosquitto password file to add the station to
     broker_reload: str | None = None  # command run after the password file changed
+    # `stationctl broker init`'s directory: the station's account (its password) and the CA
+    # (site must already hold what deployment.site_broker sets: tls, ca, port, host)
+    broker_dir: str | None = None
     key_out: str | None = None  # without an agent: where the key goes (0600, 64 hex)
     kid: int | None = None  # without an agent: the key version
     boot_base: int | None = None  # a floor for boot_base
@@ -230,7 +233,27 @@ class _Run:
         if req.chip != "unix" and req.chip not in plan_chips():
             raise BadInput("check", f"unknown --chip {req.chip}")
         # the site alone must make a valid config (a placeholder identity), before any board
-        plan.station_config(req.site, sid=req.sid, kid=1, key=bytes(32), boot_base=0, password="x")
+        cfg = plan.station_config(
+            req.site, sid=req.sid, kid=1, key=bytes(32), boot_base=0, password="x"
+        )
+        self.deployment: deployment.Deployment | None = None
+        self.broker_password = ""
+        if req.broker_dir:
+            if req.broker_passwd:
+                raise BadInput("check", "--broker-dir and --broker-passwd: give one")
+            dep = deployment.load(req.broker_dir)
+            deployment.check_config(dep, cfg["broker"])
+            self.broker_password = deployment.password(dep, req.sid)
+            self.deployment = dep
+            self.rep["broker"] = {
+                "dir": str(dep.dir),
+                "host": cfg["broker"]["host"],
+                "port": cfg["broker"]["port"],
+                "tls": True,
+                "ca_sha256": dep.ca_sha256,
+                "user": req.sid,
+                "password_from": str(pathlib.Path("passwords", "stations", req.sid)),
+            }
         self.agent: agentdb.AgentAnswer | None = None
         self.agent_why = "no --agent-db given"
         if req.agent_db:
@@ -361,7 +384,10 @@ class _Run:
     def _build(self, march: str | None) -> None:
         req = self.req
         self.key = secrets.token_bytes(32)
-        self.password = passwd.new_password() if req.broker_passwd else ""
+        if self.deployment is not None:  # the account the deployment already has
+            self.password = self.broker_password
+        else:
+            self.password = passwd.new_password() if req.broker_passwd else ""
         cfg = plan.station_config(
             req.site,
             sid=req.sid,
@@ -377,7 +403,7 @@ class _Run:
                 "kid": self.kid,
                 "boot_base": self.boot_base,
                 "config": plan.redacted(cfg),
-                "broker_user": req.sid if req.broker_passwd else None,
+                "broker_user": req.sid if req.broker_passwd or req.broker_dir else None,
                 "files": {p: plan.sha256(d) for p, d in sorted(self.files.items())},
                 "firmware": {
                     "version": plan.fw_version(),

@@ -75,7 +75,13 @@ def text(rep: dict[str, Any]) -> str:
             f"identity:  kid {rep['kid']}, boot_base {rep['boot_base']}, "
             f"key {rep.get('key_registered', 'not registered')}"
         )
-    if rep.get("broker_user"):
+    b = rep.get("broker")
+    if b:
+        lines.append(
+            f"broker:    {b['user']} at {b['host']}:{b['port']} over TLS, CA pinned: "
+            f"sha256 {b['ca_sha256']} ({b['dir']})"
+        )
+    elif rep.get("broker_user"):
         lines.append(f"broker:    {rep['broker_user']}")
     fw = rep.get("firmware")
     if fw:
