@@ -9,8 +9,12 @@ engine: memory holds one station's records, never the raw table.
 Raw messages are read from the raw archive (agent/archive/: sealed segments, `--archive`
 or by default beside an SQLite database) and the live table as one, in one read snapshot;
 a segment that is missing or whose hash differs fails its station, named.
+`--from`/`--to` (ISO, UTC; from inclusive, to exclusive) limit the comparison to the records
+that start in that range; the stations' whole streams are still verified and replayed, since
+a record's value depends on what came before it.
 Exit 0 when every signature holds and every record is reproduced; 1 otherwise, with the
-differences listed.
+differences listed; 2 for bad usage, an unknown station, or nothing to verify (CONTRACT §8:
+an empty range is not a pass).
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from stationctl.errors import UsageError
+
+
+def _range(args: argparse.Namespace) -> tuple[int, int]:
+    from agent.ledger.export import parse_time
+
+    try:
+        lo = parse_time(args.t_from) if args.t_from else -(2**63)
+        hi = parse_time(args.t_to) if args.t_to else 2**63
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if lo >= hi:
+        raise UsageError("--from must be before --to")
+    return lo, hi
 
 
 class _Counted:
@@ -52,6 +69,8 @@ def register(sub: Any) -> None:
         "--config", metavar="FILE", help="the agent's config (its [metering] parameters)"
     )
     p.add_argument("--sid", help="one station only")
+    p.add_argument("--from", dest="t_from", metavar="ISO", help="records from (inclusive)")
+    p.add_argument("--to", dest="t_to", metavar="ISO", help="records before (exclusive)")
     p.add_argument(
         "--archive",
         metavar="DIR",
@@ -71,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.store import RecordRow, Store, record_to_row
     from agent.wire import WireError, verify
 
+    t_from, t_to = _range(args)
     params = MeterParams()
     if args.config:
         from agent.config import load_config
@@ -121,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
             n_raw = n_ok = n_stored = n_again = 0
             # station by station, its raw rows streamed in key order: memory holds one
             # station's records at a time, never the raw table
-            sids = (
-                [args.sid] if args.sid else sorted(set(archive.sids()) | set(store.record_sids()))
-            )
+            known = set(archive.sids()) | set(store.record_sids())
+            if args.sid and args.sid not in known:
+                raise UsageError(f"unknown station {args.sid}: no raw message, no record")
+            sids = [args.sid] if args.sid else sorted(known)
             for sid in sids:
                 before = len(bad_sig)
                 counted = _Counted(verified(sid, bad=bad_sig))
@@ -142,8 +163,14 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 n_raw += counted.n + len(bad_sig) - before
                 n_ok += counted.n
-                again = {row.rid: row for row in map(record_to_row, recs)}
-                stored = {r.rid: r for r in store.record_rows(sid=sid)}
+                again = {
+                    row.rid: row
+                    for row in map(record_to_row, recs)
+                    if t_from <= row.start_ms < t_to
+                }
+                stored = {
+                    r.rid: r for r in store.record_rows(sid=sid) if t_from <= r.start_ms < t_to
+                }
                 n_stored += len(stored)
                 n_again += len(again)
                 missing += sorted(set(again) - set(stored))
@@ -155,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
                 ]
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
+    if n_raw == 0 or (n_stored == 0 and n_again == 0 and not archive_bad):
+        what = "no raw message" if n_raw == 0 else "no record in that range"
+        raise UsageError(f"nothing to verify: {what} (an empty range is not a pass)")
     summary = {
         "raw": n_raw,
         "verified": n_ok,
