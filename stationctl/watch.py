@@ -130,10 +130,12 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
     banner = (fleet.get("agent") or {}).get("banner")
     if banner:  # the agent failing or silent (agent/health.py)
         parts.append(Text(banner, style="bold white on red"))
+    # station ids are the one thing never cut: an operator types them into other commands
+    sid_w = max([len(s["sid"]) for s in fleet["stations"]] + [len(sid or ""), 7])
     if sid is None:
         tab = Table(expand=True, header_style="bold")
+        tab.add_column("Station", no_wrap=True, min_width=sid_w)
         for col, just in (
-            ("Station", "left"),
             ("State", "left"),
             ("Last seen", "left"),
             ("Power", "right"),
@@ -194,7 +196,7 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
         alarms = st["alarm_list"]
     at = Table(title="Active alarms", expand=True, header_style="bold", title_justify="left")
     for col in ("Level", "Station", "Slot", "Alarm", "Since"):
-        at.add_column(col)
+        at.add_column(col, **({"no_wrap": True, "min_width": sid_w} if col == "Station" else {}))
     for a in alarms:
         at.add_row(
             Text(a["level"], style="red" if a["level"] == "crit" else "yellow"),

@@ -162,3 +162,24 @@ def test_watch_db_shows_a_failing_or_silent_agent(db: tuple[str, Store, Sim, Sim
     store.put_agent_health(t - 120_000, json.dumps({"status": "ok"}))
     r = run("watch", "--db", url, "--once")
     assert "agent silent for 12" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_watch_at_a_narrow_terminal_keeps_station_ids_whole(
+    db: tuple[str, Store, Sim, Sim], columns: str
+) -> None:
+    """At 80 columns the Station column was cut (KH-PNH-00…): ids are never cut; the other
+    columns wrap."""
+    r = subprocess.run(
+        [*STATIONCTL, "watch", "--db", db[0], "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**ENV, "COLUMNS": columns},
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for sid in (SID, SID2):
+        assert any(sid in ln for ln in lines), r.stdout
+    assert max(len(ln) for ln in lines) <= int(columns)
