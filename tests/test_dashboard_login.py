@@ -47,10 +47,10 @@ class Resp:
 class Server:
     """The dashboard app with `auth`, served by uvicorn in a background loop."""
 
-    def __init__(self, db_url: str, auth: Auth) -> None:
+    def __init__(self, db_url: str, auth: Auth | None) -> None:
         self.live = Live(db_url, poll_s=0.2, records_s=0.5)
         self.app = make_app(db_url, live=self.live, auth=auth)
-        self.auth = auth
+        self.auth: Any = auth
         self.loop = asyncio.new_event_loop()
         self.server = DashboardServer(self.app, "127.0.0.1", 0)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -178,7 +178,7 @@ def test_login_sets_a_strict_httponly_session_and_logout_ends_it(on: Server) -> 
     page = on.req("GET", "/", cookie=cookie)
     assert page.status == 200 and b"userbar" in page.body
     # only the id's hash is stored: the cookie's value is nowhere in the users database
-    assert cookie.encode() not in (pathlib.Path(on.auth.store.path).read_bytes())  # type: ignore[union-attr]
+    assert cookie.encode() not in (pathlib.Path(on.auth.store.path).read_bytes())
     out = on.req("POST", "/logout", {}, cookie=cookie, csrf=me["csrf"])
     assert out.status == 200 and "stationctl_session=" in out.headers["Set-Cookie"]
     assert on.req("GET", "/api/fleet", cookie=cookie).status == 401
@@ -285,13 +285,13 @@ def test_viewers_may_not_acknowledge_operators_may_and_everyone_sees_who(on: Ser
     )
     assert old.status == 409
     assert on.req("POST", "/api/alarms/ack", [1], cookie=oc, csrf=ocsrf).status == 400
-    with UserStore.open(on.auth.store.path) as st:  # type: ignore[union-attr]
+    with UserStore.open(on.auth.store.path) as st:
         rec = st.acks([(a["id"], a["since_ms"])])[(a["id"], a["since_ms"])]
     assert rec.user == "ana" and rec.at_ms == seen["acked_at"]
 
 
 def test_api_tokens_read_only_and_revocable(on: Server) -> None:
-    with UserStore.open(on.auth.store.path) as st:  # type: ignore[union-attr]
+    with UserStore.open(on.auth.store.path) as st:
         token = st.add_token("grafana")
     bearer = {"Authorization": f"Bearer {token}"}
     r = on.req("GET", "/api/fleet", headers=bearer)
@@ -304,7 +304,7 @@ def test_api_tokens_read_only_and_revocable(on: Server) -> None:
     assert on.req("GET", "/", headers=bearer).status == 303  # pages are for people
     wrong = on.req("GET", "/api/fleet", headers={"Authorization": "Bearer stk_nottherightone"})
     assert wrong.status == 401
-    with UserStore.open(on.auth.store.path) as st:  # type: ignore[union-attr]
+    with UserStore.open(on.auth.store.path) as st:
         st.revoke_token("grafana")
     r = on.req("GET", "/api/fleet", headers=bearer)
     assert r.status == 401 and r.json == {"error": "unknown or revoked token"}
@@ -313,11 +313,11 @@ def test_api_tokens_read_only_and_revocable(on: Server) -> None:
 def test_role_changes_and_removal_take_effect_on_open_sessions(on: Server) -> None:
     cookie, csrf = on.login("vic")
     a = first_alarm(on, cookie)
-    with UserStore.open(on.auth.store.path) as st:  # type: ignore[union-attr]
+    with UserStore.open(on.auth.store.path) as st:
         st.set_role("vic", "operator")
     r = on.req("POST", "/api/alarms/ack", {"id": a["id"]}, cookie=cookie, csrf=csrf)
     assert r.status == 200 and r.json["acked_by"] == "vic"
-    with UserStore.open(on.auth.store.path) as st:  # type: ignore[union-attr]
+    with UserStore.open(on.auth.store.path) as st:
         st.remove_user("vic")
     assert on.req("GET", "/api/fleet", cookie=cookie).status == 401
 
@@ -382,6 +382,19 @@ def asgi_get(app: Any, path: str, client: tuple[str, int], host: str = "127.0.0.
     asyncio.run(app(scope, receive, send))
     status: int = sent[0]["status"]
     return status
+
+
+def test_an_app_without_auth_is_the_read_only_dashboard(agent_db: str) -> None:
+    s = Server(agent_db, None)
+    try:
+        assert s.req("GET", "/api/fleet").status == 200
+        me = s.req("GET", "/api/me").json
+        assert me == {"user": None, "role": None, "via": None, "csrf": None, "login": None}
+        assert s.req("POST", "/api/alarms/ack", {"id": "x"}).status == 404
+        assert s.req("POST", "/login", {"user": "a", "password": "b"}).status == 404
+        assert "acked_by" not in str(s.req("GET", "/api/alarms").json)
+    finally:
+        s.stop()
 
 
 def test_login_off_serves_loopback_only(tmp_path: pathlib.Path, agent_db: str) -> None:

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from agent.wire import SID_RE
 
-from .auth import Auth, principal
+from .auth import Auth, me, principal
 from .live import Live
 from .users import UserStore
 
@@ -235,6 +235,7 @@ def ack_routes() -> list[Route]:
 def routes() -> list[Route]:
     return [
         Route("/api/health", health, methods=["GET"]),
+        Route("/api/me", me, methods=["GET"]),
         Route("/api/fleet", fleet, methods=["GET"]),
         Route("/api/alarms", alarms, methods=["GET"]),
         Route("/api/stations/{sid}", station, methods=["GET"]),

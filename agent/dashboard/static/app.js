@@ -48,7 +48,7 @@ async function getJSON(url) {
   return r.json();
 }
 
-// ---- who is logged in (GET /api/me; 404: a dashboard without login or accounts) ----------
+// ---- who is logged in (GET /api/me; user null: a dashboard without login) ---------------
 const ROLES = ["viewer", "operator", "admin"];
 let ME = null;
 const may = role => ME !== null && ROLES.indexOf(ME.role) >= ROLES.indexOf(role);
@@ -57,7 +57,9 @@ async function loadMe() {
   const r = await fetch("/api/me", { cache: "no-store" });
   if (r.status === 401) { toLogin(); return; }
   if (!r.ok) return;
-  ME = await r.json();
+  const me = await r.json();
+  if (!me.user) return;
+  ME = me;
   $("#user-name").textContent = `${ME.user} (${ME.role})`;
   $("#logout").hidden = ME.via !== "session";
   $("#userbar").hidden = false;
