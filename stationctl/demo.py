@@ -69,7 +69,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.demo import Demo, DemoConfig, DemoError, demo_env_ok
+    from tools.demo import Demo, DemoConfig, DemoError, DemoFolderError, demo_env_ok
 
     try:
         cfg = DemoConfig(
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             demo.start()
         except DemoError as e:
             print(f"stationctl demo: {e}", file=sys.stderr)
-            return 2 if "--fresh" in str(e) else 1
+            return 2 if isinstance(e, DemoFolderError) else 1
         print(demo.banner(), flush=True)
         stop.wait(args.duration)
         print("\nstationctl demo: stopping…", flush=True)

@@ -21,6 +21,7 @@ while the live view follows the real clock.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -47,8 +48,15 @@ from tools.mosquitto import Accounts, Mosquitto, find_mosquitto
 log = logging.getLogger(__name__)
 
 
+LOCK_FILE = "demo.lock"
+
+
 class DemoError(Exception):
     """The demo cannot start: a one-line reason for the user."""
+
+
+class DemoFolderError(DemoError):
+    """The workdir cannot be used as asked (another layout, another demo in it): bad usage."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,11 +130,17 @@ class Demo:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.port_note = ""
+        self._lock_fd: int | None = None  # held while this demo owns its workdir
 
     # ---- control (any thread) -------------------------------------------------------------
 
     def start(self, timeout: float = 180.0) -> None:
-        self._prepare()
+        self._lock()
+        try:
+            self._prepare()
+        except BaseException:
+            self._unlock()
+            raise
         self._thread = threading.Thread(target=self._thread_main, name="demo-loop", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -134,6 +148,7 @@ class Demo:
             raise DemoError(f"the demo did not start within {timeout:.0f} s")
         if self._error is not None:
             self._thread.join(60)
+            self._unlock()
             err = self._error
             raise err if isinstance(err, DemoError) else DemoError(f"{type(err).__name__}: {err}")
 
@@ -149,6 +164,30 @@ class Demo:
         if self._thread is not None:
             self._thread.join(120)
             self._thread = None
+        self._unlock()
+
+    def _lock(self) -> None:
+        """One demo per workdir: a second one would run the same stations (same ids,
+        flash and boot counters) twice against one database."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DemoFolderError(
+                f"another demo is running in {self.workdir} (pid {pid}): stop it, or use "
+                "another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the kernel drops the lock, even after a SIGKILL
+            self._lock_fd = None
 
     def halt(self) -> None:
         """No more riders and no more restarts, at once (safe from a signal handler).
@@ -162,14 +201,19 @@ class Demo:
 
     def _prepare(self) -> None:
         c = self.cfg
-        if c.fresh and self.workdir.exists():
-            shutil.rmtree(self.workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if c.fresh:  # everything but the lock this demo holds
+            for p in self.workdir.iterdir():
+                if p.name == LOCK_FILE:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         layout = {"stations": c.stations, "slots": c.slots, "sid_prefix": c.sid_prefix}
         meta = self.workdir / "demo.json"
         old = _read_json(meta)
         if old is not None and old.get("layout") != layout:
-            raise DemoError(
+            raise DemoFolderError(
                 f"{self.workdir} holds a demo of {old.get('layout')}; use --fresh to start "
                 f"over or another --workdir"
             )

@@ -63,6 +63,7 @@ from tools.station_proc import StationProcess, station_config
 log = logging.getLogger(__name__)
 
 TRUTH_FILE = "ground_truth.json"
+STATE_FILE = "fleet_state.json"  # the simulated clock and meters, for a restart
 ACTIONS_FILE = "actions.jsonl"
 
 
@@ -70,12 +71,13 @@ class VirtualClock:
     """Seconds that run `accel` times faster than time.monotonic() from the moment it is made.
     `now()` is the rig's clock; `unix_ms()` the simulated wall clock for the stations."""
 
-    def __init__(self, accel: float = 1.0) -> None:
+    def __init__(self, accel: float = 1.0, unix0_ms: int | None = None) -> None:
+        """`unix0_ms`: where the simulated wall clock starts (default: now)."""
         if not accel > 0:
             raise ValueError(f"accel {accel} must be > 0")
         self.accel = accel
         self.mono0 = time.monotonic()
-        self.unix0_ms = time.time_ns() // 1_000_000
+        self.unix0_ms = time.time_ns() // 1_000_000 if unix0_ms is None else unix0_ms
 
     def elapsed(self) -> float:
         """Virtual seconds since the clock was made."""
@@ -86,6 +88,14 @@ class VirtualClock:
 
     def unix_ms(self) -> int:
         return self.unix0_ms + int(self.elapsed() * 1000)
+
+
+def _read_state(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -232,7 +242,12 @@ class Fleet:
         for sid in sids:
             check_sid(sid)
         self._sids = sids
-        self.clock = VirtualClock(self.accel)
+        # a fleet started again in the same folder carries on where it stopped: its
+        # simulated clock never goes back and each grid meter keeps its register (else
+        # every station would book a meter_reset and meter the same intervals again)
+        self._resume = _read_state(self.workdir / STATE_FILE)
+        now_ms = time.time_ns() // 1_000_000
+        self.clock = VirtualClock(self.accel, max(now_ms, self._resume.get("unix_ms", 0) + 1000))
         self.host = RigHost("fleet-rigs")
         self.stations: list[SimStation] = []
         self._by_sid: dict[str, SimStation] = {}
@@ -316,8 +331,12 @@ class Fleet:
         env = {} if self.accel == 1.0 else {"STATION_TIME_SCALE": repr(self.accel)}
         added = False
         try:
+            meters = self._resume.get("meters", {})
             for i, sid in enumerate(self._sids):
+                m = meters.get(sid) or {}
                 rig = Rig(
+                    meter_start_kwh=m.get("kwh"),
+                    meter_serial=m.get("serial"),
                     slots=self.slots,
                     faults=rates,
                     seed=self.seed * 100_003 + i,
@@ -760,11 +779,22 @@ class Fleet:
             try:
                 self.ground_truth()
                 self.write_actions()
+                self._write_state()
             except OSError:
                 log.exception("writing the fleet's files")
         for st in self.stations:
             st.rig.stop()
         self.host.stop()
+
+    def _write_state(self) -> None:
+        """What the next start in this folder resumes from (see __init__)."""
+        meters = {
+            st.sid: {"kwh": st.rig.model.meter_values()[3], "serial": st.rig.model.meter_serial}
+            for st in self.stations
+            if st.rig.model.has_meter
+        }
+        state = {"unix_ms": self.clock.unix_ms(), "meters": meters}
+        write_json_atomic(self.workdir / STATE_FILE, state)
 
     def __enter__(self) -> Self:
         return self.start()
