@@ -40,7 +40,8 @@ signed again after the mutation so the checks behind the signature are reached),
 random bytes. A finding is shrunk by a simple delta-debugging pass (deleting chunks while the
 same exception at the same place recurs) and written to bench/fuzz_findings/<target>-<hash>.bin.
 
-Every case runs under signal.setitimer (0.5 s by default): a case over it is a hang.
+Every case runs under signal.setitimer: 0.5 s of CPU time by default (ITIMER_PROF, so a
+loaded machine cannot fake one) and 5 s of wall-clock time; a case over either is a hang.
 The firmware targets are then replayed on the MicroPython unix port: the first --mp-cases
 (20,000) cases of each, the very same bytes, through the same harness in one process per
 target, counting unhandled exceptions there too. Exit status 1 on any finding or hang.
@@ -911,27 +912,44 @@ def signature(e: BaseException) -> str:
     return f"{type(e).__name__} at {where}"
 
 
+WALL_FACTOR = 10  # the wall-clock backstop: limit x 10 (a case blocked, not computing)
+
+
 def run_case(h: Callable[[bytes], None], case: bytes, limit_s: float) -> BaseException | None:
-    """Run one case under the time limit: None when handled, else the exception (Hang)."""
-    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    """Run one case under the time limit: None when handled, else the exception (Hang).
+    The limit is CPU time (ITIMER_PROF: what the case itself spends, so that a loaded
+    machine cannot make a fast case look like a hang), with a wall-clock backstop of
+    WALL_FACTOR x the limit (ITIMER_REAL) for a case that blocks."""
+    signal.setitimer(signal.ITIMER_PROF, limit_s)
+    signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)
     try:
         h(case)
     except (Hang, Exception) as e:
+        signal.setitimer(signal.ITIMER_PROF, 0)
         signal.setitimer(signal.ITIMER_REAL, 0)
         return e
     finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
         signal.setitimer(signal.ITIMER_REAL, 0)
     return None
+
+
+class _Timers:
+    """The Hang handlers on SIGPROF and SIGALRM while in effect (the old ones put back)."""
+
+    def __enter__(self) -> None:
+        self._old = {s: signal.signal(s, _on_alarm) for s in (signal.SIGPROF, signal.SIGALRM)}
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def check_case(target: str, case: bytes, limit_s: float = 2.0) -> BaseException | None:
     """One case through a target's harness under the time limit (tests use this): None when
     handled, else the exception (Hang for a case over the limit)."""
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    try:
+    with _Timers():
         return run_case(HARNESSES[target], case, limit_s)
-    finally:
-        signal.signal(signal.SIGALRM, old)
 
 
 def minimize(h: Callable[[bytes], None], case: bytes, sig: str, limit_s: float) -> bytes:
@@ -978,7 +996,8 @@ def fuzz_target(
     fuzz_fw.set_tmp(tmp)
     h = HARNESSES[target]
     res = Result(target, "cpython")
-    old = signal.signal(signal.SIGALRM, _on_alarm)
+    timers = _Timers()
+    timers.__enter__()
     t_start = time.perf_counter()
     t_min = 0.0  # time spent shrinking findings: not counted in cases/s
     try:
@@ -992,7 +1011,7 @@ def fuzz_target(
                 continue
             if isinstance(e, Hang):
                 res.hangs += 1
-                sig = f"hang over {limit_s} s"
+                sig = f"hang over {limit_s} s CPU or {limit_s * WALL_FACTOR} s"
             else:
                 res.findings += 1
                 sig = signature(e)
@@ -1004,7 +1023,7 @@ def fuzz_target(
                 res.examples[sig] = (small, f"{type(e).__name__}: {e}"[:300])
                 t_min += time.perf_counter() - t1
     finally:
-        signal.signal(signal.SIGALRM, old)
+        timers.__exit__()
     res.seconds = time.perf_counter() - t_start - t_min  # generation and harness
     return res
 
@@ -1087,12 +1106,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", action="append", choices=TARGETS, help="repeatable")
     ap.add_argument("--seed", type=int, default=None, help="default: random, printed")
     ap.add_argument("--mp-cases", type=int, default=20_000, help="0: no MicroPython replay")
-    ap.add_argument("--limit", type=float, default=0.5, help="per-case time limit, s")
+    ap.add_argument("--limit", type=float, default=0.5, help="per-case CPU time limit, s")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args(argv)
     seed = a.seed if a.seed is not None else random.randrange(2**32)
     targets = a.target or list(TARGETS)
-    print(f"fuzz: seed {seed}, {a.cases} cases per target, limit {a.limit} s per case")
+    print(
+        f"fuzz: seed {seed}, {a.cases} cases per target, limit {a.limit} s CPU "
+        f"({a.limit * WALL_FACTOR} s wall) per case"
+    )
     tasks = [("cpython", t, a.cases) for t in targets]
     if a.mp_cases:
         tasks += [("micropython", t, min(a.mp_cases, a.cases)) for t in targets]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
 import pytest
 
@@ -34,3 +35,21 @@ def test_target_runs_clean(target: str, tmp_path: pathlib.Path) -> None:
         if (target, sig.split(" ")[0]) not in OPEN
     }
     assert not unknown, unknown
+
+
+def test_a_hang_is_caught() -> None:
+    """The per-case limit: CPU time for a case that spins, wall time for one that blocks."""
+
+    def spin(_: bytes) -> None:
+        while True:
+            pass
+
+    def block(_: bytes) -> None:
+        time.sleep(30)
+
+    for h in (spin, block):
+        with fuzz._Timers():
+            t0 = time.monotonic()
+            err = fuzz.run_case(h, b"", 0.05)
+        assert isinstance(err, fuzz.Hang), h
+        assert time.monotonic() - t0 < 5
