@@ -354,34 +354,83 @@ def test_remote_mode_lets_loopback_in_and_makes_others_log_in(
         s.stop()
 
 
-def asgi_get(app: Any, path: str, client: tuple[str, int], host: str = "127.0.0.1:8080") -> int:
-    """The app's answer to a GET from `client` (an address a test cannot connect from)."""
+def asgi(
+    app: Any,
+    method: str,
+    path: str,
+    client: tuple[str, int],
+    *,
+    host: str = "127.0.0.1:8080",
+    scheme: str = "http",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str]]:
+    """The app's answer (status, headers) to a request from `client` over `scheme`: what a
+    test cannot connect as (another address, https)."""
     sent: list[dict[str, Any]] = []
+    h = {"host": host, **(headers or {})}
+    data = b""
+    if body is not None:
+        data = json.dumps(body).encode()
+        h["content-type"] = "application/json"
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
+        "method": method,
+        "scheme": scheme,
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", host.encode())],
+        "headers": [(k.encode(), v.encode()) for k, v in h.items()],
         "client": client,
         "server": ("127.0.0.1", 8080),
         "state": {},
     }
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": data, "more_body": False}
 
     async def send(msg: dict[str, Any]) -> None:
         sent.append(msg)
 
     asyncio.run(app(scope, receive, send))
-    status: int = sent[0]["status"]
-    return status
+    out = {k.decode().lower(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], out
+
+
+def asgi_get(app: Any, path: str, client: tuple[str, int], host: str = "127.0.0.1:8080") -> int:
+    return asgi(app, "GET", path, client, host=host)[0]
+
+
+def test_over_https_the_cookie_is_secure(on: Server) -> None:
+    site = {"host": "dash.example", "scheme": "https"}
+    creds = {"user": "ana", "password": PASSWORDS["ana"]}
+    status, h = asgi(
+        on.app,
+        "POST",
+        "/login",
+        ("198.51.100.4", 5000),
+        body=creds,
+        headers={"origin": "https://dash.example"},
+        **site,
+    )
+    assert status == 200
+    flags = [f.strip().lower() for f in h["set-cookie"].split(";")]
+    assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags
+    # the same login posted from a page of another site, or of the http site
+    for origin in ("https://evil.example", "http://dash.example"):
+        status, _ = asgi(
+            on.app,
+            "POST",
+            "/login",
+            ("198.51.100.4", 5000),
+            body=creds,
+            headers={"origin": origin},
+            **site,
+        )
+        assert status == 403, origin
 
 
 def test_an_app_without_auth_is_the_read_only_dashboard(agent_db: str) -> None:
