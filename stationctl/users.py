@@ -27,7 +27,9 @@ def register(sub: Any) -> None:
     # `users list --users-db F`); SUPPRESS keeps an action's parser from resetting it
     where = argparse.ArgumentParser(add_help=False)
     g = where.add_mutually_exclusive_group()
-    g.add_argument("--users-db", metavar="FILE", default=argparse.SUPPRESS, help="the file")
+    g.add_argument(
+        "--users-db", metavar="FILE", default=argparse.SUPPRESS, help="the users database"
+    )
     g.add_argument(
         "--config", metavar="FILE", default=argparse.SUPPRESS, help="agent TOML (its users_db)"
     )
