@@ -1,5 +1,5 @@
 """`stationctl export --db URL [--from ISO] [--to ISO] [--by interval|session|day]
---format csv|json` (CONTRACT §8): the records the agent stored, to stdout.
+--format csv|json [--sid SID …]` (CONTRACT §8): the records the agent stored, to stdout.
 
 The bytes depend only on the database contents and the arguments: records are read in a
 fixed order and rendered by agent/ledger/export.py, which sorts them itself.
@@ -31,6 +31,12 @@ def register(sub: Any) -> None:
     p.add_argument("--to", dest="end", metavar="ISO", help="exclusive end")
     p.add_argument("--by", choices=["interval", "session", "day"], default="interval")
     p.add_argument("--format", required=True, choices=["csv", "json"])
+    p.add_argument(
+        "--sid",
+        action="append",
+        metavar="SID",
+        help="only this station (repeatable); a station with no record at all is exit 2",
+    )
     p.set_defaults(func=run)
 
 
@@ -54,7 +60,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--to is before --from")
     store = open_store(args.db, readonly=True)
     try:
-        rows = store.record_rows(kind=args.by, start_ms=start, end_ms=end)
+        if args.sid:
+            known = set(store.record_sids())
+            unknown = sorted(set(args.sid) - known)
+            if unknown:
+                raise UsageError(f"unknown station(s) {', '.join(unknown)}: no record")
+            rows = [
+                r
+                for sid in sorted(set(args.sid))
+                for r in store.record_rows(kind=args.by, start_ms=start, end_ms=end, sid=sid)
+            ]
+        else:
+            rows = store.record_rows(kind=args.by, start_ms=start, end_ms=end)
     except DB_ERRORS as e:
         raise UsageError(f"database {name(args.db)}: {reason(args.db, e)}") from None
     finally:

@@ -59,6 +59,19 @@ def test_export_is_render_of_the_stored_records(
     assert stationctl("export", "--db", url, "--by", by, "--format", fmt).stdout == r.stdout
 
 
+def test_sid_limits_the_export_to_stations(db: tuple[str, list]) -> None:  # type: ignore[type-arg]
+    url, records = db
+    sids = sorted({r.sid for r in records})
+    assert len(sids) == 3
+    pick = [sids[2], sids[0]]
+    r = stationctl("export", "--db", url, "--format", "csv", "--sid", pick[0], "--sid", pick[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == render([x for x in records if x.sid in pick], "csv", None, None, "interval")
+    assert sids[1].encode() not in r.stdout and pick[0].encode() in r.stdout
+    r = stationctl("export", "--db", url, "--format", "csv", "--sid", "KH-TYPO-0001")
+    assert r.returncode == 2 and b"KH-TYPO-0001" in r.stderr and r.stdout == b""
+
+
 def test_default_is_interval_and_json_lines_shape(db: tuple[str, list]) -> None:  # type: ignore[type-arg]
     url, _ = db
     r = stationctl("export", "--db", url, "--format", "json")
