@@ -678,6 +678,8 @@ def gen_fw_modbus(r: random.Random) -> Iterator[bytes]:
             head[1] |= 0x80  # the request encoders
             yield bytes(head)
             continue
+        if r.random() < 0.3:
+            head[1] |= 0x40  # the whole transaction, through ModbusMaster
         u = 1 + head[0] % 247
         c = 1 + head[2] % (125 if fn in (3, 4) else 123)
         if fn == 6:

@@ -18,10 +18,16 @@ if sys.implementation.name != "micropython":  # CPython: the firmware's top-leve
     if _fw not in sys.path:
         sys.path.insert(0, _fw)
 
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio  # type: ignore
+
 import charger  # noqa: E402
 import commands  # noqa: E402
 import config  # noqa: E402
 import modbus  # noqa: E402
+import modbus_master  # noqa: E402
 import mqtt_codec  # noqa: E402
 import persist  # noqa: E402
 import registers  # noqa: E402
@@ -279,10 +285,95 @@ def _modbus_requests(data):
         pass
 
 
+class _Clock:
+    """A clock for ModbusMaster that moves 1 ms per reading and never sleeps: a transaction,
+    timeouts and retries included, runs in microseconds."""
+
+    def __init__(self):
+        self.t = 0
+
+    def ticks_ms(self):
+        self.t += 1
+        return self.t
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    def ticks_add(self, a, d):
+        return a + d
+
+    async def asleep_ms(self, ms):
+        self.t += ms
+
+
+class _Line:
+    """The bus: stale bytes before the request, then the rest once it is written."""
+
+    char_bits = 10
+
+    def __init__(self, stale, chunks):
+        self.chunks = stale
+        self.after = chunks
+        self.writes = 0
+
+    def write(self, b):
+        self.writes += 1
+        if self.writes == 1:
+            self.chunks = self.after
+        return len(b)
+
+    def readinto(self, buf):
+        if not self.chunks:
+            return 0
+        c = self.chunks.pop(0)
+        n = min(len(buf), len(c))
+        buf[:n] = c[:n]
+        if n < len(c):
+            self.chunks.insert(0, c[n:])
+        return n
+
+
+def _modbus_master(data, unit, fn, count, addr):
+    """One transaction of modbus_master.ModbusMaster over data: a result, or one ModbusError
+    counted exactly once (after the retries)."""
+    k = data[3] % 40
+    cut = data[7] % 8 if data[7] & 0x40 else 0  # stale bytes before the request
+    stream = bytes(data[8:])
+    line = _Line(_chunks(stream[:cut], k) if cut else [], _chunks(stream[cut:], k))
+    baud = (9600, 19200, 115200)[data[7] % 3]
+    m = modbus_master.ModbusMaster(line, baud, 50, (data[7] >> 4) % 3, _Clock())
+    if fn == 3:
+        call = m.read_holding(unit, addr % (0x10000 - count + 1), count, bool(data[7] & 8))
+    elif fn == 4:
+        call = m.read_input(unit, addr % (0x10000 - count + 1), count)
+    elif fn == 6:
+        call = m.write_single(unit, addr, (data[6] << 8) | data[7])
+    else:
+        call = m.write_multiple(unit, addr % (0x10000 - count + 1), [data[6]] * count)
+    try:
+        r = asyncio.run(call)
+    except modbus.ModbusError as e:
+        n = 0
+        for v in m.err.values():
+            n += v
+        quiet = isinstance(e, modbus.Timeout) and fn == 3 and not data[7] & 8
+        check(n == (0 if quiet else 1) and m.ok == 0, "counted %r for %r" % (m.err, e))
+        return
+    check(m.ok == 1, "ok %d" % m.ok)
+    for v in m.err.values():
+        check(v == 0, "an error counted on success: %r" % (m.err,))
+    if fn == 3 or fn == 4:
+        check(type(r) is list and len(r) == count, "registers %r" % (r,))
+        _registers(r)
+    else:
+        check(r is None, "write result %r" % (r,))
+
+
 def fw_modbus(data):
-    """data[0]: unit, data[1]: function (bits 0-1; bit 7: the request encoders instead),
-    data[2]: count, data[3]: chunk size, data[4:8]: address and value of a write; the rest:
-    the bytes on the bus after the request."""
+    """data[0]: unit, data[1]: function (bits 0-1; bit 7: the request encoders instead; bit 6:
+    through modbus_master.ModbusMaster), data[2]: count, data[3]: chunk size, data[4:8]:
+    address and value of a write (data[7] also the master's baud, retries, stale bytes);
+    the rest: the bytes on the bus after the request."""
     global _resp
     if len(data) < 8:
         return
@@ -302,6 +393,9 @@ def fw_modbus(data):
         count = 1 + data[2] % 123
         addr = addr % (0x10000 - count + 1)
         echo = modbus.write_multiple_request(unit, addr, [data[6]] * count)
+    if data[1] & 0x40:
+        _modbus_master(data, unit, fn, count, addr)
+        return
     if _resp is None:
         _resp = modbus.Response()
     resp = _resp  # reused across transactions, as ModbusMaster does
