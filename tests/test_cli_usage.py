@@ -98,4 +98,4 @@ def test_export_into_a_closed_pipe_ends_quietly(tmp_path: pathlib.Path) -> None:
     out, err = p.communicate(timeout=120)
     assert out == full.split(b"\n", 1)[0] + b"\n"
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
-    assert err == b""
+    assert err == b"", err
