@@ -55,6 +55,7 @@ import hmac
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -773,7 +774,14 @@ def gen_charger(r: random.Random) -> Iterator[bytes]:
             b = r.randbytes(r.randint(1, 30)) + b
         if r.random() < 0.05:
             b = b"$C," + b"9" * r.choice((70, 5000)) + b"\r\n"
-        yield bytes((r.randrange(256),)) + b
+        if r.random() < 0.25:  # a poll through ChargerLink, mostly of a slot that answers
+            slot = r.randint(1, 16)
+            m = re.search(rb"\$C,(\d{1,2}),", b)
+            if m and r.random() < 0.8 and 1 <= int(m.group(1)) <= 16:
+                slot = int(m.group(1))
+            yield bytes((0xC0 | (slot - 1), r.randrange(256))) + b
+            continue
+        yield bytes((r.randrange(0xC0),)) + b
 
 
 def command(r: random.Random) -> dict[str, Any]:

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
     import uasyncio as asyncio  # type: ignore
 
 import charger  # noqa: E402
+import charger_link  # noqa: E402
 import commands  # noqa: E402
 import config  # noqa: E402
 import modbus  # noqa: E402
@@ -58,9 +59,40 @@ def _chunks(data, k):
 # ---- charger lines (CONTRACT §3): charger.LineParser ----------------------------------------
 
 
+def _charger_link(data):
+    """One poll of charger_link.ChargerLink (its clock a _Clock, put back after): the
+    reading of the polled slot, or None with exactly one error counted."""
+    if len(data) < 2:
+        return
+    slot = 1 + data[0] % 16
+    k = 1 + data[1] % 32
+    cut = 0 if data[1] & 0x80 else data[1] % 40  # stale bytes before the request
+    stream = bytes(data[2:])
+    line = _Line(_chunks(stream[:cut], k) if cut else [], _chunks(stream[cut:], k))
+    saved = charger_link.timebase
+    charger_link.timebase = _Clock()
+    try:
+        link = charger_link.ChargerLink(line, 200, 2)
+        r = asyncio.run(link.poll(slot))
+    finally:
+        charger_link.timebase = saved
+    n = 0
+    for v in link.err.values():
+        n += v
+    if r is None:
+        check(n == 1 and link.ok == 0 and link.err[link.last_err] == 1, "counted %r" % link.err)
+    else:
+        check(isinstance(r, charger.Reply) and r.slot == slot, "poll(%d) gave %r" % (slot, r))
+        check(n == 0 and link.ok == 1 and link.last_err is None, "counted %r" % link.err)
+
+
 def fw_charger(data):
-    """data[0]: chunk size (0 whole); the rest: what the UART gives."""
+    """data[0]: chunk size (0 whole), or from 0xC0 a poll through ChargerLink (data[0] % 16:
+    the slot); the rest: what the UART gives."""
     if not data:
+        return
+    if data[0] >= 0xC0:
+        _charger_link(data)
         return
     p = charger.LineParser()
     for chunk in _chunks(data[1:], data[0] % 40):
