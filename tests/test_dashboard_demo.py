@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -109,6 +110,7 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
         assert [s["sid"] for s in f["stations"]] == ["KH-DEMO-0001", "KH-DEMO-0002"]
         assert f["totals"]["online"] == 2
         broker_rules_hold(work)
+        login_from_elsewhere(url, work)
         # a second demo in the same folder would run the same stations twice: refused
         r = subprocess.run(
             [*STATIONCTL, "demo", "--stations", "2", "--slots", "2", "--workdir", str(work)],
@@ -172,6 +174,33 @@ def ts_of(
         if "ts" in b and (after_boot is None or b["boot"] > after_boot[b["sid"]]):
             out[(b["sid"], b["boot"], b["seq"])] = b["ts"]
     return out
+
+
+def login_from_elsewhere(url: str, work: pathlib.Path) -> None:
+    """The demo's dashboard asks for a login when reached under another name than this
+    host's (login = "remote"); on loopback it does not."""
+    host = {"Host": "stations.example"}
+    req = urllib.request.Request(url + "api/fleet", headers=host)
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        raise AssertionError("the API answered a request from elsewhere without a login")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+    password = (work / "dashboard-admin.password").read_text().strip()
+    assert (work / "dashboard-admin.password").stat().st_mode & 0o077 == 0
+    body = json.dumps({"user": "admin", "password": password}).encode()
+    req = urllib.request.Request(
+        url + "login",
+        data=body,
+        headers={**host, "Content-Type": "application/json", "Origin": "http://stations.example"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        cookie = r.headers["Set-Cookie"].split(";")[0]
+    req = urllib.request.Request(url + "api/fleet", headers={**host, "Cookie": cookie})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert len(json.load(r)["stations"]) == 2
+    assert len(fleet(url)["stations"]) == 2  # loopback: no login
 
 
 def _login(port: int, user: str | None, password: str | None) -> tuple[int, mqtt.Client]:

@@ -37,6 +37,8 @@ from typing import Any
 
 from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.dashboard import DashboardServer, Live, make_app
+from agent.dashboard.auth import Auth, ensure_users_db
+from agent.dashboard.users import UserStore
 from agent.keys import KeyStore
 from agent.service import Service
 from agent.sources.mqtt import BrokerConfig
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 
 LOCK_FILE = "demo.lock"
+ADMIN_PASSWORD_FILE = "dashboard-admin.password"
 
 
 class DemoError(Exception):
@@ -287,6 +290,18 @@ class Demo:
         )
         return "127.0.0.1", self._mosq.port
 
+    def _auth(self) -> Auth:
+        """Login for anyone not on this host (`login = "remote"`): the demo's own admin
+        account, its password kept in the workdir (0600) and shown in the banner."""
+        pw_file = self.workdir / ADMIN_PASSWORD_FILE
+        if not pw_file.exists():
+            fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(12) + "\n")
+        users = self.workdir / "users.db"
+        ensure_users_db(users, pw_file.read_text().strip())
+        return Auth(UserStore.open(users), mode="remote", local_role="operator")
+
     def _sids(self) -> list[str]:
         return [f"{self.cfg.sid_prefix}-{i + 1:04d}" for i in range(self.cfg.stations)]
 
@@ -337,7 +352,7 @@ class Demo:
             live = Live(self.db_url)
             self.service = svc = Service(acfg, on_commit=lambda rows: live.nudge())
             svc_task = asyncio.create_task(svc.run(svc_stop))
-            server = await self._serve(make_app(self.db_url, live=live))
+            server = await self._serve(make_app(self.db_url, live=live, auth=self._auth()))
             self.url = server.url
             self._keys = KeyStore(self.db_url)
             self.fleet = Fleet(
@@ -437,7 +452,8 @@ class Demo:
                 f"firmware on MicroPython (accel ×{c.accel:g}: a day of charging in "
                 f"{day_min:.0f} min)"
             ),
-            f"  dashboard  {self.url}",
+            f"  dashboard  {self.url} (from another address: log in as admin, password "
+            f"in {self.workdir / ADMIN_PASSWORD_FILE})",
             f"  broker     {self.broker_url} ({self.broker_note})",
             f"  database   {self.db_url}",
             f"  terminal   stationctl watch --db {self.db_url}",
