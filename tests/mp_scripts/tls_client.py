@@ -1,11 +1,13 @@
 # Drives firmware/mqtt_client.py with tls=True and a pinned CA, on MicroPython or CPython,
 # for tests/test_firmware_tls.py:
-#   micropython tls_client.py '<json options>'
+#   micropython tls_client.py '<json options>'   or   micropython tls_client.py @options.json
+# (a file: the PyPI unix-port wrapper dies on an argument of 256 characters or more)
 # Options: host, port, ca (a DER file), user, password, n (QoS 1 messages to publish on
 # `topic`), deadline_ms, backoff_min_ms, backoff_max_ms. Prints JSON lines:
 #   {"ev":"cert","msg":..}      on_cert_error (the first refusal of a streak)
 #   {"ev":"connect","c":{..}}   every (re)connect
-#   {"ev":"done"|"timeout","refs":N,"c":{counters},"err":last_error,"fds":open descriptors}
+#   {"ev":"done"|"timeout","refs":N,"c":{counters},"err":last_error,"fds0":open descriptors
+#    before the client, "fds": after it stopped}
 import json
 import os
 import sys
@@ -31,6 +33,7 @@ def fds():
 
 
 async def main(o):
+    fds0 = fds()
     with open(o["ca"], "rb") as f:
         ca = f.read()
     c = mqtt_client.MQTTClient(
@@ -76,9 +79,14 @@ async def main(o):
             "refs": sum(acked),
             "c": c.counters(),
             "err": c.last_error,
+            "fds0": fds0,
             "fds": fds(),
         }
     )
 
 
-asyncio.run(main(json.loads(sys.argv[1])))
+arg = sys.argv[1]
+if arg.startswith("@"):
+    with open(arg[1:]) as f:
+        arg = f.read()
+asyncio.run(main(json.loads(arg)))
