@@ -196,7 +196,10 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
         alarms = st["alarm_list"]
     at = Table(title="Active alarms", expand=True, header_style="bold", title_justify="left")
     for col in ("Level", "Station", "Slot", "Alarm", "Since"):
-        at.add_column(col, **({"no_wrap": True, "min_width": sid_w} if col == "Station" else {}))
+        if col == "Station":
+            at.add_column(col, no_wrap=True, min_width=sid_w)
+        else:
+            at.add_column(col)
     for a in alarms:
         at.add_row(
             Text(a["level"], style="red" if a["level"] == "crit" else "yellow"),

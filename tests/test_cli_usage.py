@@ -87,7 +87,9 @@ def test_export_into_a_closed_pipe_ends_quietly(tmp_path: pathlib.Path) -> None:
         timeout=120,
         cwd=ROOT,
     ).stdout
-    assert len(full) > 128 * 1024  # more than a pipe holds (64 KiB): the writer meets the closed end
+    assert (
+        len(full) > 128 * 1024
+    )  # more than a pipe holds (64 KiB): the writer meets the closed end
     p = subprocess.Popen(
         f"{sys.executable} -m stationctl export --db {url} --format csv | head -1",
         shell=True,
