@@ -37,8 +37,28 @@ log = logging.getLogger(__name__)
 
 # 2: quarantine.resolved_ms, resolved_to (migrated in place); 3: ledger_state and
 # ledger_checkpoint (new tables: stations without a state are metered from raw once);
-# 4: the raw archive's manifest (agent/archive: archive_segments, _ranges, _stations)
-SCHEMA_VERSION: Final = 4
+# 4: the raw archive's manifest (agent/archive: archive_segments, _ranges, _stations);
+# 5: the grid meter register (agent/meters.py: meters, meter_calibrations, meter_installs;
+# new tables, made in place by `stationctl db upgrade`)
+SCHEMA_VERSION: Final = 5
+
+# The grid meter register (agent/meters.py; `stationctl meter`): each meter, its
+# calibrations (history kept: the one in force at a time is the latest begun) and its
+# installations at stations (to_ms NULL: still installed). Dates are UTC days, YYYY-MM-DD.
+METER_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS meters (
+        serial TEXT PRIMARY KEY, model TEXT NOT NULL, accuracy_class TEXT NOT NULL,
+        added_ms BIGINT NOT NULL, note TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS meter_calibrations (
+        serial TEXT NOT NULL, calibrated_on TEXT NOT NULL, next_due TEXT NOT NULL,
+        certificate TEXT NOT NULL, at_ms BIGINT NOT NULL,
+        PRIMARY KEY (serial, calibrated_on))""",
+    """CREATE TABLE IF NOT EXISTS meter_installs (
+        serial TEXT NOT NULL, sid TEXT NOT NULL, from_ms BIGINT NOT NULL, to_ms BIGINT,
+        by_name TEXT NOT NULL, at_ms BIGINT NOT NULL,
+        PRIMARY KEY (serial, sid, from_ms))""",
+    "CREATE INDEX IF NOT EXISTS meter_installs_sid ON meter_installs (sid, from_ms)",
+)
 
 # The raw archive's manifest (agent/archive/schema.py says what each table is for).
 ARCHIVE_DDL: Final = (
@@ -111,6 +131,7 @@ DDL: Final = (
     """CREATE TABLE IF NOT EXISTS agent_health (
         id BIGINT PRIMARY KEY, updated_ms BIGINT NOT NULL, state TEXT NOT NULL)""",
     *ARCHIVE_DDL,
+    *METER_DDL,
 )
 
 
