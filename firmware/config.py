@@ -227,6 +227,8 @@ def _apply(schema, obj, prefix):
     if not isinstance(obj, dict):
         raise ConfigError(prefix.rstrip("."), "must be an object")
     for k in obj:
+        if not isinstance(k, str):  # MicroPython's json.loads lets {"a":"b":5} make key 5
+            raise ConfigError(prefix.rstrip(".") or "config.json", "a key is not a string")
         if k not in schema:
             raise ConfigError(prefix + k, "unknown key")
     out = {}
@@ -261,7 +263,7 @@ def validate(obj):
     if not isinstance(net, dict):
         raise ConfigError("net", "must be an object")
     kind = net.get("kind")
-    if kind not in NET_KINDS:
+    if not isinstance(kind, str) or kind not in NET_KINDS:  # a list is unhashable
         raise ConfigError("net.kind", "must be one of wifi, lan, ppp, host")
     cfg["net"] = _apply(NET_KINDS[kind], net, "net.")
     b = cfg["broker"]
@@ -281,6 +283,8 @@ def parse(text):
         obj = json.loads(text)
     except ValueError as e:
         raise ConfigError("config.json", "not valid JSON (%s)" % e)
+    except RuntimeError:  # RecursionError on CPython (the flashing tool): too deeply nested
+        raise ConfigError("config.json", "nested too deeply")
     return validate(obj)
 
 
@@ -290,6 +294,8 @@ def load(path="config.json"):
             text = f.read()
     except OSError:
         raise ConfigError("config.json", "cannot be read at %s" % path)
+    except UnicodeError:  # UnicodeDecodeError on CPython
+        raise ConfigError("config.json", "not UTF-8 text")
     return parse(text)
 
 
