@@ -26,7 +26,10 @@ SCRIPT = ROOT / "tests" / "mp_scripts" / "mqtt_drain.py"
 
 
 def run_once(n: int, size: int, window: int, heap: str) -> dict[str, object]:
-    with tempfile.TemporaryDirectory() as tmp, Mosquitto(pathlib.Path(tmp) / "mosq", insecure=True) as broker:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Mosquitto(pathlib.Path(tmp) / "mosq", insecure=True) as broker,
+    ):
         opts = json.dumps({"port": broker.port, "n": n, "size": size, "window": window})
         proc = subprocess.Popen(
             [micropython_bin(), "-X", f"heapsize={heap}", str(SCRIPT), opts],
