@@ -34,6 +34,7 @@ __all__ = [
     "HealthConfig",
     "IngestConfig",
     "MeterParams",
+    "MetersConfig",
     "load_config",
 ]
 
@@ -130,6 +131,25 @@ class CarbonConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetersConfig:
+    """[meters]: the grid meter register's policy (agent/meters.py; docs/metering.md,
+    "Meter register") for energy metered while a meter is past its calibration's due
+    date: "discount" (credited less its accuracy class), "exclude" (not credited) or
+    "none" (flagged only). The agent states it in its meter_overdue alarms; `stationctl
+    export --config` applies it."""
+
+    overdue_policy: str = "discount"
+
+    def __post_init__(self) -> None:
+        from agent.meters import POLICIES
+
+        if self.overdue_policy not in POLICIES:
+            raise ValueError(
+                f"overdue_policy must be one of {', '.join(POLICIES)}, not {self.overdue_policy!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     db: DbConfig = field(default_factory=DbConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -139,6 +159,7 @@ class AgentConfig:
     dashboard: DashboardConfig | None = None  # None: no dashboard
     health: HealthConfig | None = None  # None: /healthz, /metrics only on the dashboard's port
     cluster: ClusterConfig | None = None  # None: the only agent on its database
+    meters: MetersConfig = field(default_factory=MetersConfig)
 
 
 # The file's shape: one table per section. `broker.password_file` and `carbon.params` are
@@ -152,6 +173,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "dashboard": DashboardConfig,
     "health": HealthConfig,
     "cluster": ClusterConfig,
+    "meters": MetersConfig,
 }
 _FILE_ONLY = {"broker": {"password_file"}}
 _PATHS = {
@@ -213,6 +235,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         carbon_params=carbon.params,
         dashboard=dec.get("dashboard"),
         health=dec.get("health"),
+        meters=dec.get("meters", MetersConfig()),
     )
 
 

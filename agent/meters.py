@@ -58,6 +58,7 @@ FLAG_UNREGISTERED: Final = "meter_unregistered"
 METER_FLAGS: Final = (FLAG_OVERDUE, FLAG_UNCALIBRATED, FLAG_UNREGISTERED)
 
 GRID_SLOT: Final = 0
+REGISTER_SCHEMA: Final = 5  # the store's schema version that has the register
 DUE_SOON_DAYS: Final = 30  # meter_due_soon this many days ahead
 CRIT_AFTER_DAYS: Final = 30  # meter_overdue is crit beyond this many days overdue
 
@@ -501,7 +502,11 @@ def register_status(store: Any, at_ms: int) -> list[dict[str, Any]]:
 
 
 def load_register(store: Any) -> Register:
-    """The register from an agent database (a Store; schema 5). Reads only."""
+    """The register from an agent database (a Store). Reads only. A database from before
+    schema 5 (opened read-only by an older-schema reader) has no register: empty."""
+    have = store.schema_version()
+    if have is None or have < REGISTER_SCHEMA:
+        return Register()
     db = store.db
     meters = {
         r[0]: Meter(str(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]))

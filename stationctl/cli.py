@@ -20,6 +20,7 @@ COMMANDS = [
     "stationctl.demo",
     "stationctl.agent",
     "stationctl.export",
+    "stationctl.meter",
     "stationctl.verify",
     "stationctl.archive",
     "stationctl.keys",

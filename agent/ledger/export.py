@@ -3,6 +3,11 @@
 Same records, same arguments: the same bytes. Columns, in order: sid, slot, start, end,
 mwh, held_mwh, flags, from, to, e_from, e_to, version, extra; CSV adds kwh (6 decimals).
 Lines end in "\\n" (both formats); CSV quotes only where needed (csv.QUOTE_MINIMAL).
+
+With `meter=True` (records that went through the meter register's crediting layer,
+agent/meters.py: `mwh` is then the credited value) each JSON object gains a `meter` object
+(null for a record the layer does not touch) and CSV gains METER_COLUMNS after `kwh`,
+at the end of the line: CONTRACT §8's columns keep their order.
 """
 
 from __future__ import annotations
@@ -33,6 +38,16 @@ COLUMNS = (
     "e_to",
     "version",
     "extra",
+)
+
+# appended to the CSV header when the meter register's layer applies (docs/metering.md)
+METER_COLUMNS = (
+    "meter_serial",
+    "meter_class",
+    "meter_due",
+    "meter_policy",
+    "metered_mwh",
+    "meter_register",
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -148,25 +163,50 @@ def _obj(r: Record) -> dict[str, Any]:
     }
 
 
+def _meter_obj(r: Record) -> dict[str, Any] | None:
+    ref = getattr(r, "meter", None)
+    return None if ref is None else dict(ref.as_dict())
+
+
+def _meter_cells(r: Record) -> tuple[Any, ...]:
+    ref = getattr(r, "meter", None)
+    if ref is None:
+        return ("",) * len(METER_COLUMNS)
+    return (
+        ref.serial,
+        ref.accuracy_class,
+        ref.due,
+        ref.policy,
+        ref.metered_mwh,
+        ref.register,
+    )
+
+
 def render(
     records: Iterable[Record],
     fmt: str,
     start_ms: int | None = None,
     end_ms: int | None = None,
     by: str = "interval",
+    *,
+    meter: bool = False,
 ) -> bytes:
-    """Export records per CONTRACT §8. fmt: "csv" | "json" (JSON Lines)."""
+    """Export records per CONTRACT §8. fmt: "csv" | "json" (JSON Lines). `meter`: the
+    records are agent.meters.CreditedRecord and the output carries their meter columns."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be csv or json, got {fmt!r}")
     rows = select(records, start_ms, end_ms, by)
     if fmt == "json":
-        return b"".join(
-            json.dumps(_obj(r), separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
-            for r in rows
-        )
+        out = []
+        for r in rows:
+            obj = _obj(r)
+            if meter:
+                obj["meter"] = _meter_obj(r)
+            out.append(json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n")
+        return b"".join(out)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow((*COLUMNS, "kwh"))
+    w.writerow((*COLUMNS, "kwh", *(METER_COLUMNS if meter else ())))
     for r in rows:
         w.writerow(
             (
@@ -184,6 +224,7 @@ def render(
                 r.version,
                 json.dumps(_extra(r), separators=(",", ":"), ensure_ascii=True),
                 kwh(r.mwh),
+                *(_meter_cells(r) if meter else ()),
             )
         )
     return buf.getvalue().encode("utf-8")
