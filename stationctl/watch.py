@@ -120,11 +120,17 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
 
     now = int(fleet["now"])
     t = fleet["totals"]
+    c = fleet.get("carbon")  # CO2e from parameters no one validated: say so (issue 16)
+    mark = (
+        f" (example parameters, not validated: {c['id']} {c['version']})"
+        if c and not c.get("validated")
+        else ""
+    )
     head = Text.assemble(
         ("stationctl watch  ", "bold"),
         f"{t['online']}/{t['stations']} online · charging {_w(t['power_w'])} · "
         f"{t['charging']}/{t['slots']} slots · today {_kwh(t['today_mwh'])} · "
-        f"CO2e avoided today {t['co2e_today_kg']} kg · {_clock(now)}",
+        f"CO2e avoided today {t['co2e_today_kg']} kg{mark} · {_clock(now)}",
     )
     parts: list[Any] = [head]
     banner = (fleet.get("agent") or {}).get("banner")

@@ -18,16 +18,16 @@ from starlette.routing import Route
 
 from agent.wire import SID_RE
 
+from . import history as h
 from .auth import Auth, me, principal
+from .history import BadRequest
 from .live import Live
+from .reader import DB_ERRORS, Reader, one_line
+from .state import DAY_MS, FleetState
 from .users import UserStore
 
 _encode = msgspec.json.Encoder().encode
 _HEADERS = {"Cache-Control": "no-store"}
-
-
-class BadRequest(Exception):
-    pass
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -86,8 +86,164 @@ def health(request: Request) -> Response:
     return json_response(h)
 
 
+def csv_response(body: bytes, name: str) -> Response:
+    return Response(
+        body,
+        media_type="text/csv; charset=utf-8",
+        headers={**_HEADERS, "Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
 def fleet(request: Request) -> Response:
-    return json_response(_live(request).fleet())
+    """The fleet; with `q`, `state`, `sort`, `dir` its stations as the page filters and
+    sorts them; `format=csv`: those rows as CSV."""
+    q = request.query_params
+    try:
+        csv = h.want_csv(q)
+        view = _live(request).fleet()
+        if csv or any(k in q for k in ("q", "state", "sort", "dir")):
+            view["stations"] = h.filter_stations(view["stations"], q)
+    except BadRequest as e:
+        return error(400, str(e))
+    if csv:
+        day = h.day_of(view["now"]).isoformat()
+        return csv_response(
+            h.to_csv(h.stations_csv(view["carbon"]), view["stations"]), f"stations_{day}"
+        )
+    return json_response(view)
+
+
+def _today(state: FleetState, now: int, sid: str | None = None) -> int:
+    """The start of today on the station's clock (the fleet's median clock for None)."""
+    t = now + state.offset(sid)
+    return t - t % DAY_MS
+
+
+def _read(request: Request, fn: Any) -> Response:
+    """Run `fn(reader, state, now)` -> Response on the database; 400 for a bad
+    parameter, 503 while the database cannot be read."""
+    try:
+        resp: Response = _live(request).read(fn)
+    except BadRequest as e:
+        return error(400, str(e))
+    except (RuntimeError, *DB_ERRORS) as e:
+        return error(503, one_line(e))
+    return resp
+
+
+def sessions(request: Request) -> Response:
+    """Completed charging sessions (session records) that started in the range, newest
+    first, a page at a time."""
+    q = request.query_params
+    try:
+        sid = _sid_param(request)
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        offset = _int_param(request, "offset", 0, 0, 10**9)
+        csv = h.want_csv(q)
+    except BadRequest as e:
+        return error(400, str(e))
+
+    def fn(r: Reader, state: FleetState, now: int) -> Response:
+        rng = h.parse_range(q, _today(state, now, sid))
+        total, recs = r.session_records(rng.from_ms, rng.to_ms, sid, limit, offset)
+        rows = [h.session_row(x) for x in recs]
+        if csv:
+            return csv_response(h.to_csv(h.SESSION_CSV, rows), f"sessions_{rng.label}")
+        return json_response(
+            {
+                **rng.as_json(),
+                "sid": sid,
+                "total": total,
+                "limit": limit,
+                "offset": offset,
+                "sessions": rows,
+            }
+        )
+
+    return _read(request, fn)
+
+
+def energy_daily(request: Request) -> Response:
+    """kWh per station and UTC day (station clock) with each day's completeness."""
+    q = request.query_params
+    try:
+        sid = _sid_param(request)
+        csv = h.want_csv(q)
+    except BadRequest as e:
+        return error(400, str(e))
+
+    def fn(r: Reader, state: FleetState, now: int) -> Response:
+        rng = h.parse_range(q, _today(state, now, sid))
+        rows = h.daily_rows(
+            r.day_records_between(rng.from_ms, rng.to_ms, sid),
+            r.interval_coverage(rng.from_ms, rng.to_ms, sid),
+            rng,
+            lambda s: _today(state, now, s if s in state.stations else None),
+            state.params,
+            sid,
+        )
+        info = state.carbon_info()
+        if csv:
+            return csv_response(h.to_csv(h.daily_csv(info), rows), f"energy-daily_{rng.label}")
+        return json_response(
+            {
+                **rng.as_json(),
+                "sid": sid,
+                "rows": rows,
+                "totals": {
+                    "mwh": sum(x["mwh"] for x in rows),
+                    "grid_mwh": sum(x["grid_mwh"] for x in rows),
+                    "incomplete": sum(not x["complete"] for x in rows),
+                },
+                "carbon": info,
+            }
+        )
+
+    return _read(request, fn)
+
+
+def alarm_history(request: Request) -> Response:
+    """Alarms raised in the range (agent clock), newest first, a page at a time: who
+    acknowledged each and when."""
+    q = request.query_params
+    try:
+        sid = _sid_param(request)
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        offset = _int_param(request, "offset", 0, 0, 10**9)
+        csv = h.want_csv(q)
+    except BadRequest as e:
+        return error(400, str(e))
+    store = _users(request)
+
+    def fn(r: Reader, state: FleetState, now: int) -> Any:
+        rng = h.parse_range(q, now)
+        occ = state.history(sid, rng.from_ms, rng.to_ms)
+        return rng, occ, r.alarms_between(rng.from_ms, rng.to_ms, sid)
+
+    try:
+        rng, occ, agent_rows = _live(request).read(fn)
+    except BadRequest as e:
+        return error(400, str(e))
+    except (RuntimeError, *DB_ERRORS) as e:
+        return error(503, one_line(e))
+    acks: list[Any] = []
+    if store is not None:
+        acks = [*store.acks([(o["id"], o["since_ms"]) for o in occ]).values()]
+        acks += store.acks_between(rng.from_ms, rng.to_ms)
+    items = h.alarm_history(occ, agent_rows, acks, sid)
+    page = items[offset : offset + limit]
+    if csv:
+        return csv_response(h.to_csv(h.ALARM_CSV, page), f"alarms_{rng.label}")
+    return json_response(
+        {
+            **rng.as_json(),
+            "sid": sid,
+            "total": len(items),
+            "limit": limit,
+            "offset": offset,
+            "items": page,
+        }
+    )
 
 
 def with_acks(store: UserStore | None, view: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +394,9 @@ def routes() -> list[Route]:
         Route("/api/me", me, methods=["GET"]),
         Route("/api/fleet", fleet, methods=["GET"]),
         Route("/api/alarms", alarms, methods=["GET"]),
+        Route("/api/alarms/history", alarm_history, methods=["GET"]),
+        Route("/api/sessions", sessions, methods=["GET"]),
+        Route("/api/energy/daily", energy_daily, methods=["GET"]),
         Route("/api/stations/{sid}", station, methods=["GET"]),
         Route("/api/stations/{sid}/power", power, methods=["GET"]),
         Route("/api/stations/{sid}/energy", energy, methods=["GET"]),

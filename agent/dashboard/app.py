@@ -73,6 +73,8 @@ def make_app(
             Route("/", _page, methods=["GET"]),
             Route("/stations/{sid}", _page, methods=["GET"]),
             Route("/alarms", _page, methods=["GET"]),
+            Route("/sessions", _page, methods=["GET"]),
+            Route("/energy", _page, methods=["GET"]),
             *api.routes(),
             *(auth_routes() if auth is not None else ()),
             *(api.ack_routes() if auth is not None and auth.store is not None else ()),

@@ -350,6 +350,15 @@ class Live:
             except RuntimeError:  # the loop closed under us (shutdown)
                 pass
 
+    def read(self, fn: Callable[[Reader, FleetState, int], T]) -> T:
+        """`fn(reader, state, now)` under the lock, on the open database (the history
+        pages read on request; the poller waits meanwhile). RuntimeError when the database
+        cannot be read (yet)."""
+        with self.lock:
+            if not self.reader.open():
+                raise RuntimeError(f"database not readable: {self.reader.error}")
+            return fn(self.reader, self.state, self.clock())
+
     def view(self, fn: Callable[[FleetState, int], T]) -> T:
         """`fn(state, now)` under the lock."""
         with self.lock:

@@ -299,3 +299,71 @@ class Reader:
                 (since_ms,),
             ).fetchall()
         ]
+
+    # ---- history pages (sessions, energy per day, alarm history): read on request --------
+
+    def session_records(
+        self, from_ms: int, to_ms: int, sid: str | None, limit: int, offset: int
+    ) -> tuple[int, list[Record]]:
+        """(how many, a page of them): session records starting in [from_ms, to_ms), newest
+        first (start, then end), optionally of one station."""
+        where = "kind = 'session' AND start_ms >= ? AND start_ms < ?"
+        args: tuple[Any, ...] = (from_ms, to_ms)
+        if sid is not None:
+            where += " AND sid = ?"
+            args += (sid,)
+        total = int(
+            self.db.execute(f"SELECT COUNT(*) FROM records WHERE {where}", args).fetchone()[0]
+        )
+        rows = self.db.execute(
+            f"SELECT {RECORD_COLUMNS} FROM records WHERE {where} "
+            "ORDER BY start_ms DESC, end_ms DESC, sid, slot LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        ).fetchall()
+        return total, [row_to_record(r) for r in rows]
+
+    def day_records_between(self, from_ms: int, to_ms: int, sid: str | None) -> list[Record]:
+        """Day records starting in [from_ms, to_ms), in full."""
+        q = f"SELECT {RECORD_COLUMNS} FROM records WHERE kind = 'day' AND start_ms >= ? AND start_ms < ?"
+        args: tuple[Any, ...] = (from_ms, to_ms)
+        if sid is not None:
+            q += " AND sid = ?"
+            args += (sid,)
+        return [row_to_record(r) for r in self.db.execute(q, args).fetchall()]
+
+    def interval_coverage(
+        self, from_ms: int, to_ms: int, sid: str | None
+    ) -> list[tuple[str, int, int, bool]]:
+        """(sid, interval start, interval length, any record of it flagged `gap`) per
+        station and interval with interval records in [from_ms, to_ms); adjustment records
+        (rule 8, booked into an open interval) are not data of their interval."""
+        q = (
+            "SELECT sid, start_ms, end_ms - start_ms, "
+            "MAX(CASE WHEN '|' || flags || '|' LIKE '%|gap|%' THEN 1 ELSE 0 END) "
+            "FROM records WHERE kind = 'interval' AND start_ms >= ? AND start_ms < ? "
+            "AND '|' || flags || '|' NOT LIKE '%|adjustment|%'"
+        )
+        args: tuple[Any, ...] = (from_ms, to_ms)
+        if sid is not None:
+            q += " AND sid = ?"
+            args += (sid,)
+        q += " GROUP BY sid, start_ms, end_ms - start_ms"
+        return [
+            (str(r[0]), int(r[1]), int(r[2]), bool(r[3]))
+            for r in self.db.execute(q, args).fetchall()
+        ]
+
+    def alarms_between(
+        self, from_ms: int, to_ms: int, sid: str | None
+    ) -> list[tuple[int, int, str | None, str, str, str]]:
+        """(id, ts_ms, sid, code, level, detail) of the agent's alarms in [from_ms, to_ms)
+        (no index on time: the table holds conflicts, a handful of rows)."""
+        q = "SELECT id, ts_ms, sid, code, level, detail FROM alarms WHERE ts_ms >= ? AND ts_ms < ?"
+        args: tuple[Any, ...] = (from_ms, to_ms)
+        if sid is not None:
+            q += " AND sid = ?"
+            args += (sid,)
+        return [
+            (int(r[0]), int(r[1]), r[2], str(r[3]), str(r[4]), str(r[5]))
+            for r in self.db.execute(q + " ORDER BY ts_ms DESC, id DESC", args).fetchall()
+        ]

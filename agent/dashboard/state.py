@@ -79,6 +79,7 @@ class ViewConfig:
     debounce_s: float = 15.0  # a stale source must stay stale this long to raise an alarm
     recent_s: int = 3600  # rejections within this window raise an active alarm
     events_kept: int = 300
+    history_kept: int = 2000  # alarm occurrences (raised, cleared) kept for the history
     energy_hours: int = 12  # interval records shown
     days: int = 14  # day records shown
     backfill_rows: int = 200_000  # most raw rows read back at start
@@ -162,6 +163,10 @@ class FleetState:
         self._active: dict[str, dict[str, Any]] = {}
         self._since: dict[str, int] = {}
         self._pending: dict[str, int] = {}  # debounced candidates: id -> first seen
+        # every occurrence of an active alarm since the dashboard started, newest first:
+        # {id, sid, slot, code, level, msg, since_ms, raised_ms, cleared_ms}
+        self.occurrences: deque[dict[str, Any]] = deque(maxlen=self.cfg.history_kept)
+        self._occ: dict[str, dict[str, Any]] = {}  # active id -> its occurrence
         # records: sid -> {start_ms: [battery mWh, grid mWh]}
         self.days: dict[str, dict[int, list[int]]] = {}
         self.intervals: dict[str, dict[int, list[int]]] = {}
@@ -537,6 +542,19 @@ class FleetState:
         for aid, a in active.items():
             if aid not in self._since:
                 self._since[aid] = a.pop("since") or now
+                occ = {
+                    "id": aid,
+                    "sid": a["sid"],
+                    "slot": a["slot"],
+                    "code": a["code"],
+                    "level": a["level"],
+                    "msg": a["msg"],
+                    "since_ms": self._since[aid],
+                    "raised_ms": now,
+                    "cleared_ms": None,
+                }
+                self._occ[aid] = occ
+                self.occurrences.appendleft(occ)
                 self._log(
                     now,
                     a["sid"],
@@ -551,6 +569,9 @@ class FleetState:
         for aid in self._active.keys() - active.keys():
             a = self._active[aid]
             self._since.pop(aid, None)
+            occ = self._occ.pop(aid, None)
+            if occ is not None:
+                occ["cleared_ms"] = now
             self._log(
                 now, a["sid"], "dashboard", "cleared:" + a["code"], "info", a["msg"], a["slot"]
             )
@@ -624,6 +645,22 @@ class FleetState:
             "point": self._fleet_point(now),
         }
 
+    def history(self, sid: str | None, from_ms: int, to_ms: int) -> list[dict[str, Any]]:
+        """The occurrences of active alarms (copies) that were raised or still active in
+        [from_ms, to_ms), newest first."""
+        return [
+            dict(o)
+            for o in self.occurrences
+            if (sid is None or o["sid"] == sid)
+            and o["since_ms"] < to_ms
+            and (o["cleared_ms"] is None or o["cleared_ms"] >= from_ms)
+        ]
+
+    def carbon_info(self) -> dict[str, Any] | None:
+        """The parameter set behind every CO2e figure: id, version, validated (False:
+        the figures come with "example parameters, not validated")."""
+        return self._carbon_info()
+
     def _carbon_info(self) -> dict[str, Any] | None:
         p = self.params
         if p is None:
@@ -631,6 +668,7 @@ class FleetState:
         return {
             "id": p.id,
             "version": p.version,
+            "validated": p.validated,
             "notice": p.notice,
             "error": self.co2e_error,
             "placeholders": sorted(
@@ -693,6 +731,7 @@ class FleetState:
             "alarm_list": self.active(sid),
             "events": [e for e in self.events if e["sid"] == sid][:30],
             "point": list(st.hist[-1]) if st.hist else None,
+            "carbon": self._carbon_info(),
         }
 
     def alarms(self, now: int) -> dict[str, Any]:

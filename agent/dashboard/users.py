@@ -325,6 +325,17 @@ class UserStore:
                     out[(aid, since)] = Ack(aid, since, str(row[0]), int(row[1]))
         return out
 
+    def acks_between(self, from_ms: int, to_ms: int) -> list[Ack]:
+        """The acknowledgements of alarm occurrences raised in [from_ms, to_ms) (the
+        alarm history: they outlive the dashboard's memory of the alarm)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT alarm_id, since_ms, user, at_ms FROM acks"
+                " WHERE since_ms >= ? AND since_ms < ? ORDER BY since_ms DESC",
+                (from_ms, to_ms),
+            ).fetchall()
+        return [Ack(str(a), int(s), str(u), int(t)) for a, s, u, t in rows]
+
 
 def _check_password(password: str) -> None:
     if len(password) < 8:

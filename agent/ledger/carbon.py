@@ -71,6 +71,9 @@ class CarbonParams:
     notice: str
     params: Mapping[str, tuple[ParamValue, ...]]
     path: str = ""
+    # the file says its values were validated for a project (`validated = true`); absent:
+    # False, and the dashboard marks every figure "example parameters, not validated"
+    validated: bool = False
 
     def value(self, name: str, day: date) -> ParamValue:
         """The value of a parameter in effect on a UTC day (ValueError if none)."""
@@ -140,6 +143,9 @@ def parse_params(doc: Mapping[str, Any], where: str = "<params>") -> CarbonParam
     eff_to = (
         _date(doc["effective_to"], f"{where}: effective_to") if doc.get("effective_to") else None
     )
+    validated = doc.get("validated", False)
+    if not isinstance(validated, bool):
+        raise CarbonParamsError(f"{where}: validated must be true or false, got {validated!r}")
     raw = doc.get("params")
     if not isinstance(raw, Mapping):
         raise CarbonParamsError(f"{where}: no [params] table")
@@ -200,6 +206,7 @@ def parse_params(doc: Mapping[str, Any], where: str = "<params>") -> CarbonParam
         notice=str(doc.get("notice", "")),
         params=params,
         path=where,
+        validated=validated,
     )
 
 
