@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent import cluster, ranges, wire
+from agent import cluster, meters, ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
@@ -101,6 +101,7 @@ STOP_FLUSH_S = 2.0  # on stop, commit and acknowledge what was read for up to th
 STOP_DB_S = 1.5  # then wait this long for the database thread (interrupted) to finish
 ALARM_EVERY_S = 60.0  # one bad_field alarm per (station, field) per minute (counts exact)
 METER_RETRY_S = 60.0  # a station whose metering raised is metered from raw again this often
+METER_CHECK_S = 3600.0  # the grid meter register's calibration check (agent/meters.py)
 INTERNAL = wire.Reason.INTERNAL.value
 # a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
 # batch is kept and retried; anything else raised by a write is a data error of some row
@@ -1065,6 +1066,7 @@ class Service:
     async def _housekeeping(self) -> None:
         ing = self.cfg.ingest
         last_keys = last_stats = last_gc = last_ckpt = last_remeter = time.monotonic()
+        next_meters = 0.0  # the grid meter register's calibration check: now, then hourly
         last_health = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -1105,6 +1107,26 @@ class Service:
             if now - last_stats >= ing.stats_interval_s:
                 last_stats = now
                 log.info("counters: %s", dict(sorted(self.counters.items())))
+            if now >= next_meters and not self._stopping:  # at start, then hourly
+                next_meters = now + METER_CHECK_S
+                await loop.run_in_executor(self._db, self.check_meters)
+
+    def check_meters(self, at_ms: int | None = None) -> list[tuple[str, str, str, str]]:
+        """db thread: alarm installed grid meters past (`meter_overdue`) or near
+        (`meter_due_soon`) their calibration's due date, once per meter and code per UTC day
+        (agent/meters.py). Never raises: a failure is logged and counted."""
+        try:
+            added = meters.check_alarms(
+                self.store, now_ms() if at_ms is None else at_ms, self.cfg.meters.overdue_policy
+            )
+        except Exception as e:
+            self.counters["meter_check_errors"] += 1
+            log.warning("checking the meter register failed: %r", e)
+            return []
+        for sid, code, _level, detail in added:
+            self.counters["alarms"] += 1
+            log.warning("%s %s: %s", code, sid, detail)
+        return added
 
     def _put_health(self, state: str) -> None:
         """checkpoint thread: upsert the agent_health row (a locked or full database makes
