@@ -144,7 +144,8 @@ def sessions(request: Request) -> Response:
         return error(400, str(e))
 
     def fn(r: Reader, state: FleetState, now: int) -> Response:
-        rng = h.parse_range(q, _today(state, now, sid))
+        today = _today(state, now, sid)
+        rng = h.parse_range(q, today)
         total, recs = r.session_records(rng.from_ms, rng.to_ms, sid, limit, offset)
         rows = [h.session_row(x) for x in recs]
         if csv:
@@ -152,6 +153,7 @@ def sessions(request: Request) -> Response:
         return json_response(
             {
                 **rng.as_json(),
+                "today": h.day_of(today).isoformat(),
                 "sid": sid,
                 "total": total,
                 "limit": limit,
@@ -173,7 +175,8 @@ def energy_daily(request: Request) -> Response:
         return error(400, str(e))
 
     def fn(r: Reader, state: FleetState, now: int) -> Response:
-        rng = h.parse_range(q, _today(state, now, sid))
+        today = _today(state, now, sid)
+        rng = h.parse_range(q, today)
         rows = h.daily_rows(
             r.day_records_between(rng.from_ms, rng.to_ms, sid),
             r.interval_coverage(rng.from_ms, rng.to_ms, sid),
@@ -188,6 +191,7 @@ def energy_daily(request: Request) -> Response:
         return json_response(
             {
                 **rng.as_json(),
+                "today": h.day_of(today).isoformat(),
                 "sid": sid,
                 "rows": rows,
                 "totals": {
@@ -218,10 +222,10 @@ def alarm_history(request: Request) -> Response:
     def fn(r: Reader, state: FleetState, now: int) -> Any:
         rng = h.parse_range(q, now)
         occ = state.history(sid, rng.from_ms, rng.to_ms)
-        return rng, occ, r.alarms_between(rng.from_ms, rng.to_ms, sid)
+        return now, rng, occ, r.alarms_between(rng.from_ms, rng.to_ms, sid)
 
     try:
-        rng, occ, agent_rows = _live(request).read(fn)
+        now, rng, occ, agent_rows = _live(request).read(fn)
     except BadRequest as e:
         return error(400, str(e))
     except (RuntimeError, *DB_ERRORS) as e:
@@ -237,6 +241,7 @@ def alarm_history(request: Request) -> Response:
     return json_response(
         {
             **rng.as_json(),
+            "today": h.day_of(now).isoformat(),
             "sid": sid,
             "total": len(items),
             "limit": limit,

@@ -199,8 +199,8 @@ def daily_rows(
     rows = []
     for s in sorted(sids):
         today = today_of(s)
-        ln = lengths.get(s)
-        length = max(ln, key=lambda k: ln[k]) if ln else INTERVAL_MS
+        ln = lengths.get(s, {})
+        length = max(ln, key=ln.__getitem__) if ln else INTERVAL_MS
         expected = DAY_MS // length if 0 < length <= DAY_MS else DAY_MS // INTERVAL_MS
         for d in range(rng.from_ms, min(rng.to_ms, today + DAY_MS), DAY_MS):
             recs = by.get((s, d), [])

@@ -569,9 +569,9 @@ class FleetState:
         for aid in self._active.keys() - active.keys():
             a = self._active[aid]
             self._since.pop(aid, None)
-            occ = self._occ.pop(aid, None)
-            if occ is not None:
-                occ["cleared_ms"] = now
+            gone = self._occ.pop(aid, None)
+            if gone is not None:
+                gone["cleared_ms"] = now
             self._log(
                 now, a["sid"], "dashboard", "cleared:" + a["code"], "info", a["msg"], a["slot"]
             )

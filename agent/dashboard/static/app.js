@@ -36,6 +36,96 @@ function ago(ms, now) {
 }
 const clock = t => new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 const dayLabel = t => new Date(t).toISOString().slice(5, 10);
+const when = t => t === null || t === undefined ? "–" : new Date(t).toLocaleString();
+
+// ---- the URL query: what a page shows is in it, so a link reproduces the view -----------
+const query = () => new URLSearchParams(location.search);
+function setQuery(changes) {
+  const q = query();
+  for (const [k, v] of Object.entries(changes)) {
+    if (v === null || v === undefined || v === "") q.delete(k); else q.set(k, v);
+  }
+  const s = q.toString();
+  history.replaceState(null, "", location.pathname + (s ? "?" + s : ""));
+}
+// the API's query for the view: the page's own keys that it has
+function apiQuery(keys, extra) {
+  const q = query(), out = new URLSearchParams();
+  for (const k of keys) if (q.get(k)) out.set(k, q.get(k));
+  for (const [k, v] of Object.entries(extra || {})) if (v !== null && v !== undefined && v !== "") out.set(k, v);
+  return out.toString();
+}
+
+// the carbon figures' parameter set; a visible mark while it is not validated
+function carbonMark(c) {
+  if (!c || c.validated) return "";
+  return `<span class="carbon-mark" title="The CO₂e figures use parameter set ${esc(c.id)} v${esc(c.version)}, which says it is not validated.">` +
+    `example parameters, not validated · ${esc(c.id)} v${esc(c.version)}</span>`;
+}
+
+// ---- the time-range picker (from/to UTC days, presets), kept in the URL ------------------
+const isoDay = t => new Date(t).toISOString().slice(0, 10);
+const addDays = (day, n) => isoDay(Date.parse(day + "T00:00:00Z") + n * 86400000);
+function rangePicker(onChange) {
+  const el = $("#range");
+  el.innerHTML = `<label>From <input type="date" id="range-from"></label>
+    <label>To <input type="date" id="range-to"></label>
+    <span class="presets">${[["today", "Today"], ["7d", "7 days"], ["30d", "30 days"], ["month", "This month"]]
+      .map(([k, t]) => `<button type="button" data-preset="${k}">${t}</button>`).join("")}</span>`;
+  let today = null;
+  const set = (from, to) => { setQuery({ from, to, offset: null }); onChange(); };
+  el.addEventListener("change", () => {
+    const f = $("#range-from").value, t = $("#range-to").value;
+    if (f && t && f <= t) set(f, t);
+  });
+  el.addEventListener("click", ev => {
+    const b = ev.target.closest("button[data-preset]");
+    if (!b || !today) return;
+    const p = b.dataset.preset;
+    const from = p === "today" ? today : p === "7d" ? addDays(today, -6) : p === "30d" ? addDays(today, -29) : today.slice(0, 8) + "01";
+    $("#range-from").value = from; $("#range-to").value = today;
+    set(from, today);
+  });
+  // the answer's range (the server's default when the URL has none) and the stations' today
+  return d => {
+    today = d.today;
+    $("#range-from").value = d.from; $("#range-to").value = d.to;
+    el.dataset.today = d.today;
+  };
+}
+
+// a station filter (select) over the fleet's station ids, kept in the URL as sid
+function stationSelect(onChange) {
+  const sel = $("#sid");
+  getJSON("/api/fleet").then(d => {
+    const cur = query().get("sid") || "";
+    sel.innerHTML = `<option value="">All stations</option>` +
+      d.stations.map(s => `<option value="${esc(s.sid)}"${s.sid === cur ? " selected" : ""}>${esc(s.sid)}</option>`).join("");
+  }).catch(() => {});
+  sel.addEventListener("change", () => { setQuery({ sid: sel.value, offset: null }); onChange(); });
+}
+
+// a history page's load(), its failure shown on the page (a bad date in the URL: the reason)
+function guarded(load) {
+  return () => load().then(() => { $("#load-error").hidden = true; }).catch(e => {
+    const el = $("#load-error");
+    el.textContent = String(e.message || e);
+    el.hidden = false;
+  });
+}
+
+function pager(el, d, onChange) {
+  const first = d.total ? d.offset + 1 : 0, last = d.offset + (d.sessions || d.items).length;
+  el.innerHTML = `<span class="muted" id="pager-count">${first}–${last} of ${d.total}</span>
+    <button type="button" data-go="${Math.max(0, d.offset - d.limit)}"${d.offset > 0 ? "" : " disabled"}>Newer</button>
+    <button type="button" data-go="${d.offset + d.limit}"${last < d.total ? "" : " disabled"}>Older</button>`;
+  el.onclick = ev => {
+    const b = ev.target.closest("button[data-go]");
+    if (!b || b.disabled) return;
+    setQuery({ offset: b.dataset.go === "0" ? null : b.dataset.go });
+    onChange();
+  };
+}
 
 function toLogin() {
   location.assign("/login?next=" + encodeURIComponent(location.pathname));
@@ -44,7 +134,10 @@ function toLogin() {
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
   if (r.status === 401) toLogin();
-  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  if (!r.ok) {
+    const why = await r.json().then(b => b.error).catch(() => null);
+    throw new Error(why || `${url}: HTTP ${r.status}`);
+  }
   return r.json();
 }
 
@@ -174,12 +267,37 @@ function eventList(events, withSid) {
 }
 
 // ---- fleet page -------------------------------------------------------------------------
+const STATES = ["online", "silent", "offline", "unknown"];
+// the rows of the fleet table: text (a substring of the id, any case), state, then a stable
+// sort (ties in station id order): the rules of agent/dashboard/history.py filter_stations
+function filterSort(stations, v) {
+  const text = v.q.toUpperCase();
+  const rank = x => STATES.includes(x) ? STATES.indexOf(x) : STATES.length;
+  const keys = {
+    sid: s => s.sid, state: s => rank(s.state), power: s => s.power_w ?? -Infinity,
+    today: s => s.today_mwh, alarms: s => [s.alarms.crit, s.alarms.warn],
+  };
+  const key = keys[v.sort] || keys.sid, sign = v.dir === "desc" ? -1 : 1;
+  const cmp = (a, b) => Array.isArray(a) ? (cmp(a[0], b[0]) || cmp(a[1], b[1])) : a < b ? -1 : a > b ? 1 : 0;
+  return stations.slice().sort((a, b) => cmp(a.sid, b.sid))
+    .filter(s => s.sid.toUpperCase().includes(text) && (!v.state || s.state === v.state))
+    .sort((a, b) => sign * cmp(key(a), key(b)));
+}
+
 function fleetPage(main) {
   main.innerHTML = `
     <section class="cards" id="totals"></section>
-    <section class="panel"><h2>Stations</h2><div class="table-wrap"><table id="stations">
-      <thead><tr><th>Station</th><th>State</th><th class="opt">Last seen</th><th class="num">Power</th>
-      <th class="num opt">Charging</th><th class="num">Today</th><th class="num opt">CO₂e today</th><th class="num">Alarms</th></tr></thead>
+    <section class="panel"><h2>Stations</h2>
+      <div class="toolbar">
+        <input type="search" id="st-filter" placeholder="Filter by station id" aria-label="Filter by station id">
+        <select id="st-state" aria-label="State"><option value="">All states</option>
+          ${STATES.map(x => `<option value="${x}">${x}</option>`).join("")}</select>
+        <span class="muted" id="st-count"></span>
+        <a id="csv" class="csv" href="/api/fleet?format=csv" download>Download CSV</a>
+      </div>
+      <div class="table-wrap"><table id="stations">
+      <thead><tr><th data-sort="sid">Station</th><th data-sort="state">State</th><th class="opt">Last seen</th><th class="num" data-sort="power">Power</th>
+      <th class="num opt">Charging</th><th class="num" data-sort="today">Today</th><th class="num opt">CO₂e today <span id="co2e-col-mark"></span></th><th class="num" data-sort="alarms">Alarms</th></tr></thead>
       <tbody></tbody></table></div></section>
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
     <section class="grid3 charts">
@@ -197,6 +315,48 @@ function fleetPage(main) {
   };
   charts();
   setInterval(charts, 30000);
+  // filter and sort (client-side over the live payload; the same rules as the API's
+  // /api/fleet?q=&state=&sort=&dir=, which the CSV link asks)
+  const q0 = query();
+  $("#st-filter").value = q0.get("q") || "";
+  $("#st-state").value = q0.get("state") || "";
+  const view = () => ({ q: $("#st-filter").value.trim(), state: $("#st-state").value,
+                        sort: query().get("sort") || "sid", dir: query().get("dir") || "asc" });
+  const rerender = () => {
+    const v = view();
+    setQuery({ q: v.q, state: v.state, sort: v.sort === "sid" ? null : v.sort, dir: v.dir === "asc" ? null : v.dir });
+    $("#csv").href = "/api/fleet?" + apiQuery(["q", "state", "sort", "dir"], { format: "csv" });
+    for (const th of document.querySelectorAll("#stations th[data-sort]")) {
+      th.classList.toggle("sorted", th.dataset.sort === v.sort);
+      th.dataset.dir = th.dataset.sort === v.sort ? v.dir : "";
+    }
+    if (last) drawStations(last);
+  };
+  $("#st-filter").addEventListener("input", rerender);
+  $("#st-state").addEventListener("change", rerender);
+  $("#stations thead").addEventListener("click", ev => {
+    const th = ev.target.closest("th[data-sort]");
+    if (!th) return;
+    const v = view();
+    setQuery({ sort: th.dataset.sort, dir: v.sort === th.dataset.sort && v.dir === "asc" ? "desc" : "asc" });
+    rerender();
+  });
+  const drawStations = d => {
+    const rows = filterSort(d.stations, view());
+    $("#st-count").textContent = rows.length === d.stations.length ? `${rows.length} stations` : `${rows.length} of ${d.stations.length} stations`;
+    $("#stations tbody").innerHTML = rows.map(s => `
+      <tr data-sid="${esc(s.sid)}" class="state-${esc(s.state)}">
+        <td><a href="/stations/${esc(s.sid)}">${esc(s.sid)}</a></td>
+        <td><span class="pill ${esc(s.state)}">${esc(s.state)}</span></td>
+        <td class="opt" data-field="last-seen">${esc(ago(s.last_seen_ms, d.now))}</td>
+        <td class="num" data-field="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</td>
+        <td class="num opt">${s.charging} / ${s.slots}</td>
+        <td class="num" data-field="today" data-value="${s.today_mwh}">${fmtKwh(s.today_mwh)}</td>
+        <td class="num opt">${s.co2e_today_kg === null ? "–" : esc(s.co2e_today_kg) + " kg"}</td>
+        <td class="num">${s.alarms.crit ? `<span class="pill crit">${s.alarms.crit}</span>` : ""}${s.alarms.warn ? ` <span class="pill warn">${s.alarms.warn}</span>` : ""}</td>
+      </tr>`).join("") || `<tr><td colspan="8" class="muted">${d.stations.length ? "No station matches the filter." : "No station has reported yet."}</td></tr>`;
+  };
+  rerender();
   live("fleet", d => {
     last = d;
     const t = d.totals;
@@ -206,19 +366,10 @@ function fleetPage(main) {
       <div class="card"><div class="k">Charging now</div><div class="v" id="t-power" data-value="${t.power_w}">${fmtW(t.power_w)}</div></div>
       <div class="card"><div class="k">Slots charging</div><div class="v">${t.charging}<small> / ${t.slots}</small></div></div>
       <div class="card"><div class="k">Energy today (UTC)</div><div class="v">${fmtKwh(t.today_mwh)}</div></div>
-      <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${esc(t.co2e_today_kg)}<small> kg</small></div></div>
+      <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${esc(t.co2e_today_kg)}<small> kg</small></div>${carbonMark(d.carbon)}</div>
       <div class="card"><div class="k">Active alarms</div><div class="v" id="t-alarms">${crit}<small> crit · ${warn} warn</small></div></div>`;
-    $("#stations tbody").innerHTML = d.stations.map(s => `
-      <tr data-sid="${esc(s.sid)}" class="state-${esc(s.state)}">
-        <td><a href="/stations/${esc(s.sid)}">${esc(s.sid)}</a></td>
-        <td><span class="pill ${esc(s.state)}">${esc(s.state)}</span></td>
-        <td class="opt" data-field="last-seen">${esc(ago(s.last_seen_ms, d.now))}</td>
-        <td class="num" data-field="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</td>
-        <td class="num opt">${s.charging} / ${s.slots}</td>
-        <td class="num">${fmtKwh(s.today_mwh)}</td>
-        <td class="num opt">${s.co2e_today_kg === null ? "–" : esc(s.co2e_today_kg) + " kg"}</td>
-        <td class="num">${s.alarms.crit ? `<span class="pill crit">${s.alarms.crit}</span>` : ""}${s.alarms.warn ? ` <span class="pill warn">${s.alarms.warn}</span>` : ""}</td>
-      </tr>`).join("") || `<tr><td colspan="8" class="muted">No station has reported yet.</td></tr>`;
+    $("#co2e-col-mark").innerHTML = carbonMark(d.carbon) ? `<span class="carbon-mark short" title="example parameters, not validated">not validated</span>` : "";
+    drawStations(d);
     $("#alarms").innerHTML = alarmList(d.alarms, d.now, true);
     setBadge(d.alarms);
     power.add(d.point);
@@ -291,7 +442,7 @@ function stationPage(main, sid) {
       <div class="card"><div class="k">Grid meter power</div><div class="v">${fmtW(d.meter_w)}</div></div>
       <div class="card"><div class="k">Today, slots (UTC)</div><div class="v">${fmtKwh(d.today_mwh)}</div></div>
       <div class="card"><div class="k">Today, grid meter</div><div class="v">${fmtKwh(d.today_grid_mwh)}</div></div>
-      <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${d.co2e_today_kg === null ? "–" : esc(d.co2e_today_kg)}<small> kg${d.co2e_point ? " (" + esc(d.co2e_point) + ")" : ""}</small></div></div>
+      <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${d.co2e_today_kg === null ? "–" : esc(d.co2e_today_kg)}<small> kg${d.co2e_point ? " (" + esc(d.co2e_point) + ")" : ""}</small></div>${carbonMark(d.carbon)}</div>
       <div class="card"><div class="k">Meter register</div><div class="v">${m ? (m.e_wh / 1000).toFixed(1) : "–"}<small> kWh</small></div></div>`;
     const slotsEl = $("#slots");
     slotsEl.classList.toggle("stale-view", d.state !== "online");
@@ -308,9 +459,42 @@ function stationPage(main, sid) {
 }
 
 // ---- alarms page ------------------------------------------------------------------------
+function historyRow(a) {
+  const ack = a.acked_by ? `<span class="acked-by" data-acked-by="${esc(a.acked_by)}">${esc(a.acked_by)}</span><br><span class="muted">${esc(when(a.acked_at))}</span>` : `<span class="muted">–</span>`;
+  const where = a.sid ? `<a href="/stations/${esc(a.sid)}">${esc(a.sid)}</a>${a.slot ? " · slot " + a.slot : ""}` : "–";
+  return `<tr data-id="${esc(a.id)}" data-source="${esc(a.source)}" class="level-${esc(a.level || "info")}">
+    <td>${esc(when(a.raised_ms))}</td><td>${a.cleared_ms ? esc(when(a.cleared_ms)) : a.source === "dashboard" ? `<span class="pill crit">active</span>` : "–"}</td>
+    <td>${where}</td><td><b>${esc(a.code)}</b>${a.level ? ` <span class="pill ${esc(a.level)}">${esc(a.level)}</span>` : ""}<br><span class="muted wrap">${esc(a.msg)}</span></td>
+    <td>${ack}</td><td class="muted">${esc(a.source)}</td></tr>`;
+}
+
+function alarmHistory() {
+  const run = guarded(load);
+  const showRange = rangePicker(run);
+  stationSelect(run);
+  async function load() {
+    const qs = apiQuery(["from", "to", "sid", "offset"], { limit: 50 });
+    const d = await getJSON("/api/alarms/history?" + qs);
+    showRange(d);
+    $("#csv").href = "/api/alarms/history?" + qs + "&format=csv";
+    $("#history tbody").innerHTML = d.items.map(historyRow).join("") || `<tr><td colspan="6" class="muted">No alarm in this range.</td></tr>`;
+    pager($("#pager"), d, run);
+  }
+  run();
+  setInterval(run, 15000);
+  return run;
+}
+
 function alarmsPage(main) {
   main.innerHTML = `
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
+    <section class="panel"><h2>Alarm history · raised, cleared, acknowledged</h2>
+      <div class="toolbar"><form class="range" id="range" onsubmit="return false"></form>
+        <select id="sid" aria-label="Station"></select>
+        <a id="csv" class="csv" href="#" download>Download CSV</a></div>
+      <p class="load-error" id="load-error" hidden></p>
+      <div class="table-wrap"><table id="history"><thead><tr><th>Raised</th><th>Cleared</th><th>Station</th><th>Alarm</th><th>Acknowledged</th><th>Source</th></tr></thead>
+      <tbody></tbody></table></div><div class="pager" id="pager"></div></section>
     <section class="panel"><h2>Quarantined messages since the dashboard started</h2><div id="quarantine"></div></section>
     <section class="panel"><h2>Events (newest first)</h2><ul class="alarms" id="events"></ul></section>`;
   $("#alarms").addEventListener("click", async ev => {
@@ -318,10 +502,11 @@ function alarmsPage(main) {
     if (!b) return;
     b.disabled = true;
     const r = await postJSON("/api/alarms/ack", { id: b.dataset.ack, since_ms: Number(b.dataset.since) });
-    if (r.ok) { b.outerHTML = ackPart(await r.json()); return; }
+    if (r.ok) { b.outerHTML = ackPart(await r.json()); reloadHistory().catch(() => {}); return; }
     b.disabled = false;
     b.title = "HTTP " + r.status;
   });
+  const reloadHistory = alarmHistory();
   live("alarms", d => {
     $("#alarms").innerHTML = alarmList(d.active, d.now, true, true);
     setBadge(d.active);
@@ -330,6 +515,95 @@ function alarmsPage(main) {
       q.map(([r, n]) => `<tr><td>${esc(r)}</td><td class="num">${n}</td></tr>`).join("") + `</table>` : `<p class="muted">None.</p>`;
     $("#events").innerHTML = eventList(d.events, true);
   });
+}
+
+// ---- sessions page: completed charging sessions (session records) -----------------------
+function sessionsPage(main) {
+  main.innerHTML = `
+    <h1>Charging sessions</h1>
+    <p class="sub">Completed sessions that started in the range (UTC days, station clock), newest first.</p>
+    <section class="panel">
+      <div class="toolbar"><form class="range" id="range" onsubmit="return false"></form>
+        <select id="sid" aria-label="Station"></select>
+        <a id="csv" class="csv" href="#" download>Download CSV</a></div>
+      <p class="load-error" id="load-error" hidden></p>
+      <div class="table-wrap"><table id="sessions"><thead><tr><th>Station</th><th class="num">Slot</th><th>Battery</th>
+        <th>Start</th><th>End</th><th class="num">Duration</th><th class="num">Energy</th><th class="num">SoC</th><th>Reason</th><th>Flags</th></tr></thead>
+        <tbody></tbody></table></div>
+      <div class="pager" id="pager"></div></section>`;
+  const run = guarded(load);
+  const showRange = rangePicker(run);
+  stationSelect(run);
+  async function load() {
+    const qs = apiQuery(["from", "to", "sid", "offset"], { limit: 50 });
+    const d = await getJSON("/api/sessions?" + qs);
+    showRange(d);
+    $("#csv").href = "/api/sessions?" + qs + "&format=csv";
+    $("#sessions tbody").innerHTML = d.sessions.map(x => `
+      <tr data-sid="${esc(x.sid)}" data-slot="${x.slot}" data-start="${esc(new Date(x.start_ms).toISOString())}">
+        <td><a href="/stations/${esc(x.sid)}">${esc(x.sid)}</a></td><td class="num">${x.slot}</td><td>${esc(x.bat ?? "–")}</td>
+        <td>${esc(when(x.start_ms))}</td><td>${esc(when(x.end_ms))}</td><td class="num">${dur(x.duration_ms)}</td>
+        <td class="num" data-mwh="${x.mwh}">${energy(x.mwh)}</td><td class="num">${pct(x.soc0)} → ${pct(x.soc1)}</td>
+        <td>${esc(x.why ?? "")}</td><td>${x.flags.map(f => `<span class="pill warn">${esc(f)}</span>`).join(" ")}</td></tr>`).join("") ||
+      `<tr><td colspan="10" class="muted">No completed session in this range.</td></tr>`;
+    pager($("#pager"), d, run);
+  }
+  run();
+}
+
+// ---- energy page: kWh per station and UTC day, with incomplete days marked ---------------
+function energyPage(main) {
+  main.innerHTML = `
+    <h1>Energy per day</h1>
+    <p class="sub">From the day records (station clock, UTC days). A day is complete when every interval of it has
+      interval records without a gap; today never is.</p>
+    <section class="panel">
+      <div class="toolbar"><form class="range" id="range" onsubmit="return false"></form>
+        <select id="sid" aria-label="Station"></select>
+        <a id="csv" class="csv" href="#" download>Download CSV</a></div>
+      <p class="load-error" id="load-error" hidden></p>
+      <section class="cards" id="en-cards"></section>
+      <div class="chart" id="chart-days"></div>
+    </section>
+    <section class="panel"><div class="table-wrap"><table id="days"><thead><tr><th>Station</th><th>Day (UTC)</th>
+      <th class="num">Slots (battery side)</th><th class="num">Grid meter</th><th class="num">Intervals</th><th>Complete</th>
+      <th class="num">CO₂e avoided <span id="co2e-col-mark"></span></th><th>Flags</th></tr></thead><tbody></tbody></table></div></section>`;
+  const run = guarded(load);
+  const showRange = rangePicker(run);
+  stationSelect(run);
+  async function load() {
+    const qs = apiQuery(["from", "to", "sid"]);
+    const d = await getJSON("/api/energy/daily?" + qs);
+    showRange(d);
+    $("#csv").href = "/api/energy/daily?" + (qs ? qs + "&" : "") + "format=csv";
+    const co2 = d.rows.filter(x => x.co2e_kg !== null).reduce((a, x) => a + Number(x.co2e_kg), 0);
+    $("#en-cards").innerHTML = `
+      <div class="card"><div class="k">Slots (battery side)</div><div class="v">${fmtKwh(d.totals.mwh)}</div></div>
+      <div class="card"><div class="k">Grid meter</div><div class="v">${fmtKwh(d.totals.grid_mwh)}</div></div>
+      <div class="card"><div class="k">CO₂e avoided</div><div class="v" id="en-co2e">${co2.toFixed(3)}<small> kg</small></div>${carbonMark(d.carbon)}</div>
+      <div class="card"><div class="k">Incomplete days</div><div class="v" id="en-incomplete">${d.totals.incomplete}<small> of ${d.rows.length}</small></div></div>`;
+    $("#co2e-col-mark").innerHTML = carbonMark(d.carbon) ? `<span class="carbon-mark short" title="example parameters, not validated">not validated</span>` : "";
+    // the chart: the shown stations summed per day; a day any station has incomplete is marked
+    const byDay = new Map();
+    for (const x of d.rows) {
+      const v = byDay.get(x.day_ms) || [x.day_ms, 0, 0, 0];
+      v[1] += x.mwh; v[2] += x.grid_mwh; v[3] += x.complete ? 0 : 1;
+      byDay.set(x.day_ms, v);
+    }
+    const days = [...byDay.values()].sort((a, b) => a[0] - b[0]);
+    Chart.bars($("#chart-days"), days, ENERGY_SERIES, { label: dayLabel, yfmt: axisKwh,
+      flag: r => r[3] ? `incomplete for ${r[3]} station${r[3] > 1 ? "s" : ""}` : null });
+    $("#days tbody").innerHTML = d.rows.map(x => `
+      <tr data-sid="${esc(x.sid)}" data-day="${esc(x.day)}" data-complete="${x.complete}" class="${x.complete ? "" : "incomplete"}">
+        <td><a href="/stations/${esc(x.sid)}">${esc(x.sid)}</a></td><td>${esc(x.day)}</td>
+        <td class="num">${fmtKwh(x.mwh)}</td><td class="num">${fmtKwh(x.grid_mwh)}</td>
+        <td class="num" data-field="intervals">${x.intervals}/${x.intervals_expected}</td>
+        <td>${x.complete ? `<span class="pill online">complete</span>` : `<span class="pill warn" title="${x.today ? "today: not over yet" : "intervals without data"}">${x.today ? "today, incomplete" : "incomplete"}</span>`}</td>
+        <td class="num">${x.co2e_kg === null ? "–" : esc(x.co2e_kg) + " kg"}</td>
+        <td>${x.flags.map(f => `<span class="pill ${f === "gap" ? "warn" : "info"}">${esc(f)}</span>`).join(" ")}</td></tr>`).join("") ||
+      `<tr><td colspan="8" class="muted">No records in this range.</td></tr>`;
+  }
+  run();
 }
 
 // ---- router -----------------------------------------------------------------------------
@@ -341,6 +615,9 @@ function alarmsPage(main) {
   const m = path.match(/^\/stations\/([A-Z0-9][A-Z0-9-]{2,31})\/?$/);
   if (m) { stationPage(main, m[1]); return; }
   if (path.startsWith("/alarms")) { $("#nav-alarms").classList.add("here"); alarmsPage(main); return; }
+  // the history pages read on request (no live stream): no live indicator
+  if (path.startsWith("/sessions")) { $("#nav-sessions").classList.add("here"); $("#conn").hidden = true; sessionsPage(main); return; }
+  if (path.startsWith("/energy")) { $("#nav-energy").classList.add("here"); $("#conn").hidden = true; energyPage(main); return; }
   $("#nav-fleet").classList.add("here");
   fleetPage(main);
 })();

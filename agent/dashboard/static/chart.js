@@ -73,13 +73,23 @@ const Chart = (() => {
   }
 
   // bars: [[t, v1, v2, ...]], one bar per series side by side (the series are not summed:
-  // grid and battery side measure the same energy); series: [{name, color}]; opts: {label(t), yfmt}
+  // grid and battery side measure the same energy); series: [{name, color}];
+  // opts: {label(t), yfmt, flag(row) -> text or null: a marked group (an incomplete day)}
   function bars(container, rows, series, opts) {
     if (!rows.length) return empty(container);
     const ymax = niceMax(Math.max(...rows.map(r => Math.max(...r.slice(1, series.length + 1)))));
     const { svg, W, y } = frame(container, ymax, opts.yfmt || String);
     const n = rows.length, bw = (W - PAD_L - PAD_R) / n, sw = bw * 0.8 / series.length;
     rows.forEach((r, i) => {
+      const why = opts.flag ? opts.flag(r) : null;
+      if (why) {  // a dashed frame over the day and a "!" above it
+        const g = el("g", { class: "flagged", "data-t": r[0] });
+        g.appendChild(el("rect", { x: PAD_L + i * bw + bw * 0.05, width: bw * 0.9, y: PAD_T, height: y(0) - PAD_T,
+                                   fill: "none", stroke: "#d98e04", "stroke-dasharray": "4 3" }));
+        g.appendChild(el("text", { x: PAD_L + (i + 0.5) * bw, y: PAD_T + 12, "text-anchor": "middle", class: "flag" }, "!"));
+        g.appendChild(el("title", {}, `${opts.label(r[0])}: ${why}`));
+        svg.appendChild(g);
+      }
       series.forEach((s, k) => {
         const v = r[k + 1];
         if (!(v > 0)) return;
