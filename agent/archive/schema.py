@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-# the DDL is the store's (agent/store/sql.py, schema 4): made with the rest of the schema
+# the DDL is the store's (agent/store/sql.py, schema 4 on): made with the rest of the schema
 from agent.store.sql import ARCHIVE_DDL
 
 TABLES: Final = ("archive_segments", "archive_ranges", "archive_stations")
