@@ -22,6 +22,7 @@ COMMANDS = [
     "stationctl.export",
     "stationctl.meter",
     "stationctl.verify",
+    "stationctl.report",
     "stationctl.archive",
     "stationctl.keys",
     "stationctl.db",
