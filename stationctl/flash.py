@@ -1,7 +1,8 @@
 """`stationctl flash`: provision and commission station boards (tools/flash, docs/flashing.md).
 
     stationctl flash --port PORT --station SID --agent-db URL --site SITE.json [--image BIN
-        [--erase]] [--broker-dir DIR | --broker-passwd FILE [--broker-reload CMD]] [--dry-run] …
+        [--erase]] [--broker-dir DIR | --broker-passwd FILE [--broker-reload CMD]]
+        [--deploy auto|romfs|mpy] [--dry-run] …
     stationctl flash --batch stations.csv --agent-db URL --site SITE.json …
 
 Exit status: 0 every board commissioned (or the dry run shown), 2 bad usage or input (one
@@ -111,6 +112,14 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="folder for commissioning reports (default: ./reports)",
     )
+    p.add_argument(
+        "--deploy",
+        choices=("auto", "romfs", "mpy"),
+        default="auto",
+        help="the firmware as a ROMFS image (bytecode runs from flash, out of the heap; needs "
+        "a MicroPython with a romfs partition, docs/hardware.md) or as .mpy files; auto "
+        "(default): romfs when the board has a partition the image fits in",
+    )
     p.add_argument("--baud", type=int, default=115200, help="REPL baud rate (default 115200)")
     p.add_argument("--selftest-timeout", type=float, default=90.0, metavar="S")
     p.add_argument(
@@ -191,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             reports=args.reports,
             baud=args.baud,
             selftest_timeout=args.selftest_timeout,
+            deploy=args.deploy,
         )
         if args.erase and not args.image:
             raise UsageError("--erase erases the flash before writing --image: give --image")
@@ -218,8 +228,10 @@ def run(args: argparse.Namespace) -> int:
         elif o.report["result"] == "ok" and not args.batch and not args.json:
             r = o.report
             print(
-                f"{o.sid}: commissioned, kid {r['kid']}, boot_base {r['boot_base']}; "
-                f"report {o.paths[1] if o.paths else '-'}"
+                f"{o.sid}: commissioned, kid {r['kid']}, boot_base {r['boot_base']}, "
+                f"deploy {r.get('deploy', '?')}"
+                + (f", {r['heap']['free']} bytes heap free" if "free" in r.get("heap", {}) else "")
+                + f"; report {o.paths[1] if o.paths else '-'}"
             )
     if bad_input and len(bad_input) == len(outs):
         return 2
@@ -255,6 +267,12 @@ def _print_plan(rep: dict[str, Any]) -> None:
         f"firmware {fw['version']} build {fw['build']} (bytecode for mpy-cross's default; the "
         "board's own mpy version decides on a real run)"
     )
+    img = rep.get("romfs_image")
+    if img:
+        print(
+            f"deploy: {rep.get('deploy')}: as a ROMFS image ({img['size']} bytes, sha256 "
+            f"{img['sha256']}) when the board has a romfs partition it fits in, else these files"
+        )
     print("files (sha256):")
     for p, h in sorted(rep["files"].items()):
         note = "  (differs on every run: the key)" if p == "config.json" else ""

@@ -243,11 +243,68 @@ for _p in %r:
         pass
 """
 
-# the unix port's "restart": forget every module (a soft reset would end the process)
+# the unix port's "restart": forget every module (a soft reset would end the process); a
+# test rig's prelude may keep some (_BOARD_KEEP) and re-do its boot (_board_restart)
 _PURGE = """import sys, gc
 for _k in list(sys.modules):
-    del sys.modules[_k]
+    if _k not in globals().get('_BOARD_KEEP', ()):
+        del sys.modules[_k]
+if '_board_restart' in globals():
+    _board_restart()
 gc.collect()
+"""
+
+# ROMFS (MicroPython >= 1.25 built with MICROPY_VFS_ROM): the first partition as
+# `mpremote romfs query` sees it (tools/mpremote/mpremote/commands.py): None without
+# vfs.rom_ioctl, (0,) without a partition, else (count, size, block, is_object, first bytes).
+# The ESP32 port answers with an esp32.Partition (block device + buffer protocol), other
+# ports with a buffer and rom_ioctl(3..6) to write it.
+_ROMFS_QUERY = """import vfs
+def _q():
+    if not hasattr(vfs, 'rom_ioctl'):
+        return None
+    n = vfs.rom_ioctl(1)
+    if not isinstance(n, int) or n <= 0:
+        return (0,)
+    d = vfs.rom_ioctl(2, 0)
+    if isinstance(d, int):
+        return (0,)
+    if hasattr(d, 'ioctl'):
+        b = d.ioctl(5, 0)
+        return (n, d.ioctl(4, 0) * b, b, True, bytes(memoryview(d)[:16]))
+    b = vfs.rom_ioctl(6, 0)
+    if not isinstance(b, int) or b <= 0:
+        b = len(d)
+    return (n, len(d), b, False, bytes(memoryview(d)[:16]))
+print(repr(_q()))
+del _q
+"""
+
+# sha256 of the partition's first N bytes, read in place (memory-mapped on the board)
+_ROMFS_HASH = """import vfs, hashlib, binascii
+print(repr(binascii.hexlify(hashlib.sha256(memoryview(vfs.rom_ioctl(2, 0))[:%d]).digest()).decode()))
+"""
+
+# before writing: nothing may run from /rom; unmount it (as mpremote romfs deploy does)
+_ROMFS_OPEN = """import vfs, binascii
+try:
+    vfs.umount('/rom')
+except OSError:
+    pass
+_dev = vfs.rom_ioctl(2, 0)
+_d = binascii.a2b_base64
+"""
+
+_ROMFS_ERASE = """for _b in range(%d, %d):
+    _dev.ioctl(6, _b)
+"""
+
+# the heap the running station starts with: its modules imported in a fresh interpreter
+_HEAP = """import gc
+gc.collect()
+import %s
+gc.collect()
+print(repr((gc.mem_free(), gc.mem_alloc(), app.__file__)))
 """
 
 # ESP32: the station's watchdog (30 s) keeps running once its main.py is interrupted; take
@@ -261,6 +318,32 @@ _wdt.feed()
 """
 
 SELFTEST_MARK = "SELFTEST "
+
+
+@dataclass(frozen=True, kw_only=True)
+class RomInfo:
+    """The board's first ROMFS partition (None from Board.romfs_query: no ROMFS support)."""
+
+    partitions: int  # 0: ROMFS support but no partition
+    size: int = 0
+    block: int = 0
+    is_object: bool = False  # the ESP32 port's esp32.Partition (else a buffer, rom_ioctl 3..6)
+    head: bytes = b""
+
+    @property
+    def image_bytes(self) -> int | None:
+        """Bytes of the ROMFS image the partition holds now, None when it holds none."""
+        from tools.romfs import used_size
+
+        return used_size(self.head) if self.partitions else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "partitions": self.partitions,
+            "size": self.size,
+            "block": self.block,
+            "image_bytes": self.image_bytes,
+        }
 
 
 class Board:
@@ -363,6 +446,70 @@ class Board:
             unique_id=uid,
         )
         return self.info
+
+    def romfs_query(self) -> RomInfo | None:
+        got = self._eval(_ROMFS_QUERY, "probe")
+        if got is None:
+            return None
+        if got[0] == 0:
+            return RomInfo(partitions=0)
+        n, size, block, obj, head = got
+        return RomInfo(
+            partitions=int(n), size=int(size), block=int(block), is_object=bool(obj), head=head
+        )
+
+    def romfs_hash(self, n: int, *, stage: str = "verify") -> str:
+        """sha256 of the partition's first n bytes, computed on the board."""
+        return str(self._eval(_ROMFS_HASH % n, stage))
+
+    def romfs_write(
+        self, rom: RomInfo, data: bytes, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Write a ROMFS image to the first partition, as `mpremote romfs deploy` does
+        (mpremote/commands.py: unmount /rom, erase/prepare, write, complete), in base64
+        chunks through the raw REPL, the first chunk last: a write cut off half-way leaves
+        an erased header, which the board does not mount, rather than a truncated image."""
+        import base64
+
+        if len(data) > rom.size:
+            raise FlashError(
+                "copy", f"the ROMFS image ({len(data)} bytes) exceeds the partition ({rom.size})"
+            )
+        self.exec(_ROMFS_OPEN, stage="copy")
+        chunk = CHUNK
+        if rom.is_object:
+            blocks = -(-len(data) // rom.block)
+            for i in range(0, blocks, 16):  # erasing a 4 KB block takes ~50 ms on an ESP32
+                self.exec(_ROMFS_ERASE % (i, min(i + 16, blocks)), timeout=30, stage="copy")
+            self.exec(
+                f"def _w(o, b):\n    _dev.writeblocks(o // {rom.block}, b, o % {rom.block})",
+                stage="copy",
+            )
+        else:
+            m = self._eval(f"print(repr(vfs.rom_ioctl(3, 0, {len(data)})))", "copy")
+            if not isinstance(m, int) or m < 0:
+                raise FlashError("copy", f"the board refused to prepare its ROMFS partition ({m})")
+            if m > 1:  # chunks of whole write units; the last padded as erased flash
+                chunk = -(-CHUNK // m) * m
+                data = data + b"\xff" * (-len(data) % m)
+            self.exec("def _w(o, b):\n    vfs.rom_ioctl(4, 0, o, b)", stage="copy")
+        offsets = list(range(0, len(data), chunk))
+        done = 0
+        for off in offsets[1:] + offsets[:1]:
+            b64 = base64.b64encode(data[off : off + chunk]).decode()
+            self.exec(f"_w({off}, _d('{b64}'))", stage="copy")
+            done += len(data[off : off + chunk])
+            if progress is not None:
+                progress(done, len(data))
+        if not rom.is_object:
+            self.exec("vfs.rom_ioctl(5, 0)", stage="copy")
+        self.exec("del _w, _dev, _d", stage="copy")
+
+    def heap(self, modules: tuple[str, ...], *, stage: str = "selftest") -> tuple[int, int, str]:
+        """(gc.mem_free(), gc.mem_alloc(), app.__file__) after importing `modules` (which
+        must include app) and gc.collect(); call it right after a restart."""
+        free, alloc, where = self._eval(_HEAP % ", ".join(modules), stage)
+        return int(free), int(alloc), str(where)
 
     def keepalive(self) -> None:
         if self.info is not None and self.info.platform == "esp32":

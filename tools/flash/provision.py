@@ -3,6 +3,11 @@
     check → [image] → connect → probe → plan → copy → verify → restart → self-test →
     register → start → report
 
+The firmware goes onto the board as a ROMFS image (tools/romfs.py; bytecode executed in
+place from flash, out of the heap) when its MicroPython has a ROMFS partition the image
+fits in, else as .mpy files (`--deploy auto`, the default; `romfs` or `mpy` to insist).
+main.py, config.json and the station's data are files on the filesystem either way.
+
 Nothing is registered as good before the self-test passes: the key is added to the agent's
 key store only then (with the kid the board already holds), the broker credentials and the
 board's config.json are put back as they were when a later step fails, and every attempt
@@ -26,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tools import romfs
 from tools.flash import agentdb, deployment, passwd, plan
 from tools.flash import report as reports
 from tools.flash.board import (
     Board,
+    RomInfo,
     check_chip,
     check_version,
     march_for,
@@ -83,6 +90,37 @@ class Request:
     reports: str = "reports"
     baud: int = 115200
     selftest_timeout: float = 90.0
+    # the firmware as a ROMFS image (romfs), .mpy files (mpy), or romfs when the board's
+    # MicroPython has a ROMFS partition the image fits in (auto)
+    deploy: str = "auto"
+
+
+DEPLOYS = ("auto", "romfs", "mpy")
+HARDWARE_DOC = "docs/hardware.md"
+
+
+def choose_deploy(want: str, rom: RomInfo | None, image_size: int) -> tuple[str, str]:
+    """(romfs | mpy, why) from --deploy and what the board said about ROMFS. A forced
+    romfs that the board cannot take is a FlashError naming what is missing."""
+    if want not in DEPLOYS:
+        raise BadInput("check", f"--deploy {want}: want one of {', '.join(DEPLOYS)}")
+    if want == "mpy":
+        return "mpy", "--deploy mpy"
+    if rom is None:
+        why = "the board's MicroPython has no ROMFS support (no vfs.rom_ioctl)"
+    elif rom.partitions == 0:
+        why = "the board's MicroPython has no ROMFS partition"
+    elif image_size > rom.size:
+        why = f"the ROMFS image ({image_size} bytes) exceeds the partition ({rom.size} bytes)"
+    else:
+        return "romfs", f"ROMFS partition of {rom.size} bytes"
+    if want == "romfs":
+        raise FlashError(
+            "plan",
+            f"--deploy romfs: {why}; write a MicroPython image with a romfs partition "
+            f"({HARDWARE_DOC}), or --deploy mpy",
+        )
+    return "mpy", why
 
 
 class Progress(Protocol):
@@ -232,6 +270,8 @@ class _Run:
             raise BadInput("check", "--port is required (or --dry-run)")
         if req.chip != "unix" and req.chip not in plan_chips():
             raise BadInput("check", f"unknown --chip {req.chip}")
+        if req.deploy not in DEPLOYS:
+            raise BadInput("check", f"--deploy {req.deploy}: want one of {', '.join(DEPLOYS)}")
         # the site alone must make a valid config (a placeholder identity), before any board
         cfg = plan.station_config(
             req.site, sid=req.sid, kid=1, key=bytes(32), boot_base=0, password="x"
@@ -312,6 +352,8 @@ class _Run:
         self.emits = mpy_cross_emits()
         check_version(info, self.emits)
         self.board.keepalive()
+        self.rom = self.board.romfs_query()
+        self.rep["board"]["romfs"] = self.rom.as_dict() if self.rom is not None else None
 
     def _plan(self) -> None:
         req = self.req
@@ -351,7 +393,14 @@ class _Run:
         self.rep["board_boot"] = board_boot
         self._refuse_unknown_history()
         self._identity(prev_kid if self.same else None, board_boot)
-        self._build(march_for(board.info, self.emits))
+        march = march_for(board.info, self.emits)
+        self.image: romfs.Image | None = romfs.build_image(march)
+        self.deploy, why = choose_deploy(req.deploy, self.rom, self.image.size)
+        if self.deploy != "romfs":
+            self.image = None
+        self._build(march)
+        self.rep["deploy"] = self.deploy
+        self.rep["deploy_why"] = why
 
     def _refuse_unknown_history(self) -> None:
         req = self.req
@@ -397,6 +446,9 @@ class _Run:
             password=self.password,
         )
         self.files = plan.firmware_files(march)
+        image = getattr(self, "image", None)
+        if image is not None:  # the modules are in the image: main.py stays a file
+            self.files = {p: d for p, d in self.files.items() if p not in image.files}
         self.files[CONFIG] = plan.config_bytes(cfg)
         self.rep.update(
             {
@@ -409,10 +461,22 @@ class _Run:
                     "version": plan.fw_version(),
                     "build": plan_build_id(),
                     "march": march,
-                    "bytes": sum(len(d) for p, d in self.files.items() if p != CONFIG),
+                    "bytes": sum(len(d) for p, d in self.files.items() if p != CONFIG)
+                    + (image.size if image is not None else 0),
                 },
             }
         )
+        if image is not None:
+            self.rep["romfs"] = {
+                "size": image.size,
+                "sha256": image.sha256,
+                "files": dict(sorted(image.files.items())),
+                "partition": self.rom.size if self.rom is not None else None,
+            }
+        if req.dry_run:
+            img = romfs.build_image(march)
+            self.rep["deploy"] = f"{req.deploy} (decided on the board)"
+            self.rep["romfs_image"] = {"size": img.size, "sha256": img.sha256}
 
     def _copy(self) -> None:
         board = self.board
@@ -441,12 +505,31 @@ class _Run:
         todo.append(CONFIG)
         total = sum(len(files[p]) for p in todo)
         done = 0
+        if self.image is not None:
+            done = self._copy_image()
+            total += done
         for p in todo:
             board.write(p, files[p], self._bytes_from(done, total))
             done += len(files[p])
             self.ui.bytes(done, total)
         self.rep["firmware"]["written"] = len(todo) - 1
         self.rep["firmware"]["unchanged"] = len(files) - len(todo)
+
+    def _copy_image(self) -> int:
+        """The ROMFS image into the partition unless it holds these bytes already; the
+        bytes written."""
+        board, rom, image = self.board, self.rom, self.image
+        assert board is not None and rom is not None and image is not None
+        same = rom.image_bytes == image.size and board.romfs_hash(image.size) == image.sha256
+        self.rep["romfs"]["written"] = not same
+        if same:
+            return 0
+        if rom.image_bytes is not None:  # nothing may run from /rom while it is rewritten
+            board.restart()
+            board.keepalive()
+        board.romfs_write(rom, image.data, lambda d, n: self.ui.bytes(d, n))
+        board.keepalive()
+        return image.size
 
     def _bytes_from(self, base: int, total: int) -> Callable[[int, int], None]:
         def cb(done: int, _size: int) -> None:
@@ -466,12 +549,23 @@ class _Run:
         self.stage("verify")
         want = {p: plan.sha256(d) for p, d in self.files.items()}
         bad = self._mismatch(want)
+        img = self.image
+        if img is not None and self.rom is not None and board.romfs_hash(img.size) != img.sha256:
+            bad.append(ROMFS_NAME)
         if bad:  # one more write of what differs: a glitch on the line is not a bad flash
             log.warning("rewriting %d file(s) that did not verify: %s", len(bad), ", ".join(bad))
             for p in bad:
-                board.write(p, self.files[p])
+                if p == ROMFS_NAME:
+                    assert img is not None and self.rom is not None
+                    board.romfs_write(self.rom, img.data)
+                else:
+                    board.write(p, self.files[p])
             bad = self._mismatch(want)
+            if img is not None and board.romfs_hash(img.size) != img.sha256:
+                bad.append(ROMFS_NAME)
         self.rep["verify"] = {"ok": not bad, "files": len(want), "mismatch": bad}
+        if img is not None:
+            self.rep["verify"]["romfs_sha256"] = img.sha256 if ROMFS_NAME not in bad else None
         if bad:
             raise FlashError(
                 "verify",
@@ -518,6 +612,38 @@ class _Run:
             self.rep["clock_skew_ms"] = clock["ms"] - host_ms
         if not res.get("ok"):
             raise FlashError("selftest", "self-test failed: " + _selftest_failures(res))
+        self._heap()
+
+    def _heap(self) -> None:
+        """The heap the station starts with: a fresh interpreter, the running station's
+        modules imported (from where they were deployed), gc.collect(). A firmware that
+        does not fit (MemoryError) or that runs from elsewhere fails the self-test."""
+        board = self.board
+        assert board is not None
+        board.restart()
+        board.keepalive()
+        try:
+            free, alloc, where = board.heap(romfs.STATION_MODULES)
+        except FlashError as e:
+            self.rep["heap"] = {"error": e.message}
+            hint = " (an ESP32 without PSRAM needs --deploy romfs: docs/hardware.md)"
+            raise FlashError(
+                "selftest",
+                f"the firmware does not import on the board: {e.message}"
+                + (hint if "MemoryError" in e.message and self.deploy == "mpy" else ""),
+            ) from None
+        self.rep["heap"] = {
+            "free": free,
+            "alloc": alloc,
+            "modules": list(romfs.STATION_MODULES),
+            "app_from": where,
+        }
+        if (self.deploy == "romfs") != where.startswith("/rom/"):
+            raise FlashError(
+                "selftest",
+                f"the firmware runs from {where}, not from the {self.deploy} deployment "
+                "(a file on the filesystem shadows the ROMFS image, or /rom is not mounted)",
+            )
 
     def _register(self) -> None:
         req = self.req
@@ -581,6 +707,9 @@ class _Run:
             report=self.rep,
             paths=paths,
         )
+
+
+ROMFS_NAME = "<romfs partition>"
 
 
 def plan_chips() -> tuple[str, ...]:

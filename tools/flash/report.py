@@ -90,12 +90,47 @@ def text(rep: dict[str, Any]) -> str:
             f"{len(rep.get('files', {}))} files, {fw['bytes']} bytes "
             f"({fw.get('written', 0)} written, {fw.get('unchanged', 0)} unchanged)"
         )
+    if rep.get("deploy"):
+        rom = (rep.get("board") or {}).get("romfs")
+        part = (
+            "no ROMFS support"
+            if rom is None
+            else "no ROMFS partition"
+            if not rom.get("partitions")
+            else f"ROMFS partition {rom['size']} bytes"
+        )
+        lines.append(
+            f"deploy:    {rep['deploy']} ({rep.get('deploy_why', '')})"
+            + (f"; board: {part}" if rep.get("board") and rep["deploy"] != "romfs" else "")
+        )
+    img = rep.get("romfs")
+    if img:
+        lines.append(
+            f"romfs:     image {img['size']} bytes, {len(img['files'])} files, sha256 "
+            f"{img['sha256']} ({'written' if img.get('written') else 'already on the board'})"
+        )
+    hp = rep.get("heap")
+    if hp:
+        if "free" in hp:
+            lines.append(
+                f"heap:      {hp['free']} bytes free, {hp['alloc']} in use after importing the "
+                f"station's modules (app from {hp['app_from']})"
+            )
+        else:
+            lines.append(f"heap:      {hp.get('error')}")
     if rep.get("removed"):
         lines.append(f"removed:   {', '.join(rep['removed'])}")
     v = rep.get("verify")
     if v:
         if v["ok"]:
-            lines.append(f"verify:    all {v['files']} files match (sha256 on the board)")
+            lines.append(
+                f"verify:    all {v['files']} files match (sha256 on the board)"
+                + (
+                    ", the ROMFS partition holds the image (sha256 read back)"
+                    if v.get("romfs_sha256")
+                    else ""
+                )
+            )
         else:
             lines.append(f"verify:    MISMATCH {', '.join(v['mismatch'])}")
     st = rep.get("selftest")
