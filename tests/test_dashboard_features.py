@@ -353,6 +353,19 @@ def test_alarm_history_with_an_acknowledgement(served: Served) -> None:
     rows = csv_rows(served.get(f"/api/alarms/history?sid={GAP_SID}&format=csv").body)
     assert rows[1][2:5] == [GAP_SID, "", "offline"] and rows[1][8] == "local@127.0.0.1"
     assert served.ok("/api/alarms/history?from=2020-01-01&to=2020-01-02")["items"] == []
+    # an acknowledgement of an occurrence the dashboard does not remember (raised before it
+    # started): in the history all the same, with who and when
+    since = now_ms() - 3_600_000
+    served.app.state.auth.store.ack("KH-TST-0000:bms_fault:1", since, "ana")
+    old = {x["id"]: x for x in served.ok("/api/alarms/history?sid=KH-TST-0000")["items"]}
+    x = old["KH-TST-0000:bms_fault:1"]
+    assert (x["source"], x["code"], x["slot"], x["raised_ms"], x["acked_by"]) == (
+        "ack",
+        "bms_fault",
+        1,
+        since,
+        "ana",
+    )
 
 
 def test_alarm_history_keeps_cleared_occurrences() -> None:

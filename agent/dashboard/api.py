@@ -22,7 +22,7 @@ from . import history as h
 from .auth import Auth, me, principal
 from .history import BadRequest
 from .live import Live
-from .reader import DB_ERRORS, Reader, one_line
+from .reader import DB_ERRORS, one_line
 from .state import DAY_MS, FleetState
 from .users import UserStore
 
@@ -119,117 +119,110 @@ def _today(state: FleetState, now: int, sid: str | None = None) -> int:
     return t - t % DAY_MS
 
 
-def _read(request: Request, fn: Any) -> Response:
-    """Run `fn(reader, state, now)` -> Response on the database; 400 for a bad
-    parameter, 503 while the database cannot be read."""
-    try:
-        resp: Response = _live(request).read(fn)
-    except BadRequest as e:
-        return error(400, str(e))
-    except (RuntimeError, *DB_ERRORS) as e:
-        return error(503, one_line(e))
-    return resp
+def _unreadable(e: Exception) -> Response:
+    return error(503, one_line(e))
 
 
 def sessions(request: Request) -> Response:
     """Completed charging sessions (session records) that started in the range, newest
     first, a page at a time."""
     q = request.query_params
+    live = _live(request)
     try:
         sid = _sid_param(request)
         limit = _int_param(request, "limit", 100, 1, 1000)
         offset = _int_param(request, "offset", 0, 0, 10**9)
         csv = h.want_csv(q)
+        today = live.view(lambda s, now: _today(s, now, sid))
+        rng = h.parse_range(q, today)
     except BadRequest as e:
         return error(400, str(e))
-
-    def fn(r: Reader, state: FleetState, now: int) -> Response:
-        today = _today(state, now, sid)
-        rng = h.parse_range(q, today)
-        total, recs = r.session_records(rng.from_ms, rng.to_ms, sid, limit, offset)
-        rows = [h.session_row(x) for x in recs]
-        if csv:
-            return csv_response(h.to_csv(h.SESSION_CSV, rows), f"sessions_{rng.label}")
-        return json_response(
-            {
-                **rng.as_json(),
-                "today": h.day_of(today).isoformat(),
-                "sid": sid,
-                "total": total,
-                "limit": limit,
-                "offset": offset,
-                "sessions": rows,
-            }
+    try:
+        total, recs = live.read(
+            lambda r: r.session_records(rng.from_ms, rng.to_ms, sid, limit, offset)
         )
-
-    return _read(request, fn)
+    except (RuntimeError, *DB_ERRORS) as e:
+        return _unreadable(e)
+    rows = [h.session_row(x) for x in recs]
+    if csv:
+        return csv_response(h.to_csv(h.SESSION_CSV, rows), f"sessions_{rng.label}")
+    return json_response(
+        {
+            **rng.as_json(),
+            "today": h.day_of(today).isoformat(),
+            "sid": sid,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "sessions": rows,
+        }
+    )
 
 
 def energy_daily(request: Request) -> Response:
     """kWh per station and UTC day (station clock) with each day's completeness."""
     q = request.query_params
+    live = _live(request)
+
+    def clocks(s: FleetState, now: int) -> tuple[int, dict[str, int], Any, Any]:
+        return _today(s, now), {x: _today(s, now, x) for x in s.stations}, s.params, s.carbon_info()
+
     try:
         sid = _sid_param(request)
         csv = h.want_csv(q)
+        fleet_today, todays, params, info = live.view(clocks)
+        today = todays.get(sid, fleet_today) if sid else fleet_today
+        rng = h.parse_range(q, today)
     except BadRequest as e:
         return error(400, str(e))
-
-    def fn(r: Reader, state: FleetState, now: int) -> Response:
-        today = _today(state, now, sid)
-        rng = h.parse_range(q, today)
-        rows = h.daily_rows(
-            r.day_records_between(rng.from_ms, rng.to_ms, sid),
-            r.interval_coverage(rng.from_ms, rng.to_ms, sid),
-            rng,
-            lambda s: _today(state, now, s if s in state.stations else None),
-            state.params,
-            sid,
+    try:
+        days, cover = live.read(
+            lambda r: (
+                r.day_records_between(rng.from_ms, rng.to_ms, sid),
+                r.interval_coverage(rng.from_ms, rng.to_ms, sid),
+            )
         )
-        info = state.carbon_info()
-        if csv:
-            return csv_response(h.to_csv(h.daily_csv(info), rows), f"energy-daily_{rng.label}")
-        return json_response(
-            {
-                **rng.as_json(),
-                "today": h.day_of(today).isoformat(),
-                "sid": sid,
-                "rows": rows,
-                "totals": {
-                    "mwh": sum(x["mwh"] for x in rows),
-                    "grid_mwh": sum(x["grid_mwh"] for x in rows),
-                    "incomplete": sum(not x["complete"] for x in rows),
-                },
-                "carbon": info,
-            }
-        )
-
-    return _read(request, fn)
+    except (RuntimeError, *DB_ERRORS) as e:
+        return _unreadable(e)
+    rows = h.daily_rows(days, cover, rng, lambda x: todays.get(x, fleet_today), params, sid)
+    if csv:
+        return csv_response(h.to_csv(h.daily_csv(info), rows), f"energy-daily_{rng.label}")
+    return json_response(
+        {
+            **rng.as_json(),
+            "today": h.day_of(today).isoformat(),
+            "sid": sid,
+            "rows": rows,
+            "totals": {
+                "mwh": sum(x["mwh"] for x in rows),
+                "grid_mwh": sum(x["grid_mwh"] for x in rows),
+                "incomplete": sum(not x["complete"] for x in rows),
+            },
+            "carbon": info,
+        }
+    )
 
 
 def alarm_history(request: Request) -> Response:
     """Alarms raised in the range (agent clock), newest first, a page at a time: who
     acknowledged each and when."""
     q = request.query_params
+    live = _live(request)
     try:
         sid = _sid_param(request)
         limit = _int_param(request, "limit", 100, 1, 1000)
         offset = _int_param(request, "offset", 0, 0, 10**9)
         csv = h.want_csv(q)
-    except BadRequest as e:
-        return error(400, str(e))
-    store = _users(request)
-
-    def fn(r: Reader, state: FleetState, now: int) -> Any:
+        now = live.clock()
         rng = h.parse_range(q, now)
-        occ = state.history(sid, rng.from_ms, rng.to_ms)
-        return now, rng, occ, r.alarms_between(rng.from_ms, rng.to_ms, sid)
-
-    try:
-        now, rng, occ, agent_rows = _live(request).read(fn)
     except BadRequest as e:
         return error(400, str(e))
+    occ = live.view(lambda s, _now: s.history(sid, rng.from_ms, rng.to_ms))
+    try:
+        agent_rows = live.read(lambda r: r.alarms_between(rng.from_ms, rng.to_ms, sid))
     except (RuntimeError, *DB_ERRORS) as e:
-        return error(503, one_line(e))
+        return _unreadable(e)
+    store = _users(request)
     acks: list[Any] = []
     if store is not None:
         acks = [*store.acks([(o["id"], o["since_ms"]) for o in occ]).values()]

@@ -124,6 +124,8 @@ class Live:
             params = None
         self.state = FleetState(self.cfg, params)
         self.reader = Reader(db_url)
+        self._history = Reader(db_url)  # the history pages' queries (read())
+        self._history_lock = threading.Lock()
         self.hub = Hub()
         self.lock = threading.Lock()
         self.poll_s = poll_s
@@ -160,6 +162,8 @@ class Live:
             self._thread = None
         self.hub.close()
         self.reader.close()
+        with self._history_lock:
+            self._history.close()
 
     def nudge(self) -> None:
         """New rows were committed: poll soon (at most every `min_poll_s`)."""
@@ -350,14 +354,20 @@ class Live:
             except RuntimeError:  # the loop closed under us (shutdown)
                 pass
 
-    def read(self, fn: Callable[[Reader, FleetState, int], T]) -> T:
-        """`fn(reader, state, now)` under the lock, on the open database (the history
-        pages read on request; the poller waits meanwhile). RuntimeError when the database
-        cannot be read (yet)."""
-        with self.lock:
-            if not self.reader.open():
-                raise RuntimeError(f"database not readable: {self.reader.error}")
-            return fn(self.reader, self.state, self.clock())
+    def read(self, fn: Callable[[Reader], T]) -> T:
+        """`fn(reader)` on a connection of its own (the history pages read on request,
+        one at a time, and the poller never waits for them). RuntimeError when the
+        database cannot be read (yet); a failed query closes the connection (the next
+        request opens it again)."""
+        with self._history_lock:
+            r = self._history
+            if not r.open():
+                raise RuntimeError(f"database not readable: {r.error}")
+            try:
+                return fn(r)
+            except Exception:
+                r.close()
+                raise
 
     def view(self, fn: Callable[[FleetState, int], T]) -> T:
         """`fn(state, now)` under the lock."""
