@@ -16,6 +16,7 @@ import timebase
 from hal import board
 
 FW_VERSION = "0.1.0"
+OTA = None  # the running ota.Ota (firmware updates), when the station has an uplink
 
 
 class StartError(Exception):
@@ -79,6 +80,8 @@ def print_trace(st):
         }
         line["link"]["connected"] = u.client.connected
         line["link"]["last_error"] = u.client.last_error
+    if OTA is not None:
+        line["ota"] = {"phase": OTA.phase, "chunks": OTA.chunks, "trial": OTA.trial}
     line["heap_free"] = gc.mem_free()  # type: ignore[attr-defined]
     line["task_failures"] = st.task_failures
     print(json.dumps(line))
@@ -202,6 +205,17 @@ def build_uplink(cfg, st, clock):
     )
 
 
+def start_ota(cfg, st, up):
+    """Firmware updates (ota.py): the cmd topic's ota messages go to it, and its task asks for
+    chunks, stages, and confirms or rolls back a trial."""
+    global OTA
+    import ota
+
+    OTA = ota.Ota(cfg, st, cfg["key_bytes"], FW_VERSION, reboot=board.reboot, board=board)
+    OTA.attach(up)
+    return OTA.run
+
+
 async def run(cfg):
     st = build(cfg)
     st.start()
@@ -223,11 +237,13 @@ async def run(cfg):
             print("station: network not up yet; the link keeps retrying")
         up = build_uplink(cfg, st, clock)
         st.uplink = up
+        ota_task = start_ota(cfg, st, up)
         gc.collect()
         tasks.append(asyncio.create_task(up.client.run()))
         tasks.append(asyncio.create_task(supervise(st, "produce", up.produce)))
         tasks.append(asyncio.create_task(supervise(st, "drain", up.drain)))
         tasks.append(asyncio.create_task(watchdog(st, up)))
+        tasks.append(asyncio.create_task(supervise(st, "ota", ota_task)))
     await supervise(st, "sampling", lambda: st.run(cycles or None))
     st.persist_now()
     if tracing:

@@ -31,6 +31,7 @@ COMMANDS = [
     "stationctl.sim",
     "stationctl.watch",
     "stationctl.dashboard",
+    "stationctl.ota",
     "stationctl.users",
 ]
 
