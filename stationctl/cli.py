@@ -23,6 +23,7 @@ COMMANDS = [
     "stationctl.meter",
     "stationctl.verify",
     "stationctl.report",
+    "stationctl.bundle",
     "stationctl.archive",
     "stationctl.keys",
     "stationctl.db",

@@ -1,5 +1,7 @@
 """`stationctl verify --db URL [--config FILE] [--sid SID] [--archive DIR] [--json]`: the
-auditor's check.
+auditor's check. (`stationctl verify --bundle FILE [--keys FILE | --no-signatures]`, the
+same check of a bundle on a machine without agent or database, is a separate code path:
+`run_bundle` below.)
 
 Every stored raw message is verified again with the station keys from the store (its exact
 signed bytes), the metering records are recomputed from those messages alone with the pure
@@ -61,9 +63,24 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--db",
-        required=True,
         metavar="URL",
-        help="the agent database: a path, sqlite:///PATH or postgresql://…",
+        help="the agent database: a path, sqlite:///PATH or postgresql://… (or --bundle)",
+    )
+    p.add_argument(
+        "--bundle",
+        metavar="FILE",
+        help="verify a bundle (`stationctl bundle`) instead of a database: no agent and no "
+        "database needed",
+    )
+    p.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="with --bundle: the keys file the operator handed over (`bundle --keys-out`)",
+    )
+    p.add_argument(
+        "--no-signatures",
+        action="store_true",
+        help="with --bundle and no --keys: check the rest and pass without the signatures",
     )
     p.add_argument(
         "--config", metavar="FILE", help="the agent's config (its [metering] parameters)"
@@ -81,6 +98,16 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bundle:
+        return run_bundle(args)
+    if not args.db:
+        raise UsageError("give --db URL (a database) or --bundle FILE")
+    if args.keys or args.no_signatures:
+        raise UsageError("--keys and --no-signatures go with --bundle")
+    return run_db(args)
+
+
+def run_db(args: argparse.Namespace) -> int:
     from agent.archive import ArchiveError, ArchiveReader, archive_dir, snapshot
     from agent.archive.index import has_segments
     from agent.keys import KeyStore
@@ -221,3 +248,263 @@ def run(args: argparse.Namespace) -> int:
             "OK: every record is reproduced from signed raw messages" if summary["ok"] else "FAILED"
         )
     return 0 if summary["ok"] else 1
+
+
+# ---- verify --bundle: a bundle on a clean machine (no agent, no database) ------------------
+
+
+def _line_key(o: dict[str, Any], kind: str) -> tuple[Any, ...]:
+    adj = "adjustment" in o["flags"]
+    return (o["sid"], o["slot"], o["start"], adj, tuple(o["to"]) if kind == "session" else ())
+
+
+def _compare_jsonl(what: str, want: bytes, got: bytes, kind: str) -> list[str]:
+    """The differences between two exports of records (JSON Lines), record by record."""
+    if want == got:
+        return []
+    a = {_line_key(o, kind): o for o in map(json.loads, want.splitlines())}
+    b = {_line_key(o, kind): o for o in map(json.loads, got.splitlines())}
+    out = []
+    for k in sorted(set(a) | set(b), key=repr):
+        name = f"{kind} {k[0]} slot {k[1]} {k[2]}{' adjustment' if k[3] else ''}"
+        if k not in b:
+            out.append(f"{what}: {name}: in the bundle, not reproduced")
+        elif k not in a:
+            out.append(f"{what}: {name}: reproduced, not in the bundle")
+        elif a[k] != b[k]:
+            fields = sorted(f for f in set(a[k]) | set(b[k]) if a[k].get(f) != b[k].get(f))
+            diffs = ", ".join(f"{f} {a[k].get(f)!r} != {b[k].get(f)!r}" for f in fields)
+            out.append(f"{what}: {name}: bundle != recomputed: {diffs}")
+    return out or [f"{what}: {kind} records differ in their bytes (order or encoding)"]
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    """Check a bundle: the manifest's hashes, every signature (with --keys), every record
+    recomputed from the raw messages with the §6 function, the credited records with the
+    register's layer, and the report's record tables (energy, every tonne of CO2e with
+    the bundle's carbon parameters, completeness, gaps, held energy, adjustments)
+    rebuilt and compared byte for byte. Exit 0 all agree, 1 differences (listed), 2 bad
+    usage or not a bundle."""
+    import base64
+    import hashlib
+    import tomllib
+    import zipfile
+    from collections import defaultdict
+    from pathlib import Path
+
+    from agent.ledger import MeterParams, compute
+    from agent.ledger.carbon import CarbonParamsError, parse_params
+    from agent.ledger.export import parse_time, render
+    from agent.ledger.inputs import raw_msg
+    from agent.report import Inputs, SigCount, build
+    from agent.report.collect import message_time
+    from agent.report.tables import RECORD_TABLES
+    from agent.wire import WireError, decode_signed, split_signed, verify
+    from stationctl import bundle as B
+    from stationctl.report import parse_jsonl
+
+    for opt in ("db", "sid", "t_from", "t_to", "archive", "config"):
+        if getattr(args, opt, None):
+            raise UsageError(f"--bundle takes no --{opt.replace('t_', '')}: the bundle has them")
+    if args.keys and args.no_signatures:
+        raise UsageError("--keys checks the signatures; --no-signatures is for no keys")
+    path = Path(args.bundle)
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UsageError(f"--bundle {path}: {e}") from None
+    with z:
+        names = set(z.namelist())
+        try:
+            manifest = json.loads(z.read(B.MANIFEST))
+            if manifest.get("format") != B.FORMAT:
+                raise ValueError(f"format is not {B.FORMAT}")
+            listed = dict(manifest["files"])
+            lo = parse_time(manifest["period"]["from"])
+            hi = parse_time(manifest["period"]["to"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise UsageError(f"--bundle {path}: not a bundle ({e})") from None
+        members = {n: z.read(n) for n in sorted(names)}
+    ring = B.read_keys(args.keys) if args.keys else None
+    problems: dict[str, list[str]] = defaultdict(list)
+
+    # 1. the manifest: every member present, hashed as listed, nothing unlisted
+    for n, meta in sorted(listed.items()):
+        if n not in members:
+            problems["manifest"].append(f"{n}: listed, missing")
+        elif hashlib.sha256(members[n]).hexdigest() != meta["sha256"]:
+            problems["manifest"].append(f"{n}: sha256 differs from the manifest")
+    for n in sorted(set(members) - set(listed) - {B.MANIFEST}):
+        problems["manifest"].append(f"{n}: not in the manifest")
+    for n in (B.RAW, B.METERING, B.CARBON, B.REGISTER, *map(B.records_name, B.KINDS)):
+        if n not in members:
+            raise UsageError(f"--bundle {path}: not a bundle (no {n})")
+
+    # 2. the raw messages: signatures (with the keys), then metering input
+    try:
+        mdoc = json.loads(members[B.METERING])
+        mparams = MeterParams(**mdoc["metering"])
+        policy = str(mdoc["overdue_policy"])
+        cparams = parse_params(tomllib.loads(members[B.CARBON].decode()), f"{path}:{B.CARBON}")
+        register = B.register_from_dict(json.loads(members[B.REGISTER])["register"])
+    except (KeyError, ValueError, TypeError, CarbonParamsError) as e:
+        if not problems["manifest"]:
+            raise UsageError(f"--bundle {path}: {e}") from None
+        # a member changed after bundling no longer reads: the manifest names it
+        if args.json:
+            print(json.dumps({"ok": False, "manifest_problems": len(problems["manifest"])}))
+        else:
+            for text in problems["manifest"]:
+                print(f"  manifest: {text}")
+            print(f"FAILED: the bundle was changed after it was made ({e})")
+        return 1
+    msgs: dict[str, list[Any]] = defaultdict(list)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    readings: dict[str, set[int]] = defaultdict(set)
+    n_raw = n_ok = 0
+    for i, line in enumerate(members[B.RAW].splitlines(), start=1):
+        try:
+            o = json.loads(line)
+            payload = base64.b64decode(o["b64"], validate=True)
+            sid, kind, recv = str(o["sid"]), str(o["kind"]), int(o["recv_ms"])
+        except (ValueError, KeyError, TypeError) as e:
+            problems["raw"].append(f"{B.RAW} line {i}: {e}")
+            continue
+        n_raw += 1
+        try:
+            if ring is not None:
+                v = verify(kind, sid, payload, ring)
+                body: dict[str, Any] = v.body
+            else:
+                body = decode_signed(split_signed(payload)[0])
+        except WireError as e:
+            problems["signatures"].append(f"{sid} {o.get('boot')}:{o.get('seq')}: {e}")
+            try:  # in the period by its time, as the report counted it
+                t = message_time(decode_signed(split_signed(payload)[0]), recv)
+            except WireError:
+                t = recv
+            if lo <= t < hi:
+                counts[sid][0] += 1
+            continue
+        head = (body.get("sid"), body.get("boot"), body.get("seq"), body.get("kid"))
+        if head != (sid, o.get("boot"), o.get("seq"), o.get("kid")):
+            problems["raw"].append(f"{B.RAW} line {i}: its fields do not match its signed bytes")
+            continue
+        n_ok += ring is not None
+        t = message_time(body, recv)
+        if lo <= t < hi:
+            counts[sid][0] += 1
+            counts[sid][1] += ring is not None
+            if kind == "telemetry":
+                readings[sid].add(t - t % mparams.interval_ms)
+        msgs[sid].append(raw_msg(sid, body["boot"], body["seq"], recv, body))
+
+    # 3. every record recomputed with the §6 function, compared with the bundle's
+    again = []
+    for sid in sorted(msgs):
+        again += compute(msgs.pop(sid), mparams)
+    stored_given = any(B.records_name(k, stored=True) in members for k in B.KINDS)
+    n_records = 0
+    for kind in B.KINDS:
+        got = render(again, "json", lo, hi, kind)
+        name = B.records_name(kind, stored=stored_given)
+        want = members.get(name, members[B.records_name(kind)])
+        n_records += len(want.splitlines())
+        problems["records"] += _compare_jsonl("metering", want, got, kind)
+        if stored_given:  # the register's crediting layer over the recomputed records
+            from agent.ledger.export import select
+            from agent.meters import apply_policy
+
+            credited = apply_policy(select(again, lo, hi, kind), register, policy)
+            got_c = render(credited, "json", lo, hi, kind, meter=not register.empty)
+            problems["records"] += _compare_jsonl(
+                "credited", members[B.records_name(kind)], got_c, kind
+            )
+
+    # 4. the report's tables made from the records: energy, tonnes, completeness, ...
+    try:
+        inp = Inputs(
+            start_ms=lo,
+            end_ms=hi,
+            interval_ms=mparams.interval_ms,
+            intervals=parse_jsonl(members[B.records_name("interval")], "interval"),
+            days=parse_jsonl(members[B.records_name("day")], "day"),
+            params=cparams,
+            sids=sorted(counts),
+            signatures=[
+                SigCount(s, c[0], c[1], c[0] - c[1] if ring else 0, 0 if ring else c[0])
+                for s, c in sorted(counts.items())
+            ],
+            readings=readings,
+        )
+        rep = build(inp)
+    except (KeyError, ValueError, TypeError) as e:
+        problems["report"].append(f"the report's tables could not be rebuilt: {e}")
+    else:
+        tables = list(RECORD_TABLES) + (["signatures"] if ring is not None else [])
+        for tname in tables:
+            member = f"report/{tname}.csv"
+            if member not in members:
+                problems["report"].append(f"{member}: missing")
+            elif members[member] != rep.tables[tname].csv():
+                problems["report"].append(
+                    f"{member}: differs from the one rebuilt from the records"
+                )
+
+    checked = ring is not None
+    failed = any(problems.values())
+    ok = not failed and (checked or args.no_signatures)
+    summary = {
+        "bundle": str(path),
+        "period": manifest["period"],
+        "stations": len(manifest.get("stations", [])),
+        "raw": n_raw,
+        "signatures_checked": checked,
+        "verified": n_ok,
+        "bad_signatures": len(problems["signatures"]),
+        "records": n_records,
+        "manifest_problems": len(problems["manifest"]),
+        "record_differences": len(problems["records"]),
+        "report_differences": len(problems["report"]),
+        "ok": ok,
+    }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"bundle {path}: period {manifest['period']['from']} to {manifest['period']['to']}")
+        print(
+            f"manifest: {len(listed)} files, "
+            + ("every hash agrees" if not problems["manifest"] else "PROBLEMS")
+        )
+        if checked:
+            print(
+                f"raw messages {n_raw}, signatures verified {n_ok}, failed {len(problems['signatures'])}"
+            )
+        else:
+            print(f"raw messages {n_raw}: signatures NOT checked (no --keys)")
+        print(
+            f"records {n_records} recomputed from the raw messages: "
+            f"{len(problems['records'])} difference(s)"
+        )
+        print(
+            f"report tables ({', '.join(RECORD_TABLES)}) rebuilt with carbon parameters "
+            f"{cparams.id} {cparams.version}: {len(problems['report'])} difference(s)"
+        )
+        for what in ("manifest", "raw", "signatures", "records", "report"):
+            for text in problems[what][:20]:
+                print(f"  {what}: {text}")
+            if len(problems[what]) > 20:
+                print(f"  {what}: … {len(problems[what]) - 20} more")
+        if ok:
+            print(
+                "OK: every record and tonne is reproduced from the raw messages"
+                + ("" if checked else " (signatures not checked: --no-signatures)")
+            )
+        elif not failed:
+            print(
+                "NOT VERIFIED: the signatures were not checked (give --keys FILE, or "
+                "--no-signatures to accept the rest without them)"
+            )
+        else:
+            print("FAILED")
+    return 0 if ok else 1
