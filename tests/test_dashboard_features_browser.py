@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -23,12 +21,9 @@ import pytest
 
 from agent.dashboard.history import NOT_VALIDATED
 from agent.dashboard.users import UserStore
-from tests.helpers import in_ci
+from tests.browser import chromium, need_browser
 from tests.test_dashboard_features import D26, D27, D28, GAP_SID, Served, make_fleet_db
 from tests.test_demo_browser import (
-    ARTIFACTS,
-    CHROMEDRIVER,
-    CHROMIUM,
     js,
     no_script_errors,
     shot,
@@ -39,22 +34,9 @@ pytestmark = pytest.mark.timeout(120)
 SIDS = [f"KH-TST-{i:04d}" for i in range(3)]
 
 
-def _need_browser() -> None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip)")
-    if missing:
-        msg = f"headless browser not installed: {', '.join(missing)} (WITH_BROWSER=1 make setup)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    _need_browser()
+    need_browser()
     tmp = tmp_path_factory.mktemp("features-browser")
     UserStore.open(tmp / "users.db", create=True).close()
     s = Served(make_fleet_db(tmp / "agent.db"), tmp / "users.db")
@@ -66,35 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def browser(server: Served) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for a in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,1100",
-    ):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(30)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
+    with chromium("1280,1100") as drv:
         yield drv
-    finally:
-        drv.quit()
 
 
 def fetch_link(drv: Any, selector: str) -> tuple[str, list[list[str]]]:

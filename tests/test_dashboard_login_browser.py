@@ -10,9 +10,7 @@ In CI a missing browser fails the test; elsewhere it skips with the reason.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,13 +18,10 @@ import pytest
 
 from agent.dashboard.auth import Auth
 from agent.dashboard.users import UserStore
-from tests.helpers import in_ci
+from tests.browser import ARTIFACTS, chromium, need_browser
 from tests.test_dashboard_api import make_db
 from tests.test_dashboard_login import PASSWORDS, ROLES, Server
 from tests.test_demo_browser import (
-    ARTIFACTS,
-    CHROMEDRIVER,
-    CHROMIUM,
     js,
     no_script_errors,
     shot,
@@ -36,22 +31,9 @@ from tests.test_demo_browser import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def _need_browser() -> None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip)")
-    if missing:
-        msg = f"headless browser not installed: {', '.join(missing)} (WITH_BROWSER=1 make setup)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    _need_browser()
+    need_browser()
     tmp = tmp_path_factory.mktemp("login")
     users = tmp / "users.db"
     with UserStore.open(users, create=True) as st:
@@ -67,35 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser(server: Server) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for a in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,1000",
-    ):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(30)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
+    with chromium("1280,1000") as drv:
         yield drv
-    finally:
-        drv.quit()
 
 
 def log_in(drv: Any, server: Server, user: str, password: str, path: str = "/") -> None:

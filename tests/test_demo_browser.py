@@ -10,9 +10,7 @@ In CI a missing browser fails the test; elsewhere it skips with the reason.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,32 +18,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, in_ci
+from tests.browser import ARTIFACTS, chromium, need_browser
 from tools.demo import Demo, DemoConfig
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-ARTIFACTS = ROOT / "artifacts" / "dashboard"
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _need_browser() -> None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip)")
-    if missing:
-        msg = f"headless browser not installed: {', '.join(missing)} (WITH_BROWSER=1 make setup)"
-        if in_ci():
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    _need_browser()
+    need_browser()
     # accel 4: simulated days (the fleet sets the stations' clocks ahead), and still a rider
     # only every 5 min per station, so the test's own changes are the changes it sees
     d = Demo(
@@ -83,35 +64,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 @pytest.fixture(scope="module")
 def browser(demo: Demo) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for a in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,1200",
-    ):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(30)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
+    with chromium("1280,1200") as drv:
         yield drv
-    finally:
-        drv.quit()
 
 
 def api(d: Demo, path: str) -> Any:
