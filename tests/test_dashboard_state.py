@@ -292,6 +292,29 @@ def test_rejected_messages_raise_alarms_for_a_while() -> None:
     assert not fs.active()
 
 
+def test_meter_register_alarms_stand_while_the_agent_raises_them_daily() -> None:
+    """meter_overdue / meter_due_soon (agent/meters.py, raised once a UTC day) were folded
+    into "agent alarms in 10 min" as crit for ten minutes; they stand with their own code
+    and level for as long as the agent keeps raising them."""
+    fs = FleetState(ViewConfig(recent_s=600))
+    day = 86_400_000
+    fs.add_agent_alarm(T0, "KH-PNH-0001", "meter_overdue", "warn", "meter 123 overdue")
+    fs.add_agent_alarm(T0, "KH-PNH-0002", "meter_due_soon", "warn", "meter 456 due in 9 d")
+    fs.tick(T0 + 3_600_000)  # an hour on: long past recent_s
+    act = {a["id"]: a for a in fs.active()}
+    assert set(act) == {"KH-PNH-0001:meter_overdue", "KH-PNH-0002:meter_due_soon"}
+    assert act["KH-PNH-0001:meter_overdue"]["level"] == "warn"
+    assert act["KH-PNH-0001:meter_overdue"]["msg"] == "meter 123 overdue"
+    # the next day's raise (now crit: over 30 days) replaces it; the other one stops
+    fs.add_agent_alarm(T0 + day, "KH-PNH-0001", "meter_overdue", "crit", "meter 123 overdue 31 d")
+    fs.tick(T0 + day + 3 * 3_600_000)  # 27 h after the first raises
+    act = {a["id"]: a for a in fs.active()}
+    assert set(act) == {"KH-PNH-0001:meter_overdue"}
+    assert act["KH-PNH-0001:meter_overdue"]["level"] == "crit"
+    fs.tick(T0 + 2 * day + 27 * 3_600_000)  # no raise for a day and more: cleared
+    assert not fs.active()
+
+
 def test_quarantined_messages_the_agent_resolved_later_stop_alarming() -> None:
     """A station's key that arrives late: the agent ingests its quarantined messages after
     all (schema 2 marks the rows resolved); the alarm goes, the story stays in the log."""

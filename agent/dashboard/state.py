@@ -147,6 +147,13 @@ class Station:
         self.version = 0  # bumped by every change of this station's data
 
 
+# agent alarms that stand for a condition (agent/meters.py: a grid meter past or near its
+# calibration due date), raised once a day while it lasts: shown with their own code and
+# level until a day and a bit passes without one, not folded into "agent alarms in N min"
+STANDING_CODES = frozenset({"meter_overdue", "meter_due_soon"})
+STANDING_MS = 26 * 3600 * 1000
+
+
 class FleetState:
     """The whole picture; not thread-safe (the caller holds a lock)."""
 
@@ -160,6 +167,9 @@ class FleetState:
         # (ms, sid, kind, reason, quarantine id or -1), oldest first
         self._rejects: deque[tuple[int, str | None, str, str, int]] = deque()
         self.quarantine_total: Counter[str] = Counter()  # reason -> count since start
+        # agent alarms about a standing condition, which the agent raises again every day
+        # while it lasts (the meter register): (sid, code) -> (ms, level, detail)
+        self._standing: dict[tuple[str | None, str], tuple[int, str, str]] = {}
         self._active: dict[str, dict[str, Any]] = {}
         self._since: dict[str, int] = {}
         self._pending: dict[str, int] = {}  # debounced candidates: id -> first seen
@@ -360,7 +370,12 @@ class FleetState:
     def add_agent_alarm(
         self, ts_ms: int, sid: str | None, code: str, level: str, detail: str
     ) -> None:
-        self._rejects.append((ts_ms, sid, "agent_alarm", code, -1))
+        if code in STANDING_CODES:
+            old = self._standing.get((sid, code))
+            if old is None or ts_ms >= old[0]:
+                self._standing[(sid, code)] = (ts_ms, level, detail[:300])
+        else:
+            self._rejects.append((ts_ms, sid, "agent_alarm", code, -1))
         self._log(ts_ms, sid, "agent", code, level, detail[:300], None)
 
     def set_records(
@@ -516,6 +531,11 @@ class FleetState:
                     flt = _int(bat.get("flt"))
                     if flt:
                         add(sid, "bms_fault", "crit", f"slot {n}: BMS fault bits {flt:#06x}", n)
+        for (ssid, code), (t, level, detail) in sorted(
+            self._standing.items(), key=lambda x: (x[0][0] or "", x[0][1])
+        ):
+            if now - t <= STANDING_MS:  # raised again daily while it lasts
+                add(ssid, code, level if level in ("warn", "crit") else "warn", detail, since=t)
         rej: dict[tuple[str | None, str], Counter[str]] = {}
         for _t, rsid, kind, reason, _q in self._rejects:
             rej.setdefault((rsid, kind), Counter())[reason] += 1
