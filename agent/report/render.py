@@ -286,6 +286,20 @@ def _font() -> tuple[str, str]:
     return "DejaVuSans", "DejaVuSans-Bold"
 
 
+def _widths(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[float]:
+    """Column widths (points) in proportion to their longest cell, capped, filling a
+    landscape A4 page's text width (273 mm)."""
+
+    def need(cell: str) -> int:  # text wraps at its spaces, a number must not
+        return len(cell) if " " not in cell else min(len(cell), 16)
+
+    longest = [
+        min(48, max([need(h), *(need(r[i]) for r in rows)]) + 2) for i, h in enumerate(header)
+    ]
+    total = 273 * 72 / 25.4
+    return [total * n / sum(longest) for n in longest]
+
+
 def render_pdf(rep: Report, generated: str, source: str, path: Path) -> None:
     from reportlab import rl_config
     from reportlab.lib import colors
@@ -306,7 +320,12 @@ def render_pdf(rep: Report, generated: str, source: str, path: Path) -> None:
     font, bold = _font()
     st = {
         "h1": ParagraphStyle("h1", fontName=bold, fontSize=18, leading=22, spaceAfter=6),
-        "h2": ParagraphStyle("h2", fontName=bold, fontSize=12, leading=15, spaceBefore=10),
+        "h2": ParagraphStyle(
+            "h2", fontName=bold, fontSize=12, leading=15, spaceBefore=10, keepWithNext=1
+        ),
+        "sub": ParagraphStyle(
+            "sub", fontName=font, fontSize=7.5, leading=9.5, textColor=colors.grey, keepWithNext=1
+        ),
         "p": ParagraphStyle("p", fontName=font, fontSize=9, leading=12),
         "note": ParagraphStyle(
             "note", fontName=font, fontSize=7.5, leading=9.5, textColor=colors.grey
@@ -345,7 +364,7 @@ def render_pdf(rep: Report, generated: str, source: str, path: Path) -> None:
     def table(tb: Table) -> None:
         story.append(Paragraph(e(tb.title), st["h2"]))
         if tb.note:
-            story.append(Paragraph(e(tb.note), st["note"]))
+            story.append(Paragraph(e(tb.note), st["sub"]))
         if not tb.rows:
             story.append(Paragraph("None in this period.", st["note"]))
             return
@@ -354,7 +373,7 @@ def render_pdf(rep: Report, generated: str, source: str, path: Path) -> None:
         )
         data = [[Paragraph(e(h), st["cell"]) for h in tb.header]]
         data += [[Paragraph(e(c), st["cell"]) for c in r] for r in rows]
-        rt = RLTable(data, repeatRows=1, hAlign="LEFT")
+        rt = RLTable(data, repeatRows=1, hAlign="LEFT", colWidths=_widths(tb.header, rows))
         style = [
             ("GRID", (0, 0), (-1, -1), 0.25, colors.lightgrey),
             ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eef1f5")),
