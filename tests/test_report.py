@@ -380,3 +380,48 @@ def test_bad_usage_exits_2(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
         == 2
     )
     assert not (tmp_path / "absent.db").exists() and not (tmp_path / "r").exists()
+
+
+def test_validated_parameters_carry_no_mark(
+    month: tuple[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    from agent.ledger.carbon import DEFAULT_PATH
+
+    text = DEFAULT_PATH.read_text()
+    params = tmp_path / "validated.toml"
+    text = "\n".join(x for x in text.splitlines() if not x.startswith("validated"))
+    params.write_text("validated = true\n" + text.replace('id = "example-kh"', 'id = "proj-kh"'))
+    url, cfg = month
+    argv = ["report", "--db", url, "--from", PERIOD[0], "--to", PERIOD[1], "--no-pdf"]
+    out = tmp_path / "r"
+    assert main([*argv, "--out", str(out), "--carbon-params", str(params)]) == 0
+    carbon = table(out, "carbon")
+    assert carbon and all(r["status"] == "" and r["params_id"] == "proj-kh" for r in carbon)
+    assert "not validated" not in (out / "report.html").read_text()
+    summary = {r["key"]: r["value"] for r in table(out, "summary")}
+    assert summary["carbon_params_status"] == "validated"
+
+
+def test_report_on_both_engines(db_url: str, tmp_path: pathlib.Path) -> None:
+    """A small fleet on SQLite and PostgreSQL: the report's totals are export's."""
+    from tests.agent_helpers import fill_store, fleet_stream
+
+    rows, msgs = stored_rows(fleet_stream(2, 200, sid_base="KH-ENG", step_ms=900_000))
+    url = fill_store(db_url, rows, msgs)
+    out = tmp_path / "r"
+    argv = ["report", "--db", url, "--from", "2025-11-26", "--to", "2025-11-29", "--no-pdf"]
+    assert main([*argv, "--out", str(out)]) == 0
+    r = subprocess.run(
+        [*STATIONCTL, "export", "--db", url, "--from", "2025-11-26", "--to", "2025-11-29"]
+        + ["--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    tot = next(r for r in table(out, "energy") if r["sid"] == "TOTAL")
+    assert int(tot["battery_mwh"]) == sum(x["mwh"] for x in recs if x["slot"]) > 0
+    assert int(tot["grid_mwh"]) == sum(x["mwh"] for x in recs if not x["slot"]) > 0
+    sig = next(r for r in table(out, "signatures") if r["sid"] == "TOTAL")
+    assert sig["stored"] == sig["verified"] == str(len(rows))
