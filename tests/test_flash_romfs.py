@@ -36,7 +36,7 @@ from tests.test_flash_board import (  # noqa: F401  (bench: a fixture)
     one_line_error,
 )
 from tools import romfs
-from tools.flash.board import RomInfo
+from tools.flash.board import Board, RomInfo
 from tools.flash.errors import BadInput, FlashError
 from tools.flash.provision import choose_deploy
 from tools.flash.virtual import UnixBoard
@@ -250,3 +250,52 @@ def test_the_tool_accepts_an_image_mpremote_deployed(
         assert rep["romfs"]["written"] is False and rep["verify"]["romfs_sha256"] == image.sha256
     finally:
         board.stop()
+
+
+class _Recorder(Board):
+    """A Board whose raw REPL only records what it is asked to run."""
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        super().__init__("/dev/null")
+        self.ran: list[str] = []
+        self.answers = answers or {}
+
+    def exec(self, code: str, *, timeout: float = 10.0, stage: str = "board") -> str:
+        self.ran.append(code)
+        for k, v in self.answers.items():
+            if k in code:
+                return repr(v) + "\n"
+        return ""
+
+
+def _writes(ran: list[str]) -> list[tuple[int, bytes]]:
+    import base64
+    import re
+
+    out = []
+    for code in ran:
+        m = re.fullmatch(r"_w\((\d+), _d\('([^']*)'\)\)", code)
+        if m:
+            out.append((int(m.group(1)), base64.b64decode(m.group(2))))
+    return out
+
+
+def test_image_write_puts_the_header_last_and_covers_the_image() -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes: 3 blocks of 4 KB, 7 chunks
+    esp = _Recorder()
+    esp.romfs_write(RomInfo(partitions=1, size=PART, block=4096, is_object=True), data)
+    assert any("_dev.ioctl(6, _b)" in c and "range(0, 3)" in c for c in esp.ran)  # 3 erased
+    w = _writes(esp.ran)
+    assert w[-1][0] == 0 and all(off > 0 for off, _ in w[:-1])  # the header goes last
+    assert b"".join(d for _, d in sorted(w)) == data
+    assert "vfs.umount('/rom')" in esp.ran[0]
+    # a port whose partition is a buffer (rom_ioctl 3/4/5), writing in units of 256 bytes
+    buf = _Recorder({"vfs.rom_ioctl(3, 0,": 256})
+    buf.romfs_write(RomInfo(partitions=1, size=PART, block=4096, is_object=False), data[:1000])
+    w = _writes(buf.ran)
+    assert w[-1][0] == 0 and all(off % 256 == 0 and len(d) % 256 == 0 for off, d in w)
+    whole = b"".join(d for _, d in sorted(w))
+    assert whole[:1000] == data[:1000] and whole[1000:] == b"\xff" * 24
+    assert buf.ran.count("vfs.rom_ioctl(5, 0)") == 1 and buf.ran[-2] == "vfs.rom_ioctl(5, 0)"
+    with pytest.raises(FlashError, match="exceeds the partition"):
+        esp.romfs_write(RomInfo(partitions=1, size=4096, block=4096, is_object=True), data)

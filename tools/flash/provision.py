@@ -473,7 +473,9 @@ class _Run:
                 "files": dict(sorted(image.files.items())),
                 "partition": self.rom.size if self.rom is not None else None,
             }
-        if req.dry_run:
+        if req.dry_run and req.deploy == "mpy":
+            self.rep["deploy"] = "mpy"
+        elif req.dry_run:
             img = romfs.build_image(march)
             self.rep["deploy"] = f"{req.deploy} (decided on the board)"
             self.rep["romfs_image"] = {"size": img.size, "sha256": img.sha256}
