@@ -299,3 +299,17 @@ def test_image_write_puts_the_header_last_and_covers_the_image() -> None:
     assert buf.ran.count("vfs.rom_ioctl(5, 0)") == 1 and buf.ran[-2] == "vfs.rom_ioctl(5, 0)"
     with pytest.raises(FlashError, match="exceeds the partition"):
         esp.romfs_write(RomInfo(partitions=1, size=4096, block=4096, is_object=True), data)
+
+
+def test_batch_csv_deploy_column(tmp_path: pathlib.Path) -> None:
+    from tools.flash import bulk
+    from tools.flash.provision import Request
+
+    site = {"broker": {"host": "h", "port": 1883}, "net": {"kind": "host"}, "slots": 2}
+    base = Request(sid="BATCH", site=site, deploy="auto")
+    f = tmp_path / "s.csv"
+    f.write_text("sid,port,deploy\nKH-A-0001,/dev/a,mpy\nKH-A-0002,/dev/b,\n")
+    assert [r.deploy for r in bulk.read_batch(str(f), base)] == ["mpy", "auto"]
+    f.write_text("sid,port,deploy\nKH-A-0001,/dev/a,frozen\n")
+    with pytest.raises(BadInput, match="line 2: deploy must be auto, romfs or mpy"):
+        bulk.read_batch(str(f), base)

@@ -24,7 +24,17 @@ from tools.flash import plan
 from tools.flash.errors import BadInput, FlashError
 from tools.flash.provision import Outcome, Request, provision
 
-REQUEST_COLUMNS = {"sid", "port", "esptool_port", "image", "chip", "kid", "boot_base", "key_out"}
+REQUEST_COLUMNS = {
+    "sid",
+    "port",
+    "esptool_port",
+    "image",
+    "chip",
+    "kid",
+    "boot_base",
+    "key_out",
+    "deploy",
+}
 INT_COLUMNS = {"kid", "boot_base"}
 # share of a board's bar per stage; the copy stage moves with the bytes written
 WEIGHTS = {
@@ -98,6 +108,8 @@ def _row_request(row: dict[str, Any], base: Request, where: str) -> Request:
         raise BadInput("check", "no port")
     req = dataclasses.replace(base, site=plan.merge(base.site, over), **fields)
     plan.check_sid(req.sid)
+    if req.deploy not in ("auto", "romfs", "mpy"):
+        raise BadInput("check", f"deploy must be auto, romfs or mpy, not {req.deploy!r}")
     # the station's config must be valid before any board is touched
     plan.station_config(req.site, sid=req.sid, kid=1, key=bytes(32), boot_base=0, password="x")
     return req
