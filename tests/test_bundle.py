@@ -22,6 +22,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -134,7 +135,7 @@ def test_verify_bundle_in_process(
 ) -> None:
     out, keys = bundle
 
-    def verify(path: pathlib.Path, *extra: str) -> tuple[int, dict[str, object]]:
+    def verify(path: pathlib.Path, *extra: str) -> tuple[int, dict[str, Any]]:
         code = main(["verify", "--bundle", str(path), "--json", *extra])
         return code, json.loads(capsys.readouterr().out)
 
@@ -206,14 +207,17 @@ def clean_env(tmp: pathlib.Path) -> pathlib.Path:
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, src / f)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    run = dict(check=True, capture_output=True, timeout=300)
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
-                   + ["-w", str(wheels), str(src)], **run)  # fmt: skip
+
+    def sh(cmd: list[str]) -> None:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+
+    sh([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels)]
+       + [str(src)])  # fmt: skip
     wheel_from_installed("msgspec", wheels)
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], **run)
+    sh([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")])
     py = tmp / "venv" / "bin" / "python"
-    subprocess.run([*pip, "--python", str(py), "install", "--no-index", "--no-deps"]
-                   + [str(w) for w in sorted(wheels.glob("*.whl"))], **run)  # fmt: skip
+    sh([*pip, "--python", str(py), "install", "--no-index", "--no-deps"]
+       + [str(w) for w in sorted(wheels.glob("*.whl"))])  # fmt: skip
     return py
 
 
