@@ -2,65 +2,42 @@
 #   cd FLASHDIR && micropython PATH/TO/firmware/main.py
 # reads FLASHDIR/config.json and keeps counters and the outbox in FLASHDIR.
 #
-# The boot wrapper of firmware updates (ota.py, docs/firmware.md "Updates (OTA)"): it is
-# never updated itself. It picks the version before any other module is imported (a trial
-# boot is counted on flash first), runs it from its folder, and falls back to the confirmed
-# version at once when the trial's modules do not import or refuse the configuration.
+# The boot wrapper of firmware updates (ota.py, docs/firmware.md "Updates (OTA)"), never
+# updated itself: it picks the version before any other module is imported (a trial boot is
+# counted on flash first), runs it from its folder, and falls back to the confirmed version at
+# once when the trial's modules do not import or refuse the configuration. Kept this short
+# because its bytecode stays in the heap for as long as the station runs.
+import os
 import sys
 
-import ota
+_s = (None, None, False, None)  # (folder or None, version or None, trial, sys.path as it was)
+_u = False  # ever updated: the OTA state exists (else no OTA code is loaded before app)
+for _n in ("ota.a", "ota.b"):
+    try:
+        os.stat(_n)
+        _u = True
+    except OSError:
+        pass
+if _u:
+    import ota
 
-_sel = ota.boot()
-_path0 = list(sys.path)
-_here = sys.path[0] if sys.path else ""
-_mods = list(sys.modules)
-
-
-def _use(sel):
-    """Import app from the version sel names: its folder first and alone (the factory files
-    beside main.py are not a fallback for a missing module)."""
-    sys.path.clear()
-    if sel.path is not None:
-        sys.path.append(sel.path)
-        for p in _path0:
-            if p not in (_here, "", "."):
-                sys.path.append(p)
-        sys.modules.pop("ota", None)  # the version's own OTA code runs it
-    else:
-        sys.path.extend(_path0)
-    import app
-
-    if sel.ver is not None:
-        app.FW_VERSION = sel.ver
-    return app
-
-
-def _forget():
-    for name in list(sys.modules):
-        if name not in _mods:
-            del sys.modules[name]
-    sys.modules["ota"] = ota
-
-
-def _reset(code):
-    if sys.platform == "esp32":
-        import machine  # type: ignore[import-not-found]
-
-        machine.reset()
-    sys.exit(code)  # the unix port: a supervisor (or the test) starts it again
-
-
+    _s = ota.boot()
+    ota.enter(_s)  # sys.path for that version; the modules imported so far let go of, ota too
+    del ota
 try:
-    app = _use(_sel)
+    import app
 except Exception as e:  # noqa: BLE001  (ImportError, SyntaxError, MemoryError, …)
-    if _sel.path is None:
+    if _s[0] is None:
         raise  # the factory files themselves: nothing older to fall back on
-    print("station: version %s does not import (%r): falling back" % (_sel.ver, e))
-    _forget()
-    # a trial is rolled back for good; a confirmed version gone bad (flash damage) gives way
-    # to the factory files for this boot
-    _sel = ota.fail_now("import") if _sel.trial else ota.Boot(None, None, False)
-    app = _use(_sel)
+    sys.path.clear()
+    sys.path.extend(_s[3])
+    import ota
+
+    _s = ota.fallback(_s, e)
+    del ota
+    import app
+if _s[1] is not None:
+    app.FW_VERSION = _s[1]
 
 try:
     app.main()
@@ -69,13 +46,17 @@ except KeyboardInterrupt:
 except app.StartError as e:
     # a bad configuration stops the start with the key's name (CONTRACT §9)
     print("station: cannot start:", e)
-    if _sel.trial:
+    if _s[2]:
+        import ota
+
         ota.fail_now("config")  # the confirmed version takes it at the next boot
-        _reset(3)
+        ota.reset(3)
     sys.exit(2)
 except Exception as e:  # noqa: BLE001
-    if not _sel.trial:
+    if not _s[2]:
         raise
     sys.print_exception(e)  # type: ignore[attr-defined]
-    ota.crashed()
-    _reset(1)
+    import ota
+
+    ota.crashed()  # counted: past `boots` trial boots the confirmed version returns
+    ota.reset(1)

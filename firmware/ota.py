@@ -37,8 +37,9 @@ import sys
 
 import persist
 import timebase
-import wire
-from hmac_sha256 import Hmac, equal
+
+# wire and hmac_sha256 are imported by the running station's side only: main.py imports this
+# module to pick the version, then lets go of it (the sampling-only firmware has no heap to spare)
 
 try:
     from micropython import const
@@ -171,6 +172,12 @@ def sha256_file(path, size=None, h=None):
     return h
 
 
+def _equal(a, b):
+    from hmac_sha256 import equal
+
+    return equal(a, b)
+
+
 def _hex(h):
     return binascii.hexlify(h.digest()).decode()
 
@@ -209,14 +216,54 @@ class State:
 # ---- boot (called by main.py before anything else) ------------------------------------------
 
 
-class Boot:
-    """What main.py boots: path (a version folder, or None for the factory files beside
-    main.py), ver (None: factory), trial (booting a version on trial)."""
+def Boot(path, ver, trial):  # noqa: N802
+    """What main.py boots: (path, ver, trial, sys.path as it was): path a version folder, or
+    None for the factory files beside main.py; ver None for the factory's; trial when booting
+    a version on trial. A plain tuple: nothing of this module stays alive in main.py."""
+    return (path, ver, trial, list(sys.path))
 
-    def __init__(self, path, ver, trial):
-        self.path = path
-        self.ver = ver
-        self.trial = trial
+
+def forget():
+    """Let go of every module imported since main.py started (the frozen asyncio stays)."""
+    for name in list(sys.modules):
+        if name != "__main__" and not name.startswith("asyncio"):
+            del sys.modules[name]
+    gc.collect()
+
+
+def enter(sel):
+    """sys.path for the version sel names: its folder first and alone (the factory files
+    beside main.py are no fallback for a module missing from a version), then what the port
+    adds (frozen modules, lib); the modules imported so far are let go of."""
+    path0 = sel[3]
+    if sel[0] is not None:
+        here = path0[0] if path0 else ""
+        sys.path.clear()
+        sys.path.append(sel[0])
+        for p in path0:
+            if p not in (here, "", "."):
+                sys.path.append(p)
+    forget()
+
+
+def fallback(sel, e):
+    """The version sel names did not import: a trial is rolled back for good (why=import); a
+    confirmed version gone bad (flash damage) gives way to the factory files for this boot.
+    Returns the new selection, already entered."""
+    print("station: version %s does not import (%r): falling back" % (sel[1], e))
+    new = fail_now("import") if sel[2] else Boot(None, None, False)
+    new = (new[0], new[1], new[2], sel[3])
+    enter(new)
+    return new
+
+
+def reset(code):
+    """Reboot: the board resets; the unix port exits (its supervisor starts it again)."""
+    if sys.platform == "esp32":
+        import machine
+
+        machine.reset()
+    sys.exit(code)
 
 
 def _rollback(s, why):
@@ -294,6 +341,8 @@ class OtaError(Exception):
 
 def parse_manifest(payload, key, sid, kid):
     """Verify and check a manifest command; returns its object. Raises OtaError(why)."""
+    import wire
+
     try:
         m = wire.verify(payload, key)
     except wire.WireError as e:
@@ -341,6 +390,9 @@ class Ota:
     watches a trial until it confirms or rolls it back."""
 
     def __init__(self, cfg, st, key, running, root=".", reboot=None, board=None):
+        import wire
+        from hmac_sha256 import Hmac
+
         self.cfg = cfg
         self.st = st
         self.root = root
@@ -584,7 +636,7 @@ class Ota:
         data = payload[nl + 1 :]
         entry = self.files[fi]
         signed = head[: head.rfind(b" ")] + b"\n"
-        if not equal(self.mac.hexdigest(signed, data), parts[5]):
+        if not _equal(self.mac.hexdigest(signed, data), parts[5]):
             if not self._refused_chunk:
                 self._refused_chunk = True
                 self._refuse("chunk_sig", dl["ver"], "chunk %d@%d" % (fi, off))
@@ -686,6 +738,8 @@ class Ota:
             and timebase.ticks_diff(t, self._req_at) < _REQ_MS
         ):
             return
+        import wire
+
         dl = self.s.d["dl"]
         req = wire.encode(
             {

@@ -224,6 +224,7 @@ class Pusher:
         trial_s: int = 300,
         boots: int = 3,
         log: Any = None,
+        chunk_delay: float = 0.0,
     ) -> None:
         import paho.mqtt.client as mqtt
 
@@ -235,6 +236,7 @@ class Pusher:
         self.targets: dict[str, Target] = {}
         self.lock = threading.Condition()
         self.log = log
+        self.chunk_delay = chunk_delay  # seconds between chunks (tests: a slower download)
         self.c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"ota-push-{int(time.time() * 1000) % 10**9}",
@@ -295,6 +297,8 @@ class Pusher:
             )
             t.chunks += 1
             off += len(data)
+            if self.chunk_delay:
+                time.sleep(self.chunk_delay)
             n -= 1
 
     def _event(self, t: Target, payload: bytes) -> None:

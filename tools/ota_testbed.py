@@ -142,12 +142,14 @@ class EventWatcher:
 
         self.keys = StaticKeys({(sid, kid): key for sid, (kid, key) in keys.items()})
         self.events: dict[str, list[dict[str, Any]]] = {sid: [] for sid in keys}
+        self.seqs: dict[str, set[tuple[int, int]]] = {sid: set() for sid in keys}
+        self.last_tel: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
         ready = threading.Event()
 
         def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any = None) -> None:
-            c.subscribe(f"{prefix}/+/event", 1)
+            c.subscribe([(f"{prefix}/+/event", 1), (f"{prefix}/+/telemetry", 1)])
             ready.set()
 
         self.c.on_connect = on_connect
@@ -159,14 +161,20 @@ class EventWatcher:
     def _msg(self, c: Any, u: Any, msg: Any) -> None:
         from agent.wire import WireError, verify
 
-        sid = msg.topic.split("/")[-2]
+        sid, kind = msg.topic.split("/")[-2:]
         if sid not in self.events:
             return
         try:
-            v = verify("event", sid, msg.payload, self.keys)
+            v = verify(kind, sid, msg.payload, self.keys)
         except WireError:
             return
         with self.lock:
+            self.seqs[sid].add((v.boot, v.seq))
+            if kind == "telemetry":
+                last = self.last_tel.get(sid)
+                if last is None or (last["boot"], last["seq"]) < (v.boot, v.seq):
+                    self.last_tel[sid] = v.body
+                return
             # (boot, seq) names a message: a resend after a reconnect is not a second event
             seen = self.events[sid]
             if not any(e["boot"] == v.boot and e["seq"] == v.seq for e in seen):
@@ -176,6 +184,15 @@ class EventWatcher:
         with self.lock:
             evs = sorted(self.events[sid], key=lambda e: (e["boot"], e["seq"]))
         return [e for e in evs if ev is None or e.get("ev") == ev]
+
+    def gaps(self, sid: str) -> list[tuple[int, int]]:
+        """(boot, seq) missing below the highest seq delivered of each boot."""
+        with self.lock:
+            got = set(self.seqs[sid])
+        top: dict[int, int] = {}
+        for b, q in got:
+            top[b] = max(top.get(b, -1), q)
+        return [(b, q) for b, t in top.items() for q in range(t + 1) if (b, q) not in got]
 
     def phases(self, sid: str) -> list[str]:
         return [e["phase"] for e in self.of(sid, "ota")]

@@ -1,0 +1,460 @@
+"""Firmware updates (CONTRACT §10, firmware/ota.py) on the MicroPython unix port: real firmware
+processes (restarted whenever they exit, as a board reboots), a real Mosquitto, the rig behind
+each station, and `stationctl ota`'s pusher. Two folders under the flash root (fw/a, fw/b)
+stand in for partitions.
+
+The long variants (20 power cuts, an 8-station rollout) run under `make ota-soak`
+(OTA_SOAK=1); the default suite runs 5 cuts and 3 stations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from stationctl.ota import Pusher, chunk, load_version, rollout, signed_manifest
+from tools.mosquitto import Mosquitto
+from tools.ota_testbed import EventWatcher, SupervisedStation, build_variant, ota_config
+from tools.rig.rig import Rig
+from tools.station_proc import FIRMWARE
+
+sys.path.insert(0, str(FIRMWARE))
+import persist  # noqa: E402  (the firmware's own store, read on CPython)
+
+SOAK = bool(os.environ.get("OTA_SOAK"))
+KEY = bytes(range(32))
+OLD = "0.1.0"  # app.FW_VERSION of the files beside main.py
+
+
+def key_of(i: int) -> bytes:
+    return hashlib.sha256(b"ota-test-%d" % i).digest()
+
+
+def wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def ota_state(flash: pathlib.Path) -> dict[str, Any] | None:
+    return persist.ABStore(str(flash), "ota", 4096).load()
+
+
+def folder_complete(flash: pathlib.Path, slot: str, man: dict[str, Any]) -> bool:
+    for path, size, sha in man["files"]:
+        p = flash / "fw" / slot / path
+        if not p.is_file():
+            return False
+        data = p.read_bytes()
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+            return False
+    return True
+
+
+@contextmanager
+def station(
+    tmp: pathlib.Path, broker: Mosquitto, sid: str, key: bytes, seed: int = 3
+) -> Iterator[tuple[SupervisedStation, Rig]]:
+    with Rig(slots=2, seed=seed, workdir=tmp / f"rig-{sid}") as rig:
+        cfg = ota_config(sid, rig, broker.port, key.hex())
+        st = SupervisedStation(tmp / f"flash-{sid}", cfg, heap="256k", trace_ms=500)
+        st.run_supervised()
+        try:
+            st.wait_for(lambda: bool(st.telemetry()), 30, "first telemetry")
+            rig.insert(1, pack="72V", power_w=1200, capacity_wh=80, soc=0.2)
+            yield st, rig
+        finally:
+            st.halt()
+
+
+def fws(ew: EventWatcher, sid: str) -> list[str]:
+    return [e["fw"] for e in ew.of(sid, "boot")]
+
+
+def ota_evs(ew: EventWatcher, sid: str) -> list[tuple[str, str, str, str | None]]:
+    return [(e["phase"], e["from"], e["to"], e.get("why")) for e in ew.of(sid, "ota")]
+
+
+# ---- build ----------------------------------------------------------------------------------
+
+
+def test_build_writes_the_firmware_and_a_manifest_without_data_files(
+    tmp_path: pathlib.Path,
+) -> None:
+    out = tmp_path / "v"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stationctl",
+            "ota",
+            "build",
+            "--version",
+            "0.2.0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=FIRMWARE.parent,
+    )
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    names = [f[0] for f in man["files"]]
+    assert man["ver"] == "0.2.0"
+    assert "app.mpy" in names and "ota.mpy" in names and "hal/unix.mpy" in names
+    # the boot wrapper, config, keys, registers, nonces and the outbox are never in an update
+    for bad in ("main.py", "config.json"):
+        assert bad not in names
+    assert not any(n.endswith((".a", ".b")) or n.startswith(("fw/", "outbox/")) for n in names)
+    load_version(out)  # every file matches its size and hash
+    # a bad version name is bad input
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stationctl",
+            "ota",
+            "build",
+            "--version",
+            "a b",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=FIRMWARE.parent,
+    )
+    assert r.returncode == 2 and "bad version" in r.stderr
+
+
+# ---- a good update, and the broken ones ------------------------------------------------------
+
+
+def test_a_good_update_is_confirmed_and_runs(tmp_path: pathlib.Path, mosquitto: Mosquitto) -> None:
+    sid = "KH-OTA-0001"
+    ew = EventWatcher(mosquitto.port, {sid: (1, KEY)})
+    vdir = build_variant("good", "0.2.0", tmp_path)
+    man, _ = load_version(vdir)
+    try:
+        with station(tmp_path, mosquitto, sid, KEY) as (st, rig):
+            p = Pusher(vdir, {sid: (1, KEY)}, "127.0.0.1", mosquitto.port, confirm_s=3, trial_s=30)
+            try:
+                code, failed = rollout(p, [sid], None, "all", 90)
+            finally:
+                p.close()
+            assert (code, failed) == (0, [])
+            wait(lambda: fws(ew, sid)[-1:] == ["0.2.0"], 20, "a boot event of the new version")
+            evs = ota_evs(ew, sid)
+            assert [e[0] for e in evs] == ["staged", "trial", "confirmed"], evs
+            assert evs[0][1:3] == (OLD, "0.2.0") and evs[2][1:3] == (OLD, "0.2.0")
+            s = ota_state(st.flash)
+            assert s is not None and s["ver"] == "0.2.0" and s["try"] is None
+            assert folder_complete(st.flash, s["act"], man)
+            # the confirmed version keeps running after a power cut, and samples
+            n = len(fws(ew, sid))
+            st.power_cut()
+            wait(lambda: len(fws(ew, sid)) > n, 30, "boot after the cut")
+            assert fws(ew, sid)[-1] == "0.2.0"
+            wait(
+                lambda: ew.last_tel.get(sid, {}).get("boot") == ew.of(sid, "boot")[-1]["boot"],
+                20,
+                "telemetry",
+            )
+            # a push of the version it runs is refused as the same (the pusher counts it done)
+            p = Pusher(vdir, {sid: (1, KEY)}, "127.0.0.1", mosquitto.port, confirm_s=3)
+            try:
+                res = p.push([sid], 30)
+            finally:
+                p.close()
+            assert res[sid].outcome == "confirmed" and res[sid].why == "same"
+            assert ew.gaps(sid) == []
+    finally:
+        ew.close()
+
+
+def test_broken_versions_roll_back_by_themselves(
+    tmp_path: pathlib.Path, mosquitto: Mosquitto
+) -> None:
+    """One that does not import, one that stops sampling, one that never reaches the broker,
+    one that crash-loops: each is rolled back with its reason and the old version runs on."""
+    sid = "KH-OTA-0002"
+    ew = EventWatcher(mosquitto.port, {sid: (1, KEY)})
+    cases = [
+        ("import", "import"),
+        ("nosample", "no_sampling"),
+        ("nobroker", "no_broker"),
+        ("crash", "crash"),
+    ]
+    try:
+        with station(tmp_path, mosquitto, sid, KEY) as (st, rig):
+            for kind, why in cases:
+                ver = f"0.2.0-{kind}"
+                vdir = build_variant(kind, ver, tmp_path)
+                p = Pusher(
+                    vdir, {sid: (1, KEY)}, "127.0.0.1", mosquitto.port, confirm_s=5, trial_s=8
+                )
+                try:
+                    res = p.push([sid], 90)
+                finally:
+                    p.close()
+                assert (res[sid].outcome, res[sid].why) == ("rolled_back", why), (kind, res[sid])
+                mine = [e for e in ota_evs(ew, sid) if ver in (e[1], e[2])]
+                assert [e[0] for e in mine] == ["staged", "trial", "rolled_back"], mine
+                assert mine[-1] == ("rolled_back", ver, OLD, why)
+                # the old version boots again and its telemetry reaches the broker
+                wait(lambda: fws(ew, sid)[-1:] == [OLD], 30, f"{kind}: old version back")
+                last_boot = ew.of(sid, "boot")[-1]["boot"]
+                wait(lambda b=last_boot: ew.last_tel.get(sid, {}).get("boot") == b, 30, "telemetry")
+                s = ota_state(st.flash)
+                assert s is not None and s["try"] is None and s["act"] is None
+            boots = [e["boot"] for e in ew.of(sid, "boot")]
+            assert boots == sorted(boots) and len(set(boots)) == len(boots)
+            assert ew.gaps(sid) == []
+            # the crash loop booted the bad version `boots` times (3) before giving up
+            assert fws(ew, sid).count("0.2.0-crash") == 3
+    finally:
+        ew.close()
+
+
+def test_a_bad_signature_or_hash_is_refused_and_changes_nothing(
+    tmp_path: pathlib.Path, mosquitto: Mosquitto
+) -> None:
+    sid = "KH-OTA-0003"
+    ew = EventWatcher(mosquitto.port, {sid: (1, KEY)})
+    vdir = build_variant("good", "0.3.0", tmp_path)
+    man, blobs = load_version(vdir)
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="evil")
+    c.connect("127.0.0.1", mosquitto.port)
+    c.loop_start()
+    try:
+        with station(tmp_path, mosquitto, sid, KEY) as (st, rig):
+            before = ota_state(st.flash)
+            nboot = len(fws(ew, sid))
+            # 1. signed with another key
+            c.publish(f"stations/{sid}/cmd", signed_manifest(man, sid, 1, b"\x01" * 32), qos=1)
+            wait(lambda: len(ota_evs(ew, sid)) >= 1, 20, "refused (signature)")
+            assert ota_evs(ew, sid)[-1] == ("refused", OLD, "?", "bad_sig")
+            assert not (st.flash / "fw").exists() and ota_state(st.flash) == before
+            # 2. rightly signed, but a file's hash is not that of its bytes: the download
+            # stops at that file, the staging folder is wiped, nothing else changes
+            bad = json.loads(json.dumps(man))
+            bad["files"][3][2] = hashlib.sha256(b"something else").hexdigest()
+            p = Pusher(vdir, {sid: (1, KEY)}, "127.0.0.1", mosquitto.port, confirm_s=3)
+            p.man = bad
+            try:
+                res = p.push([sid], 60)
+            finally:
+                p.close()
+            assert (res[sid].outcome, res[sid].why) == ("refused", "chunk"), res[sid]
+            wait(lambda: ota_state(st.flash) is not None, 5, "state")
+            s = ota_state(st.flash)
+            assert s is not None and s["dl"] is not None  # the download waits for good chunks
+            # 3. a chunk with a bad MAC is refused and not written
+            iat = s["dl"]["iat"]
+            f, off = s["dl"]["f"], s["dl"]["off"]
+            path, size, sha = bad["files"][f]
+            junk = chunk(b"\x02" * 32, iat, f, off, sha, b"x" * min(100, size))
+            c.publish(f"stations/{sid}/cmd", junk, qos=1).wait_for_publish(5)
+            time.sleep(1.5)
+            s2 = ota_state(st.flash)
+            assert s2 is not None and s2["dl"] == s["dl"]  # not one byte counted
+            # 4. the same bytes under the manifest's own (wrong) hash, rightly MACed: the file
+            # does not hash to the manifest's sha256 -> refused (hash), the download abandoned
+            data = blobs[path]
+            for o in range(0, size, 4096):
+                c.publish(
+                    f"stations/{sid}/cmd", chunk(KEY, iat, f, o, sha, data[o : o + 4096]), qos=1
+                ).wait_for_publish(5)
+            wait(lambda: ota_evs(ew, sid)[-1][3] == "hash", 20, "refused (hash)")
+            s3 = ota_state(st.flash)
+            assert s3 is not None and s3["dl"] is None and s3["try"] is None
+            assert s3["act"] is None and s3["ver"] is None
+            assert not (st.flash / "fw" / s["dl"]["s"]).exists()
+            # the station never rebooted and runs the old version
+            assert len(fws(ew, sid)) == nboot and st.exits == []
+            # 5. a replayed (older) manifest is refused
+            old = signed_manifest(man, sid, 1, KEY, iat=1000)
+            c.publish(f"stations/{sid}/cmd", old, qos=1)
+            wait(lambda: ota_evs(ew, sid)[-1][3] == "replay", 20, "refused (replay)")
+            assert [e[0] for e in ota_evs(ew, sid)] == ["refused"] * len(ota_evs(ew, sid))
+    finally:
+        c.loop_stop()
+        c.disconnect()
+        ew.close()
+
+
+# ---- power cuts ------------------------------------------------------------------------------
+
+KILLS = 20 if SOAK else 5
+
+
+def test_power_cuts_through_download_staging_swap_and_trial(
+    tmp_path: pathlib.Path, mosquitto: Mosquitto
+) -> None:
+    """SIGKILL at random moments while the update downloads, stages, swaps and runs on trial:
+    every boot runs a complete version (old or new, every file of its folder matching the
+    manifest), the download resumes where it was, the registers never go backwards, the boot
+    counter grows, and no message the outbox held is lost."""
+    sid = "KH-OTA-0004"
+    rnd = random.Random(int(os.environ.get("OTA_SEED", "15")))
+    ew = EventWatcher(mosquitto.port, {sid: (1, KEY)})
+    vdir = build_variant("good", "0.4.0", tmp_path)
+    man, _ = load_version(vdir)
+    report: dict[str, Any] = {"kills": 0, "phase_at_kill": [], "chunks": 0}
+    try:
+        with station(tmp_path, mosquitto, sid, KEY) as (st, rig):
+            rig.insert(2, pack="60V", power_w=900, capacity_wh=80, soc=0.2)
+            p = Pusher(
+                vdir,
+                {sid: (1, KEY)},
+                "127.0.0.1",
+                mosquitto.port,
+                confirm_s=3,
+                trial_s=30,
+                boots=10,
+                chunk_delay=0.05,  # ~2 s of download: room for cuts in the middle of it
+            )
+            res: dict[str, Any] = {}
+            pt = threading.Thread(target=lambda: res.update(p.push([sid], 600)), daemon=True)
+            pt.start()
+            store = persist.ABStore(str(st.flash), "state", 4096)
+            persisted = [0, 0]
+            last_boot = -1
+            try:
+                while report["kills"] < KILLS:
+                    time.sleep(rnd.uniform(0.4, 3.0))
+                    s = ota_state(st.flash) or {}
+                    ph = "download" if s.get("dl") else "trial" if s.get("try") else "idle"
+                    report["phase_at_kill"].append(ph)
+                    st.power_cut()
+                    report["kills"] += 1
+                    wait(lambda: st.alive, 10, "restart")
+                    saved = store.load()
+                    assert saved is not None
+                    assert saved["boot"] > last_boot
+                    last_boot = saved["boot"]
+                    assert saved["regs"][0] >= persisted[0] and saved["regs"][1] >= persisted[1]
+                    persisted = list(saved["regs"])
+                    # whatever boots next is complete
+                    s = ota_state(st.flash) or {}
+                    for slot in (s.get("act"), s.get("try")):
+                        if slot is not None:
+                            assert folder_complete(st.flash, slot, man), (slot, s)
+                    if res and res[sid].outcome != "confirmed":
+                        res.clear()  # rolled back (too many cut trials): push again
+                        pt = threading.Thread(
+                            target=lambda: res.update(p.push([sid], 600)), daemon=True
+                        )
+                        pt.start()
+                pt.join(120)
+            finally:
+                p.close()
+            assert res and res[sid].outcome == "confirmed", res
+            report["chunks"] = res[sid].chunks
+            wait(lambda: fws(ew, sid)[-1:] == ["0.4.0"], 30, "the new version runs")
+            # every boot event says old or new; never an import failure or a crash
+            assert set(fws(ew, sid)) <= {OLD, "0.4.0"}
+            assert all(code in (-9, 3) for code in st.exits), st.exits
+            boots = [e["boot"] for e in ew.of(sid, "boot")]
+            assert boots == sorted(boots)
+            wait(lambda: ew.gaps(sid) == [], 30, "every message of every boot delivered")
+            # the registers never went below what was persisted (checked at every cut) and
+            # never credit energy that did not flow; what the cuts cost is reported (the rig
+            # keeps charging while the station is down, so the gap includes the downtime)
+            truth = rig.ground_truth_mwh()
+            tel = ew.last_tel[sid]
+            regs = {s["n"]: s["e_mwh"] for s in tel["slots"]}
+            for n in (1, 2):
+                assert regs[n] >= persisted[n - 1]
+                assert regs[n] <= truth[n] * 1.005 + 50, (n, regs[n], truth[n])
+            report["truth"] = truth
+            report["regs"] = regs
+            print("OTA power cuts:", json.dumps(report))
+    finally:
+        ew.close()
+
+
+# ---- a fleet in waves ------------------------------------------------------------------------
+
+FLEET = 8 if SOAK else 3
+
+
+def test_a_bad_canary_stops_the_rollout_before_the_rest(
+    tmp_path: pathlib.Path, mosquitto: Mosquitto
+) -> None:
+    """A version that crash-loops on one site (its sid): the canary wave has it and a good one;
+    the bad canary rolls back, the push exits 1 naming it, and the rest never get the manifest."""
+    sids = [f"KH-OTA-{i:04d}" for i in range(10, 10 + FLEET)]
+    bad_sid = sids[1]
+    keys = {sid: (1, key_of(i)) for i, sid in enumerate(sids)}
+    ew = EventWatcher(mosquitto.port, keys)
+    # crash-loops only where the sid is the bad canary's
+    from tools import ota_testbed
+
+    ota_testbed.VARIANTS["site"] = [
+        (
+            "app.py",
+            "    cfg = load_config()\n",
+            f"    cfg = load_config()\n    if cfg['sid'] == '{bad_sid}':\n        raise RuntimeError('site')\n",
+        )
+    ]
+    vdir = build_variant("site", "0.5.0", tmp_path)
+    canary = "2" if FLEET <= 3 else "25%"
+    with Rig(slots=1, seed=5, workdir=tmp_path / "rig0"):
+        pass
+    rigs: list[Rig] = []
+    sts: list[SupervisedStation] = []
+    try:
+        for i, sid in enumerate(sids):
+            rig = Rig(slots=2, seed=20 + i, workdir=tmp_path / f"rig-{sid}")
+            rig.__enter__()
+            rigs.append(rig)
+            cfg = ota_config(sid, rig, mosquitto.port, keys[sid][1].hex())
+            st = SupervisedStation(tmp_path / f"flash-{sid}", cfg, heap="256k", trace_ms=1000)
+            st.run_supervised()
+            sts.append(st)
+        for sid in sids:
+            wait(lambda sid=sid: sid in ew.last_tel, 60, f"{sid} telemetry")
+        p = Pusher(vdir, keys, "127.0.0.1", mosquitto.port, confirm_s=3, trial_s=30)
+        import io
+
+        out = io.StringIO()
+        try:
+            code, failed = rollout(p, sids, canary, "all", 120, out)
+        finally:
+            p.close()
+        text = out.getvalue()
+        assert code == 1 and failed == [bad_sid], text
+        assert f"{bad_sid}: rolled_back (crash)" in text
+        n_canary = 2
+        for sid in sids[:n_canary]:
+            assert ota_evs(ew, sid), sid
+        assert ota_evs(ew, sids[0])[-1][0] == "confirmed"
+        assert ota_evs(ew, bad_sid)[-1] == ("rolled_back", "0.5.0", OLD, "crash")
+        time.sleep(2)
+        for i, sid in enumerate(sids[n_canary:], n_canary):
+            assert ota_evs(ew, sid) == [], sid
+            assert not (sts[i].flash / "fw").exists()
+            assert set(fws(ew, sid)) == {OLD}
+        print("OTA rollout:", text.replace("\n", " | "))
+    finally:
+        for st in sts:
+            st.halt()
+        for rig in rigs:
+            rig.__exit__(None, None, None)
+        ew.close()
