@@ -194,7 +194,7 @@ def _table_html(t: Table) -> str:
         cls = ' class="total"' if r[0] == TOTAL else ""
         cells = []
         for h, c in zip(t.header, r, strict=True):
-            if h == "status" and c:
+            if h == "status" and c in (NOT_VALIDATED, "overdue", "uncalibrated"):
                 cells.append(f'<td class="nv">{e(c)}</td>')
             else:
                 cells.append(f'<td class="n">{e(c)}</td>' if _num(c) else f"<td>{e(c)}</td>")
