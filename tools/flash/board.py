@@ -508,7 +508,11 @@ class Board:
     def heap(self, modules: tuple[str, ...], *, stage: str = "selftest") -> tuple[int, int, str]:
         """(gc.mem_free(), gc.mem_alloc(), app.__file__) after importing `modules` (which
         must include app) and gc.collect(); call it right after a restart."""
-        free, alloc, where = self._eval(_HEAP % ", ".join(modules), stage)
+        out = self.exec(_HEAP % ", ".join(modules), timeout=30.0, stage=stage).strip()
+        try:
+            free, alloc, where = ast.literal_eval(out.splitlines()[-1])
+        except (ValueError, SyntaxError, IndexError, TypeError):
+            raise FlashError(stage, f"unexpected answer from the board: {out[-200:]!r}") from None
         return int(free), int(alloc), str(where)
 
     def keepalive(self) -> None:
