@@ -1,5 +1,5 @@
 # The two commands of the README, and the pieces they are made of.
-.PHONY: setup demo test lint typecheck compile bench chaos soak kill-soak fuzz clean
+.PHONY: setup demo test lint typecheck compile bench heap32 chaos soak kill-soak fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,12 @@ typecheck: setup
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; .venv/bin/python $$b || exit 1; done
+
+# The firmware's heap on a 32-bit MicroPython from npm (the WebAssembly port under node; `npm ci`
+# into bench/heap32/node_modules on the first run) beside the unix port: import, 1/8/16 slots,
+# full window, outbox drain, 10,000 cycles (bench/bench_heap32.py; figures in bench/heap32/last.json)
+heap32: setup
+	.venv/bin/python bench/bench_heap32.py $(ARGS)
 
 # 50 stations for a simulated day under broker restarts, agent SIGKILLs, power cuts and bus
 # faults; the books must balance (bench/chaos.py). Outside the default test run: ~20 minutes.
