@@ -88,7 +88,7 @@ def test_flash_writes_ca_and_account_and_the_board_verifies_the_broker(
             charger={"uart": rig.charger_path},
             bus={"uart": rig.bus_path, "timeout_ms": 150},
         )
-        with UnixBoard(tmp_path / "flash").start() as board:
+        with UnixBoard(tmp_path / "flash") as board:
             code, out, err = flash(
                 capsys,
                 "--station",
@@ -148,7 +148,7 @@ def test_the_board_refuses_a_broker_of_another_deployment(
             charger={"uart": rig.charger_path},
             bus={"uart": rig.bus_path, "timeout_ms": 150},
         )
-        with UnixBoard(tmp_path / "flash").start() as board:
+        with UnixBoard(tmp_path / "flash") as board:
             code, _out, err = flash(
                 capsys,
                 "--station",

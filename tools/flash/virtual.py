@@ -189,6 +189,8 @@ class UnixBoard:
         return [micropython_bin(), "-X", f"heapsize={heap}", str(boot)]
 
     def start(self, timeout: float = 10.0) -> UnixBoard:
+        if self.alive:  # `with UnixBoard(...).start() as b` must not start a second one
+            return self
         if shutil.which("socat") is None:
             raise RuntimeError("socat is not installed (Debian package socat)")
         mp = [micropython_bin(), "-X", f"heapsize={self.heap}"]
