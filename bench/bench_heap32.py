@@ -121,7 +121,7 @@ def romfs_image(mpy_dir: Path, measure: Path, out: Path) -> Path:
     from contextlib import redirect_stdout
     from io import StringIO
 
-    from mpremote.romfs import make_romfs  # type: ignore[import-untyped]
+    from mpremote.romfs import make_romfs
 
     tree = out.with_suffix(".d")
     shutil.copytree(mpy_dir, tree)
@@ -339,7 +339,8 @@ def main() -> None:
             if node is not None:
                 rom = romfs_image(mpy, measure, t / "fw.romfs")
                 wasm_plan = [*plan, ("rom", 0, 0, 0), ("rom", 8, 1000, 250)]
-                out = res["runs"]["wasm32"] = []
+                out: list[dict[str, Any]] = []
+                res["runs"]["wasm32"] = out
                 for mode, slots, cycles, every in wasm_plan:
                     args = {"mode": mode, "slots": slots, "cycles": cycles}
                     args.update(sample_every=every, flash="/flash", prime=20000)
@@ -347,7 +348,8 @@ def main() -> None:
                     fw = {"py": fwbuild.FIRMWARE, "mpy": mpy, "rom": None}[mode]
                     out.append(run_wasm(node, args, fw, rom if mode == "rom" else None, measure))
             if opts.only != "wasm":
-                out = res["runs"]["unix64"] = []
+                out = []
+                res["runs"]["unix64"] = out
                 for k, (mode, slots, cycles, every) in enumerate(plan):
                     args = {"mode": mode, "slots": slots, "cycles": cycles, "sample_every": every}
                     print(f"heap32: unix64 {mode} {slots} slots {cycles} cycles", flush=True)
