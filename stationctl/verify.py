@@ -209,7 +209,8 @@ def run_db(args: argparse.Namespace) -> int:
                 ]
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
-    if n_raw == 0 or (n_stored == 0 and n_again == 0 and not archive_bad):
+    # (an archive that cannot be read is a failure below, not an empty range)
+    if not archive_bad and (n_raw == 0 or (n_stored == 0 and n_again == 0)):
         what = "no raw message" if n_raw == 0 else "no record in that range"
         raise UsageError(f"nothing to verify: {what} (an empty range is not a pass)")
     summary = {
