@@ -49,6 +49,10 @@ soak: setup
 kill-soak: setup
 	STATIONCTL_KILL_SOAK=1 .venv/bin/python -m pytest -q -s tests/test_agent_kill.py $(PYTEST_ARGS)
 
+# tests/test_ota.py's long variants: 20 power cuts through an update, an 8-station canary rollout
+ota-soak: setup
+	OTA_SOAK=1 .venv/bin/python -m pytest -q -s tests/test_ota.py -k "power_cuts or canary" $(PYTEST_ARGS)
+
 # Every external parser fuzzed, 100,000 cases each under a per-case time limit, the firmware's
 # also replayed on the MicroPython unix port (bench/fuzz.py; findings in bench/fuzz_findings/,
 # exit 1 on any). Outside the default test run (tests/test_fuzz_quick.py keeps it working).

@@ -49,6 +49,7 @@ except ImportError:
         return x
 
 
+IMAGE = "@image"  # a manifest entry for the MicroPython image itself (hal ImageWriter)
 MAX_BOOTS = const(3)  # trial boots without a confirmation before rolling back
 CHUNK = const(4096)  # bytes of data per chunk (the MQTT client takes packets up to 8 KB)
 WINDOW = const(8)  # chunks asked for at a time
@@ -135,6 +136,8 @@ def version_ok(v):
 def path_ok(p):
     """A relative path of the firmware's layout: names of [A-Za-z0-9._-], no '..', at most one
     folder deep, not a protected name (config, keys, counters, outbox, the boot wrapper)."""
+    if p == IMAGE:
+        return True
     if type(p) is not str or not 0 < len(p) <= 64:
         return False
     parts = p.split("/")
@@ -418,6 +421,7 @@ class Ota:
         self._refused_chunk = False  # one refused event per download for bad chunks
         self._emitted = False
         self._t_id = None  # outbox id of the first telemetry of a trial after its window
+        self._img = None  # type: Any  # the board's ImageWriter, for an "@image" entry
         self.refused = 0
         self.chunks = 0
         self.phase = None  # last phase emitted (for tracing)
@@ -505,6 +509,10 @@ class Ota:
                 raise OtaError("same", "already running %s" % ver)
             total = 0
             for e in m["files"]:
+                if e[0] == IMAGE:
+                    if not hasattr(self.board, "ImageWriter"):
+                        raise OtaError("no_image", "this board takes no image")
+                    continue  # into its partition, not the filesystem
                 total += e[1]
             self._check_space(total)
             self._start(m, payload)
@@ -591,6 +599,11 @@ class Ota:
         self.files = None
         self._complete = False
 
+    def _image(self, entry):
+        if self._img is None:
+            self._img = self.board.ImageWriter(entry[1])
+        return self._img
+
     def _fpath(self, i):
         return self.s.folder(self.s.d["dl"]["s"]) + "/" + self.files[i][0]
 
@@ -647,14 +660,20 @@ class Ota:
                 self._refuse("chunk", dl["ver"], "chunk %d@%d: not the manifest's" % (fi, off))
             return
         path = self._fpath(fi)
+        img = self._image(entry) if entry[0] == IMAGE else None
         if self._hpos != (fi, off):
             # after a restart: hash the bytes already on flash (they were counted as written)
             if off:
-                self._h = sha256_file(path, off)
+                if img is not None:
+                    self._h = img.rehash(hashlib.sha256(), off)
+                else:
+                    self._h = sha256_file(path, off)
             else:
                 self._h = hashlib.sha256()
         try:
-            if off == 0:
+            if img is not None:
+                img.write(off, data)
+            elif off == 0:
                 if "/" in entry[0]:
                     makedirs(path[: path.rfind("/")])
                 f = open(path, "wb")
@@ -761,10 +780,15 @@ class Ota:
         d = self.s.d
         dl = d["dl"]
         folder = self.s.folder(dl["s"])
+        image = False
         for e in self.files:
             await timebase.asleep_ms(0)
             try:
-                ok = _hex(sha256_file(folder + "/" + e[0])) == e[2]
+                if e[0] == IMAGE:
+                    image = True
+                    ok = _hex(self._image(e).rehash(hashlib.sha256(), e[1])) == e[2]
+                else:
+                    ok = _hex(sha256_file(folder + "/" + e[0])) == e[2]
             except OSError:
                 ok = False
             if not ok:
@@ -785,6 +809,10 @@ class Ota:
         d["dl"] = None
         self.s.pend("staged", self.running, dl["ver"])
         self.s.save()
+        if image:
+            # the bootloader boots it next, on trial: unless ota_confirm() marks it valid
+            # during that boot, the following reset returns to the running image
+            self._img.activate()
         self._complete = False
         print("ota: %s staged in %s, rebooting on trial" % (dl["ver"], folder))
         self.st.persist_now()

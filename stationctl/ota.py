@@ -204,6 +204,7 @@ class Target:
     chunks: int = 0
     t0: float = 0.0
     t_end: float = 0.0
+    t_last_chunk: float = 0.0  # when the last chunk was handed to the broker
 
 
 class Pusher:
@@ -234,6 +235,7 @@ class Pusher:
         self.prefix = prefix
         self.confirm_s, self.trial_s, self.boots = confirm_s, trial_s, boots
         self.targets: dict[str, Target] = {}
+        self.errors: list[str] = []  # what a callback raised (a bad request or event)
         self.lock = threading.Condition()
         self.log = log
         self.chunk_delay = chunk_delay  # seconds between chunks (tests: a slower download)
@@ -249,6 +251,7 @@ class Pusher:
             self.c.tls_set(ca_certs=cafile)
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
+        self.c.on_disconnect = self._on_disconnect
         self._connected = threading.Event()
         self.c.connect(host, port, 30)
         self.c.loop_start()
@@ -264,6 +267,9 @@ class Pusher:
         c.subscribe([(f"{self.prefix}/+/ota", 1), (f"{self.prefix}/+/event", 1)])
         self._connected.set()
 
+    def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.errors.append(f"disconnected: {rc}")
+
     def _on_message(self, c: Any, u: Any, msg: Any) -> None:
         parts = msg.topic.split("/")
         if len(parts) < 3:
@@ -278,8 +284,8 @@ class Pusher:
                 self._serve(t, json.loads(msg.payload))
             elif kind == "event":
                 self._event(t, msg.payload)
-        except (ValueError, KeyError, TypeError):
-            return
+        except Exception as e:  # noqa: BLE001  (a callback must never end paho's loop)
+            self.errors.append(f"{sid} {kind}: {type(e).__name__}: {e}")
 
     def _serve(self, t: Target, req: dict[str, Any]) -> None:
         if req.get("iat") != t.iat or req.get("ver") != self.ver:
@@ -296,6 +302,7 @@ class Pusher:
                 f"{self.prefix}/{t.sid}/cmd", chunk(t.key, t.iat, f, off, sha, data), qos=1
             )
             t.chunks += 1
+            t.t_last_chunk = time.monotonic()
             off += len(data)
             if self.chunk_delay:
                 time.sleep(self.chunk_delay)

@@ -104,10 +104,11 @@ class SupervisedStation(StationProcess):
             time.sleep(0.05)
 
     def power_cut(self) -> None:
-        """SIGKILL; the supervisor starts it again."""
+        """SIGKILL, returning once the process is gone; the supervisor starts it again."""
         p = self.proc
         if p is not None and p.poll() is None:
             p.kill()
+            p.wait()
 
     def halt(self) -> None:
         self._want = False
@@ -144,6 +145,8 @@ class EventWatcher:
         self.events: dict[str, list[dict[str, Any]]] = {sid: [] for sid in keys}
         self.seqs: dict[str, set[tuple[int, int]]] = {sid: set() for sid in keys}
         self.last_tel: dict[str, dict[str, Any]] = {}
+        self.rejected: list[tuple[str, bytes, str]] = []  # what did not verify
+        self.raw: list[tuple[str, bytes]] = []  # every verified message once, as received
         self.lock = threading.Lock()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
         ready = threading.Event()
@@ -166,9 +169,12 @@ class EventWatcher:
             return
         try:
             v = verify(kind, sid, msg.payload, self.keys)
-        except WireError:
+        except WireError as e:
+            self.rejected.append((msg.topic, bytes(msg.payload), str(e)))
             return
         with self.lock:
+            if (v.boot, v.seq) not in self.seqs[sid]:
+                self.raw.append((msg.topic, bytes(msg.payload)))
             self.seqs[sid].add((v.boot, v.seq))
             if kind == "telemetry":
                 last = self.last_tel.get(sid)

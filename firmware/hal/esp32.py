@@ -142,3 +142,66 @@ def net_up(net, timeout_ms=20000):
 
 def flash_root():
     return "/"
+
+
+# ---- firmware updates (ota.py): the MicroPython image itself, through the OTA partitions ----
+# Not runnable off a board: type-checked against the stubs only (docs/firmware.md, OTA).
+
+
+def ota_confirm():
+    """The running version is confirmed: cancel the bootloader's rollback of the image
+    (a no-op, OSError, when the bootloader was built without rollback or the image was not
+    booted on trial)."""
+    import esp32
+
+    try:
+        esp32.Partition.mark_app_valid_cancel_rollback()
+    except OSError:
+        pass
+
+
+class ImageWriter:
+    """A MicroPython image (a manifest entry "@image") written block by block into the OTA
+    app partition that is not running. write(off, data) takes data at byte offset off, in
+    order, in 4096-byte pieces (the last may be shorter: padded with 0xFF); resumable at any
+    4096-byte boundary after a power cut. rehash(h, size) feeds h the first size bytes back
+    from flash. activate() makes it the image the next reset boots (on trial: the bootloader
+    returns to the running one unless ota_confirm() is called after that boot)."""
+
+    BLOCK = 4096
+
+    def __init__(self, size):
+        import esp32
+
+        # the stubs type the id as a label (str); the port takes Partition.RUNNING too
+        running = esp32.Partition(esp32.Partition.RUNNING)  # type: ignore[arg-type]
+        self.part = running.get_next_update()
+        info = self.part.info()  # (type, subtype, addr, size, label, encrypted)
+        if size > info[3]:
+            raise ValueError("image of %d bytes > partition of %d" % (size, info[3]))
+        self.size = size
+        self._buf = bytearray(self.BLOCK)
+
+    def write(self, off, data):
+        if off % self.BLOCK or len(data) > self.BLOCK:
+            raise ValueError("image chunks are whole 4096-byte blocks")
+        buf = self._buf
+        n = len(data)
+        buf[:n] = data
+        for i in range(n, self.BLOCK):
+            buf[i] = 0xFF
+        self.part.writeblocks(off // self.BLOCK, buf)  # erases the block first
+
+    def rehash(self, h, size):
+        buf = self._buf
+        mv = memoryview(buf)
+        done = 0
+        while done < size:
+            self.part.readblocks(done // self.BLOCK, buf)
+            n = min(self.BLOCK, size - done)
+            h.update(mv[:n])
+            done += n
+        return h
+
+    def activate(self):
+        self.part.set_boot()
