@@ -167,36 +167,22 @@ def run(args: argparse.Namespace) -> int:
     from stationctl.dbopen import DB_ERRORS, name, open_store, reason
     from stationctl.export import policy_of
     from stationctl.report import (
-        build_report,
-        carbon_params,
         export_argv,
         export_bytes,
         generated_line,
-        meter_params,
         period,
+        report_of,
     )
 
     t0 = time.monotonic()
-    lo, hi = period(args)
-    mparams = meter_params(args.config)
-    cparams = carbon_params(args.carbon_params)
+    period(args)  # bad dates are bad usage before anything is read
     policy = policy_of(args)
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out}: a directory (give a file name, e.g. period.zip)")
     if args.keys_out and Path(args.keys_out).resolve() == out.resolve():
         raise UsageError("--keys-out must be another file than --out")
-    rep, _read = build_report(
-        args.db,
-        args.start,
-        args.end,
-        lo,
-        hi,
-        mparams,
-        cparams,
-        config=args.config,
-        policy=args.overdue_policy,
-    )
+    rep, _read, lo, hi, mparams, cparams = report_of(args)
     members: dict[str, bytes] = {}
     stored_differ = False
     for kind in KINDS:

@@ -229,19 +229,13 @@ def build_report(
     return build(inp), {"interval": intervals, "day": days, "register": reg}
 
 
-def generated_line() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + " by stationctl report"
-
-
-def run(args: argparse.Namespace) -> int:
-    from agent.report.render import write_all
-    from stationctl.dbopen import name
-
+def report_of(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int, int, Any, Any]:
+    """The report of the period the command line names (report and bundle share it):
+    (report, what was read, from ms, to ms, metering parameters, carbon parameters)."""
     lo, hi = period(args)
     mparams = meter_params(args.config)
     cparams = carbon_params(args.carbon_params)
-    t0 = time.monotonic()
-    rep, _read = build_report(
+    rep, read = build_report(
         args.db,
         args.start,
         args.end,
@@ -252,6 +246,19 @@ def run(args: argparse.Namespace) -> int:
         config=args.config,
         policy=args.overdue_policy,
     )
+    return rep, read, lo, hi, mparams, cparams
+
+
+def generated_line() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + " by stationctl report"
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.report.render import write_all
+    from stationctl.dbopen import name
+
+    t0 = time.monotonic()
+    rep, _read, lo, hi, mparams, cparams = report_of(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: not a directory")
