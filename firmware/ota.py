@@ -541,6 +541,10 @@ class Ota:
         d = self.s.d
         slot = self._slot_for_download()
         folder = self.s.folder(slot)
+        # events of an earlier update emitted in this boot are not emitted again after a cut
+        # from now on: a pusher must not take an old rollback for this update's
+        d["pend"] = d["pend"][self._npend :]
+        self._npend = 0
         # the download is forgotten before its folder is wiped, so a cut in between leaves
         # no record pointing at a half-wiped folder
         d["dl"] = None
@@ -768,6 +772,8 @@ class Ota:
                 "f": dl["f"],
                 "off": dl["off"],
                 "n": WINDOW,
+                "boot": self.st.boot,
+                "seq": up.wire.seq,  # the pusher counts only outcomes made after this
             }
         )
         self._req_at = t

@@ -205,6 +205,9 @@ class Target:
     t0: float = 0.0
     t_end: float = 0.0
     t_last_chunk: float = 0.0  # when the last chunk was handed to the broker
+    # (boot, seq) the station was at when it first asked for chunks: an outcome made before
+    # it is an earlier update's (events are emitted at least once: a cut repeats one)
+    mark: tuple[int, int] | None = None
 
 
 class Pusher:
@@ -290,6 +293,8 @@ class Pusher:
     def _serve(self, t: Target, req: dict[str, Any]) -> None:
         if req.get("iat") != t.iat or req.get("ver") != self.ver:
             return
+        if t.mark is None and "boot" in req:
+            t.mark = (int(req["boot"]), int(req["seq"]))
         f, off, n = int(req["f"]), int(req["off"]), min(int(req.get("n", 8)), 32)
         files = self.man["files"]
         while n > 0 and f < len(files):
@@ -320,6 +325,8 @@ class Pusher:
             return
         phase, frm, to, why = b.get("phase"), b.get("from"), b.get("to"), b.get("why")
         outcome = None
+        if phase != "refused" and (t.mark is None or (v.boot, v.seq) <= t.mark):
+            return  # made before this push's download began
         if phase == "confirmed" and to == self.ver:
             outcome = "confirmed"
         elif phase == "rolled_back" and frm == self.ver:

@@ -234,9 +234,13 @@ def test_broken_versions_roll_back_by_themselves(
                 finally:
                     p.close()
                 assert (res[sid].outcome, res[sid].why) == ("rolled_back", why), (kind, res[sid])
-                mine = [e for e in ota_evs(ew, sid) if ver in (e[1], e[2])]
-                assert [e[0] for e in mine] == ["staged", "trial", "rolled_back"], mine
-                assert mine[-1] == ("rolled_back", ver, OLD, why)
+
+                def mine(ver: str = ver) -> list[tuple[str, str, str, str | None]]:
+                    return [e for e in ota_evs(ew, sid) if ver in (e[1], e[2])]
+
+                wait(lambda: len(mine()) >= 3, 10, "the events, as the watcher sees them")
+                assert [e[0] for e in mine()] == ["staged", "trial", "rolled_back"], mine()
+                assert mine()[-1] == ("rolled_back", ver, OLD, why)
                 # the old version boots again and its telemetry reaches the broker
                 wait(lambda: fws(ew, sid)[-1:] == [OLD], 30, f"{kind}: old version back")
                 last_boot = ew.of(sid, "boot")[-1]["boot"]
@@ -301,6 +305,11 @@ def test_a_bad_signature_or_hash_is_refused_and_changes_nothing(
             wait(lambda: ota_evs(ew, sid)[-1][3] == "chunk_sig", 20, "refused (chunk_sig)")
             assert (ota_state(st.flash) or {})["dl"] == dl
             assert not (st.flash / "fw" / dl["s"] / path).exists()
+            # 4. an image (the MicroPython firmware itself) is for the ESP32's partitions only
+            img = json.loads(json.dumps(man))
+            img["files"].append(["@image", 4096, hashlib.sha256(b"i" * 4096).hexdigest()])
+            c.publish(f"stations/{sid}/cmd", signed_manifest(img, sid, 1, KEY), qos=1)
+            wait(lambda: ota_evs(ew, sid)[-1][3] == "no_image", 20, "refused (no_image)")
             # the station never rebooted and runs the old version
             assert len(fws(ew, sid)) == nboot and st.exits == []
             # 5. a replayed (older) manifest is refused
@@ -477,16 +486,24 @@ def test_a_bad_canary_stops_the_rollout_before_the_rest(
             sts.append(st)
         for sid in sids:
             wait(lambda sid=sid: sid in ew.last_tel, 60, f"{sid} telemetry")
-        p = Pusher(vdir, keys, "127.0.0.1", mosquitto.port, confirm_s=3, trial_s=30)
-        import io
+        # the stations' keys in an agent database, as `stationctl ota push --db` reads them
+        from agent.keys import KeyStore
+        from agent.store import Store
 
-        out = io.StringIO()
-        try:
-            code, failed = rollout(p, sids, canary, "all", 120, out)
-        finally:
-            p.close()
-        text = out.getvalue()
-        assert code == 1 and failed == [bad_sid], text
+        url = f"sqlite:///{tmp_path / 'agent.db'}"
+        with Store(url) as store:
+            ks = KeyStore(store)
+            for sid, (kid, key) in keys.items():
+                ks.add(sid, key, kid=kid)
+        cmd = [sys.executable, "-m", "stationctl", "ota", "push", "--version-dir", str(vdir)]
+        for sid in sids:
+            cmd += ["--station", sid]
+        cmd += ["--db", url, "--broker", f"127.0.0.1:{mosquitto.port}", "--canary", canary]
+        cmd += ["--confirm-s", "3", "--trial-s", "30", "--timeout", "120"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=FIRMWARE.parent, timeout=300)
+        text = r.stdout
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert f"failed on {bad_sid};" in r.stderr and "later waves not started" in r.stderr
         assert f"{bad_sid}: rolled_back (crash)" in text
         n_canary = 2
         for sid in sids[:n_canary]:
