@@ -231,6 +231,7 @@ class Pusher:
         chunk_delay: float = 0.0,
     ) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.man, self.blobs = load_version(version_dir)
         self.ver = self.man["ver"]
@@ -243,7 +244,7 @@ class Pusher:
         self.log = log
         self.chunk_delay = chunk_delay  # seconds between chunks (tests: a slower download)
         self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=f"ota-push-{int(time.time() * 1000) % 10**9}",
             clean_session=True,
         )
@@ -336,7 +337,7 @@ class Pusher:
         elif to != self.ver:
             return
         with self.lock:
-            t.phases.append(phase if not why else f"{phase}({why})")
+            t.phases.append(str(phase) if not why else f"{phase}({why})")
             if self.log:
                 self.log(f"{t.sid}: {phase}" + (f" ({why})" if why else ""))
             if outcome is not None:

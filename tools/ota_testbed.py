@@ -138,6 +138,7 @@ class EventWatcher:
 
     def __init__(self, port: int, keys: dict[str, tuple[int, bytes]], prefix: str = "stations"):
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         from agent.wire import StaticKeys
 
@@ -148,7 +149,7 @@ class EventWatcher:
         self.rejected: list[tuple[str, bytes, str]] = []  # what did not verify
         self.raw: list[tuple[str, bytes]] = []  # every verified message once, as received
         self.lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
         ready = threading.Event()
 
         def on_connect(c: Any, u: Any, f: Any, rc: Any, p: Any = None) -> None:
