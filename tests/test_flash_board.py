@@ -608,6 +608,10 @@ def test_reflash_same_station_keeps_data_and_skips_unchanged(
         assert flash(capsys, *b.args(board))[0] == 0
         (board.flash / "old_module.py").write_text("x = 1\n")  # a stale firmware file
         (board.flash / "outbox.0").write_bytes(b"pending")  # the station's own data
+        # an OTA update's version and state: what is flashed now is the factory version
+        (board.flash / "fw" / "b").mkdir(parents=True)
+        (board.flash / "fw" / "b" / "app.mpy").write_bytes(b"M\x06")
+        (board.flash / "ota.a").write_bytes(b"state")
         code, _out, err = flash(capsys, *b.args(board))
         assert code == 0, err
         rep = last_report(b)
@@ -615,7 +619,9 @@ def test_reflash_same_station_keeps_data_and_skips_unchanged(
             rep["firmware"]["written"] == 0
             and rep["firmware"]["unchanged"] == len(rep["files"]) - 1
         )
-        assert rep["removed"] == ["old_module.py"] and not (board.flash / "old_module.py").exists()
+        assert rep["removed"] == ["fw/b/app.mpy", "old_module.py", "ota.a"]
+        assert not (board.flash / "old_module.py").exists()
+        assert not (board.flash / "fw").exists() and not (board.flash / "ota.a").exists()
         assert (board.flash / "outbox.0").read_bytes() == b"pending"
         assert board_config(board)["kid"] == 2
     finally:

@@ -494,8 +494,14 @@ class _Run:
             stale = [f for f in self.board_files if f != CONFIG]
             stale_dirs = list(self.board_dirs)
         else:
-            stale = [f for f in self.board_files if f.endswith((".py", ".mpy")) and f not in files]
-            stale_dirs = []
+            # what is flashed is the factory version: an earlier OTA update's versions and
+            # state go too, else the board would boot on into them (firmware/ota.py)
+            stale = [
+                f
+                for f in self.board_files
+                if (f.endswith((".py", ".mpy")) and f not in files) or _ota_file(f)
+            ]
+            stale_dirs = [d for d in self.board_dirs if _ota_file(d)]
         board.remove(stale, stale_dirs)
         self.rep["removed"] = sorted(stale)
         need_dirs = sorted({p.rsplit("/", 1)[0] for p in files if "/" in p})
@@ -712,6 +718,11 @@ class _Run:
 
 
 ROMFS_NAME = "<romfs partition>"
+
+
+def _ota_file(path: str) -> bool:
+    """An OTA update's version folders (fw/…) and state (ota.a, ota.b)."""
+    return path in ("fw", "ota.a", "ota.b") or path.startswith("fw/")
 
 
 def plan_chips() -> tuple[str, ...]:
