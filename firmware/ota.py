@@ -393,7 +393,6 @@ class Ota:
     watches a trial until it confirms or rolls it back."""
 
     def __init__(self, cfg, st, key, running, root=".", reboot=None, board=None):
-        import wire
         from hmac_sha256 import Hmac
 
         self.cfg = cfg
@@ -429,8 +428,6 @@ class Ota:
         self._last_cycles = st.cycles
         self._last_adv = self._t0
         self._npend = 0  # entries of pend already emitted in this boot
-        if "ota" not in wire.EVENTS:
-            wire.EVENTS = wire.EVENTS + ("ota",)  # type: ignore[assignment]  # CONTRACT §5.3
         dl = self.s.d["dl"]
         if dl is not None:
             try:

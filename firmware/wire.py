@@ -22,7 +22,7 @@ _DEPTH = const(8)  # nesting limit (recursion on a small stack)
 _SMALL = const(1000000000)  # below 2**30: a small int on the ESP32, digits without allocation
 
 # `ev` values of CONTRACT 5.3
-EVENTS = ("boot", "session_start", "session_end", "alarm", "meter_reset", "outbox_drop")
+EVENTS = ("boot", "session_start", "session_end", "alarm", "meter_reset", "outbox_drop", "ota")
 # keys Wire sets itself; a body must not carry them
 _RESERVED = ("v", "sid", "kid", "boot", "seq", "up", "ts", "hist", "ev", "sig")
 

@@ -68,7 +68,7 @@ class Bench:
             self.serial = _serial_options(config)
             self.broker: Mosquitto = LanMosquitto(workdir / "broker")
         else:
-            self.broker = Mosquitto(workdir / "broker")
+            self.broker = Mosquitto(workdir / "broker", insecure=True)  # loopback only
         self.broker.start()
         self.agent = Agent(workdir / "agent", self.broker.port)
         self.agent.start()

@@ -75,7 +75,8 @@ class LanMosquitto(Mosquitto):
     """A private Mosquitto that a board on the LAN can reach (listens on `bind`)."""
 
     def __init__(self, workdir: pathlib.Path, bind: str = "0.0.0.0") -> None:
-        super().__init__(workdir)
+        # anonymous: a lab bench's own broker on its own LAN, for the board under test
+        super().__init__(workdir, insecure=True)
         text = self.conf.read_text().replace(
             f"listener {self.port} 127.0.0.1", f"listener {self.port} {bind}"
         )

@@ -174,6 +174,15 @@ CALLS = [
         False,
     ),
     ("event_outbox_drop", "event", "outbox_drop", {"n": 42}, 3700000, None, True),
+    (
+        "event_ota",
+        "event",
+        "ota",
+        {"phase": "rolled_back", "from": "0.2.0", "to": "0.1.0", "why": "crash"},
+        3710000,
+        1764153710123,
+        False,
+    ),
 ]
 
 
