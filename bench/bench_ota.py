@@ -24,8 +24,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from stationctl.ota import CHUNK, Pusher  # noqa: E402
 from tools.mosquitto import Mosquitto  # noqa: E402
+from tools.ota import CHUNK, Pusher  # noqa: E402
 from tools.ota_testbed import (  # noqa: E402
     EventWatcher,
     SupervisedStation,

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from stationctl.ota import Pusher, chunk, load_version, rollout, signed_manifest
 from tools.mosquitto import Mosquitto
+from tools.ota import Pusher, chunk, load_version, rollout, signed_manifest
 from tools.ota_testbed import EventWatcher, SupervisedStation, build_variant, ota_config
 from tools.rig.rig import Rig
 from tools.station_proc import FIRMWARE

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from stationctl.ota import build_version
+from tools.ota import build_version
 from tools.station_proc import FIRMWARE, StationProcess, station_config
 
 # how each broken variant breaks (a (file, old, new) edit of the firmware's sources)
