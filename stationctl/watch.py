@@ -133,6 +133,15 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
         f"CO2e avoided today {t['co2e_today_kg']} kg{mark} · {_clock(now)}",
     )
     parts: list[Any] = [head]
+    versions = t.get("versions") or {}
+    updating = [
+        f"{s['sid']} {s['ota']['phase']}"
+        for s in fleet["stations"]
+        if s.get("ota") and s["ota"].get("phase") != "confirmed"
+    ]
+    if versions:  # an update rolling out (stationctl ota push) shows here
+        line = "firmware " + " · ".join(f"{v} ×{n}" for v, n in versions.items())
+        parts.append(Text(line + (" · updating: " + ", ".join(updating) if updating else "")))
     banner = (fleet.get("agent") or {}).get("banner")
     if banner:  # the agent failing or silent (agent/health.py)
         parts.append(Text(banner, style="bold white on red"))

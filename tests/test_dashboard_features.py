@@ -311,6 +311,8 @@ def test_fleet_filter_sort_and_csv(served: Served) -> None:
         (s["sid"], s["state"], kwh(s["today_mwh"])) for s in by_today
     ]
     assert all(x[-1] == f"example-kh 2026.1 ({NOT_VALIDATED})" for x in rows[1:])
+    fw = rows[0].index("firmware")
+    assert [x[fw] for x in rows[1:]] == [s["fw"] or "" for s in by_today]
     for bad in ("state=asleep", "sort=color", "dir=up"):
         assert served.get(f"/api/fleet?{bad}").status == 400
 

@@ -381,6 +381,27 @@ def test_station_events_go_to_the_log() -> None:
     assert "17 messages" in ev[0]["msg"] and ev[1]["source"] == "station"
 
 
+def test_firmware_versions_and_updates_in_the_fleet_view() -> None:
+    """Fleet versions and rollout progress (issue 15): each station's firmware from its boot
+    event, the newest `ota` step (whatever order they arrive in), versions counted."""
+    fs = FleetState()
+    a, b = Sim("KH-PNH-0001"), Sim("KH-PNH-0002")
+    fs.add_raw(a.sid, "event", T0, a.ev("boot", fw="0.1.0", reset="power", restored={}))
+    fs.add_raw(b.sid, "event", T0, b.ev("boot", fw="0.1.0", reset="power", restored={}))
+    staged = b.ev("ota", phase="staged", **{"from": "0.1.0", "to": "0.2.0"})
+    rolled = b.ev("ota", phase="rolled_back", why="crash", **{"from": "0.2.0", "to": "0.1.0"})
+    fs.add_raw(b.sid, "event", T0 + 2, rolled)
+    fs.add_raw(b.sid, "event", T0 + 3, staged)  # older, arriving late: not the newest step
+    f = fs.fleet(T0 + 5)
+    rows = {r["sid"]: r for r in f["stations"]}
+    assert rows[a.sid]["fw"] == "0.1.0" and rows[a.sid]["ota"] is None
+    assert rows[b.sid]["ota"]["phase"] == "rolled_back" and rows[b.sid]["ota"]["why"] == "crash"
+    assert f["totals"]["versions"] == {"0.1.0": 2}
+    assert any(e["code"] == "ota_rolled_back" and e["level"] == "warn" for e in fs.events)
+    fs.add_raw(a.sid, "event", T0 + 9, a.ev("boot", fw="0.2.0", reset="soft", restored={}))
+    assert fs.fleet(T0 + 10)["totals"]["versions"] == {"0.1.0": 1, "0.2.0": 1}
+
+
 def test_power_history_per_station_and_fleet_carry_forward() -> None:
     cfg = ViewConfig(bucket_s=5, history_s=600, offline_after_s=30)
     fs = FleetState(cfg)

@@ -183,3 +183,12 @@ def test_watch_at_a_narrow_terminal_keeps_station_ids_whole(
     for sid in (SID, SID2):
         assert any(sid in ln for ln in lines), r.stdout
     assert max(len(ln) for ln in lines) <= int(columns)
+
+
+def test_watch_shows_the_fleets_firmware_versions(db: tuple[str, Store, Sim, Sim]) -> None:
+    """Fleet versions (issue 15) in watch's header lines, from the stations' boot events."""
+    url, store, a, _b = db
+    r = run("watch", "--db", url, "--once")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("firmware "))
+    assert "×" in line

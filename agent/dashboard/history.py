@@ -310,6 +310,8 @@ def stations_csv(info: Mapping[str, Any] | None) -> tuple[Column, ...]:
         ("co2e_today_kg", lambda s: s["co2e_today_kg"]),
         ("alarms_crit", lambda s: s["alarms"]["crit"]),
         ("alarms_warn", lambda s: s["alarms"]["warn"]),
+        ("firmware", lambda s: s["fw"]),
+        ("update", lambda s: (s["ota"] or {}).get("phase")),
         ("carbon_params", lambda s: label if s["co2e_today_kg"] is not None else ""),
     )
 

@@ -111,6 +111,7 @@ class Station:
         "last_live_ms",
         "last_ms",
         "offset_ms",
+        "ota",
         "period_ms",
         "sess_key",
         "sessions",
@@ -137,6 +138,7 @@ class Station:
         self.last_live_ms = 0  # receive time of the newest live (not hist) telemetry
         self.offset_ms: int | None = None  # station clock - agent clock (None: never synced)
         self.boot_ev: dict[str, Any] | None = None  # newest boot event
+        self.ota: dict[str, Any] | None = None  # newest `ota` event (CONTRACT §5.3)
         self.sessions: dict[int, dict[str, Any]] = {}  # slot -> open session
         self.sess_key: dict[int, tuple[int, int]] = {}  # slot -> key of its newest session event
         self.had_meter = False
@@ -293,6 +295,20 @@ class FleetState:
                 "outbox_drop",
                 "warn",
                 f"{body.get('n')} messages dropped from a full outbox",
+                None,
+            )
+        elif ev == "ota":
+            if st.ota is None or key > _key(st.ota):
+                st.ota = dict(body)
+            phase = str(body.get("phase"))
+            why = f" ({body.get('why')})" if body.get("why") else ""
+            self._log(
+                t,
+                st.sid,
+                "station",
+                f"ota_{phase}",
+                "warn" if phase in ("rolled_back", "refused") else "info",
+                f"update {body.get('from')} -> {body.get('to')}: {phase}{why}",
                 None,
             )
         elif ev == "meter_reset":
@@ -627,6 +643,10 @@ class FleetState:
             "last_seen_ms": max(st.last_ms, st.status_ms) or None,
             "boot": status.get("boot", st.tel_key[0] if st.tel else None),
             "fw": status.get("fw") or (st.boot_ev or {}).get("fw"),
+            # the newest update step: staged, trial, confirmed, rolled_back or refused
+            "ota": {k: st.ota.get(k) for k in ("phase", "from", "to", "why", "ts")}
+            if st.ota
+            else None,
             "slots": len(slots),
             "charging": sum(1 for s in slots if s.get("st") in CHARGING) if live else 0,
             "occupied": sum(1 for s in slots if s.get("st") in BATTERY_IN) if live else 0,
@@ -652,6 +672,8 @@ class FleetState:
             "totals": {
                 "stations": len(rows),
                 "online": len(online),
+                # firmware versions across the fleet (an update rolling out shows here)
+                "versions": dict(sorted(Counter(str(r["fw"] or "?") for r in rows).items())),
                 "power_w": sum(r["power_w"] or 0 for r in online),
                 "meter_w": sum(r["meter_w"] or 0 for r in online),
                 "slots": sum(r["slots"] for r in rows),

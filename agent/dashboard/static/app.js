@@ -297,7 +297,7 @@ function fleetPage(main) {
       </div>
       <div class="table-wrap"><table id="stations">
       <thead><tr><th data-sort="sid">Station</th><th data-sort="state">State</th><th class="opt">Last seen</th><th class="num" data-sort="power">Power</th>
-      <th class="num opt">Charging</th><th class="num" data-sort="today">Today</th><th class="num opt">CO₂e today <span id="co2e-col-mark"></span></th><th class="num" data-sort="alarms">Alarms</th></tr></thead>
+      <th class="num opt">Charging</th><th class="num" data-sort="today">Today</th><th class="num opt">CO₂e today <span id="co2e-col-mark"></span></th><th class="opt">Firmware</th><th class="num" data-sort="alarms">Alarms</th></tr></thead>
       <tbody></tbody></table></div></section>
     <section class="panel"><h2>Active alarms</h2><ul class="alarms" id="alarms"></ul></section>
     <section class="grid3 charts">
@@ -341,6 +341,10 @@ function fleetPage(main) {
     setQuery({ sort: th.dataset.sort, dir: v.sort === th.dataset.sort && v.dir === "asc" ? "desc" : "asc" });
     rerender();
   });
+  // an update in progress or gone wrong shows beside the version (confirmed: nothing to say)
+  const otaPill = o => !o || o.phase === "confirmed" ? "" :
+    ` <span class="pill ${o.phase === "rolled_back" || o.phase === "refused" ? "warn" : "info"}" data-field="ota"
+      title="${esc([o.from, o.to].filter(Boolean).join(" → ") + (o.why ? " (" + o.why + ")" : ""))}">${esc(o.phase.replace("_", " "))}</span>`;
   const drawStations = d => {
     const rows = filterSort(d.stations, view());
     $("#st-count").textContent = rows.length === d.stations.length ? `${rows.length} stations` : `${rows.length} of ${d.stations.length} stations`;
@@ -353,8 +357,9 @@ function fleetPage(main) {
         <td class="num opt">${s.charging} / ${s.slots}</td>
         <td class="num" data-field="today" data-value="${s.today_mwh}">${fmtKwh(s.today_mwh)}</td>
         <td class="num opt">${s.co2e_today_kg === null ? "–" : esc(s.co2e_today_kg) + " kg"}</td>
+        <td class="opt" data-field="fw">${esc(s.fw ?? "–")}${otaPill(s.ota)}</td>
         <td class="num">${s.alarms.crit ? `<span class="pill crit">${s.alarms.crit}</span>` : ""}${s.alarms.warn ? ` <span class="pill warn">${s.alarms.warn}</span>` : ""}</td>
-      </tr>`).join("") || `<tr><td colspan="8" class="muted">${d.stations.length ? "No station matches the filter." : "No station has reported yet."}</td></tr>`;
+      </tr>`).join("") || `<tr><td colspan="9" class="muted">${d.stations.length ? "No station matches the filter." : "No station has reported yet."}</td></tr>`;
   };
   rerender();
   live("fleet", d => {
@@ -367,7 +372,8 @@ function fleetPage(main) {
       <div class="card"><div class="k">Slots charging</div><div class="v">${t.charging}<small> / ${t.slots}</small></div></div>
       <div class="card"><div class="k">Energy today (UTC)</div><div class="v">${fmtKwh(t.today_mwh)}</div></div>
       <div class="card"><div class="k">CO₂e avoided today</div><div class="v">${esc(t.co2e_today_kg)}<small> kg</small></div>${carbonMark(d.carbon)}</div>
-      <div class="card"><div class="k">Active alarms</div><div class="v" id="t-alarms">${crit}<small> crit · ${warn} warn</small></div></div>`;
+      <div class="card"><div class="k">Active alarms</div><div class="v" id="t-alarms">${crit}<small> crit · ${warn} warn</small></div></div>
+      <div class="card"><div class="k">Firmware</div><div class="v small" id="t-versions">${Object.entries(t.versions || {}).map(([v, n]) => `${esc(v)} <small>×${n}</small>`).join(" · ") || "–"}</div></div>`;
     $("#co2e-col-mark").innerHTML = carbonMark(d.carbon) ? `<span class="carbon-mark short" title="example parameters, not validated">not validated</span>` : "";
     drawStations(d);
     $("#alarms").innerHTML = alarmList(d.alarms, d.now, true);
