@@ -10,7 +10,7 @@ demo: setup
 # the browser tests need Debian's chromium and chromium-driver: the test set-up installs them
 test: export WITH_BROWSER = 1
 test: setup lint compile typecheck
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # ruff: lint and format, configured in pyproject.toml
 lint: setup
