@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import pathlib
 import shutil
 import subprocess
@@ -72,6 +73,7 @@ def build(
 ) -> pathlib.Path:
     """Compile into `out` (default: a cache folder keyed by the sources' hash); returns it.
     Files: every module as .mpy in the same layout, main.py as source."""
+    cached = out is None
     if out is None:
         out = (
             pathlib.Path(tempfile.gettempdir())
@@ -79,7 +81,9 @@ def build(
         )
         if (out / "main.py").exists():
             return out
-    tmp = out.with_name(out.name + ".part")
+    # a folder of this process's own: processes building the same cache entry at once (the
+    # test workers) never write into one another's, and the first to finish publishes it
+    tmp = out.with_name(f"{out.name}.part-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     mpy = mpy_cross_bin()
@@ -93,6 +97,14 @@ def build(
         if march:
             cmd.append(f"-march={march}")
         subprocess.run(cmd + [str(p)], check=True, capture_output=True)
+    if cached:
+        try:
+            tmp.rename(out)  # atomic; fails when another process published it first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out / "main.py").exists():
+                raise
+        return out
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
