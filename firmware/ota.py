@@ -263,9 +263,9 @@ def fallback(sel, e):
 def reset(code):
     """Reboot: the board resets; the unix port exits (its supervisor starts it again)."""
     if sys.platform == "esp32":
-        import machine
+        from hal import esp32  # the only layer that touches machine (hal/__init__.py)
 
-        machine.reset()
+        esp32.reboot()
     sys.exit(code)
 
 
