@@ -70,6 +70,7 @@ class SupervisedStation(StationProcess):
         self.all_events: list[dict[str, Any]] = []
         self.all_lines = 0
         self.exits: list[int] = []
+        self.exit_times: list[float] = []  # time.time() each exit was seen (a board's reset)
         self._want = False
         self._sup: threading.Thread | None = None
         self._ev_lock = threading.Lock()
@@ -96,6 +97,7 @@ class SupervisedStation(StationProcess):
                 if not self._want:
                     break
                 self.exits.append(p.returncode)
+                self.exit_times.append(time.time())
                 if self._reader is not None:
                     self._reader.join(5)
                 time.sleep(0.2)
@@ -148,6 +150,7 @@ class EventWatcher:
         self.last_tel: dict[str, dict[str, Any]] = {}
         self.rejected: list[tuple[str, bytes, str]] = []  # what did not verify
         self.raw: list[tuple[str, bytes]] = []  # every verified message once, as received
+        self.recv_ms: dict[tuple[str, int, int], int] = {}  # (sid, boot, seq) -> first receipt
         self.lock = threading.Lock()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
         ready = threading.Event()
@@ -176,6 +179,7 @@ class EventWatcher:
         with self.lock:
             if (v.boot, v.seq) not in self.seqs[sid]:
                 self.raw.append((msg.topic, bytes(msg.payload)))
+                self.recv_ms[(sid, v.boot, v.seq)] = int(time.time() * 1000)
             self.seqs[sid].add((v.boot, v.seq))
             if kind == "telemetry":
                 last = self.last_tel.get(sid)
