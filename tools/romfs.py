@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import pathlib
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,29 +171,13 @@ class RomStation(StationProcess):
         super().__init__(*args, **kw)
         self.image = pathlib.Path(image)
 
-    def start(self) -> None:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        if self.trace_ms is not None:
-            env["STATION_TRACE"] = "1"
-            env["STATION_TRACE_MS"] = str(self.trace_ms)
-        if not self.uplink:
-            env["STATION_NO_UPLINK"] = "1"
-        env.update(self.env)
-        with self._lock:
-            self.lines = []
-            self.output = []
-        boot = self.flash.parent / f"romboot-{self.flash.name}.py"  # not on the "flash"
+    def _script(self) -> pathlib.Path:
+        """A boot script beside the flash folder (not on the "flash"): mount the image at
+        /rom, then run the build's main.py."""
+        boot = self.flash.parent / f"romboot-{self.flash.name}.py"
         then = "import app\nprint('romfs: app from', app.__file__)\n"
         boot.write_text(unix_boot_script(self.image, then + run_main(fwbuild.build() / "main.py")))
-        self.proc = subprocess.Popen(
-            [fwbuild.micropython_bin(), "-X", f"heapsize={self.heap}", str(boot)],
-            cwd=self.flash,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
-        self._reader.start()
+        return boot
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,9 +92,8 @@ class StationProcess:
         with self._lock:
             self.lines = []
             self.output = []
-        fw = fwbuild.build()  # bytecode, as on the board: compiling source would eat the heap
         self.proc = subprocess.Popen(
-            [micropython_bin(), "-X", f"heapsize={self.heap}", str(fw / "main.py")],
+            [micropython_bin(), "-X", f"heapsize={self.heap}", str(self._script())],
             # not a session leader: opening a pty must not make it our controlling terminal
             cwd=self.flash,
             env=env,
@@ -103,6 +102,11 @@ class StationProcess:
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
+
+    def _script(self) -> pathlib.Path:
+        """What the interpreter runs: the built main.py (bytecode modules beside it, as on
+        the board: compiling source would eat the heap)."""
+        return fwbuild.build() / "main.py"
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
