@@ -64,7 +64,10 @@ class Client:
         ca: str | os.PathLike[str] | None = None,
         host: str = "localhost",
         port: int | None = None,
+        cert: tuple[pathlib.Path, pathlib.Path] | None = None,
+        connack_s: float = 10.0,
     ) -> None:
+        """`cert`: a client certificate and its key to present (mTLS)."""
         self.rc: int | None = None
         self.session_present = False
         self.got: list[tuple[str, bytes]] = []
@@ -80,6 +83,8 @@ class Client:
         if tls:
             assert m.setup_dir is not None
             ctx = ssl.create_default_context(cafile=str(ca or m.setup_dir / "ca.crt"))
+            if cert is not None:
+                ctx.load_cert_chain(str(cert[0]), str(cert[1]))
             self.c.tls_set_context(ctx)
         self.c.on_connect = self._on_connect
         self.c.on_message = lambda _c, _u, msg: self.got.append((msg.topic, bytes(msg.payload)))
@@ -88,7 +93,9 @@ class Client:
         assert port is not None
         self.c.connect(host if tls else "127.0.0.1", port, keepalive=30)
         self.c.loop_start()
-        assert self.conn_ev.wait(10), "no CONNACK"
+        if not self.conn_ev.wait(connack_s):
+            self.close()
+            raise ConnectionError("no CONNACK: the broker closed the connection")
 
     def _on_connect(self, _c: object, _u: object, flags: object, rc: object, _p: object) -> None:
         self.rc = int(getattr(rc, "value", rc))  # type: ignore[call-overload]
@@ -486,31 +493,12 @@ def cert_client(
     (default: sid's; "" for none), claiming user name sid; the handshake error if it fails."""
     assert m.setup_dir is not None
     owner = sid if cert_of is None else cert_of
-    ctx = ssl.create_default_context(cafile=str(m.setup_dir / "ca.crt"))
-    if owner:
-        d = pathlib.Path(ca) if ca else m.setup_dir / "clients"
-        ctx.load_cert_chain(str(d / f"{owner}.crt"), str(d / f"{owner}.key"))
-    c = object.__new__(Client)
-    c.rc, c.session_present, c.got = None, False, []
-    c.conn_ev, c.sub_ev = threading.Event(), threading.Event()
-    c.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{next(_ids)}")
-    c.c.username_pw_set(sid)
-    c.c.tls_set_context(ctx)
-    c.c.on_connect = c._on_connect
-    c.c.on_message = lambda _c, _u, msg: c.got.append((msg.topic, bytes(msg.payload)))
-    c.c.on_subscribe = lambda *_a: c.sub_ev.set()
-    assert m.tls_port is not None
+    d = pathlib.Path(ca) if ca else m.setup_dir / "clients"
+    cert = (d / f"{owner}.crt", d / f"{owner}.key") if owner else None
     try:
-        c.c.connect("localhost", m.tls_port, keepalive=30)
-        c.c.loop_start()
-        c.c.loop_read()  # the handshake's answer, if the broker closed on it
-    except (ssl.SSLError, OSError) as e:
-        c.c.loop_stop()
+        return Client(m, sid, cert=cert, connack_s=5)
+    except (ssl.SSLError, OSError) as e:  # the handshake refused, or closed before CONNACK
         return e
-    if not c.conn_ev.wait(5):
-        c.close()
-        return OSError("no CONNACK: the broker closed the connection")
-    return c
 
 
 def test_mtls_station_logs_in_with_its_certificate_only(mtls_broker: Mosquitto) -> None:
