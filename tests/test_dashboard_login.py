@@ -25,7 +25,7 @@ from agent.dashboard import DashboardServer, Live, make_app
 from agent.dashboard.auth import Auth, RateLimit, ensure_users_db, from_config
 from agent.dashboard.users import UserStore
 from stationctl.cli import main
-from tests.test_dashboard_api import make_db
+from tests.test_dashboard_api import make_db, wait
 from tests.test_dashboard_watch import ENV, STATIONCTL
 from tools.mosquitto import Mosquitto
 
@@ -99,16 +99,6 @@ class Server:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(20)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-def wait(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def make_users(path: pathlib.Path) -> None:
