@@ -150,6 +150,26 @@ class MetersConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OcppConfig:
+    """[ocpp]: the endpoint for OCPP chargers (agent/ocpp/csms.py; CONTRACT §11)."""
+
+    listen: str = "127.0.0.1:9000"  # host:port (port 0: any free one)
+    tls_cert: str | None = None  # PEM; required off loopback (security profile 2)
+    tls_key: str | None = None
+    id_tags: tuple[str, ...] = ("*",)  # Authorize accepts these ("*": any)
+    heartbeat_s: int = 300
+
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"ocpp.listen {self.listen!r} is not host:port")
+        return host.strip("[]"), int(port)
+
+    def loopback(self) -> bool:
+        return self.host_port()[0] in ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     db: DbConfig = field(default_factory=DbConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -160,6 +180,7 @@ class AgentConfig:
     health: HealthConfig | None = None  # None: /healthz, /metrics only on the dashboard's port
     cluster: ClusterConfig | None = None  # None: the only agent on its database
     meters: MetersConfig = field(default_factory=MetersConfig)
+    ocpp: OcppConfig | None = None  # None: no OCPP endpoint
 
 
 # The file's shape: one table per section. `broker.password_file` and `carbon.params` are
@@ -174,6 +195,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "health": HealthConfig,
     "cluster": ClusterConfig,
     "meters": MetersConfig,
+    "ocpp": OcppConfig,
 }
 _FILE_ONLY = {"broker": {"password_file"}}
 _PATHS = {
@@ -181,6 +203,7 @@ _PATHS = {
     "carbon": ("params",),
     "db": ("archive_dir",),
     "dashboard": ("users_db",),
+    "ocpp": ("tls_cert", "tls_key"),
 }
 
 
@@ -226,7 +249,11 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     cluster: ClusterConfig | None = dec.get("cluster")
     if cluster is not None and not db.url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("[cluster] needs a PostgreSQL database (db.url = postgresql://…)")
+    ocpp: OcppConfig | None = dec.get("ocpp")
+    if ocpp is not None:
+        _check_ocpp(ocpp, cluster)
     return AgentConfig(
+        ocpp=ocpp,
         cluster=cluster,
         db=db,
         broker=b,
@@ -237,6 +264,27 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         health=dec.get("health"),
         meters=dec.get("meters", MetersConfig()),
     )
+
+
+def _check_ocpp(o: OcppConfig, cluster: ClusterConfig | None) -> None:
+    try:
+        o.host_port()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if bool(o.tls_cert) != bool(o.tls_key):
+        raise ConfigError("ocpp.tls_cert and ocpp.tls_key go together")
+    if not o.loopback() and not o.tls_cert:
+        raise ConfigError(
+            f"ocpp.listen {o.listen} is not loopback: OCPP security profile 2 needs TLS "
+            "(ocpp.tls_cert, ocpp.tls_key)"
+        )
+    if cluster is not None:
+        raise ConfigError(
+            "[ocpp] runs on a single agent: several agents ([cluster]) do not share OCPP "
+            "chargers yet (docs/ocpp.md)"
+        )
+    if o.heartbeat_s < 10:
+        raise ConfigError("ocpp.heartbeat_s must be at least 10")
 
 
 def _db_url(url: str, base: pathlib.Path) -> str:

@@ -155,6 +155,7 @@ class _Batch:
         "rows",
         "cleaned",
         "status",
+        "waiters",
     )
 
     def __init__(self) -> None:
@@ -171,7 +172,22 @@ class _Batch:
         # stations whose quarantine to re-verify once this batch (and so every message
         # verified before their key was learned) has committed
         self.rekey: set[str] = set()
+        # frames of other sources (OCPP) whose senders wait for the commit (Service.enqueue)
+        self.waiters: list[asyncio.Future[None]] = []
 
+    def release(self, error: BaseException | None = None) -> None:
+        """Tell the waiters: committed (error None), or not (they get `error`)."""
+        for f in self.waiters:
+            if not f.done():
+                if error is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(error)
+        self.waiters = []
+
+
+# a frame of another source (OCPP): nothing to acknowledge to the broker
+_LOCAL = Delivery(0, 0, -1)
 
 OnCommit = Callable[[list[RawRow]], None]
 
@@ -265,6 +281,8 @@ class Service:
         self._bg: set[asyncio.Future[None]] = set()  # alarms written off the message path
         self._prefix = cfg.broker.prefix
         self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
+        self.ocpp: Any = None  # the OCPP endpoint (agent/ocpp/csms.py) when [ocpp] is set
+        self._ocpp_ingest: Any = None
         self.health_url: str | None = None  # where /healthz and /metrics are served
 
     # ---- loop thread: each message as paho delivers it -----------------------------------
@@ -314,6 +332,37 @@ class Service:
             self._wake.set()
             if len(self._sealed) * self.cfg.ingest.batch_max >= self.cfg.ingest.max_pending:
                 self.source.pause()
+
+    def enqueue(
+        self,
+        row: RawRow | None,
+        body: dict[str, Any] | None,
+        cleaned: ranges.Cleaned | None,
+        q: QuarantineRow | None,
+    ) -> asyncio.Future[None]:
+        """A frame of another source (OCPP, agent/ocpp/ingest.py), already checked: into
+        the batch being filled, as a stored row or a quarantine row. The future is done
+        once its batch is committed (an error when the agent stopped first)."""
+        b = self._batch
+        if not b.deliveries:
+            b.first_ms = now_ms()
+        b.deliveries.append(_LOCAL)
+        if row is not None and body is not None and cleaned is not None:
+            b.rows.append(row)
+            b.bodies.append(body)
+            b.cleaned.append(cleaned)
+        elif q is not None:
+            b.quarantine.append(q)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._stopping:
+            fut.set_exception(ConnectionAbortedError("the agent is stopping"))
+            return fut
+        b.waiters.append(fut)
+        if len(b.deliveries) >= self.cfg.ingest.batch_max:
+            self._sealed.append(b)
+            self._batch = _Batch()
+        self._wake.set()
+        return fut
 
     def _broker_dropped(self, payload: bytes) -> None:
         """The broker's count of messages it dropped since it started (a queue limit hit:
@@ -640,12 +689,16 @@ class Service:
             self._inflight = None
             if w is None:  # stopping while the database fails: leave it all to the broker
                 self._committing = False
+                err = ConnectionAbortedError("the agent stopped before committing")
+                for x in (b, *self._sealed, self._batch):
+                    x.release(err)
                 self._sealed.clear()
                 self._batch = _Batch()
                 self._idle.set()
                 continue
             new, dups, conflicts = w.new, w.dups, w.conflicts
             self.source.ack(b.deliveries)
+            b.release()
             if not self._stopping and (
                 len(self._sealed) * self.cfg.ingest.batch_max < self.cfg.ingest.max_pending
             ):
@@ -1189,6 +1242,7 @@ class Service:
             gc.set_threshold(gc_was[0], gc_was[1], 1 << 30)  # no automatic full collection
         dashboard = await self._dashboard()
         health_server = await self._health_server() if dashboard is None else None
+        ocpp = await self._ocpp()
         # every station with a key: what was quarantined before its key was added while
         # the agent was down (or before a crash) is re-verified first
         self._batch.rekey |= self.keys.take_learned()
@@ -1216,6 +1270,8 @@ class Service:
                     raise RuntimeError(f"agent task ended: {t!r}") from exc
         finally:
             ready.cancel()
+            if ocpp is not None:  # no new frame; those in a batch are committed below
+                await ocpp.stop()
             servers = [x.stop() for x in (dashboard, health_server) if x is not None]
             await asyncio.gather(self._shutdown(tasks), *servers, return_exceptions=True)
             gc.set_threshold(*gc_was)
@@ -1256,6 +1312,25 @@ class Service:
         log.info("dashboard on %s (and %shealthz, %smetrics)", server.url, server.url, server.url)
         self.health_url = server.url
         return server
+
+    async def _ocpp(self) -> Any:
+        """The OCPP endpoint in this loop when configured (CONTRACT §11)."""
+        oc = self.cfg.ocpp
+        if oc is None:
+            return None
+        from agent.ocpp.csms import Endpoint
+        from agent.ocpp.ingest import OcppIngest
+
+        ingest = OcppIngest(self)
+        ep = Endpoint(oc, ingest.submit, ingest.check)
+        try:
+            await ep.start()
+        except OSError as e:
+            ingest.close()
+            raise ConfigError(f"ocpp: cannot listen on {oc.listen}: {e.strerror}") from None
+        self.ocpp = ep
+        self._ocpp_ingest = ingest
+        return ep
 
     async def _health_server(self) -> HealthServer | None:
         hc = self.cfg.health
@@ -1310,6 +1385,8 @@ class Service:
             self._ckpt_store.close()
             self.store.close()
             self._keystore.store.close()
+            if self._ocpp_ingest is not None:
+                self._ocpp_ingest.close()
         else:
             log.warning("the database thread did not finish in time; exiting without it")
         log.info("stopped; counters: %s", dict(sorted(self.counters.items())))

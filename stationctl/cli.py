@@ -26,6 +26,7 @@ COMMANDS = [
     "stationctl.bundle",
     "stationctl.archive",
     "stationctl.keys",
+    "stationctl.ocpp",
     "stationctl.db",
     "stationctl.flash",
     "stationctl.broker",

@@ -20,6 +20,7 @@ from agent.ledger.inputs import MeterParams, RawMsg, raw_msg
 from agent.ledger.meter import Ledger
 from agent.ledger.records import PROCESSING_VERSION
 from agent.ledger.state import Station
+from agent.ocpp import frames
 from agent.store import RawRow, Store
 from agent.store.sql import LedgerTables
 
@@ -29,7 +30,14 @@ PAGE = 1000  # raw rows per page when catching a station up
 
 
 def decode_row(r: RawRow) -> RawMsg:
-    """A stored raw row as metering input (the same function at ingest, restart, verify)."""
+    """A stored raw row as metering input (the same function at ingest, restart, verify):
+    a signed message's body, or an OCPP frame's (CONTRACT §11)."""
+    if r.kind == frames.KIND:
+        proto = frames.proto_of(r.topic)
+        body = frames.body_of(
+            proto, r.record, r.recv_ms, r.sid, r.boot, r.seq, checked=r.kid == frames.SIGNED_KID
+        )
+        return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body)
     return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, wire.decode_record(r.record))
 
 

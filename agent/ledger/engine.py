@@ -38,8 +38,10 @@ from agent.ledger.records import (
     F_INVALID,
     F_METER_RESET,
     F_NO_RESTORE,
+    F_OCPP,
     F_REBOOT,
     F_TIME_EST,
+    F_UNSIGNED,
     PROCESSING_VERSION,
     Record,
     flag_bits,
@@ -47,7 +49,7 @@ from agent.ledger.records import (
     make_record,
     make_record_id,
 )
-from agent.ledger.sessions import end_session, note_start, session_record
+from agent.ledger.sessions import end_session, note_start, ocpp_end, ocpp_start, session_record
 from agent.ledger.state import MAX_RANGES, Acc, Boot, DaySum, Key, Station, Stream
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class Engine:
         self.v2 = RULES_V2
         self.iv = params.interval_ms
         self.max_power = (params.max_power_w_meter, params.max_power_w_slot)  # [slot > 0]
+        self.ocpp_power = (params.max_power_w_meter, params.max_power_w_ocpp)  # §11 connectors
         self.window_ms = params.cross_boot_window_ms
         self.spread_max = params.spread_max_intervals
         # intervals k < first_open are locked (they end at or before locked_until_ms)
@@ -380,6 +383,9 @@ class Engine:
         b.last_seq = seq
         st.key = key
         st.since += 1
+        if body.get("ocpp") == 1:
+            self._ocpp(st, b, i, key, body, up)
+            return
         ev = body.get("ev")
         if ev is not None and ev != "meter_reset":
             if ev == "session_end":
@@ -420,7 +426,40 @@ class Engine:
                 if n:
                     self._invalid(st, n, t)
 
-    def _invalid(self, st: Station, n: int, t: int) -> None:
+    def _ocpp(self, st: Station, b: Boot, i: int, key: Key, body: Any, up: int) -> None:
+        """CONTRACT §11: an OCPP frame (agent/ocpp/frames.py): its register readings under
+        the same rules (the connectors' own max power), then its transaction event."""
+        off, est = b.clock
+        fl = F_OCPP | (F_TIME_EST if est else 0) | (0 if body.get("signed") == 1 else F_UNSIGNED)
+        t = rules.reading_time(up, off)
+        tx = body.get("tx")
+        slot = _int(body.get("slot")) or 0
+        if tx is not None and not slot:
+            o = st.tx.get(str(tx))
+            slot = o[0] if o is not None else 0
+        readings: list[tuple[int, int, Any]] = []
+        for n, v in body.get("reg") or ():
+            n = n or slot
+            if n > 0 and type(v) is int:
+                readings.append((n, v, None))
+        if readings:
+            own, self.max_power = self.max_power, self.ocpp_power
+            try:
+                self._readings(st, b, i, key, up, t, fl, readings)
+            finally:
+                self.max_power = own
+        for n in body.get("invalid") or ():
+            if n or slot:
+                self._invalid(st, n or slot, t, F_OCPP)
+        ev = body.get("ev")
+        if ev == "session_start" and tx is not None and slot:
+            ocpp_start(st, key, body, slot, t, fl)
+        elif ev == "session_end" and tx is not None:
+            p = ocpp_end(st, key, body, t, fl)
+            if p is not None and self.view == FULL:
+                st.pending.append(p)
+
+    def _invalid(self, st: Station, n: int, t: int, fl: int = 0) -> None:
         """§6.9: a spoiled source is omitted; the record of the interval it fell in (and,
         through the stream's next segment, the records that segment touches) say
         `invalid`."""
@@ -429,7 +468,16 @@ class Engine:
             return
         # the interval holding the spoiled reading's time gets the flag
         self._add(
-            st, s, t // self.iv, 0, 0, F_INVALID, s.last_key, s.last_value, s.last_key, s.last_value
+            st,
+            s,
+            t // self.iv,
+            0,
+            0,
+            F_INVALID | fl,
+            s.last_key,
+            s.last_value,
+            s.last_key,
+            s.last_value,
         )
 
     # ---- one reading: the rule steps -------------------------------------------------

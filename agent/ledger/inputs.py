@@ -31,6 +31,8 @@ class MeterParams:
     interval_ms: int = 900_000
     max_power_w_slot: int = 3000
     max_power_w_meter: int = 50_000
+    # §11: an OCPP charger's connector (rule 6; a 50 kW DC charger)
+    max_power_w_ocpp: int = 50_000
     # Rule 8: interval records ending at or before this are locked.
     locked_until_ms: int | None = None
     # The moment the lock was taken: messages received (recv_ms) after it are "late" for the
@@ -46,7 +48,7 @@ class MeterParams:
     def __post_init__(self) -> None:
         if self.interval_ms <= 0 or DAY_MS % self.interval_ms:
             raise ValueError(f"interval_ms must divide a day, got {self.interval_ms}")
-        if self.max_power_w_slot <= 0 or self.max_power_w_meter <= 0:
+        if min(self.max_power_w_slot, self.max_power_w_meter, self.max_power_w_ocpp) <= 0:
             raise ValueError("max power must be positive")
         if self.cross_boot_window_ms < 0 or self.spread_max_intervals < 1:
             raise ValueError("cross_boot_window_ms must be >= 0, spread_max_intervals >= 1")

@@ -32,6 +32,8 @@ F_GAP = 128
 F_HIST = 256
 F_ADJUSTMENT = 512  # not in §6's list: marks rule-8 adjustment records (see docs)
 F_INVALID = 1024  # §6.9: a spoiled source was omitted
+F_OCPP = 2048  # §11: from an OCPP charger's frames
+F_UNSIGNED = 4096  # §11: an OCPP reading not signed (OCMF) by the charger's meter
 
 FLAG_BITS: tuple[tuple[int, str], ...] = (
     (F_BASELINE, "baseline"),
@@ -45,6 +47,8 @@ FLAG_BITS: tuple[tuple[int, str], ...] = (
     (F_HIST, "hist"),
     (F_ADJUSTMENT, "adjustment"),
     (F_INVALID, "invalid"),
+    (F_OCPP, "ocpp"),
+    (F_UNSIGNED, "unsigned"),
 )
 FLAG_NAMES: tuple[str, ...] = tuple(sorted(name for _, name in FLAG_BITS))
 _BIT_OF = {name: bit for bit, name in FLAG_BITS}

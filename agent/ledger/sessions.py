@@ -7,6 +7,11 @@ most MAX_STARTS of them) and the register ranges of each stream's last two boots
 readings. A session whose check is not "ok" yet stays *pending* while its end boot is the
 current one (later readings of that boot may still cover it) and is re-made after each
 batch; when the next boot starts it is final.
+
+OCPP transactions (CONTRACT §11, agent/ocpp/frames.py) make the same records: a start
+opens the transaction under its id (at most MAX_STARTS open), the end closes it. An end
+whose transaction is not open (a retried StopTransaction, CitrineOS #880; or one whose
+start was never received) makes no record: a transaction is counted once.
 """
 
 from __future__ import annotations
@@ -138,3 +143,49 @@ def session_record(st: Station, p: list[Any]) -> tuple[Record, bool]:
         extra={**extra, "reg_mwh": reg, "reg_check": check},
     )
     return rec, check == "ok"
+
+
+def _reg(body: Mapping[str, Any], slot: int) -> int | None:
+    """The frame's register value of `slot` (0 in `reg`: the transaction's connector)."""
+    for n, v in body.get("reg") or ():
+        if (n or slot) == slot and type(v) is int:
+            return int(v)
+    return None
+
+
+def ocpp_start(st: Station, key: Key, body: Mapping[str, Any], slot: int, t: int, fl: int) -> None:
+    """An OCPP transaction starts: its register is the frame's value, else the connector's
+    latest reading."""
+    tx = str(body.get("tx"))
+    e0 = _reg(body, slot)
+    if e0 is None and slot in st.streams:
+        e0 = st.streams[slot].last_value
+    st.tx.pop(tx, None)
+    st.tx[tx] = [slot, e0, t, list(key), body.get("id_tag"), fl]
+    if len(st.tx) > MAX_STARTS:
+        del st.tx[next(iter(st.tx))]
+
+
+def ocpp_end(st: Station, key: Key, body: Mapping[str, Any], t: int, fl: int) -> list[Any] | None:
+    """An OCPP transaction ends: the pending entry of its session record (as end_session
+    makes), or None when it is not open. Without a final value in the frame (2.0.1 lets
+    an Ended event carry none) the connector's latest reading ends it."""
+    o = st.tx.pop(str(body.get("tx")), None)
+    if o is None:
+        return None
+    n, e0, t0, fk, tag, fl0 = o
+    e1 = _reg(body, n)
+    s = st.streams.get(n)
+    if e1 is None and s is not None:
+        e1 = s.last_value
+    if e0 is None:
+        e0 = e1
+    if e0 is None or e1 is None:
+        return None  # no reading of the connector at all: nothing to say
+    fl |= fl0
+    mwh = e1 - e0
+    if mwh < 0:
+        mwh = 0
+        fl |= F_ANOMALY_DOWN
+    extra = {"tx": body.get("tx"), "id_tag": tag, "why": body.get("why")}
+    return [list(key), n, fk[0], e0, e1, t0, max(t, t0), mwh, fl, fk, extra]

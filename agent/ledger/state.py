@@ -408,6 +408,7 @@ class Station:
         "sid",
         "starts",
         "streams",
+        "tx",
     )
 
     def __init__(self, sid: str) -> None:
@@ -421,6 +422,9 @@ class Station:
         self.starts: dict[tuple[Any, Any, Any], tuple[Key, tuple[int, bool]]] = {}
         # sessions whose register check may still change (their end boot is current)
         self.pending: list[list[Any]] = []
+        # OCPP transactions open (CONTRACT §11): id -> [connector, e0 mWh or None, t0,
+        # [boot, seq] of the start, id tag, flags], at most MAX_STARTS
+        self.tx: dict[str, list[Any]] = {}
 
     def dump(self) -> list[Any]:
         return [
@@ -432,6 +436,7 @@ class Station:
             [s.dump() for s in self.streams.values()],
             [[*sig, *k, *c] for sig, (k, c) in self.starts.items()],
             self.pending,
+            [[k, *v] for k, v in self.tx.items()],
         ]
 
     @staticmethod
@@ -446,4 +451,6 @@ class Station:
             st.streams[s.slot] = s
         st.starts = {(a, b, c): ((d, e), (f, bool(g))) for a, b, c, d, e, f, g in x[6]}
         st.pending = x[7]
+        if len(x) > 8:  # (a state from before OCPP sources has none)
+            st.tx = {k: list(v) for k, *v in x[8]}
         return st

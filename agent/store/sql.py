@@ -39,8 +39,18 @@ log = logging.getLogger(__name__)
 # ledger_checkpoint (new tables: stations without a state are metered from raw once);
 # 4: the raw archive's manifest (agent/archive: archive_segments, _ranges, _stations);
 # 5: the grid meter register (agent/meters.py: meters, meter_calibrations, meter_installs;
-# new tables, made in place by `stationctl db upgrade`)
-SCHEMA_VERSION: Final = 5
+# new tables, made in place by `stationctl db upgrade`); 6: OCPP charge points
+# (agent/ocpp/points.py: ocpp_points, a new table made in place)
+SCHEMA_VERSION: Final = 6
+
+# OCPP charge points (CONTRACT §11; `stationctl ocpp`): each identity's password (an
+# argon2 hash), its meter's OCMF public key (text as registered, or ''), and when it was
+# revoked (NULL: in service).
+OCPP_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS ocpp_points (
+        sid TEXT PRIMARY KEY, secret TEXT NOT NULL, public_key TEXT NOT NULL,
+        created_ms BIGINT NOT NULL, revoked_ms BIGINT, note TEXT NOT NULL)""",
+)
 
 # The grid meter register (agent/meters.py; `stationctl meter`): each meter, its
 # calibrations (history kept: the one in force at a time is the latest begun) and its
@@ -132,6 +142,7 @@ DDL: Final = (
         id BIGINT PRIMARY KEY, updated_ms BIGINT NOT NULL, state TEXT NOT NULL)""",
     *ARCHIVE_DDL,
     *METER_DDL,
+    *OCPP_DDL,
 )
 
 
@@ -687,6 +698,18 @@ class Store:
         station's boot_base must pass it: CONTRACT §5.1)."""
         got = self.archive().max_boot(sid)
         return None if got is None else int(got)
+
+    def top_key(self, sid: str) -> tuple[int, int] | None:
+        """The station's highest (boot, seq) stored, live or archived (an OCPP charger's
+        frames are numbered on from it: CONTRACT §11)."""
+        from agent.archive.index import archived_top
+
+        row = self.db.execute(
+            "SELECT boot, seq FROM raw WHERE sid = ? ORDER BY boot DESC, seq DESC LIMIT 1", (sid,)
+        ).fetchone()
+        live = None if row is None else (int(row[0]), int(row[1]))
+        old = archived_top(self, sid)
+        return max((k for k in (live, old) if k is not None), default=None)
 
     def live_max_boot(self, sid: str) -> int | None:
         row = self.db.execute("SELECT MAX(boot) FROM raw WHERE sid = ?", (sid,)).fetchone()
