@@ -113,7 +113,11 @@ def run_db(args: argparse.Namespace) -> int:
     from agent.keys import KeyStore
     from agent.ledger import MeterParams, RawMsg
     from agent.ledger.compute import compute_station
+    from agent.ledger.agent_meter import decode_row
     from agent.ledger.inputs import raw_msg
+    from agent.ocpp import frames as ocpp_frames
+    from agent.ocpp.ocmf import OcmfError
+    from agent.ocpp.points import ocpp_public_keys
     from agent.store import RecordRow, Store, record_to_row
     from agent.wire import WireError, verify
 
@@ -143,6 +147,7 @@ def run_db(args: argparse.Namespace) -> int:
                 raise UsageError(f"--archive: {e}") from None
             archive = ArchiveReader(store, where)
             ring = KeyStore(store).ring()
+            ocpp_keys = ocpp_public_keys(store)
 
             def verified(
                 sid: str,
@@ -152,6 +157,18 @@ def run_db(args: argparse.Namespace) -> int:
             ) -> Iterator[RawMsg]:
                 """A station's raw rows in key order, verified again, as metering input."""
                 for row in archive.iter_raw_keys(sid, start, boot=boot):
+                    if row.kind == ocpp_frames.KIND:  # CONTRACT §11: no HMAC; OCMF if any
+                        try:
+                            proto = ocpp_frames.proto_of(row.topic)
+                            ocpp_frames.recheck(
+                                row.kid, proto, row.record, ocpp_keys.get(row.sid, "")
+                            )
+                        except (ocpp_frames.FrameError, OcmfError) as e:
+                            if bad is not None:
+                                bad.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
+                            continue
+                        yield decode_row(row)
+                        continue
                     try:
                         v = verify(row.kind, row.sid, row.record, ring)
                     except WireError as e:

@@ -37,7 +37,7 @@ def decode_row(r: RawRow) -> RawMsg:
         body = frames.body_of(
             proto, r.record, r.recv_ms, r.sid, r.boot, r.seq, checked=r.kid == frames.SIGNED_KID
         )
-        return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body)
+        return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body, cleaned=frames.cleaned(body))
     return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, wire.decode_record(r.record))
 
 

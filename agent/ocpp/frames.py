@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 
+from agent import ranges
 from agent.ocpp import ocmf
 
 PROTOCOLS = ("ocpp1.6", "ocpp2.0.1")
@@ -304,6 +305,30 @@ def body_of(
     return body
 
 
+def cleaned(body: dict[str, Any]) -> ranges.Cleaned:
+    """What §6.9 leaves of an OCPP body: all of it (body_of already left out what was
+    unusable), with the connectors it names `invalid` as spoiled (alarmed at ingest)."""
+    return ranges.Cleaned(
+        body, tuple((f"slot:{n}", "meterValue") for n in body.get("invalid", ()) if n)
+    )
+
+
 def _nat(x: Any) -> int:
     """A connector or EVSE number: 1..16 (CONTRACT §9's slots); 0 for anything else."""
     return x if type(x) is int and 0 < x <= 16 else 0
+
+
+def recheck(kid: int, proto: str, frame: bytes, public_key: str) -> None:
+    """`verify` on a stored frame: it is still an OCPP-J frame and, when it was stored as
+    checked (SIGNED_KID), every OCMF value in it verifies against the charger's public
+    key. FrameError or ocmf.OcmfError with the reason."""
+    parse(frame)
+    if kid != SIGNED_KID:
+        return
+    signed = signed_values(proto, frame)
+    if not signed:
+        raise FrameError("stored as signed, but it holds no signed meter value")
+    if not public_key:
+        raise FrameError("stored as signed, but no public key is registered for it")
+    for text in signed:
+        ocmf.check(ocmf.parse(text), public_key)

@@ -19,7 +19,6 @@ import concurrent.futures
 import logging
 from typing import TYPE_CHECKING
 
-from agent import ranges
 from agent.ocpp import frames, ocmf
 from agent.ocpp.points import Point, Points
 from agent.store import QuarantineRow, RawRow, Store, now_ms
@@ -76,8 +75,7 @@ class OcppIngest:
         body = frames.body_of(
             proto, frame, recv, sid, key[0], key[1], checked=kid == frames.SIGNED_KID
         )
-        spoiled = tuple((f"slot:{n}", "meterValue") for n in body.get("invalid", ()) if n)
-        await self.svc.enqueue(row, body, ranges.Cleaned(body, spoiled), None)
+        await self.svc.enqueue(row, body, frames.cleaned(body), None)
         return key
 
     async def _quarantine(

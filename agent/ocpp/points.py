@@ -132,3 +132,11 @@ def _check_key(text: str) -> str:
         except ocmf.OcmfError as e:
             raise PointError(f"public key: {e}") from None
     return text
+
+
+def ocpp_public_keys(store: Store) -> dict[str, str]:
+    """Every charge point's OCMF public key (for `verify`); {} on a database from before
+    OCPP sources (schema < 6: no table)."""
+    if (store.schema_version() or 0) < 6:
+        return {}
+    return Points(store).public_keys()
