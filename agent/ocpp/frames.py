@@ -258,6 +258,9 @@ def body_of(
         body["up"] = body["ts"] = t
         if "tx" in body and kind == "Started":
             body.update(ev="session_start", slot=n)
+            tok = p.get("idToken")
+            if isinstance(tok, dict) and isinstance(tok.get("idToken"), str):
+                body["id_tag"] = tok["idToken"][:36]
         elif "tx" in body and kind == "Ended":
             why = info.get("stoppedReason") if isinstance(info, dict) else None
             body.update(ev="session_end", why=why if isinstance(why, str) else "Local")
