@@ -546,6 +546,9 @@ async def test_fleet_reconnects_and_keeps_ground_truth() -> None:
         assert gt["transactions"], ident
         assert all(t["stop"] is not None for t in gt["transactions"])
         readings = energy_readings(rec, ident)
+        for c, conn in gt["connectors"].items():  # power is 0 between sessions: exact sums
+            txs = [t for t in gt["transactions"] if t["connector"] == int(c)]
+            assert sum(t["energy_mwh"] for t in txs) == conn["advanced_mwh"]
         for c, conn in gt["connectors"].items():
             vals = [v for k, _, v, _ in readings if k == int(c)]
             if vals:

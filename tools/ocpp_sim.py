@@ -588,9 +588,12 @@ class SimChargePoint:
         # 2.0.1: a JSON number; float(kwh_str) is the double whose shortest repr is it
         return wh if self.unit == "Wh" else float(kwh_str(wh))
 
-    def _meter_value(self, connector: int, context: str, stage: str) -> tuple[Any, int]:
-        """One MeterValue for the connector now; returns it and the reported Wh."""
-        now = self.clock.now_ms()
+    def _meter_value(
+        self, connector: int, context: str, stage: str, at_ms: int | None = None
+    ) -> tuple[Any, int]:
+        """One MeterValue for the connector now (or at `at_ms`); returns it and the
+        reported Wh."""
+        now = self.clock.now_ms() if at_ms is None else at_ms
         reg = self.registers[connector]
         mwh = reg.update(now)
         wh = mwh // 1000
@@ -726,11 +729,11 @@ class SimChargePoint:
         """Start a transaction (and set the connector's power if given)."""
         if connector in self.transactions:
             raise RuntimeError(f"connector {connector} already has a transaction")
-        if power_w is not None:
-            self.set_power(connector, power_w)
-        now = self.clock.now_ms()
+        now = self.clock.now_ms()  # one instant for the power step, meterStart and stamps
         reg = self.registers[connector]
         reg.update(now)
+        if power_w is not None:
+            reg.set_power(now, power_w)
         if self.zero_at_boot:
             self._zero_next.add(connector)
         tx = SimTransaction(
@@ -751,7 +754,7 @@ class SimChargePoint:
             if result is not None and tx.tx_id is None:
                 tx.tx_id = int(result.transaction_id)
             return tx
-        mv, _ = self._meter_value(connector, "Transaction.Begin", "B")
+        mv, _ = self._meter_value(connector, "Transaction.Begin", "B", now)
         payload = v201_call.TransactionEvent(
             event_type="Started",
             timestamp=iso_ms(now),
@@ -781,7 +784,7 @@ class SimChargePoint:
         if self.version == "1.6":
             data = None
             if not self.no_final_value:
-                mv, _ = self._meter_value(connector, "Transaction.End", "E")
+                mv, _ = self._meter_value(connector, "Transaction.End", "E", now)
                 data = [mv]
             payload: Any = v16_call.StopTransaction(
                 meter_stop=reg.wh,
@@ -795,7 +798,7 @@ class SimChargePoint:
             tx.seq_no += 1
             mvs = None
             if not self.no_final_value:
-                mv, _ = self._meter_value(connector, "Transaction.End", "E")
+                mv, _ = self._meter_value(connector, "Transaction.End", "E", now)
                 mvs = [mv]
             payload = v201_call.TransactionEvent(
                 event_type="Ended",
