@@ -23,6 +23,7 @@ import binascii
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import logging
 import ssl
 import urllib.parse
@@ -46,7 +47,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from agent.config import OcppConfig
-from agent.ocpp.frames import PROTOCOLS, transaction_id
+from agent.ocpp.frames import CALL, CALLERROR, PROTOCOLS, FrameError, parse, transaction_id
 from agent.ocpp.points import Point
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def on(action: Any) -> Callable[[_F], _F]:
     return cast(Callable[[_F], _F], _on(action))
 
 
-MAX_WS_FRAME = 1 << 20  # the socket's limit; frames over frames.MAX_FRAME are quarantined
+MAX_WS_FRAME = 4 << 20  # the socket's limit; a frame over frames.MAX_FRAME is quarantined whole
 GARBAGE_CLOSE = 20  # frames in a row that are not OCPP-J: the connection is closed
 
 # (sid, proto, frame bytes, the point's OCMF key) -> the frame's (boot, seq) once committed
@@ -85,11 +86,16 @@ class _Link:
     async def route_message(self, raw: str | bytes) -> None:
         frame = raw.encode() if isinstance(raw, str) else raw
         key = await self.ep.submit(self.point.sid, self.proto, frame, self.point.public_key)
-        if key is None:  # quarantined: not a frame to answer
+        if key is None:  # quarantined (committed there): a CALL gets a CALLERROR
             self.garbage += 1
             self.ep.counters["ocpp_quarantined"] += 1
             if self.garbage >= GARBAGE_CLOSE:
                 raise ConnectionAbortedError(f"{GARBAGE_CLOSE} bad frames in a row")
+            with contextlib.suppress(FrameError):
+                msg = parse(frame)
+                if msg[0] == CALL:  # (a signed value that does not verify)
+                    err = [CALLERROR, msg[1], "SecurityError", "signed meter value refused", {}]
+                    await self._send(json.dumps(err))  # type: ignore[attr-defined]
             return
         self.garbage = 0
         self.key = key
