@@ -95,13 +95,13 @@ def csv_response(body: bytes, name: str) -> Response:
 
 
 def fleet(request: Request) -> Response:
-    """The fleet; with `q`, `state`, `sort`, `dir` its stations as the page filters and
+    """The fleet; with `q`, `state`, `source`, `sort`, `dir` its stations as the page filters and
     sorts them; `format=csv`: those rows as CSV."""
     q = request.query_params
     try:
         csv = h.want_csv(q)
         view = _live(request).fleet()
-        if csv or any(k in q for k in ("q", "state", "sort", "dir")):
+        if csv or any(k in q for k in ("q", "state", "source", "sort", "dir")):
             view["stations"] = h.filter_stations(view["stations"], q)
     except BadRequest as e:
         return error(400, str(e))

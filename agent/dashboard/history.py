@@ -258,6 +258,7 @@ def daily_csv(info: Mapping[str, Any] | None) -> tuple[Column, ...]:
 
 STATES: Final = ("online", "silent", "offline", "unknown")
 SORTS: Final = ("sid", "state", "power", "today", "alarms")
+SOURCES: Final = ("own", "ocpp")  # the project's stations; OCPP chargers (CONTRACT §11)
 
 
 def _sort_key(name: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -275,10 +276,14 @@ def _sort_key(name: str) -> Callable[[Mapping[str, Any]], Any]:
 
 def filter_stations(stations: list[dict[str, Any]], q: Mapping[str, str]) -> list[dict[str, Any]]:
     """The fleet's rows as the page shows them: `q` (a substring of the station id, any
-    case), `state` (online, silent, offline, unknown; empty: all), `sort` (sid, state,
-    power, today, alarms) and `dir` (asc, desc); ties in station id order."""
+    case), `state` (online, silent, offline, unknown; empty: all), `source` (own, ocpp;
+    empty: all), `sort` (sid, state, power, today, alarms) and `dir` (asc, desc); ties in
+    station id order."""
     text = q.get("q", "").strip().upper()
     state = q.get("state", "")
+    source = q.get("source", "")
+    if source and source not in SOURCES:
+        raise BadRequest(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     sort = q.get("sort", "sid") or "sid"
     direction = q.get("dir", "asc") or "asc"
     if state and state not in STATES:
@@ -290,7 +295,9 @@ def filter_stations(stations: list[dict[str, Any]], q: Mapping[str, str]) -> lis
     rows = [
         s
         for s in sorted(stations, key=lambda s: s["sid"])
-        if text in s["sid"].upper() and (not state or s["state"] == state)
+        if text in s["sid"].upper()
+        and (not state or s["state"] == state)
+        and (not source or s.get("source", "own") == source)
     ]
     return sorted(rows, key=_sort_key(sort), reverse=direction == "desc")
 
@@ -312,6 +319,8 @@ def stations_csv(info: Mapping[str, Any] | None) -> tuple[Column, ...]:
         ("alarms_warn", lambda s: s["alarms"]["warn"]),
         ("firmware", lambda s: s["fw"]),
         ("update", lambda s: (s["ota"] or {}).get("phase")),
+        # own, or the OCPP charger's protocol (CONTRACT §11): "OCPP 1.6", "OCPP 2.0.1"
+        ("source", lambda s: s.get("mark") or "own"),
         ("carbon_params", lambda s: label if s["co2e_today_kg"] is not None else ""),
     )
 

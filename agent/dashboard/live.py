@@ -24,6 +24,7 @@ import msgspec
 
 from agent import health, wire
 from agent.ledger import carbon
+from agent.ocpp import frames
 from agent.store import now_ms
 
 from .reader import Raw, Reader
@@ -223,6 +224,7 @@ class Live:
             if time.monotonic() - self._records_at >= self.records_s:
                 self._records_at = time.monotonic()
                 self._records(now)
+                self.state.set_points(r.ocpp_points())
                 first = self.state.first_reject_id()
                 if first is not None:
                     self.state.resolve(r.resolved_from(first))
@@ -243,13 +245,22 @@ class Live:
             self._apply(rows)
             if len(rows) < 5000 or self._last["raw"] >= top:
                 break
-        # stations silent for longer than the window: their newest reading all the same
+        # stations silent for longer than the window: their newest reading all the same;
+        # an OCPP charger's picture is made of several frames (its BootNotification, the
+        # newest status and register of each connector): its newest frames, applied again
+        # (every value is kept by the key that set it: a frame seen twice changes nothing)
         for sid in r.sids():
             st = self.state.stations.get(sid)
+            if st is None or st.tel is None or st.source != "own":
+                tail = r.ocpp_tail(sid, self.cfg.ocpp_tail_rows)
+                if tail:
+                    self._apply(tail, advance=False)
+                    continue
             if st is None or st.tel is None:
                 row = r.latest_telemetry(sid)
                 if row is not None:
                     self._apply([row], advance=False)
+        self.state.set_points(r.ocpp_points())
         since = now - self.cfg.recent_s * 1000
         self._last["quarantine"] = r.first_id_since("quarantine", "recv_ms", since) - 1
         self._last["alarms"] = r.first_id_since("alarms", "ts_ms", since) - 1
@@ -264,6 +275,25 @@ class Live:
         for row in rows:
             if advance:
                 self._last["raw"] = max(self._last["raw"], row.id)
+            if row.kind == frames.KIND:  # a charger's OCPP frame, as received (§11)
+                try:
+                    proto = frames.proto_of(row.topic)
+                    msg = frames.parse(row.record)
+                    body = frames.body_of(
+                        proto,
+                        row.record,
+                        row.recv_ms,
+                        row.sid,
+                        row.boot,
+                        row.seq,
+                        checked=row.kid == frames.SIGNED_KID,
+                    )
+                except Exception:  # noqa: BLE001  (stored frames parsed; count anything odd)
+                    self.counters["bad_rows"] += 1
+                    continue
+                self.counters["rows"] += 1
+                self.state.add_ocpp(row.sid, proto, row.recv_ms, (row.boot, row.seq), msg, body)
+                continue
             try:
                 body = wire.decode_record(row.record)
             except Exception:  # noqa: BLE001  (stored rows were verified; count anything odd)

@@ -34,7 +34,7 @@ from agent.store.sql import describe
 
 log = logging.getLogger(__name__)
 
-_RAW_COLS: Final = "id, sid, boot, seq, kind, recv_ms, record"
+_RAW_COLS: Final = "id, sid, boot, seq, kind, recv_ms, record, topic, kid"
 
 # what a database that is not (yet) readable raises, on either engine
 DB_ERRORS: Final = (sqlite3.Error, psycopg.Error)
@@ -62,10 +62,12 @@ class Raw(NamedTuple):
     kind: str
     recv_ms: int
     record: bytes
+    topic: str = ""  # an OCPP row's `ocpp/<proto>/<sid>` (CONTRACT §11)
+    kid: int = 0  # an OCPP row's: 1 when its signed meter values were checked
 
 
 def _raw(r: Any) -> Raw:
-    return Raw(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]))
+    return Raw(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), str(r[7]), int(r[8]))
 
 
 class _Tail:
@@ -217,6 +219,41 @@ class Reader:
             (sid,),
         ).fetchone()
         return _raw(row) if row else None
+
+    def ocpp_tail(self, sid: str, limit: int) -> list[Raw]:
+        """An OCPP station's newest `limit` frames and its newest BootNotification (seq 0
+        of its newest boot: the agent counts a boot at each BootNotification), in key
+        order; [] when the station's newest raw row is not an OCPP frame. Through the
+        (sid, boot, seq) index: what a charger idle for longer than the dashboard's
+        window last said of its connectors and its firmware."""
+        rows = [
+            _raw(r)
+            for r in self.db.execute(
+                f"SELECT {_RAW_COLS} FROM raw WHERE sid = ? ORDER BY boot DESC, seq DESC LIMIT ?",
+                (sid, limit),
+            ).fetchall()
+        ]
+        if not rows or rows[0].kind != "ocpp":
+            return []
+        boot = rows[0].boot
+        if boot > 0 and not any(r.boot == boot and r.seq == 0 for r in rows):
+            first = self.db.execute(
+                f"SELECT {_RAW_COLS} FROM raw WHERE sid = ? AND boot = ? AND seq = 0", (sid, boot)
+            ).fetchone()
+            if first is not None:
+                rows.append(_raw(first))
+        return sorted((r for r in rows if r.kind == "ocpp"), key=lambda r: (r.boot, r.seq))
+
+    def ocpp_points(self) -> list[tuple[str, int | None]]:
+        """(sid, revoked_ms) of the registered OCPP charge points (schema 6; [] before it).
+        Never their secrets."""
+        try:
+            return [
+                (str(r[0]), None if r[1] is None else int(r[1]))
+                for r in self.db.execute("SELECT sid, revoked_ms FROM ocpp_points").fetchall()
+            ]
+        except _MISSING:
+            return []
 
     # ---- the rest -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ Alarms come in two kinds:
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -69,6 +70,28 @@ CHARGING: Final = frozenset("CV")
 # battery shows without BMS data for a cycle or two): active only once they last
 DEBOUNCED: Final = frozenset({"bms_stale", "charger_stale", "meter_stale"})
 BATTERY_IN: Final = frozenset("WCVFE")
+# OCPP sources (CONTRACT §11): a connector's status (1.6 StatusNotification, 2.0.1
+# connectorStatus, or a 2.0.1 transaction's chargingState) as a slot state: (code, name)
+OCPP_STATES: Final = {
+    "Available": ("I", "available"),
+    "Preparing": ("W", "preparing"),
+    "Charging": ("C", "charging"),
+    "SuspendedEV": ("F", "suspended by the EV"),
+    "SuspendedEVSE": ("W", "suspended by the charger"),
+    "Finishing": ("F", "finishing"),
+    "Reserved": ("I", "reserved"),
+    "Unavailable": ("X", "unavailable"),
+    "Faulted": ("E", "fault"),
+    "Occupied": ("W", "occupied"),  # 2.0.1 connectorStatus
+    "EVConnected": ("W", "EV connected"),  # 2.0.1 chargingState
+    "Idle": ("I", "idle"),
+}
+OCPP_MARKS: Final = {"ocpp1.6": "OCPP 1.6", "ocpp2.0.1": "OCPP 2.0.1"}
+POWER: Final = "Power.Active.Import"
+# OCPP actions whose body carries the charger's own sample time (its clock offset)
+_TIMED: Final = frozenset(
+    {"MeterValues", "StartTransaction", "StopTransaction", "TransactionEvent"}
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +106,10 @@ class ViewConfig:
     energy_hours: int = 12  # interval records shown
     days: int = 14  # day records shown
     backfill_rows: int = 200_000  # most raw rows read back at start
+    # an OCPP charger's heartbeat period until two of its Heartbeats were seen (the
+    # agent's [ocpp] heartbeat_s default): it is silent after 3 of them without a frame
+    ocpp_heartbeat_s: int = 300
+    ocpp_tail_rows: int = 500  # an OCPP station's newest frames read back at start
 
     def __post_init__(self) -> None:
         if self.bucket_s < 1 or self.history_s < self.bucket_s:
@@ -104,6 +131,7 @@ class Station:
 
     __slots__ = (
         "boot_ev",
+        "ocpp",
         "err",
         "events",
         "had_meter",
@@ -116,6 +144,7 @@ class Station:
         "sess_key",
         "sessions",
         "sid",
+        "source",
         "status",
         "status_ms",
         "tel",
@@ -147,6 +176,42 @@ class Station:
         self.hist: deque[list[Any]] = deque(maxlen=hist_len)
         self.events = 0
         self.version = 0  # bumped by every change of this station's data
+        self.source = "own"  # "own", or an OCPP charger's protocol (ocpp1.6, ocpp2.0.1, ocpp)
+        self.ocpp: Ocpp | None = None  # what its OCPP frames said
+
+
+class Conn:
+    """One connector (1.6) or EVSE (2.0.1) of an OCPP charger: a slot."""
+
+    __slots__ = ("e_key", "e_mwh", "e_t", "error", "p_w", "signed", "state", "status", "status_key")
+
+    def __init__(self) -> None:
+        self.status: str | None = None  # newest StatusNotification status
+        self.status_key = (-1, -1)
+        self.state: str | None = None  # 2.0.1: the open transaction's chargingState
+        self.error: str | None = None  # 1.6 errorCode other than NoError
+        self.e_mwh: int | None = None  # newest Energy.Active.Import.Register, mWh
+        self.e_key = (-1, -1)
+        self.e_t = 0  # its sample time (the charger's clock)
+        self.p_w: int | None = None  # Power.Active.Import, else from the last two registers
+        self.signed = False  # the newest register came from OCMF, checked
+
+
+class Ocpp:
+    """What an OCPP charger's frames say (CONTRACT §11): not signed telemetry, a picture
+    put together frame by frame, each value kept with the key of the frame that set it."""
+
+    __slots__ = ("boot", "boot_key", "conns", "cp_status", "hb_ms", "hb_period_ms", "key", "tx")
+
+    def __init__(self) -> None:
+        self.boot: dict[str, Any] = {}  # fw, vendor, model of the newest BootNotification
+        self.boot_key = (-1, -1)
+        self.conns: dict[int, Conn] = {}
+        self.cp_status: str | None = None  # 1.6 connector 0: the charger as a whole
+        self.hb_ms = 0  # receive time of the newest Heartbeat
+        self.hb_period_ms: int | None = None
+        self.key = (-1, -1)  # the newest frame's
+        self.tx: dict[str, int] = {}  # transaction id -> connector
 
 
 # agent alarms that stand for a condition (agent/meters.py: a grid meter past or near its
@@ -210,6 +275,194 @@ class FleetState:
         else:
             self._event(st, recv_ms, body)
 
+    def add_ocpp(
+        self,
+        sid: str,
+        proto: str,
+        recv_ms: int,
+        key: tuple[int, int],
+        msg: list[Any],
+        body: Mapping[str, Any],
+    ) -> None:
+        """One stored OCPP frame (CONTRACT §11): `msg` the OCPP-J array as received
+        (agent.ocpp.frames.parse), `body` its metering body (frames.body_of). Not signed
+        telemetry: the picture (connectors, their status, registers and power, firmware)
+        is put together from the frames, each value by the key of the frame that set it,
+        so a late or repeated frame never moves it backwards."""
+        self.rows += 1
+        self.version += 1
+        st = self._st(sid)
+        st.version += 1
+        st.source = proto
+        st.last_ms = max(st.last_ms, recv_ms)
+        oc = st.ocpp = st.ocpp or Ocpp()
+        newest = key > oc.key
+        oc.key = max(oc.key, key)
+        if msg[0] == 2 and isinstance(msg[3], dict):
+            self._ocpp_call(st, oc, proto, recv_ms, key, str(msg[2]), msg[3], body, newest)
+        # the heartbeat (seen, else the agent's default) is the charger's period
+        st.period_ms = oc.hb_period_ms or self.cfg.ocpp_heartbeat_s * 1000
+        self._ocpp_tel(st, oc, key, recv_ms)
+        w = sum(c.p_w or 0 for c in oc.conns.values())
+        self._point(st, recv_ms, w, None)
+
+    def _ocpp_call(
+        self,
+        st: Station,
+        oc: Ocpp,
+        proto: str,
+        recv_ms: int,
+        key: tuple[int, int],
+        action: str,
+        p: dict[str, Any],
+        body: Mapping[str, Any],
+        newest: bool,
+    ) -> None:
+        v16 = proto == "ocpp1.6"
+        if action == "BootNotification":
+            if key > oc.boot_key:
+                cs = p if v16 else p.get("chargingStation")
+                cs = cs if isinstance(cs, dict) else {}
+                oc.boot_key = key
+                oc.boot = {
+                    "fw": _str(cs.get("firmwareVersion")),
+                    "vendor": _str(cs.get("chargePointVendor" if v16 else "vendorName")),
+                    "model": _str(cs.get("chargePointModel" if v16 else "model")),
+                }
+            return
+        if action == "Heartbeat":
+            if oc.hb_ms and recv_ms > oc.hb_ms:
+                oc.hb_period_ms = recv_ms - oc.hb_ms
+            oc.hb_ms = max(oc.hb_ms, recv_ms)
+            return
+        if action == "StatusNotification":
+            n = _nat(p.get("connectorId" if v16 else "evseId"))
+            status = _str(p.get("status" if v16 else "connectorStatus"))
+            if n == 0:
+                if newest and v16:
+                    oc.cp_status = status
+                return
+            c = oc.conns.setdefault(n, Conn())
+            if key > c.status_key:
+                c.status_key = key
+                c.status = status
+                err = p.get("errorCode")
+                c.error = err if isinstance(err, str) and err != "NoError" else None
+                if OCPP_STATES.get(status or "", ("",))[0] not in CHARGING:
+                    c.p_w = 0
+            return
+        if action in _TIMED and newest:
+            st.offset_ms = int(body.get("ts", recv_ms)) - recv_ms
+        tx = body.get("tx")
+        ev = body.get("ev")
+        n = _int(body.get("slot")) or 0
+        if action == "TransactionEvent":
+            evse = p.get("evse")
+            n = _nat(evse.get("id")) if isinstance(evse, dict) else 0
+        elif action == "MeterValues":
+            n = _nat(p.get("connectorId" if v16 else "evseId"))
+        if not n and isinstance(tx, str):
+            n = oc.tx.get(tx, 0)
+        if not n:
+            return
+        if ev == "session_start" and isinstance(tx, str):
+            if len(oc.tx) >= 1000:  # transactions long over: the oldest go
+                for old in list(oc.tx)[:500]:
+                    del oc.tx[old]
+            oc.tx[tx] = n
+        c = oc.conns.setdefault(n, Conn())
+        for rn, mwh in body.get("reg") or ():
+            if (rn or n) == n and type(mwh) is int and key > c.e_key:
+                t = int(body.get("ts", recv_ms))
+                if c.e_mwh is not None and c.e_key[0] == key[0] and t > c.e_t and mwh >= c.e_mwh:
+                    c.p_w = (mwh - c.e_mwh) * 3600 // (t - c.e_t)  # mWh per ms -> W
+                c.e_mwh, c.e_t, c.e_key = mwh, t, key
+                c.signed = bool(body.get("signed"))
+        pw = _ocpp_power(p, v16)
+        if pw is not None:
+            c.p_w = pw
+        info = p.get("transactionInfo")
+        cs = info.get("chargingState") if isinstance(info, dict) else None
+        if isinstance(cs, str):
+            c.state = cs
+        if ev == "session_start":
+            if key > st.sess_key.get(n, (-1, -1)):
+                st.sess_key[n] = key
+                st.sessions[n] = {
+                    "bat": None,
+                    "id_tag": body.get("id_tag"),
+                    "tx": tx,
+                    "e0_mwh": c.e_mwh if body.get("reg") else None,
+                    "soc0": None,
+                    "since_ms": _int(body.get("ts")),
+                    "up0": None,
+                    "boot": key[0],
+                    "seq": key[1],
+                }
+                if pw is None:
+                    c.p_w = 0
+        elif ev == "session_end":
+            if key > st.sess_key.get(n, (-1, -1)):
+                st.sess_key[n] = key
+                st.sessions.pop(n, None)
+            c.state = None
+            c.p_w = 0
+
+    def _ocpp_tel(self, st: Station, oc: Ocpp, key: tuple[int, int], recv_ms: int) -> None:
+        """The charger's connectors as the telemetry of a station (the slots the views and
+        alarms read): state code, register, power."""
+        slots = []
+        for n in sorted(oc.conns):
+            c = oc.conns[n]
+            status = c.state or c.status
+            if status in OCPP_STATES:
+                code, name = OCPP_STATES[status]
+            elif c.status is None and c.state is None:  # no StatusNotification yet
+                busy = n in st.sessions or (c.p_w or 0) > 0
+                code, name = ("C", "charging") if busy else ("I", "idle")
+                status = None
+            else:
+                code, name = "X", "unknown"
+            slots.append(
+                {
+                    "n": n,
+                    "st": code,
+                    "name": name,
+                    "ocpp_status": status,
+                    "error": c.error,
+                    "e_mwh": c.e_mwh,
+                    "p_w": c.p_w if code in CHARGING or c.p_w == 0 else 0,
+                    "signed": c.signed,
+                }
+            )
+        st.tel = {"boot": oc.key[0], "seq": oc.key[1], "slots": slots}
+        if key >= st.tel_key:
+            st.tel_key = oc.key
+            st.tel_ms = recv_ms
+            st.tel_recv_ms = recv_ms
+        st.last_live_ms = max(st.last_live_ms, recv_ms)
+
+    def _point(self, st: Station, recv_ms: int, w: int, mw: int | None) -> None:
+        """The power history on the agent's clock: one point per bucket (its newest)."""
+        b = recv_ms - recv_ms % (self.cfg.bucket_s * 1000)
+        h = st.hist
+        if h and h[-1][0] == b:
+            h[-1][1] = w
+            h[-1][2] = mw
+        elif not h or h[-1][0] < b:
+            h.append([b, w, mw])
+        # an older point (a backlog arriving late) is not drawn: the live line moved on
+
+    def set_points(self, points: Iterable[tuple[str, int | None]]) -> None:
+        """The registered OCPP charge points (ocpp_points): one not revoked shows in the
+        fleet (source OCPP) before its first frame."""
+        for sid, revoked in points:
+            if revoked is None and sid not in self.stations:
+                st = self._st(sid)
+                st.source = "ocpp"
+                st.version += 1
+                self.version += 1
+
     def _telemetry(self, st: Station, recv_ms: int, body: Mapping[str, Any]) -> None:
         key = _key(body)
         ts = _int(body.get("ts"))
@@ -242,14 +495,7 @@ class FleetState:
                 w += _power(s) or 0
         meter = body.get("meter")
         mw = _int(meter.get("p_w")) if isinstance(meter, dict) else None
-        b = recv_ms - recv_ms % (self.cfg.bucket_s * 1000)
-        h = st.hist
-        if h and h[-1][0] == b:
-            h[-1][1] = w
-            h[-1][2] = mw
-        elif not h or h[-1][0] < b:
-            h.append([b, w, mw])
-        # an older point (a backlog arriving late) is not drawn: the live line moved on
+        self._point(st, recv_ms, w, mw)
 
     def _event(self, st: Station, recv_ms: int, body: Mapping[str, Any]) -> None:
         ev = body.get("ev")
@@ -538,7 +784,7 @@ class FleetState:
                     continue
                 if code == "E":
                     add(sid, "charger_fault", "crit", f"slot {n}: charger fault", n)
-                if code in BATTERY_IN and not isinstance(bat, dict):
+                if code in BATTERY_IN and not isinstance(bat, dict) and st.source == "own":
                     add(sid, "bms_stale", "warn", f"slot {n}: battery BMS not answering", n)
                 if isinstance(bat, dict):
                     t = _int(bat.get("t"))
@@ -637,12 +883,18 @@ class FleetState:
         status = st.status or {}
         conn = self.conn(st, now)
         live = conn == "online" and st.tel is not None  # else the figures are the last known
+        oc = st.ocpp.boot if st.ocpp is not None else {}
         return {
             "sid": st.sid,
+            # "own" (the project's stations, signed telemetry) or "ocpp" (CONTRACT §11);
+            # protocol ocpp1.6 / ocpp2.0.1 (None: own, or a point not connected yet)
+            "source": "own" if st.source == "own" else "ocpp",
+            "protocol": st.source if st.source in OCPP_MARKS else None,
+            "mark": None if st.source == "own" else OCPP_MARKS.get(st.source, "OCPP"),
             "state": conn,
             "last_seen_ms": max(st.last_ms, st.status_ms) or None,
             "boot": status.get("boot", st.tel_key[0] if st.tel else None),
-            "fw": status.get("fw") or (st.boot_ev or {}).get("fw"),
+            "fw": status.get("fw") or (st.boot_ev or {}).get("fw") or oc.get("fw"),
             # the newest update step: staged, trial, confirmed, rolled_back or refused
             "ota": {k: st.ota.get(k) for k in ("phase", "from", "to", "why", "ts")}
             if st.ota
@@ -673,7 +925,15 @@ class FleetState:
                 "stations": len(rows),
                 "online": len(online),
                 # firmware versions across the fleet (an update rolling out shows here)
-                "versions": dict(sorted(Counter(str(r["fw"] or "?") for r in rows).items())),
+                # (an OCPP charger's under its mark: another maker's numbering)
+                "versions": dict(
+                    sorted(
+                        Counter(
+                            (f"{r['mark']} " if r["mark"] else "") + str(r["fw"] or "?")
+                            for r in rows
+                        ).items()
+                    )
+                ),
                 "power_w": sum(r["power_w"] or 0 for r in online),
                 "meter_w": sum(r["meter_w"] or 0 for r in online),
                 "slots": sum(r["slots"] for r in rows),
@@ -735,19 +995,22 @@ class FleetState:
             if sess is not None:
                 e0 = _int(sess.get("e0_mwh"))
                 sess = {**sess, "mwh": e - e0 if e is not None and e0 is not None else None}
-            slots.append(
-                {
-                    "n": n,
-                    "st": code,
-                    "state": STATE_NAMES.get(code, "unknown") if code else "stale",
-                    "mv": _int(s.get("mv")),
-                    "ma": _int(s.get("ma")),
-                    "power_w": _power(s) if code is not None else None,
-                    "e_mwh": e,
-                    "bat": bat,
-                    "session": sess,
-                }
-            )
+            slot = {
+                "n": n,
+                "st": code,
+                "state": s.get("name") or (STATE_NAMES.get(code, "unknown") if code else "stale"),
+                "mv": _int(s.get("mv")),
+                "ma": _int(s.get("ma")),
+                "power_w": _power(s) if code is not None else None,
+                "e_mwh": e,
+                "bat": bat,
+                "session": sess,
+            }
+            if st.source != "own":  # the connector's own words, and whether it signs
+                slot.update(
+                    ocpp_status=s.get("ocpp_status"), error=s.get("error"), signed=s.get("signed")
+                )
+            slots.append(slot)
         meter = tel.get("meter") if isinstance(tel.get("meter"), dict) else None
         return {
             "now": now,
@@ -768,6 +1031,13 @@ class FleetState:
             if st.boot_ev
             else None,
             "meter": meter,
+            "ocpp": {
+                **(st.ocpp.boot if st.ocpp else {}),
+                "status": st.ocpp.cp_status if st.ocpp else None,
+                "heartbeat_ms": (st.ocpp.hb_period_ms if st.ocpp else None),
+            }
+            if st.source != "own"
+            else None,
             "err": st.err,
             "slot_list": slots,
             "alarm_list": self.active(sid),
@@ -854,7 +1124,46 @@ class FleetState:
         return _series(self.days, sid, t - t % DAY_MS - (days - 1) * DAY_MS)
 
 
+def _str(x: Any) -> str | None:
+    return x[:64] if isinstance(x, str) else None
+
+
+def _nat(x: Any) -> int:
+    """An OCPP connector or EVSE number: 1..16 (CONTRACT §9's slots); 0 for anything else."""
+    return x if type(x) is int and 0 < x <= 16 else 0
+
+
+def _ocpp_power(p: Mapping[str, Any], v16: bool) -> int | None:
+    """The newest Power.Active.Import (total, not a phase) of a frame's meter values, W."""
+    mvs = p.get("meterValue") or p.get("transactionData")
+    best: tuple[str, int] | None = None
+    for mv in mvs if isinstance(mvs, list) else ():
+        if not isinstance(mv, dict):
+            continue
+        for sv in mv.get("sampledValue") or ():
+            if not isinstance(sv, dict) or sv.get("measurand") != POWER or sv.get("phase"):
+                continue
+            um = sv.get("unitOfMeasure") if not v16 else None
+            unit = um.get("unit", "W") if isinstance(um, dict) else sv.get("unit", "W")
+            mult = um.get("multiplier", 0) if isinstance(um, dict) else 0
+            try:
+                w = float(str(sv.get("value"))[:40])
+            except ValueError:
+                continue
+            scale = {"W": 1.0, "kW": 1000.0}.get(unit)
+            if scale is None or type(mult) is not int or not -3 <= mult <= 6:
+                continue
+            if not math.isfinite(w) or not 0 <= w * scale * 10**mult < 1e9:
+                continue
+            t = str(mv.get("timestamp", ""))
+            if best is None or t >= best[0]:
+                best = (t, round(w * scale * 10**mult))
+    return best[1] if best is not None else None
+
+
 def _power(s: Mapping[str, Any]) -> int | None:
+    if "p_w" in s:  # an OCPP connector's (measured, else from its registers)
+        return _int(s["p_w"])
     mv, ma = _int(s.get("mv")), _int(s.get("ma"))
     if mv is None or ma is None:
         return None
