@@ -146,7 +146,11 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
     if banner:  # the agent failing or silent (agent/health.py)
         parts.append(Text(banner, style="bold white on red"))
     # station ids are the one thing never cut: an operator types them into other commands
-    sid_w = max([len(s["sid"]) for s in fleet["stations"]] + [len(sid or ""), 7])
+    # an OCPP charger's mark ("OCPP 1.6", "OCPP 2.0.1") goes under its id
+    sid_w = max(
+        [max(len(s["sid"]), len(s.get("mark") or "")) for s in fleet["stations"]]
+        + [len(sid or ""), 7]
+    )
     if sid is None:
         tab = Table(expand=True, header_style="bold")
         tab.add_column("Station", no_wrap=True, min_width=sid_w)
@@ -162,8 +166,9 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
             tab.add_column(col, justify=just)  # type: ignore[arg-type]
         for s in fleet["stations"]:
             a = s["alarms"]
+            mark = s.get("mark")
             tab.add_row(
-                s["sid"],
+                Text.assemble(s["sid"], ("\n" + mark, "cyan")) if mark else s["sid"],
                 Text(s["state"], style=_STATE_STYLE.get(s["state"], "")),
                 _ago(s["last_seen_ms"], now),
                 _w(s["power_w"]),
@@ -182,7 +187,8 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
     else:
         parts.append(
             Text(
-                f"{sid}: {st['state']} · last seen {_ago(st['last_seen_ms'], now)} · "
+                f"{sid}{' (' + st['mark'] + ')' if st.get('mark') else ''}: "
+                f"{st['state']} · last seen {_ago(st['last_seen_ms'], now)} · "
                 f"slots {_w(st['power_w'])} · meter {_w(st['meter_w'])} · "
                 f"today {_kwh(st['today_mwh'])}",
                 style=_STATE_STYLE.get(st["state"], ""),
@@ -196,9 +202,10 @@ def render(fleet: dict[str, Any], st: dict[str, Any] | None, sid: str | None) ->
         for s in st["slot_list"]:
             b = s["bat"] or {}
             ses = s["session"]
+            ocpp = s.get("ocpp_status")
             tab.add_row(
                 str(s["n"]),
-                s["state"],
+                s["state"] + (f" ({ocpp})" if ocpp else ""),
                 _w(s["power_w"]),
                 "–" if s["mv"] is None else f"{s['mv'] / 1000:.1f}",
                 "–" if s["ma"] is None else f"{s['ma'] / 1000:.1f}",
