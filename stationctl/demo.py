@@ -60,6 +60,13 @@ def register(sub: Any) -> None:
         default=0.0,
         help="injected serial/Modbus faults per transaction (default 0)",
     )
+    p.add_argument(
+        "--ocpp",
+        type=int,
+        default=2,
+        metavar="N",
+        help="simulated OCPP chargers beside the stations (default 2; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--duration", type=float, default=None, metavar="S", help="stop by itself after S seconds"
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             fault_rate=args.fault_rate,
             fresh=args.fresh,
             insecure=args.insecure,
+            ocpp=args.ocpp,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

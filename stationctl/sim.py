@@ -80,6 +80,19 @@ def register(sub: Any) -> None:
         help="cut the power of a random station every S real seconds",
     )
     p.add_argument("--status-every", type=float, default=10.0, metavar="S")
+    p.add_argument(
+        "--ocpp",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N simulated OCPP chargers (half 1.6J, half 2.0.1) connecting to --ocpp-url",
+    )
+    p.add_argument(
+        "--ocpp-url",
+        default=None,
+        metavar="URL",
+        help="the agent's OCPP endpoint, ws://host:port (its [ocpp] listen)",
+    )
     p.set_defaults(func=run)
 
 
@@ -99,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     from tools.fleet import Fleet
 
     host, port = parse_broker(args.broker)
+    if args.ocpp and not args.ocpp_url:
+        raise UsageError("--ocpp N needs --ocpp-url ws://HOST:PORT (the agent's [ocpp] listen)")
+    if args.ocpp and not args.agent_db:
+        raise UsageError("--ocpp N needs --agent-db (where the chargers' passwords are registered)")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be > 0")
     if args.cut_every is not None and args.cut_every <= 0:
@@ -142,6 +159,21 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
     fleet.start()
+    ocpp = None
+    if args.ocpp:
+        from tools.ocpp_fleet import OcppFleet
+
+        ocpp = OcppFleet(
+            args.ocpp,
+            args.ocpp_url,
+            db=args.agent_db,
+            accel=args.accel,
+            seed=args.seed,
+            sid_prefix=args.sid_prefix + "OCPP-",
+            truth_path=fleet.workdir / "ocpp_ground_truth.json",
+        )
+        ocpp.start()
+        print(f"stationctl sim: {args.ocpp} OCPP chargers on {args.ocpp_url}", flush=True)
     print(
         f"stationctl sim: {args.stations} stations × {args.slots} slots on {host}:{port}, "
         f"accel {args.accel:g}, workdir {fleet.workdir}",
@@ -168,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             stop.wait(0.2)
         print(_status(fleet), flush=True)
     finally:
+        if ocpp is not None:
+            ocpp.stop()
         fleet.stop()
         if keys is not None:
             keys.close()

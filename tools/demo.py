@@ -35,7 +35,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.config import AgentConfig, DbConfig, IngestConfig
+from agent.config import AgentConfig, DbConfig, IngestConfig, OcppConfig
 from agent.dashboard import DashboardServer, Live, make_app
 from agent.dashboard.auth import Auth, ensure_users_db
 from agent.dashboard.users import UserStore
@@ -46,6 +46,7 @@ from tools import embedded_broker
 from tools.embedded_broker import EmbeddedBroker
 from tools.fleet import Fleet
 from tools.mosquitto import Accounts, Mosquitto, find_mosquitto
+from tools.ocpp_fleet import OcppFleet
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class DemoConfig:
     fresh: bool = False  # wipe the workdir first
     sid_prefix: str = "KH-DEMO"
     insecure: bool = False  # an anonymous broker without ACLs (said in the banner)
+    ocpp: int = 2  # simulated OCPP chargers beside the stations (CONTRACT §11)
 
     def __post_init__(self) -> None:
         if not 1 <= self.stations <= 500:
@@ -91,6 +93,8 @@ class DemoConfig:
             raise ValueError("fault_rate must be in [0, 1)")
         if not 0 <= self.port <= 65535:
             raise ValueError("bad port")
+        if not 0 <= self.ocpp <= 100:
+            raise ValueError("ocpp must be 0..100")
 
 
 def parse_broker(url: str) -> tuple[str, int]:
@@ -134,6 +138,8 @@ class Demo:
         self._error: BaseException | None = None
         self.port_note = ""
         self._lock_fd: int | None = None  # held while this demo owns its workdir
+        self.ocpp_fleet: OcppFleet | None = None
+        self.ocpp_url = ""
 
     # ---- control (any thread) -------------------------------------------------------------
 
@@ -348,6 +354,7 @@ class Demo:
                     else "stationctl-demo",
                 ),
                 ingest=IngestConfig(stats_interval_s=600.0),
+                ocpp=OcppConfig(listen="127.0.0.1:0") if c.ocpp else None,
             )
             live = Live(self.db_url)
             self.service = svc = Service(acfg, on_commit=lambda rows: live.nudge())
@@ -370,6 +377,8 @@ class Demo:
                 accounts=accounts,
             )
             await loop.run_in_executor(None, self.fleet.start)
+            if c.ocpp:
+                await self._ocpp_fleet(svc)
             self._ready.set()
             done, _ = await asyncio.wait(
                 [asyncio.create_task(self._stop_ev.wait()), svc_task],
@@ -379,6 +388,27 @@ class Demo:
                 svc_task.result()
         finally:
             await self._shutdown(server, svc_task, svc_stop)
+
+    async def _ocpp_fleet(self, svc: Service) -> None:
+        """The simulated OCPP chargers, once the agent's endpoint listens."""
+        for _ in range(400):
+            if svc.ocpp is not None and svc.ocpp.port:
+                break
+            await asyncio.sleep(0.05)
+        if svc.ocpp is None:
+            raise DemoError("the agent's OCPP endpoint did not start")
+        self.ocpp_url = f"ws://127.0.0.1:{svc.ocpp.port}"
+        fleet = OcppFleet(
+            self.cfg.ocpp,
+            self.ocpp_url,
+            db=self.db_url,
+            accel=self.cfg.accel,
+            seed=self.cfg.seed,
+            sid_prefix=self.cfg.sid_prefix + "-OCPP-",
+            truth_path=self.workdir / "ocpp_ground_truth.json",
+        )
+        await asyncio.get_running_loop().run_in_executor(None, fleet.start)
+        self.ocpp_fleet = fleet
 
     async def _serve(self, app: Any) -> DashboardServer:
         server = DashboardServer(app, self.cfg.host, self.cfg.port)
@@ -399,6 +429,8 @@ class Demo:
         svc_stop: asyncio.Event,
     ) -> None:
         loop = asyncio.get_running_loop()
+        if self.ocpp_fleet is not None:
+            await loop.run_in_executor(None, self.ocpp_fleet.stop)
         if self.fleet is not None:
             await loop.run_in_executor(None, self.fleet.stop)
             await asyncio.sleep(0.5)  # the last wills and messages reach the agent
@@ -456,6 +488,11 @@ class Demo:
             f"in {self.workdir / ADMIN_PASSWORD_FILE})",
             f"  broker     {self.broker_url} ({self.broker_note})",
             f"  database   {self.db_url}",
+            *(
+                [f"  OCPP       {c.ocpp} chargers (1.6J and 2.0.1) on {self.ocpp_url}"]
+                if self.ocpp_url
+                else []
+            ),
             f"  terminal   stationctl watch --db {self.db_url}",
             f"  workdir    {self.workdir}",
         ]

@@ -1010,7 +1010,8 @@ async def _connector_loop(
             return
         with contextlib.suppress(*_NET_ERRORS):
             await cp.status(c, "Preparing")
-        await cp.start(c, f"TAG-{cp.identity}-{c}", power_w=rng.randint(1000, 7000))
+        tag = f"TAG-{c}-{cp.identity[-12:]}"  # (a 1.6 idTag is at most 20 characters)
+        await cp.start(c, tag, power_w=rng.randint(1000, 7000))
         with contextlib.suppress(*_NET_ERRORS):
             await cp.status(c, "Charging")
         end_ms = clock.now_ms() + int(rng.uniform(1200, 7200) * 1000)
