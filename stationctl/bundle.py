@@ -22,6 +22,14 @@ Members (a zip, deterministic: fixed times, sorted names):
 - `report/report.html` and `report/*.csv`: the monitoring report of the period;
 - `manifest.json`: the period, the stations, and the sha256 and size of every other member.
 
+OCPP chargers (CONTRACT §11) are stations too: their frames go into `raw.jsonl` like the
+rest (kind `ocpp`, topic `ocpp/<proto>/<sid>`, kid 1 when their OCMF signatures were
+checked on receipt, else 0, the frame's exact bytes; no HMAC signature), and
+`ocpp/public_keys.json` holds each bundled charger's OCMF public key ('' when none is
+registered), so that `verify --bundle` checks the signed meter values again. A public key
+is no secret: it verifies, it cannot sign. An unsigned OCPP reading has nothing to check
+but its place in the stream: only the CSMS's receipt vouches for it (docs/mrv.md).
+
 The keys that check the signatures are not in the bundle: `--keys-out FILE` writes them to
 a separate file (mode 0600) that the operator chooses to hand over, only the (station,
 kid) pairs present in `raw.jsonl`. An HMAC key signs as well as verifies: whoever holds
@@ -52,6 +60,9 @@ RAW = "raw.jsonl"
 METERING = "metering.json"
 CARBON = "carbon_params.toml"
 REGISTER = "meters/register.json"
+OCPP_KEYS = "ocpp/public_keys.json"
+OCPP_KEYS_FORMAT = "stationctl-ocpp-keys/1"
+OCPP_KIND = "ocpp"  # agent.ocpp.frames.KIND
 KINDS = ("interval", "day", "session")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -136,6 +147,30 @@ def read_keys(path: str) -> Any:
     return StaticKeys(keys)
 
 
+def ocpp_keys_doc(points: dict[str, str]) -> bytes:
+    """The bundle's OCPP public keys member: {sid: OCMF public key, '' when none}."""
+    doc = {
+        "format": OCPP_KEYS_FORMAT,
+        "note": "OCMF public keys of the bundled OCPP charge points: they verify the "
+        "chargers' signed meter values and cannot sign (not secrets). '' : no key registered.",
+        "points": points,
+    }
+    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def read_ocpp_keys(data: bytes) -> dict[str, str]:
+    """The member back (ValueError when it is not one)."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or doc.get("format") != OCPP_KEYS_FORMAT:
+        raise ValueError(f"{OCPP_KEYS}: not a {OCPP_KEYS_FORMAT} document")
+    points = doc.get("points")
+    if not isinstance(points, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in points.items()
+    ):
+        raise ValueError(f"{OCPP_KEYS}: points is not a map of station to key")
+    return dict(points)
+
+
 def register_from_dict(doc: dict[str, Any]) -> Any:
     """`agent.meters.Register` from `Register.as_dict()` (the bundle's copy)."""
     from agent.meters import Calibration, Install, Meter, Register
@@ -212,14 +247,25 @@ def run(args: argparse.Namespace) -> int:
             have = set(station_sids(store))
             raw = bytearray()
             pairs: set[tuple[str, int]] = set()
+            ocpp: dict[str, str] = {}  # OCPP station -> its protocol
             n_raw = 0
             for sid in sids:
                 if sid not in have:
                     continue
                 for row in store.iter_raw_keys(sid):
                     raw += raw_line(row)
-                    pairs.add((row.sid, row.kid))
+                    if row.kind == OCPP_KIND:  # no HMAC key: an OCMF public key, if any
+                        parts = row.topic.split("/")
+                        ocpp.setdefault(row.sid, parts[1] if len(parts) > 2 else "")
+                    else:
+                        pairs.add((row.sid, row.kid))
                     n_raw += 1
+            pub: dict[str, str] = {}
+            if ocpp:
+                from agent.ocpp.points import ocpp_public_keys
+
+                known = ocpp_public_keys(store)
+                pub = {sid: known.get(sid, "") for sid in sorted(ocpp)}
             if args.keys_out:
                 ks = KeyStore(store)
                 for sid, kid in sorted(pairs):
@@ -234,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     members[RAW] = bytes(raw)
+    if pub:
+        members[OCPP_KEYS] = ocpp_keys_doc(pub)
     members[METERING] = (
         json.dumps(
             {"metering": dataclasses.asdict(mparams), "overdue_policy": policy},
@@ -263,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
         "period": {"from": rep.summary["period_from"], "to": rep.summary["period_to"]},
         "stations": sids,
         "raw_messages": n_raw,
+        "ocpp_stations": {sid: ocpp[sid] for sid in sorted(ocpp)},
         "raw_scope": "each station's whole stream, from its first message to the bundling",
         "stored_records_differ": stored_differ,
         "carbon_params": {
@@ -291,6 +340,11 @@ def run(args: argparse.Namespace) -> int:
         f"{sum(len(members[records_name(k)].splitlines()) for k in KINDS)} records, "
         f"{size / 1e6:.1f} MB, in {time.monotonic() - t0:.1f} s"
     )
+    if pub:
+        print(
+            f"OCPP: {len(pub)} charge point(s) in the bundle, "
+            f"{sum(1 for k in pub.values() if k)} with an OCMF public key ({OCPP_KEYS})"
+        )
     if args.keys_out:
         print(
             f"keys {args.keys_out} (0600): {len(keys)} station key(s); an HMAC key can sign "

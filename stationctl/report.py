@@ -205,7 +205,7 @@ def build_report(
     try:
         with snapshot(store):
             ring = KeyStore(store).ring()
-            sigs, readings = collect.scan(store, ring, lo, hi, mparams.interval_ms)
+            sigs, readings, sources = collect.scan(store, ring, lo, hi, mparams.interval_ms)
             quar = collect.quarantine(store, lo, hi)
             reg, note = collect.register(store, hi)
     except DB_ERRORS as e:
@@ -225,6 +225,7 @@ def build_report(
         register=reg,
         register_note=note,
         readings=readings,
+        sources=sources,
     )
     return build(inp), {"interval": intervals, "day": days, "register": reg}
 

@@ -14,6 +14,12 @@ a segment that is missing or whose hash differs fails its station, named.
 `--from`/`--to` (ISO, UTC; from inclusive, to exclusive) limit the comparison to the records
 that start in that range; the stations' whole streams are still verified and replayed, since
 a record's value depends on what came before it.
+OCPP chargers' frames (raw kind `ocpp`, CONTRACT §11) carry no HMAC signature: each is
+re-read as stored (`frames.recheck`: still an OCPP-J frame, and when stored as checked its
+OCMF values verify again against the charger's public key) and counted apart: OCPP
+frames, of which OCMF-signed and verified, and unsigned (nothing but the frame to check;
+never counted as a verified signature, nor as a failed one). A frame that fails its check
+is named and fails the run, like a bad signature.
 Exit 0 when every signature holds and every record is reproduced; 1 otherwise, with the
 differences listed; 2 for bad usage, an unknown station, or nothing to verify (CONTRACT §8:
 an empty range is not a pass).
@@ -112,8 +118,8 @@ def run_db(args: argparse.Namespace) -> int:
     from agent.archive.index import has_segments
     from agent.keys import KeyStore
     from agent.ledger import MeterParams, RawMsg
-    from agent.ledger.compute import compute_station
     from agent.ledger.agent_meter import decode_row
+    from agent.ledger.compute import compute_station
     from agent.ledger.inputs import raw_msg
     from agent.ocpp import frames as ocpp_frames
     from agent.ocpp.ocmf import OcmfError
@@ -154,8 +160,10 @@ def run_db(args: argparse.Namespace) -> int:
                 start: tuple[int, int] = (-1, -1),
                 boot: int | None = None,
                 bad: list[str] | None = None,
+                tally: list[int] | None = None,
             ) -> Iterator[RawMsg]:
-                """A station's raw rows in key order, verified again, as metering input."""
+                """A station's raw rows in key order, verified again, as metering input.
+                `tally` (the counting pass): OCPP frames [good, OCMF-verified, failed]."""
                 for row in archive.iter_raw_keys(sid, start, boot=boot):
                     if row.kind == ocpp_frames.KIND:  # CONTRACT §11: no HMAC; OCMF if any
                         try:
@@ -163,11 +171,20 @@ def run_db(args: argparse.Namespace) -> int:
                             ocpp_frames.recheck(
                                 row.kid, proto, row.record, ocpp_keys.get(row.sid, "")
                             )
+                            msg = decode_row(row)
                         except (ocpp_frames.FrameError, OcmfError) as e:
                             if bad is not None:
-                                bad.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
+                                bad.append(
+                                    f"{row.sid} {row.boot}:{row.seq}: OCPP frame "
+                                    f"({row.topic}): {e or type(e).__name__}"
+                                )
+                            if tally is not None:
+                                tally[2] += 1
                             continue
-                        yield decode_row(row)
+                        if tally is not None:
+                            tally[0] += 1
+                            tally[1] += row.kid == ocpp_frames.SIGNED_KID
+                        yield msg
                         continue
                     try:
                         v = verify(row.kind, row.sid, row.record, ring)
@@ -183,6 +200,7 @@ def run_db(args: argparse.Namespace) -> int:
             differ: list[tuple[str, RecordRow, RecordRow]] = []
             archive_bad: list[str] = []
             n_raw = n_ok = n_stored = n_again = 0
+            ocpp = [0, 0, 0]  # OCPP frames: read and checked, of them OCMF-verified; failed
             # station by station, its raw rows streamed in key order: memory holds one
             # station's records at a time, never the raw table
             known = set(archive.sids()) | set(store.record_sids())
@@ -191,7 +209,7 @@ def run_db(args: argparse.Namespace) -> int:
             sids = [args.sid] if args.sid else sorted(known)
             for sid in sids:
                 before = len(bad_sig)
-                counted = _Counted(verified(sid, bad=bad_sig))
+                counted = _Counted(verified(sid, bad=bad_sig, tally=ocpp))
                 try:
                     recs = compute_station(
                         sid,
@@ -227,6 +245,9 @@ def run_db(args: argparse.Namespace) -> int:
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{args.db} is not an agent database ({e})") from None
     # (an archive that cannot be read is a failure below, not an empty range)
+    n_ocpp = ocpp[0] + ocpp[2]
+    n_unsigned = ocpp[0] - ocpp[1]
+    n_ok -= n_unsigned  # an unsigned OCPP frame was read, not a signature verified
     if not archive_bad and (n_raw == 0 or (n_stored == 0 and n_again == 0)):
         what = "no raw message" if n_raw == 0 else "no record in that range"
         raise UsageError(f"nothing to verify: {what} (an empty range is not a pass)")
@@ -234,6 +255,10 @@ def run_db(args: argparse.Namespace) -> int:
         "raw": n_raw,
         "verified": n_ok,
         "bad_signatures": len(bad_sig),
+        "ocpp_frames": n_ocpp,
+        "ocpp_ocmf_verified": ocpp[1],
+        "ocpp_unsigned": n_unsigned,
+        "ocpp_failed": ocpp[2],
         "records_stored": n_stored,
         "records_recomputed": n_again,
         "missing": len(missing),
@@ -246,6 +271,11 @@ def run_db(args: argparse.Namespace) -> int:
         print(json.dumps(summary, sort_keys=True))
     else:
         print(f"raw messages {n_raw}, signatures verified {n_ok}, failed {len(bad_sig)}")
+        if n_ocpp:
+            print(
+                f"OCPP frames {n_ocpp} (no HMAC signature): OCMF-signed and verified "
+                f"{ocpp[1]}, unsigned {n_unsigned} (only the CSMS's receipt), failed {ocpp[2]}"
+            )
         print(
             f"records stored {n_stored}, recomputed {n_again}: "
             f"{len(missing)} missing, {len(extra)} not reproduced, {len(differ)} different"
@@ -253,7 +283,7 @@ def run_db(args: argparse.Namespace) -> int:
         for line in archive_bad:
             print("  archive:", line)
         for line in bad_sig[:20]:
-            print("  bad signature:", line)
+            print("  bad frame:" if " OCPP frame (" in line else "  bad signature:", line)
         for k in missing[:20]:
             print("  missing from the store:", k)
         for k in extra[:20]:
@@ -262,8 +292,11 @@ def run_db(args: argparse.Namespace) -> int:
             print(
                 "  different:", k, "stored", (s.mwh, s.held_mwh), "recomputed", (a.mwh, a.held_mwh)
             )
+        ocpp_note = f" and OCPP frames ({n_unsigned} of them unsigned)" if n_ocpp else ""
         print(
-            "OK: every record is reproduced from signed raw messages" if summary["ok"] else "FAILED"
+            f"OK: every record is reproduced from signed raw messages{ocpp_note}"
+            if summary["ok"]
+            else "FAILED"
         )
     return 0 if summary["ok"] else 1
 
@@ -315,8 +348,8 @@ def run_bundle(args: argparse.Namespace) -> int:
     from agent.ledger.export import parse_time, render
     from agent.ledger.inputs import raw_msg
     from agent.report import Inputs, SigCount, build
-    from agent.report.collect import message_time
-    from agent.report.tables import RECORD_TABLES
+    from agent.report.collect import check_ocpp, message_time, source_of
+    from agent.report.tables import OWN, RECORD_TABLES, source_label
     from agent.wire import WireError, decode_signed, split_signed, verify
     from stationctl import bundle as B
     from stationctl.report import parse_jsonl
@@ -376,19 +409,62 @@ def run_bundle(args: argparse.Namespace) -> int:
                 print(f"  manifest: {text}")
             print(f"FAILED: the bundle was changed after it was made ({e})")
         return 1
+    try:  # the OCPP chargers' OCMF public keys (public: they cannot sign)
+        pub = B.read_ocpp_keys(members[B.OCPP_KEYS]) if B.OCPP_KEYS in members else {}
+    except ValueError as e:
+        problems["ocpp"].append(str(e))
+        pub = {}
     msgs: dict[str, list[Any]] = defaultdict(list)
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    # per station in the period: stored, verified, failed, OCPP frames, OCMF, unsigned
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
     readings: dict[str, set[int]] = defaultdict(set)
-    n_raw = n_ok = 0
+    labels: dict[str, set[str]] = defaultdict(set)
+    n_raw = n_ok = n_own = 0
+    ocpp = [0, 0, 0, 0]  # OCPP frames: all, OCMF-verified, unsigned, failed
     for i, line in enumerate(members[B.RAW].splitlines(), start=1):
         try:
             o = json.loads(line)
             payload = base64.b64decode(o["b64"], validate=True)
             sid, kind, recv = str(o["sid"]), str(o["kind"]), int(o["recv_ms"])
+            if kind == B.OCPP_KIND:
+                boot, seq, kid = int(o["boot"]), int(o["seq"]), int(o["kid"])
+                topic = str(o["topic"])
         except (ValueError, KeyError, TypeError) as e:
             problems["raw"].append(f"{B.RAW} line {i}: {e}")
             continue
         n_raw += 1
+        if kind == B.OCPP_KIND:  # CONTRACT §11: a frame as received, no HMAC signature
+            try:
+                c = check_ocpp(sid, boot, seq, kid, topic, payload, recv, pub.get(sid, ""))
+            except ImportError as e:  # agent.ocpp needs `cryptography` (OCMF)
+                raise UsageError(
+                    f"--bundle {path}: it holds OCPP frames, whose check needs the "
+                    f"`cryptography` package ({e}): pip install cryptography"
+                ) from None
+            ocpp[0] += 1
+            labels[sid].add(source_label(c.proto))
+            cnt = counts[sid] if lo <= c.time < hi else [0] * 6
+            cnt[0] += 1
+            cnt[3] += 1
+            if c.error:
+                ocpp[3] += 1
+                cnt[2] += 1
+                problems["ocpp"].append(f"{sid} {boot}:{seq}: OCPP frame ({topic}): {c.error}")
+                continue
+            if c.signed:
+                ocpp[1] += 1
+                n_ok += 1
+                cnt[1] += 1
+                cnt[4] += 1
+            else:
+                ocpp[2] += 1
+                cnt[5] += 1
+            if lo <= c.time < hi and c.msg.body.get("reg"):
+                readings[sid].add(c.time - c.time % mparams.interval_ms)
+            msgs[sid].append(c.msg)
+            continue
+        n_own += 1
+        labels[sid].add(OWN)
         try:
             if ring is not None:
                 v = verify(kind, sid, payload, ring)
@@ -403,6 +479,7 @@ def run_bundle(args: argparse.Namespace) -> int:
                 t = recv
             if lo <= t < hi:
                 counts[sid][0] += 1
+                counts[sid][2] += ring is not None
             continue
         head = (body.get("sid"), body.get("boot"), body.get("seq"), body.get("kid"))
         if head != (sid, o.get("boot"), o.get("seq"), o.get("kid")):
@@ -450,10 +527,11 @@ def run_bundle(args: argparse.Namespace) -> int:
             params=cparams,
             sids=sorted(counts),
             signatures=[
-                SigCount(s, c[0], c[1], c[0] - c[1] if ring else 0, 0 if ring else c[0])
+                SigCount(s, c[0], c[1], c[2], c[0] - c[1] - c[2] - c[5], c[3], c[4], c[5])
                 for s, c in sorted(counts.items())
             ],
             readings=readings,
+            sources={s: source_of(x) for s, x in labels.items()},
         )
         rep = build(inp)
     except (KeyError, ValueError, TypeError) as e:
@@ -469,7 +547,7 @@ def run_bundle(args: argparse.Namespace) -> int:
                     f"{member}: differs from the one rebuilt from the records"
                 )
 
-    checked = ring is not None
+    checked = ring is not None or n_own == 0  # (OCPP frames need no key file)
     failed = any(problems.values())
     ok = not failed and (checked or args.no_signatures)
     summary = {
@@ -480,6 +558,10 @@ def run_bundle(args: argparse.Namespace) -> int:
         "signatures_checked": checked,
         "verified": n_ok,
         "bad_signatures": len(problems["signatures"]),
+        "ocpp_frames": ocpp[0],
+        "ocpp_ocmf_verified": ocpp[1],
+        "ocpp_unsigned": ocpp[2],
+        "ocpp_failed": ocpp[3],
         "records": n_records,
         "manifest_problems": len(problems["manifest"]),
         "record_differences": len(problems["records"]),
@@ -500,6 +582,12 @@ def run_bundle(args: argparse.Namespace) -> int:
             )
         else:
             print(f"raw messages {n_raw}: signatures NOT checked (no --keys)")
+        if ocpp[0]:
+            print(
+                f"OCPP frames {ocpp[0]} (no HMAC signature; OCMF against {B.OCPP_KEYS}): "
+                f"OCMF-signed and verified {ocpp[1]}, unsigned {ocpp[2]} (only the CSMS's "
+                f"receipt), failed {ocpp[3]}"
+            )
         print(
             f"records {n_records} recomputed from the raw messages: "
             f"{len(problems['records'])} difference(s)"
@@ -508,7 +596,7 @@ def run_bundle(args: argparse.Namespace) -> int:
             f"report tables ({', '.join(RECORD_TABLES)}) rebuilt with carbon parameters "
             f"{cparams.id} {cparams.version}: {len(problems['report'])} difference(s)"
         )
-        for what in ("manifest", "raw", "signatures", "records", "report"):
+        for what in ("manifest", "raw", "signatures", "ocpp", "records", "report"):
             for text in problems[what][:20]:
                 print(f"  {what}: {text}")
             if len(problems[what]) > 20:

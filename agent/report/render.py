@@ -93,6 +93,18 @@ def key_figures(rep: Report) -> list[tuple[str, str]]:
             if s["signatures_stored"]
             else "not checked",
         ),
+    ]
+    if s.get("ocpp_stations", "0") != "0":
+        out += [
+            (
+                "OCPP stations",
+                f"{s['ocpp_stations']}: {s['ocpp_frames'] or '-'} frames, of which "
+                f"{s['ocpp_ocmf_verified'] or '-'} OCMF-signed and verified, "
+                f"{s['ocpp_unsigned'] or '-'} unsigned",
+            ),
+            ("Unsigned energy (OCPP)", f"{s['unsigned_kwh']} kWh"),
+        ]
+    out += [
         ("Quarantined messages", s["quarantined"] or "not read"),
         ("Adjustment records", s["adjustments"]),
         ("Meters in the register", s["meters"] or rep.tables["meters"].note),

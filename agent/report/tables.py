@@ -27,6 +27,8 @@ NOT_VALIDATED = "example parameters, not validated"
 BATTERY = "battery"
 GRID = "grid"
 TOTAL = "TOTAL"
+OWN = "own"  # a station of this project (HMAC-signed messages)
+UNSIGNED = "unsigned"  # the flag of a record whose OCPP readings carry no checked signature
 
 # the tables computed from the records alone (and the carbon parameters): what
 # `verify --bundle` rebuilds and compares byte for byte
@@ -71,15 +73,30 @@ class Table:
         return None
 
 
+def source_label(proto: str | None) -> str:
+    """How the report names an OCPP station's source: "OCPP 1.6", "OCPP 2.0.1"."""
+    return "OCPP " + proto[4:] if proto and proto.startswith("ocpp") else "OCPP"
+
+
 @dataclass(frozen=True)
 class SigCount:
-    """One station's raw messages of the period: stored, and re-verified now."""
+    """One station's raw messages of the period: stored, and re-verified now.
+
+    stored = verified + failed + unchecked + unsigned. `verified`: signatures that verify
+    again (a station's HMAC, or the OCMF signatures of an OCPP frame stored as checked);
+    `failed`: a signature that does not, or an OCPP frame that no longer reads; `unsigned`:
+    OCPP frames without a checked meter signature (nothing to verify but the frame itself,
+    never a failed signature); `ocpp`: the OCPP frames among `stored`, `ocmf` those of
+    them whose OCMF signatures verified again."""
 
     sid: str
     stored: int
     verified: int
     failed: int
     unchecked: int = 0  # no key to check with (a bundle verified without keys)
+    ocpp: int = 0
+    ocmf: int = 0
+    unsigned: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,9 +119,12 @@ class Inputs:
     quarantine: Sequence[QuarantineCount] | None = None
     register: Sequence[Mapping[str, Any]] | None = None  # None: no register
     register_note: str = ""
-    # per station, the starts of the intervals holding one of its telemetry messages
-    # (None: not read; completeness then counts interval records)
+    # per station, the starts of the intervals holding one of its telemetry messages or
+    # OCPP frames with an energy reading (None: not read; completeness counts records)
     readings: Mapping[str, set[int]] | None = None
+    # per station, where its raw messages come from: OWN, or source_label(proto) for an
+    # OCPP charger (stations not named: OCPP when a record of it is flagged `ocpp`)
+    sources: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -152,8 +172,17 @@ def interval_starts(start_ms: int, end_ms: int, interval_ms: int) -> list[int]:
     return out
 
 
-def _energy(inp: Inputs, sids: list[str]) -> tuple[Table, Table, dict[str, int]]:
-    acc: dict[str, list[int]] = {s: [0, 0, 0, 0, 0] for s in sids}
+def sources_of(inp: Inputs, sids: Sequence[str]) -> dict[str, str]:
+    """Each station's source: OWN or an OCPP label (Inputs.sources, else the records)."""
+    given = inp.sources or {}
+    flagged = {r.sid for r in inp.intervals if "ocpp" in r.flags}
+    return {s: given.get(s) or (source_label(None) if s in flagged else OWN) for s in sids}
+
+
+def _energy(
+    inp: Inputs, sids: list[str], src: Mapping[str, str]
+) -> tuple[Table, Table, dict[str, int]]:
+    acc: dict[str, list[int]] = {s: [0, 0, 0, 0, 0, 0] for s in sids}
     by_slot: dict[tuple[str, int], list[int]] = {}
     for r in inp.intervals:
         a = acc[r.sid]
@@ -164,13 +193,17 @@ def _energy(inp: Inputs, sids: list[str]) -> tuple[Table, Table, dict[str, int]]
             a[0] += r.mwh
             a[1] += r.held_mwh
         a[4] += 1
-        b = by_slot.setdefault((r.sid, r.slot), [0, 0, 0])
+        b = by_slot.setdefault((r.sid, r.slot), [0, 0, 0, 0])
         b[0] += r.mwh
         b[1] += r.held_mwh
         b[2] += 1
-    tot = [sum(a[i] for a in acc.values()) for i in range(5)]
+        if UNSIGNED in r.flags:
+            a[5] += r.mwh
+            b[3] += r.mwh
+    tot = [sum(a[i] for a in acc.values()) for i in range(6)]
     header = (
         "sid",
+        "source",
         "battery_mwh",
         "battery_kwh",
         "battery_held_mwh",
@@ -178,25 +211,44 @@ def _energy(inp: Inputs, sids: list[str]) -> tuple[Table, Table, dict[str, int]]
         "grid_kwh",
         "grid_held_mwh",
         "records",
+        "unsigned_mwh",
+        "unsigned_kwh",
     )
 
-    def row(name: str, a: list[int]) -> tuple[str, ...]:
-        return (name, str(a[0]), kwh(a[0]), str(a[1]), str(a[2]), kwh(a[2]), str(a[3]), str(a[4]))
+    def row(name: str, source: str, a: list[int]) -> tuple[str, ...]:
+        return (
+            name,
+            source,
+            str(a[0]),
+            kwh(a[0]),
+            str(a[1]),
+            str(a[2]),
+            kwh(a[2]),
+            str(a[3]),
+            str(a[4]),
+            str(a[5]),
+            kwh(a[5]),
+        )
 
     energy = Table(
         "energy",
         "Energy per station (credited, interval records of the period)",
         header,
-        tuple(row(s, acc[s]) for s in sids) + (row(TOTAL, tot),),
-        note="Battery side: the slots' registers (slots 1..16); grid side: the grid meter "
-        "(slot 0). They measure the same energy twice and are never added together.",
+        tuple(row(s, src[s], acc[s]) for s in sids) + (row(TOTAL, "", tot),),
+        note="Battery side: the slots' registers (slots 1..16; for an OCPP charger, source "
+        "OCPP 1.6 or 2.0.1, its connectors' energy registers); grid side: the grid meter "
+        "(slot 0). They measure the same energy twice and are never added together. "
+        "unsigned: credited energy of records flagged `unsigned` (OCPP readings without a "
+        "meter signature checked against the charger's key: the CSMS's receipt is all "
+        "that vouches for them), included in the battery figures.",
     )
     slots = Table(
         "energy_by_slot",
         "Energy per station and register stream",
-        ("sid", "slot", "side", "mwh", "kwh", "held_mwh", "records"),
+        ("sid", "source", "slot", "side", "mwh", "kwh", "held_mwh", "records", "unsigned_mwh"),
         tuple(
-            (s, str(slot), side(slot), str(b[0]), kwh(b[0]), str(b[1]), str(b[2]))
+            (s, src[s], str(slot), side(slot), str(b[0]), kwh(b[0]), str(b[1]), str(b[2]))
+            + (str(b[3]),)
             for (s, slot), b in sorted(by_slot.items())
         ),
     )
@@ -206,6 +258,7 @@ def _energy(inp: Inputs, sids: list[str]) -> tuple[Table, Table, dict[str, int]]
         "grid_mwh": tot[2],
         "grid_held_mwh": tot[3],
         "records": tot[4],
+        "unsigned_mwh": tot[5],
     }
     return energy, slots, totals
 
@@ -357,9 +410,12 @@ def _unit(name: str) -> str:
     return UNITS.get(name, "")
 
 
-def _completeness(inp: Inputs, sids: list[str]) -> tuple[Table, Table, Table, dict[str, Any]]:
+def _completeness(
+    inp: Inputs, sids: list[str], src: Mapping[str, str]
+) -> tuple[Table, Table, Table, dict[str, Any]]:
     """Per station: the intervals of the period, those with an interval record, and those
-    holding at least one of its signed telemetry messages (a reading). Rule 5 spreads a
+    holding at least one of its signed telemetry messages or, for an OCPP charger, one of
+    its frames with an energy reading (a reading). Rule 5 spreads a
     credit over the time between two readings, so an interval inside a hole still gets a
     record (interpolated energy): records say where energy was booked, readings where
     data arrived; completeness, the gaps and the heat map count readings (records when
@@ -381,6 +437,7 @@ def _completeness(inp: Inputs, sids: list[str]) -> tuple[Table, Table, Table, di
         rows.append(
             (
                 s,
+                src[s],
                 str(len(starts)),
                 str(n_rec),
                 "" if inp.readings is None else str(n),
@@ -406,13 +463,18 @@ def _completeness(inp: Inputs, sids: list[str]) -> tuple[Table, Table, Table, di
             if run:
                 grows.append((s, iso_ms(run[0]), iso_ms(run[-1] + inp.interval_ms), str(len(run))))
                 run = []
-    what = "reading (signed telemetry)" if inp.readings is not None else "record"
+    what = (
+        "reading (signed telemetry, or an OCPP frame with an energy reading)"
+        if inp.readings is not None
+        else "record"
+    )
     comp = Table(
         "completeness",
         f"Data completeness ({inp.interval_ms // 60000}-min intervals of the period with at "
         f"least one {what})",
         (
             "sid",
+            "source",
             "intervals_expected",
             "intervals_with_records",
             "intervals_with_readings",
@@ -548,30 +610,42 @@ def _quarantine(q: Sequence[QuarantineCount] | None) -> Table:
     )
 
 
-def _signatures(sig: Sequence[SigCount] | None, quarantined: int) -> Table:
-    rows = [
-        (
-            c.sid,
-            str(c.stored),
-            str(c.verified),
-            str(c.failed),
-            str(c.unchecked),
-            pct(c.verified, c.stored),
-        )
+def _signatures(sig: Sequence[SigCount] | None, quarantined: int, src: Mapping[str, str]) -> Table:
+    def row(sid: str, source: str, c: Sequence[int]) -> tuple[str, ...]:
+        return (sid, source, *map(str, c), pct(c[1], c[0]))
+
+    counts = [
+        (c.sid, (c.stored, c.verified, c.failed, c.unchecked, c.ocpp, c.ocmf, c.unsigned))
         for c in sorted(sig or (), key=lambda c: c.sid)
     ]
-    st = sum(c.stored for c in sig or ())
-    ok = sum(c.verified for c in sig or ())
-    bad = sum(c.failed for c in sig or ())
-    un = sum(c.unchecked for c in sig or ())
-    rows.append((TOTAL, str(st), str(ok), str(bad), str(un), pct(ok, st)))
+    rows = [row(s, src.get(s, OWN), c) for s, c in counts]
+    tot = [sum(c[i] for _s, c in counts) for i in range(7)]
+    rows.append(row(TOTAL, "", tot))
     return Table(
         "signatures",
         "Signature coverage (raw messages of the period, signatures verified again)",
-        ("sid", "stored", "verified", "failed", "unchecked", "percent"),
+        (
+            "sid",
+            "source",
+            "stored",
+            "verified",
+            "failed",
+            "unchecked",
+            "ocpp_frames",
+            "ocmf_verified",
+            "unsigned",
+            "percent",
+        ),
         tuple(rows),
-        note=f"Besides these, {quarantined} message(s) received in the period were "
-        "quarantined (see Quarantine): not stored, never metered.",
+        note="verified: HMAC signatures of the project's own stations and the OCMF "
+        "signatures of OCPP frames (stored as checked against the charger's public key), "
+        "verified again; failed: a signature that does not verify, or an OCPP frame that no "
+        "longer reads; ocpp_frames: the OCPP frames among the stored messages, of which "
+        "ocmf_verified carried meter signatures that verified and unsigned carried none "
+        "that was checked (an unsigned frame is not a failed signature: nothing vouches "
+        "for it but the CSMS's receipt). percent: verified of stored. Besides these, "
+        f"{quarantined} message(s) received in the period were quarantined (see "
+        "Quarantine): not stored, never metered.",
     )
 
 
@@ -622,9 +696,10 @@ def build(inp: Inputs) -> Report:
         | set(inp.readings or ())
     )
     rep = Report(inputs=inp, validated=ok)
-    energy, by_slot, tot = _energy(inp, sids)
+    src = sources_of(inp, sids)
+    energy, by_slot, tot = _energy(inp, sids, src)
     carbon, used, err = _carbon(inp, ok)
-    comp, comp_daily, gaps, cinfo = _completeness(inp, sids)
+    comp, comp_daily, gaps, cinfo = _completeness(inp, sids, src)
     q = _quarantine(inp.quarantine)
     quarantined = sum(c.total for c in inp.quarantine or ())
     for t in (
@@ -640,7 +715,7 @@ def build(inp: Inputs) -> Report:
         _adjustments(inp),
         _meter_policy(inp),
         q,
-        _signatures(inp.signatures, quarantined),
+        _signatures(inp.signatures, quarantined, src),
         _register(inp),
     ):
         rep.tables[t.name] = t
@@ -666,8 +741,14 @@ def build(inp: Inputs) -> Report:
         "er_tco2e_battery_metered": er.get(BATTERY, ""),
         "carbon_params": f"{inp.params.id} {inp.params.version}",
         "carbon_params_status": "validated" if ok else NOT_VALIDATED,
-        "signatures_verified": "" if sig is None or inp.signatures is None else sig[2],
-        "signatures_stored": "" if sig is None or inp.signatures is None else sig[1],
+        "signatures_verified": "" if sig is None or inp.signatures is None else sig[3],
+        "signatures_stored": "" if sig is None or inp.signatures is None else sig[2],
+        "ocpp_stations": str(sum(1 for s in sids if src[s] != OWN)),
+        "ocpp_frames": "" if sig is None or inp.signatures is None else sig[6],
+        "ocpp_ocmf_verified": "" if sig is None or inp.signatures is None else sig[7],
+        "ocpp_unsigned": "" if sig is None or inp.signatures is None else sig[8],
+        "unsigned_mwh": str(tot["unsigned_mwh"]),
+        "unsigned_kwh": kwh(tot["unsigned_mwh"]),
         "quarantined": str(quarantined) if inp.quarantine is not None else "",
         "adjustments": str(len(rep.tables["adjustments"].rows)),
         "meters": str(len(inp.register)) if inp.register is not None else "",
