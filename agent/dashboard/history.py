@@ -145,6 +145,9 @@ def session_row(r: Record) -> dict[str, Any]:
         "why": x.get("why"),
         "reg_check": x.get("reg_check"),
         "flags": list(r.flags),
+        # an OCPP charger's session (CONTRACT §11), unsigned unless its meter signs (OCMF)
+        "source": "ocpp" if "ocpp" in r.flags else "own",
+        "unsigned": "unsigned" in r.flags,
     }
 
 
@@ -219,6 +222,7 @@ def daily_rows(
                     "complete": n >= expected and d < today,
                     "today": d == today,
                     "flags": sorted({f for r in recs for f in r.flags}),
+                    "unsigned": any("unsigned" in r.flags for r in recs),
                     "co2e_kg": co2,
                     "co2e_point": point if co2 is not None else None,
                 }

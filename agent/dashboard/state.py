@@ -415,7 +415,9 @@ class FleetState:
         for n in sorted(oc.conns):
             c = oc.conns[n]
             status = c.state or c.status
-            if status in OCPP_STATES:
+            if status == "Occupied" and (c.p_w or 0) > 0:  # 2.0.1: drawing power
+                code, name = "C", "charging"
+            elif status in OCPP_STATES:
                 code, name = OCPP_STATES[status]
             elif c.status is None and c.state is None:  # no StatusNotification yet
                 busy = n in st.sessions or (c.p_w or 0) > 0
@@ -431,7 +433,7 @@ class FleetState:
                     "ocpp_status": status,
                     "error": c.error,
                     "e_mwh": c.e_mwh,
-                    "p_w": c.p_w if code in CHARGING or c.p_w == 0 else 0,
+                    "p_w": c.p_w,  # 0 once a status says it stopped or its session ended
                     "signed": c.signed,
                 }
             )

@@ -268,6 +268,13 @@ function eventList(events, withSid) {
 
 // ---- fleet page -------------------------------------------------------------------------
 const STATES = ["online", "silent", "offline", "unknown"];
+// an OCPP charger (CONTRACT §11) beside the project's own stations: its mark
+const sourcePill = s => s.mark ? ` <span class="pill ocpp" data-field="source" title="OCPP charger: unsigned unless its meter signs (OCMF)">${esc(s.mark)}</span>` : "";
+// record flags as badges: "unsigned" (an OCPP meter value no signature vouches for) stands out
+const FLAG_TITLES = { unsigned: "from an OCPP charger whose meter values are not signed (OCMF)", ocpp: "from an OCPP charger" };
+function flagPills(flags, cls) {
+  return flags.map(f => `<span class="pill ${f === "unsigned" ? "unsigned" : f === "ocpp" ? "ocpp" : cls(f)}" data-flag="${esc(f)}"${FLAG_TITLES[f] ? ` title="${FLAG_TITLES[f]}"` : ""}>${esc(f === "ocpp" ? "OCPP" : f)}</span>`).join(" ");
+}
 // the rows of the fleet table: text (a substring of the id, any case), state, then a stable
 // sort (ties in station id order): the rules of agent/dashboard/history.py filter_stations
 function filterSort(stations, v) {
@@ -280,7 +287,8 @@ function filterSort(stations, v) {
   const key = keys[v.sort] || keys.sid, sign = v.dir === "desc" ? -1 : 1;
   const cmp = (a, b) => Array.isArray(a) ? (cmp(a[0], b[0]) || cmp(a[1], b[1])) : a < b ? -1 : a > b ? 1 : 0;
   return stations.slice().sort((a, b) => cmp(a.sid, b.sid))
-    .filter(s => s.sid.toUpperCase().includes(text) && (!v.state || s.state === v.state))
+    .filter(s => s.sid.toUpperCase().includes(text) && (!v.state || s.state === v.state) &&
+      (!v.source || (s.source || "own") === v.source))
     .sort((a, b) => sign * cmp(key(a), key(b)));
 }
 
@@ -292,6 +300,8 @@ function fleetPage(main) {
         <input type="search" id="st-filter" placeholder="Filter by station id" aria-label="Filter by station id">
         <select id="st-state" aria-label="State"><option value="">All states</option>
           ${STATES.map(x => `<option value="${x}">${x}</option>`).join("")}</select>
+        <select id="st-source" aria-label="Source"><option value="">All sources</option>
+          <option value="own">own</option><option value="ocpp">OCPP</option></select>
         <span class="muted" id="st-count"></span>
         <a id="csv" class="csv" href="/api/fleet?format=csv" download>Download CSV</a>
       </div>
@@ -320,12 +330,13 @@ function fleetPage(main) {
   const q0 = query();
   $("#st-filter").value = q0.get("q") || "";
   $("#st-state").value = q0.get("state") || "";
-  const view = () => ({ q: $("#st-filter").value.trim(), state: $("#st-state").value,
+  $("#st-source").value = q0.get("source") || "";
+  const view = () => ({ q: $("#st-filter").value.trim(), state: $("#st-state").value, source: $("#st-source").value,
                         sort: query().get("sort") || "sid", dir: query().get("dir") || "asc" });
   const rerender = () => {
     const v = view();
-    setQuery({ q: v.q, state: v.state, sort: v.sort === "sid" ? null : v.sort, dir: v.dir === "asc" ? null : v.dir });
-    $("#csv").href = "/api/fleet?" + apiQuery(["q", "state", "sort", "dir"], { format: "csv" });
+    setQuery({ q: v.q, state: v.state, source: v.source, sort: v.sort === "sid" ? null : v.sort, dir: v.dir === "asc" ? null : v.dir });
+    $("#csv").href = "/api/fleet?" + apiQuery(["q", "state", "source", "sort", "dir"], { format: "csv" });
     for (const th of document.querySelectorAll("#stations th[data-sort]")) {
       th.classList.toggle("sorted", th.dataset.sort === v.sort);
       th.dataset.dir = th.dataset.sort === v.sort ? v.dir : "";
@@ -334,6 +345,7 @@ function fleetPage(main) {
   };
   $("#st-filter").addEventListener("input", rerender);
   $("#st-state").addEventListener("change", rerender);
+  $("#st-source").addEventListener("change", rerender);
   $("#stations thead").addEventListener("click", ev => {
     const th = ev.target.closest("th[data-sort]");
     if (!th) return;
@@ -349,8 +361,8 @@ function fleetPage(main) {
     const rows = filterSort(d.stations, view());
     $("#st-count").textContent = rows.length === d.stations.length ? `${rows.length} stations` : `${rows.length} of ${d.stations.length} stations`;
     $("#stations tbody").innerHTML = rows.map(s => `
-      <tr data-sid="${esc(s.sid)}" class="state-${esc(s.state)}">
-        <td><a href="/stations/${esc(s.sid)}">${esc(s.sid)}</a></td>
+      <tr data-sid="${esc(s.sid)}" data-source="${esc(s.source || "own")}" class="state-${esc(s.state)}">
+        <td><a href="/stations/${esc(s.sid)}">${esc(s.sid)}</a>${sourcePill(s)}</td>
         <td><span class="pill ${esc(s.state)}">${esc(s.state)}</span></td>
         <td class="opt" data-field="last-seen">${esc(ago(s.last_seen_ms, d.now))}</td>
         <td class="num" data-field="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</td>
@@ -391,11 +403,13 @@ function slotCard(s, clockMs) {
   const b = s.bat, ses = s.session;
   const cls = s.st ? "st-" + s.st : "st-stale";
   return `<div class="slot ${esc(cls)}" data-slot="${s.n}" data-state="${esc(s.st || "")}">
-    <div class="head"><span>Slot ${s.n}</span><span class="state">${esc(s.state)}</span></div>
+    <div class="head"><span>${s.ocpp_status !== undefined ? "Connector" : "Slot"} ${s.n}</span><span class="state"${s.ocpp_status ? ` title="OCPP status ${esc(s.ocpp_status)}"` : ""}>${esc(s.state)}</span></div>
     <div class="power" data-value="${s.power_w ?? ""}">${fmtW(s.power_w)}</div>
     ${b ? `<div class="soc" title="state of charge"><div style="width:${Math.min(100, b.soc / 10)}%"></div></div>` : ""}
     <dl>
-      <dt>Charger</dt><dd>${volts(s.mv)} · ${amps(s.ma)}</dd>
+      ${s.ocpp_status !== undefined ? `<dt>OCPP status</dt><dd data-field="ocpp-status">${esc(s.ocpp_status ?? "–")}${s.error ? ` · <span class="pill crit">${esc(s.error)}</span>` : ""}</dd>
+      <dt>Meter</dt><dd>${s.signed ? "signed (OCMF)" : `<span class="pill unsigned">unsigned</span>`}</dd>` :
+      `<dt>Charger</dt><dd>${volts(s.mv)} · ${amps(s.ma)}</dd>`}
       ${b ? `<dt>Battery</dt><dd>${esc(b.id)}</dd>
       <dt>SoC / SoH</dt><dd>${pct(b.soc)} / ${pct(b.soh)}</dd>
       <dt>Temp</dt><dd title="hottest / coolest cell">${(b.t / 10).toFixed(1)} / ${degC(b.tmin)}</dd>
@@ -410,7 +424,7 @@ function slotCard(s, clockMs) {
 
 function stationPage(main, sid) {
   main.innerHTML = `
-    <h1><span>${esc(sid)}</span><span id="st-state" class="pill">…</span></h1>
+    <h1><span>${esc(sid)}</span><span id="st-state" class="pill">…</span><span id="st-source"></span></h1>
     <p class="sub" id="st-sub"></p>
     <section class="cards" id="st-cards"></section>
     <section class="slots" id="slots"></section>
@@ -438,9 +452,12 @@ function stationPage(main, sid) {
     document.title = `${sid} · stationctl`;
     const pill = $("#st-state");
     pill.textContent = d.state; pill.className = "pill " + d.state;
+    $("#st-source").innerHTML = sourcePill(d);
+    const oc = d.ocpp || {};
     const tel = d.telemetry;
-    $("#st-sub").textContent = [d.fw ? "firmware " + d.fw : null, d.boot !== null ? "boot " + d.boot : null,
-      "last seen " + ago(d.last_seen_ms, d.now), tel && tel.period_ms ? `telemetry every ${(tel.period_ms / 1000).toFixed(0)} s` : null,
+    $("#st-sub").textContent = [d.mark ? [d.mark + " charger", oc.vendor, oc.model].filter(Boolean).join(" ") : null,
+      oc.status ? "charger " + oc.status : null, d.fw ? "firmware " + d.fw : null, d.boot !== null ? "boot " + d.boot : null,
+      "last seen " + ago(d.last_seen_ms, d.now), tel && tel.period_ms ? `${d.mark ? "heartbeat" : "telemetry"} every ${(tel.period_ms / 1000).toFixed(0)} s` : null,
       tel && tel.hist ? "newest reading is from the outbox backlog" : null].filter(Boolean).join(" · ");
     const m = d.meter;
     $("#st-cards").innerHTML = `
@@ -550,7 +567,7 @@ function sessionsPage(main) {
         <td><a href="/stations/${esc(x.sid)}">${esc(x.sid)}</a></td><td class="num">${x.slot}</td><td>${esc(x.bat ?? "–")}</td>
         <td>${esc(when(x.start_ms))}</td><td>${esc(when(x.end_ms))}</td><td class="num">${dur(x.duration_ms)}</td>
         <td class="num" data-mwh="${x.mwh}">${energy(x.mwh)}</td><td class="num">${pct(x.soc0)} → ${pct(x.soc1)}</td>
-        <td>${esc(x.why ?? "")}</td><td>${x.flags.map(f => `<span class="pill warn">${esc(f)}</span>`).join(" ")}</td></tr>`).join("") ||
+        <td>${esc(x.why ?? "")}</td><td>${flagPills(x.flags, () => "warn")}</td></tr>`).join("") ||
       `<tr><td colspan="10" class="muted">No completed session in this range.</td></tr>`;
     pager($("#pager"), d, run);
   }
@@ -606,7 +623,7 @@ function energyPage(main) {
         <td class="num" data-field="intervals">${x.intervals}/${x.intervals_expected}</td>
         <td>${x.complete ? `<span class="pill online">complete</span>` : `<span class="pill warn" title="${x.today ? "today: not over yet" : "intervals without data"}">${x.today ? "today, incomplete" : "incomplete"}</span>`}</td>
         <td class="num">${x.co2e_kg === null ? "–" : esc(x.co2e_kg) + " kg"}</td>
-        <td>${x.flags.map(f => `<span class="pill ${f === "gap" ? "warn" : "info"}">${esc(f)}</span>`).join(" ")}</td></tr>`).join("") ||
+        <td>${flagPills(x.flags, f => f === "gap" ? "warn" : "info")}</td></tr>`).join("") ||
       `<tr><td colspan="8" class="muted">No records in this range.</td></tr>`;
   }
   run();
