@@ -334,8 +334,11 @@ def run_bundle(args: argparse.Namespace) -> int:
     recomputed from the raw messages with the §6 function, the credited records with the
     register's layer, and the report's record tables (energy, every tonne of CO2e with
     the bundle's carbon parameters, completeness, gaps, held energy, adjustments)
-    rebuilt and compared byte for byte. Exit 0 all agree, 1 differences (listed), 2 bad
-    usage or not a bundle."""
+    rebuilt and compared byte for byte. OCPP frames (kind `ocpp`) have no HMAC: each is
+    re-read with `frames.recheck` (OCMF against the bundle's `ocpp/public_keys.json`) and
+    translated as the agent translates it (`collect.check_ocpp`), then metered with the
+    rest; a frame that fails is named. Exit 0 all agree, 1 differences (listed), 2 bad
+    usage, not a bundle, or OCPP frames on a machine without `cryptography`."""
     import base64
     import hashlib
     import tomllib
