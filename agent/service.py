@@ -67,6 +67,7 @@ from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.agent_meter import StoreMeter, decode_row
 from agent.ledger.inputs import RawMsg, raw_msg
+from agent.ledger.periods import load_locks, params_now
 from agent.sources.mqtt import DROPPED_TOPIC, Delivery, MqttSource
 from agent.sources.sharded import ShardedSource
 from agent.store import (
@@ -102,6 +103,7 @@ STOP_DB_S = 1.5  # then wait this long for the database thread (interrupted) to 
 ALARM_EVERY_S = 60.0  # one bad_field alarm per (station, field) per minute (counts exact)
 METER_RETRY_S = 60.0  # a station whose metering raised is metered from raw again this often
 METER_CHECK_S = 3600.0  # the grid meter register's calibration check (agent/meters.py)
+LOCK_POLL_S = 5.0  # how often the agent looks for a newly locked monitoring period
 INTERNAL = wire.Reason.INTERNAL.value
 # a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
 # batch is kept and retried; anything else raised by a write is a data error of some row
@@ -241,7 +243,8 @@ class Service:
         self._keystore = KeyStore(Store(cfg.db.url, synchronous=cfg.db.synchronous))
         self.keys: CachedKeys = self._keystore.ring()
         # metering runs in the db thread, inside each batch's transaction (_write)
-        self.meter = StoreMeter(cfg.metering, self.store)
+        # with the last monitoring period lock in force (CONTRACT §6.8; `stationctl period`)
+        self.meter = StoreMeter(params_now(cfg.metering, load_locks(self.store)), self.store)
         self._unmetered: list[RawRow] = []  # committed without metering: the next write
         self._metered: set[tuple[str, int, int]] = set()  # metered, not yet reported
         self._meter_failed: set[str] = set()  # stations whose metering raised (retried)
@@ -1119,6 +1122,7 @@ class Service:
     async def _housekeeping(self) -> None:
         ing = self.cfg.ingest
         last_keys = last_stats = last_gc = last_ckpt = last_remeter = time.monotonic()
+        last_locks = last_keys
         next_meters = 0.0  # the grid meter register's calibration check: now, then hourly
         last_health = 0.0
         loop = asyncio.get_running_loop()
@@ -1160,9 +1164,34 @@ class Service:
             if now - last_stats >= ing.stats_interval_s:
                 last_stats = now
                 log.info("counters: %s", dict(sorted(self.counters.items())))
+            if now - last_locks >= LOCK_POLL_S and not self._stopping:
+                last_locks = now
+                await loop.run_in_executor(self._db, self._relock)
             if now >= next_meters and not self._stopping:  # at start, then hourly
                 next_meters = now + METER_CHECK_S
                 await loop.run_in_executor(self._db, self.check_meters)
+
+    def _relock(self) -> bool:
+        """db thread: a monitoring period locked since (`stationctl period lock`): meter on
+        with it in force. States made under the old parameters are not resumed: each
+        station is metered again from raw (streamed), as after a parameter change."""
+        try:
+            params = params_now(self.cfg.metering, load_locks(self.store))
+        except Exception as e:  # a database that fails now is the committer's to report
+            log.debug("reading period locks failed: %r", e)
+            return False
+        if params == self.meter.params:
+            return False
+        log.info(
+            "a monitoring period was locked (until %s): metering again", params.locked_until_ms
+        )
+        self.meter = StoreMeter(params, self.store)
+        mine = self._owns if self.leases is not None else None
+        sids = [x for x in self.store.key_sids() if mine is None or mine(x)]
+        _rebuilt, n = self.meter.start(sids, only=mine)
+        self.counters["relocks"] += 1
+        self.counters["replay_rows"] += n
+        return True
 
     def check_meters(self, at_ms: int | None = None) -> list[tuple[str, str, str, str]]:
         """db thread: alarm installed grid meters past (`meter_overdue`) or near

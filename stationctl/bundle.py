@@ -241,9 +241,11 @@ def run(args: argparse.Namespace) -> int:
     keys: list[dict[str, Any]] = []
     try:
         with snapshot(store):
+            from agent.ledger.periods import load_locks
             from agent.meters import load_register
 
             reg = load_register(store)
+            locks = load_locks(store)  # the monitoring periods locked (CONTRACT §6.8)
             have = set(station_sids(store))
             raw = bytearray()
             pairs: set[tuple[str, int]] = set()
@@ -284,7 +286,11 @@ def run(args: argparse.Namespace) -> int:
         members[OCPP_KEYS] = ocpp_keys_doc(pub)
     members[METERING] = (
         json.dumps(
-            {"metering": dataclasses.asdict(mparams), "overdue_policy": policy},
+            {
+                "metering": dataclasses.asdict(mparams),
+                "overdue_policy": policy,
+                "locks": [dataclasses.asdict(lk) for lk in locks],
+            },
             indent=1,
             sort_keys=True,
         ).encode()

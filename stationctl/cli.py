@@ -21,6 +21,7 @@ COMMANDS = [
     "stationctl.agent",
     "stationctl.export",
     "stationctl.meter",
+    "stationctl.period",
     "stationctl.verify",
     "stationctl.report",
     "stationctl.bundle",

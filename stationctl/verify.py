@@ -121,6 +121,8 @@ def run_db(args: argparse.Namespace) -> int:
     from agent.ledger.agent_meter import decode_row
     from agent.ledger.compute import compute_station
     from agent.ledger.inputs import raw_msg
+    from agent.ledger.periods import bounds as lock_bounds
+    from agent.ledger.periods import load_locks, open_records, params_now, window_records
     from agent.ocpp import frames as ocpp_frames
     from agent.ocpp.ocmf import OcmfError
     from agent.ocpp.points import ocpp_public_keys
@@ -153,6 +155,7 @@ def run_db(args: argparse.Namespace) -> int:
                 raise UsageError(f"--archive: {e}") from None
             archive = ArchiveReader(store, where)
             ring = KeyStore(store).ring()
+            locks = load_locks(store)
             ocpp_keys = ocpp_public_keys(store)
 
             def verified(
@@ -211,13 +214,30 @@ def run_db(args: argparse.Namespace) -> int:
                 before = len(bad_sig)
                 counted = _Counted(verified(sid, bad=bad_sig, tally=ocpp))
                 try:
-                    recs = compute_station(
-                        sid,
-                        counted,
-                        lambda s, k: verified(s, k),
-                        lambda s, b: verified(s, boot=b),
-                        params,
+                    # the open part with the last lock in force, then each locked window
+                    # in range as it was frozen (CONTRACT §6.8, agent/ledger/periods.py)
+                    recs = open_records(
+                        compute_station(
+                            sid,
+                            counted,
+                            lambda s, k: verified(s, k),
+                            lambda s, b: verified(s, boot=b),
+                            params_now(params, locks),
+                        ),
+                        locks,
                     )
+                    for n in range(len(locks)):
+                        lo, hi = lock_bounds(locks, n)
+                        if hi > t_from and lo < t_to:
+                            recs += window_records(
+                                sid,
+                                verified(sid),
+                                lambda s, key: verified(s, key),
+                                lambda s, b: verified(s, boot=b),
+                                params,
+                                locks,
+                                n,
+                            )
                 except ArchiveError as e:  # the station's raw messages cannot all be read
                     archive_bad.append(f"{sid}: {e}")
                     n_raw += counted.n + len(bad_sig) - before
@@ -346,10 +366,11 @@ def run_bundle(args: argparse.Namespace) -> int:
     from collections import defaultdict
     from pathlib import Path
 
-    from agent.ledger import MeterParams, compute
+    from agent.ledger import MeterParams
     from agent.ledger.carbon import CarbonParamsError, parse_params
     from agent.ledger.export import parse_time, render
     from agent.ledger.inputs import raw_msg
+    from agent.ledger.periods import Lock, compute_locked
     from agent.report import Inputs, SigCount, build
     from agent.report.collect import check_ocpp, message_time, source_of
     from agent.report.tables import OWN, RECORD_TABLES, source_label
@@ -398,6 +419,7 @@ def run_bundle(args: argparse.Namespace) -> int:
     try:
         mdoc = json.loads(members[B.METERING])
         mparams = MeterParams(**mdoc["metering"])
+        locks = [Lock(**x) for x in mdoc.get("locks", [])]  # (bundles before locks: none)
         policy = str(mdoc["overdue_policy"])
         cparams = parse_params(tomllib.loads(members[B.CARBON].decode()), f"{path}:{B.CARBON}")
         register = B.register_from_dict(json.loads(members[B.REGISTER])["register"])
@@ -500,7 +522,7 @@ def run_bundle(args: argparse.Namespace) -> int:
     # 3. every record recomputed with the §6 function, compared with the bundle's
     again = []
     for sid in sorted(msgs):
-        again += compute(msgs.pop(sid), mparams)
+        again += compute_locked(msgs.pop(sid), mparams, locks)
     stored_given = any(B.records_name(k, stored=True) in members for k in B.KINDS)
     n_records = 0
     for kind in B.KINDS:

@@ -43,6 +43,25 @@ log = logging.getLogger(__name__)
 # (agent/ocpp/points.py: ocpp_points, a new table made in place)
 SCHEMA_VERSION: Final = 6
 
+# Monitoring periods locked for MRV (CONTRACT §6.8; `stationctl period lock`): the locks,
+# sequential and contiguous (n = 1, 2, …), and each locked window's interval and day records
+# frozen as they stood at its lock (same columns as records, plus the lock's n).
+PERIOD_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS period_locks (
+        n BIGINT PRIMARY KEY, from_ms BIGINT NOT NULL, to_ms BIGINT NOT NULL,
+        locked_at_ms BIGINT NOT NULL, by_name TEXT NOT NULL, note TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS locked_records (
+        rid TEXT PRIMARY KEY,
+        sid TEXT NOT NULL, kind TEXT NOT NULL, slot BIGINT NOT NULL,
+        start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
+        mwh BIGINT NOT NULL, held_mwh BIGINT NOT NULL, flags TEXT NOT NULL,
+        from_boot BIGINT NOT NULL, from_seq BIGINT NOT NULL,
+        to_boot BIGINT NOT NULL, to_seq BIGINT NOT NULL,
+        e_from BIGINT NOT NULL, e_to BIGINT NOT NULL, version TEXT NOT NULL,
+        extra TEXT NOT NULL, lock_n BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS locked_records_sid ON locked_records (sid, kind, slot, start_ms)",
+)
+
 # OCPP charge points (CONTRACT §11; `stationctl ocpp`): each identity's password (an
 # argon2 hash), its meter's OCMF public key (text as registered, or ''), and when it was
 # revoked (NULL: in service).
@@ -143,6 +162,7 @@ DDL: Final = (
     *ARCHIVE_DDL,
     *METER_DDL,
     *OCPP_DDL,
+    *PERIOD_DDL,
 )
 
 
@@ -744,8 +764,35 @@ class Store:
     ) -> list[RecordRow]:
         """Records (optionally of one kind, of one station, touching [start_ms, end_ms)) in a
         fixed order; a superset of what an export window needs (render() applies the exact
-        bounds)."""
-        q = f"SELECT {RECORD_COLUMNS} FROM records WHERE 1 = 1"
+        bounds). Interval and day records of locked monitoring periods (CONTRACT §6.8) are
+        the frozen ones (`locked_records`), the metering's own from the last lock's end."""
+        until = self.locked_until()
+        if until is None:
+            return self._record_rows("records", kind, start_ms, end_ms, sid, None)
+        live = self._record_rows("records", kind, start_ms, end_ms, sid, until)
+        frozen = self._record_rows("locked_records", kind, start_ms, end_ms, sid, None)
+        return sorted(live + frozen, key=lambda r: (r.sid, r.slot, r.start_ms, r.kind, r.rid))
+
+    def locked_until(self) -> int | None:
+        """The end of the last locked monitoring period (None: nothing locked, or a
+        database from before schema 6)."""
+        if (self.schema_version() or 0) < 6:
+            return None
+        row = self.db.execute("SELECT MAX(to_ms) FROM period_locks").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _record_rows(
+        self,
+        table: str,
+        kind: str | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        sid: str | None,
+        open_from: int | None,
+    ) -> list[RecordRow]:
+        q = f"SELECT {RECORD_COLUMNS} FROM {table} WHERE 1 = 1"
+        if open_from is not None:  # sessions are never locked; intervals and days from here
+            q += f" AND (kind = 'session' OR start_ms >= {int(open_from)})"
         args: list[Any] = []
         if sid is not None:
             q += " AND sid = ?"
