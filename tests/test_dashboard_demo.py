@@ -104,11 +104,20 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             f = fleet(url)
-            if f["totals"]["online"] == 2 and all(s["power_w"] is not None for s in f["stations"]):
+            own = [s for s in f["stations"] if s.get("source", "own") == "own"]
+            ocpp = [s for s in f["stations"] if s.get("source") == "ocpp"]
+            if (
+                sum(s["state"] == "online" for s in own) == 2
+                and all(s["power_w"] is not None for s in own)
+                and sum(s["state"] == "online" for s in ocpp) == 2
+            ):
                 break
             time.sleep(0.5)
-        assert [s["sid"] for s in f["stations"]] == ["KH-DEMO-0001", "KH-DEMO-0002"]
-        assert f["totals"]["online"] == 2
+        assert [s["sid"] for s in own] == ["KH-DEMO-0001", "KH-DEMO-0002"]
+        # the two simulated OCPP chargers beside them, marked (docs/ocpp.md)
+        assert [s["sid"] for s in ocpp] == ["KH-DEMO-OCPP-01", "KH-DEMO-OCPP-02"]
+        assert {s["mark"] for s in ocpp} == {"OCPP 1.6", "OCPP 2.0.1"}
+        assert f["totals"]["online"] == 4
         broker_rules_hold(work)
         login_from_elsewhere(url, work)
         # a second demo in the same folder would run the same stations twice: refused
@@ -132,13 +141,13 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
     boots1 = dict(db.execute("SELECT sid, MAX(boot) FROM raw GROUP BY sid").fetchall())
     last_ts1 = max(ts_of(db, "telemetry").values())
     db.close()
-    assert set(boots1) == {"KH-DEMO-0001", "KH-DEMO-0002"}
+    assert set(boots1) == {"KH-DEMO-0001", "KH-DEMO-0002", "KH-DEMO-OCPP-01", "KH-DEMO-OCPP-02"}
 
     # the same folder again: the stations boot on (a boot number never repeats)
     p, url = start(work)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and fleet(url)["totals"]["online"] < 2:
+        while time.monotonic() < deadline and fleet(url)["totals"]["online"] < 4:
             time.sleep(0.5)
         time.sleep(3)
     finally:
@@ -199,8 +208,8 @@ def login_from_elsewhere(url: str, work: pathlib.Path) -> None:
         cookie = r.headers["Set-Cookie"].split(";")[0]
     req = urllib.request.Request(url + "api/fleet", headers={**host, "Cookie": cookie})
     with urllib.request.urlopen(req, timeout=5) as r:
-        assert len(json.load(r)["stations"]) == 2
-    assert len(fleet(url)["stations"]) == 2  # loopback: no login
+        assert len(json.load(r)["stations"]) == 4  # 2 stations, 2 OCPP chargers
+    assert len(fleet(url)["stations"]) == 4  # loopback: no login
 
 
 def _login(port: int, user: str | None, password: str | None) -> tuple[int, mqtt.Client]:
