@@ -43,10 +43,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from agent.ledger.agent_meter import decode_row
     from agent.ledger.export import parse_time
-    from agent.ledger.inputs import MeterParams
     from agent.ledger.periods import PeriodError, load_locks, take_lock
     from agent.store import SCHEMA_VERSION
     from stationctl.dbopen import DB_ERRORS, name, open_store, reason
+    from stationctl.verify import metering_params
 
     reads = args.period_cmd == "list"
     store = open_store(args.db, create=False, readonly=reads)
@@ -72,19 +72,11 @@ def run(args: argparse.Namespace) -> int:
             start, end = parse_time(args.start), parse_time(args.end)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        params = MeterParams()
-        if args.config:
-            from agent.config import load_config
-
-            try:
-                params = load_config(args.config).metering
-            except (OSError, ValueError) as e:
-                raise UsageError(f"--config: {e}") from None
         lock, n = take_lock(
             store,
             start,
             end,
-            params=params,
+            params=metering_params(args.config),
             decode=decode_row,
             by=args.by or getpass.getuser(),
             note=args.note,

@@ -113,11 +113,25 @@ def run(args: argparse.Namespace) -> int:
     return run_db(args)
 
 
+def metering_params(config: str | None) -> Any:
+    """The metering parameters of an agent config's [metering] (--config), else defaults."""
+    from agent.ledger import MeterParams
+
+    if not config:
+        return MeterParams()
+    from agent.config import load_config
+
+    try:
+        return load_config(config).metering
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--config: {e}") from None
+
+
 def run_db(args: argparse.Namespace) -> int:
     from agent.archive import ArchiveError, ArchiveReader, archive_dir, snapshot
     from agent.archive.index import has_segments
     from agent.keys import KeyStore
-    from agent.ledger import MeterParams, RawMsg
+    from agent.ledger import RawMsg
     from agent.ledger.agent_meter import decode_row
     from agent.ledger.compute import compute_station
     from agent.ledger.inputs import raw_msg
@@ -130,14 +144,7 @@ def run_db(args: argparse.Namespace) -> int:
     from agent.wire import WireError, verify
 
     t_from, t_to = _range(args)
-    params = MeterParams()
-    if args.config:
-        from agent.config import load_config
-
-        try:
-            params = load_config(args.config).metering
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--config: {e}") from None
+    params = metering_params(args.config)
     try:
         store = Store(args.db, readonly=True)
     except FileNotFoundError as e:

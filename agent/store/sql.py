@@ -43,14 +43,8 @@ log = logging.getLogger(__name__)
 # (agent/ocpp/points.py: ocpp_points, a new table made in place)
 SCHEMA_VERSION: Final = 6
 
-# Monitoring periods locked for MRV (CONTRACT §6.8; `stationctl period lock`): the locks,
-# sequential and contiguous (n = 1, 2, …), and each locked window's interval and day records
-# frozen as they stood at its lock (same columns as records, plus the lock's n).
-PERIOD_DDL: Final = (
-    """CREATE TABLE IF NOT EXISTS period_locks (
-        n BIGINT PRIMARY KEY, from_ms BIGINT NOT NULL, to_ms BIGINT NOT NULL,
-        locked_at_ms BIGINT NOT NULL, by_name TEXT NOT NULL, note TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS locked_records (
+# The columns of a metering record (the records table, and locked_records beside it)
+_RECORD_DDL: Final = """
         rid TEXT PRIMARY KEY,
         sid TEXT NOT NULL, kind TEXT NOT NULL, slot BIGINT NOT NULL,
         start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
@@ -58,7 +52,16 @@ PERIOD_DDL: Final = (
         from_boot BIGINT NOT NULL, from_seq BIGINT NOT NULL,
         to_boot BIGINT NOT NULL, to_seq BIGINT NOT NULL,
         e_from BIGINT NOT NULL, e_to BIGINT NOT NULL, version TEXT NOT NULL,
-        extra TEXT NOT NULL, lock_n BIGINT NOT NULL)""",
+        extra TEXT NOT NULL"""
+
+# Monitoring periods locked for MRV (CONTRACT §6.8; `stationctl period lock`): the locks,
+# sequential and contiguous (n = 1, 2, …), and each locked window's interval and day records
+# frozen as they stood at its lock (same columns as records, plus the lock's n).
+PERIOD_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS period_locks (
+        n BIGINT PRIMARY KEY, from_ms BIGINT NOT NULL, to_ms BIGINT NOT NULL,
+        locked_at_ms BIGINT NOT NULL, by_name TEXT NOT NULL, note TEXT NOT NULL)""",
+    f"CREATE TABLE IF NOT EXISTS locked_records ({_RECORD_DDL}, lock_n BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS locked_records_sid ON locked_records (sid, kind, slot, start_ms)",
 )
 
@@ -131,15 +134,7 @@ DDL: Final = (
         detail TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS status (
         sid TEXT PRIMARY KEY, recv_ms BIGINT NOT NULL, record BLOB NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS records (
-        rid TEXT PRIMARY KEY,
-        sid TEXT NOT NULL, kind TEXT NOT NULL, slot BIGINT NOT NULL,
-        start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
-        mwh BIGINT NOT NULL, held_mwh BIGINT NOT NULL, flags TEXT NOT NULL,
-        from_boot BIGINT NOT NULL, from_seq BIGINT NOT NULL,
-        to_boot BIGINT NOT NULL, to_seq BIGINT NOT NULL,
-        e_from BIGINT NOT NULL, e_to BIGINT NOT NULL, version TEXT NOT NULL,
-        extra TEXT NOT NULL)""",
+    f"CREATE TABLE IF NOT EXISTS records ({_RECORD_DDL})",
     "CREATE INDEX IF NOT EXISTS records_sid ON records (sid, kind, slot, start_ms)",
     "CREATE INDEX IF NOT EXISTS records_time ON records (kind, start_ms)",
     # the metering engine's state per station and view (0 all messages, 1 a lock's), written
