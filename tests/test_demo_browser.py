@@ -103,7 +103,9 @@ def js(drv: Any, script: str) -> Any:
 def test_fleet_page_lists_every_station(demo: Demo, browser: Any) -> None:
     browser.get(demo.url)
     assert demo.fleet is not None
-    sids = [st.sid for st in demo.fleet.stations]
+    # the stations, then the demo's simulated OCPP chargers (docs/ocpp.md)
+    assert demo.ocpp_fleet is not None
+    sids = [st.sid for st in demo.fleet.stations] + demo.ocpp_fleet.sids
     rows = wait(
         lambda: (
             js(
@@ -190,7 +192,7 @@ def test_offline_alarm_appears_and_clears(demo: Demo, browser: Any) -> None:
     browser.get(demo.url)
     sel = f"#alarms li[data-alarm-id='{sid}:offline']"
     wait(
-        lambda: js(browser, "return document.querySelectorAll('tr[data-sid]').length") == 3,
+        lambda: js(browser, "return document.querySelectorAll('tr[data-sid]').length") == 5,
         20,
         "fleet page",
     )
