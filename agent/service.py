@@ -1315,8 +1315,11 @@ class Service:
         from agent import health
         from agent.dashboard import DashboardServer, Live, make_app
         from agent.dashboard.auth import from_config
+        from agent.dashboard.state import ViewConfig
 
-        live = Live(self.cfg.db.url, carbon_params=self.cfg.carbon_params)
+        oc = self.cfg.ocpp  # an OCPP charger is silent after 3 of its heartbeat periods
+        view = ViewConfig(ocpp_heartbeat_s=oc.heartbeat_s) if oc is not None else None
+        live = Live(self.cfg.db.url, view, carbon_params=self.cfg.carbon_params)
         app = make_app(
             self.cfg.db.url,
             live=live,
