@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import ssl
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,7 @@ def on(action: Any) -> Callable[[_F], _F]:
 
 MAX_WS_FRAME = 4 << 20  # the socket's limit; a frame over frames.MAX_FRAME is quarantined whole
 GARBAGE_CLOSE = 20  # frames in a row that are not OCPP-J: the connection is closed
+LOGIN_TTL_S = 60.0  # a login checked this recently is not checked again
 
 # (sid, proto, frame bytes, the point's OCMF key) -> the frame's (boot, seq) once committed
 # in raw, None once committed in quarantine
@@ -193,7 +195,9 @@ class Endpoint:
         self.port = 0
         self.connected: dict[str, ServerConnection] = {}
         self._server: Server | None = None
-        self._logins: dict[str, tuple[bytes, Point]] = {}  # sid -> (sha256 of password, point)
+        # sid -> (sha256 of the password, point, when checked): a reconnect within LOGIN_TTL_S
+        # is not hashed again; after it a revoked point or a new password takes effect
+        self._logins: dict[str, tuple[bytes, Point, float]] = {}
 
     async def start(self) -> None:
         host, port = self.cfg.host_port()
@@ -229,17 +233,17 @@ class Endpoint:
             return _unauthorized(conn)
         h = hashlib.sha256(pw.encode()).digest()
         known = self._logins.get(sid)
-        point = known[1] if known is not None and known[0] == h else await self.check(sid, pw)
+        now = time.monotonic()
+        if known is not None and known[0] == h and now - known[2] < LOGIN_TTL_S:
+            return None
+        point = await self.check(sid, pw)
         if point is None:
             self.counters["ocpp_refused"] += 1
             log.warning("OCPP: %s refused (unknown, revoked or wrong password)", sid)
+            self._logins.pop(sid, None)
             return _unauthorized(conn)
-        self._logins[sid] = (h, point)
+        self._logins[sid] = (h, point, now)
         return None
-
-    def forget(self, sid: str) -> None:
-        """A point changed (password, key, revoked): its next login is checked anew."""
-        self._logins.pop(sid, None)
 
     async def _serve(self, ws: ServerConnection) -> None:
         sid = _identity(ws.request.path if ws.request else "")
