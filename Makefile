@@ -1,5 +1,5 @@
 # The two commands of the README, and the pieces they are made of.
-.PHONY: setup demo test lint typecheck compile bench heap32 chaos soak kill-soak fuzz clean
+.PHONY: setup demo test lint typecheck compile bench heap32 chaos soak kill-soak ota-soak ocpp-soak fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -52,6 +52,12 @@ kill-soak: setup
 # tests/test_ota.py's long variants: 20 power cuts through an update, an 8-station canary rollout
 ota-soak: setup
 	OTA_SOAK=1 .venv/bin/python -m pytest -q -s tests/test_ota.py -k "power_cuts or canary" $(PYTEST_ARGS)
+
+# 100 simulated OCPP chargers (half 1.6J, half 2.0.1) through random sessions for 10
+# simulated hours into `stationctl agent`: every connector's credited energy against its
+# register, sessions against transactions, verify (bench/ocpp_soak.py; ~2 min)
+ocpp-soak: setup
+	.venv/bin/python bench/ocpp_soak.py $(ARGS)
 
 # Every external parser fuzzed, 100,000 cases each under a per-case time limit, the firmware's
 # also replayed on the MicroPython unix port (bench/fuzz.py; findings in bench/fuzz_findings/,
