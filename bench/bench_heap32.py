@@ -20,7 +20,9 @@ Measured:
     link is down (the outbox filled to its 256 KB bound); and during the drain of that
     backlog (the broker acknowledging 4 messages per 5 sampling cycles, so the window
     stays full while the backlog is read from flash behind it), the largest figure of it;
-  - for 8 slots, the steady state over 10,000 cycles: first, last and largest figure.
+  - for 8 slots, the steady state over 10,000 cycles: first, last and largest figure, and
+    the growth beyond the one message the drain task holds (the last one sent: its size
+    follows the digits of its numbers, see measure.py's steady() and docs/firmware.md).
 The fakes' own heap (charger and bus streams, broker, client subclass) is measured when
 they are made and taken out of "data".
 
@@ -174,6 +176,25 @@ def run_unix(args: dict[str, Any], fw: Path, flash: Path, measure: Path) -> dict
     return _parse(r.stdout, f"unix run {args}")
 
 
+def held_bytes(payload_len: int, bits: int) -> int:
+    """Heap taken by the data of a bytes object of that length: len + 1 (MicroPython ends
+    it with a 0), in whole GC blocks of 4 words (MICROPY_BYTES_PER_GC_BLOCK: 16 bytes on
+    32 bits, 32 on 64)."""
+    block = 4 * bits // 8
+    return -(-(payload_len + 1) // block) * block
+
+
+def net_growth(run: dict[str, Any]) -> int:
+    """The steady state's growth, first to last figure, beyond the change in size of the
+    one message the drain task holds (measure.py, steady(): the last one sent; a bigger
+    number in it, e.g. 8 registers passing 999 mWh, makes it a few bytes longer)."""
+    st = run["steady"]
+    held = st["held_len"]
+    return int(
+        st["growth"] - (held_bytes(held[-1], run["bits"]) - held_bytes(held[0], run["bits"]))
+    )
+
+
 def data_of(run: dict[str, Any], total: int) -> int:
     """Bytes in use beyond the code (interpreter, bench script, firmware modules) and the
     fakes."""
@@ -261,7 +282,13 @@ def table(res: dict[str, Any]) -> str:
         first, last, top = (data_of(r, st[k]) for k in ("first", "last", "max"))  # type: ignore[arg-type]
         return f"{kb(first)} -> {kb(last)}, max {kb(top)} ({st['growth']:+d} B)"
 
+    def net(i: str) -> str:
+        r = pick(i, "mpy", 8)
+        h = r["steady"]["held_len"]  # type: ignore[index]
+        return f"{r['steady']['growth_net']:+d} B (message held {h[0]} -> {h[-1]} B)"  # type: ignore[index]
+
     row(f"data, 8 slots, {cycles} cycles: first -> last sample", growth)
+    row("  growth beyond the last message, which the drain task holds", net)
 
     def board(i: str) -> str:
         rom = pick(i, "rom", 0)
@@ -359,6 +386,7 @@ def main() -> None:
             for r in runs:
                 if r["slots"]:
                     check(r)
+                    r["steady"]["growth_net"] = net_growth(r)
                     r["data"] = summary(r)
                     r["where"] = where(r)
     except BenchError as e:
@@ -375,7 +403,8 @@ def main() -> None:
         print(
             f"\ntarget <= 64 KB of data for 8 slots on 32 bits: {verdict} "
             f"(worst {kb(worst)} KB); growth over {w8[0]['steady']['cycles']} cycles "
-            f"{w8[0]['steady']['growth']:+d} B"
+            f"{w8[0]['steady']['growth']:+d} B, {w8[0]['steady']['growth_net']:+d} B beyond the "
+            "message the drain task holds"
         )
     (HERE / "last.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"figures: {(HERE / 'last.json').relative_to(ROOT)}")
