@@ -181,6 +181,19 @@ def test_record_round_trip(db_url: str) -> None:
         ]
     assert row.rid == record_id(r) and row.flags == "hist|reboot" and row.to_seq == -1
     assert row_to_record(row) == r
+    # an update by id: a session's start can move (its start event arrived late), an
+    # interval's indexed columns stay and the rest follows
+    import dataclasses
+
+    moved = dataclasses.replace(r, start_ms=2, mwh=7)
+    iv = dataclasses.replace(r, kind="interval", start_ms=0, end_ms=900_000, extra={})
+    with Store(db_url) as st:
+        st.apply_records([record_to_row(moved), record_to_row(iv)], [])
+        st.apply_records([record_to_row(dataclasses.replace(iv, mwh=9, flags=("gap",)))], [])
+        got = {x.kind: row_to_record(x) for x in st.record_rows()}
+        assert got["session"] == moved
+        assert got["interval"] == dataclasses.replace(iv, mwh=9, flags=("gap",))
+        assert [x.rid for x in st.record_rows(start_ms=0, end_ms=1)] == [record_id(iv)]
 
 
 def test_status_upsert(db_url: str) -> None:
