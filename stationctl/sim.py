@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     fleet.start()
     ocpp = None
     if args.ocpp:
-        from tools.ocpp_fleet import OcppFleet
+        from tools.ocpp_fleet import OCPP_STATE_FILE, OcppFleet
 
         ocpp = OcppFleet(
             args.ocpp,
@@ -171,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             sid_prefix=args.sid_prefix + "OCPP-",
             truth_path=fleet.workdir / "ocpp_ground_truth.json",
+            state_path=fleet.workdir / OCPP_STATE_FILE,
+            clock_ms=fleet.clock.unix_ms(),
         )
         ocpp.start()
         print(f"stationctl sim: {args.ocpp} OCPP chargers on {args.ocpp_url}", flush=True)

@@ -142,6 +142,9 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
     last_ts1 = max(ts_of(db, "telemetry").values())
     db.close()
     assert set(boots1) == {"KH-DEMO-0001", "KH-DEMO-0002", "KH-DEMO-OCPP-01", "KH-DEMO-OCPP-02"}
+    # the OCPP chargers' registers and clock are kept for the next run (tools/ocpp_fleet.py)
+    ocpp1 = json.loads((work / "ocpp_state.json").read_text())
+    assert set(ocpp1["registers"]) == {"KH-DEMO-OCPP-01", "KH-DEMO-OCPP-02"}
 
     # the same folder again: the stations boot on (a boot number never repeats)
     p, url = start(work)
@@ -158,6 +161,8 @@ def test_demo_runs_stops_cleanly_and_carries_on(tmp_path: pathlib.Path) -> None:
     q = db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
     db.close()
     assert all(boots2[s] > boots1[s] for s in boots1), (boots1, boots2)
+    ocpp2 = json.loads((work / "ocpp_state.json").read_text())
+    assert ocpp2["unix_ms"] > ocpp1["unix_ms"]  # the second run's clock went on from the first's
     assert q == 0  # the keys were reused: nothing failed verification
     # the simulated clock and the grid meters carried on: the second run's messages come
     # after the first's (no interval metered twice) and no meter went back (meter_reset)

@@ -566,3 +566,41 @@ async def test_fleet_reconnects_and_keeps_ground_truth() -> None:
             assert {e["transactionInfo"]["transactionId"] for e in ended} == {
                 t["tx_id"] for t in gt["transactions"]
             }
+
+
+async def test_fleet_restarted_with_its_state_carries_on(csms: Rec, tmp_path: Any) -> None:
+    """A restarted demo's chargers (tools/ocpp_fleet.py with `state_path`): the second run's
+    registers start where the first ended, and its clock after the first's last reading."""
+    from tools.ocpp_fleet import OcppFleet
+
+    state = tmp_path / "ocpp_state.json"
+    loop = asyncio.get_running_loop()
+    runs = []
+    for _ in range(2):
+        fleet = OcppFleet(
+            2,
+            csms.url,
+            passwords={"R-01": "pw1", "R-02": "pw2"},
+            accel=7200,
+            sample_s=60,
+            seed=len(runs) + 3,
+            sid_prefix="R-",
+            clock_ms=T0,  # as a restarted station fleet would pass: behind the saved clock
+            state_path=state,
+        )
+        await loop.run_in_executor(None, fleet.start)
+        await asyncio.sleep(2.5)
+        truth = await loop.run_in_executor(None, fleet.stop)
+        runs.append(truth)
+    first, second = runs
+    for sid in ("R-01", "R-02"):
+        for c, conn in second[sid]["connectors"].items():
+            assert conn["start_mwh"] == first[sid]["connectors"][c]["end_mwh"], (sid, c)
+        assert any(t for t in first[sid]["transactions"]), sid  # it charged in the first run
+        ends = [t["stop"] for t in first[sid]["transactions"] if t["stop"]]
+        starts = [t["start"] for t in second[sid]["transactions"]]
+        assert not starts or min(starts) > max(ends), sid  # ISO times of the same form
+        readings = energy_readings(csms, sid)
+        for c in (1, 2):
+            vals = [v for k, _, v, _ in readings if k == c]
+            assert vals == sorted(vals), (sid, c)  # no register read lower after the restart

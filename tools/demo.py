@@ -46,7 +46,7 @@ from tools import embedded_broker
 from tools.embedded_broker import EmbeddedBroker
 from tools.fleet import Fleet
 from tools.mosquitto import Accounts, Mosquitto, find_mosquitto
-from tools.ocpp_fleet import OcppFleet
+from tools.ocpp_fleet import OCPP_STATE_FILE, OcppFleet
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +406,9 @@ class Demo:
             seed=self.cfg.seed,
             sid_prefix=self.cfg.sid_prefix + "-OCPP-",
             truth_path=self.workdir / "ocpp_ground_truth.json",
+            # the chargers carry on across restarts, on the stations' simulated clock
+            state_path=self.workdir / OCPP_STATE_FILE,
+            clock_ms=self.fleet.clock.unix_ms() if self.fleet is not None else None,
         )
         await asyncio.get_running_loop().run_in_executor(None, fleet.start)
         self.ocpp_fleet = fleet
