@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -32,7 +33,29 @@ def find_mosquitto() -> str:
     raise RuntimeError("mosquitto is not installed: run `make setup` (Debian package mosquitto)")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range. A port the kernel
+    hands out (bind to 0) comes from that range, which every outgoing connection's local
+    end draws from too: a broker stopped for an outage test and started again on its port
+    found it taken ("Address already in use") by some other test's client meanwhile."""
+    lo = _ephemeral_low()
+    if lo > 21_000:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randrange(20_000, lo)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
