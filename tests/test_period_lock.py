@@ -232,3 +232,22 @@ def test_bundle_of_locked_periods_verifies(tmp_path: Any) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_station_sealed_into_the_archive_is_frozen_too(tmp_path: Any) -> None:
+    """A lock freezes every station with raw messages, those whose months were all sealed
+    into the archive (they left the live table) included."""
+    from agent.archive.seal import seal
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    rows, msgs = stored_rows(_stream(), lambda i: D0)
+    fill_store(url, rows, msgs)
+    before = _window(url, D0, D0 + DAY)
+    with Store(url, create=False) as st:
+        rep = seal(st, now_ms=D0 + 60 * DAY)
+        assert rep.sealed and st.raw_count() == 0  # November sealed: nothing live
+    _lock(url, D0, D0 + DAY, D0 + 3 * DAY)
+    frozen = _window(url, D0, D0 + DAY)
+    assert before and [(r.rid, r.mwh) for r in frozen] == [(r.rid, r.mwh) for r in before]
+    out = _verify(url)
+    assert out.returncode == 0, out.stdout + out.stderr

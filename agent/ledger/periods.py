@@ -176,7 +176,7 @@ def take_lock(
     lock = Lock(len(locks) + 1, from_ms, to_ms, at, by, note)
     every = [*locks, lock]
     frozen = []
-    for sid in store.raw_sids():
+    for sid in store.archive().sids():  # the live table's and the sealed archive's
 
         def raw_from(s: str, key: Key) -> Iterator[RawMsg]:
             return (decode(r) for r in store.iter_raw_keys(s, key))
