@@ -116,6 +116,19 @@ class Engine:
         self.k_hi = fo if view == LOCKED else None
         # no lock: every interval is this view's and unlocked (the per-reading fast path)
         self.unlocked = fo is None
+        # the intervals the per-reading fast path may credit (a segment wholly inside one),
+        # and the days the state rolls up (DaySum): every one without a lock; with one, the
+        # full view's open intervals, and its days after the day of the first open interval
+        # (that day also rolls up the rule-8 adjustment record, made apart). Live traffic
+        # falls there: without this a lock more than halved the messages metered a second.
+        # None: no interval, no day (the locked view meters only messages that came late).
+        self.fast_from: int | None = None
+        self.days_from: int | None = None
+        if fo is None:
+            self.fast_from = self.days_from = -(2**62)
+        elif view == FULL:
+            self.fast_from = fo
+            self.days_from = fo * self.iv // DAY_MS + 1
         self.stations: dict[str, Station] = {}
         self.days: dict[str, set[tuple[int, int]]] = {}  # sid -> (slot, day) to roll up
         self.changed: set[str] = set()
@@ -569,15 +582,15 @@ class Engine:
         The usual reading: a later reading of the stream's boot (not its first, not the
         same slot again), nothing pending or held, no meter serial change, at or above
         the mark and plausible, its segment wholly inside the stream's current open
-        interval (no spread, no interval closed, nothing locked). The step does exactly
+        interval, which no lock covers (no spread, no interval closed). The step does exactly
         what _reading (against_mark, implausible, _emit, _add, _range) would do with it;
         the whole message shares t, so its home interval is worked out once."""
         streams = st.streams
-        fast = self.unlocked
         bno = b.no
         seq = key[1]
         iv = self.iv
         home = (t - 1) // iv  # the home interval of a segment ending at t (t > its start)
+        fast = self.fast_from is not None and home >= self.fast_from
         lo = home * iv  # a segment starting at or after lo is inside it
         max_meter, max_slot = self.max_power
         for n, v, serial in readings:
@@ -862,9 +875,13 @@ class Engine:
                     if a.dirty:
                         self._write_interval(st.sid, s.slot, k, a)
                     closed.append((k, a))
-            if self.unlocked:
+            if self._rolls_up(home * self.iv // DAY_MS):
                 self._close_day(s, floor, home, closed)
             s.floor = home
+
+    def _rolls_up(self, d: int) -> bool:
+        """The state keeps day d's roll-up (`days_from`)."""
+        return self.days_from is not None and d >= self.days_from
 
     def _close_day(
         self, s: Stream, floor: int | None, home: int, closed: list[tuple[int, Acc]]
@@ -893,7 +910,7 @@ class Engine:
         backend rolls the day's records up)."""
         st = self.stations.get(sid)
         s = st.streams.get(n) if st is not None else None
-        if s is None or s.day is None or s.day.d != d or not self.unlocked:
+        if s is None or s.day is None or s.day.d != d or not self._rolls_up(d):
             return False, None
         iv = self.iv
         day = DaySum.load(s.day.dump())

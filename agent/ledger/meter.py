@@ -85,11 +85,11 @@ class Ledger:
 
     def roll_days(self, sid: str) -> None:
         be = self.backend
-        full = self.full if self.locked is None else None
         for n, d in sorted(self.days_due.pop(sid, set())):
-            # without a lock the full engine's state knows the day of each stream's open
-            # interval (no records read back); an older day the backend rolls up
-            known, r = full.day_record(sid, n, d) if full is not None else (False, None)
+            # the full engine's state knows the day of each stream's open interval (no
+            # records read back; with a lock, a day after the first open interval's); an
+            # older day, or a locked one, the backend rolls up
+            known, r = self.full.day_record(sid, n, d)
             if not known:
                 r = be.day_roll(sid, n, d)
             if r is None:
