@@ -521,6 +521,24 @@ def stored_rows(
     return rows, msgs
 
 
+def assert_days_roll_up(rows: list[Any]) -> None:
+    """Each stored day record is the roll-up of its day's interval records (an adjustment
+    included), as records.day_record makes it from the records alone: compute() rolls days
+    up with the engine's own code, so comparing with it cannot catch a wrong roll-up."""
+    from agent.ledger.records import DAY_MS, day_record
+    from agent.store import row_to_record
+
+    recs = [row_to_record(r) for r in rows]
+    for d in (r for r in recs if r.kind == "day"):
+        day = [
+            r
+            for r in recs
+            if r.kind == "interval" and (r.sid, r.slot) == (d.sid, d.slot)
+            and r.start_ms // DAY_MS == d.start_ms // DAY_MS
+        ]  # fmt: skip
+        assert day_record(d.sid, d.slot, d.start_ms // DAY_MS, day) == d, d
+
+
 def fill_store(url: str, rows: list[Any], msgs: list[Any]) -> str:
     """An agent database holding `rows` as raw, the records computed from `msgs` and the
     stations' keys (kid 1), as an agent that took them would leave it; returns `url`."""

@@ -26,6 +26,7 @@ from agent.ledger import (
     record_id,
 )
 from agent.ledger.inputs import raw_msg
+from tests.agent_helpers import assert_days_roll_up
 from tests.metering_reference import reference_totals
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -392,12 +393,4 @@ def test_the_agents_store_meter_equals_compute(rnd: random.Random, lock: int | N
         store.close()
     want = {r.rid: r for r in map(record_to_row, compute(stored, params))}
     assert got == want
-    # compute() rolls days up as the engine does: each day against its interval records
-    from agent.ledger.records import day_record
-    from agent.store import row_to_record
-
-    recs = [row_to_record(r) for r in got.values()]
-    for d in (r for r in recs if r.kind == "day"):
-        ivs = [r for r in recs if r.kind == "interval" and (r.sid, r.slot) == (d.sid, d.slot)]
-        day = [r for r in ivs if r.start_ms // 86_400_000 == d.start_ms // 86_400_000]
-        assert day_record(d.sid, d.slot, d.start_ms // 86_400_000, day) == d
+    assert_days_roll_up(list(got.values()))

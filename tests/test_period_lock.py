@@ -16,7 +16,7 @@ from agent.ledger.compute import compute
 from agent.ledger.inputs import MeterParams
 from agent.ledger.periods import PeriodError, load_locks, params_now, take_lock
 from agent.store import Store, record_to_row
-from tests.agent_helpers import Station, fill_store, stored_rows
+from tests.agent_helpers import Station, assert_days_roll_up, fill_store, stored_rows
 from tests.ocpp_helpers import PASSWORD, OcppAgent
 
 DAY = 86_400_000
@@ -284,26 +284,9 @@ def test_the_agents_meter_under_a_lock_equals_compute(tmp_path: Any, batch: int)
                 want = {r.rid: r for r in map(record_to_row, compute(seen, params))}
                 got = {r.rid: r for r in st.record_rows()}
                 assert got == want, j
-                _days_roll_up(list(got.values()))  # (compute shares the engine's day roll-up)
+                assert_days_roll_up(list(got.values()))
                 checks += 1
     assert checks >= min(30, len(order) // batch)
     adj = [r for r in want.values() if "adjustment" in r.flags.split("|")]
     assert adj and adj[0].start_ms == until  # the late energy, in the first open interval
     assert len({r.start_ms for r in want.values() if r.kind == "day"}) >= 3
-
-
-def _days_roll_up(rows: list[Any]) -> None:
-    """Each day record is the roll-up of its day's interval records (an adjustment
-    included), as records.day_record makes it from the records alone."""
-    from agent.ledger.records import DAY_MS, day_record
-    from agent.store import row_to_record
-
-    recs = [row_to_record(r) for r in rows]
-    for d in (r for r in recs if r.kind == "day"):
-        day = [
-            r
-            for r in recs
-            if r.kind == "interval" and (r.sid, r.slot) == (d.sid, d.slot)
-            and r.start_ms // DAY_MS == d.start_ms // DAY_MS
-        ]  # fmt: skip
-        assert day_record(d.sid, d.slot, d.start_ms // DAY_MS, day) == d, d

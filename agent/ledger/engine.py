@@ -114,8 +114,6 @@ class Engine:
         fo = self.first_open
         self.k_lo = fo if (fo is not None and view == FULL) else None
         self.k_hi = fo if view == LOCKED else None
-        # no lock: every interval is this view's and unlocked (the per-reading fast path)
-        self.unlocked = fo is None
         # the intervals the per-reading fast path may credit (a segment wholly inside one),
         # and the days the state rolls up (DaySum): every one without a lock; with one, the
         # full view's open intervals, and its days after the day of the first open interval
