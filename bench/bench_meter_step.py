@@ -1,0 +1,127 @@
+"""The database thread's work per message, apart from MQTT and the loop: raw insert,
+metering, records and states, commit (Service._write on one thread, no broker).
+
+Prints CPU µs per 8-slot message for batches holding ~30, 3 and 1 message(s) per station
+(what a commit costs is mostly one step per station in it: docs/agent.md), without and
+with a period lock in force before the traffic (received after the lock, as live traffic
+is), then re-metering every station from raw (what picking a new lock up does, StoreMeter
+.start) without and with a lock.
+
+    .venv/bin/python bench/bench_meter_step.py [--n 30000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent import wire  # noqa: E402
+from agent.config import AgentConfig, DbConfig  # noqa: E402
+from agent.keys import KeyStore  # noqa: E402
+from agent.ledger.agent_meter import StoreMeter  # noqa: E402
+from agent.ledger.inputs import MeterParams  # noqa: E402
+from agent.service import Service, _Batch  # noqa: E402
+from agent.store import RawRow, Store  # noqa: E402
+from tests.agent_helpers import T0_MS, Station, key_for  # noqa: E402
+
+DAY = 86_400_000
+
+
+def messages(stations: int, n: int) -> list[tuple[str, bytes]]:
+    sts = [Station(f"KH-BEN-{i:04d}", slots=8) for i in range(stations)]
+    out = []
+    for i in range(n):
+        st = sts[i % stations]
+        st.advance(10_000, 1500)
+        kind, p = st.telemetry()
+        out.append((st.topic(kind), p))
+    return out
+
+
+def lock_params(params: MeterParams) -> MeterParams:
+    """A lock ending the day before the streams start (T0_MS), taken an hour later."""
+    until = (T0_MS // DAY - 1) * DAY
+    return dataclasses.replace(params, locked_until_ms=until, locked_at_ms=until + 3_600_000)
+
+
+def write_cost(tmp: pathlib.Path, stations: int, n: int, batch: int, lock: bool) -> float:
+    """CPU µs per message of Service._write over n messages in batches of `batch`."""
+    url = f"sqlite:///{tmp}/w-{stations}-{batch}-{int(lock)}.db"
+    with KeyStore(url) as ks:
+        for i in range(stations):
+            ks.add(f"KH-BEN-{i:04d}", key_for(f"KH-BEN-{i:04d}"))
+    svc = Service(AgentConfig(db=DbConfig(url=url)))
+    if lock:
+        svc.meter = StoreMeter(lock_params(svc.meter.params), svc.store)
+    recv = int(time.time() * 1000)  # after the lock: live traffic
+    prepared = []
+    for topic, p in messages(stations, n):
+        sid, kind = wire.parse_topic(topic, "stations")
+        v = wire.verify(kind, sid, p, svc.keys, recv_ms=recv)
+        prepared.append((RawRow(v.sid, v.boot, v.seq, v.kind, topic, recv, v.kid, p), v))
+    t = time.thread_time()
+    for i in range(0, n, batch):
+        b = _Batch()
+        for row, v in prepared[i : i + batch]:
+            b.rows.append(row)
+            b.bodies.append(v.cleaned.body)
+            b.cleaned.append(v.cleaned)
+        svc._write(b, [], [])
+    cost = (time.thread_time() - t) / n * 1e6
+    svc.store.close()
+    return cost
+
+
+def remeter_cost(tmp: pathlib.Path, n: int) -> tuple[float, float]:
+    """µs per message to meter 10 stations' n stored messages again from raw (no lock, lock)."""
+    url = f"sqlite:///{tmp}/r.db"
+    rows = []
+    for topic, p in messages(10, n):
+        b = wire.decode_record(p)
+        rows.append(RawRow(b["sid"], b["boot"], b["seq"], "telemetry", topic, b["ts"], 1, p))
+    out = []
+    with Store(url) as st:
+        for i in range(0, n, 5000):
+            st.write_batch(rows[i : i + 5000])
+        for lock in (False, True):
+            with st.transaction() as db:
+                db.execute("DELETE FROM ledger_state")
+                db.execute("DELETE FROM records")
+            params = lock_params(MeterParams()) if lock else MeterParams()
+            t = time.perf_counter()
+            StoreMeter(params, st).start(sorted({r.sid for r in rows}))
+            out.append((time.perf_counter() - t) / n * 1e6)
+    return out[0], out[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=30_000)
+    args = ap.parse_args()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-step-"))
+    try:
+        print("database thread, CPU µs per 8-slot message (raw, metering, records, commit):")
+        print(f"  {'messages per station per commit':34} {'no lock':>9} {'lock':>9}")
+        for stations, batch in ((100, 3000), (100, 300), (2000, 2000)):
+            per = batch // stations
+            n = args.n if stations == 100 else max(args.n // 2, 2 * stations)
+            a = write_cost(tmp, stations, n, batch, False)
+            b = write_cost(tmp, stations, n, batch, True)
+            print(f"  {f'~{per} ({stations} stations, batches of {batch})':34} {a:9.1f} {b:9.1f}")
+        a, b = remeter_cost(tmp, args.n)
+        print(f"re-metering from raw (10 stations, {args.n} messages): {a:.1f} µs a message, "
+              f"{b:.1f} with a lock in force (both views)")  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
