@@ -42,6 +42,7 @@ _SIG_TAIL_LEN: Final = len(SIG_MARK) + 64 + 2  # ,"sig":" + 64 hex + "}
 SID_PATTERN: Final = "[A-Z0-9][A-Z0-9-]{2,31}"
 SID_RE: Final = re.compile(SID_PATTERN)
 _LOWER_HEX: Final = frozenset(b"0123456789abcdef")
+_SIG_TAIL: Final = re.compile(rb'[0-9a-f]{64}"\}')
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 KINDS: Final = ("telemetry", "event")
 
@@ -256,6 +257,18 @@ def _clean(kind: str, signed: bytes, body: dict[str, Any]) -> ranges.Cleaned:
 _generic = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
 
+# The same plain dicts, lists and scalars as `_generic`, but nothing nested deeper than
+# ranges.MAX_DEPTH (the top object is depth 1): the depth check happens inside msgspec's
+# own pass, and the decode is faster than the untyped one (measured 4.7 against 5.7 µs for
+# an 8-slot telemetry, which then needed 3.3 µs more for the walk in Python). A message it
+# refuses is decoded again by `_generic` to name the fault.
+_Scalar = int | float | str | bool | None
+_D1 = _Scalar | list[_Scalar] | dict[str, _Scalar]
+_D2 = _Scalar | list[_D1] | dict[str, _D1]
+_D3 = _Scalar | list[_D2] | dict[str, _D2]
+_within_depth = msgspec.json.Decoder(dict[str, _D3])
+assert ranges.MAX_DEPTH == 4  # the four levels above
+
 
 # ---- results ------------------------------------------------------------------------------
 
@@ -292,9 +305,10 @@ def split_signed(payload: bytes) -> tuple[bytes, bytes]:
     i = payload.rfind(SIG_MARK)
     if i < 0:
         raise WireError(Reason.SIG_MISSING, 'no ,"sig":" in the payload')
-    tail = payload[i + len(SIG_MARK) :]
-    if len(tail) == 66 and tail[64:] == b'"}' and _LOWER_HEX.issuperset(tail[:64]):
-        return payload[:i] + b"}", tail[:64]
+    j = i + len(SIG_MARK)
+    if _SIG_TAIL.fullmatch(payload, j):  # the usual case, in one C call
+        return payload[:i] + b"}", payload[j : j + 64]
+    tail = payload[j:]
     # The slow path only to name the failure precisely.
     q = tail.find(b'"')
     digits = tail if q < 0 else tail[:q]
@@ -348,9 +362,9 @@ def _deeper_than_4(top: dict[str, Any]) -> bool:
     return False
 
 
-def decode_signed(signed: bytes) -> dict[str, Any]:
-    """Parse the signed bytes into a dict, rejecting bad JSON, nesting over 4 deep,
-    duplicate keys and whitespace between tokens."""
+def _decode_faulty(signed: bytes) -> dict[str, Any]:
+    """The signed bytes that `_within_depth` refused: the precise reason, or (a number
+    range msgspec refuses only in a typed decode, none known) the object after all."""
     try:
         obj = _generic.decode(signed)
     except msgspec.DecodeError as e:
@@ -361,13 +375,23 @@ def decode_signed(signed: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(obj, dict):
         raise WireError(Reason.BAD_JSON, "not a JSON object")
-    # before anything recursive (the re-encoding below, json's slow path, metering)
+    # before anything recursive (the re-encoding, json's slow path, metering)
     if _deeper_than_4(obj):
         d = ranges.depth(obj, limit=64)
         raise WireError(
             Reason.TOO_DEEP,
             f"nesting depth {d if d <= 64 else 'over 64'} > {ranges.MAX_DEPTH}",
         )
+    return obj
+
+
+def decode_signed(signed: bytes) -> dict[str, Any]:
+    """Parse the signed bytes into a dict, rejecting bad JSON, nesting over 4 deep,
+    duplicate keys and whitespace between tokens."""
+    try:
+        obj: Any = _within_depth.decode(signed)
+    except msgspec.DecodeError:  # not JSON, not an object, or nested too deep: which
+        obj = _decode_faulty(signed)
     # Fast path: re-encoding the decoded object gives back the very same bytes only when
     # the input had no duplicate key (a dict cannot hold one) and no whitespace.
     if _encode(obj) == signed:

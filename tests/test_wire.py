@@ -12,6 +12,7 @@ import pathlib
 import sys
 from typing import Any
 
+import msgspec
 import pytest
 
 from agent import ranges, wire
@@ -362,6 +363,38 @@ def test_the_fast_depth_check_is_ranges_depth() -> None:
     for _ in range(5000):
         o = {str(i): rnd(2) for i in range(rng.randint(0, 3))}
         assert wire._deeper_than_4(o) == (ranges.depth(o) > 4), o
+
+
+def test_the_depth_bounded_decode_is_the_plain_decode_and_ranges_depth() -> None:
+    """decode_signed's typed decode (depth checked inside msgspec) gives what the untyped
+    decode gives, the same Python types included, and refuses exactly what is nested
+    deeper than 4, as too_deep (the reason the walk over the plain decode gave)."""
+    import random
+
+    rng = random.Random(11)
+    scalars = [0, -1, 2**70, 1.5, -0.0, 1e300, "s", "\u00e9\\", True, False, None]
+
+    def rnd(d: int) -> Any:
+        if d > 7 or rng.random() < 0.3:
+            return rng.choice(scalars)
+        if rng.random() < 0.5:
+            return [rnd(d + 1) for _ in range(rng.randint(0, 3))]
+        return {f"k{i}": rnd(d + 1) for i in range(rng.randint(0, 3))}
+
+    deep = 0
+    for _ in range(5000):
+        o = {f"k{i}": rnd(2) for i in range(rng.randint(0, 3))}
+        signed = msgspec.json.encode(o)
+        if ranges.depth(o) > 4:
+            deep += 1
+            with pytest.raises(WireError) as ei:
+                wire.decode_signed(signed)
+            assert ei.value.reason == Reason.TOO_DEEP, o
+            continue
+        got = wire.decode_signed(signed)
+        want = msgspec.json.decode(signed)
+        assert got == want and repr(got) == repr(want), o
+    assert 500 < deep < 4500  # both sides were exercised
 
 
 def _mutants(seed: int, n: int) -> list[tuple[str, dict[str, Any]]]:
