@@ -15,8 +15,9 @@ the err counters, an event's content); the message is still stored as received, 
 
 Only the signed bytes (everything before the last `,"sig":"`, with the `}` put back) are
 ever parsed: nothing after the signature can change the meaning. The nesting depth is
-measured iteratively before anything recursive runs (msgspec's decoder itself refuses
-input nested ~1000 deep: that is `too_deep` too, never a RecursionError).
+bounded by the decode itself (a type that admits four levels), before anything recursive
+runs; input it refuses is measured iteratively to name the fault (msgspec's decoder
+refuses input nested ~1000 deep: that is `too_deep` too, never a RecursionError).
 """
 
 from __future__ import annotations
