@@ -50,11 +50,14 @@ import collections
 import concurrent.futures
 import contextlib
 import gc
+import heapq
 import logging
+import math
 import os
 import sqlite3
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -65,7 +68,7 @@ from agent import cluster, meters, ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
-from agent.ledger.agent_meter import StoreMeter, decode_row
+from agent.ledger.agent_meter import StoreMeter
 from agent.ledger.inputs import RawMsg, raw_msg
 from agent.ledger.periods import load_locks, params_now
 from agent.sources.mqtt import DROPPED_TOPIC, Delivery, MqttSource
@@ -78,7 +81,6 @@ from agent.store import (
     QuarantineEntry,
     QuarantineRow,
     RawRow,
-    RecordRow,
     Store,
     now_ms,
 )
@@ -104,6 +106,10 @@ ALARM_EVERY_S = 60.0  # one bad_field alarm per (station, field) per minute (cou
 METER_RETRY_S = 60.0  # a station whose metering raised is metered from raw again this often
 METER_CHECK_S = 3600.0  # the grid meter register's calibration check (agent/meters.py)
 LOCK_POLL_S = 5.0  # how often the agent looks for a newly locked monitoring period
+# metering held back (see _plan): a station's committed messages wait for its next step at
+# most records_interval_ms, HOLD_STATION of them, and HOLD_MAX (~5 KB each) in all
+HOLD_STATION = 500
+HOLD_MAX = 20_000
 INTERNAL = wire.Reason.INTERNAL.value
 # a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
 # batch is kept and retried; anything else raised by a write is a data error of some row
@@ -194,6 +200,15 @@ _LOCAL = Delivery(0, 0, -1)
 OnCommit = Callable[[list[RawRow]], None]
 
 
+class _Plan(NamedTuple):
+    """A write's metering (Service._plan): the stations metered in its transaction with
+    their messages (those held and the batch's), the batch's messages held back."""
+
+    now: dict[str, list[RawMsg]]
+    hold: dict[str, list[RawMsg]]
+    at: float  # monotonic time of the write
+
+
 class _Written(NamedTuple):
     new: list[int]
     dups: int
@@ -245,15 +260,19 @@ class Service:
         # metering runs in the db thread, inside each batch's transaction (_write)
         # with the last monitoring period lock in force (CONTRACT §6.8; `stationctl period`)
         self.meter = StoreMeter(params_now(cfg.metering, load_locks(self.store)), self.store)
-        self._unmetered: list[RawRow] = []  # committed without metering: the next write
-        self._metered: set[tuple[str, int, int]] = set()  # metered, not yet reported
+        # messages committed and held back from metering, per station (db thread only;
+        # the loop reads _held_n and _held_due); see _plan
+        self._held: dict[str, list[RawMsg]] = {}
+        self._due: dict[str, float] = {}  # when a station holding messages is due (monotonic)
+        self._due_heap: list[tuple[float, str]] = []  # the same, soonest first (lazily pruned)
+        self._held_n = 0
+        self._held_due = math.inf  # when the soonest is due
+        self._meter_all = False  # flush(): meter everything held at the next write
         self._meter_failed: set[str] = set()  # stations whose metering raised (retried)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-db")
         self._batch = _Batch()  # filling
         self._sealed: collections.deque[_Batch] = collections.deque()  # full, to commit
         self._wake = asyncio.Event()
-        self._dirty: set[str] = set()  # stations whose records changed and are not written
-        self._records_due = 0.0  # monotonic time after which they are written
         self._committing = False
         self._stopping = False
         self._idle = asyncio.Event()  # set after each commit cycle
@@ -409,41 +428,47 @@ class Service:
 
     # ---- the committer ---------------------------------------------------------------------
 
-    def _write(
-        self, b: _Batch, ups: list[RecordRow], gone: list[str]
-    ) -> tuple[list[int], int, int]:
-        """db thread: one transaction for a batch, the records its rows change and the
-        metering state (rows committed earlier without metering go first)."""
-        todo, self._unmetered = self._unmetered, []
+    def _write(self, b: _Batch, metering: bool = True) -> tuple[list[int], int, int]:
+        """db thread: one transaction for a batch, the metering steps due (see `_plan`) and
+        their records and states. `metering=False` (a batch whose metering failed as a
+        whole): its stations are metered again from raw instead, as after a station's
+        failure (`_meter_tx`)."""
         touched: set[str] = set()
-        done: list[tuple[str, int, int]] = []
+        plan: _Plan | None = None
+        apart: set[str] = set()
 
         def meter(res: BatchResult) -> None:
+            nonlocal plan
             if self.leases is not None:
                 self.leases.check()  # the shard locks are this connection's
-            msgs = [decode_row(r) for r in todo]
+            if not metering:
+                apart.update(b.rows[i].sid for i in res.new)
+                for sid in apart:
+                    self.store.db.execute("DELETE FROM ledger_state WHERE sid = ?", (sid,))
+                return
+            msgs = []
             for i in res.new:
                 r = b.rows[i]
                 c = b.cleaned[i] if i < len(b.cleaned) else None
                 body = b.bodies[i] if c is None else c.body
                 msgs.append(raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body, cleaned=c))
-            self._meter_tx(msgs, touched, done)
+            plan = self._plan(msgs)
+            self._meter_tx(plan.now, touched)
 
         try:
-            res = self.store.write_batch(
-                b.rows, b.quarantine, status=b.status, records=ups, records_gone=gone, then=meter
-            )
+            res = self.store.write_batch(b.rows, b.quarantine, status=b.status, then=meter)
         except BaseException:
             # rolled back: the in-memory states of what was metered are ahead of the database
             for sid in touched:
                 self.meter.forget(sid)
-            self._unmetered = todo + self._unmetered
             raise
-        # committed: _meter (after the commit) finds these done; a key left over (a path
-        # that never reports it) would only be metered again, which changes nothing
-        if len(self._metered) > 1_000_000:
-            self._metered.clear()
-        self._metered.update(done)
+        if plan is not None:
+            self._hold(plan)
+        if apart:
+            for sid in apart:
+                self.meter.forget(sid)
+            self._meter_failed |= apart
+            self._unhold(lambda s: s not in apart)
         return res.new, res.duplicates, res.conflicts
 
     def _resolve(
@@ -453,12 +478,13 @@ class Service:
         qids: list[int],
         rejected: list[tuple[int, str, str]],
     ) -> tuple[BatchResult, list[str]]:
-        """db thread: re-verified quarantine rows stored and metered in one transaction
-        (as `_write`: a crash cannot leave them stored and unmetered)."""
+        """db thread: re-verified quarantine rows stored and metered in one transaction,
+        as `_write` does."""
         touched: set[str] = set()
-        done: list[tuple[str, int, int]] = []
+        plan: _Plan | None = None
 
         def meter(res: BatchResult) -> None:
+            nonlocal plan
             if self.leases is not None:
                 self.leases.check()
             msgs = [
@@ -466,7 +492,8 @@ class Service:
                 for i in res.new
                 for r in (rows[i],)
             ]
-            self._meter_tx(msgs, touched, done)
+            plan = self._plan(msgs)
+            self._meter_tx(plan.now, touched)
 
         try:
             out = self.store.resolve_quarantine(rows, qids, rejected, then=meter)
@@ -474,20 +501,109 @@ class Service:
             for sid in touched:
                 self.meter.forget(sid)
             raise
-        self._metered.update(done)
+        if plan is not None:
+            self._hold(plan)
         return out
 
-    def _meter_tx(
-        self, msgs: list[RawMsg], touched: set[str], done: list[tuple[str, int, int]]
-    ) -> None:
+    # ---- metering, held back -------------------------------------------------------------
+
+    def _plan(self, new: list[RawMsg]) -> _Plan:
+        """db thread, in a write's transaction (its rows inserted): which stations take
+        their metering step now, with which messages, and which of `new` wait.
+
+        A station's step (its interval and day records upserted, its state serialized) costs
+        ~0.3 ms whatever the messages in it, so a station meters messages held back since
+        its last step: about records_interval_ms (`_hold`), HOLD_STATION of them, HOLD_MAX
+        in all.
+        Its state says which: every raw row of a station at or below its state's key is
+        metered (its records are those rows'), none above it is. A message at or below the
+        key (late), or of a station without a state, is metered now, with all the station
+        holds; so is everything on flush() and at stop. A crash loses nothing: the rows
+        above the key are in raw, and the restart meters them (StoreMeter.start, as always).
+        `stationctl verify` compares each station's records with its rows up to that key."""
+        now_ = time.monotonic()
+        every = self._meter_all or self.cfg.ingest.records_interval_ms <= 0
+        by_sid: dict[str, list[RawMsg]] = {}
+        for m in new:
+            if m.sid not in self._meter_failed:  # its raw is metered again from scratch
+                by_sid.setdefault(m.sid, []).append(m)
+        plan = _Plan({}, {}, now_)
+        held = self._held
+        for sid, msgs in by_sid.items():
+            before = held.get(sid, [])
+            if every or len(before) + len(msgs) >= HOLD_STATION or self._late(sid, msgs):
+                plan.now[sid] = before + msgs
+            else:
+                plan.hold[sid] = msgs
+        # the stations due soonest, a few a commit (more while too much is held)
+        n = self._held_n + sum(len(x) for x in plan.hold.values())
+        cap = self.cfg.ingest.records_sids_per_commit
+        if every or n > HOLD_MAX:
+            soonest = sorted(self._due_heap)
+        else:
+            soonest = heapq.nsmallest(cap + len(plan.now), self._due_heap)
+        taken = 0
+        for due, sid in soonest:
+            if not every and n <= HOLD_MAX and (due > now_ or taken >= cap):
+                break
+            if sid in plan.now or self._due.get(sid) != due:
+                continue  # metered now already, or a stale heap entry
+            plan.now[sid] = held[sid] + plan.hold.pop(sid, [])
+            n -= len(plan.now[sid])
+            taken += 1
+        return plan
+
+    def _late(self, sid: str, msgs: list[RawMsg]) -> bool:
+        """A message at or below the key the station is metered to, or no state yet."""
+        key = self.meter.key_of(sid)
+        return key is None or min((m.boot, m.seq) for m in msgs) <= key
+
+    def _hold(self, plan: _Plan) -> None:
+        """db thread, after the write's commit: what was metered leaves the held messages,
+        what waits joins them. A station is due records_interval_ms after its first held
+        message, times a factor of 0.5-1.5 of its own: stations that start together (a
+        backlog, a restart) spread their steps out over the commits that follow."""
+        held = self._held
+        for sid in plan.now:
+            lst = held.pop(sid, None)
+            if lst is not None:
+                self._held_n -= len(lst)
+                del self._due[sid]
+        every = self.cfg.ingest.records_interval_ms / 1000
+        for sid, msgs in plan.hold.items():
+            lst = held.get(sid)
+            if lst is None:
+                held[sid] = lst = []
+                due = plan.at + every * (0.5 + (zlib.crc32(sid.encode()) & 1023) / 1024)
+                self._due[sid] = due
+                heapq.heappush(self._due_heap, (due, sid))
+            lst.extend(msgs)
+            self._held_n += len(msgs)
+        self._prune_due()
+
+    def _unhold(self, keep: Callable[[str], bool] | None = None) -> None:
+        """db thread: drop the held messages of the stations not kept (all when None):
+        their metering restarts from raw (a shard given up, a new lock, a rebuild)."""
+        for sid in [s for s in self._held if keep is None or not keep(s)]:
+            self._held_n -= len(self._held.pop(sid))
+            del self._due[sid]
+        self._prune_due()
+
+    def _prune_due(self) -> None:
+        h, due = self._due_heap, self._due
+        if len(h) > 2 * len(due) + 64:
+            h[:] = [(t, s) for s, t in due.items()]
+            heapq.heapify(h)
+        while h and due.get(h[0][1]) != h[0][0]:
+            heapq.heappop(h)
+        self._held_due = h[0][0] if h else math.inf
+
+    def _meter_tx(self, todo: dict[str, list[RawMsg]], touched: set[str]) -> None:
         """db thread, in the batch's transaction: meter each station apart, in a savepoint,
         so that one whose metering raises stops no other (its records stay as they were;
         it is metered again from raw by `_remeter`, every METER_RETRY_S)."""
-        by_sid: dict[str, list[RawMsg]] = {}
-        for m in msgs:
-            by_sid.setdefault(m.sid, []).append(m)
         db = self.store.db
-        for sid, lst in by_sid.items():
+        for sid, lst in todo.items():
             if sid in self._meter_failed:
                 continue
             touched.add(sid)
@@ -504,16 +620,15 @@ class Service:
                 log.exception("metering %s failed on %d message(s) (raw is stored)", sid, len(lst))
                 continue
             db.execute("RELEASE meter")
-            done.extend((m.sid, m.boot, m.seq) for m in lst)
 
-    def _write_guarded(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> _Written:
+    def _write_guarded(self, b: _Batch) -> _Written:
         """db thread: `_write`, with no row able to stop it. A database failure (`_is_env`)
         is raised for the committer to retry; any other error is some row's: the raw rows
         are probed one by one (in a transaction that is rolled back), the culprits move to
-        quarantine as `internal` and the batch is written again; failing that the records
-        are left out (metering output, recomputed from raw at the next start); failing
-        that too, each message is written in a transaction of its own and one that fails
-        alone is kept in quarantine as `internal`."""
+        quarantine as `internal` and the batch is written again; failing that it is
+        written without metering (its stations are metered from raw again, METER_RETRY_S);
+        failing that too, each message is written in a transaction of its own and one that
+        fails alone is kept in quarantine as `internal`."""
         if self.leases is not None:
             self._reverify(b)
         if self.store.path is not None and _file_id(self.store.path) != self._db_file:
@@ -521,7 +636,7 @@ class Service:
                 f"{self.store.path} is gone or was replaced: nothing is written until it is back"
             )
         try:
-            return _Written(*self._write(b, ups, gone))
+            return _Written(*self._write(b))
         except Exception as e:
             if _is_env(e):
                 raise
@@ -542,19 +657,19 @@ class Service:
             b.cleaned = [b.cleaned[i] for i in keep]
             b.internal += len(bad)
             try:
-                return _Written(*self._write(b, ups, gone))
+                return _Written(*self._write(b))
             except Exception as e:
                 if _is_env(e):
                     raise
         try:
-            w = self._write(b, [], [])
+            w = self._write(b, metering=False)
         except Exception as e:
             if _is_env(e):
                 raise
-            log.exception("a batch cannot be written even without records: message by message")
+            log.exception("a batch cannot be written even without metering: message by message")
         else:
-            why = f"records of {len(ups)} change(s) not written; recomputed at the next start"
-            log.error("%s (metering output failed to write)", why)
+            why = "a batch's metering failed: its stations are metered again from raw"
+            log.error("%s", why)
             return _Written(*w, records_error=why)
         # last resort: each message in a transaction of its own; one that fails alone goes
         # to quarantine (its bytes kept), the others are stored
@@ -565,7 +680,7 @@ class Service:
             one = _Batch()
             one.rows, one.bodies, one.cleaned = [r], [b.bodies[i]], [b.cleaned[i]]
             try:
-                n1, d1, c1 = self._write(one, [], [])
+                n1, d1, c1 = self._write(one, metering=False)
             except Exception as e:
                 if _is_env(e):
                     raise
@@ -587,13 +702,13 @@ class Service:
         ]
         rest.status = b.status
         try:
-            self._write(rest, [], [])
+            self._write(rest, metering=False)
         except Exception as e:
             if _is_env(e):
                 raise
             log.error("status rows dropped (%r): informational only", e)
             rest.status = []
-            self._write(rest, [], [])
+            self._write(rest, metering=False)
         b.quarantine = rest.quarantine
         b.internal += len(culprits)
         return _Written(new, dups, conflicts, records_error="batch written message by message")
@@ -631,7 +746,7 @@ class Service:
                 return x.first_ms
         return None
 
-    async def _commit(self, b: _Batch, ups: list[RecordRow], gone: list[str]) -> _Written | None:
+    async def _commit(self, b: _Batch) -> _Written | None:
         """Write `b` (retried with backoff while the database fails); None when stopping
         cut the retries short (nothing of `b` is acknowledged then)."""
         loop = asyncio.get_running_loop()
@@ -639,7 +754,7 @@ class Service:
         while True:
             t0 = time.monotonic()
             try:
-                w = await loop.run_in_executor(self._db, self._write_guarded, b, ups, gone)
+                w = await loop.run_in_executor(self._db, self._write_guarded, b)
             except Exception as e:
                 self.counters["commit_failures"] += 1
                 if self.health.failed(e):
@@ -677,7 +792,7 @@ class Service:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            records_due = bool(self._dirty) and time.monotonic() >= self._records_due
+            records_due = self._held_due_now()
             if self._sealed:
                 b = self._sealed.popleft()
             elif self._batch.deliveries or records_due or self._batch.rekey:
@@ -687,8 +802,7 @@ class Service:
                 continue
             self._committing = True
             self._inflight = b
-            ups, gone = self._changes() if records_due else ([], [])
-            w = await self._commit(b, ups, gone)
+            w = await self._commit(b)
             self._inflight = None
             if w is None:  # stopping while the database fails: leave it all to the broker
                 self._committing = False
@@ -708,7 +822,6 @@ class Service:
                 self.source.resume()
             c = self.counters
             c["commits"] += 1
-            c["records_written"] += len(ups) if w.records_error is None else 0
             if w.records_error is not None:
                 c["records_errors"] += 1
                 self.health.error(w.records_error)
@@ -736,11 +849,7 @@ class Service:
                 self._committing = True
                 await self._rekey(b.rekey)
                 self._committing = False
-            if (
-                self._sealed
-                or self._batch.deliveries
-                or (self._dirty and self._records_due <= time.monotonic())
-            ):
+            if self._sealed or self._batch.deliveries or self._held_due_now():
                 self._wake.set()
             self._idle.set()
 
@@ -928,7 +1037,7 @@ class Service:
         for e in self.meter.ledger.engines():
             for sid in [s for s in e.stations if cluster.shard_of(s, n) == k]:
                 self.meter.forget(sid)
-        self._unmetered = [r for r in self._unmetered if cluster.shard_of(r.sid, n) != k]
+        self._unhold(lambda s: cluster.shard_of(s, n) != k)
         self._meter_failed = {s for s in self._meter_failed if cluster.shard_of(s, n) != k}
 
     def _reverify(self, b: _Batch) -> None:
@@ -1048,21 +1157,10 @@ class Service:
             self._spoiled(new_rows, [cleaned[i] for i in res.new])
 
     def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
-        """After a commit: rows metered in its transaction are done; a station whose
-        metering failed there is counted (meter_errors); a row committed without metering
-        (none today: writes and re-verifications meter in their transaction) is metered
-        by the next write, due soon."""
-        failed = False
-        for r in rows:
-            k = (r.sid, r.boot, r.seq)
-            if k in self._metered:
-                self._metered.discard(k)
-            elif r.sid in self._meter_failed:
-                failed = True
-            else:
-                self._unmetered.append(r)
-                self._dirty.add(r.sid)
-        if failed:
+        """After a commit: a station whose metering failed in its transaction (or earlier:
+        its rows are not metered until it is metered again from raw) is counted
+        (meter_errors); the others' rows are metered, or held for their next step."""
+        if any(r.sid in self._meter_failed for r in rows):
             self.counters["meter_errors"] += 1
 
     def _remeter(self, sids: set[str]) -> None:
@@ -1081,42 +1179,41 @@ class Service:
                 log.warning("metering %s from raw failed again (%r); retried later", sid, e)
                 continue
             self._meter_failed.discard(sid)
+            self._unhold(sid.__ne__)  # (none: a failed station holds none)
             self.counters["meter_recovered"] += 1
             log.info("%s metered again from its raw messages", sid)
 
-    def _changes(self) -> tuple[list[RecordRow], list[str]]:
-        """Record changes of up to `records_sids_per_commit` stations (the rest stay due,
-        so that one commit never waits for a whole fleet's records)."""
-        dirty = sorted(self._dirty)
-        take = dirty[: self.cfg.ingest.records_sids_per_commit]
-        self._dirty.difference_update(take)
-        if not self._dirty:
-            self._records_due = time.monotonic() + self.cfg.ingest.records_interval_ms / 1000
-        # records are written by the transaction that meters (_write): a due station only
-        # asks for a write, which meters what was committed without metering
-        return [], []
+    def _held_due_now(self) -> bool:
+        """Loop thread: held messages whose stations are due for their step (or a flush)."""
+        return self._held_n > 0 and (self._meter_all or time.monotonic() >= self._held_due)
 
     async def flush(self) -> None:
-        """Commit (and acknowledge) every message read so far and write every pending
-        record change now (shutdown, tests, benchmarks)."""
-        self._records_due = 0.0
-        while (
-            self._sealed
-            or self._batch.deliveries
-            or self._dirty
-            or self._committing
-            or self._batch.rekey
-        ):
-            self._idle.clear()
-            self._wake.set()
-            await self._idle.wait()
+        """Commit (and acknowledge) every message read so far and meter everything held,
+        records and states written, now (shutdown, tests, benchmarks)."""
+        self._meter_all = True
+        try:
+            while (
+                self._sealed
+                or self._batch.deliveries
+                or self._held_n
+                or self._committing
+                or self._batch.rekey
+            ):
+                self._idle.clear()
+                self._wake.set()
+                await self._idle.wait()
+        finally:
+            self._meter_all = False
 
     flush_records = flush
 
     async def _recorder(self) -> None:
+        """Wake the committer when held stations fall due (no message may come to do it)."""
+        every = self.cfg.ingest.records_interval_ms / 1000
         while True:
-            await asyncio.sleep(self.cfg.ingest.records_interval_ms / 1000)
-            if self._dirty:
+            wait = self._held_due - time.monotonic()
+            await asyncio.sleep(min(every, max(0.01, wait)) if every > 0 else 0.05)
+            if self._held_due_now():
                 self._wake.set()
 
     async def _housekeeping(self) -> None:
@@ -1186,6 +1283,7 @@ class Service:
             "a monitoring period was locked (until %s): metering again", params.locked_until_ms
         )
         self.meter = StoreMeter(params, self.store)
+        self._unhold()  # metered again from raw below, held messages included
         mine = self._owns if self.leases is not None else None
         sids = [x for x in self.store.key_sids() if mine is None or mine(x)]
         _rebuilt, n = self.meter.start(sids, only=mine)

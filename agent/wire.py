@@ -390,7 +390,7 @@ def decode_signed(signed: bytes) -> dict[str, Any]:
     """Parse the signed bytes into a dict, rejecting bad JSON, nesting over 4 deep,
     duplicate keys and whitespace between tokens."""
     try:
-        obj: Any = _within_depth.decode(signed)
+        obj: dict[str, Any] = _within_depth.decode(signed)
     except msgspec.DecodeError:  # not JSON, not an object, or nested too deep: which
         obj = _decode_faulty(signed)
     # Fast path: re-encoding the decoded object gives back the very same bytes only when

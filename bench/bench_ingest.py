@@ -206,7 +206,11 @@ def agent_cfg(port: int, db: str, sync: str) -> AgentConfig:
     return AgentConfig(
         db=DbConfig(url=db, synchronous=sync),
         broker=BrokerConfig(port=port, client_id="bench-agent"),
-        ingest=IngestConfig(records_interval_ms=int(os.environ.get("REC_MS", "200"))),
+        # the agent's defaults unless REC_MS / SWITCH_S say otherwise (to compare settings)
+        ingest=IngestConfig(
+            records_interval_ms=int(os.environ.get("REC_MS", IngestConfig.records_interval_ms)),
+            switch_interval_s=float(os.environ.get("SWITCH_S", IngestConfig.switch_interval_s)),
+        ),
     )
 
 

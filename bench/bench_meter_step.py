@@ -1,5 +1,7 @@
 """The database thread's work per message, apart from MQTT and the loop: raw insert,
-metering, records and states, commit (Service._write on one thread, no broker).
+metering, records and states, commit (Service._write on one thread, no broker), with
+each station metered at every commit and, as the agent does by default, held back for its
+next step (agent/service.py `_plan`).
 
 Prints CPU µs per 8-slot message for batches holding ~30, 3 and 1 message(s) per station
 (what a commit costs is mostly one step per station in it: docs/agent.md), without and
@@ -24,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent import wire  # noqa: E402
-from agent.config import AgentConfig, DbConfig  # noqa: E402
+from agent.config import AgentConfig, DbConfig, IngestConfig  # noqa: E402
 from agent.keys import KeyStore  # noqa: E402
 from agent.ledger.agent_meter import StoreMeter  # noqa: E402
 from agent.ledger.inputs import MeterParams  # noqa: E402
@@ -52,13 +54,18 @@ def lock_params(params: MeterParams) -> MeterParams:
     return dataclasses.replace(params, locked_until_ms=until, locked_at_ms=until + 3_600_000)
 
 
-def write_cost(tmp: pathlib.Path, stations: int, n: int, batch: int, lock: bool) -> float:
-    """CPU µs per message of Service._write over n messages in batches of `batch`."""
-    url = f"sqlite:///{tmp}/w-{stations}-{batch}-{int(lock)}.db"
+def write_cost(
+    tmp: pathlib.Path, stations: int, n: int, batch: int, lock: bool, hold: bool = False
+) -> float:
+    """CPU µs per message of Service._write over n messages in batches of `batch`: each
+    station metered at every commit (records_interval_ms 0), or (hold) as the agent does
+    by default, its messages held for its next step (then the rest metered, counted)."""
+    url = f"sqlite:///{tmp}/w-{stations}-{batch}-{int(lock)}-{int(hold)}.db"
     with KeyStore(url) as ks:
         for i in range(stations):
             ks.add(f"KH-BEN-{i:04d}", key_for(f"KH-BEN-{i:04d}"))
-    svc = Service(AgentConfig(db=DbConfig(url=url)))
+    ingest = IngestConfig() if hold else IngestConfig(records_interval_ms=0)
+    svc = Service(AgentConfig(db=DbConfig(url=url), ingest=ingest))
     if lock:
         svc.meter = StoreMeter(lock_params(svc.meter.params), svc.store)
     recv = int(time.time() * 1000)  # after the lock: live traffic
@@ -74,7 +81,10 @@ def write_cost(tmp: pathlib.Path, stations: int, n: int, batch: int, lock: bool)
             b.rows.append(row)
             b.bodies.append(v.cleaned.body)
             b.cleaned.append(v.cleaned)
-        svc._write(b, [], [])
+        svc._write(b)
+    svc._meter_all = True  # what is still held
+    svc._write(_Batch())
+    assert svc._held_n == 0
     cost = (time.thread_time() - t) / n * 1e6
     svc.store.close()
     return cost
@@ -109,13 +119,17 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-step-"))
     try:
         print("database thread, CPU µs per 8-slot message (raw, metering, records, commit):")
-        print(f"  {'messages per station per commit':34} {'no lock':>9} {'lock':>9}")
-        for stations, batch in ((100, 3000), (100, 300), (2000, 2000)):
+        print(f"  {'messages per station per commit':34} {'no lock':>9} {'lock':>9} "
+              f"{'held':>9} {'held+lock':>9}")  # fmt: skip
+        for stations, batch in ((100, 3000), (100, 300), (100, 100), (2000, 2000)):
             per = batch // stations
             n = args.n if stations == 100 else max(args.n // 2, 2 * stations)
-            a = write_cost(tmp, stations, n, batch, False)
-            b = write_cost(tmp, stations, n, batch, True)
-            print(f"  {f'~{per} ({stations} stations, batches of {batch})':34} {a:9.1f} {b:9.1f}")
+            c = [write_cost(tmp, stations, n, batch, lock, hold) for hold in (False, True)
+                 for lock in (False, True)]  # fmt: skip
+            print(f"  {f'~{per} ({stations} stations, batches of {batch})':34} "
+                  + " ".join(f"{x:9.1f}" for x in c))  # fmt: skip
+        print("  (held: each station metered ~records_interval_ms after its first message "
+              "held, as the agent does; else at every commit)")  # fmt: skip
         a, b = remeter_cost(tmp, args.n)
         print(f"re-metering from raw (10 stations, {args.n} messages): {a:.1f} µs a message, "
               f"{b:.1f} with a lock in force (both views)")  # fmt: skip

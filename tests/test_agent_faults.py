@@ -184,10 +184,10 @@ async def test_a_batch_that_fails_whatever_is_left_out_is_written_message_by_mes
     async with _Agent(db, mosquitto.port) as a:
         write = a.svc._write
 
-        def broken(b: Any, ups: Any, gone: Any) -> Any:
+        def broken(b: Any, metering: bool = True) -> Any:
             if len(b.rows) > 1 or any(r.record == poison for r in b.rows):
                 raise TypeError("a bug in writing")
-            return write(b, ups, gone)
+            return write(b, metering)
 
         a.svc._write = broken  # type: ignore[method-assign]
         await _publish(mosquitto.port, items)

@@ -41,6 +41,20 @@ def decode_row(r: RawRow) -> RawMsg:
     return raw_msg(r.sid, r.boot, r.seq, r.recv_ms, wire.decode_record(r.record))
 
 
+def metered_keys(store: Store) -> dict[str, tuple[int, int]]:
+    """Each station's key its records are metered to (its state row): its raw rows at or
+    below it are in its records, none above it is. The agent meters a station's messages
+    a moment after they are committed (agent/service.py `_plan`: at most
+    records_interval_ms; a crash leaves them to the restart), so a reader beside it (in
+    one snapshot) recomputes the records from the rows up to that key."""
+    out = {}
+    for sid, (_version, blob) in LedgerTables(store, decode_row).state_sids().items():
+        key = load_station(blob).key
+        if key is not None:
+            out[sid] = key
+    return out
+
+
 def state_version(params: MeterParams) -> str:
     """What a stored state was made with: the processing version and the parameters (a
     state made under others is not resumed: the station is metered again from raw)."""
@@ -101,6 +115,11 @@ class StoreMeter:
                 if self._saved.get((sid, e.view)) != d:
                     self.tables.put_state(sid, e.view, self.version, blob)
                     self._saved[(sid, e.view)] = d
+
+    def key_of(self, sid: str) -> tuple[int, int] | None:
+        """The key of the last message the station is metered to (its state, loaded when
+        not in memory), None when it has none: not metered yet."""
+        return self.ledger.full.station(sid).key
 
     def forget(self, sid: str) -> None:
         """Drop a station's in-memory state (it is loaded again from its state row; call
