@@ -1,11 +1,13 @@
 """The agent service: MQTT → verify → raw store / quarantine → PUBACK → metering → records.
 
 Threads: the asyncio loop thread runs the MQTT client (agent/sources/mqtt.py) and
-verification; one database thread runs every write and the metering of what it writes
-(agent/ledger/agent_meter.py: raw rows, the records they change and the stations' states
-commit together), so a commit (an fsync with synchronous=FULL) never stalls the network. Batches form by themselves (group commit): while one batch commits,
-the next accumulates, so a quiet agent commits each message at once and a busy one
-commits thousands at a time. Acknowledgements go out only after the commit.
+verification; one database thread runs every write and, inside the writes'
+transactions, the metering (agent/ledger/agent_meter.py; each station's messages a
+moment after they are committed, `_plan`: the records and the station's state commit
+with the raw rows up to the state's key), so a commit (an fsync with synchronous=FULL)
+never stalls the network. Batches form by themselves (group commit): while one batch
+commits, the next accumulates, so a quiet agent commits each message at once and a busy
+one commits thousands at a time. Acknowledgements go out only after the commit.
 
 Failure policy (no message can stop ingest; nothing acknowledged is ever lost):
 - Bad input is quarantined with its reason and counted, never raised. A verified message

@@ -641,6 +641,7 @@ class AgentProcess:
         broker_extra: str = "",
         cwd: Any = None,
         log_level: str = "info",
+        records_ms: int = 50,
     ) -> None:
         import pathlib
 
@@ -652,7 +653,7 @@ class AgentProcess:
         self.cfg.write_text(
             f'[db]\nurl = "{db_url}"\nsynchronous = "normal"\n'
             f'[broker]\nport = {broker_port}\nclient_id = "{client_id}"\n{broker_extra}'
-            f"[ingest]\nrecords_interval_ms = 50\n"
+            f"[ingest]\nrecords_interval_ms = {records_ms}\n"
             f"[health]\nport = {self.health_port}\n" + extra
         )
         self.log = self.dir / f"{client_id}.log"

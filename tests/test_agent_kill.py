@@ -329,7 +329,9 @@ def clean_run(tmp: pathlib.Path, port: int, stream: list[Msg]) -> pathlib.Path:
 def kill_run(tmp: pathlib.Path, port: int, stream: list[Msg], eps: list[Episode]) -> pathlib.Path:
     db = tmp / "kill.db"
     _keys(db)
-    agent = AgentProcess(tmp, f"sqlite:///{db}", port, client_id="kill-agent")
+    # the agent's default records interval: a kill mostly finds messages held for their
+    # station's metering step (docs/agent.md, "Metering held back")
+    agent = AgentProcess(tmp, f"sqlite:///{db}", port, client_id="kill-agent", records_ms=500)
     pub = Publisher(port, client_id="kill-pub", window=500)
     published = 0
     look: _Db | None = None

@@ -76,13 +76,14 @@ def test_verify_beside_a_running_agent_agrees(
     tmp_path: pathlib.Path, db_url: str, mosquitto: Mosquitto
 ) -> None:
     """`verify` while an agent ingests said FAILED (it read raw and records at different
-    moments); it reads one snapshot and agrees, run after run (CONTRACT §8)."""
+    moments); it reads one snapshot and agrees, run after run (CONTRACT §8), the messages
+    the agent holds for their station's next metering step counted apart (`held`)."""
     items = fleet_stream(3, 400, sid_base="KH-RUN", step_ms=10_000)
     sids = sorted({topic.split("/")[1] for topic, _p in items})
     with KeyStore(db_url) as ks:
         for sid in sids:
             ks.add(sid, key_for(sid))
-    agent = AgentProcess(tmp_path, db_url, mosquitto.port).start()
+    agent = AgentProcess(tmp_path, db_url, mosquitto.port, records_ms=500).start()
     pub = Publisher(mosquitto.port)
     sender = threading.Thread(
         target=pub.send,
@@ -104,14 +105,17 @@ def test_verify_beside_a_running_agent_agrees(
         pub.c.loop_stop()
     assert len(results) >= 2, "the stream ended before verify ran twice"
     raws = []
+    held = []
     for code, out, err in results:
         assert code == 0, (out, err)
         s = json.loads(out)
         assert s["ok"] and s["records_stored"] == s["records_recomputed"] > 0
         raws.append(s["raw"])
+        held.append(s["held"])
     assert raws[-1] > raws[0]  # it did run while messages came in
+    assert max(held) > 0, held  # and found messages not metered yet
     code, s = summary(db_url)
-    assert code == 0 and s["raw"] == len(items)
+    assert code == 0 and s["raw"] == len(items) and s["held"] == 0
 
 
 def test_unknown_station_and_empty_range_exit_2(db_url: str) -> None:

@@ -1,8 +1,9 @@
 """The agent's metering: the ledger's engines on the agent's store (agent/store/sqlite.py,
 `LedgerTables`), for the database thread only.
 
-`add()` runs inside the transaction that stores the raw rows: the records they change and
-each station's state row commit with them. A restart loads the states (lazily, station by
+`add()` runs inside a write transaction of the agent: the records and each station's
+state row commit with the raw rows up to the state's key (the agent holds a station's
+newest rows back for a moment: agent/service.py `_plan`). A restart loads the states (lazily, station by
 station) and reads no raw row the states have seen; a station without a state (a
 database from before schema 3, or one whose processing version or parameters changed) is
 metered from its raw rows once, streamed in key order (`start`).

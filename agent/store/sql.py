@@ -461,7 +461,8 @@ class Store:
         """Store a batch in one transaction (one fsync): verified messages, rejected ones,
         station status, and the metering changes that are due; `then(result)` runs inside
         the transaction after the raw rows are in (the agent meters them there, so that
-        records and metering state commit with the rows they come from)."""
+        records and metering state commit with the rows they come from, or with later
+        ones: agent/service.py `_plan`)."""
         with self.transaction() as db:
             result = self._insert_raw(db, rows)
             if quarantine:

@@ -1,0 +1,190 @@
+"""Metering held back (agent/service.py `_plan`, docs/agent.md): a station's committed
+messages wait for its next metering step; its records are always those of its raw rows up
+to its state's key, which `stationctl verify` recomputes beside the agent; a late message
+meters its station at once; a crash loses nothing held; due stations spread out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import subprocess
+import time
+from typing import Any
+
+from agent.config import AgentConfig, DbConfig, IngestConfig
+from agent.keys import KeyStore
+from agent.ledger.agent_meter import metered_keys
+from agent.ledger.inputs import raw_msg
+from agent.service import Service, _Plan
+from agent.sources.mqtt import BrokerConfig
+from agent.store import Store
+from tests.agent_helpers import (
+    STATIONCTL,
+    AgentProcess,
+    Publisher,
+    Station,
+    key_for,
+    stored_and_computed,
+)
+from tests.helpers import ROOT
+from tools.mosquitto import Mosquitto
+
+SID = "KH-HLD-0001"
+LONG_MS = 120_000  # no step falls due during a test
+
+
+def _stream(n: int) -> list[tuple[str, bytes]]:
+    st = Station(SID, slots=2)
+    out = []
+    for _ in range(n):
+        st.advance()
+        out.append((st.topic("telemetry"), st.telemetry()[1]))
+    return out
+
+
+def _key(payload: bytes) -> tuple[int, int]:
+    body = json.loads(payload[: payload.rfind(b',"sig":"')] + b"}")
+    return body["boot"], body["seq"]
+
+
+def _verify(url: str) -> dict[str, Any]:
+    r = subprocess.run(
+        [*STATIONCTL, "verify", "--db", url, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def _raw_count(url: str) -> int:
+    with Store(url, create=False) as st:
+        return st.raw_count()
+
+
+async def _until(cond: Any, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met"
+        await asyncio.sleep(0.02)
+
+
+async def test_records_follow_raw_up_to_the_state_key_and_a_late_message_meters_at_once(
+    mosquitto: Mosquitto, tmp_path: pathlib.Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/agent.db"
+    with KeyStore(url) as ks:
+        ks.add(SID, key_for(SID))
+    items = _stream(30)
+    cfg = AgentConfig(
+        db=DbConfig(url=url, synchronous="normal"),
+        broker=BrokerConfig(port=mosquitto.port, client_id="held-agent"),
+        ingest=IngestConfig(records_interval_ms=LONG_MS),
+    )
+    svc = Service(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop))
+    pub = Publisher(mosquitto.port)
+    try:
+        await asyncio.wait_for(svc.ready.wait(), 20)
+        c = svc.counters
+        # a station without a state is metered at once: its state is made
+        await asyncio.to_thread(pub.send, items[10:11])
+        await _until(lambda: c["stored"] == 1)
+        assert metered_keys(svc.store) == {SID: _key(items[10][1])}
+        # the next ones are committed and held: records stay those of the first
+        await asyncio.to_thread(pub.send, items[11:])
+        await _until(lambda: c["stored"] == 20)
+        assert metered_keys(svc.store) == {SID: _key(items[10][1])}
+        assert svc._held_n == 19
+        s = await asyncio.to_thread(_verify, url)
+        assert s["ok"] and s["raw"] == 1 and s["held"] == 19, s
+        # messages below the metered key (late): the station's step runs in their commit,
+        # with everything it held
+        await asyncio.to_thread(pub.send, items[:10])
+        await _until(lambda: c["stored"] == 30)
+        assert metered_keys(svc.store) == {SID: _key(items[-1][1])}
+        assert svc._held_n == 0
+        s = await asyncio.to_thread(_verify, url)
+        assert s["ok"] and s["raw"] == 30 and s["held"] == 0, s
+    finally:
+        pub.c.loop_stop()
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    stored, computed = stored_and_computed(url)
+    assert stored == computed and stored.count(b"\n") > 2
+
+
+def test_a_crash_loses_no_held_message(mosquitto: Mosquitto, tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/agent.db"
+    with KeyStore(url) as ks:
+        ks.add(SID, key_for(SID))
+    items = _stream(40)
+    agent = AgentProcess(tmp_path, url, mosquitto.port, records_ms=LONG_MS).start()
+    pub = Publisher(mosquitto.port)
+    try:
+        agent.wait_log("subscribed", 30)
+        pub.send(items[:1])
+        end = time.monotonic() + 30
+        while _raw_count(url) < 1 or SID not in metered_keys(Store(url, create=False)):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        pub.send(items[1:])
+        while _raw_count(url) < len(items):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        agent.kill()  # SIGKILL: 39 messages committed, acknowledged and not metered
+    finally:
+        pub.c.loop_stop()
+        agent.kill()
+    s = _verify(url)
+    assert s["ok"] and s["raw"] == 1 and s["held"] == len(items) - 1, s
+    stored, computed = stored_and_computed(url)
+    assert stored != computed  # the records do lag
+    # the restart meters what was held (rows above the state's key)
+    again = AgentProcess(tmp_path, url, mosquitto.port, client_id="held-again").start()
+    try:
+        again.wait_log("subscribed", 30)
+    finally:
+        _s, rc = again.stop()
+    assert rc == 0
+    s = _verify(url)
+    assert s["ok"] and s["raw"] == len(items) and s["held"] == 0, s
+    stored, computed = stored_and_computed(url)
+    assert stored == computed
+
+
+def test_due_stations_spread_out_and_a_commit_takes_a_few(tmp_path: pathlib.Path) -> None:
+    ing = IngestConfig(records_interval_ms=1000, records_sids_per_commit=16)
+    svc = Service(AgentConfig(db=DbConfig(url=f"sqlite:///{tmp_path}/a.db"), ingest=ing))
+    try:
+        sids = [f"KH-HLD-{i:04d}" for i in range(200)]
+        hold = {s: [raw_msg(s, 1, 1, 0, {"up": 1})] for s in sids}
+        svc._hold(_Plan({}, hold, 0.0))
+        due = svc._due
+        assert svc._held_n == 200 and set(due) == set(sids)
+        assert all(0.5 <= t < 1.5 for t in due.values())  # 0.5-1.5 x the interval
+        assert len(set(due.values())) > 150  # a station's own factor, not one for all
+        assert svc._held_due == min(due.values())
+        # all due now (time 0 was long ago): the soonest 16 are metered in one commit
+        svc.store.db.execute("BEGIN")
+        try:
+            plan = svc._plan([])
+        finally:
+            svc.store.db.execute("ROLLBACK")
+        assert sorted(plan.now) == sorted(sorted(sids, key=due.__getitem__)[:16])
+        assert not plan.hold
+        svc._hold(plan)
+        assert svc._held_n == 184 and not set(plan.now) & set(svc._held)
+        assert svc._held_due == min(due.values())
+        svc._unhold(lambda s: s.endswith("7"))
+        assert set(svc._held) == {s for s in sids if s.endswith("7")} - set(plan.now)
+        assert svc._held_n == len(svc._held) and svc._held_due == min(due.values())
+        svc._unhold()
+        assert svc._held_n == 0 and not svc._due and svc._held_due == float("inf")
+    finally:
+        svc.store.close()
