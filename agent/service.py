@@ -112,6 +112,7 @@ LOCK_POLL_S = 5.0  # how often the agent looks for a newly locked monitoring per
 # most records_interval_ms, HOLD_STATION of them, and HOLD_MAX (~5 KB each) in all
 HOLD_STATION = 500
 HOLD_MAX = 20_000
+STEP_BUDGET_S = 0.005  # the due stations' steps in one write (_meter_plan)
 INTERNAL = wire.Reason.INTERNAL.value
 # a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
 # batch is kept and retried; anything else raised by a write is a data error of some row
@@ -204,11 +205,14 @@ OnCommit = Callable[[list[RawRow]], None]
 
 class _Plan(NamedTuple):
     """A write's metering (Service._plan): the stations metered in its transaction with
-    their messages (those held and the batch's), the batch's messages held back."""
+    their messages (those held and the batch's), the batch's messages held back, and the
+    stations due, soonest first, metered while the write's budget lasts (_meter_plan)."""
 
     now: dict[str, list[RawMsg]]
     hold: dict[str, list[RawMsg]]
     at: float  # monotonic time of the write
+    due: list[str]
+    rush: bool  # flush, or too much held: every due station, no budget
 
 
 class _Written(NamedTuple):
@@ -455,7 +459,7 @@ class Service:
                 body = b.bodies[i] if c is None else c.body
                 msgs.append(raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body, cleaned=c))
             plan = self._plan(msgs)
-            self._meter_tx(plan.now, touched)
+            self._meter_plan(plan, touched)
 
         try:
             res = self.store.write_batch(b.rows, b.quarantine, status=b.status, then=meter)
@@ -495,7 +499,7 @@ class Service:
                 for r in (rows[i],)
             ]
             plan = self._plan(msgs)
-            self._meter_tx(plan.now, touched)
+            self._meter_plan(plan, touched)
 
         try:
             out = self.store.resolve_quarantine(rows, qids, rejected, then=meter)
@@ -529,7 +533,7 @@ class Service:
         for m in new:
             if m.sid not in self._meter_failed:  # its raw is metered again from scratch
                 by_sid.setdefault(m.sid, []).append(m)
-        plan = _Plan({}, {}, now_)
+        plan = _Plan({}, {}, now_, [], every)
         held = self._held
         for sid, msgs in by_sid.items():
             before = held.get(sid, [])
@@ -540,20 +544,32 @@ class Service:
         # the stations due soonest, a few a commit (more while too much is held)
         n = self._held_n + sum(len(x) for x in plan.hold.values())
         cap = self.cfg.ingest.records_sids_per_commit
-        if every or n > HOLD_MAX:
-            soonest = sorted(self._due_heap)
-        else:
-            soonest = heapq.nsmallest(cap + len(plan.now), self._due_heap)
-        taken = 0
+        rush = every or n > HOLD_MAX
+        soonest = (
+            sorted(self._due_heap) if rush else heapq.nsmallest(cap + len(plan.now), self._due_heap)
+        )
         for due, sid in soonest:
-            if not every and n <= HOLD_MAX and (due > now_ or taken >= cap):
+            if not rush and (due > now_ or len(plan.due) >= cap):
                 break
             if sid in plan.now or self._due.get(sid) != due:
                 continue  # metered now already, or a stale heap entry
-            plan.now[sid] = held[sid] + plan.hold.pop(sid, [])
-            n -= len(plan.now[sid])
-            taken += 1
-        return plan
+            plan.due.append(sid)
+        return plan._replace(rush=rush)
+
+    def _meter_plan(self, plan: _Plan, touched: set[str]) -> None:
+        """db thread, in the write's transaction: the stations that must be metered now,
+        then those due while the write's metering has taken under STEP_BUDGET_S (at least
+        one; all of them on flush or when too much is held), so that no commit grows long
+        with the steps of many stations that happen to fall due together. The rest stay
+        held for the next write (the committer comes back at once: they are due)."""
+        t0 = time.perf_counter()
+        self._meter_tx(plan.now, touched)
+        for i, sid in enumerate(plan.due):
+            if not plan.rush and i and time.perf_counter() - t0 > STEP_BUDGET_S:
+                break
+            msgs = self._held[sid] + plan.hold.pop(sid, [])
+            plan.now[sid] = msgs
+            self._meter_tx({sid: msgs}, touched)
 
     def _late(self, sid: str, msgs: list[RawMsg]) -> bool:
         """A message at or below the key the station is metered to, or no state yet."""

@@ -12,6 +12,8 @@ import subprocess
 import time
 from typing import Any
 
+import pytest
+
 from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
 from agent.ledger.agent_meter import metered_keys
@@ -158,32 +160,62 @@ def test_a_crash_loses_no_held_message(mosquitto: Mosquitto, tmp_path: pathlib.P
     assert stored == computed
 
 
-def test_due_stations_spread_out_and_a_commit_takes_a_few(tmp_path: pathlib.Path) -> None:
+def test_due_stations_spread_out_and_a_commit_takes_a_few(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ing = IngestConfig(records_interval_ms=1000, records_sids_per_commit=16)
     svc = Service(AgentConfig(db=DbConfig(url=f"sqlite:///{tmp_path}/a.db"), ingest=ing))
+    metered: list[str] = []
+    step_s = [0.0]
+
+    def add(msgs: list[Any]) -> set[str]:  # a station's step, as long as step_s says
+        metered.append(msgs[0].sid)
+        time.sleep(step_s[0])
+        return {msgs[0].sid}
+
+    monkeypatch.setattr(svc.meter, "add", add)
+    db = svc.store.db
+
+    def write_plan() -> _Plan:
+        """What a write with no new message meters (rolled back: no raw to commit)."""
+        db.execute("BEGIN")
+        try:
+            plan = svc._plan([])
+            svc._meter_plan(plan, set())
+        finally:
+            db.execute("ROLLBACK")
+        svc._hold(plan)
+        return plan
+
     try:
         sids = [f"KH-HLD-{i:04d}" for i in range(200)]
         hold = {s: [raw_msg(s, 1, 1, 0, {"up": 1})] for s in sids}
-        svc._hold(_Plan({}, hold, 0.0))
-        due = svc._due
+        svc._hold(_Plan({}, hold, 0.0, [], False))
+        due = dict(svc._due)
         assert svc._held_n == 200 and set(due) == set(sids)
         assert all(0.5 <= t < 1.5 for t in due.values())  # 0.5-1.5 x the interval
         assert len(set(due.values())) > 150  # a station's own factor, not one for all
         assert svc._held_due == min(due.values())
-        # all due now (time 0 was long ago): the soonest 16 are metered in one commit
-        svc.store.db.execute("BEGIN")
-        try:
-            plan = svc._plan([])
-        finally:
-            svc.store.db.execute("ROLLBACK")
-        assert sorted(plan.now) == sorted(sorted(sids, key=due.__getitem__)[:16])
-        assert not plan.hold
-        svc._hold(plan)
+        soonest = sorted(sids, key=due.__getitem__)
+        # all due now (time 0 was long ago): the soonest 16 in one write, quick steps
+        plan = write_plan()
+        assert sorted(plan.now) == sorted(soonest[:16]) and metered == soonest[:16]
         assert svc._held_n == 184 and not set(plan.now) & set(svc._held)
-        assert svc._held_due == min(due.values())
+        assert svc._held_due == due[soonest[16]]
+        # slow steps (3 ms): the write stops once its budget (5 ms) is spent, at least one
+        step_s[0] = 0.003
+        metered.clear()
+        plan = write_plan()
+        assert metered == soonest[16:18] and sorted(plan.now) == sorted(soonest[16:18])
+        assert svc._held_n == 182 and svc._held_due == due[soonest[18]]
+        step_s[0] = 0.02
+        metered.clear()
+        write_plan()
+        assert metered == soonest[18:19]
         svc._unhold(lambda s: s.endswith("7"))
-        assert set(svc._held) == {s for s in sids if s.endswith("7")} - set(plan.now)
-        assert svc._held_n == len(svc._held) and svc._held_due == min(due.values())
+        assert set(svc._held) == {s for s in sids if s.endswith("7")} - set(soonest[:19])
+        assert svc._held_n == len(svc._held)
+        assert svc._held_due == min(due[s] for s in svc._held)
         svc._unhold()
         assert svc._held_n == 0 and not svc._due and svc._held_due == float("inf")
     finally:
