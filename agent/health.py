@@ -49,13 +49,15 @@ def now_ms() -> int:
 
 class Health:
     """What the committer reports (`committed`, `failed`) and what operators read
-    (`snapshot`, `metrics`). `pending` and `oldest_ms` are set by the service: the number of
-    messages read and not yet committed, and the receive time of the oldest of them."""
+    (`snapshot`, `metrics`). `pending`, `oldest_ms` and `held` are set by the service: the
+    number of messages read and not yet committed, the receive time of the oldest of them,
+    and the number committed and held for their station's metering step."""
 
     def __init__(self, counters: Counter[str]) -> None:
         self.counters = counters
         self.pending: Callable[[], int] = lambda: 0
         self.oldest_ms: Callable[[], int | None] = lambda: None
+        self.held: Callable[[], int] = lambda: 0  # committed, waiting for metering
         self.started_ms = now_ms()
         self.last_commit_ms: int | None = None
         self.failing_since_ms: int | None = None
@@ -110,6 +112,7 @@ class Health:
             "last_commit_age_s": _age(self.last_commit_ms, now),
             "pending": self.pending(),
             "lag_s": 0.0 if oldest is None else max(0, now - oldest) / 1000,
+            "held": self.held(),
             "failing_since_ms": self.failing_since_ms,
             "last_error": self.last_error,
             "last_error_ms": self.last_error_ms,
@@ -183,6 +186,11 @@ class _Collector(Collector):
             "stationctl_agent_lag_seconds",
             "Age of the oldest message not yet committed",
             value=0.0 if oldest is None else max(0, now - oldest) / 1000,
+        )
+        yield GaugeMetricFamily(
+            "stationctl_agent_metering_held_messages",
+            "Messages committed and waiting for their station's metering step",
+            value=h.held(),
         )
         age = _age(h.last_commit_ms, now)
         yield GaugeMetricFamily(

@@ -292,6 +292,7 @@ class Service:
         self.health = Health(self.counters)
         self.health.pending = self._pending
         self.health.oldest_ms = self._oldest_ms
+        self.health.held = lambda: self._held_n
         # one agent: one session for the fleet; one of several: a session per shard it holds
         self.source: MqttSource | ShardedSource
         self.leases: cluster.Leases | None = None

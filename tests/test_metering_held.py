@@ -102,7 +102,8 @@ async def test_records_follow_raw_up_to_the_state_key_and_a_late_message_meters_
         await asyncio.to_thread(pub.send, items[11:])
         await _until(lambda: c["stored"] == 20)
         assert metered_keys(svc.store) == {SID: _key(items[10][1])}
-        assert svc._held_n == 19
+        assert svc._held_n == 19 and svc.health.snapshot()["held"] == 19
+        assert b"stationctl_agent_metering_held_messages 19.0" in svc.health.metrics()
         s = await asyncio.to_thread(_verify, url)
         assert s["ok"] and s["raw"] == 1 and s["held"] == 19, s
         # messages below the metered key (late): the station's step runs in their commit,
