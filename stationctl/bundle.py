@@ -6,7 +6,8 @@ Members (a zip, deterministic: fixed times, sorted names):
 
 - `raw.jsonl`: every raw message of the bundled stations, each one's signed bytes exactly
   as received (base64) with sid, kind, topic, boot, seq, kid, recv_ms; in (sid, boot, seq)
-  order. Each station's whole stream from its start to the moment of bundling: a record's
+  order. Each station's whole stream from its start to the moment of bundling (beside a
+  running agent, to the last message it has metered: docs/agent.md): a record's
   value depends on the readings before the period (baseline, marks, restored registers)
   and at its edges on the readings after it (rule 5 spreads a credit over the time between
   two readings; an unsynced boot's clock is the smallest receive time − up over the whole
@@ -241,11 +242,14 @@ def run(args: argparse.Namespace) -> int:
     keys: list[dict[str, Any]] = []
     try:
         with snapshot(store):
+            from agent.ledger.agent_meter import metered_keys
             from agent.ledger.periods import load_locks
             from agent.meters import load_register
 
             reg = load_register(store)
             locks = load_locks(store)  # the monitoring periods locked (CONTRACT §6.8)
+            # a running agent's newest messages, not metered yet, are in no record: left out
+            upto = metered_keys(store)
             have = set(station_sids(store))
             raw = bytearray()
             pairs: set[tuple[str, int]] = set()
@@ -254,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
             for sid in sids:
                 if sid not in have:
                     continue
+                top = upto.get(sid)
                 for row in store.iter_raw_keys(sid):
+                    if top is not None and (row.boot, row.seq) > top:
+                        break  # (key order)
                     raw += raw_line(row)
                     if row.kind == OCPP_KIND:  # no HMAC key: an OCMF public key, if any
                         parts = row.topic.split("/")

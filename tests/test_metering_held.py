@@ -10,6 +10,7 @@ import json
 import pathlib
 import subprocess
 import time
+import zipfile
 from typing import Any
 
 import pytest
@@ -50,14 +51,14 @@ def _key(payload: bytes) -> tuple[int, int]:
     return body["boot"], body["seq"]
 
 
-def _verify(url: str) -> dict[str, Any]:
-    r = subprocess.run(
-        [*STATIONCTL, "verify", "--db", url, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=120,
-        check=False,
+def _stationctl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*STATIONCTL, *args], cwd=ROOT, capture_output=True, timeout=120, check=False
     )
+
+
+def _verify(url: str) -> dict[str, Any]:
+    r = _stationctl("verify", "--db", url, "--json")
     assert r.returncode == 0, (r.stdout, r.stderr)
     out: dict[str, Any] = json.loads(r.stdout)
     return out
@@ -148,6 +149,15 @@ def test_a_crash_loses_no_held_message(mosquitto: Mosquitto, tmp_path: pathlib.P
     assert s["ok"] and s["raw"] == 1 and s["held"] == len(items) - 1, s
     stored, computed = stored_and_computed(url)
     assert stored != computed  # the records do lag
+    # a bundle holds the raw rows its records are made of, and verifies
+    out, keys = tmp_path / "b.zip", tmp_path / "keys.json"
+    day = ["--from", "2025-11-26", "--to", "2025-11-27"]
+    r = _stationctl("bundle", "--db", url, *day, "--out", str(out), "--keys-out", str(keys))
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out) as z:
+        assert len(z.read("raw.jsonl").splitlines()) == 1
+    r = _stationctl("verify", "--bundle", str(out), "--keys", str(keys), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"], (r.stdout, r.stderr)
     # the restart meters what was held (rows above the state's key)
     again = AgentProcess(tmp_path, url, mosquitto.port, client_id="held-again").start()
     try:
