@@ -542,7 +542,8 @@ class Service:
                 plan.now[sid] = before + msgs
             else:
                 plan.hold[sid] = msgs
-        # the stations due soonest, a few a commit (more while too much is held)
+        # the stations due soonest, a few a commit; while too much is held, as many more as
+        # bring it down to 3/4 of HOLD_MAX (without the write's budget)
         n = self._held_n + sum(len(x) for x in plan.hold.values())
         cap = self.cfg.ingest.records_sids_per_commit
         rush = every or n > HOLD_MAX
@@ -550,11 +551,17 @@ class Service:
             sorted(self._due_heap) if rush else heapq.nsmallest(cap + len(plan.now), self._due_heap)
         )
         for due, sid in soonest:
-            if not rush and (due > now_ or len(plan.due) >= cap):
-                break
             if sid in plan.now or self._due.get(sid) != due:
                 continue  # metered now already, or a stale heap entry
+            if every:
+                pass
+            elif rush:  # too much held
+                if n <= HOLD_MAX * 3 // 4:
+                    break
+            elif due > now_ or len(plan.due) >= cap:
+                break
             plan.due.append(sid)
+            n -= len(held[sid]) + len(plan.hold.get(sid, ()))
         return plan._replace(rush=rush)
 
     def _meter_plan(self, plan: _Plan, touched: set[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from agent import service
 from agent.config import AgentConfig, DbConfig, IngestConfig
 from agent.keys import KeyStore
 from agent.ledger.agent_meter import metered_keys
@@ -223,8 +224,17 @@ def test_due_stations_spread_out_and_a_commit_takes_a_few(
         metered.clear()
         write_plan()
         assert metered == soonest[18:19]
+        # too much held (over HOLD_MAX): the soonest stations, budget and cap aside, until
+        # 3/4 of it is left
+        step_s[0] = 0.001
+        monkeypatch.setattr(service, "HOLD_MAX", 100)
+        metered.clear()
+        write_plan()
+        assert metered == soonest[19:125] and svc._held_n == 75
+        monkeypatch.setattr(service, "HOLD_MAX", 20_000)
+        soonest = soonest[:19] + soonest[125:]
         svc._unhold(lambda s: s.endswith("7"))
-        assert set(svc._held) == {s for s in sids if s.endswith("7")} - set(soonest[:19])
+        assert set(svc._held) == {s for s in soonest[19:] if s.endswith("7")}
         assert svc._held_n == len(svc._held)
         assert svc._held_due == min(due[s] for s in svc._held)
         svc._unhold()
