@@ -3,8 +3,9 @@
 
 `add()` runs inside a write transaction of the agent: the records and each station's
 state row commit with the raw rows up to the state's key (the agent holds a station's
-newest rows back for a moment: agent/service.py `_plan`). A restart loads the states (lazily, station by
-station) and reads no raw row the states have seen; a station without a state (a
+newest rows back for a moment: agent/service.py `_plan`). A restart loads the states
+(lazily, station by station) and reads no raw row the states have seen (only those above
+their keys: what the agent held when it stopped); a station without a state (a
 database from before schema 3, or one whose processing version or parameters changed) is
 metered from its raw rows once, streamed in key order (`start`).
 """
@@ -45,7 +46,7 @@ def decode_row(r: RawRow) -> RawMsg:
 def metered_keys(store: Store) -> dict[str, tuple[int, int]]:
     """Each station's key its records are metered to (its state row): its raw rows at or
     below it are in its records, none above it is. The agent meters a station's messages
-    a moment after they are committed (agent/service.py `_plan`: at most
+    a moment after they are committed (agent/service.py `_plan`: about
     records_interval_ms; a crash leaves them to the restart), so a reader beside it (in
     one snapshot) recomputes the records from the rows up to that key."""
     out = {}
