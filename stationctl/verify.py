@@ -13,7 +13,8 @@ or by default beside an SQLite database) and the live table as one, in one read 
 a segment that is missing or whose hash differs fails its station, named.
 A running agent meters a station's newest messages a moment after it commits them
 (docs/agent.md, "Metering held back"): each station's records are compared with what its
-raw rows up to its metering state's key give, and the newer rows are counted (`held`).
+raw rows up to its metering state's key give; the newer rows are verified and counted
+(`held`).
 `--from`/`--to` (ISO, UTC; from inclusive, to exclusive) limit the comparison to the records
 that start in that range; the stations' whole streams are still verified and replayed, since
 a record's value depends on what came before it.
@@ -180,44 +181,50 @@ def run_db(args: argparse.Namespace) -> int:
                 bad: list[str] | None = None,
                 tally: list[int] | None = None,
             ) -> Iterator[RawMsg]:
-                """A station's raw rows in key order up to its metered key, verified again,
-                as metering input. `tally` (the counting pass): OCPP frames [good,
-                OCMF-verified, failed], and the rows above that key in `held`."""
+                """A station's raw rows in key order, verified again, as metering input up
+                to its metered key. `tally` (the counting pass): OCPP frames [good,
+                OCMF-verified, failed]; the rows above that key are verified and counted
+                in `held`, and are no metering input."""
                 top = upto.get(sid)
                 for row in archive.iter_raw_keys(sid, start, boot=boot):
                     if top is not None and (row.boot, row.seq) > top:
                         if tally is None:
                             return
-                        held[0] += 1
+                        for _msg in verified_one(row, bad, tally):
+                            held[0] += 1
                         continue
-                    if row.kind == ocpp_frames.KIND:  # CONTRACT §11: no HMAC; OCMF if any
-                        try:
-                            proto = ocpp_frames.proto_of(row.topic)
-                            ocpp_frames.recheck(
-                                row.kid, proto, row.record, ocpp_keys.get(row.sid, "")
-                            )
-                            msg = decode_row(row)
-                        except (ocpp_frames.FrameError, OcmfError) as e:
-                            if bad is not None:
-                                bad.append(
-                                    f"{row.sid} {row.boot}:{row.seq}: OCPP frame "
-                                    f"({row.topic}): {e or type(e).__name__}"
-                                )
-                            if tally is not None:
-                                tally[2] += 1
-                            continue
-                        if tally is not None:
-                            tally[0] += 1
-                            tally[1] += row.kid == ocpp_frames.SIGNED_KID
-                        yield msg
-                        continue
+                    yield from verified_one(row, bad, tally)
+
+            def verified_one(
+                row: Any, bad: list[str] | None, tally: list[int] | None
+            ) -> Iterator[RawMsg]:
+                """One raw row verified again: its message, or nothing (`bad` says why)."""
+                if row.kind != ocpp_frames.KIND:
                     try:
                         v = verify(row.kind, row.sid, row.record, ring)
                     except WireError as e:
                         if bad is not None:
                             bad.append(f"{row.sid} {row.boot}:{row.seq}: {e}")
-                        continue
+                        return
                     yield raw_msg(v.sid, v.boot, v.seq, row.recv_ms, v.body)
+                    return
+                try:  # CONTRACT §11: no HMAC; OCMF if any
+                    proto = ocpp_frames.proto_of(row.topic)
+                    ocpp_frames.recheck(row.kid, proto, row.record, ocpp_keys.get(row.sid, ""))
+                    msg = decode_row(row)
+                except (ocpp_frames.FrameError, OcmfError) as e:
+                    if bad is not None:
+                        bad.append(
+                            f"{row.sid} {row.boot}:{row.seq}: OCPP frame "
+                            f"({row.topic}): {e or type(e).__name__}"
+                        )
+                    if tally is not None:
+                        tally[2] += 1
+                    return
+                if tally is not None:
+                    tally[0] += 1
+                    tally[1] += row.kid == ocpp_frames.SIGNED_KID
+                yield msg
 
             bad_sig: list[str] = []
             missing: list[str] = []
@@ -234,6 +241,7 @@ def run_db(args: argparse.Namespace) -> int:
             sids = [args.sid] if args.sid else sorted(known)
             for sid in sids:
                 before = len(bad_sig)
+                held_before = held[0]
                 counted = _Counted(verified(sid, bad=bad_sig, tally=ocpp))
                 try:
                     # the open part with the last lock in force, then each locked window
@@ -262,11 +270,11 @@ def run_db(args: argparse.Namespace) -> int:
                             )
                 except ArchiveError as e:  # the station's raw messages cannot all be read
                     archive_bad.append(f"{sid}: {e}")
-                    n_raw += counted.n + len(bad_sig) - before
-                    n_ok += counted.n
+                    n_raw += counted.n + held[0] - held_before + len(bad_sig) - before
+                    n_ok += counted.n + held[0] - held_before
                     continue
-                n_raw += counted.n + len(bad_sig) - before
-                n_ok += counted.n
+                n_raw += counted.n + held[0] - held_before + len(bad_sig) - before
+                n_ok += counted.n + held[0] - held_before
                 again = {
                     row.rid: row
                     for row in map(record_to_row, recs)
@@ -316,8 +324,8 @@ def run_db(args: argparse.Namespace) -> int:
         print(f"raw messages {n_raw}, signatures verified {n_ok}, failed {len(bad_sig)}")
         if held[0]:
             print(
-                f"{held[0]} newer raw message(s) not metered yet (the agent's next step): "
-                "not counted above, their records not compared"
+                f"of them {held[0]} newer than the agent's metering (its next step): "
+                "verified, their records not compared yet"
             )
         if n_ocpp:
             print(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import sqlite3
 import subprocess
 import time
 import zipfile
@@ -107,7 +108,7 @@ async def test_records_follow_raw_up_to_the_state_key_and_a_late_message_meters_
         assert svc._held_n == 19 and svc.health.snapshot()["held"] == 19
         assert b"stationctl_agent_metering_held_messages 19.0" in svc.health.metrics()
         s = await asyncio.to_thread(_verify, url)
-        assert s["ok"] and s["raw"] == 1 and s["held"] == 19, s
+        assert s["ok"] and s["raw"] == s["verified"] == 20 and s["held"] == 19, s
         # messages below the metered key (late): the station's step runs in their commit,
         # with everything it held
         await asyncio.to_thread(pub.send, items[:10])
@@ -147,7 +148,18 @@ def test_a_crash_loses_no_held_message(mosquitto: Mosquitto, tmp_path: pathlib.P
         pub.c.loop_stop()
         agent.kill()
     s = _verify(url)
-    assert s["ok"] and s["raw"] == 1 and s["held"] == len(items) - 1, s
+    assert s["ok"] and s["raw"] == s["verified"] == len(items), s
+    assert s["held"] == len(items) - 1
+    # a held message is verified all the same: a changed byte in one fails the run
+    db = sqlite3.connect(tmp_path / "agent.db")
+    rid, rec = db.execute("SELECT id, record FROM raw ORDER BY id DESC LIMIT 1").fetchone()
+    db.execute("UPDATE raw SET record = ? WHERE id = ?", (rec.replace(b'"up":', b'"up":1'), rid))
+    db.commit()
+    r = _stationctl("verify", "--db", url, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["bad_signatures"] == 1, r.stdout
+    db.execute("UPDATE raw SET record = ? WHERE id = ?", (rec, rid))
+    db.commit()
+    db.close()
     stored, computed = stored_and_computed(url)
     assert stored != computed  # the records do lag
     # a bundle holds the raw rows its records are made of, and verifies
