@@ -348,23 +348,6 @@ if __name__ == "__main__":
     print("wrote", VECTORS / "wire_agent.json", file=sys.stderr)
 
 
-def test_the_fast_depth_check_is_ranges_depth() -> None:
-    import random
-
-    rng = random.Random(7)
-
-    def rnd(d: int) -> Any:
-        if d > 7 or rng.random() < 0.3:
-            return rng.choice([1, "s", None, 2.5])
-        if rng.random() < 0.5:
-            return [rnd(d + 1) for _ in range(rng.randint(0, 3))]
-        return {str(i): rnd(d + 1) for i in range(rng.randint(0, 3))}
-
-    for _ in range(5000):
-        o = {str(i): rnd(2) for i in range(rng.randint(0, 3))}
-        assert wire._deeper_than_4(o) == (ranges.depth(o) > 4), o
-
-
 def test_the_depth_bounded_decode_is_the_plain_decode_and_ranges_depth() -> None:
     """decode_signed's typed decode (depth checked inside msgspec) gives what the untyped
     decode gives, the same Python types included, and refuses exactly what is nested
