@@ -108,8 +108,8 @@ ALARM_EVERY_S = 60.0  # one bad_field alarm per (station, field) per minute (cou
 METER_RETRY_S = 60.0  # a station whose metering raised is metered from raw again this often
 METER_CHECK_S = 3600.0  # the grid meter register's calibration check (agent/meters.py)
 LOCK_POLL_S = 5.0  # how often the agent looks for a newly locked monitoring period
-# metering held back (see _plan): a station's committed messages wait for its next step at
-# most records_interval_ms, HOLD_STATION of them, and HOLD_MAX (~5 KB each) in all
+# metering held back (see _plan): a station's committed messages wait for its next step
+# about records_interval_ms, at most HOLD_STATION of them, and HOLD_MAX (~5 KB each) in all
 HOLD_STATION = 500
 HOLD_MAX = 20_000
 STEP_BUDGET_S = 0.005  # the due stations' steps in one write (_meter_plan)
@@ -149,7 +149,6 @@ def _keep_shards(b: _Batch, keep: Callable[[str], bool]) -> None:
     idx = [i for i, r in enumerate(b.rows) if keep(r.sid)]
     if len(idx) != len(b.rows):
         b.rows = [b.rows[i] for i in idx]
-        b.bodies = [b.bodies[i] for i in idx]
         b.cleaned = [b.cleaned[i] for i in idx]
     b.quarantine = [q for q in b.quarantine if keep(q.sid or "")]
     b.status = [x for x in b.status if keep(x[0])]
@@ -157,7 +156,6 @@ def _keep_shards(b: _Batch, keep: Callable[[str], bool]) -> None:
 
 class _Batch:
     __slots__ = (
-        "bodies",
         "deliveries",
         "first_ms",
         "internal",
@@ -172,9 +170,8 @@ class _Batch:
     def __init__(self) -> None:
         self.first_ms = 0  # receive time of its first message (lag)
         self.rows: list[RawRow] = []
-        self.bodies: list[dict[str, Any]] = []  # what metering reads: the cleaned bodies
-        # per row: what §6.9 leaves of it and what it spoiled (for metering's
-        # agent.ledger.inputs.raw_msg(…, cleaned=…), and the spoiled counts and alarms)
+        # per row: what §6.9 leaves of it (the body metering reads) and what it spoiled
+        # (for agent.ledger.inputs.raw_msg(…, cleaned=…), and the spoiled counts and alarms)
         self.cleaned: list[ranges.Cleaned] = []
         self.internal = 0  # rows moved to quarantine as `internal` by the write's probe
         self.quarantine: list[QuarantineRow] = []
@@ -335,7 +332,6 @@ class Service:
                 # metering reads what §6.9 leaves of it (the metering engine's own input
                 # function takes over here once it lands)
                 b.rows.append(row)
-                b.bodies.append(v.cleaned.body)
                 b.cleaned.append(v.cleaned)
         except wire.WireError as e:
             b.quarantine.append(
@@ -365,7 +361,6 @@ class Service:
     def enqueue(
         self,
         row: RawRow | None,
-        body: dict[str, Any] | None,
         cleaned: ranges.Cleaned | None,
         q: QuarantineRow | None,
     ) -> asyncio.Future[None]:
@@ -376,9 +371,8 @@ class Service:
         if not b.deliveries:
             b.first_ms = now_ms()
         b.deliveries.append(_LOCAL)
-        if row is not None and body is not None and cleaned is not None:
+        if row is not None and cleaned is not None:
             b.rows.append(row)
-            b.bodies.append(body)
             b.cleaned.append(cleaned)
         elif q is not None:
             b.quarantine.append(q)
@@ -455,10 +449,8 @@ class Service:
                 return
             msgs = []
             for i in res.new:
-                r = b.rows[i]
-                c = b.cleaned[i] if i < len(b.cleaned) else None
-                body = b.bodies[i] if c is None else c.body
-                msgs.append(raw_msg(r.sid, r.boot, r.seq, r.recv_ms, body, cleaned=c))
+                r, c = b.rows[i], b.cleaned[i]
+                msgs.append(raw_msg(r.sid, r.boot, r.seq, r.recv_ms, c.body, cleaned=c))
             plan = self._plan(msgs)
             self._meter_plan(plan, touched)
 
@@ -679,7 +671,6 @@ class Service:
                     )
                 )
             b.rows = [b.rows[i] for i in keep]
-            b.bodies = [b.bodies[i] for i in keep]
             b.cleaned = [b.cleaned[i] for i in keep]
             b.internal += len(bad)
             try:
@@ -704,7 +695,7 @@ class Service:
         culprits: list[QuarantineRow] = []
         for i, r in enumerate(b.rows):
             one = _Batch()
-            one.rows, one.bodies, one.cleaned = [r], [b.bodies[i]], [b.cleaned[i]]
+            one.rows, one.cleaned = [r], [b.cleaned[i]]
             try:
                 n1, d1, c1 = self._write(one, metering=False)
             except Exception as e:
@@ -866,7 +857,7 @@ class Service:
                 rows = [b.rows[i] for i in new]
                 if self._on_commit is not None:
                     self._on_commit(rows)
-                self._meter_apart(rows, [b.bodies[i] for i in new])
+                self._meter_errors(rows)
             await self._alarms(b, new)
             # committing until the batch's alarms are written: flush() (and so a stop)
             # waits for them
@@ -879,29 +870,26 @@ class Service:
                 self._wake.set()
             self._idle.set()
 
-    def _meter_apart(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
-        """Metering, one station at a time: one whose metering raises stops no other
-        (alarmed, counted; its raw is stored and its records recomputed at the next start)."""
-        by_sid: dict[str, tuple[list[RawRow], list[dict[str, Any]]]] = {}
-        for r, body in zip(rows, bodies, strict=True):
-            rs, bs = by_sid.setdefault(r.sid, ([], []))
-            rs.append(r)
-            bs.append(body)
-        c = self.counters
-        for sid, (rs, bs) in by_sid.items():
-            before = c["meter_errors"]
-            try:
-                self._meter(rs, bs)
-            except Exception:  # _meter counts its own; this is the belt to its braces
-                c["meter_errors"] += 1
-                log.exception("metering %s failed", sid)
-            if c["meter_errors"] > before:
-                keys = f"({rs[0].boot}, {rs[0].seq})" + (
-                    f" .. ({rs[-1].boot}, {rs[-1].seq})" if len(rs) > 1 else ""
-                )
-                what = f"metering failed on {len(rs)} message(s) {keys}; raw is stored"
-                self.health.error(f"{sid}: {what}")
-                self._pending_alarms.append((sid, INTERNAL, "crit", what, f"meter:{sid}"))
+    def _meter_errors(self, rows: list[RawRow]) -> None:
+        """After a commit: each station among `rows` whose metering failed (in that
+        transaction, or earlier: its rows wait to be metered again from raw) is counted
+        (meter_errors) and alarmed, naming its messages; the others' rows are metered or
+        held for their next step, nothing to do here."""
+        failed = self._meter_failed
+        if not failed:
+            return
+        by_sid: dict[str, list[RawRow]] = {}
+        for r in rows:
+            if r.sid in failed:
+                by_sid.setdefault(r.sid, []).append(r)
+        for sid, rs in by_sid.items():
+            self.counters["meter_errors"] += 1
+            keys = f"({rs[0].boot}, {rs[0].seq})" + (
+                f" .. ({rs[-1].boot}, {rs[-1].seq})" if len(rs) > 1 else ""
+            )
+            what = f"metering failed on {len(rs)} message(s) {keys}; raw is stored"
+            self.health.error(f"{sid}: {what}")
+            self._pending_alarms.append((sid, INTERNAL, "crit", what, f"meter:{sid}"))
 
     async def _alarms(self, b: _Batch, new: list[int]) -> None:
         """Count the spoiled sources of the messages stored now and raise their alarms
@@ -1121,7 +1109,6 @@ class Service:
         loop = asyncio.get_running_loop()
         c = self.counters
         rows: list[RawRow] = []
-        bodies: list[dict[str, Any]] = []
         cleaned: list[ranges.Cleaned] = []
         qids: list[int] = []
         rejected: list[tuple[int, str, str]] = []
@@ -1149,7 +1136,6 @@ class Service:
                 self.health.error(f"re-verifying quarantine row {q.id}: {type(e).__name__}: {e}")
                 continue
             rows.append(RawRow(sid, v.boot, v.seq, kind, q.topic, q.recv_ms, v.kid, q.record))
-            bodies.append(v.cleaned.body)
             cleaned.append(v.cleaned)
             qids.append(q.id)
         if rows or rejected:
@@ -1179,15 +1165,8 @@ class Service:
             new_rows = [rows[i] for i in res.new]
             if self._on_commit is not None:
                 self._on_commit(new_rows)
-            self._meter_apart(new_rows, [bodies[i] for i in res.new])
+            self._meter_errors(new_rows)
             self._spoiled(new_rows, [cleaned[i] for i in res.new])
-
-    def _meter(self, rows: list[RawRow], bodies: list[dict[str, Any]]) -> None:
-        """After a commit: a station whose metering failed in its transaction (or earlier:
-        its rows are not metered until it is metered again from raw) is counted
-        (meter_errors); the others' rows are metered, or held for their next step."""
-        if any(r.sid in self._meter_failed for r in rows):
-            self.counters["meter_errors"] += 1
 
     def _remeter(self, sids: set[str]) -> None:
         """db thread: stations whose metering raised are metered from their raw rows again,

@@ -75,16 +75,14 @@ class OcppIngest:
         body = frames.body_of(
             proto, frame, recv, sid, key[0], key[1], checked=kid == frames.SIGNED_KID
         )
-        await self.svc.enqueue(row, body, frames.cleaned(body), None)
+        await self.svc.enqueue(row, frames.cleaned(body), None)
         return key
 
     async def _quarantine(
         self, recv: int, topic: str, reason: str, detail: str, sid: str, frame: bytes
     ) -> None:
         log.warning("OCPP %s: frame quarantined (%s): %s", sid, reason, detail)
-        await self.svc.enqueue(
-            None, None, None, QuarantineRow(recv, topic, reason, detail, sid, frame)
-        )
+        await self.svc.enqueue(None, None, QuarantineRow(recv, topic, reason, detail, sid, frame))
 
     async def _number(self, sid: str, boot: bool) -> tuple[int, int]:
         last = self._last.get(sid)
