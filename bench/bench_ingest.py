@@ -15,9 +15,10 @@ Prints:
 Mosquitto and the publisher run on core 1, the agent and the bare subscriber on core 0
 (when the machine has two cores). Targets (issue 12): ≥ 25,000 msg/s with 8 slots, ratio to
 bare paho ≥ 0.6 (with 2 slots too), p99 < 50 ms at 5,000 msg/s. REC_MS and SWITCH_S set the
-agent's records_interval_ms and switch_interval_s (its defaults otherwise). The ratio to the agent's own bare client says how much of the
-agent's time is the pipeline (verify, SQLite, metering) rather than MQTT: that client
-alone drains ~100-270k msg/s here, about what Mosquitto can send.
+agent's records_interval_ms and switch_interval_s (its defaults otherwise). The ratio to
+the agent's own bare client says how much of the agent's time is the pipeline (verify,
+SQLite, metering) rather than MQTT: that client alone drains ~100-270k msg/s here, about
+what Mosquitto can send.
 
     .venv/bin/python bench/bench_ingest.py [--n 100000] [--stations 100] [--rate 5000]
         [--seconds 10] [--slots 2|8] [--sync full|normal] [--profile]

@@ -32,20 +32,10 @@ from agent.ledger.agent_meter import StoreMeter  # noqa: E402
 from agent.ledger.inputs import MeterParams  # noqa: E402
 from agent.service import Service, _Batch  # noqa: E402
 from agent.store import RawRow, Store  # noqa: E402
-from tests.agent_helpers import T0_MS, Station, key_for  # noqa: E402
+from bench.bench_ingest import messages  # noqa: E402  (the same 8-slot fleet)
+from tests.agent_helpers import T0_MS, key_for  # noqa: E402
 
 DAY = 86_400_000
-
-
-def messages(stations: int, n: int) -> list[tuple[str, bytes]]:
-    sts = [Station(f"KH-BEN-{i:04d}", slots=8) for i in range(stations)]
-    out = []
-    for i in range(n):
-        st = sts[i % stations]
-        st.advance(10_000, 1500)
-        kind, p = st.telemetry()
-        out.append((st.topic(kind), p))
-    return out
 
 
 def lock_params(params: MeterParams) -> MeterParams:
@@ -70,7 +60,7 @@ def write_cost(
         svc.meter = StoreMeter(lock_params(svc.meter.params), svc.store)
     recv = int(time.time() * 1000)  # after the lock: live traffic
     prepared = []
-    for topic, p in messages(stations, n):
+    for topic, p in messages(stations, n, slots=8):
         sid, kind = wire.parse_topic(topic, "stations")
         v = wire.verify(kind, sid, p, svc.keys, recv_ms=recv)
         prepared.append((RawRow(v.sid, v.boot, v.seq, v.kind, topic, recv, v.kid, p), v))
@@ -79,7 +69,6 @@ def write_cost(
         b = _Batch()
         for row, v in prepared[i : i + batch]:
             b.rows.append(row)
-            b.bodies.append(v.cleaned.body)
             b.cleaned.append(v.cleaned)
         svc._write(b)
     svc._meter_all = True  # what is still held
@@ -94,7 +83,7 @@ def remeter_cost(tmp: pathlib.Path, n: int) -> tuple[float, float]:
     """µs per message to meter 10 stations' n stored messages again from raw (no lock, lock)."""
     url = f"sqlite:///{tmp}/r.db"
     rows = []
-    for topic, p in messages(10, n):
+    for topic, p in messages(10, n, slots=8):
         b = wire.decode_record(p)
         rows.append(RawRow(b["sid"], b["boot"], b["seq"], "telemetry", topic, b["ts"], 1, p))
     out = []
