@@ -113,6 +113,7 @@ LOCK_POLL_S = 5.0  # how often the agent looks for a newly locked monitoring per
 HOLD_STATION = 500
 HOLD_MAX = 20_000
 STEP_BUDGET_S = 0.005  # the due stations' steps in one write (_meter_plan)
+TOPICS_KEPT = 65_536  # topics parsed once (a fleet's stations x 3 kinds), then parsed afresh
 INTERNAL = wire.Reason.INTERNAL.value
 # a failed commit the database is to blame for (locked, full, gone, corrupt, I/O): the
 # batch is kept and retried; anything else raised by a write is a data error of some row
@@ -306,6 +307,7 @@ class Service:
         self._dropped_seen: int | None = None  # the broker's dropped count last read
         self._bg: set[asyncio.Future[None]] = set()  # alarms written off the message path
         self._prefix = cfg.broker.prefix
+        self._topics: dict[str, tuple[str, str]] = {}  # topic -> (sid, kind), see _message
         self.ready = asyncio.Event()  # set once raw is replayed and the agent is subscribed
         self.ocpp: Any = None  # the OCPP endpoint (agent/ocpp/csms.py) when [ocpp] is set
         self._ocpp_ingest: Any = None
@@ -323,7 +325,13 @@ class Service:
             b.first_ms = recv
         b.deliveries.append(d)
         try:
-            sid, kind = wire.parse_topic(topic, self._prefix)
+            parsed = self._topics.get(topic)
+            if parsed is None:
+                parsed = wire.parse_topic(topic, self._prefix)  # a bad one raises: not kept
+                if len(self._topics) >= TOPICS_KEPT:
+                    self._topics.clear()
+                self._topics[topic] = parsed
+            sid, kind = parsed
             if kind == "status":
                 self._status(b, sid, topic, payload, recv)
             else:
@@ -1324,8 +1332,11 @@ class Service:
     def _checkpoint(self) -> None:
         try:
             self._ckpt_store.checkpoint()
-        except Exception:  # the writer's autocheckpoint is the safety net
-            log.exception("WAL checkpoint failed")
+        except Exception as e:  # the writer's autocheckpoint is the safety net
+            if self._stopping and "interrupted" in str(e):
+                log.info("WAL checkpoint interrupted by the stop (a later one completes it)")
+            else:
+                log.exception("WAL checkpoint failed")
 
     # ---- start-up and the whole run ---------------------------------------------------------
 

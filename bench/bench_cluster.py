@@ -100,7 +100,7 @@ def engines(a: argparse.Namespace, broker: Mosquitto, pg: PgCluster, tmp: pathli
         asyncio.run(_register(broker.port, db, "full"))
         backlog(broker.port, a.n, a.stations)
         time.sleep(0.5)
-        raw_rate, rec_rate, c = asyncio.run(agent_drain(broker.port, db, a.n, "full"))
+        raw_rate, rec_rate, c, _cpu = asyncio.run(agent_drain(broker.port, db, a.n, "full"))
         lat = asyncio.run(
             agent_live(broker.port, live, "full", a.rate, a.seconds, a.stations, 8, tmp)
         )

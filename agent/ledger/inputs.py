@@ -6,15 +6,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from agent import ranges
 from agent.ledger.records import DAY_MS
 
 _NONE: frozenset[int] = frozenset()
 
 
-@dataclass(frozen=True, kw_only=True)
-class RawMsg:
-    """One verified raw message, decoded from its signed bytes."""
+class RawMsg(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One verified raw message, decoded from its signed bytes. A Struct: one is made for
+    every message metered, and a frozen dataclass's __init__ took ~0.95 µs of it against
+    ~0.06 (gc=False: it holds a body and a frozenset, never itself)."""
 
     sid: str
     boot: int
