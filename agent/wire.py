@@ -23,6 +23,7 @@ refuses input nested ~1000 deep: that is `too_deep` too, never a RecursionError)
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import json
 import re
@@ -293,12 +294,38 @@ class Verified(Struct, frozen=True, kw_only=True):
 # ---- signing and verification ------------------------------------------------------------
 
 
+# HMAC-SHA256 (RFC 2104) from each key's inner and outer SHA-256 states, set up once per
+# key: hmac.digest sets both up for every message, half of its cost (1.1 against 2.1 µs for
+# an 8-slot telemetry). The states are only ever copied, never updated. Bounded: a fleet's
+# keys, then set up afresh.
+PADS_KEPT: Final = 16_384
+_pads: dict[bytes, tuple[Any, Any]] = {}
+
+
+def mac_hex(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of `data` under `key`, as lowercase hex (CONTRACT §5.5)."""
+    pads = _pads.get(key)
+    if pads is None:
+        k = (hashlib.sha256(key).digest() if len(key) > 64 else bytes(key)).ljust(64, b"\0")
+        pads = (
+            hashlib.sha256(bytes(x ^ 0x36 for x in k)),
+            hashlib.sha256(bytes(x ^ 0x5C for x in k)),
+        )
+        if len(_pads) >= PADS_KEPT:
+            _pads.clear()
+        _pads[bytes(key)] = pads
+    inner = pads[0].copy()
+    inner.update(data)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return outer.hexdigest().encode()
+
+
 def sign(obj_bytes: bytes, key: bytes) -> bytes:
     """CONTRACT §5.5: `obj_bytes` is the serialized object without `sig` (ending in `}`)."""
     if len(obj_bytes) < 3 or obj_bytes[:1] != b"{" or obj_bytes[-1:] != b"}":
         raise ValueError("sign: need a serialized non-empty JSON object")
-    mac = hmac.digest(key, obj_bytes, "sha256").hex().encode()
-    return obj_bytes[:-1] + SIG_MARK + mac + b'"}'
+    return obj_bytes[:-1] + SIG_MARK + mac_hex(key, obj_bytes) + b'"}'
 
 
 def split_signed(payload: bytes) -> tuple[bytes, bytes]:
@@ -418,7 +445,7 @@ def verify(
     if sid != topic_sid:
         raise WireError(Reason.TOPIC_MISMATCH, f"topic sid {topic_sid} != payload sid {sid}")
     key = keys.key(sid, kid)
-    if not hmac.compare_digest(hmac.digest(key, signed, "sha256").hex().encode(), sig):
+    if not hmac.compare_digest(mac_hex(key, signed), sig):
         raise WireError(Reason.BAD_SIG, f"{sid} kid {kid}: HMAC mismatch")
     up = body.get("up")
     if type(up) is not int or not 0 <= up <= ranges.UP_MAX:

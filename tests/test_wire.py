@@ -7,6 +7,7 @@ firmware's verifier checks on MicroPython: tests/fw/test_wire.py, tests/test_wir
 
 from __future__ import annotations
 
+import hmac
 import json
 import pathlib
 import sys
@@ -14,6 +15,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from agent import ranges, wire
 from agent.wire import Reason, StaticKeys, WireError
@@ -507,3 +510,22 @@ def test_clean_messages_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> N
             continue
         v = wire.verify(kind, GOOD_SID, p, ring())
         assert v.cleaned.spoiled == () and v.cleaned.body == v.body
+
+
+@settings(max_examples=400, deadline=None)
+@given(key=hs.binary(max_size=130), data=hs.binary(max_size=3000))
+def test_mac_hex_is_hmac_sha256(key: bytes, data: bytes) -> None:
+    """The per-key precomputed states give RFC 2104's HMAC-SHA256, keys longer than a block
+    (hashed first) and empty ones included, the first time and from the kept states."""
+    want = hmac.digest(key, data, "sha256").hex().encode()
+    assert wire.mac_hex(key, data) == want
+    assert wire.mac_hex(key, data) == want
+
+
+def test_mac_hex_keeps_a_bounded_number_of_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "_pads", {})
+    monkeypatch.setattr(wire, "PADS_KEPT", 8)
+    for i in range(40):
+        key = i.to_bytes(2, "big") * 16
+        assert wire.mac_hex(key, b"{}") == hmac.digest(key, b"{}", "sha256").hex().encode()
+        assert len(wire._pads) <= 8
