@@ -70,6 +70,7 @@ from agent import cluster, meters, ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
+from agent.ledger import native
 from agent.ledger.agent_meter import StoreMeter
 from agent.ledger.inputs import RawMsg, raw_msg
 from agent.ledger.periods import load_locks, params_now
@@ -1369,7 +1370,12 @@ class Service:
         stopped.cancel()
         try:
             n = replay.result()
-            log.info("replayed %d raw messages into metering in %.1fs", n, time.monotonic() - t0)
+            log.info(
+                "replayed %d raw messages into metering in %.1fs (metering: %s)",
+                n,
+                time.monotonic() - t0,
+                native.state,
+            )
         except Exception as e:  # metering must not keep ingest from starting
             self.counters["meter_errors"] += 1
             why = f"replaying raw into metering failed ({type(e).__name__}: {e}); records may be stale"

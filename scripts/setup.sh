@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in mosquitto:mosquitto socat:socat; do
+for pair in mosquitto:mosquitto socat:socat gcc:gcc; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
@@ -33,6 +33,15 @@ fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
+fi
+# the metering engine compiled with mypyc (agent/ledger/native.py): where it cannot be
+# built the sources run as they are, except in CI, which tests what production runs
+if ! .venv/bin/python scripts/compile_ledger.py; then
+  if [ "${CI:-}" = true ]; then
+    echo "setup: compiling agent/ledger with mypyc failed" >&2
+    exit 1
+  fi
+  echo "setup: agent/ledger runs as Python (compiling it with mypyc failed)" >&2
 fi
 if [ ! -f .stubs/esp32/machine.pyi ]; then
   .venv/bin/pip install -q --disable-pip-version-check --target .stubs/esp32 'micropython-esp32-stubs>=1.24'
