@@ -66,11 +66,10 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent import cluster, meters, ranges, wire
+from agent import cluster, meters, native, ranges, wire
 from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
-from agent.ledger import native
 from agent.ledger.agent_meter import StoreMeter
 from agent.ledger.inputs import RawMsg, raw_msg
 from agent.ledger.periods import load_locks, params_now

@@ -34,14 +34,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
 fi
-# the metering engine compiled with mypyc (agent/ledger/native.py): where it cannot be
+# the agent's hot modules compiled with mypyc (agent/native.py): where they cannot be
 # built the sources run as they are, except in CI, which tests what production runs
-if ! .venv/bin/python scripts/compile_ledger.py; then
+if ! .venv/bin/python scripts/compile_native.py; then
   if [ "${CI:-}" = true ]; then
-    echo "setup: compiling agent/ledger with mypyc failed" >&2
+    echo "setup: compiling the agent's hot modules with mypyc failed" >&2
     exit 1
   fi
-  echo "setup: agent/ledger runs as Python (compiling it with mypyc failed)" >&2
+  echo "setup: the agent runs as Python only (compiling with mypyc failed)" >&2
 fi
 if [ ! -f .stubs/esp32/machine.pyi ]; then
   .venv/bin/pip install -q --disable-pip-version-check --target .stubs/esp32 'micropython-esp32-stubs>=1.24'

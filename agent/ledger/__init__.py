@@ -18,18 +18,14 @@ Modules, in the order the data flows:
 - records.py  Record, its flags, sort order and id
 - carbon.py, export.py: what is made of the records
 
-The public names of metering are importable from here. native.py decides first whether
-rules, state and engine run compiled (mypyc) or as their Python sources.
+The public names of metering are importable from here. rules, state and engine run
+compiled with mypyc where they were built from these sources (agent/native.py).
 """
 
-from agent.ledger import native
-
-native.use_compiled()  # before anything imports rules, state or engine
-
-from agent.ledger.compute import compute  # noqa: E402
-from agent.ledger.inputs import MeterParams, RawMsg  # noqa: E402
-from agent.ledger.meter import IncrementalMeter  # noqa: E402
-from agent.ledger.records import (  # noqa: E402
+from agent.ledger.compute import compute
+from agent.ledger.inputs import MeterParams, RawMsg
+from agent.ledger.meter import IncrementalMeter
+from agent.ledger.records import (
     DAY_MS,
     FLAG_NAMES,
     PROCESSING_VERSION,

@@ -1,9 +1,9 @@
-"""Compile the metering engine (agent/ledger: rules, state, engine) with mypyc, in place,
-when its sources changed since the last build (agent/ledger/_native.stamp holds their
-digest). scripts/setup.sh runs it; agent/ledger/native.py uses the result only while the
-digest matches, else the sources run as they are (so does a machine with no C compiler).
+"""Compile agent/native.py's MODULES with mypyc, in place, when their sources changed since
+the last build (agent/_native.stamp holds their digest). scripts/setup.sh runs it;
+agent/native.py uses the result only while the digest matches, else the sources run as
+they are (so does a machine with no C compiler).
 
-    .venv/bin/python scripts/compile_ledger.py [--force] [--clean]
+    .venv/bin/python scripts/compile_native.py [--force] [--clean]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _native() -> types.ModuleType:
-    """agent/ledger/native.py alone: importing agent.ledger would import what we build."""
-    spec = importlib.util.spec_from_file_location("_ledger_native", ROOT / "agent/ledger/native.py")
+    """agent/native.py alone: importing agent would decide about what we build."""
+    spec = importlib.util.spec_from_file_location("_agent_native", ROOT / "agent/native.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -48,11 +48,11 @@ def main() -> int:
     warnings.filterwarnings("ignore")  # setuptools' about the project's own pyproject.toml
 
     t0 = time.monotonic()
-    print("compiling agent/ledger (rules, state, engine) with mypyc …", flush=True)
+    print(f"compiling {', '.join(native.MODULES)} with mypyc …", flush=True)
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory(prefix="ledger-mypyc-") as tmp:
         modules = mypycify(
-            [f"agent/ledger/{m}.py" for m in native.MODULES],
+            [str(native.source(m).relative_to(ROOT)) for m in native.MODULES],
             opt_level="3",
             group_name=native.GROUP,
             target_dir=f"{tmp}/c",
