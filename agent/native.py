@@ -2,7 +2,7 @@
 from the very sources beside them.
 
 The modules in MODULES are plain Python and stay the sources of truth; compiled, they cost
-less CPU per message (docs/agent.md, "Compiled modules"). An extension module beside its
+less CPU per message (docs/agent.md, "Compiled metering"). An extension module beside its
 source wins Python's import, so files compiled from older sources would run old code (old
 metering): `use_compiled()`, called first by agent/__init__.py, compares the sources'
 digest with the one the build recorded and, when they differ (or AGENT_PURE_PYTHON=1),
@@ -47,15 +47,20 @@ def digest() -> str:
     return h.hexdigest()
 
 
+def _stems() -> list[pathlib.Path]:
+    """Each compiled module's path without its suffix, and their shared library's."""
+    stems = [source(m).with_suffix("") for m in MODULES]
+    return [*stems, HERE.parent / (GROUP.replace(".", "/") + "__mypyc")]
+
+
 def built() -> list[pathlib.Path]:
     """The compiled files beside the sources (any Python version's)."""
-    stems = [source(m).with_suffix("") for m in MODULES]
-    stems.append(HERE.parent / (GROUP.replace(".", "/") + "__mypyc"))
-    return [p for s in stems for p in s.parent.glob(s.name + ".*") if p.suffix in (".so", ".pyd")]
+    return [
+        p for s in _stems() for p in s.parent.glob(s.name + ".*") if p.suffix in (".so", ".pyd")
+    ]
 
 
-def _importable(module: str) -> bool:
-    stem = source(module).with_suffix("")
+def _importable(stem: pathlib.Path) -> bool:
     return any(
         stem.with_name(stem.name + s).exists() for s in importlib.machinery.EXTENSION_SUFFIXES
     )
@@ -75,11 +80,14 @@ class _Sources(importlib.abc.MetaPathFinder):
 def use_compiled() -> str:
     """Decide before any of MODULES is imported; returns (and keeps in `state`) which."""
     global state
-    if not all(_importable(m) for m in MODULES):
+    have = [_importable(s) for s in _stems()]
+    if not any(have):
         state = "python"
         return state
     why = None
-    if os.environ.get("AGENT_PURE_PYTHON") == "1":
+    if not all(have):
+        why = "incomplete; scripts/setup.sh compiles them again"
+    elif os.environ.get("AGENT_PURE_PYTHON") == "1":
         why = "AGENT_PURE_PYTHON=1"
     else:
         try:

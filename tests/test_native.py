@@ -75,6 +75,13 @@ def test_modules_compiled_from_other_sources_are_set_aside(tmp_path: pathlib.Pat
     assert _which(tmp_path)[0] == "compiled"
     (tmp_path / "agent/_native.stamp").unlink()
     assert _which(tmp_path)[1] == "engine.py state.py"
+    # a build cut short: the modules' shared library missing
+    (tmp_path / "agent/_native.stamp").write_text(native.digest() + "\n")
+    assert _which(tmp_path)[0] == "compiled"
+    for p in (tmp_path / "agent").glob("_native__mypyc.*"):
+        p.unlink()
+    state, files, err = _which(tmp_path)
+    assert state.startswith("python (incomplete") and files == "engine.py state.py"
 
 
 def test_the_python_sources_meet_the_reference_too() -> None:
