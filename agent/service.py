@@ -553,13 +553,11 @@ class Service:
         for due, sid in soonest:
             if sid in plan.now or self._due.get(sid) != due:
                 continue  # metered now already, or a stale heap entry
-            if every:
-                pass
-            elif rush:  # too much held
-                if n <= HOLD_MAX * 3 // 4:
+            if not rush:
+                if due > now_ or len(plan.due) >= cap:
                     break
-            elif due > now_ or len(plan.due) >= cap:
-                break
+            elif not every and n <= HOLD_MAX * 3 // 4:
+                break  # was too much held: enough of it taken
             plan.due.append(sid)
             n -= len(held[sid]) + len(plan.hold.get(sid, ()))
         return plan._replace(rush=rush)

@@ -270,11 +270,12 @@ def run_db(args: argparse.Namespace) -> int:
                             )
                 except ArchiveError as e:  # the station's raw messages cannot all be read
                     archive_bad.append(f"{sid}: {e}")
-                    n_raw += counted.n + held[0] - held_before + len(bad_sig) - before
-                    n_ok += counted.n + held[0] - held_before
+                    recs = None
+                n_verified = counted.n + held[0] - held_before
+                n_raw += n_verified + len(bad_sig) - before
+                n_ok += n_verified
+                if recs is None:
                     continue
-                n_raw += counted.n + held[0] - held_before + len(bad_sig) - before
-                n_ok += counted.n + held[0] - held_before
                 again = {
                     row.rid: row
                     for row in map(record_to_row, recs)
