@@ -337,8 +337,7 @@ class Service:
             else:
                 v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
                 row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
-                # metering reads what §6.9 leaves of it (the metering engine's own input
-                # function takes over here once it lands)
+                # metering reads what §6.9 leaves of it (inputs.raw_msg, in the db thread)
                 b.rows.append(row)
                 b.cleaned.append(v.cleaned)
         except wire.WireError as e:
