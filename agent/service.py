@@ -71,7 +71,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.agent_meter import StoreMeter
-from agent.ledger.inputs import RawMsg, raw_msg
+from agent.ledger.inputs import RawMsg, metering_input, raw_msg
 from agent.ledger.periods import load_locks, params_now
 from agent.sources.mqtt import DROPPED_TOPIC, Delivery, MqttSource
 from agent.sources.sharded import ShardedSource
@@ -337,9 +337,9 @@ class Service:
             else:
                 v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
                 row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
-                # metering reads what §6.9 leaves of it (inputs.raw_msg, in the db thread)
                 b.rows.append(row)
-                b.cleaned.append(v.cleaned)
+                # metering reads what §6.9 leaves of it (inputs.raw_msg, in the db thread)
+                b.cleaned.append(metering_input(kind, payload, v.cleaned))
         except wire.WireError as e:
             b.quarantine.append(
                 QuarantineRow(
