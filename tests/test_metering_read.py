@@ -51,9 +51,7 @@ def with_unread_keys(rnd: random.Random, body: dict[str, Any]) -> dict[str, Any]
         slots = out.get("slots")
         if isinstance(slots, list):
             out["slots"] = [
-                {**sl, "mv": 67_200, "ma": -1500, "bat": BAT}
-                if isinstance(sl, dict)
-                else sl
+                {**sl, "mv": 67_200, "ma": -1500, "bat": BAT} if isinstance(sl, dict) else sl
                 for sl in slots
             ]
     return out
