@@ -71,7 +71,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.agent_meter import StoreMeter
-from agent.ledger.inputs import RawMsg, metering_input, raw_msg
+from agent.ledger.inputs import RawMsg, metering_input, raw_msg, read_telemetry
 from agent.ledger.periods import load_locks, params_now
 from agent.sources.mqtt import DROPPED_TOPIC, Delivery, MqttSource
 from agent.sources.sharded import ShardedSource
@@ -335,11 +335,9 @@ class Service:
             if kind == "status":
                 self._status(b, sid, topic, payload, recv)
             else:
-                v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
-                row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
+                row, cleaned = self._verified(sid, kind, topic, payload, recv)
                 b.rows.append(row)
-                # metering reads what §6.9 leaves of it (inputs.raw_msg, in the db thread)
-                b.cleaned.append(metering_input(kind, payload, v.cleaned))
+                b.cleaned.append(cleaned)
         except wire.WireError as e:
             b.quarantine.append(
                 QuarantineRow(
@@ -364,6 +362,25 @@ class Service:
             self._wake.set()
             if len(self._sealed) * self.cfg.ingest.batch_max >= self.cfg.ingest.max_pending:
                 self.source.pause()
+
+    def _verified(
+        self, sid: str, kind: str, topic: str, payload: bytes, recv: int
+    ) -> tuple[RawRow, ranges.Cleaned]:
+        """A message verified (else WireError) as its raw row, and what metering is to read
+        of it (inputs.raw_msg takes that in the db thread): a clean telemetry in one typed
+        decode (wire.admit_telemetry, inputs.read_telemetry), anything else through
+        wire.verify and what §6.9 leaves of it."""
+        if kind == "telemetry":
+            admitted = wire.admit_telemetry(sid, payload, self.keys, recv_ms=recv)
+            body = None if admitted is None else read_telemetry(payload)
+            if admitted is not None and body is not None:
+                kid, boot, seq = admitted
+                return RawRow(sid, boot, seq, kind, topic, recv, kid, payload), ranges.Cleaned(
+                    body, ()
+                )
+        v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
+        row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
+        return row, metering_input(kind, payload, v.cleaned)
 
     def enqueue(
         self,

@@ -149,13 +149,17 @@ _SlotKey = Annotated[str, Meta(pattern="^0*([1-9]|1[0-6])\\Z")]
 _Hist = Literal[1] | None | UnsetType  # absent, null or 1
 
 
-class _Meter(Struct, kw_only=True):
+# (UNSET defaults and gc=False: these also serve `admit_telemetry`, which re-encodes what it
+# decoded; a decoded message is a tree, never a cycle)
+
+
+class _Meter(Struct, kw_only=True, gc=False):
     e_wh: _Wh
-    p_w: _Pw | None = None
-    sn: _U32 | None = None
+    p_w: _Pw | None | UnsetType = UNSET
+    sn: _U32 | None | UnsetType = UNSET
 
 
-class _Bat(Struct, kw_only=True):
+class _Bat(Struct, kw_only=True, gc=False):
     id: _Text
     soc: _Pm
     soh: _Pm
@@ -168,21 +172,33 @@ class _Bat(Struct, kw_only=True):
     life_wh: _Wh
 
 
-class _SlotReading(Struct, kw_only=True):
+class _SlotReading(Struct, kw_only=True, gc=False):
     n: _Slot
     e_mwh: _MWh
-    b_mwh: _MWh | None = None
-    st: Literal["I", "W", "C", "V", "F", "E", "X"] | None = None
-    mv: _Mv | None = None
-    ma: _Ma | None = None
-    bat: _Bat | None = None
+    b_mwh: _MWh | None | UnsetType = UNSET
+    st: Literal["I", "W", "C", "V", "F", "E", "X"] | None | UnsetType = UNSET
+    mv: _Mv | None | UnsetType = UNSET
+    ma: _Ma | None | UnsetType = UNSET
+    bat: _Bat | None | UnsetType = UNSET
 
 
-class _Telemetry(Struct, kw_only=True):
+class _Telemetry(Struct, kw_only=True, gc=False):
     meter: _Meter | UnsetType = UNSET  # present: an object (null spoils it)
     err: dict[str, _U31] | UnsetType = UNSET
     slots: list[_SlotReading] | None | UnsetType = UNSET
     hist: _Hist = UNSET
+
+
+class _SignedTelemetry(_Telemetry, kw_only=True, gc=False):
+    """A whole telemetry, envelope included (`admit_telemetry`)."""
+
+    v: Literal[1]
+    sid: _Text
+    kid: _U31
+    boot: _U31
+    seq: _U31
+    up: _Up
+    ts: int | None | UnsetType = UNSET  # bounded by the receive time, in admit_telemetry
 
 
 class _Ev(Struct, kw_only=True, tag_field="ev"):
@@ -242,6 +258,7 @@ class _OtaEv(_Ev, kw_only=True, tag="ota"):
 
 
 _strict_telemetry = msgspec.json.Decoder(_Telemetry)
+_signed_telemetry = msgspec.json.Decoder(_SignedTelemetry)
 _strict_event = msgspec.json.Decoder(
     _BootEv | _SessionStartEv | _SessionEndEv | _AlarmEv | _MeterResetEv | _OutboxDropEv | _OtaEv
 )
@@ -475,6 +492,56 @@ def verify(
         body=body,
         cleaned=_clean(kind, signed, body),
     )
+
+
+# ---- ingest's fast path ------------------------------------------------------------------
+#
+# Nearly every message is a clean telemetry. `verify` spends three msgspec passes on one (a
+# decode to dicts, its re-encoding to prove the bytes compact and free of repeated keys,
+# §6.9's strict decode); this takes one decode to typed structs and one re-encoding of them,
+# and answers only "yes, as verify would" or "ask verify".
+
+
+def admit_telemetry(
+    topic_sid: str, payload: bytes, keys: KeyRing, *, recv_ms: int
+) -> tuple[int, int, int] | None:
+    """(kid, boot, seq) of a telemetry payload received on `<prefix>/<topic_sid>/telemetry`
+    that `verify` accepts and of which CONTRACT §6.9 spoils nothing; None when it is not
+    one, or not one this can tell (then `verify` decides, and names any fault)."""
+    if len(payload) > MAX_BYTES or not payload.isascii():
+        return None
+    i = payload.rfind(SIG_MARK)
+    j = i + len(SIG_MARK)
+    if i < 0 or not _SIG_TAIL.fullmatch(payload, j):
+        return None
+    signed = payload[:i] + b"}"
+    try:
+        t = _signed_telemetry.decode(signed)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    # Each key and value was decoded, the last of a repeated key kept, and msgspec writes
+    # each value in its shortest form. So the re-encoding is no longer than the input, and
+    # as long only when the input had no whitespace, no repeated key, no key the structs do
+    # not name and no longer form of a value (an escape, "-0"): each of those adds bytes.
+    # That input is what decode_signed and §6.9 accept whole (their order of keys aside).
+    if len(_encode(t)) != len(signed):
+        return None
+    ts = t.ts
+    if (
+        ts is not None
+        and ts is not UNSET
+        and not ranges.TS_MIN <= ts <= recv_ms + ranges.TS_AHEAD_MS
+    ):
+        return None
+    if t.sid != topic_sid or not SID_RE.fullmatch(t.sid):
+        return None
+    try:
+        key = keys.key(t.sid, t.kid)
+    except WireError:
+        return None
+    if not hmac.compare_digest(mac_hex(key, signed), payload[j : j + 64]):
+        return None
+    return t.kid, t.boot, t.seq
 
 
 def check_sid(sid: str) -> str:

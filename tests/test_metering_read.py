@@ -9,6 +9,7 @@ import random
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -153,7 +154,17 @@ def test_what_is_not_a_clean_telemetry_is_handed_over_as_it_is() -> None:
     assert metering_input("telemetry", odd, cleaned) is cleaned
 
 
-def test_ingest_hands_metering_the_projection(tmp_path: pathlib.Path) -> None:
+def test_ingest_hands_metering_the_projection(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verified: list[bytes] = []
+    verify = wire.verify
+
+    def counted(kind: str, sid: str, p: bytes, *a: Any, **kw: Any) -> wire.Verified:
+        verified.append(p)
+        return verify(kind, sid, p, *a, **kw)
+
+    monkeypatch.setattr(wire, "verify", counted)
     url = f"sqlite:///{tmp_path}/a.db"
     sid = "KH-RD-0002"
     with KeyStore(url) as ks:
@@ -169,6 +180,8 @@ def test_ingest_hands_metering_the_projection(tmp_path: pathlib.Path) -> None:
             svc._message(f"stations/{sid}/telemetry", p, Delivery(1, 1, 0))
         b = svc._batch
         assert [r.seq for r in b.rows] == [0, 1]
+        # the clean one in one typed decode (wire.admit_telemetry), the other through verify
+        assert verified == [b.rows[1].record]
         assert b.cleaned[0].body == {"up": 1000, "slots": [{"n": 1, "e_mwh": 5}]}
         # a spoiled source: §6.9's body, the slot taken out and named
         assert b.cleaned[1].body["slots"] == [] and b.cleaned[1].spoiled

@@ -11,6 +11,7 @@ import hmac
 import json
 import pathlib
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -529,3 +530,110 @@ def test_mac_hex_keeps_a_bounded_number_of_keys(monkeypatch: pytest.MonkeyPatch)
         key = i.to_bytes(2, "big") * 16
         assert wire.mac_hex(key, b"{}") == hmac.digest(key, b"{}", "sha256").hex().encode()
         assert len(wire._pads) <= 8
+
+
+def _byte_mutants(seed: int, n: int) -> list[tuple[str, bytes]]:
+    """(topic sid, payload): telemetry as stations send it and as they must not, changed in
+    its fields (`_mutants`, the envelope too) and in its bytes (whitespace, a repeated key,
+    an escape, a longer number, `sig` or `ev` inside, a wrong signature or topic)."""
+    import random
+
+    rng = random.Random(seed)
+    env: dict[str, Any] = {"v": 1, "sid": GOOD_SID, "kid": 1, "boot": 3, "seq": 9, "up": 61_000}
+    env_bad: list[tuple[str, Any]] = [
+        ("v", 2), ("v", True), ("v", "1"), ("sid", "kh-pnh-0001"), ("sid", OTHER_SID),
+        ("kid", 2), ("kid", -1), ("boot", 2**31), ("seq", 2**31 - 1), ("seq", "1"),
+        ("up", 320_000_000_000), ("up", 320_000_000_001), ("up", -1), ("up", 1.0),
+        ("ts", T0_MS), ("ts", T0_MS + 86_400_000), ("ts", T0_MS + 86_400_001),
+        ("ts", ranges.TS_MIN - 1), ("ts", None), ("ts", True), ("hist", 0), ("ev", "alarm"),
+        ("sig", "x"),
+    ]  # fmt: skip
+    bodies = [m for kind, m in _mutants(seed, 4 * n) if kind == "telemetry"][:n]
+    out: list[tuple[str, bytes]] = []
+    for m in bodies:
+        body = {**env, **m}
+        if rng.random() < 0.3:
+            k, v = rng.choice(env_bad)
+            body[k] = v
+        if rng.random() < 0.3:
+            body = dict(rng.sample(list(body.items()), len(body)))  # key order is free
+        raw = msgspec.json.encode(body)
+        r = rng.random()
+        if r < 0.05:
+            raw = raw.replace(b",", b", ", 1)
+        elif r < 0.1:
+            raw = raw.replace(b":", b" :", 1)
+        elif r < 0.15:
+            raw = b'{"up":61000,' + raw[1:]  # a repeated key, the same value
+        elif r < 0.2:
+            raw = raw[:-1] + b',"seq":9}'
+        elif r < 0.25:
+            raw = raw.replace(b'"e_wh"', b'"e\\u005fwh"')
+        elif r < 0.3:
+            raw = raw.replace(b'"b_mwh":0', b'"b_mwh":-0')
+        elif r < 0.33:
+            raw = raw.replace(b'"B1"', b'"B\\u0031"')
+        payload = wire.sign(raw, key_for(GOOD_SID))
+        r = rng.random()
+        if r < 0.05:
+            payload = payload[:-3] + (b"0" if payload[-3:-2] != b"0" else b"1") + b'"}'
+        elif r < 0.08:
+            payload = payload[:-1] + b" }"
+        out.append((OTHER_SID if rng.random() < 0.03 else GOOD_SID, payload))
+    return out
+
+
+def test_admit_telemetry_admits_only_what_verify_takes_whole() -> None:
+    # ingest's fast path: whatever it admits, verify accepts, with the same envelope and
+    # nothing spoiled (what it does not admit, e.g. a key it does not name, verify decides)
+    keys = ring()
+    admitted = left_to_verify = rejected = 0
+    for topic_sid, p in _byte_mutants(5, 20_000):
+        fast = wire.admit_telemetry(topic_sid, p, keys, recv_ms=T0_MS)
+        try:
+            v: wire.Verified | None = wire.verify("telemetry", topic_sid, p, keys, recv_ms=T0_MS)
+        except WireError:
+            v = None
+        clean = v is not None and not v.cleaned.spoiled
+        if fast is not None:
+            assert v is not None and clean, (p, v)
+            assert fast == (v.kid, v.boot, v.seq), p
+            admitted += 1
+        else:
+            left_to_verify += clean
+            rejected += v is None
+    # (the mutants reach every side)
+    assert admitted > 500 and left_to_verify > 500 and rejected > 2000, (
+        admitted,
+        left_to_verify,
+        rejected,
+    )
+
+
+def test_stations_telemetry_is_admitted() -> None:
+    st = Station(GOOD_SID, slots=8)
+    for _ in range(20):
+        st.advance()
+        p = st.telemetry()[1]
+        v = wire.verify("telemetry", GOOD_SID, p, ring(), recv_ms=T0_MS + 3_600_000)
+        got = wire.admit_telemetry(GOOD_SID, p, ring(), recv_ms=T0_MS + 3_600_000)
+        assert got == (v.kid, v.boot, v.seq)
+    # the firmware's own vectors (keys sorted, as it sends them)
+    vec = json.loads((VECTORS / "wire.json").read_text())
+    key = bytes.fromhex(vec["key_hex"])
+    n = 0
+    for t in vec["vectors"]:
+        if "ev" in t["object"]:
+            continue
+        sid, kid = t["wire"]["sid"], t["wire"]["kid"]
+        keys, p = StaticKeys({(sid, kid): key}), bytes.fromhex(t["signed_hex"])
+        now = time_ms()
+        v = wire.verify("telemetry", sid, p, keys, recv_ms=now)
+        got = wire.admit_telemetry(sid, p, keys, recv_ms=now)
+        assert got == ((v.kid, v.boot, v.seq) if not v.cleaned.spoiled else None), t["name"]
+        n += got is not None
+    assert n >= 3, n
+
+
+def time_ms() -> int:
+    return time.time_ns() // 1_000_000

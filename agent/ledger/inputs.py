@@ -128,16 +128,24 @@ class _TelemetryRead(TypedDict):
 _read_telemetry = msgspec.json.Decoder(_TelemetryRead)
 
 
-def metering_input(kind: str, payload: bytes, cleaned: ranges.Cleaned) -> ranges.Cleaned:
-    """What ingest hands metering of a verified message (`payload` the bytes received, sig
-    and all; `cleaned` verify's §6.9 result): for a telemetry nothing of which was spoiled,
-    the keys metering reads (above); anything else as it is."""
-    if kind != "telemetry" or cleaned.spoiled:
-        return cleaned
+def read_telemetry(payload: bytes) -> dict[str, Any] | None:
+    """The keys metering reads (above) of a verified telemetry of which §6.9 spoiled nothing
+    (`payload` the bytes received, sig and all); None when it holds a key that takes
+    metering down another path, or does not decode to these types: meter the whole body."""
     try:
         body: dict[str, Any] = _read_telemetry.decode(payload)  # type: ignore[assignment]
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return cleaned
+        return None
     if "ev" in body or "ocpp" in body:
+        return None
+    return body
+
+
+def metering_input(kind: str, payload: bytes, cleaned: ranges.Cleaned) -> ranges.Cleaned:
+    """What ingest hands metering of a verified message (`cleaned` verify's §6.9 result):
+    for a telemetry nothing of which was spoiled, the keys metering reads; anything else as
+    it is."""
+    if kind != "telemetry" or cleaned.spoiled:
         return cleaned
-    return ranges.Cleaned(body, ())
+    body = read_telemetry(payload)
+    return cleaned if body is None else ranges.Cleaned(body, ())
