@@ -517,7 +517,7 @@ def admit_telemetry(
     signed = payload[:i] + b"}"
     try:
         t = _signed_telemetry.decode(signed)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # (~1000 deep)
         return None
     # Each key and value was decoded, the last of a repeated key kept, and msgspec writes
     # each value in its shortest form. So the re-encoding is no longer than the input, and

@@ -602,6 +602,21 @@ def test_admit_telemetry_admits_only_what_verify_takes_whole() -> None:
         else:
             left_to_verify += clean
             rejected += v is None
+    # nested too deep, in a key the structs do not name: verify names it, nothing raises
+    for depth in (5, 1000, 1900):  # (the last just within 4096 bytes)
+        p = wire.sign(
+            b'{"v":1,"sid":"'
+            + GOOD_SID.encode()
+            + b'","kid":1,"boot":3,"seq":9,"up":6,"zz":'
+            + b"[" * depth
+            + b"]" * depth
+            + b"}",
+            key_for(GOOD_SID),
+        )
+        assert wire.admit_telemetry(GOOD_SID, p, keys, recv_ms=T0_MS) is None
+        with pytest.raises(WireError) as e:
+            wire.verify("telemetry", GOOD_SID, p, keys, recv_ms=T0_MS)
+        assert e.value.reason is Reason.TOO_DEEP
     # (the mutants reach every side)
     assert admitted > 500 and left_to_verify > 500 and rejected > 2000, (
         admitted,

@@ -134,7 +134,7 @@ def read_telemetry(payload: bytes) -> dict[str, Any] | None:
     metering down another path, or does not decode to these types: meter the whole body."""
     try:
         body: dict[str, Any] = _read_telemetry.decode(payload)  # type: ignore[assignment]
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     if "ev" in body or "ocpp" in body:
         return None
