@@ -13,6 +13,10 @@ wrong type or out of its §2 range spoils only its source (the meter, one slot, 
 the err counters, an event's content); the message is still stored as received, and
 `Verified.cleaned` holds the body metering may use and the list of what was spoiled.
 
+`admit_telemetry(topic_sid, payload, keys, recv_ms=…)` is ingest's fast path: for a clean
+telemetry it gives what `verify` would, in one typed decode; for anything else, None, and
+`verify` decides.
+
 Only the signed bytes (everything before the last `,"sig":"`, with the `}` put back) are
 ever parsed: nothing after the signature can change the meaning. The nesting depth is
 bounded by the decode itself (a type that admits four levels), before anything recursive

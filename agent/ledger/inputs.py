@@ -130,8 +130,9 @@ _read_telemetry = msgspec.json.Decoder(_TelemetryRead)
 
 def read_telemetry(payload: bytes) -> dict[str, Any] | None:
     """The keys metering reads (above) of a verified telemetry of which §6.9 spoiled nothing
-    (`payload` the bytes received, sig and all); None when it holds a key that takes
-    metering down another path, or does not decode to these types: meter the whole body."""
+    (`payload` the bytes received: its only unsigned part is the signature verify framed,
+    a key skipped here); None when it holds a key that takes metering down another path,
+    or does not decode to these types: meter the whole body."""
     try:
         body: dict[str, Any] = _read_telemetry.decode(payload)  # type: ignore[assignment]
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
