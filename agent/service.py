@@ -370,14 +370,18 @@ class Service:
         of it (inputs.raw_msg takes that in the db thread): a clean telemetry in one typed
         decode (wire.admit_telemetry, inputs.read_telemetry), anything else through
         wire.verify and what §6.9 leaves of it."""
-        if kind == "telemetry":
-            admitted = wire.admit_telemetry(sid, payload, self.keys, recv_ms=recv)
-            body = None if admitted is None else read_telemetry(payload)
-            if admitted is not None and body is not None:
+        admitted = (
+            wire.admit_telemetry(sid, payload, self.keys, recv_ms=recv)
+            if kind == "telemetry"
+            else None
+        )
+        if admitted is not None:
+            # (what admit_telemetry admits always decodes here: its types are stricter)
+            body = read_telemetry(payload)
+            if body is not None:
                 kid, boot, seq = admitted
-                return RawRow(sid, boot, seq, kind, topic, recv, kid, payload), ranges.Cleaned(
-                    body, ()
-                )
+                row = RawRow(sid, boot, seq, kind, topic, recv, kid, payload)
+                return row, ranges.Cleaned(body, ())
         v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
         row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
         return row, metering_input(kind, payload, v.cleaned)

@@ -434,6 +434,15 @@ def decode_signed(signed: bytes) -> dict[str, Any]:
     return obj
 
 
+def _framed(payload: bytes) -> tuple[bytes, bytes]:
+    """The first checks of a payload (size, ASCII, signature framing): split_signed's."""
+    if len(payload) > MAX_BYTES:
+        raise WireError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_BYTES}")
+    if not payload.isascii():
+        raise WireError(Reason.NOT_ASCII, "payload has non-ASCII bytes")
+    return split_signed(payload)
+
+
 def _header_int(body: Mapping[str, Any], name: str) -> int:
     x = body.get(name)
     if type(x) is not int or not 0 <= x <= ranges.U31:
@@ -446,11 +455,7 @@ def verify(
 ) -> Verified:
     """Verify one telemetry or event payload received on `<prefix>/<topic_sid>/<kind>` at
     `recv_ms` (Unix ms; now when None): the `ts` bound is the receiver's clock + 1 day."""
-    if len(payload) > MAX_BYTES:
-        raise WireError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_BYTES}")
-    if not payload.isascii():
-        raise WireError(Reason.NOT_ASCII, "payload has non-ASCII bytes")
-    signed, sig = split_signed(payload)
+    signed, sig = _framed(payload)
     body = decode_signed(signed)
     if "sig" in body:  # the full payload has sig twice
         raise WireError(Reason.DUPLICATE_KEY, "sig inside the signed bytes")
@@ -512,17 +517,11 @@ def admit_telemetry(
     """(kid, boot, seq) of a telemetry payload received on `<prefix>/<topic_sid>/telemetry`
     that `verify` accepts and of which CONTRACT §6.9 spoils nothing; None when it is not
     one, or not one this can tell (then `verify` decides, and names any fault)."""
-    if len(payload) > MAX_BYTES or not payload.isascii():
-        return None
-    i = payload.rfind(SIG_MARK)
-    j = i + len(SIG_MARK)
-    if i < 0 or not _SIG_TAIL.fullmatch(payload, j):
-        return None
-    signed = payload[:i] + b"}"
     try:
+        signed, sig = _framed(payload)
         t = _signed_telemetry.decode(signed)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # (~1000 deep)
-        return None
+    except (WireError, msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None  # (RecursionError: input nested ~1000 deep)
     # Each key and value was decoded, the last of a repeated key kept, and msgspec writes
     # each value in its shortest form. So the re-encoding is no longer than the input, and
     # as long only when the input had no whitespace, no repeated key, no key the structs do
@@ -543,7 +542,7 @@ def admit_telemetry(
         key = keys.key(t.sid, t.kid)
     except WireError:
         return None
-    if not hmac.compare_digest(mac_hex(key, signed), payload[j : j + 64]):
+    if not hmac.compare_digest(mac_hex(key, signed), sig):
         return None
     return t.kid, t.boot, t.seq
 

@@ -99,7 +99,7 @@ def raw_msg(
 # decoded by msgspec straight from the payload (unknown keys are skipped, not built), instead
 # of the whole decoded body: a message waiting for its commit then holds about half the
 # objects (2.7 against 5.1 KB for 8 slots), which the database thread read and freed cold
-# (~4 µs a message in bench/bench_ingest.py). Restart, verify and reports meter whole bodies:
+# (2.3 µs a message less in that thread, bench/bench_ingest.py). Restart, verify and reports meter whole bodies:
 # tests/test_metering_read.py holds the two to the same records.
 
 
