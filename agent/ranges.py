@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
+import msgspec
+
 U31: Final = (1 << 31) - 1
 U32: Final = (1 << 32) - 1
 U53: Final = (1 << 53) - 1
@@ -123,7 +125,9 @@ EVENTS: Final[Mapping[str, Mapping[str, Check]]] = {
 
 
 class Cleaned(NamedTuple):
-    body: dict[str, Any]  # what metering reads: spoiled sources taken out
+    # what metering reads: spoiled sources taken out (of a clean telemetry, ingest gives
+    # only the keys metering reads, as a Struct: agent/ledger/inputs.py)
+    body: dict[str, Any] | msgspec.Struct
     spoiled: tuple[tuple[str, str], ...]  # (source, path of its first bad field)
 
 

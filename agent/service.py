@@ -71,7 +71,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.health import WRITE_S, Health, HealthServer
 from agent.keys import CachedKeys, KeyStore
 from agent.ledger.agent_meter import StoreMeter
-from agent.ledger.inputs import RawMsg, metering_input, raw_msg, read_telemetry
+from agent.ledger.inputs import RawMsg, metering_input, raw_msg
 from agent.ledger.periods import load_locks, params_now
 from agent.sources.mqtt import DROPPED_TOPIC, Delivery, MqttSource
 from agent.sources.sharded import ShardedSource
@@ -368,20 +368,16 @@ class Service:
     ) -> tuple[RawRow, ranges.Cleaned]:
         """A message verified (else WireError) as its raw row, and what metering is to read
         of it (inputs.raw_msg takes that in the db thread): a clean telemetry in one typed
-        decode (wire.admit_telemetry, inputs.read_telemetry), anything else through
+        decode (wire.admit_telemetry), which metering reads as it is, anything else through
         wire.verify and what §6.9 leaves of it."""
-        admitted = (
+        t = (
             wire.admit_telemetry(sid, payload, self.keys, recv_ms=recv)
             if kind == "telemetry"
             else None
         )
-        if admitted is not None:
-            # (what admit_telemetry admits always decodes here: its types are stricter)
-            body = read_telemetry(payload)
-            if body is not None:
-                kid, boot, seq = admitted
-                row = RawRow(sid, boot, seq, kind, topic, recv, kid, payload)
-                return row, ranges.Cleaned(body, ())
+        if t is not None:
+            row = RawRow(sid, t.boot, t.seq, kind, topic, recv, t.kid, payload)
+            return row, ranges.Cleaned(t, ())
         v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
         row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
         return row, metering_input(kind, payload, v.cleaned)

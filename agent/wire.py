@@ -193,8 +193,9 @@ class _Telemetry(Struct, kw_only=True, gc=False):
     hist: _Hist = UNSET
 
 
-class _SignedTelemetry(_Telemetry, kw_only=True, gc=False):
-    """A whole telemetry, envelope included (`admit_telemetry`)."""
+class SignedTelemetry(_Telemetry, kw_only=True, gc=False):
+    """A whole telemetry, envelope included (`admit_telemetry`; metering reads it as it
+    reads a body: agent/ledger/inputs.py)."""
 
     v: Literal[1]
     sid: _Text
@@ -262,7 +263,7 @@ class _OtaEv(_Ev, kw_only=True, tag="ota"):
 
 
 _strict_telemetry = msgspec.json.Decoder(_Telemetry)
-_signed_telemetry = msgspec.json.Decoder(_SignedTelemetry)
+_signed_telemetry = msgspec.json.Decoder(SignedTelemetry)
 _strict_event = msgspec.json.Decoder(
     _BootEv | _SessionStartEv | _SessionEndEv | _AlarmEv | _MeterResetEv | _OutboxDropEv | _OtaEv
 )
@@ -513,10 +514,10 @@ def verify(
 
 def admit_telemetry(
     topic_sid: str, payload: bytes, keys: KeyRing, *, recv_ms: int
-) -> tuple[int, int, int] | None:
-    """(kid, boot, seq) of a telemetry payload received on `<prefix>/<topic_sid>/telemetry`
-    that `verify` accepts and of which CONTRACT §6.9 spoils nothing; None when it is not
-    one, or not one this can tell (then `verify` decides, and names any fault)."""
+) -> SignedTelemetry | None:
+    """A telemetry payload received on `<prefix>/<topic_sid>/telemetry` that `verify`
+    accepts and of which CONTRACT §6.9 spoils nothing, decoded; None when it is not one, or
+    not one this can tell (then `verify` decides, and names any fault)."""
     try:
         signed, sig = _framed(payload)
         t = _signed_telemetry.decode(signed)
@@ -544,7 +545,7 @@ def admit_telemetry(
         return None
     if not hmac.compare_digest(mac_hex(key, signed), sig):
         return None
-    return t.kid, t.boot, t.seq
+    return t
 
 
 def check_sid(sid: str) -> str:

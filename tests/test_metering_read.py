@@ -1,9 +1,12 @@
-"""What ingest hands metering of a telemetry (agent/ledger/inputs.py `metering_input`): the
-keys the engine reads, decoded straight from the payload. Restart, verify and reports meter
-whole bodies, so the projection must give the very records the whole body gives."""
+"""What ingest hands metering of a telemetry: only the keys the engine reads, as Structs.
+A clean telemetry is metered as wire.admit_telemetry decoded it (wire.SignedTelemetry); one
+only `verify` could tell as decoded straight from the payload (agent/ledger/inputs.py
+`metering_input`, TelemetryRead). Restart, verify and reports meter whole bodies, so each
+must give the very records the whole body gives."""
 
 from __future__ import annotations
 
+import collections
 import pathlib
 import random
 from typing import Any
@@ -17,12 +20,13 @@ from agent import ranges, wire
 from agent.config import AgentConfig, DbConfig
 from agent.keys import KeyStore
 from agent.ledger import IncrementalMeter, RawMsg, compute
-from agent.ledger.inputs import metering_input, raw_msg
+from agent.ledger.inputs import MeterRead, SlotRead, TelemetryRead, metering_input, raw_msg
 from agent.service import Service
 from agent.sources.mqtt import Delivery
 from tests.agent_helpers import key_for
 from tests.test_metering_props import SETTINGS, gen_fleet
 
+KEYS = wire.StaticKeys({(f"KH-T-{i:04d}", 1): key_for(f"KH-T-{i:04d}") for i in range(3)})
 SIG = b',"sig":"' + b"0" * 64 + b'"}'
 BAT = {
     "id": "B7",
@@ -43,12 +47,18 @@ def payload(body: dict[str, Any]) -> bytes:
     return msgspec.json.encode(body)[:-1] + SIG
 
 
-def with_unread_keys(rnd: random.Random, body: dict[str, Any]) -> dict[str, Any]:
-    """The body with what a real station sends beside the readings: none of it is metered."""
+def with_unread_keys(rnd: random.Random, body: dict[str, Any], newer: bool) -> dict[str, Any]:
+    """The body with what a real station sends beside the readings (`newer`: and a newer
+    firmware's key, which only `verify` takes): none of it is metered."""
     out = dict(body)
     if "ev" not in out:
         out["err"] = {"bus": rnd.randint(0, 9)}
-        out["fw_extra"] = {"note": "a newer firmware's key", "n": [1, 2]}
+        if newer:
+            out["fw_extra"] = {"note": "a newer firmware's key", "n": [1, 2]}
+        meter = out.get("meter")
+        if isinstance(meter, dict) and rnd.random() < 0.3:
+            # now and then without its serial (optional in §2): left out, it reads as None
+            out["meter"] = {k: v for k, v in meter.items() if k != "sn"}
         slots = out.get("slots")
         if isinstance(slots, list):
             out["slots"] = [
@@ -60,23 +70,29 @@ def with_unread_keys(rnd: random.Random, body: dict[str, Any]) -> dict[str, Any]
 
 def as_ingested(m: RawMsg, body: dict[str, Any]) -> tuple[RawMsg, RawMsg]:
     """(metered whole, as a restart does; metered as ingest hands it over)."""
-    kind = "event" if "ev" in body else "telemetry"
-    cleaned = ranges.clean(body)
-    given_ = metering_input(kind, payload(body), cleaned)
-    whole = raw_msg(m.sid, m.boot, m.seq, m.recv_ms, cleaned.body, cleaned=cleaned)
-    read = raw_msg(m.sid, m.boot, m.seq, m.recv_ms, given_.body, cleaned=given_)
-    return whole, read
+    sid = body["sid"]
+    p = wire.sign(msgspec.json.encode(body), key_for(sid))
+    whole = raw_msg(m.sid, m.boot, m.seq, m.recv_ms, ranges.clean(body).body)
+    admitted = wire.admit_telemetry(sid, p, KEYS, recv_ms=m.recv_ms) if "ev" not in body else None
+    if admitted is not None:
+        given_ = ranges.Cleaned(admitted, ())
+    else:
+        kind = "event" if "ev" in body else "telemetry"
+        given_ = metering_input(kind, p, ranges.clean(body))
+    return whole, raw_msg(m.sid, m.boot, m.seq, m.recv_ms, given_.body, cleaned=given_)
 
 
-def meters_alike(rnd: random.Random) -> int:
+def meters_alike(rnd: random.Random) -> collections.Counter[str]:
     """Meter a random fleet whole and as ingest hands it over: the same records, in one
-    pass and incrementally (what the agent runs). Returns how many messages were projected."""
+    pass and incrementally (what the agent runs). Returns how many messages were metered
+    as which type."""
     whole: list[RawMsg] = []
     read: list[RawMsg] = []
     for m in gen_fleet(rnd):
         # the generator's bodies are what metering reads after §6.9: put back what a station
         # sends beside the readings
-        w, r = as_ingested(m, with_unread_keys(rnd, dict(m.body)))
+        body = with_unread_keys(rnd, dict(m.body), newer=rnd.random() < 0.5)
+        w, r = as_ingested(m, body)
         whole.append(w)
         read.append(r)
     assert compute(read) == compute(whole)
@@ -86,7 +102,7 @@ def meters_alike(rnd: random.Random) -> int:
         b.add(read[i : i + 7])
     for sid in {m.sid for m in whole}:
         assert a.records(sid) == b.records(sid)
-    return sum("err" not in r.body and "ev" not in r.body for r in read)
+    return collections.Counter(type(r.body).__name__ for r in read)
 
 
 @SETTINGS
@@ -95,9 +111,10 @@ def test_the_projection_meters_as_the_whole_body(rnd: random.Random) -> None:
     meters_alike(rnd)
 
 
-def test_the_fleets_compared_are_mostly_projected() -> None:
+def test_the_fleets_compared_take_both_structs() -> None:
     n = [meters_alike(random.Random(seed)) for seed in range(20)]
-    assert sum(n) > 100 and sum(x > 0 for x in n) >= 15, n
+    for kind in ("SignedTelemetry", "TelemetryRead"):
+        assert sum(c[kind] for c in n) > 50 and sum(c[kind] > 0 for c in n) >= 12, (kind, n)
 
 
 def test_the_projection_keeps_what_metering_reads_and_nothing_else() -> None:
@@ -122,19 +139,18 @@ def test_the_projection_keeps_what_metering_reads_and_nothing_else() -> None:
     assert cleaned.spoiled == ()
     got = metering_input("telemetry", payload(body), cleaned)
     assert got.spoiled == ()
-    assert got.body == {
-        "up": 61_000,
-        "ts": 1_764_150_061_000,
-        "hist": 1,
-        "meter": {"e_wh": 1_000_198, "sn": 12_345_678},
-        "slots": [{"n": 1, "e_mwh": 24_996, "b_mwh": 0}, {"n": 2, "e_mwh": 7}],
-    }
+    assert got.body == TelemetryRead(
+        up=61_000,
+        ts=1_764_150_061_000,
+        hist=1,
+        meter=MeterRead(e_wh=1_000_198, sn=12_345_678),
+        slots=[SlotRead(n=1, e_mwh=24_996, b_mwh=0), SlotRead(n=2, e_mwh=7)],
+    )
     # a null slots list stays null, an absent meter absent
     bare = {"v": 1, "up": 5, "slots": None}
-    assert metering_input("telemetry", payload(bare), ranges.clean(bare)).body == {
-        "up": 5,
-        "slots": None,
-    }
+    assert metering_input("telemetry", payload(bare), ranges.clean(bare)).body == TelemetryRead(
+        up=5, slots=None
+    )
 
 
 def test_what_is_not_a_clean_telemetry_is_handed_over_as_it_is() -> None:
@@ -154,7 +170,7 @@ def test_what_is_not_a_clean_telemetry_is_handed_over_as_it_is() -> None:
     assert metering_input("telemetry", odd, cleaned) is cleaned
 
 
-def test_ingest_hands_metering_the_projection(
+def test_ingest_hands_metering_its_own_decode(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     verified: list[bytes] = []
@@ -182,7 +198,11 @@ def test_ingest_hands_metering_the_projection(
         assert [r.seq for r in b.rows] == [0, 1]
         # the clean one in one typed decode (wire.admit_telemetry), the other through verify
         assert verified == [b.rows[1].record]
-        assert b.cleaned[0].body == {"up": 1000, "slots": [{"n": 1, "e_mwh": 5}]}
+        # metering reads admit_telemetry's decode as it is
+        got = b.cleaned[0].body
+        assert isinstance(got, wire.SignedTelemetry) and b.cleaned[0].spoiled == ()
+        assert (got.up, got.seq) == (1000, 0) and got.slots
+        assert [(x.n, x.e_mwh, x.st) for x in got.slots] == [(1, 5, "C")]
         # a spoiled source: §6.9's body, the slot taken out and named
         assert b.cleaned[1].body["slots"] == [] and b.cleaned[1].spoiled
     finally:

@@ -200,7 +200,7 @@ class Engine:
         assert st.boot is not None
         b = st.boot.facts()
         for m in msgs:
-            if m.boot == b.no and self.accepts(m) and _usable(m):
+            if m.boot == b.no and self.accepts(m) and usable(m):
                 b.merge(m.seq, m.recv_ms, m.body)
         return b
 
@@ -212,7 +212,7 @@ class Engine:
         self.changed.add(sid)
         for m in self.backend.raw_from(sid, (-1, -1)):
             self.rows_read += 1
-            if not self.accepts(m) or not _usable(m):
+            if not self.accepts(m) or not usable(m):
                 continue
             try:
                 self._apply(st, m, False)
@@ -248,7 +248,7 @@ class Engine:
                 if any(
                     facts.merge(m.seq, m.recv_ms, m.body)
                     for m in late
-                    if m.boot == key[0] and _usable(m)
+                    if m.boot == key[0] and usable(m)
                 ):
                     boot_start = True
                     ck = be.first_checkpoint_of_boot(sid, view, key[0]) or be.checkpoint_before(
@@ -281,7 +281,7 @@ class Engine:
         try:
             for m in be.raw_from(sid, start):
                 self.rows_read += 1
-                if not self.accepts(m) or not _usable(m):
+                if not self.accepts(m) or not usable(m):
                     continue
                 if first:
                     first = False
@@ -366,14 +366,15 @@ class Engine:
             else:
                 for m in self.backend.raw_boot(st.sid, no):
                     self.rows_read += 1
-                    if self.accepts(m) and _usable(m):
+                    if self.accepts(m) and usable(m):
                         b.merge(m.seq, m.recv_ms, m.body)
             self._pre = (st.sid, no)
         st.boot = b
 
     def _apply(self, st: Station, m: RawMsg, prepass: bool) -> None:
-        body = m.body
-        up = body.get("up")
+        body: Any = m.body
+        read = isinstance(body, msgspec.Struct)  # a telemetry's reads (inputs.RawMsg)
+        up = body.up if read else body.get("up")
         seq = m.seq
         if type(up) is not int or type(seq) is not int or seq < 0:
             log.warning("metering: %s/%s/%s without a usable up/seq ignored", m.sid, m.boot, seq)
@@ -394,42 +395,31 @@ class Engine:
         b.last_seq = seq
         st.key = key
         st.since += 1
-        if body.get("ocpp") == 1:
-            self._ocpp(st, b, i, key, body, up)
-            return
-        ev = body.get("ev")
-        if ev is not None and ev != "meter_reset":
-            if ev == "session_end":
-                if self.view == FULL:
-                    st.pending.append(end_session(st, b, key, body))
-            elif ev == "session_start":
-                note_start(st, b, key, body)
-            return
+        ev = None
+        if not read:
+            if body.get("ocpp") == 1:
+                self._ocpp(st, b, i, key, body, up)
+                return
+            ev = body.get("ev")
+            if ev is not None and ev != "meter_reset":
+                if ev == "session_end":
+                    if self.view == FULL:
+                        st.pending.append(end_session(st, b, key, body))
+                elif ev == "session_start":
+                    note_start(st, b, key, body)
+                return
         off, est = b.clock
         base = F_TIME_EST if est else 0
-        if body.get("hist") == 1:
+        if (body.hist if read else body.get("hist")) == 1:
             base |= F_HIST
         t = rules.reading_time(up, off)
         if ev is not None:
             self._meter_reset(st, b, i, key, body, up, t, base)
             return
         spoiled = m.spoiled
-        # the message's readings: (stream, register value in mWh, meter serial)
-        readings: list[tuple[int, int, Any]] = []
-        meter = body.get("meter")
-        if meter:
-            e = meter.get("e_wh")
-            if type(e) is int:
-                readings.append((0, e * 1000, meter.get("sn")))
-        elif spoiled and 0 in spoiled:
+        has_meter, readings = _struct_readings(body) if read else _dict_readings(body)
+        if not has_meter and spoiled and 0 in spoiled:
             self._invalid(st, 0, t)
-        slots = body.get("slots")
-        if slots:
-            for sl in slots:
-                n = sl.get("n")
-                e = sl.get("e_mwh")
-                if type(e) is int and type(n) is int and n > 0:
-                    readings.append((n, e, None))
         if readings:
             self._readings(st, b, i, key, up, t, base, readings)
         if spoiled:
@@ -1084,8 +1074,52 @@ def _first(x: tuple[int, Acc]) -> int:
     return x[0]
 
 
-def _usable(m: RawMsg) -> bool:
-    return type(m.body.get("up")) is int and type(m.seq) is int and m.seq >= 0
+# A telemetry's readings: (stream, register value in mWh, meter serial), and whether it
+# has a meter. Of its body as decoded (a Mapping), and of its reads (a Struct, whose keys
+# left out are UNSET: a serial left out is None, as in a body).
+
+
+def _dict_readings(body: Mapping[str, Any]) -> tuple[bool, list[tuple[int, int, Any]]]:
+    readings: list[tuple[int, int, Any]] = []
+    meter = body.get("meter")
+    if meter:
+        e = meter.get("e_wh")
+        if type(e) is int:
+            readings.append((0, e * 1000, meter.get("sn")))
+    slots = body.get("slots")
+    if slots:
+        for sl in slots:
+            n = sl.get("n")
+            e = sl.get("e_mwh")
+            if type(e) is int and type(n) is int and n > 0:
+                readings.append((n, e, None))
+    return bool(meter), readings
+
+
+def _struct_readings(body: Any) -> tuple[bool, list[tuple[int, int, Any]]]:
+    readings: list[tuple[int, int, Any]] = []
+    meter = body.meter
+    if meter:
+        e = meter.e_wh
+        if type(e) is int:
+            sn = meter.sn
+            readings.append((0, e * 1000, None if sn is msgspec.UNSET else sn))
+    slots = body.slots
+    if slots:
+        for sl in slots:
+            n = sl.n
+            e = sl.e_mwh
+            if type(e) is int and type(n) is int and n > 0:
+                readings.append((n, e, None))
+    return bool(meter), readings
+
+
+def usable(m: RawMsg) -> bool:
+    """A message metering can place: an integer `up` and a sequence number."""
+    body: Any = m.body
+    read = isinstance(body, msgspec.Struct)
+    up = body.up if read else body.get("up")
+    return type(up) is int and type(m.seq) is int and m.seq >= 0
 
 
 def iter_sorted(msgs: Iterable[RawMsg]) -> list[RawMsg]:

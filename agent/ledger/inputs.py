@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 import msgspec
 
@@ -23,7 +23,10 @@ class RawMsg(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     boot: int
     seq: int
     recv_ms: int  # agent receive time (Unix ms)
-    body: Mapping[str, Any]  # telemetry, or an event when "ev" in body
+    # telemetry, or an event when "ev" in body (an OCPP frame when "ocpp" in it); of a
+    # telemetry nothing of which was spoiled, ingest hands metering only what it reads, as a
+    # Struct of the same names (TelemetryRead below, or wire.SignedTelemetry)
+    body: Mapping[str, Any] | msgspec.Struct
     # §6.9: the streams whose source was spoiled (taken out of the body): 0 the meter,
     # n slot n; their records carry `invalid`
     spoiled: frozenset[int] = _NONE
@@ -65,13 +68,19 @@ def raw_msg(
     boot: int,
     seq: int,
     recv_ms: int,
-    body: Mapping[str, Any],
+    body: Mapping[str, Any] | msgspec.Struct,
     cleaned: ranges.Cleaned | None = None,
 ) -> RawMsg:
     """The one way a stored or arriving message becomes metering input (ingest, restart
     and verify alike): §6.9 through `agent.ranges.clean` (pass its result when the caller
-    has it already), spoiled sources taken out and named by stream."""
-    c = cleaned if cleaned is not None else ranges.clean(body)
+    has it already; ingest's reads of a clean telemetry, a Struct, come with theirs),
+    spoiled sources taken out and named by stream."""
+    if cleaned is not None:
+        c = cleaned
+    elif isinstance(body, Mapping):
+        c = ranges.clean(body)
+    else:
+        raise TypeError("a telemetry's reads come with their §6.9 result (cleaned=)")
     spoiled: set[int] = set()
     for source, _path in c.spoiled:
         if source == "meter":
@@ -95,58 +104,60 @@ def raw_msg(
 #
 # Of a telemetry body the engine reads only these keys (engine._apply, state.Boot.merge); the
 # rest (slot states, volts and amps, batteries, error counters, a newer firmware's keys) is
-# checked (§6.9) and stored in raw, never metered. Ingest hands metering this projection,
-# decoded by msgspec straight from the payload (unknown keys are skipped, not built), instead
-# of the whole decoded body: a message waiting for its commit then holds about half the
-# objects (2.7 against 5.1 KB for 8 slots), which the database thread read and freed cold
-# (2.3 µs a message less in that thread, bench/bench_ingest.py). Restart, verify and reports meter whole bodies:
-# tests/test_metering_read.py holds the two to the same records.
+# checked (§6.9) and stored in raw, never metered. Ingest hands metering these keys as
+# Structs, not the decoded body: wire.admit_telemetry's own decode (its SignedTelemetry has
+# the same names), or, for a clean telemetry that only `verify` could tell, TelemetryRead
+# below, decoded by msgspec straight from the payload (the other keys skipped, not built).
+# A message waiting for its commit then holds no dicts, which the database thread read and
+# freed cold, and the loop decodes it once (bench/bench_ingest.py; docs/agent.md). Restart,
+# verify and reports meter whole bodies: tests/test_metering_read.py holds the three to the
+# same records.
 
 
-class _SlotRead(TypedDict):
+class SlotRead(msgspec.Struct, gc=False):
     n: int
     e_mwh: int
-    b_mwh: NotRequired[Any]
+    b_mwh: Any = msgspec.UNSET
 
 
-class _MeterRead(TypedDict):
+class MeterRead(msgspec.Struct, gc=False):
     e_wh: int
-    sn: NotRequired[Any]
+    sn: Any = msgspec.UNSET
 
 
-class _TelemetryRead(TypedDict):
+class TelemetryRead(msgspec.Struct, gc=False):
     up: int
-    ts: NotRequired[Any]
-    hist: NotRequired[Any]
-    meter: NotRequired[_MeterRead]
-    slots: NotRequired[list[_SlotRead] | None]
+    ts: Any = msgspec.UNSET
+    hist: Any = msgspec.UNSET
+    meter: MeterRead | msgspec.UnsetType = msgspec.UNSET
+    slots: list[SlotRead] | None | msgspec.UnsetType = msgspec.UNSET
     # either takes a body down another path of the engine: such a body is metered whole
-    ev: NotRequired[Any]
-    ocpp: NotRequired[Any]
+    ev: Any = msgspec.UNSET
+    ocpp: Any = msgspec.UNSET
 
 
-_read_telemetry = msgspec.json.Decoder(_TelemetryRead)
+_read_telemetry = msgspec.json.Decoder(TelemetryRead)
 
 
-def read_telemetry(payload: bytes) -> dict[str, Any] | None:
+def read_telemetry(payload: bytes) -> TelemetryRead | None:
     """The keys metering reads (above) of a verified telemetry of which §6.9 spoiled nothing
     (`payload` the bytes received: its only unsigned part is the signature verify framed,
     a key skipped here); None when it holds a key that takes metering down another path,
     or does not decode to these types: meter the whole body."""
     try:
-        body: dict[str, Any] = _read_telemetry.decode(payload)  # type: ignore[assignment]
+        t = _read_telemetry.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
-    if "ev" in body or "ocpp" in body:
+    if t.ev is not msgspec.UNSET or t.ocpp is not msgspec.UNSET:
         return None
-    return body
+    return t
 
 
 def metering_input(kind: str, payload: bytes, cleaned: ranges.Cleaned) -> ranges.Cleaned:
-    """What ingest hands metering of a verified message (`cleaned` verify's §6.9 result):
+    """What ingest hands metering of a message `verify` took (`cleaned` its §6.9 result):
     for a telemetry nothing of which was spoiled, the keys metering reads; anything else as
     it is."""
     if kind != "telemetry" or cleaned.spoiled:
         return cleaned
-    body = read_telemetry(payload)
-    return cleaned if body is None else ranges.Cleaned(body, ())
+    t = read_telemetry(payload)
+    return cleaned if t is None else ranges.Cleaned(t, ())

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from agent.ledger.backend import Backend, MemoryBackend
-from agent.ledger.engine import FULL, LOCKED, Engine, adjustment_record
+from agent.ledger.engine import FULL, LOCKED, Engine, adjustment_record, usable
 from agent.ledger.inputs import DEFAULT_PARAMS, MeterParams, RawMsg
 from agent.ledger.records import DAY_MS, Record, make_record_id, record_sort_key
 from agent.ledger.state import Station
@@ -161,7 +161,7 @@ class IncrementalMeter:
             boot_start: int | None = None
             newly_early: list[RawMsg] = []
             for m in lst:
-                if type(m.body.get("up")) is not int or m.seq < 0:
+                if not usable(m):
                     log.warning(
                         "metering: %s/%s/%s without a usable up/seq ignored", sid, m.boot, m.seq
                     )

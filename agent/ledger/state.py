@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from agent.ledger import rules
 
 Key = tuple[int, int]  # (boot, seq); seq -1: the value restored at the boot's start
@@ -342,13 +344,15 @@ class Boot:
             x[1] if x is not None else None,
         )
 
-    def merge(self, seq: int, recv_ms: int, body: Mapping[str, Any]) -> bool:
+    def merge(self, seq: int, recv_ms: int, body: Any) -> bool:
         """Take in a message's boot-level facts (rule 5's clock, §6's r(b)); True when the
-        clock or an r(b) a processed reading used has changed."""
-        up = body["up"]
+        clock or an r(b) a processed reading used has changed. `body` as inputs.RawMsg's:
+        a Mapping, or a telemetry's reads as a Struct."""
+        read = isinstance(body, msgspec.Struct)
+        up = body.up if read else body["up"]
         old_clock = self.clock
         r_changed = False
-        ts = body.get("ts")
+        ts = body.ts if read else body.get("ts")
         moved = False
         if type(ts) is int and (self.sync_seq is None or seq < self.sync_seq):
             self.sync_seq = seq
@@ -360,22 +364,17 @@ class Boot:
             moved = True
         if moved:
             self.update_clock()
-        ev = body.get("ev")
+        ev = None if read else body.get("ev")
         if ev is None:
-            slots = body.get("slots")
+            slots = body.slots if read else body.get("slots")
             if slots:
-                b_mwh = self.b_mwh
                 for sl in slots:
-                    n = sl.get("n")
-                    cur = b_mwh.get(n)
-                    if cur is not None and cur[0] <= seq:
-                        continue  # the slot's b_mwh of a lower seq stands (the usual case)
-                    v = sl.get("b_mwh")
-                    if type(v) is int:
-                        before = self.r(n)
-                        b_mwh[n] = (seq, v)
-                        if n in self.r_used and self.r(n) != before:
-                            r_changed = True
+                    if read:
+                        taken = self._take_b(seq, sl.n, sl.b_mwh)
+                    else:
+                        taken = self._take_b(seq, sl.get("n"), sl.get("b_mwh"))
+                    if taken:
+                        r_changed = True
         elif ev == "boot":
             if self.boot_event_seq is None or seq < self.boot_event_seq:
                 self.boot_event_seq = seq
@@ -393,6 +392,16 @@ class Boot:
                 self.restored = restored
                 r_changed = any(self.r(n) != r for n, r in before_r.items())
         return r_changed or self.clock != old_clock
+
+    def _take_b(self, seq: int, n: Any, v: Any) -> bool:
+        """Slot n's b_mwh `v` of message `seq`: the lowest seq's stands. True when it
+        changed an r(b) that a processed reading used."""
+        cur = self.b_mwh.get(n)
+        if (cur is not None and cur[0] <= seq) or type(v) is not int:
+            return False  # (the usual case: the slot's b_mwh of a lower seq stands)
+        before = self.r(n)
+        self.b_mwh[n] = (seq, v)
+        return n in self.r_used and self.r(n) != before
 
 
 class Station:
