@@ -107,7 +107,7 @@ def meters_alike(rnd: random.Random) -> collections.Counter[str]:
 
 @SETTINGS
 @given(st.randoms(use_true_random=False))
-def test_the_projection_meters_as_the_whole_body(rnd: random.Random) -> None:
+def test_what_ingest_hands_over_meters_as_the_whole_body(rnd: random.Random) -> None:
     meters_alike(rnd)
 
 
