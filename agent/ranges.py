@@ -124,6 +124,11 @@ EVENTS: Final[Mapping[str, Mapping[str, Check]]] = {
 }
 
 
+def ts_believed(ts: Any, now_ms: int) -> bool:
+    """A station's `ts` (Unix ms): an integer from 2020 to a day past the receiver's clock."""
+    return type(ts) is int and TS_MIN <= ts <= now_ms + TS_AHEAD_MS
+
+
 class Cleaned(NamedTuple):
     # what metering reads: spoiled sources taken out (of a clean telemetry, ingest gives
     # only the keys metering reads, as a Struct: agent/ledger/inputs.py)

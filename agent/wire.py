@@ -480,7 +480,7 @@ def verify(
     ts = body.get("ts")
     if ts is not None:
         now = time.time_ns() // 1_000_000 if recv_ms is None else recv_ms
-        if type(ts) is not int or not ranges.TS_MIN <= ts <= now + ranges.TS_AHEAD_MS:
+        if not ranges.ts_believed(ts, now):
             raise WireError(
                 Reason.BAD_TS,
                 f"ts must be an integer from 2020-01-01 to a day past the receive time "
@@ -530,12 +530,7 @@ def admit_telemetry(
     # That input is what decode_signed and §6.9 accept whole (their order of keys aside).
     if len(_encode(t)) != len(signed):
         return None
-    ts = t.ts
-    if (
-        ts is not None
-        and ts is not UNSET
-        and not ranges.TS_MIN <= ts <= recv_ms + ranges.TS_AHEAD_MS
-    ):
+    if t.ts is not None and t.ts is not UNSET and not ranges.ts_believed(t.ts, recv_ms):
         return None
     if t.sid != topic_sid or not SID_RE.fullmatch(t.sid):
         return None

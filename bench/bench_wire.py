@@ -3,32 +3,28 @@
 # json.dumps + HMAC as a reference. Also an outbox append+ack round (a tmpfs/disk, not flash)
 # and the heap each module keeps once imported.
 #   .venv/bin/python bench/bench_wire.py
-# compiles the five modules with mpy-cross (as .mpy files on the board's flash) and re-runs
-# itself on .venv/bin/micropython -X heapsize=128k: the modules (~32 KB) sit on this heap,
-# where the station maps them from ROMFS, and with 100k the nonce ring's save ran out of
-# memory. Prints figures; asserts nothing about speed (tests/test_bench_wire.py: it runs).
+# builds the firmware as it goes onto a board (tools/fwbuild.py: every module as .mpy) and
+# re-runs itself on .venv/bin/micropython -X heapsize=128k: the modules (~32 KB) sit on this
+# heap, where the station maps them from ROMFS, and with 100k the nonce ring's save ran out
+# of memory. Prints figures; asserts nothing about speed (tests/test_bench_wire.py: it runs).
 import sys
 
 if sys.implementation.name != "micropython":
     import pathlib
     import subprocess
-    import tempfile
 
     here = pathlib.Path(__file__).resolve()
-    venv = pathlib.Path(sys.executable).parent
-    with tempfile.TemporaryDirectory() as tmp:
-        for mod in ("hmac_sha256", "wire", "persist", "outbox", "commands"):
-            src = here.parent.parent / "firmware" / (mod + ".py")
-            subprocess.run(
-                [str(venv / "mpy-cross"), "-o", tmp + "/" + mod + ".mpy", str(src)], check=True
-            )
-        print(
-            "MicroPython unix port, -X heapsize=128k, modules as .mpy "
-            "(a desktop core: an ESP32 at 240 MHz is some 20-50x slower)"
-        )
-        r = subprocess.run(
-            [str(venv / "micropython"), "-X", "heapsize=128k", str(here), tmp], check=False
-        )
+    sys.path.insert(0, str(here.parent.parent))
+    from tools import fwbuild
+
+    build = fwbuild.build()
+    print(
+        "MicroPython unix port, -X heapsize=128k, modules as .mpy "
+        "(a desktop core: an ESP32 at 240 MHz is some 20-50x slower)"
+    )
+    r = subprocess.run(
+        [fwbuild.micropython_bin(), "-X", "heapsize=128k", str(here), str(build)], check=False
+    )
     sys.exit(r.returncode)
 
 import gc  # noqa: E402

@@ -1,8 +1,9 @@
 """bench/bench_wire.py runs to its end on the MicroPython interpreter (under a second).
 
-`make bench` stops at the first bench that fails, and this one copies the firmware modules
-it needs by name: a module the firmware starts importing (persist.py did) broke it unseen.
-Its figures are not checked here, only that every one of them is printed."""
+`make bench` stops at the first bench that fails, and nothing else runs this one: when it
+copied the firmware modules it needed by name, one the firmware started importing
+(persist.py) broke it unseen. Its figures are not checked here, only that every one of
+them is printed."""
 
 from __future__ import annotations
 

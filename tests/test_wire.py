@@ -11,7 +11,6 @@ import hmac
 import json
 import pathlib
 import sys
-import time
 from typing import Any
 
 import msgspec
@@ -20,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from agent import ranges, wire
+from agent.health import now_ms
 from agent.wire import Reason, StaticKeys, WireError
 from tests.agent_helpers import (
     GOOD_SID,
@@ -648,7 +648,7 @@ def test_stations_telemetry_is_admitted() -> None:
             continue
         sid, kid = t["wire"]["sid"], t["wire"]["kid"]
         keys, p = StaticKeys({(sid, kid): key}), bytes.fromhex(t["signed_hex"])
-        now = time_ms()
+        now = now_ms()
         v = wire.verify("telemetry", sid, p, keys, recv_ms=now)
         got = wire.admit_telemetry(sid, p, keys, recv_ms=now)
         if v.cleaned.spoiled:
@@ -657,7 +657,3 @@ def test_stations_telemetry_is_admitted() -> None:
             assert got is not None and admitted_as(got) == (v.kid, v.boot, v.seq, v.body)
             n += 1
     assert n >= 3, n
-
-
-def time_ms() -> int:
-    return time.time_ns() // 1_000_000
