@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from tools.mosquitto import free_port, stop_process, wait_listening
+from tools.mosquitto import dies_with_parent, free_port, stop_process, wait_listening
 
 
 def available() -> bool:
@@ -41,7 +41,9 @@ class EmbeddedBroker:
     def start(self, timeout: float = 20.0) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.conf)],
+                dies_with_parent(
+                    [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.conf)]
+                ),
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
