@@ -145,6 +145,7 @@ def test_generated_files_and_modes(broker: Mosquitto) -> None:
     assert "use_username_as_clientid true" in tls_block and "certfile" in tls_block
     assert "stations.passwd" in tls_block and "agents.passwd" not in tls_block
     assert "per_listener_settings true" in conf and "persistence true" in conf
+    assert "\nset_tcp_nodelay true\n" in conf  # else a PUBLISH waits for the last one's ACK
     for f in ("ca.key", "server.key", "stations.passwd", "agents.passwd"):
         assert stat.S_IMODE((d / f).stat().st_mode) & 0o077 in (0, 0o040), f  # no "other"
     assert stat.S_IMODE((d / "ca.key").stat().st_mode) == 0o600

@@ -155,6 +155,7 @@ class Mosquitto:
             f"max_queued_messages {max_queued}",
             "max_queued_bytes 0",
             "max_inflight_messages 100",
+            "set_tcp_nodelay true",  # as a deployment's (tools/flash/broker_setup.py)
             "message_size_limit 0",
             "persistent_client_expiration 7d",
             "sys_interval 1",  # $SYS/broker/publish/messages/dropped, which the agent watches
