@@ -13,6 +13,8 @@ import urllib.parse
 
 # errors of the database's environment (disk full, locked, I/O): retried, never a row's
 # fault; plain sqlite3.DatabaseError too ("file is not a database", corruption)
+BUSY_TIMEOUT_MS = 10_000  # how long a statement waits for another connection's lock
+
 ENV_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, sqlite3.InternalError)
 
 
@@ -56,7 +58,7 @@ def connect(
         db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 10000")
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     if create:
         db.execute("PRAGMA journal_mode = WAL")
     # FULL: a committed batch survives a power cut, not only a crash (ack follows commit)
