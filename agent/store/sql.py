@@ -431,8 +431,8 @@ class Store:
 
         SQLite starts the WAL over only when a write begins after a checkpoint that copied
         every frame. A writer that commits every few milliseconds (5,000 msg/s is enough)
-        always appends during the pass, so the WAL grew to the autocheckpoint's ~400 MB:
-        every page read searched a larger WAL index and latency rose with it (p99 0.4 s).
+        always appends during the pass, so the WAL grew up to the autocheckpoint's ~400 MB
+        (a larger WAL index to search on every page read, and disk the WAL keeps).
         From `restart_pages` on, a second pass copies what came meanwhile and a RESTART
         checkpoint then holds the writer off for the few frames left, so that the next
         write starts the WAL over. It waits at most RESTART_WAIT_MS for the writer's

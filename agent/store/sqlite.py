@@ -11,10 +11,10 @@ import os
 import sqlite3
 import urllib.parse
 
-# errors of the database's environment (disk full, locked, I/O): retried, never a row's
-# fault; plain sqlite3.DatabaseError too ("file is not a database", corruption)
 BUSY_TIMEOUT_MS = 10_000  # how long a statement waits for another connection's lock
 
+# errors of the database's environment (disk full, locked, I/O): retried, never a row's
+# fault; plain sqlite3.DatabaseError too ("file is not a database", corruption)
 ENV_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, sqlite3.InternalError)
 
 
