@@ -52,6 +52,7 @@ from agent.service import Service
 from agent.sources.mqtt import BrokerConfig, Delivery, MqttSource
 from agent.store import RawRow, Store
 from tests.agent_helpers import Station, key_for
+from tools.machine import warn_if_busy
 from tools.mosquitto import Mosquitto
 
 AGENT_CPU = {0}
@@ -348,6 +349,7 @@ def main() -> None:
     if args.publish:
         publish_main(args)
         return
+    warn_if_busy()
     rate = args.rate or 5000
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # so that `finally` stops the broker
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-ingest-"))

@@ -54,6 +54,7 @@ sys.path.insert(1, str(ROOT / "bench"))
 from agent.keys import KeyStore  # noqa: E402
 from agent.sources.mqtt_codec import connect as mqtt_connect  # noqa: E402
 from tests.agent_helpers import AgentProcess, Station, key_for  # noqa: E402
+from tools.machine import warn_if_busy  # noqa: E402
 from tools.mosquitto import Mosquitto  # noqa: E402
 
 AGENT_CPU = {0}
@@ -354,6 +355,7 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the database")
     args = ap.parse_args()
+    warn_if_busy()
     n = args.messages or (100_000 if args.quick else 2_000_000)
     big = n >= 500_000
     restart_at = 100_000 if big else n * 4 // 10
