@@ -270,7 +270,7 @@ def _wal_grows_to(tmp_path: pathlib.Path, restart_pages: int) -> int:
 def test_the_wal_starts_over_under_a_steady_writer(tmp_path: pathlib.Path) -> None:
     # 15 MB written: PASSIVE checkpoints alone never copy every frame (the writer appends
     # during each pass), so SQLite never starts the WAL over and it holds everything; a
-    # RESTART from 64 pages on keeps it to a few hundred KB
+    # RESTART from 64 pages on keeps it to about a megabyte
     restarted = _wal_grows_to(tmp_path, restart_pages=64)
     passive_only = _wal_grows_to(tmp_path, restart_pages=0)
     assert restarted < 4_000_000, restarted
