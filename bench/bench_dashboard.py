@@ -36,20 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from agent import wire
 from agent.keys import KeyStore
+from tools.machine import proc_cpu_s
 from tools.mosquitto import Mosquitto
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def proc_cpu_s(pid: int) -> float:
-    f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
 
 
 def proc_rss_kb(pid: int) -> int:

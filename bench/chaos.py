@@ -49,7 +49,8 @@ from agent.keys import KeyStore
 from agent.store import Store
 from agent.wire import StaticKeys, WireError, decode_record, sign, verify
 from tests.metering_reference import reference_totals
-from tools.fleet import Fleet, proc_cpu_s
+from tools.fleet import Fleet
+from tools.machine import proc_cpu_s
 from tools.mosquitto import Mosquitto
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

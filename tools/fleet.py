@@ -54,6 +54,7 @@ from agent.keys import KeyStore
 from agent.wire import check_sid
 from tools import fwbuild
 from tools.fleet_scenario import Action, ScenarioParams, StationScenario
+from tools.machine import proc_cpu_s
 from tools.mosquitto import Accounts
 from tools.rig import FaultRates, Rig, RigHost
 from tools.rig.battery import Battery
@@ -96,15 +97,6 @@ def _read_state(path: pathlib.Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return obj if isinstance(obj, dict) else {}
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 when it is gone)."""
-    try:
-        f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(eq=False)

@@ -1,4 +1,5 @@
-"""Is the machine quiet enough to measure on? The benches ask before they start.
+"""Processes' CPU time, and whether the machine is quiet enough to measure on (the benches
+ask before they start).
 
 Figures taken beside another busy process are not comparable with any other run: a broker
 left over from a crashed bench, saving its backlog every second, once cut the agent's
@@ -12,24 +13,28 @@ import os
 import pathlib
 import time
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 when it is gone)."""
+    try:
+        f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_ticks() -> dict[int, tuple[int, str]]:
-    """pid → (user + system ticks so far, command line) of every user-space process."""
-    out: dict[int, tuple[int, str]] = {}
+def _user_processes() -> dict[int, str]:
+    """pid → command line of every user-space process (kernel threads have none)."""
+    out: dict[int, str] = {}
     for d in pathlib.Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (d / "stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        if not cmd.strip():
-            continue  # a kernel thread
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(d.name)] = (int(fields[11]) + int(fields[12]), cmd.strip())
+        if cmd.strip():
+            out[int(d.name)] = cmd.strip()
     return out
 
 
@@ -40,17 +45,14 @@ def busy_others(seconds: float = 1.0, share: float = 0.05) -> list[tuple[int, fl
     if not pathlib.Path("/proc/self/stat").exists():
         return []
     me = os.getpid()
-    before = _cpu_ticks()
+    procs = _user_processes()
+    before = {pid: proc_cpu_s(pid) for pid in procs if pid != me}
     time.sleep(seconds)
-    after = _cpu_ticks()
     busy = []
-    for pid, (ticks, cmd) in after.items():
-        was = before.get(pid)
-        if pid == me or was is None:
-            continue
-        used = (ticks - was[0]) / _TICK / seconds
+    for pid, was in before.items():
+        used = (proc_cpu_s(pid) - was) / seconds  # (a process gone meanwhile: negative)
         if used > share:
-            busy.append((pid, used, cmd))
+            busy.append((pid, used, procs[pid]))
     return sorted(busy, key=lambda b: -b[1])
 
 
