@@ -432,8 +432,7 @@ class Store:
         SQLite starts the WAL over only when a write begins after a checkpoint that copied
         every frame. A writer that commits every few milliseconds (5,000 msg/s is enough)
         always appends during the pass, so the WAL grew up to the writer's autocheckpoint
-        (~400 MB), which then ran inside a commit: the soak's p99 at 5,000 msg/s was 0.2-0.4
-        s in two of five runs, against 12-18 ms in six of six with the restarts.
+        (~400 MB), which then ran inside a commit and stalled it (docs/agent.md, Soak).
         From `restart_pages` on, a second pass copies what came meanwhile and a RESTART
         checkpoint then holds the writer off for the few frames left, so that the next
         write starts the WAL over. It waits at most RESTART_WAIT_MS for the writer's
