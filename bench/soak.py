@@ -9,8 +9,9 @@ Prints, with the message count each figure was taken at (messages committed in r
 - restart-to-ready (SIGTERM, start again, until the log says "subscribed to") at 10^5 and
   at the end, and SIGTERM-to-exit;
 - throughput on a backlog (published while the agent is down, drained from its start),
-  and the same backlog drained by a bare subscriber of the agent's own MQTT client
-  (bench/bench_ingest.py's `bare_own`) in the same run: the ratio;
+  and the same backlog drained in the same run by two bare subscribers that only count
+  (bench/bench_ingest.py's): one of the agent's own MQTT client (`bare_own`) and one of
+  paho (`bare_drain`, the client of the issue's own figures): the two ratios;
 - throughput of the live phases (publisher far faster than the agent, 50k in flight);
 - p99 latency publish → committed (the row visible in the database, polled every 2 ms)
   at 5,000 msg/s paced.
@@ -429,18 +430,21 @@ def main() -> None:
                 pos = m
         print(f"at {pos:,}: {state_sizes(db)}")
 
-        # 2. SIGTERM; a backlog queued for the agent and for a bare subscriber of its client;
-        # the bare one drains it (core 0), then the agent starts and drains it
+        # 2. SIGTERM; a backlog queued for the agent and for two bare subscribers, one of
+        # its own client and one of paho (the comparator); each bare one drains it
+        # (core 0), then the agent starts and drains it
         took, rc = agent.stop(timeout=60)
         print(f"at {pos:,}: SIGTERM → exit {took:.2f}s (status {rc})")
-        from bench_ingest import bare_own
+        from bench_ingest import bare_drain, bare_own, bare_session
 
         asyncio.run(bare_own(broker.port, 0))
+        bare_session(broker.port)
         pub.send(pos, pos + backlog)
         pub.wait_acked()
         time.sleep(1.0)
         pin(0, AGENT_CPU)
         bare = asyncio.run(bare_own(broker.port, backlog))
+        paho = bare_drain(broker.port, backlog)
         pin(0, OTHER_CPU)
         t0 = time.monotonic()
         t_ready = agent.start_ready()
@@ -454,7 +458,8 @@ def main() -> None:
         print(
             f"backlog of {backlog:,}: agent {rate:,.0f} msg/s from ready "
             f"({backlog / drain:,.0f} msg/s from the start, {drain:.1f}s); bare own client "
-            f"{bare:,.0f} msg/s; ratio {rate / bare:.2f}"
+            f"{bare:,.0f} msg/s, ratio {rate / bare:.2f}; bare paho {paho:,.0f} msg/s, "
+            f"ratio {rate / paho:.2f}"
         )
         pos += backlog
         rss.append((pos, "process 2 (warm-up)", agent.rss_mb()))
