@@ -1,5 +1,6 @@
 """The database thread's work per message, apart from MQTT and the loop: raw insert,
-metering, records and states, commit (Service._write on one thread, no broker), with
+metering, records and states, commit (Service._write on one thread, no broker, on
+messages decoded beforehand as the agent's loop decodes them: Service._verified), with
 each station metered at every commit and, as the agent does by default, held back for its
 next step (agent/service.py `_plan`).
 
@@ -59,17 +60,17 @@ def write_cost(
     if lock:
         svc.meter = StoreMeter(lock_params(svc.meter.params), svc.store)
     recv = int(time.time() * 1000)  # after the lock: live traffic
+    # decoded as the agent's loop does (a clean telemetry: its typed reads, not a dict)
     prepared = []
     for topic, p in messages(stations, n, slots=8):
         sid, kind = wire.parse_topic(topic, "stations")
-        v = wire.verify(kind, sid, p, svc.keys, recv_ms=recv)
-        prepared.append((RawRow(v.sid, v.boot, v.seq, v.kind, topic, recv, v.kid, p), v))
+        prepared.append(svc._verified(sid, kind, topic, p, recv))
     t = time.thread_time()
     for i in range(0, n, batch):
         b = _Batch()
-        for row, v in prepared[i : i + batch]:
+        for row, cleaned in prepared[i : i + batch]:
             b.rows.append(row)
-            b.cleaned.append(v.cleaned)
+            b.cleaned.append(cleaned)
         svc._write(b)
     svc._meter_all = True  # what is still held
     svc._write(_Batch())
