@@ -155,6 +155,9 @@ def _keep_shards(b: _Batch, keep: Callable[[str], bool]) -> None:
     b.status = [x for x in b.status if keep(x[0])]
 
 
+_tuple_new = tuple.__new__
+
+
 class _Batch:
     __slots__ = (
         "deliveries",
@@ -376,8 +379,10 @@ class Service:
             else None
         )
         if t is not None:
-            row = RawRow(sid, t.boot, t.seq, kind, topic, recv, t.kid, payload)
-            return row, ranges.Cleaned(t, ())
+            # tuple.__new__ itself: a NamedTuple's __new__ is a Python function, ~0.25 µs a
+            # message more for the two
+            row = _tuple_new(RawRow, (sid, t.boot, t.seq, kind, topic, recv, t.kid, payload))
+            return row, _tuple_new(ranges.Cleaned, (t, ()))
         v = wire.verify(kind, sid, payload, self.keys, recv_ms=recv)
         row = RawRow(sid, v.boot, v.seq, kind, topic, recv, v.kid, payload)
         return row, metering_input(kind, payload, v.cleaned)

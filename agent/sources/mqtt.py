@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+import msgspec
+
 from agent.sources.mqtt_codec import (
     CONNACK_REASONS,
     DISCONNECT_PKT,
@@ -105,16 +107,15 @@ def tls_context(cfg: BrokerConfig) -> ssl.SSLContext:
     return ctx
 
 
-class Delivery:
-    """What a message needs for its PUBACK: packet id, QoS and the connection it came on."""
+class Delivery(msgspec.Struct):
+    """What a message needs for its PUBACK: packet id, QoS and the connection it came on.
+    A Struct: one is made for every message, in ~0.08 µs against ~0.15–0.3 for a class
+    with an __init__ of its own."""
 
-    __slots__ = ("conn", "mid", "qos", "src")
-
-    def __init__(self, mid: int, qos: int, conn: int) -> None:
-        self.mid = mid
-        self.qos = qos
-        self.conn = conn
-        self.src: MqttSource | None = None  # the session it came on, when there are several
+    mid: int
+    qos: int
+    conn: int
+    src: MqttSource | None = None  # the session it came on, when there are several
 
 
 OnMessage = Callable[[str, bytes, Delivery], None]
