@@ -601,7 +601,14 @@ class Service:
     def _late(self, sid: str, msgs: list[RawMsg]) -> bool:
         """A message at or below the key the station is metered to, or no state yet."""
         key = self.meter.key_of(sid)
-        return key is None or min((m.boot, m.seq) for m in msgs) <= key
+        if key is None:
+            return True
+        kb, ks = key
+        for m in msgs:  # (a loop: no tuple a message, as a min over keys would make)
+            b = m.boot
+            if b < kb or (b == kb and m.seq <= ks):
+                return True
+        return False
 
     def _hold(self, plan: _Plan) -> None:
         """db thread, after the write's commit: what was metered leaves the held messages,
@@ -922,7 +929,9 @@ class Service:
         """Count the spoiled sources of the messages stored now and raise their alarms
         (`bad_field`, one per station and field a minute), the `internal` quarantines'
         and those queued by metering."""
-        self._spoiled([b.rows[i] for i in new], [b.cleaned[i] for i in new])
+        spoiled = [i for i in new if b.cleaned[i].spoiled]  # seldom any
+        if spoiled:
+            self._spoiled([b.rows[i] for i in spoiled], [b.cleaned[i] for i in spoiled])
         out = self._pending_alarms
         self._pending_alarms = []
         for q in b.quarantine:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 from collections.abc import Callable, Iterable
 
 from agent import wire
@@ -29,6 +30,7 @@ from agent.store.sql import LedgerTables
 log = logging.getLogger(__name__)
 
 PAGE = 1000  # raw rows per page when catching a station up
+_KEY = operator.attrgetter("boot", "seq")  # a message's key: (boot, seq)
 
 
 def decode_row(r: RawRow) -> RawMsg:
@@ -97,7 +99,7 @@ class StoreMeter:
         for m in msgs:
             by_sid.setdefault(m.sid, []).append(m)
         for sid, lst in by_sid.items():
-            lst.sort(key=lambda m: (m.boot, m.seq))
+            lst.sort(key=_KEY)
             try:
                 self.ledger.process(sid, lst)
                 self.save(sid)

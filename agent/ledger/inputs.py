@@ -76,6 +76,8 @@ def raw_msg(
     has it already; ingest's reads of a clean telemetry, a Struct, come with theirs),
     spoiled sources taken out and named by stream."""
     if cleaned is not None:
+        if not cleaned.spoiled:  # nearly every message: in one step
+            return RawMsg(sid=sid, boot=boot, seq=seq, recv_ms=recv_ms, body=cleaned.body)
         c = cleaned
     elif isinstance(body, Mapping):
         c = ranges.clean(body)
