@@ -631,6 +631,30 @@ def test_admit_telemetry_admits_only_what_verify_takes_whole() -> None:
     )
 
 
+def test_admit_telemetry_takes_only_the_exact_signature_framing() -> None:
+    # the fast path checks the framing by its shape alone and leaves the hex to the HMAC's
+    # comparison: the right signature in capitals, a byte more or less, or anything after
+    # it is never admitted, and verify names each
+    st = Station(GOOD_SID, slots=8)
+    st.advance()
+    p = st.telemetry()[1]
+    assert wire.admit_telemetry(GOOD_SID, p, ring(), recv_ms=T0_MS + 3_600_000) is not None
+    i = p.rfind(wire.SIG_MARK) + len(wire.SIG_MARK)
+    sig = p[i : i + 64]
+    bad = {
+        Reason.SIG_HEX: p[:i] + sig.upper() + b'"}',
+        Reason.SIG_LENGTH: p[:i] + sig[:-1] + b'"}',
+        Reason.SIG_TRAILING: p + b" ",
+        Reason.SIG_NOT_LAST: p[:-1] + b',"x":1}',
+    }
+    assert sig.upper() != sig  # (the signature has letters to raise)
+    for reason, q in bad.items():
+        assert wire.admit_telemetry(GOOD_SID, q, ring(), recv_ms=T0_MS + 3_600_000) is None
+        with pytest.raises(WireError) as e:
+            wire.verify("telemetry", GOOD_SID, q, ring(), recv_ms=T0_MS + 3_600_000)
+        assert e.value.reason is reason, (reason, e.value)
+
+
 def test_stations_telemetry_is_admitted() -> None:
     st = Station(GOOD_SID, slots=8)
     for _ in range(20):
