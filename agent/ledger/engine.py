@@ -417,16 +417,11 @@ class Engine:
             self._meter_reset(st, b, i, key, body, up, t, base)
             return
         spoiled = m.spoiled
-        if read:
-            if not body.meter and spoiled and 0 in spoiled:
-                self._invalid(st, 0, t)
-            self._struct_readings(st, b, i, key, up, t, base, body)
-        else:
-            has_meter, readings = _dict_readings(body)
-            if not has_meter and spoiled and 0 in spoiled:
-                self._invalid(st, 0, t)
-            if readings:
-                self._readings(st, b, i, key, up, t, base, readings)
+        has_meter, readings = _struct_readings(body) if read else _dict_readings(body)
+        if not has_meter and spoiled and 0 in spoiled:
+            self._invalid(st, 0, t)
+        if readings:
+            self._readings(st, b, i, key, up, t, base, readings)
         if spoiled:
             for n in spoiled:
                 if n:
@@ -569,111 +564,75 @@ class Engine:
         fl: int,
         readings: list[tuple[int, int, Any]],
     ) -> None:
-        """The readings of the message at position i of boot b, in message order (`_one`
-        each). The whole message shares t, so its home interval is worked out once."""
-        home = (t - 1) // self.iv  # the home interval of a segment ending at t (t > its start)
-        for n, v, serial in readings:
-            self._one(st, b, i, key, up, t, fl, home, n, v, serial)
-
-    def _struct_readings(
-        self, st: Station, b: Boot, i: int, key: Key, up: int, t: int, fl: int, body: Any
-    ) -> None:
-        """`_readings` of a telemetry's reads (a Struct, inputs.RawMsg), taken from it one
-        by one, with no (stream, value, serial) tuple a reading: the readings
-        `_dict_readings` gives, in its order (the meter's, then each slot's)."""
-        home = (t - 1) // self.iv
-        meter = body.meter
-        if meter:
-            e = meter.e_wh
-            if type(e) is int:
-                sn = meter.sn
-                sn = None if sn is msgspec.UNSET else sn
-                self._one(st, b, i, key, up, t, fl, home, 0, e * 1000, sn)
-        slots = body.slots
-        if slots:
-            for sl in slots:
-                n = sl.n
-                e = sl.e_mwh
-                if type(e) is int and type(n) is int and n > 0:
-                    self._one(st, b, i, key, up, t, fl, home, n, e, None)
-
-    def _one(
-        self,
-        st: Station,
-        b: Boot,
-        i: int,
-        key: Key,
-        up: int,
-        t: int,
-        fl: int,
-        home: int,
-        n: int,
-        v: int,
-        serial: Any,
-    ) -> None:
-        """A reading of `_readings` (`home`: its message's home interval): the usual one
-        in one step here, any other by the general path (_reading).
+        """The readings of the message at position i of boot b, in message order: the
+        usual one in one step here, any other by the general path (_reading).
 
         The usual reading: a later reading of the stream's boot (not its first, not the
         same slot again), nothing pending or held, no meter serial change, at or above
         the mark and plausible, its segment wholly inside the stream's current open
         interval, which no lock covers (no spread, no interval closed). The step does exactly
-        what _reading (against_mark, implausible, _emit, _add, _range) would do with it."""
+        what _reading (against_mark, implausible, _emit, _add, _range) would do with it;
+        the whole message shares t, so its home interval is worked out once."""
         streams = st.streams
         bno = b.no
         seq = key[1]
         iv = self.iv
+        home = (t - 1) // iv  # the home interval of a segment ending at t (t > its start)
         fast = self.fast_from is not None and home >= self.fast_from
         lo = home * iv  # a segment starting at or after lo is inside it
         max_meter, max_slot = self.max_power
-        s = streams.get(n)
-        acc = None
-        if (
-            fast
-            and s is not None
-            and s.boot == bno
-            and s.floor == home
-            and s.held_value is None
-            and s.last_key != key
-        ):
-            c = v - s.mark
-            t0 = s.last_t
-            ok = c >= 0 and t0 < t and (serial is None or s.serial is None or serial == s.serial)
-            if ok and c:
-                el = up - s.mark_up
+        for n, v, serial in readings:
+            s = streams.get(n)
+            acc = None
+            if (
+                fast
+                and s is not None
+                and s.boot == bno
+                and s.floor == home
+                and s.held_value is None
+                and s.last_key != key
+            ):
+                c = v - s.mark
+                t0 = s.last_t
                 ok = (
-                    t0 >= lo and c <= (max_slot if n else max_meter) * (el if el > 0 else 0) // 3600
+                    c >= 0 and t0 < t and (serial is None or s.serial is None or serial == s.serial)
                 )
-            if ok:
-                acc = s.accs.get(home)
-        if acc is None or s is None:
-            self._reading(st, b, i, key, n, v, up, t, fl, serial)
-            return
-        f = fl if seq - s.last_key[1] == i - s.last_pos else fl | F_GAP
-        if c:
-            if n:
-                rh = s.rhist
-                rs = rh[-1][1] if rh and rh[-1][0] == bno else None
-                if rs and rs[-1][1] == s.mark:
-                    rs[-1][1] = v  # the credited range goes on from the mark
-                else:
-                    _range(s, bno, s.mark, v)
-            s.mark = v
-        s.mark_up = up  # a credit sets the mark; a reading equal to it refreshes its uptime
-        acc.mwh += c
-        acc.flags |= f
-        acc.to_key = key
-        acc.to_value = v
-        acc.dirty = True
-        low = s.low
-        if low is None or home < low:
-            s.low = home
-        if serial is not None:
-            s.serial = serial
-        s.last_t = t
-        s.last_key = key
-        s.last_value = v
-        s.last_pos = i
+                if ok and c:
+                    el = up - s.mark_up
+                    ok = (
+                        t0 >= lo
+                        and c <= (max_slot if n else max_meter) * (el if el > 0 else 0) // 3600
+                    )
+                if ok:
+                    acc = s.accs.get(home)
+            if acc is None or s is None:
+                self._reading(st, b, i, key, n, v, up, t, fl, serial)
+                continue
+            f = fl if seq - s.last_key[1] == i - s.last_pos else fl | F_GAP
+            if c:
+                if n:
+                    rh = s.rhist
+                    rs = rh[-1][1] if rh and rh[-1][0] == bno else None
+                    if rs and rs[-1][1] == s.mark:
+                        rs[-1][1] = v  # the credited range goes on from the mark
+                    else:
+                        _range(s, bno, s.mark, v)
+                s.mark = v
+            s.mark_up = up  # a credit sets the mark; a reading equal to it refreshes its uptime
+            acc.mwh += c
+            acc.flags |= f
+            acc.to_key = key
+            acc.to_value = v
+            acc.dirty = True
+            low = s.low
+            if low is None or home < low:
+                s.low = home
+            if serial is not None:
+                s.serial = serial
+            s.last_t = t
+            s.last_key = key
+            s.last_value = v
+            s.last_pos = i
 
     def _first_of_stream(
         self, st: Station, b: Boot, s: Stream, key: Key, v: int, up: int, t: int, base: int
@@ -1132,6 +1091,24 @@ def _dict_readings(body: Mapping[str, Any]) -> tuple[bool, list[tuple[int, int, 
         for sl in slots:
             n = sl.get("n")
             e = sl.get("e_mwh")
+            if type(e) is int and type(n) is int and n > 0:
+                readings.append((n, e, None))
+    return bool(meter), readings
+
+
+def _struct_readings(body: Any) -> tuple[bool, list[tuple[int, int, Any]]]:
+    readings: list[tuple[int, int, Any]] = []
+    meter = body.meter
+    if meter:
+        e = meter.e_wh
+        if type(e) is int:
+            sn = meter.sn
+            readings.append((0, e * 1000, None if sn is msgspec.UNSET else sn))
+    slots = body.slots
+    if slots:
+        for sl in slots:
+            n = sl.n
+            e = sl.e_mwh
             if type(e) is int and type(n) is int and n > 0:
                 readings.append((n, e, None))
     return bool(meter), readings
