@@ -43,15 +43,14 @@ from agent.cluster import shard_client_id
 from agent.keys import KeyStore
 from agent.store import Store
 from tests.agent_helpers import AgentProcess, key_for
+from tools.machine import proc_cpu_s
 from tools.mosquitto import Mosquitto
 from tools.postgres import PgCluster
 
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and its children that were waited for."""
-    f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / tick
+    return proc_cpu_s(pid, children=True)
 
 
 def pg_cpu_s(pg: PgCluster) -> float:

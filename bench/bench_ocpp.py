@@ -36,6 +36,8 @@ from ocpp.v16 import ChargePoint, call, call_result
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tools.machine import proc_cpu_s  # noqa: E402
+
 PASSWORD = "bench-password-0123456789"
 
 
@@ -121,9 +123,9 @@ def run_server(cmd: list[str], port: int, chargers: int, seconds: float) -> tupl
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
-        cpu0 = _cpu(proc.pid)
+        cpu0 = proc_cpu_s(proc.pid)
         res = asyncio.run(load(f"ws://127.0.0.1:{port}", chargers, seconds))
-        cpu = _cpu(proc.pid) - cpu0
+        cpu = proc_cpu_s(proc.pid) - cpu0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -193,12 +195,6 @@ def main() -> int:
             )
     print(f"ratio agent / bare library CSMS: {r1 / r0:.2f}")
     return 0
-
-
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

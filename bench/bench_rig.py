@@ -4,7 +4,6 @@ Prints figures; asserts nothing."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 import threading
@@ -14,14 +13,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import serial  # noqa: E402
 
+from tools.machine import thread_cpu_s  # noqa: E402
 from tools.rig import Rig, RigHost, format_query, rtu  # noqa: E402
 from tools.rig.battery import Battery  # noqa: E402
 from tools.rig.physics import Channel, ChargeProfile  # noqa: E402
-
-
-def thread_cpu_s(native_id: int) -> float:
-    f = pathlib.Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_physics() -> None:

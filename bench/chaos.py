@@ -50,7 +50,7 @@ from agent.store import Store
 from agent.wire import StaticKeys, WireError, decode_record, sign, verify
 from tests.metering_reference import reference_totals
 from tools.fleet import Fleet
-from tools.machine import proc_cpu_s
+from tools.machine import proc_cpu_s, thread_cpu_s
 from tools.mosquitto import Mosquitto
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -205,11 +205,6 @@ def inject(fleet: Fleet, agent: Agent, port: int, n: int, rng: random.Random) ->
         out.append((r.topic, sign(json.dumps(body, separators=(",", ":")).encode(), keys[r.sid])))
     publish(port, out)
     return [p for _, p in out]
-
-
-def thread_cpu_s(native_id: int) -> float:
-    f = pathlib.Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait(pred: Any, timeout: float, every: float = 1.0) -> bool:

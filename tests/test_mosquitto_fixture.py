@@ -8,6 +8,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from tools.machine import proc_state
 from tools.mosquitto import Mosquitto, dies_with_parent
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -39,11 +40,7 @@ def test_private_broker_keeps_port_and_retained_message_across_restart(
 
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    return proc_state(pid) in (None, "Z")
 
 
 def test_a_broker_dies_with_the_process_that_started_it(tmp_path: pathlib.Path) -> None:

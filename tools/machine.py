@@ -14,13 +14,37 @@ import pathlib
 import time
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 when it is gone)."""
+def _stat(path: str) -> list[str] | None:
+    """The fields of a /proc `stat` file after the command name (whose parentheses may
+    hold spaces): [0] the state, [11] / [12] user / system ticks, [13] / [14] those of the
+    children waited for. None when the process or thread is gone."""
     try:
-        f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return pathlib.Path(path).read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+
+
+def proc_cpu_s(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a live process (0 when it is gone); with `children`,
+    those of its children that were waited for too."""
+    f = _stat(f"/proc/{pid}/stat")
+    if f is None:
         return 0.0
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(native_id: int) -> float:
+    """User + system CPU seconds of a thread of this process (threading.Thread.native_id)."""
+    f = _stat(f"/proc/self/task/{native_id}/stat")
+    return 0.0 if f is None else (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_state(pid: int) -> str | None:
+    """A process's state letter (R running, S sleeping, Z exited and not yet reaped …),
+    None when it is gone."""
+    f = _stat(f"/proc/{pid}/stat")
+    return None if f is None else f[0]
 
 
 def _user_processes() -> dict[int, str]:
