@@ -512,6 +512,11 @@ def verify(
 # and answers only "yes, as verify would" or "ask verify".
 
 
+# Station ids admit_telemetry has matched against SID_RE (bounded: cleared when full)
+SIDS_MATCHED_MAX: Final = 65_536
+_SIDS_MATCHED: set[str] = set()
+
+
 def admit_telemetry(
     topic_sid: str, payload: bytes, keys: KeyRing, *, recv_ms: int
 ) -> SignedTelemetry | None:
@@ -540,10 +545,17 @@ def admit_telemetry(
         return None
     if t.ts is not None and t.ts is not UNSET and not ranges.ts_believed(t.ts, recv_ms):
         return None
-    if t.sid != topic_sid or not SID_RE.fullmatch(t.sid):
+    sid = t.sid
+    if sid != topic_sid:
         return None
+    if sid not in _SIDS_MATCHED:  # a set lookup, not SID_RE (~0.3 µs), for every message
+        if not SID_RE.fullmatch(sid):
+            return None
+        if len(_SIDS_MATCHED) >= SIDS_MATCHED_MAX:
+            _SIDS_MATCHED.clear()
+        _SIDS_MATCHED.add(sid)
     try:
-        key = keys.key(t.sid, t.kid)
+        key = keys.key(sid, t.kid)
     except WireError:
         return None
     if not hmac.compare_digest(mac_hex(key, signed), payload[j:-2]):

@@ -655,6 +655,24 @@ def test_admit_telemetry_takes_only_the_exact_signature_framing() -> None:
         assert e.value.reason is reason, (reason, e.value)
 
 
+def test_admit_telemetry_matches_every_station_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the ids that matched SID_RE are kept (a set lookup a message): one that does not match
+    # is never admitted, however often it comes, and the bounded set forgets, never admits
+    monkeypatch.setattr(wire, "SIDS_MATCHED_MAX", 3)
+    monkeypatch.setattr(wire, "_SIDS_MATCHED", set())
+    good = [f"KH-SET-{i:04d}" for i in range(5)]
+    bad = ["kh-set-0001", "KH", "KH-SET-0001\n", "-KH-SET-0001"]
+    keys = StaticKeys({(sid, 1): key_for(sid) for sid in good + bad})
+    body = b',"kid":1,"boot":1,"seq":1,"up":1000,"meter":{"e_wh":1}}'
+    for _ in range(2):
+        for sid in good + bad:
+            p = wire.sign(b'{"v":1,"sid":' + json.dumps(sid).encode() + body, key_for(sid))
+            got = wire.admit_telemetry(sid, p, keys, recv_ms=T0_MS)
+            assert (got is not None) == (sid in good), sid
+            assert len(wire._SIDS_MATCHED) <= 3
+            assert not set(bad) & wire._SIDS_MATCHED
+
+
 def test_stations_telemetry_is_admitted() -> None:
     st = Station(GOOD_SID, slots=8)
     for _ in range(20):
