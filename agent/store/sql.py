@@ -217,7 +217,7 @@ def upsert_records(db: Any, rows: Sequence[RecordRow]) -> None:
     # Rows go to the driver as plain tuples (map(tuple, …)), here and wherever a NamedTuple
     # is a statement's parameters: sqlite3 reads a tuple subclass's items one by one through
     # Python's generic __getitem__ slot, ~0.8k instructions each (an 8-column raw row: ~6k,
-    # a record: ~13k), against a few hundred to copy the row into a tuple.
+    # a record: ~13k), against ~0.8k to copy a row into a tuple.
     sessions = [r for r in rows if r.kind == "session"]
     if sessions:
         db.executemany(_UPSERT_RECORD, map(tuple, sessions))
