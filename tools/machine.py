@@ -24,20 +24,24 @@ def _stat(path: str) -> list[str] | None:
         return None
 
 
-def proc_cpu_s(pid: int, children: bool = False) -> float:
-    """User + system CPU seconds of a live process (0 when it is gone); with `children`,
-    those of its children that were waited for too."""
-    f = _stat(f"/proc/{pid}/stat")
+def _cpu_s(path: str, children: bool = False) -> float:
+    f = _stat(path)
     if f is None:
         return 0.0
     ticks = int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if children else 0)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def proc_cpu_s(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a live process (0 when it is gone); with `children`,
+    those of its children that were waited for too."""
+    return _cpu_s(f"/proc/{pid}/stat", children)
+
+
 def thread_cpu_s(native_id: int) -> float:
-    """User + system CPU seconds of a thread of this process (threading.Thread.native_id)."""
-    f = _stat(f"/proc/self/task/{native_id}/stat")
-    return 0.0 if f is None else (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a thread of this process (threading.Thread.native_id;
+    0 when it is gone)."""
+    return _cpu_s(f"/proc/self/task/{native_id}/stat")
 
 
 def proc_state(pid: int) -> str | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple, Self, cast
 
@@ -212,18 +212,21 @@ _UPSERT_OPEN_RECORD: Final = (
 )
 
 
+def _plain(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """NamedTuple rows as plain tuples, for executemany: sqlite3 reads a tuple subclass's
+    items one by one through Python's generic __getitem__ slot, ~0.8k instructions each (an
+    8-column raw row: ~6k, a record: ~13k), against ~0.8k to copy a row into a tuple."""
+    return map(tuple, rows)
+
+
 def upsert_records(db: Any, rows: Sequence[RecordRow]) -> None:
     """Insert or update records by id (interval and day rows without touching the indexes)."""
-    # Rows go to the driver as plain tuples (map(tuple, …)), here and wherever a NamedTuple
-    # is a statement's parameters: sqlite3 reads a tuple subclass's items one by one through
-    # Python's generic __getitem__ slot, ~0.8k instructions each (an 8-column raw row: ~6k,
-    # a record: ~13k), against ~0.8k to copy a row into a tuple.
     sessions = [r for r in rows if r.kind == "session"]
     if sessions:
-        db.executemany(_UPSERT_RECORD, map(tuple, sessions))
+        db.executemany(_UPSERT_RECORD, _plain(sessions))
         rows = [r for r in rows if r.kind != "session"]
     if rows:
-        db.executemany(_UPSERT_OPEN_RECORD, map(tuple, rows))
+        db.executemany(_UPSERT_OPEN_RECORD, _plain(rows))
 
 
 _INSERT_RAW: Final = (
@@ -491,7 +494,7 @@ class Store:
         with self.transaction() as db:
             result = self._insert_raw(db, rows)
             if quarantine:
-                db.executemany(_INSERT_Q, map(tuple, quarantine))
+                db.executemany(_INSERT_Q, _plain(quarantine))
             if status:
                 db.executemany(_UPSERT_STATUS, status)
             if records_gone:
@@ -515,7 +518,7 @@ class Store:
 
         sealed = archived_keys(self, rows, checked=True)
         db.execute("SAVEPOINT batch")
-        cur = None if sealed else db.executemany(_INSERT_RAW, map(tuple, rows))
+        cur = None if sealed else db.executemany(_INSERT_RAW, _plain(rows))
         if cur is not None and cur.rowcount == len(rows):  # the usual case: every key is new
             db.execute("RELEASE batch")
             if outcomes is not None:
@@ -792,7 +795,7 @@ class Store:
             for sid, rows in by_sid.items():
                 if not everything:
                     db.execute("DELETE FROM records WHERE sid = ?", (sid,))
-                db.executemany(_INSERT_RECORD, map(tuple, rows))
+                db.executemany(_INSERT_RECORD, _plain(rows))
 
     def apply_records(self, upserts: Sequence[RecordRow], deletes: Sequence[str]) -> None:
         """Metering changes: records created or changed (by rid) and rids that are gone."""
