@@ -27,7 +27,12 @@ from typing import Final
 
 log = logging.getLogger(__name__)
 
-MODULES: Final = ("agent.ledger.rules", "agent.ledger.state", "agent.ledger.engine")
+MODULES: Final = (
+    "agent.ledger.reads",
+    "agent.ledger.rules",
+    "agent.ledger.state",
+    "agent.ledger.engine",
+)
 GROUP: Final = "agent._native"  # their shared library: agent/_native__mypyc.<suffix>
 HERE: Final = pathlib.Path(__file__).resolve().parent
 STAMP: Final = HERE / "_native.stamp"  # the digest of the sources last compiled

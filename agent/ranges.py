@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
-import msgspec
-
 U31: Final = (1 << 31) - 1
 U32: Final = (1 << 32) - 1
 U53: Final = (1 << 53) - 1
@@ -131,8 +129,8 @@ def ts_believed(ts: Any, now_ms: int) -> bool:
 
 class Cleaned(NamedTuple):
     # what metering reads: spoiled sources taken out (of a clean telemetry, ingest gives
-    # only the keys metering reads, as a Struct: agent/ledger/inputs.py)
-    body: dict[str, Any] | msgspec.Struct
+    # only the keys metering reads, packed: agent/ledger/reads.py)
+    body: dict[str, Any] | bytes
     spoiled: tuple[tuple[str, str], ...]  # (source, path of its first bad field)
 
 

@@ -1,8 +1,8 @@
-"""What ingest hands metering of a telemetry: only the keys the engine reads, as Structs.
-A clean telemetry is metered as wire.admit_telemetry decoded it (wire.SignedTelemetry); one
-only `verify` could tell as decoded straight from the payload (agent/ledger/inputs.py
-`metering_input`, TelemetryRead). Restart, verify and reports meter whole bodies, so each
-must give the very records the whole body gives."""
+"""What ingest hands metering of a telemetry: only the keys the engine reads, packed
+(agent/ledger/reads.py). A clean telemetry's reads are packed from wire.admit_telemetry's
+decode (wire.SignedTelemetry); one only `verify` could tell, from a decode straight from the
+payload (agent/ledger/inputs.py `metering_input`, TelemetryRead). Restart, verify and
+reports meter whole bodies, so each must give the very records the whole body gives."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agent import ranges, wire
 from agent.config import AgentConfig, DbConfig
 from agent.keys import KeyStore
-from agent.ledger import IncrementalMeter, RawMsg, compute
+from agent.ledger import IncrementalMeter, RawMsg, compute, reads
 from agent.ledger.inputs import MeterRead, SlotRead, TelemetryRead, metering_input, raw_msg
 from agent.service import Service
 from agent.sources.mqtt import Delivery
@@ -68,18 +68,20 @@ def with_unread_keys(rnd: random.Random, body: dict[str, Any], newer: bool) -> d
     return out
 
 
-def as_ingested(m: RawMsg, body: dict[str, Any]) -> tuple[RawMsg, RawMsg]:
-    """(metered whole, as a restart does; metered as ingest hands it over)."""
+def as_ingested(m: RawMsg, body: dict[str, Any]) -> tuple[RawMsg, RawMsg, str]:
+    """(metered whole, as a restart does; metered as ingest hands it over; which way ingest
+    took: "admitted", "read" (TelemetryRead) or "whole")."""
     sid = body["sid"]
     p = wire.sign(msgspec.json.encode(body), key_for(sid))
     whole = raw_msg(m.sid, m.boot, m.seq, m.recv_ms, ranges.clean(body).body)
     admitted = wire.admit_telemetry(sid, p, KEYS, recv_ms=m.recv_ms) if "ev" not in body else None
     if admitted is not None:
-        given_ = ranges.Cleaned(admitted, ())
+        given_, way = ranges.Cleaned(reads.pack(admitted), ()), "admitted"  # as Service does
     else:
         kind = "event" if "ev" in body else "telemetry"
         given_ = metering_input(kind, p, ranges.clean(body))
-    return whole, raw_msg(m.sid, m.boot, m.seq, m.recv_ms, given_.body, cleaned=given_)
+        way = "read" if type(given_.body) is bytes else "whole"
+    return whole, raw_msg(m.sid, m.boot, m.seq, m.recv_ms, given_.body, cleaned=given_), way
 
 
 def meters_alike(rnd: random.Random) -> collections.Counter[str]:
@@ -88,13 +90,15 @@ def meters_alike(rnd: random.Random) -> collections.Counter[str]:
     as which type."""
     whole: list[RawMsg] = []
     read: list[RawMsg] = []
+    ways: collections.Counter[str] = collections.Counter()
     for m in gen_fleet(rnd):
         # the generator's bodies are what metering reads after §6.9: put back what a station
         # sends beside the readings
         body = with_unread_keys(rnd, dict(m.body), newer=rnd.random() < 0.5)
-        w, r = as_ingested(m, body)
+        w, r, way = as_ingested(m, body)
         whole.append(w)
         read.append(r)
+        ways[way] += 1
     assert compute(read) == compute(whole)
     a, b = IncrementalMeter(), IncrementalMeter()
     for i in range(0, len(read), 7):
@@ -102,7 +106,7 @@ def meters_alike(rnd: random.Random) -> collections.Counter[str]:
         b.add(read[i : i + 7])
     for sid in {m.sid for m in whole}:
         assert a.records(sid) == b.records(sid)
-    return collections.Counter(type(r.body).__name__ for r in read)
+    return ways
 
 
 @SETTINGS
@@ -111,9 +115,9 @@ def test_what_ingest_hands_over_meters_as_the_whole_body(rnd: random.Random) -> 
     meters_alike(rnd)
 
 
-def test_the_fleets_compared_take_both_structs() -> None:
+def test_the_fleets_compared_take_both_ways_of_packing() -> None:
     n = [meters_alike(random.Random(seed)) for seed in range(20)]
-    for kind in ("SignedTelemetry", "TelemetryRead"):
+    for kind in ("admitted", "read"):
         assert sum(c[kind] for c in n) > 50 and sum(c[kind] > 0 for c in n) >= 12, (kind, n)
 
 
@@ -139,18 +143,49 @@ def test_the_projection_keeps_what_metering_reads_and_nothing_else() -> None:
     assert cleaned.spoiled == ()
     got = metering_input("telemetry", payload(body), cleaned)
     assert got.spoiled == ()
-    assert got.body == TelemetryRead(
-        up=61_000,
-        ts=1_764_150_061_000,
-        hist=1,
-        meter=MeterRead(e_wh=1_000_198, sn=12_345_678),
-        slots=[SlotRead(n=1, e_mwh=24_996, b_mwh=0), SlotRead(n=2, e_mwh=7)],
+    assert got.body == reads.pack(
+        TelemetryRead(
+            up=61_000,
+            ts=1_764_150_061_000,
+            hist=1,
+            meter=MeterRead(e_wh=1_000_198, sn=12_345_678),
+            slots=[SlotRead(n=1, e_mwh=24_996, b_mwh=0), SlotRead(n=2, e_mwh=7)],
+        )
     )
-    # a null slots list stays null, an absent meter absent
+    # up, ts, hist, e_wh, sn, then n, e_mwh, b_mwh by slot; -1 absent
+    assert reads.unpack(got.body) == (
+        61_000,
+        1_764_150_061_000,
+        1,
+        1_000_198,
+        12_345_678,
+        1,
+        24_996,
+        0,
+        2,
+        7,
+        -1,
+    )
+    # a null slots list, an absent meter, ts and hist: nothing of them
     bare = {"v": 1, "up": 5, "slots": None}
-    assert metering_input("telemetry", payload(bare), ranges.clean(bare)).body == TelemetryRead(
-        up=5, slots=None
-    )
+    got = metering_input("telemetry", payload(bare), ranges.clean(bare))
+    assert reads.unpack(got.body) == (5, -1, 0, -1, -1)
+    # a meter without its serial, a null ts
+    body = {"v": 1, "up": 5, "ts": None, "meter": {"e_wh": 0}, "slots": []}
+    got = metering_input("telemetry", payload(body), ranges.clean(body))
+    assert reads.unpack(got.body) == (5, -1, 0, 0, -1)
+
+
+def test_packed_reads_take_any_slot_count() -> None:
+    """A slot list longer than a station's 16 (a repeated slot number) packs and unpacks
+    whole."""
+    for k in (0, 1, 8, 16, 17, 40):
+        t = TelemetryRead(
+            up=7, meter=MeterRead(e_wh=3), slots=[SlotRead(n=i % 16 + 1, e_mwh=i) for i in range(k)]
+        )
+        v = reads.unpack(reads.pack(t))
+        assert v[: reads.SLOTS] == (7, -1, 0, 3, -1)
+        assert v[reads.SLOTS :] == tuple(x for i in range(k) for x in (i % 16 + 1, i, -1))
 
 
 def test_what_is_not_a_clean_telemetry_is_handed_over_as_it_is() -> None:
@@ -198,11 +233,10 @@ def test_ingest_hands_metering_its_own_decode(
         assert [r.seq for r in b.rows] == [0, 1]
         # the clean one in one typed decode (wire.admit_telemetry), the other through verify
         assert verified == [b.rows[1].record]
-        # metering reads admit_telemetry's decode as it is
+        # metering reads admit_telemetry's decode, packed (up 1000, slot 1 at 5 mWh)
         got = b.cleaned[0].body
-        assert isinstance(got, wire.SignedTelemetry) and b.cleaned[0].spoiled == ()
-        assert (got.up, got.seq) == (1000, 0) and got.slots
-        assert [(x.n, x.e_mwh, x.st) for x in got.slots] == [(1, 5, "C")]
+        assert type(got) is bytes and b.cleaned[0].spoiled == ()
+        assert reads.unpack(got) == (1000, -1, 0, -1, -1, 1, 5, -1)
         # a spoiled source: §6.9's body, the slot taken out and named
         assert b.cleaned[1].body["slots"] == [] and b.cleaned[1].spoiled
     finally:

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from agent.ledger import rules
+from agent.ledger import reads, rules
 from agent.ledger.backend import Backend, Checkpoint
 from agent.ledger.inputs import MeterParams, RawMsg
 from agent.ledger.records import (
@@ -373,8 +373,9 @@ class Engine:
 
     def _apply(self, st: Station, m: RawMsg, prepass: bool) -> None:
         body: Any = m.body
-        read = isinstance(body, msgspec.Struct)  # a telemetry's reads (inputs.RawMsg)
-        up = body.up if read else body.get("up")
+        # a clean telemetry's reads, packed (inputs.RawMsg), or a whole body
+        v = reads.unpack(body) if type(body) is bytes else None
+        up = v[reads.UP] if v is not None else body.get("up")
         seq = m.seq
         if type(up) is not int or type(seq) is not int or seq < 0:
             log.warning("metering: %s/%s/%s without a usable up/seq ignored", m.sid, m.boot, seq)
@@ -388,7 +389,10 @@ class Engine:
             assert b is not None
         elif st.since >= self.every:
             self._checkpoint(st, key)
-        if b.merge(seq, m.recv_ms, body) and b.count and self._pre != (st.sid, b.no):
+        merged = (
+            b.merge_reads(seq, m.recv_ms, v) if v is not None else b.merge(seq, m.recv_ms, body)
+        )
+        if merged and b.count and self._pre != (st.sid, b.no):
             raise _Fact  # (a boot whose facts were read first cannot change them)
         i = b.count
         b.count = i + 1
@@ -396,7 +400,7 @@ class Engine:
         st.key = key
         st.since += 1
         ev = None
-        if not read:
+        if v is None:
             if body.get("ocpp") == 1:
                 self._ocpp(st, b, i, key, body, up)
                 return
@@ -410,14 +414,14 @@ class Engine:
                 return
         off, est = b.clock
         base = F_TIME_EST if est else 0
-        if (body.hist if read else body.get("hist")) == 1:
+        if (v[reads.HIST] if v is not None else body.get("hist")) == 1:
             base |= F_HIST
         t = rules.reading_time(up, off)
         if ev is not None:
             self._meter_reset(st, b, i, key, body, up, t, base)
             return
         spoiled = m.spoiled
-        has_meter, readings = _struct_readings(body) if read else _dict_readings(body)
+        has_meter, readings = _packed_readings(v) if v is not None else _dict_readings(body)
         if not has_meter and spoiled and 0 in spoiled:
             self._invalid(st, 0, t)
         if readings:
@@ -1096,29 +1100,23 @@ def _dict_readings(body: Mapping[str, Any]) -> tuple[bool, list[tuple[int, int, 
     return bool(meter), readings
 
 
-def _struct_readings(body: Any) -> tuple[bool, list[tuple[int, int, Any]]]:
+def _packed_readings(v: tuple[int, ...]) -> tuple[bool, list[tuple[int, int, Any]]]:
     readings: list[tuple[int, int, Any]] = []
-    meter = body.meter
-    if meter:
-        e = meter.e_wh
-        if type(e) is int:
-            sn = meter.sn
-            readings.append((0, e * 1000, None if sn is msgspec.UNSET else sn))
-    slots = body.slots
-    if slots:
-        for sl in slots:
-            n = sl.n
-            e = sl.e_mwh
-            if type(e) is int and type(n) is int and n > 0:
-                readings.append((n, e, None))
-    return bool(meter), readings
+    e = v[reads.E_WH]
+    if e >= 0:
+        sn = v[reads.SN]
+        readings.append((0, e * 1000, sn if sn >= 0 else None))
+    for i in range(reads.SLOTS, len(v), 3):
+        n = v[i]
+        if n > 0:
+            readings.append((n, v[i + 1], None))
+    return e >= 0, readings
 
 
 def usable(m: RawMsg) -> bool:
     """A message metering can place: an integer `up` and a sequence number."""
     body: Any = m.body
-    read = isinstance(body, msgspec.Struct)
-    up = body.up if read else body.get("up")
+    up = 0 if type(body) is bytes else body.get("up")  # (packed reads: always an integer)
     return type(up) is int and type(m.seq) is int and m.seq >= 0
 
 

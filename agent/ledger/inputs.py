@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from agent import ranges
+from agent.ledger import reads
 from agent.ledger.records import DAY_MS
 
 _NONE: frozenset[int] = frozenset()
@@ -24,9 +25,9 @@ class RawMsg(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     seq: int
     recv_ms: int  # agent receive time (Unix ms)
     # telemetry, or an event when "ev" in body (an OCPP frame when "ocpp" in it); of a
-    # telemetry nothing of which was spoiled, ingest hands metering only what it reads, as a
-    # Struct of the same names (TelemetryRead below, or wire.SignedTelemetry)
-    body: Mapping[str, Any] | msgspec.Struct
+    # telemetry nothing of which was spoiled, ingest hands metering only what it reads,
+    # packed (agent/ledger/reads.py)
+    body: Mapping[str, Any] | bytes
     # §6.9: the streams whose source was spoiled (taken out of the body): 0 the meter,
     # n slot n; their records carry `invalid`
     spoiled: frozenset[int] = _NONE
@@ -68,12 +69,12 @@ def raw_msg(
     boot: int,
     seq: int,
     recv_ms: int,
-    body: Mapping[str, Any] | msgspec.Struct,
+    body: Mapping[str, Any] | bytes,
     cleaned: ranges.Cleaned | None = None,
 ) -> RawMsg:
     """The one way a stored or arriving message becomes metering input (ingest, restart
     and verify alike): §6.9 through `agent.ranges.clean` (pass its result when the caller
-    has it already; ingest's reads of a clean telemetry, a Struct, come with theirs),
+    has it already; ingest's reads of a clean telemetry, packed, come with theirs),
     spoiled sources taken out and named by stream."""
     if cleaned is not None:
         if not cleaned.spoiled:  # nearly every message: in one step
@@ -106,14 +107,14 @@ def raw_msg(
 #
 # Of a telemetry body the engine reads only these keys (engine._apply, state.Boot.merge); the
 # rest (slot states, volts and amps, batteries, error counters, a newer firmware's keys) is
-# checked (§6.9) and stored in raw, never metered. Ingest hands metering these keys as
-# Structs, not the decoded body: wire.admit_telemetry's own decode (its SignedTelemetry has
-# the same names), or, for a clean telemetry that only `verify` could tell, TelemetryRead
-# below, decoded by msgspec straight from the payload (the other keys skipped, not built).
-# A message waiting for its commit then holds no dicts, which the database thread read and
-# freed cold, and the loop decodes it once (bench/bench_ingest.py; docs/agent.md). Restart,
-# verify and reports meter whole bodies: tests/test_metering_read.py holds the three to the
-# same records.
+# checked (§6.9) and stored in raw, never metered. Ingest hands metering these keys packed
+# (agent/ledger/reads.py), not the decoded body: packed from wire.admit_telemetry's own
+# decode (its SignedTelemetry has the same names), or, for a clean telemetry that only
+# `verify` could tell, from TelemetryRead below, decoded by msgspec straight from the
+# payload (the other keys skipped, not built). A message waiting for its commit then holds
+# no decoded tree, which the database thread read and freed cold, and the loop decodes it
+# once (bench/bench_ingest.py; docs/agent.md). Restart, verify and reports meter whole
+# bodies: tests/test_metering_read.py holds them to the same records.
 
 
 class SlotRead(msgspec.Struct, gc=False):
@@ -157,9 +158,9 @@ def read_telemetry(payload: bytes) -> TelemetryRead | None:
 
 def metering_input(kind: str, payload: bytes, cleaned: ranges.Cleaned) -> ranges.Cleaned:
     """What ingest hands metering of a message `verify` took (`cleaned` its §6.9 result):
-    for a telemetry nothing of which was spoiled, the keys metering reads; anything else as
-    it is."""
+    for a telemetry nothing of which was spoiled, the keys metering reads, packed; anything
+    else as it is."""
     if kind != "telemetry" or cleaned.spoiled:
         return cleaned
     t = read_telemetry(payload)
-    return cleaned if t is None else ranges.Cleaned(t, ())
+    return cleaned if t is None else ranges.Cleaned(reads.pack(t), ())

@@ -25,9 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
-from agent.ledger import rules
+from agent.ledger import reads, rules
 
 Key = tuple[int, int]  # (boot, seq); seq -1: the value restored at the boot's start
 
@@ -347,34 +345,17 @@ class Boot:
     def merge(self, seq: int, recv_ms: int, body: Any) -> bool:
         """Take in a message's boot-level facts (rule 5's clock, §6's r(b)); True when the
         clock or an r(b) a processed reading used has changed. `body` as inputs.RawMsg's:
-        a Mapping, or a telemetry's reads as a Struct."""
-        read = isinstance(body, msgspec.Struct)
-        up = body.up if read else body["up"]
-        old_clock = self.clock
-        r_changed = False
-        ts = body.ts if read else body.get("ts")
-        moved = False
-        if type(ts) is int and (self.sync_seq is None or seq < self.sync_seq):
-            self.sync_seq = seq
-            self.sync_off = ts - up
-            moved = True
-        e = recv_ms - up
-        if self.est_off is None or e < self.est_off:
-            self.est_off = e
-            moved = True
-        if moved:
-            self.update_clock()
-        ev = None if read else body.get("ev")
+        a Mapping, or a telemetry's packed reads (agent/ledger/reads.py)."""
+        if type(body) is bytes:
+            return self.merge_reads(seq, recv_ms, reads.unpack(body))
+        changed = self._clock(seq, recv_ms, body["up"], body.get("ts"))
+        ev = body.get("ev")
         if ev is None:
-            slots = body.slots if read else body.get("slots")
+            slots = body.get("slots")
             if slots:
                 for sl in slots:
-                    if read:
-                        taken = self._take_b(seq, sl.n, sl.b_mwh)
-                    else:
-                        taken = self._take_b(seq, sl.get("n"), sl.get("b_mwh"))
-                    if taken:
-                        r_changed = True
+                    if self._take_b(seq, sl.get("n"), sl.get("b_mwh")):
+                        changed = True
         elif ev == "boot":
             if self.boot_event_seq is None or seq < self.boot_event_seq:
                 self.boot_event_seq = seq
@@ -390,8 +371,36 @@ class Boot:
                         if type(v) is int:
                             restored[n] = v
                 self.restored = restored
-                r_changed = any(self.r(n) != r for n, r in before_r.items())
-        return r_changed or self.clock != old_clock
+                if any(self.r(n) != r for n, r in before_r.items()):
+                    changed = True
+        return changed
+
+    def merge_reads(self, seq: int, recv_ms: int, v: tuple[int, ...]) -> bool:
+        """`merge` of a telemetry's reads, unpacked (reads.unpack)."""
+        ts = v[reads.TS]
+        changed = self._clock(seq, recv_ms, v[reads.UP], ts if ts >= 0 else None)
+        for i in range(reads.SLOTS, len(v), 3):
+            b = v[i + 2]
+            if b >= 0 and self._take_b(seq, v[i], b):
+                changed = True
+        return changed
+
+    def _clock(self, seq: int, recv_ms: int, up: int, ts: Any) -> bool:
+        """Rule 5's clock from a message's `up`, `ts` and receive time: True when it
+        changed."""
+        old_clock = self.clock
+        moved = False
+        if type(ts) is int and (self.sync_seq is None or seq < self.sync_seq):
+            self.sync_seq = seq
+            self.sync_off = ts - up
+            moved = True
+        e = recv_ms - up
+        if self.est_off is None or e < self.est_off:
+            self.est_off = e
+            moved = True
+        if moved:
+            self.update_clock()
+        return self.clock != old_clock
 
     def _take_b(self, seq: int, n: Any, v: Any) -> bool:
         """Slot n's b_mwh `v` of message `seq`: the lowest seq's stands. True when it
