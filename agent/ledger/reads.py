@@ -4,9 +4,9 @@ fresh (agent/ledger/inputs.py says which keys, and why ingest hands over only th
 Ingest decodes a telemetry on its event loop and meters it on the database thread up to
 a batch later (thousands of messages): by then each of the decoded tree's objects (a
 struct per slot, a boxed integer per value) is out of the caches, and reading and then
-freeing them there cost ~4 µs of an 8-slot message (perf, bench/bench_ingest.py). Packed
-on the loop, where the tree is hot and is freed, the database thread touches one small
-object instead (docs/agent.md, "Compiled metering").
+freeing them there cost ~5 µs of an 8-slot message (perf over bench/bench_ingest.py's
+drain). Packed on the loop, where the tree is hot and is freed, the database thread
+touches one small object instead (docs/agent.md, "Measured").
 
 The layout, signed 64-bit integers (compiled with the engine; never stored, never sent):
 `up, ts, hist, e_wh, sn`, then `n, e_mwh, b_mwh` per slot in the message's order. -1
