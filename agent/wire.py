@@ -194,8 +194,8 @@ class _Telemetry(Struct, kw_only=True, gc=False):
 
 
 class SignedTelemetry(_Telemetry, kw_only=True, gc=False):
-    """A whole telemetry, envelope included (`admit_telemetry`; metering reads it as it
-    reads a body: agent/ledger/inputs.py)."""
+    """A whole telemetry, envelope included (`admit_telemetry`; ingest hands metering its
+    reads packed: agent/ledger/reads.py)."""
 
     v: Literal[1]
     sid: _Text

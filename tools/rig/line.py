@@ -104,7 +104,10 @@ class Rx:
         if timeout <= 0:
             return False
         try:
-            await asyncio.wait_for(self._ev.wait(), timeout)
+            # not wait_for: Python 3.11's returns the event's result when a cancellation
+            # comes in the same turn, and the relay's loop would go on (its stop hung)
+            async with asyncio.timeout(timeout):
+                await self._ev.wait()
         except TimeoutError:
             return False
         return True
