@@ -35,7 +35,7 @@ def _fmt(values: int) -> struct.Struct:
     return _FORMATS[k] if k < len(_FORMATS) else struct.Struct(f"<{values}q")
 
 
-def _int_or_none(x: Any) -> int:
+def _or_absent(x: Any) -> int:
     return x if type(x) is int else -1
 
 
@@ -46,14 +46,14 @@ def pack(t: Any) -> bytes:
     e_wh = sn = -1
     if meter:  # present (UNSET is false)
         e_wh = meter.e_wh
-        sn = _int_or_none(meter.sn)
-    values: list[int] = [t.up, _int_or_none(t.ts), 1 if t.hist == 1 else 0, e_wh, sn]
+        sn = _or_absent(meter.sn)
+    values: list[int] = [t.up, _or_absent(t.ts), 1 if t.hist == 1 else 0, e_wh, sn]
     slots = t.slots
     if slots:
         for sl in slots:
             values.append(sl.n)
             values.append(sl.e_mwh)
-            values.append(_int_or_none(sl.b_mwh))
+            values.append(_or_absent(sl.b_mwh))
     return _fmt(len(values)).pack(*values)
 
 
