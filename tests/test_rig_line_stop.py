@@ -20,8 +20,10 @@ async def _cancelled_as_bytes_come(yields: int) -> str:
         task = asyncio.create_task(rx.wait(5.0))
         await asyncio.sleep(0.01)  # waiting
         os.write(pty.slave, b"\x01")
-        while not rx.buf:
-            await asyncio.sleep(0)  # the reader callback ran: the event is set
+        deadline = loop.time() + 5.0
+        while not rx.buf:  # until the reader callback ran: the event is set
+            assert loop.time() < deadline, "the byte never reached the master"
+            await asyncio.sleep(0)
         for _ in range(yields):
             await asyncio.sleep(0)
         if task.done():
