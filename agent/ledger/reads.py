@@ -59,4 +59,4 @@ def pack(t: Any) -> bytes:
 
 def unpack(b: bytes) -> tuple[int, ...]:
     """The values `pack` packed, in its layout."""
-    return tuple(_fmt(len(b) >> 3).unpack(b))
+    return _fmt(len(b) >> 3).unpack(b)
